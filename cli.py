@@ -1,0 +1,127 @@
+"""The ``shardchat`` command line: a thin shim over the package.
+
+Loads the configuration once and turns :class:`ShardchatError` into exit
+codes: 2 for a configuration mistake, 1 for a server that cannot run.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from shardchat import __version__
+from shardchat.config import Config, load_config, parse_override, to_toml
+from shardchat.errors import ConfigError, ShardchatError
+
+__all__ = ["main"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _config_options(func: F) -> F:
+    options = [
+        click.option(
+            "--config",
+            "config_path",
+            type=click.Path(dir_okay=False),
+            help="Config file (default: ./config.toml when present).",
+        ),
+        click.option("--workers", help='Number of shards, or "auto" (one per CPU).'),
+        click.option("--host", help="Listen address."),
+        click.option("--port", type=int, help="WebSocket + HTTP port."),
+        click.option(
+            "--set",
+            "settings",
+            multiple=True,
+            metavar="SECTION.KEY=VALUE",
+            help="Set any config key; repeatable (e.g. --set heartbeat.interval=1).",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _load(
+    config_path: str | None,
+    workers: str | None,
+    host: str | None,
+    port: int | None,
+    settings: tuple[str, ...],
+) -> Config:
+    overrides: dict[str, object] = {}
+    try:
+        for item in settings:
+            key, value = parse_override(item)
+            overrides[key] = value
+        if workers is not None:
+            overrides["server.workers"] = int(workers) if workers.isdigit() else workers
+        if host is not None:
+            overrides["server.host"] = host
+        if port is not None:
+            overrides["server.port"] = port
+        return load_config(config_path, overrides=overrides)
+    except ConfigError as exc:
+        click.echo(f"shardchat: {exc}", err=True)
+        sys.exit(2)
+
+
+@click.group()
+@click.version_option(__version__, prog_name="shardchat")
+def main() -> None:
+    """shardchat: a real-time WebSocket chat server, one shard per core."""
+
+
+@main.command()
+@_config_options
+def start(
+    config_path: str | None,
+    workers: str | None,
+    host: str | None,
+    port: int | None,
+    settings: tuple[str, ...],
+) -> None:
+    """Start the supervisor and its shards; SIGTERM or Ctrl-C drains and stops."""
+    config = _load(config_path, workers, host, port, settings)
+    from shardchat.obs import configure_logging
+    from shardchat.supervisor import Supervisor
+
+    configure_logging(config.log.level, config.log.format)
+    try:
+        code = Supervisor(config).run()
+    except ShardchatError as exc:
+        click.echo(f"shardchat: {exc}", err=True)
+        sys.exit(1)
+    sys.exit(code)
+
+
+@main.command("config")
+@_config_options
+def show_config(
+    config_path: str | None,
+    workers: str | None,
+    host: str | None,
+    port: int | None,
+    settings: tuple[str, ...],
+) -> None:
+    """Print the effective configuration as TOML."""
+    click.echo(to_toml(_load(config_path, workers, host, port, settings)), nl=False)
+
+
+@main.command()
+def cleanup() -> None:
+    """Remove shared memory left in /dev/shm by supervisors that are gone."""
+    from shardchat.shm import sweep_stale
+
+    removed = sweep_stale()
+    for name in removed:
+        click.echo(f"removed /dev/shm/{name}")
+    if not removed:
+        click.echo("nothing to remove")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,386 @@
+"""The shard's chat logic: requests in, frames out, rooms fanned out.
+
+:class:`Hub` is the :class:`~shardchat.connection.ConnectionHandler` of one
+shard. It decodes client frames (:mod:`shardchat.wire`), keeps the shard's
+room membership and room logs (:mod:`shardchat.rooms`), and fans messages
+out: each room's new frames of one loop turn are joined once and written
+once to each local member (DESIGN.md, Fan-out).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections import defaultdict
+from pathlib import Path
+from urllib.parse import parse_qsl
+
+from websockets.http11 import Request
+
+from . import wire
+from .config import Config
+from .connection import Connection
+from .errors import ProtocolError
+from .messages import (
+    Ack,
+    ClientMessage,
+    HistoryQuery,
+    Join,
+    Leave,
+    Ping,
+    PresenceQuery,
+    Publish,
+    RoomId,
+)
+from .obs import log_event
+from .ratelimit import TokenBucket
+from .rooms import RoomLog
+
+__all__ = ["ConnState", "Hub"]
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_VERSION = 1
+_CHAT_PAGE = Path(__file__).with_name("static") / "index.html"
+
+
+class ConnState:
+    """The hub's per-connection state, kept in ``Connection.data``."""
+
+    __slots__ = ("bucket", "errors", "rooms")
+
+    def __init__(self, bucket: TokenBucket) -> None:
+        self.rooms: set[RoomId] = set()  # rooms this connection has joined
+        self.errors = 0  # consecutive refused requests
+        self.bucket = bucket
+
+
+class Hub:
+    """One shard's connections and rooms."""
+
+    def __init__(
+        self, config: Config, shard_id: int, epoch: str, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        self.config = config
+        self.shard_id = shard_id
+        self.epoch = epoch  # one run of every room's sequence (PROTOCOL.md, Fields)
+        self.loop = loop
+        self.clock = loop.time()
+        limits = config.limits
+        self.heartbeat_interval = config.heartbeat.interval
+        self.max_frame = limits.max_frame
+        self.send_queue = limits.send_queue
+        self.draining = False
+        self.connections: set[Connection] = set()
+        self.members: dict[RoomId, dict[Connection, None]] = {}
+        self.logs: dict[RoomId, RoomLog] = {}
+        self.per_ip: defaultdict[str, int] = defaultdict(int)
+        self._outbox: dict[RoomId, list[bytes]] = {}
+        self._flush_scheduled = False
+        self._next_conn_id = 0
+        self._msg_prefix = f"{shard_id}-{secrets.token_hex(3)}-"
+        self._msg_counter = 0
+        self._chat_page = _CHAT_PAGE.read_bytes()
+        # A whole-server limit, split evenly: the kernel spreads connections evenly.
+        self._max_local = -(-config.server.max_connections // config.workers)
+        self.accepted_total = 0
+
+    # Connection lifecycle (ConnectionHandler)
+
+    def new_connection(self) -> Connection:
+        self._next_conn_id += 1
+        conn = Connection(self, self._next_conn_id)
+        self.connections.add(conn)
+        self.accepted_total += 1
+        return conn
+
+    def http_get(self, path: str) -> tuple[int, str, bytes]:
+        if path == "/healthz":
+            if self.draining:
+                return 503, "text/plain; charset=utf-8", b"draining\n"
+            return 200, "text/plain; charset=utf-8", b"ok\n"
+        if path in ("/", "/index.html"):
+            return 200, "text/html; charset=utf-8", self._chat_page
+        return 404, "text/plain; charset=utf-8", b"not found\n"
+
+    def refuse_upgrade(
+        self, conn: Connection, request: Request, query: str
+    ) -> tuple[int, str] | None:
+        server = self.config.server
+        if self.draining:
+            return 503, "server is shutting down\n"
+        if server.origins:
+            origin = request.headers.get("Origin")
+            if origin not in server.origins:
+                return 403, "origin not allowed\n"
+        for key, value in parse_qsl(query):
+            if key in ("user", "room") and not wire.is_valid_name(value):
+                return 400, f"{key} must be 1-64 characters of [A-Za-z0-9_.:-]\n"
+        # `connections` counts this one too, and those still in their handshake.
+        if len(self.connections) > self._max_local:
+            return 503, "server is full\n"
+        if server.max_per_ip and self.per_ip[conn.peer] >= server.max_per_ip:
+            return 503, "too many connections from this address\n"
+        return None
+
+    def opened(self, conn: Connection, query: str) -> None:
+        params = parse_qsl(query)
+        user = next((v for k, v in params if k == "user"), None) or f"guest-{secrets.token_hex(2)}"
+        conn.user = user
+        conn.data = ConnState(TokenBucket(self.config.limits.burst, self.clock))
+        self.per_ip[conn.peer] += 1
+        interval = self.heartbeat_interval
+        self._reply(
+            conn,
+            {
+                "type": "welcome",
+                "user": user,
+                "shard": self.shard_id,
+                "heartbeat": int(interval) if interval.is_integer() else interval,
+                "protocol": PROTOCOL_VERSION,
+            },
+        )
+        log_event(log, logging.INFO, "conn_open", conn=conn.conn_id, user=user, peer=conn.peer)
+        for key, value in params:
+            if key == "room":
+                self._join(conn, Join(room=RoomId(value)))
+
+    def closed(self, conn: Connection) -> None:
+        self.connections.discard(conn)
+        state = conn.data
+        if not isinstance(state, ConnState):
+            return  # never upgraded
+        for room in state.rooms:
+            members = self.members.get(room)
+            if members is not None:
+                members.pop(conn, None)
+                if not members:
+                    del self.members[room]
+        state.rooms.clear()
+        count = self.per_ip[conn.peer] - 1
+        if count > 0:
+            self.per_ip[conn.peer] = count
+        else:
+            self.per_ip.pop(conn.peer, None)
+        log_event(
+            log,
+            logging.INFO,
+            "conn_close",
+            conn=conn.conn_id,
+            user=conn.user,
+            code=conn.close_code,
+        )
+
+    def text_received(self, conn: Connection, data: bytes | bytearray | memoryview) -> None:
+        state = conn.data
+        assert isinstance(state, ConnState)
+        try:
+            request = wire.decode(data, self.config.limits.max_content)
+            self._dispatch(conn, state, request)
+        except ProtocolError as exc:
+            if exc.code == "bad_json" and not _is_utf8(data):
+                conn.fail(1007, "invalid UTF-8")
+                return
+            self._refuse(conn, state, exc)
+        else:
+            state.errors = 0
+
+    # Requests
+
+    def _dispatch(self, conn: Connection, state: ConnState, request: ClientMessage) -> None:
+        if type(request) is Publish:
+            self._publish(conn, state, request)
+        elif type(request) is Join:
+            self._join(conn, request)
+        elif type(request) is Leave:
+            self._leave(conn, state, request)
+        elif type(request) is Ping:
+            self._reply(conn, {"type": "pong", **request.echo})
+        elif type(request) is PresenceQuery:
+            self._presence(conn, state, request)
+        elif type(request) is HistoryQuery:
+            self._history(conn, state, request)
+        elif type(request) is Ack:
+            self._require_member(state, request.room, request.id)
+
+    def _refuse(self, conn: Connection, state: ConnState, exc: ProtocolError) -> None:
+        self._reply_raw(conn, wire.error_payload(exc.code, exc.reason, exc.request_id))
+        state.errors += 1
+        if state.errors >= self.config.limits.max_errors:
+            conn.fail(1008, "too many errors")
+
+    @staticmethod
+    def _require_member(state: ConnState, room: RoomId, request_id: str | None) -> None:
+        if room not in state.rooms:
+            raise ProtocolError("not_member", f"not a member of room {room}", request_id)
+
+    def _publish(self, conn: Connection, state: ConnState, request: Publish) -> None:
+        room = request.room
+        self._require_member(state, room, request.id)
+        limits = self.config.limits
+        if not state.bucket.take(self.loop.time(), limits.rate, limits.burst):
+            raise ProtocolError("rate_limited", "too many messages; slow down", request.id)
+        log_ = self._log(room)
+        seq = log_.seq + 1
+        self._msg_counter += 1
+        msg_id = self._msg_prefix + str(self._msg_counter)
+        payload = wire.encode(
+            {
+                "type": "message",
+                "room": room,
+                "sender": conn.user,
+                "content": request.content,
+                "seq": seq,
+                "timestamp": time.time_ns() // 1_000_000,
+                "id": msg_id,
+            }
+        )
+        log_.append(seq, payload)
+        self._queue(room, payload)
+        ack: dict[str, object] = {"type": "ack", "room": room, "seq": seq}
+        if request.id is not None:
+            ack["id"] = request.id
+        self._reply(conn, ack)
+        log_event(log, logging.DEBUG, "publish", conn=conn.conn_id, room=room, msg=msg_id, seq=seq)
+
+    def _join(self, conn: Connection, request: Join) -> None:
+        state = conn.data
+        assert isinstance(state, ConnState)
+        room = request.room
+        # Deliver what is queued first: the joiner gets live frames only after `joined.seq`.
+        self.flush()
+        log_ = self._log(room)
+        members = self.members.setdefault(room, {})
+        members[conn] = None
+        state.rooms.add(room)
+        joined: dict[str, object] = {
+            "type": "joined",
+            "room": room,
+            "seq": log_.seq,
+            "epoch": log_.epoch,
+            "count": len(members),
+            "users": self._users(room),
+        }
+        if request.since is None:
+            self._reply(conn, joined)
+            return
+        replay = log_.replay(request.since, request.epoch)
+        joined["recovered"] = replay.recovered
+        self._reply(conn, joined)
+        for held in replay.messages:
+            conn.send(wire.text_frame(held.payload))
+
+    def _leave(self, conn: Connection, state: ConnState, request: Leave) -> None:
+        room = request.room
+        self._require_member(state, room, request.id)
+        state.rooms.discard(room)
+        members = self.members.get(room)
+        if members is not None:
+            members.pop(conn, None)
+            if not members:
+                del self.members[room]
+        self._reply(conn, {"type": "left", "room": room})
+
+    def _presence(self, conn: Connection, state: ConnState, request: PresenceQuery) -> None:
+        room = request.room
+        users = self._users(room, limit=None)
+        limit = self.config.presence.list_limit
+        reply: dict[str, object] = {
+            "type": "presence",
+            "room": room,
+            "count": len(users),
+            "users": users[:limit],
+        }
+        if len(users) > limit:
+            reply["truncated"] = True
+        self._reply(conn, reply)
+
+    def _history(self, conn: Connection, state: ConnState, request: HistoryQuery) -> None:
+        room = request.room
+        self.flush()
+        log_ = self.logs.get(room)
+        held = log_.after(request.since, request.limit) if log_ is not None else []
+        for message in held:
+            conn.send(wire.text_frame(message.payload))
+        last = held[-1].seq if held else request.since
+        self._reply(conn, {"type": "history_end", "room": room, "seq": last})
+
+    # Rooms and fan-out
+
+    def _log(self, room: RoomId) -> RoomLog:
+        log_ = self.logs.get(room)
+        if log_ is None:
+            log_ = self.logs[room] = RoomLog(self.epoch, self.config.delivery.history)
+        return log_
+
+    def _users(self, room: RoomId, limit: int | None = -1) -> list[str]:
+        if limit == -1:
+            limit = self.config.presence.list_limit
+        seen: dict[str, None] = {}
+        for member in self.members.get(room, ()):
+            seen[member.user] = None
+        users = list(seen)
+        return users if limit is None else users[:limit]
+
+    def _queue(self, room: RoomId, payload: bytes) -> None:
+        frames = self._outbox.get(room)
+        if frames is None:
+            self._outbox[room] = [wire.text_frame(payload)]
+        else:
+            frames.append(wire.text_frame(payload))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Write each room's queued frames, joined once, once to each local member."""
+        self._flush_scheduled = False
+        if not self._outbox:
+            return
+        outbox, self._outbox = self._outbox, {}
+        members_of = self.members
+        for room, frames in outbox.items():
+            members = members_of.get(room)
+            if not members:
+                continue
+            buf = frames[0] if len(frames) == 1 else b"".join(frames)
+            for conn in members:
+                out = conn.out
+                if out is not None:
+                    out.write(buf)
+
+    def _reply(self, conn: Connection, obj: dict[str, object]) -> None:
+        conn.send(wire.text_frame(wire.encode(obj)))
+
+    def _reply_raw(self, conn: Connection, payload: bytes) -> None:
+        conn.send(wire.text_frame(payload))
+
+    # Shard duties
+
+    def sweep(self, now: float) -> None:
+        """Once per tick: heartbeats and timeouts of every connection."""
+        self.clock = now
+        hb = self.config.heartbeat
+        interval, timeout, idle = hb.interval, hb.timeout, hb.idle_timeout
+        for conn in list(self.connections):
+            conn.tick(now, interval, timeout, idle)
+
+    def drain(self) -> None:
+        """Stop taking connections and close every open one with 1001 ``shutdown``."""
+        self.draining = True
+        self.flush()
+        for conn in list(self.connections):
+            if conn.is_open:
+                conn.close(1001, "shutdown")
+            elif conn.close_deadline == 0.0:
+                conn.abort()
+
+
+def _is_utf8(data: bytes | bytearray | memoryview) -> bool:
+    try:
+        bytes(data).decode()
+    except UnicodeDecodeError:
+        return False
+    return True

@@ -1,0 +1,76 @@
+"""Structured logs: one JSON object per line on stderr, or readable lines.
+
+Every record carries ``ts``, ``level``, ``shard`` (``"sup"`` for the
+supervisor) and ``event``; :func:`log_event` adds the fields that apply
+(``conn``, ``user``, ``room``, ``msg``, ``code`` ...).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Any
+
+import orjson
+
+__all__ = ["configure_logging", "log_event", "set_process_role"]
+
+_role: str | int = "sup"
+
+
+def set_process_role(role: str | int) -> None:
+    """Name this process in every log line: a shard id, or ``"sup"``."""
+    global _role
+    _role = role
+
+
+def _timestamp(created: float) -> str:
+    return (
+        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
+        + f".{int(created % 1 * 1000):03d}Z"
+    )
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        obj: dict[str, Any] = {
+            "ts": _timestamp(record.created),
+            "level": record.levelname.lower(),
+            "shard": _role,
+            "event": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if fields:
+            obj.update(fields)
+        if record.exc_info:
+            obj["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(obj, default=str).decode()
+
+
+class ConsoleFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        text = f"{_timestamp(record.created)} {record.levelname:<7} [{_role}] {record.getMessage()}"
+        fields = getattr(record, "fields", None)
+        if fields:
+            text += " " + " ".join(f"{k}={v}" for k, v in fields.items())
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return text
+
+
+def configure_logging(level: str, fmt: str) -> None:
+    """Send every log record to stderr in the configured format."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else ConsoleFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # websockets logs every connection at info; shardchat logs its own events.
+    logging.getLogger("websockets").setLevel(logging.WARNING)
+
+
+def log_event(logger: logging.Logger, level: int, event: str, **fields: object) -> None:
+    """Log ``event`` with structured ``fields``, only when the level is enabled."""
+    if logger.isEnabledFor(level):
+        logger.log(level, event, extra={"fields": fields})

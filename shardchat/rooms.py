@@ -1,0 +1,84 @@
+"""Rooms: who owns a room, its sequence, and the history it holds.
+
+Pure: no sockets, no processes. The owner of a room is the only shard that
+assigns its ``seq`` (DESIGN.md, Rooms); every shard keeps a :class:`RoomLog`
+of the rooms it has seen, so that ``join`` with ``since`` and ``history`` are
+answered locally.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections import deque
+from dataclasses import dataclass
+
+__all__ = ["HeldMessage", "Replay", "RoomLog", "owner_of"]
+
+
+def owner_of(room: str, workers: int) -> int:
+    """The shard that sequences ``room``: a stable hash, never Python's ``hash()``."""
+    return zlib.crc32(room.encode()) % workers
+
+
+@dataclass(frozen=True, slots=True)
+class HeldMessage:
+    seq: int
+    payload: bytes  # the exact JSON of the `message` frame clients receive
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """What a ``join`` with ``since`` (or a ``history`` request) gets back."""
+
+    messages: list[HeldMessage]
+    recovered: bool  # epoch matched and nothing after `since` was missing
+
+
+class RoomLog:
+    """One room's sequence and its last ``capacity`` messages, in seq order."""
+
+    __slots__ = ("_held", "epoch", "seq")
+
+    def __init__(self, epoch: str, capacity: int, seq: int = 0) -> None:
+        self.epoch = epoch  # names this run of the room's sequence
+        self.seq = seq  # the latest seq this log has seen (0: none yet)
+        self._held: deque[HeldMessage] = deque(maxlen=capacity)
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    @property
+    def oldest_seq(self) -> int:
+        """The seq of the oldest held message; ``seq + 1`` when nothing is held."""
+        return self._held[0].seq if self._held else self.seq + 1
+
+    def append(self, seq: int, payload: bytes) -> None:
+        """Hold message ``seq``, which must be the next one (``self.seq + 1``)."""
+        if seq != self.seq + 1:
+            raise ValueError(f"seq {seq} does not follow {self.seq}")
+        self.seq = seq
+        if self._held.maxlen:
+            self._held.append(HeldMessage(seq, payload))
+
+    def after(self, since: int, limit: int | None = None) -> list[HeldMessage]:
+        """The held messages with ``seq > since``, oldest first, at most ``limit``."""
+        if since >= self.seq or not self._held:
+            return []
+        start = max(0, since + 1 - self._held[0].seq)
+        end = len(self._held) if limit is None else min(len(self._held), start + limit)
+        return [self._held[i] for i in range(start, end)]
+
+    def replay(self, since: int, epoch: str | None) -> Replay:
+        """PROTOCOL.md, Reliable delivery: what a rejoin with ``since`` gets.
+
+        From another epoch, or when messages after ``since`` are no longer
+        held, the replay starts at the oldest held message and ``recovered``
+        is false.
+        """
+        if epoch is not None and epoch != self.epoch:
+            return Replay(list(self._held), recovered=False)
+        if since > self.seq:
+            # A seq this epoch never reached: the client's state is not ours.
+            return Replay(list(self._held), recovered=False)
+        recovered = since + 1 >= self.oldest_seq
+        return Replay(self.after(since), recovered=recovered)
