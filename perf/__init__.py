@@ -1,0 +1,1 @@
+"""Load generators and benchmarks; never imported by the tests."""

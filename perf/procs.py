@@ -1,0 +1,121 @@
+"""Starting and measuring the servers under test, shared by the benchmarks."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARDCHAT = str(Path(sys.executable).with_name("shardchat"))
+RESULTS = ROOT / "perf" / "results"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def wait_port(port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+@dataclass
+class Running:
+    name: str
+    proc: subprocess.Popen[bytes]
+    port: int
+    admin_port: int | None
+
+    def server_pids(self) -> list[int]:
+        """The processes that hold connections (the shards, or the baseline itself)."""
+        if self.admin_port is None:
+            return [self.proc.pid]
+        url = f"http://127.0.0.1:{self.admin_port}/status"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            status = json.loads(response.read())
+        return [s["pid"] for s in status["shards"] if s["alive"]]
+
+    def rss(self) -> int:
+        return sum(rss_bytes(pid) for pid in self.server_pids())
+
+
+def _taskset(cpus: str | None) -> list[str]:
+    return ["taskset", "-c", cpus] if cpus else []
+
+
+@contextlib.contextmanager
+def shardchat(
+    workers: int, settings: Sequence[str] = (), cpus: str | None = None
+) -> Iterator[Running]:
+    port, admin = free_port(), free_port()
+    args = [*_taskset(cpus), SHARDCHAT, "start", "--workers", str(workers), "--port", str(port)]
+    args += ["--set", f"server.admin_port={admin}", "--set", "log.level=warning"]
+    for setting in settings:
+        args += ["--set", setting]
+    proc = subprocess.Popen(args, cwd=ROOT)
+    try:
+        wait_port(port)
+        wait_port(admin)
+        running = Running(f"shardchat --workers {workers}", proc, port, admin)
+        deadline = time.monotonic() + 10
+        while len(running.server_pids()) < workers and time.monotonic() < deadline:
+            time.sleep(0.05)
+        yield running
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextlib.contextmanager
+def baseline(cpus: str | None = None) -> Iterator[Running]:
+    port = free_port()
+    args = [*_taskset(cpus), sys.executable, "-m", "perf.baseline_server", "--port", str(port)]
+    proc = subprocess.Popen(args, cwd=ROOT)
+    try:
+        wait_port(port)
+        yield Running("websockets.asyncio (baseline)", proc, port, None)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def write_result(name: str, data: object) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path
+
+
+def cpu_count() -> int:
+    return os.cpu_count() or 1
