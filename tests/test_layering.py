@@ -14,6 +14,8 @@ CORE = [
     "shardchat.rooms",
     "shardchat.ratelimit",
     "shardchat.config",
+    "shardchat.ringlayout",
+    "shardchat.ring",
 ]
 IO = ["asyncio", "websockets", "uvloop", "posix_ipc", "multiprocess", "mmap", "socket"]
 
