@@ -43,7 +43,6 @@ from .ringlayout import (
     U64,
     VERSION,
     RecordKind,
-    align,
     check_capacity,
     check_payload,
 )

@@ -18,7 +18,6 @@ from shardchat.ringlayout import (
     HEADER_SIZE,
     OFF_TAIL,
     OFF_TAIL_INTENT,
-    RECORD_HEADER_SIZE,
     U64,
     max_payload,
     record_size,
