@@ -80,6 +80,7 @@ class DeliveryConfig:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RingConfig:
     bytes: int = 16_777_216  # data area of each shard's ring; a power of two
+    rooms: int = 65536  # rooms each shard's shared seq table holds (96 bytes each)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -221,6 +222,7 @@ _CHECKS: dict[str, Check] = {
     "delivery.ack_retries": _int(0),
     "delivery.history": _int(0, 1_000_000),
     "ring.bytes": _power_of_two,
+    "ring.rooms": _int(16, 1 << 24),
     "presence.list_limit": _int(1),
     "presence.events_limit": _int(0),
     "log.level": _choice("debug", "info", "warning", "error"),

@@ -1,10 +1,9 @@
-"""The shard's chat logic: requests in, frames out, rooms fanned out.
+"""The shard's request handling: connections in, requests decoded, replies out.
 
 :class:`Hub` is the :class:`~shardchat.connection.ConnectionHandler` of one
-shard. It decodes client frames (:mod:`shardchat.wire`), keeps the shard's
-room membership and room logs (:mod:`shardchat.rooms`), and fans messages
-out: each room's new frames of one loop turn are joined once and written
-once to each local member (DESIGN.md, Fan-out).
+shard. It admits or refuses upgrades, decodes client frames
+(:mod:`shardchat.wire`), enforces the per-connection limits, and hands room
+work to the shard's :class:`~shardchat.router.Router`.
 """
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import time
 from collections import defaultdict
 from pathlib import Path
 from urllib.parse import parse_qsl
@@ -36,7 +34,7 @@ from .messages import (
 )
 from .obs import log_event
 from .ratelimit import TokenBucket
-from .rooms import RoomLog
+from .router import Router
 
 __all__ = ["ConnState", "Hub"]
 
@@ -58,14 +56,14 @@ class ConnState:
 
 
 class Hub:
-    """One shard's connections and rooms."""
+    """One shard's connections and their requests."""
 
     def __init__(
-        self, config: Config, shard_id: int, epoch: str, loop: asyncio.AbstractEventLoop
+        self, config: Config, shard_id: int, router: Router, loop: asyncio.AbstractEventLoop
     ) -> None:
         self.config = config
         self.shard_id = shard_id
-        self.epoch = epoch  # one run of every room's sequence (PROTOCOL.md, Fields)
+        self.router = router
         self.loop = loop
         self.clock = loop.time()
         limits = config.limits
@@ -73,15 +71,10 @@ class Hub:
         self.max_frame = limits.max_frame
         self.send_queue = limits.send_queue
         self.draining = False
+        self.all_closed = asyncio.Event()
         self.connections: set[Connection] = set()
-        self.members: dict[RoomId, dict[Connection, None]] = {}
-        self.logs: dict[RoomId, RoomLog] = {}
         self.per_ip: defaultdict[str, int] = defaultdict(int)
-        self._outbox: dict[RoomId, list[bytes]] = {}
-        self._flush_scheduled = False
         self._next_conn_id = 0
-        self._msg_prefix = f"{shard_id}-{secrets.token_hex(3)}-"
-        self._msg_counter = 0
         self._chat_page = _CHAT_PAGE.read_bytes()
         # A whole-server limit, split evenly: the kernel spreads connections evenly.
         self._max_local = -(-config.server.max_connections // config.workers)
@@ -115,7 +108,7 @@ class Hub:
             origin = request.headers.get("Origin")
             if origin not in server.origins:
                 return 403, "origin not allowed\n"
-        for key, value in parse_qsl(query):
+        for key, value in parse_qsl(query, keep_blank_values=True):
             if key in ("user", "room") and not wire.is_valid_name(value):
                 return 400, f"{key} must be 1-64 characters of [A-Za-z0-9_.:-]\n"
         # `connections` counts this one too, and those still in their handshake.
@@ -149,16 +142,15 @@ class Hub:
 
     def closed(self, conn: Connection) -> None:
         self.connections.discard(conn)
+        if self.draining and not self.connections:
+            self.all_closed.set()
         state = conn.data
         if not isinstance(state, ConnState):
             return  # never upgraded
         for room in state.rooms:
-            members = self.members.get(room)
-            if members is not None:
-                members.pop(conn, None)
-                if not members:
-                    del self.members[room]
+            self.router.leave(conn, room)
         state.rooms.clear()
+        self.router.forget(conn)
         count = self.per_ip[conn.peer] - 1
         if count > 0:
             self.per_ip[conn.peer] = count
@@ -199,9 +191,9 @@ class Hub:
         elif type(request) is Ping:
             self._reply(conn, {"type": "pong", **request.echo})
         elif type(request) is PresenceQuery:
-            self._presence(conn, state, request)
+            self._presence(conn, request)
         elif type(request) is HistoryQuery:
-            self._history(conn, state, request)
+            self._history(conn, request)
         elif type(request) is Ack:
             self._require_member(state, request.room, request.id)
 
@@ -222,46 +214,25 @@ class Hub:
         limits = self.config.limits
         if not state.bucket.take(self.loop.time(), limits.rate, limits.burst):
             raise ProtocolError("rate_limited", "too many messages; slow down", request.id)
-        log_ = self._log(room)
-        seq = log_.seq + 1
-        self._msg_counter += 1
-        msg_id = self._msg_prefix + str(self._msg_counter)
-        payload = wire.encode(
-            {
-                "type": "message",
-                "room": room,
-                "sender": conn.user,
-                "content": request.content,
-                "seq": seq,
-                "timestamp": time.time_ns() // 1_000_000,
-                "id": msg_id,
-            }
-        )
-        log_.append(seq, payload)
-        self._queue(room, payload)
-        ack: dict[str, object] = {"type": "ack", "room": room, "seq": seq}
-        if request.id is not None:
-            ack["id"] = request.id
-        self._reply(conn, ack)
-        log_event(log, logging.DEBUG, "publish", conn=conn.conn_id, room=room, msg=msg_id, seq=seq)
+        msg_id = self.router.publish(conn, room, request.content, request.id)
+        log_event(log, logging.DEBUG, "publish", conn=conn.conn_id, room=room, msg=msg_id)
 
     def _join(self, conn: Connection, request: Join) -> None:
         state = conn.data
         assert isinstance(state, ConnState)
         room = request.room
-        # Deliver what is queued first: the joiner gets live frames only after `joined.seq`.
-        self.flush()
-        log_ = self._log(room)
-        members = self.members.setdefault(room, {})
-        members[conn] = None
+        if room in state.rooms:
+            self.router.leave(conn, room)
+        log_ = self.router.join(conn, room)
         state.rooms.add(room)
+        users = self.router.users(room)
         joined: dict[str, object] = {
             "type": "joined",
             "room": room,
             "seq": log_.seq,
             "epoch": log_.epoch,
-            "count": len(members),
-            "users": self._users(room),
+            "count": len(users),
+            "users": users[: self.config.presence.list_limit],
         }
         if request.since is None:
             self._reply(conn, joined)
@@ -276,16 +247,12 @@ class Hub:
         room = request.room
         self._require_member(state, room, request.id)
         state.rooms.discard(room)
-        members = self.members.get(room)
-        if members is not None:
-            members.pop(conn, None)
-            if not members:
-                del self.members[room]
+        self.router.leave(conn, room)
         self._reply(conn, {"type": "left", "room": room})
 
-    def _presence(self, conn: Connection, state: ConnState, request: PresenceQuery) -> None:
+    def _presence(self, conn: Connection, request: PresenceQuery) -> None:
         room = request.room
-        users = self._users(room, limit=None)
+        users = self.router.users(room)
         limit = self.config.presence.list_limit
         reply: dict[str, object] = {
             "type": "presence",
@@ -297,59 +264,13 @@ class Hub:
             reply["truncated"] = True
         self._reply(conn, reply)
 
-    def _history(self, conn: Connection, state: ConnState, request: HistoryQuery) -> None:
+    def _history(self, conn: Connection, request: HistoryQuery) -> None:
         room = request.room
-        self.flush()
-        log_ = self.logs.get(room)
-        held = log_.after(request.since, request.limit) if log_ is not None else []
+        held = self.router.replay(room, request.since, request.limit)
         for message in held:
             conn.send(wire.text_frame(message.payload))
         last = held[-1].seq if held else request.since
         self._reply(conn, {"type": "history_end", "room": room, "seq": last})
-
-    # Rooms and fan-out
-
-    def _log(self, room: RoomId) -> RoomLog:
-        log_ = self.logs.get(room)
-        if log_ is None:
-            log_ = self.logs[room] = RoomLog(self.epoch, self.config.delivery.history)
-        return log_
-
-    def _users(self, room: RoomId, limit: int | None = -1) -> list[str]:
-        if limit == -1:
-            limit = self.config.presence.list_limit
-        seen: dict[str, None] = {}
-        for member in self.members.get(room, ()):
-            seen[member.user] = None
-        users = list(seen)
-        return users if limit is None else users[:limit]
-
-    def _queue(self, room: RoomId, payload: bytes) -> None:
-        frames = self._outbox.get(room)
-        if frames is None:
-            self._outbox[room] = [wire.text_frame(payload)]
-        else:
-            frames.append(wire.text_frame(payload))
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self.loop.call_soon(self.flush)
-
-    def flush(self) -> None:
-        """Write each room's queued frames, joined once, once to each local member."""
-        self._flush_scheduled = False
-        if not self._outbox:
-            return
-        outbox, self._outbox = self._outbox, {}
-        members_of = self.members
-        for room, frames in outbox.items():
-            members = members_of.get(room)
-            if not members:
-                continue
-            buf = frames[0] if len(frames) == 1 else b"".join(frames)
-            for conn in members:
-                out = conn.out
-                if out is not None:
-                    out.write(buf)
 
     def _reply(self, conn: Connection, obj: dict[str, object]) -> None:
         conn.send(wire.text_frame(wire.encode(obj)))
@@ -366,11 +287,14 @@ class Hub:
         interval, timeout, idle = hb.interval, hb.timeout, hb.idle_timeout
         for conn in list(self.connections):
             conn.tick(now, interval, timeout, idle)
+        self.router.sweep(now)
 
     def drain(self) -> None:
         """Stop taking connections and close every open one with 1001 ``shutdown``."""
         self.draining = True
-        self.flush()
+        self.router.flush()
+        if not self.connections:
+            self.all_closed.set()
         for conn in list(self.connections):
             if conn.is_open:
                 conn.close(1001, "shutdown")

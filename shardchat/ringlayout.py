@@ -57,6 +57,7 @@ __all__ = [
     "check_capacity",
     "max_payload",
     "record_size",
+    "segment_size",
 ]
 
 MAGIC = 0x53484331  # "SHC1"
@@ -94,6 +95,12 @@ class RecordKind(enum.IntEnum):
     FORWARD_SEEN = 5  # the owner had already sequenced a re-forwarded publish (aux = origin)
     HISTORY_REQ = 6  # a shard asks a room's owner to resend a range (aux = owner)
     REPLAY = 7  # the owner resends held messages to one shard (aux = that shard)
+    SNAPSHOT = 8  # a shard's whole local presence, after a peer's RESET
+
+
+def segment_size(capacity: int, table_slots: int, slot_size: int) -> int:
+    """A shard segment: the ring (header and data), then the room table."""
+    return HEADER_SIZE + capacity + table_slots * slot_size
 
 
 def align(n: int) -> int:

@@ -60,6 +60,13 @@ class RoomLog:
         if self._held.maxlen:
             self._held.append(HeldMessage(seq, payload))
 
+    def skip_to(self, seq: int) -> None:
+        """Accept that the messages up to ``seq`` are lost here: the held ones no
+        longer run without a gap into what comes next, so they are dropped too."""
+        if seq > self.seq:
+            self._held.clear()
+            self.seq = seq
+
     def after(self, since: int, limit: int | None = None) -> list[HeldMessage]:
         """The held messages with ``seq > since``, oldest first, at most ``limit``."""
         if since >= self.seq or not self._held:

@@ -22,9 +22,11 @@ from dataclasses import dataclass
 
 import uvloop
 
+from .bus import Bus
 from .config import Config
 from .hub import Hub
 from .obs import configure_logging, log_event, set_process_role
+from .router import Router
 
 __all__ = ["EXIT_BOOT_ERROR", "ShardSpec", "run_shard"]
 
@@ -65,7 +67,25 @@ def run_shard(spec: ShardSpec) -> None:
 async def _serve(spec: ShardSpec) -> None:
     config = spec.config
     loop = asyncio.get_running_loop()
-    hub = Hub(config, spec.shard_id, spec.epoch, loop)
+    bus = Bus(
+        loop,
+        spec.supervisor_pid,
+        spec.shard_id,
+        config.workers,
+        config.ring.bytes,
+        config.ring.rooms,
+    )
+    router = Router(config, spec.shard_id, spec.epoch, bus, loop)
+    router.recover()
+    hub = Hub(config, spec.shard_id, router, loop)
+    try:
+        await _run(spec, loop, hub, bus)
+    finally:
+        bus.close()
+
+
+async def _run(spec: ShardSpec, loop: asyncio.AbstractEventLoop, hub: Hub, bus: Bus) -> None:
+    config = spec.config
     server = await loop.create_server(
         hub.new_connection,
         config.server.host,
@@ -92,6 +112,9 @@ async def _serve(spec: ShardSpec) -> None:
     def sweep() -> None:
         nonlocal frozen_at
         hub.sweep(loop.time())
+        bus.heartbeat()
+        # A safety net under the doorbells: a drain costs little when idle.
+        bus.drain()
         if os.getppid() != spec.supervisor_pid:
             log_event(log, logging.WARNING, "supervisor_gone")
             request_stop(False)
@@ -117,9 +140,12 @@ async def _serve(spec: ShardSpec) -> None:
     server.close()
     if not quick:
         hub.drain()
-        deadline = loop.time() + max(0.1, config.server.graceful_timeout - 0.5)
-        while hub.connections and loop.time() < deadline:
-            await asyncio.sleep(0.05)
+        try:
+            await asyncio.wait_for(
+                hub.all_closed.wait(), max(0.1, config.server.graceful_timeout - 0.5)
+            )
+        except TimeoutError:
+            log_event(log, logging.WARNING, "drain_timeout", connections=len(hub.connections))
     for conn in list(hub.connections):
         conn.abort()
     log_event(log, logging.INFO, "shard_exit", connections_left=len(hub.connections))

@@ -16,10 +16,14 @@ from pathlib import Path
 import posix_ipc
 
 from .obs import log_event
+from .ring import bump_generation, init_ring
+from .ringlayout import segment_size
+from .roomtable import SLOT_SIZE
 
 __all__ = [
     "PREFIX",
     "Doorbell",
+    "Fabric",
     "Segment",
     "bell_name",
     "leftover_names",
@@ -177,3 +181,37 @@ def unlink_all(owner_pid: int) -> None:
     """Unlink every name this owner created."""
     for entry in leftover_names(owner_pid):
         _unlink(entry)
+
+
+class Fabric:
+    """The supervisor's shared memory: one segment and one doorbell per shard.
+
+    The supervisor creates every name before the first fork, writes ring
+    headers, bumps a ring's generation before it restarts that ring's writer,
+    and unlinks everything at exit. Shards attach by name.
+    """
+
+    def __init__(self, owner_pid: int, workers: int, ring_bytes: int, table_slots: int) -> None:
+        self.owner_pid = owner_pid
+        self.segments: list[Segment] = []
+        self.bells: list[Doorbell] = []
+        size = segment_size(ring_bytes, table_slots, SLOT_SIZE)
+        try:
+            for shard in range(workers):
+                segment = Segment.create(ring_name(owner_pid, shard), size)
+                self.segments.append(segment)
+                init_ring(memoryview(segment.buf), ring_bytes, table_slots)
+                self.bells.append(Doorbell(bell_name(owner_pid, shard), create=True))
+        except BaseException:
+            self.close()
+            raise
+
+    def new_generation(self, shard: int) -> int:
+        return bump_generation(memoryview(self.segments[shard].buf))
+
+    def close(self) -> None:
+        for segment in self.segments:
+            segment.close()
+        for bell in self.bells:
+            bell.close()
+        unlink_all(self.owner_pid)

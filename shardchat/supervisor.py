@@ -79,6 +79,7 @@ class Supervisor:
         self._ctx = multiprocess.get_context("fork")
         self._selector = selectors.DefaultSelector()
         self._admin: AdminServer | None = None
+        self._fabric: shm.Fabric
 
     # Start-up
 
@@ -87,6 +88,9 @@ class Supervisor:
         self._raise_nofile()
         shm.sweep_stale()
         _check_port_free(self.config.server.host, self.config.server.port)
+        self._fabric = shm.Fabric(
+            self.pid, len(self.slots), self.config.ring.bytes, self.config.ring.rooms
+        )
         wake_r, wake_w = socket.socketpair()
         wake_r.setblocking(False)
         wake_w.setblocking(False)
@@ -123,7 +127,7 @@ class Supervisor:
                 self._admin.close()
             wake_r.close()
             wake_w.close()
-            shm.unlink_all(self.pid)
+            self._fabric.close()
         log_event(log, logging.INFO, "supervisor_exit", code=self.exit_code)
         return self.exit_code
 
@@ -212,6 +216,9 @@ class Supervisor:
     def _spawn(self, slot: ShardSlot) -> None:
         slot.restart_at = None
         slot.incarnation += 1
+        if slot.incarnation:
+            # The ring's writer is dead: only now may the supervisor write its generation.
+            self._fabric.new_generation(slot.shard_id)
         spec = ShardSpec(
             config=self.config,
             shard_id=slot.shard_id,

@@ -216,7 +216,11 @@ async def connect_client(url: str, user: str | None = None, rooms: Sequence[str]
         query.append(f"user={user}")
     query += [f"room={room}" for room in rooms]
     full = url + ("?" + "&".join(query) if query else "")
-    ws = await connect(full, max_size=None, compression=None, open_timeout=scaled(10))
+    # max_queue=None: a client that is not reading right now still drains its socket,
+    # so that its close handshake is never stuck behind unread frames.
+    ws = await connect(
+        full, max_size=None, max_queue=None, compression=None, open_timeout=scaled(10)
+    )
     welcome = json.loads(await asyncio.wait_for(ws.recv(), scaled(5)))
     assert welcome["type"] == "welcome", welcome
     return Client(ws, welcome)

@@ -1,0 +1,185 @@
+"""The in-shard bridge to the other shards: our ring writer, our readers of theirs, the doorbells.
+
+One per shard. ``publish()`` appends to our ring and, once per loop turn,
+rings every peer's doorbell. A bell thread blocks on our own doorbell (the
+GIL is released in ``sem_wait``) and wakes the loop with
+``call_soon_threadsafe``; the loop then absorbs extra posts and drains every
+peer's ring, at most ``POLL_LIMIT`` records per ring per turn so that one
+busy peer cannot starve our clients. In that order no post is lost between
+a drain and the next wait (STYLE.md section 4). The thread never touches
+ring memory.
+
+Measured here: this thread-to-loop bridge adds about 15-20 us per wake-up
+over an eventfd registered with ``loop.add_reader``; the doorbell stays
+behind this one class so that it can be swapped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+
+from . import shm
+from .ring import Record, RingReader, RingWriter
+from .ringlayout import HEADER_SIZE
+from .roomtable import SLOT_SIZE, RoomTable
+
+__all__ = ["POLL_LIMIT", "Bus"]
+
+log = logging.getLogger(__name__)
+
+POLL_LIMIT = 4096
+BELL_WAIT = 0.2  # seconds; the bell thread checks for shutdown this often
+
+RecordHandler = Callable[[int, list[Record]], None]
+
+
+class Bus:
+    """Our ring, the peers' rings, their room tables and the doorbells."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        owner_pid: int,
+        shard_id: int,
+        workers: int,
+        ring_bytes: int,
+        table_slots: int,
+    ) -> None:
+        self.loop = loop
+        self.shard_id = shard_id
+        self.segments = [shm.Segment.attach(shm.ring_name(owner_pid, i)) for i in range(workers)]
+        ring_end = HEADER_SIZE + ring_bytes
+        views = [memoryview(segment.buf) for segment in self.segments]
+        self._views = views
+        self.tables = [
+            RoomTable(view[ring_end : ring_end + table_slots * SLOT_SIZE], table_slots)
+            for view in views
+        ]
+        # Pads over a record the previous incarnation died writing.
+        self.writer = RingWriter(views[shard_id][:ring_end], writer_pid=os.getpid())
+        self._ring_views = [view[:ring_end] for view in views]
+        self.readers: dict[int, RingReader] = {}
+        self.bells = [shm.Doorbell(shm.bell_name(owner_pid, i)) for i in range(workers)]
+        self.peers = [i for i in range(workers) if i != shard_id]
+        self.handler: RecordHandler | None = None
+        self.records_written = 0
+        self.records_read = 0
+        self._bells_due = False
+        self._wake_pending = False
+        self._drain_scheduled = False
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # Start-up
+
+    def retained(self, shard: int) -> tuple[RingReader, list[Record]]:
+        """Everything ``shard``'s ring still holds, and a reader left at its end."""
+        reader = RingReader(self._ring_views[shard], from_oldest=True)
+        records: list[Record] = []
+        while True:
+            batch = reader.poll(POLL_LIMIT)
+            if not batch:
+                return reader, records
+            records += batch
+
+    def start(self, handler: RecordHandler, readers: dict[int, RingReader]) -> None:
+        """Begin delivering peers' records to ``handler`` from the given cursors."""
+        self.handler = handler
+        self.readers = readers
+        self._own_bell().drain()
+        self._thread = threading.Thread(target=self._bell_loop, name="shardchat-bell", daemon=True)
+        self._thread.start()
+        self.drain()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(2 * BELL_WAIT)
+
+    def _own_bell(self) -> shm.Doorbell:
+        return self.bells[self.shard_id]
+
+    # Writing
+
+    def publish(self, kind: int, aux: int, payload: bytes) -> int:
+        position = self.writer.publish(kind, aux, payload)
+        self.records_written += 1
+        if not self._bells_due:
+            self._bells_due = True
+            self.loop.call_soon(self._ring_bells)
+        return position
+
+    def _ring_bells(self) -> None:
+        self._bells_due = False
+        bells = self.bells
+        for peer in self.peers:
+            bells[peer].ring()
+
+    def heartbeat(self) -> None:
+        self.writer.heartbeat(time.monotonic_ns())
+
+    # Reading
+
+    def _bell_loop(self) -> None:
+        bell = self._own_bell()
+        loop = self.loop
+        while not self._stopping.is_set():
+            if bell.wait(BELL_WAIT) and not self._wake_pending:
+                self._wake_pending = True
+                try:
+                    loop.call_soon_threadsafe(self._wake)
+                except RuntimeError:
+                    return  # the loop is closed: the shard is exiting
+
+    def _wake(self) -> None:
+        self._wake_pending = False
+        if self.handler is None:
+            return  # closed
+        self._own_bell().drain()
+        self.drain()
+
+    def drain(self) -> None:
+        """Hand every peer's new records to the handler, ``POLL_LIMIT`` per ring."""
+        self._drain_scheduled = False
+        handler = self.handler
+        if handler is None:
+            return
+        more = False
+        for peer, reader in self.readers.items():
+            records = reader.poll(POLL_LIMIT)
+            if records:
+                self.records_read += len(records)
+                handler(peer, records)
+                if len(records) == POLL_LIMIT:
+                    more = True
+        if more and not self._drain_scheduled:
+            self._drain_scheduled = True
+            self.loop.call_soon(self.drain)
+
+    def lag(self) -> dict[int, int]:
+        """Bytes each peer's ring holds that we have not read yet."""
+        return {peer: reader.backlog() for peer, reader in self.readers.items()}
+
+    def lapped(self) -> tuple[int, int]:
+        """(laps, records lost) over all our readers."""
+        return (
+            sum(r.lapped for r in self.readers.values()),
+            sum(r.lost for r in self.readers.values()),
+        )
+
+    def close(self) -> None:
+        self.stop()
+        self.handler = None
+        for bell in self.bells:
+            bell.close()
+        self.readers = {}
+        self.tables = []
+        self._ring_views = []
+        self._views = []
+        for segment in self.segments:
+            segment.close()

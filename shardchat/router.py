@@ -1,0 +1,534 @@
+"""Rooms across shards: sequencing at the owner, forwarding, fan-out, presence.
+
+DESIGN.md, Rooms: a room's owner (``crc32(room) % workers``) alone assigns
+its ``seq``. A publish on another shard is forwarded to the owner through
+our ring and kept until the owner's sequenced record comes back (then the
+sender gets its ``ack``); it is forwarded again after ``FORWARD_RETRY`` and
+the owner drops duplicates by message id, so every acked publish is
+sequenced exactly once.
+
+Every shard reads every ring and keeps a :class:`RoomLog` of each room it
+sees, so ``join`` with ``since`` and ``history`` are answered locally. A gap
+in a room's seq (a lapped reader) holds that room's later messages back and
+asks the owner to resend the range; if the owner no longer holds it, the gap
+is accepted after ``GAP_TIMEOUT``.
+
+Fan-out: each room's new frames of one loop turn are joined once and written
+once to each local member (:meth:`Router.flush`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from . import records, wire
+from .bus import Bus
+from .config import Config
+from .connection import Connection
+from .obs import log_event
+from .ring import Record, RingReader
+from .ringlayout import RecordKind, max_payload
+from .rooms import HeldMessage, RoomLog, owner_of
+
+__all__ = ["FORWARD_GIVE_UP", "FORWARD_RETRY", "GAP_TIMEOUT", "Router"]
+
+log = logging.getLogger(__name__)
+
+FORWARD_RETRY = 1.0  # seconds before an unsequenced forward is sent again
+FORWARD_GIVE_UP = 30.0  # seconds before the sender is told the publish failed
+GAP_TIMEOUT = 2.0  # seconds to wait for the owner to resend a missed range
+SEQUENCED_IDS = 100_000  # forwarded message ids the owner remembers, for duplicates
+
+_ROOM_MSG = int(RecordKind.ROOM_MSG)
+_FORWARD = int(RecordKind.FORWARD)
+_PRESENCE = int(RecordKind.PRESENCE)
+_RESET = int(RecordKind.RESET)
+_FORWARD_SEEN = int(RecordKind.FORWARD_SEEN)
+_HISTORY_REQ = int(RecordKind.HISTORY_REQ)
+_REPLAY = int(RecordKind.REPLAY)
+_SNAPSHOT = int(RecordKind.SNAPSHOT)
+
+
+@dataclass(slots=True)
+class PendingPublish:
+    """A forwarded publish waiting for its owner to sequence it."""
+
+    conn: Connection | None  # None once the sender has gone
+    request_id: str | None
+    forward: records.Forward
+    payload: bytes  # the FORWARD record, to send again
+    owner: int
+    first_sent: float
+    last_sent: float
+
+
+@dataclass(slots=True)
+class HeldBack:
+    """A room's messages that arrived after a gap, waiting for the gap to fill."""
+
+    deadline: float
+    messages: dict[int, records.RoomMessage] = field(default_factory=dict)
+
+
+class Router:
+    def __init__(
+        self, config: Config, shard_id: int, epoch: str, bus: Bus, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        self.config = config
+        self.shard_id = shard_id
+        self.workers = config.workers
+        self.epoch = epoch
+        self.bus = bus
+        self.loop = loop
+        self.history = config.delivery.history
+        self.members: dict[str, dict[Connection, None]] = {}
+        self.logs: dict[str, RoomLog] = {}
+        self.pending: dict[str, PendingPublish] = {}
+        self.sequenced: OrderedDict[str, tuple[str, int]] = OrderedDict()
+        self.held_back: dict[str, HeldBack] = {}
+        self.local_presence: dict[str, dict[str, int]] = {}
+        self.present: dict[str, dict[str, set[int]]] = {}
+        self._table_slots: dict[str, int | None] = {}
+        self._outbox: dict[str, list[bytes]] = {}
+        self._flush_scheduled = False
+        self._msg_prefix = f"{shard_id}-{secrets.token_hex(3)}-"
+        self._msg_counter = 0
+        self._max_payload = max_payload(config.ring.bytes)
+        self.gaps = 0  # ranges a lapped reader lost and the owner could not resend
+        self.delivered = 0  # frames written to members
+
+    # Start-up
+
+    def recover(self) -> None:
+        """Rebuild rooms from shared memory after a (re)start, then start the bus.
+
+        Our own room table gives each owned room's seq; every ring's retained
+        records give the history still held and the ids we already sequenced.
+        Forwards to us that are recent and not yet sequenced are sequenced now:
+        the previous incarnation may have died before it got to them.
+        """
+        bus = self.bus
+        _, own = bus.retained(self.shard_id)
+        self._rebuild(own)
+        for room, seq in bus.tables[self.shard_id].entries().items():
+            log_ = self.logs.get(room)
+            if log_ is None:
+                self.logs[room] = RoomLog(self.epoch, self.history, seq)
+            else:
+                log_.skip_to(seq)
+        readers: dict[int, RingReader] = {}
+        forwards: list[tuple[int, Record]] = []
+        for peer in bus.peers:
+            reader, retained = bus.retained(peer)
+            readers[peer] = reader
+            self._rebuild(retained)
+            forwards += [(peer, r) for r in retained if r[1] == _FORWARD and r[2] == self.shard_id]
+        oldest_ok = time.monotonic_ns() - int(FORWARD_GIVE_UP * 1e9)
+        for peer, (_, _, _, payload) in forwards:
+            forward = records.decode_forward(payload)
+            if forward.publish_ns >= oldest_ok:
+                self._on_forward(peer, forward)
+        bus.publish(_RESET, 0, b"")
+        bus.start(self.on_records, readers)
+
+    def _rebuild(self, retained: list[Record]) -> None:
+        for _, kind, _, payload in retained:
+            if kind != _ROOM_MSG:
+                continue
+            msg = records.decode_room_message(payload)
+            log_ = self.logs.get(msg.room)
+            if log_ is None:
+                log_ = self.logs[msg.room] = RoomLog(self.epoch, self.history, msg.seq - 1)
+            if msg.seq > log_.seq + 1:
+                log_.skip_to(msg.seq - 1)  # a part of the ring already overwritten
+            if msg.seq == log_.seq + 1:
+                log_.append(msg.seq, msg.json)
+            if owner_of(msg.room, self.workers) == self.shard_id:
+                self._remember_sequenced(msg.msg_id, msg.room, msg.seq)
+
+    # Publishing
+
+    def next_msg_id(self) -> str:
+        self._msg_counter += 1
+        return self._msg_prefix + str(self._msg_counter)
+
+    def publish(self, conn: Connection, room: str, content: str, request_id: str | None) -> str:
+        """Sequence here or forward to the owner; the sender's ack follows. Returns the msg id."""
+        msg_id = self.next_msg_id()
+        forward = records.Forward(
+            msg_id, room, conn.user, content, time.time_ns() // 1_000_000, time.monotonic_ns()
+        )
+        owner = owner_of(room, self.workers)
+        if owner == self.shard_id:
+            seq = self._sequence(forward)
+            _send_ack(conn, room, seq, request_id)
+        else:
+            payload = records.encode_forward(forward)
+            self.bus.publish(_FORWARD, owner, payload)
+            now = self.loop.time()
+            self.pending[msg_id] = PendingPublish(
+                conn, request_id, forward, payload, owner, now, now
+            )
+        return msg_id
+
+    def _sequence(self, f: records.Forward) -> int:
+        room = f.room
+        log_ = self._log(room)
+        seq = log_.seq + 1
+        json = wire.encode(
+            {
+                "type": "message",
+                "room": room,
+                "sender": f.sender,
+                "content": f.content,
+                "seq": seq,
+                "timestamp": f.timestamp,
+                "id": f.msg_id,
+            }
+        )
+        # Ring first, table second: a restart takes the larger of the two.
+        self.bus.publish(
+            _ROOM_MSG, 0, records.encode_room_message(room, seq, f.publish_ns, f.msg_id, json)
+        )
+        log_.append(seq, json)
+        self._store_seq(room, seq)
+        self._remember_sequenced(f.msg_id, room, seq)
+        self._queue(room, json)
+        log_event(log, logging.DEBUG, "sequenced", room=room, msg=f.msg_id, seq=seq)
+        return seq
+
+    def _store_seq(self, room: str, seq: int) -> None:
+        table = self.bus.tables[self.shard_id]
+        offset = self._table_slots.get(room, -1)
+        if offset == -1:
+            offset = self._table_slots[room] = table.slot(room)
+            if offset is None:
+                log_event(log, logging.WARNING, "room_table_full", room=room)
+        if offset is not None:
+            table.set_seq(offset, seq)
+
+    def _remember_sequenced(self, msg_id: str, room: str, seq: int) -> None:
+        self.sequenced[msg_id] = (room, seq)
+        if len(self.sequenced) > SEQUENCED_IDS:
+            self.sequenced.popitem(last=False)
+
+    # Records from peers
+
+    def on_records(self, peer: int, batch: list[Record]) -> None:
+        me = self.shard_id
+        for _, kind, aux, payload in batch:
+            if kind == _ROOM_MSG:
+                self._on_room_message(records.decode_room_message(payload))
+            elif kind == _FORWARD:
+                if aux == me:
+                    self._on_forward(peer, records.decode_forward(payload))
+            elif kind == _PRESENCE:
+                p = records.decode_presence(payload)
+                self._presence_change(p.room, p.user, peer, p.joined)
+            elif kind == _FORWARD_SEEN:
+                if aux == me:
+                    seen = records.decode_forward_seen(payload)
+                    self._acknowledge(seen.msg_id, seen.room, seen.seq)
+            elif kind == _REPLAY:
+                if aux == me:
+                    self._on_replay(records.decode_room_message(payload))
+            elif kind == _HISTORY_REQ:
+                if aux == me:
+                    self._on_history_request(peer, records.decode_history_request(payload))
+            elif kind == _RESET:
+                self._on_reset(peer)
+            elif kind == _SNAPSHOT:
+                for room, user in records.decode_snapshot(payload):
+                    self._presence_change(room, user, peer, True)
+
+    def _on_forward(self, origin: int, f: records.Forward) -> None:
+        seen = self.sequenced.get(f.msg_id)
+        if seen is None:
+            self._sequence(f)
+            return
+        room, seq = seen
+        payload = records.encode_forward_seen(records.ForwardSeen(f.msg_id, room, seq))
+        self.bus.publish(_FORWARD_SEEN, origin, payload)
+
+    def _acknowledge(self, msg_id: str, room: str, seq: int) -> None:
+        pending = self.pending.pop(msg_id, None)
+        if pending is not None and pending.conn is not None:
+            _send_ack(pending.conn, room, seq, pending.request_id)
+
+    def _on_room_message(self, msg: records.RoomMessage) -> None:
+        if self.pending:
+            self._acknowledge(msg.msg_id, msg.room, msg.seq)
+        room = msg.room
+        log_ = self.logs.get(room)
+        if log_ is None:
+            log_ = self.logs[room] = RoomLog(self.epoch, self.history, msg.seq - 1)
+        seq = msg.seq
+        if seq == log_.seq + 1 and room not in self.held_back:
+            log_.append(seq, msg.json)
+            self._queue(room, msg.json)
+        elif seq > log_.seq:
+            self._hold_back(log_, msg)
+
+    def _hold_back(self, log_: RoomLog, msg: records.RoomMessage) -> None:
+        held = self.held_back.get(msg.room)
+        if held is None:
+            held = self.held_back[msg.room] = HeldBack(self.loop.time() + GAP_TIMEOUT)
+            request = records.HistoryRequest(
+                msg.room, log_.seq + 1, msg.seq - 1, time.monotonic_ns()
+            )
+            owner = owner_of(msg.room, self.workers)
+            self.bus.publish(_HISTORY_REQ, owner, records.encode_history_request(request))
+            log_event(
+                log, logging.WARNING, "gap", room=msg.room, first=log_.seq + 1, last=msg.seq - 1
+            )
+        held.messages[msg.seq] = msg
+        self._release(msg.room)
+
+    def _release(self, room: str) -> None:
+        """Deliver held-back messages that now follow the log without a gap."""
+        held = self.held_back.get(room)
+        if held is None:
+            return
+        log_ = self.logs[room]
+        while (msg := held.messages.pop(log_.seq + 1, None)) is not None:
+            log_.append(msg.seq, msg.json)
+            self._queue(room, msg.json)
+        # Duplicates of what the log now has are dropped.
+        for seq in [s for s in held.messages if s <= log_.seq]:
+            del held.messages[seq]
+        if not held.messages:
+            del self.held_back[room]
+
+    def _on_replay(self, msg: records.RoomMessage) -> None:
+        log_ = self.logs.get(msg.room)
+        if log_ is None or msg.room not in self.held_back:
+            return
+        if msg.json:
+            if msg.seq == log_.seq + 1:
+                log_.append(msg.seq, msg.json)
+                self._queue(msg.room, msg.json)
+        elif log_.seq < msg.seq:
+            # End of the resend: what is still missing is not held anywhere.
+            self._give_up_gap(msg.room, msg.seq)
+        self._release(msg.room)
+
+    def _give_up_gap(self, room: str, last: int) -> None:
+        self.gaps += 1
+        log_event(log, logging.WARNING, "gap_lost", room=room, last=last)
+        self.logs[room].skip_to(last)
+
+    def _on_history_request(self, requester: int, req: records.HistoryRequest) -> None:
+        log_ = self.logs.get(req.room)
+        if log_ is not None:
+            for held in log_.after(req.first - 1):
+                if held.seq > req.last:
+                    break
+                payload = records.encode_room_message(req.room, held.seq, 0, "", held.payload)
+                self.bus.publish(_REPLAY, requester, payload)
+        end = records.encode_room_message(req.room, req.last, 0, "", b"")
+        self.bus.publish(_REPLAY, requester, end)
+
+    # Presence
+
+    def _presence_change(self, room: str, user: str, shard: int, joined: bool) -> None:
+        users = self.present.get(room)
+        if joined:
+            if users is None:
+                users = self.present[room] = {}
+            shards = users.get(user)
+            if shards is None:
+                users[user] = {shard}
+                self._presence_event(room, user, "join", len(users))
+            else:
+                shards.add(shard)
+            return
+        if users is None or user not in users:
+            return
+        shards = users[user]
+        shards.discard(shard)
+        if not shards:
+            del users[user]
+            if not users:
+                del self.present[room]
+            self._presence_event(room, user, "leave", len(users))
+
+    def _presence_event(
+        self, room: str, user: str, kind: str, count: int, skip: Connection | None = None
+    ) -> None:
+        members = self.members.get(room)
+        if not members or count > self.config.presence.events_limit:
+            return
+        frame = wire.text_frame(
+            wire.encode(
+                {
+                    "type": kind,
+                    "room": room,
+                    "sender": user,
+                    "timestamp": time.time_ns() // 1_000_000,
+                }
+            )
+        )
+        for conn in members:
+            if conn is not skip:
+                conn.send(frame)
+
+    def _on_reset(self, peer: int) -> None:
+        """A peer (re)started: its users are gone; tell it (and all) who is here."""
+        for room in list(self.present):
+            for user in [u for u, shards in self.present[room].items() if peer in shards]:
+                self._presence_change(room, user, peer, False)
+        pairs = [(room, user) for room, users in self.local_presence.items() for user in users]
+        chunk: list[tuple[str, str]] = []
+        size = 0
+        for pair in pairs:
+            chunk.append(pair)
+            size += len(pair[0]) + len(pair[1]) + 8
+            if size > self._max_payload // 2:
+                self.bus.publish(_SNAPSHOT, peer, records.encode_snapshot(chunk))
+                chunk, size = [], 0
+        if chunk:
+            self.bus.publish(_SNAPSHOT, peer, records.encode_snapshot(chunk))
+
+    def users(self, room: str) -> list[str]:
+        return list(self.present.get(room, ()))
+
+    # Membership
+
+    def _log(self, room: str) -> RoomLog:
+        log_ = self.logs.get(room)
+        if log_ is None:
+            owner = owner_of(room, self.workers)
+            seq = self.bus.tables[owner].lookup(room) or 0
+            log_ = self.logs[room] = RoomLog(self.epoch, self.history, seq)
+        return log_
+
+    def join(self, conn: Connection, room: str) -> RoomLog:
+        """Add a member; the caller answers ``joined`` from the returned log."""
+        # Catch up with the rings and deliver what is queued: the joiner's live
+        # frames start right after the log's current seq.
+        self.bus.drain()
+        self.flush()
+        log_ = self._log(room)
+        self.members.setdefault(room, {})[conn] = None
+        local = self.local_presence.setdefault(room, {})
+        count = local.get(conn.user, 0)
+        local[conn.user] = count + 1
+        if count == 0:
+            presence = records.encode_presence(records.Presence(room, conn.user, True))
+            self.bus.publish(_PRESENCE, 0, presence)
+            users = self.present.setdefault(room, {})
+            shards = users.get(conn.user)
+            if shards is None:
+                users[conn.user] = {self.shard_id}
+                self._presence_event(room, conn.user, "join", len(users), skip=conn)
+            else:
+                shards.add(self.shard_id)
+        return log_
+
+    def leave(self, conn: Connection, room: str) -> None:
+        members = self.members.get(room)
+        if members is not None:
+            members.pop(conn, None)
+            if not members:
+                del self.members[room]
+        local = self.local_presence.get(room)
+        if local is None or conn.user not in local:
+            return
+        count = local[conn.user] - 1
+        if count:
+            local[conn.user] = count
+            return
+        del local[conn.user]
+        if not local:
+            del self.local_presence[room]
+        presence = records.encode_presence(records.Presence(room, conn.user, False))
+        self.bus.publish(_PRESENCE, 0, presence)
+        self._presence_change(room, conn.user, self.shard_id, False)
+
+    def forget(self, conn: Connection) -> None:
+        """The sender of pending publishes is gone: they still get sequenced."""
+        for pending in self.pending.values():
+            if pending.conn is conn:
+                pending.conn = None
+
+    def replay(self, room: str, since: int, limit: int | None = None) -> list[HeldMessage]:
+        """The held messages after ``since`` (``history``), once the rings are read."""
+        self.bus.drain()
+        self.flush()
+        log_ = self.logs.get(room)
+        return [] if log_ is None else log_.after(since, limit)
+
+    # Fan-out
+
+    def _queue(self, room: str, json: bytes) -> None:
+        if room not in self.members:
+            return
+        frames = self._outbox.get(room)
+        if frames is None:
+            self._outbox[room] = [wire.text_frame(json)]
+        else:
+            frames.append(wire.text_frame(json))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Write each room's queued frames, joined once, once to each local member."""
+        self._flush_scheduled = False
+        if not self._outbox:
+            return
+        outbox, self._outbox = self._outbox, {}
+        members_of = self.members
+        delivered = 0
+        for room, frames in outbox.items():
+            members = members_of.get(room)
+            if not members:
+                continue
+            buf = frames[0] if len(frames) == 1 else b"".join(frames)
+            for conn in members:
+                out = conn.out
+                if out is not None:
+                    out.write(buf)
+            delivered += len(frames) * len(members)
+        self.delivered += delivered
+
+    # Timers
+
+    def sweep(self, now: float) -> None:
+        """Forward retries and gap deadlines; called once per shard tick."""
+        if self.pending:
+            for msg_id, pending in list(self.pending.items()):
+                if now - pending.first_sent >= FORWARD_GIVE_UP:
+                    del self.pending[msg_id]
+                    log_event(log, logging.ERROR, "forward_failed", msg=msg_id, owner=pending.owner)
+                    if pending.conn is not None:
+                        pending.conn.send(
+                            wire.text_frame(
+                                wire.error_payload(
+                                    "unavailable",
+                                    f"the owner of room {pending.forward.room} did not answer",
+                                    pending.request_id,
+                                )
+                            )
+                        )
+                elif now - pending.last_sent >= FORWARD_RETRY:
+                    pending.last_sent = now
+                    self.bus.publish(_FORWARD, pending.owner, pending.payload)
+        if self.held_back:
+            for room, held in list(self.held_back.items()):
+                if now >= held.deadline:
+                    first = min(held.messages)
+                    self._give_up_gap(room, first - 1)
+                    self._release(room)
+
+
+def _send_ack(conn: Connection, room: str, seq: int, request_id: str | None) -> None:
+    ack: dict[str, object] = {"type": "ack", "room": room, "seq": seq}
+    if request_id is not None:
+        ack["id"] = request_id
+    conn.send(wire.text_frame(wire.encode(ack)))

@@ -1,0 +1,251 @@
+"""Rooms that span shards: one order per room, forwarding, owner crashes, slow consumers."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import signal
+import socket
+import struct
+import zlib
+from typing import Any
+
+from shardchat.rooms import owner_of
+from tests.helpers import Client, Server, clients_on_shards, closing, connect_client, running_server
+
+FAST = ["limits.rate=100000", "limits.burst=100000"]
+
+
+def room_owned_by(shard: int, workers: int = 3, prefix: str = "room") -> str:
+    return next(f"{prefix}{i}" for i in range(1000) if owner_of(f"{prefix}{i}", workers) == shard)
+
+
+async def collect(
+    client: Client, room: str, count: int, timeout: float = 60
+) -> list[dict[str, Any]]:
+    got: list[dict[str, Any]] = []
+    while len(got) < count:
+        frame = await client.recv(timeout)
+        if frame["type"] == "message" and frame["room"] == room:
+            got.append(frame)
+    return got
+
+
+async def publish(client: Client, room: str, count: int, tag: str) -> list[dict[str, Any]]:
+    """Send ``count`` messages without waiting, then gather every ack."""
+    for i in range(count):
+        await client.send(type="message", room=room, content=f"{tag}:{i}", id=f"{tag}-{i}")
+    acks: list[dict[str, Any]] = []
+    while len(acks) < count:
+        frame = await client.recv(60)
+        if frame["type"] == "ack":
+            acks.append(frame)
+        assert frame["type"] != "error", frame
+    return acks
+
+
+async def test_six_senders_thirty_receivers_one_order() -> None:
+    """6 senders on all shards publish 500 each: all 30 receivers see seq 1..3000 in
+    order, with the same (sender, content) at each seq everywhere."""
+    with running_server(workers=3, settings=FAST) as srv:
+        room = "one-order"
+        senders = await clients_on_shards(srv.url, [0, 1, 2, 0, 1, 2], prefix="snd")
+        receivers = await clients_on_shards(srv.url, [0, 1, 2] * 10, prefix="rcv")
+        assert {c.shard for c in senders} == {0, 1, 2} == {c.shard for c in receivers}
+        async with closing([*senders, *receivers]):
+            for client in (*senders, *receivers):
+                await client.join(room)
+            tasks = [asyncio.create_task(collect(r, room, 3000)) for r in receivers]
+            ack_lists = await asyncio.gather(
+                *(publish(s, room, 500, f"s{n}") for n, s in enumerate(senders))
+            )
+            results = await asyncio.gather(*tasks)
+        ack_seqs = sorted(a["seq"] for acks in ack_lists for a in acks)
+        assert ack_seqs == list(range(1, 3001))
+        reference = [(m["seq"], m["sender"], m["content"]) for m in results[0]]
+        assert [seq for seq, _, _ in reference] == list(range(1, 3001))
+        for got in results[1:]:
+            assert [(m["seq"], m["sender"], m["content"]) for m in got] == reference
+        # Each sender's own messages keep the order it sent them in.
+        for n, sender in enumerate(senders):
+            mine = [c for _, s, c in reference if s == sender.user]
+            assert mine == [f"s{n}:{i}" for i in range(500)]
+        # The ack's seq is the seq its message got.
+        by_content = {c: seq for seq, _, c in reference}
+        for n, acks in enumerate(ack_lists):
+            for ack in acks:
+                assert by_content[f"s{n}:{ack['id'].split('-')[1]}"] == ack["seq"]
+
+
+async def test_owner_killed_while_publishing_seq_continues() -> None:
+    """kill -9 of the room's owner mid-publish: seq continues with no reset or repeat,
+    and a client that rejoins with since gets exactly what it missed."""
+    with running_server(workers=3, settings=FAST) as srv:
+        room = room_owned_by(0)
+        pub, watcher, resumer = await clients_on_shards(srv.url, [1, 2, 1], prefix="k")
+        async with closing([pub, watcher, resumer]):
+            for client in (pub, watcher, resumer):
+                joined = await client.join(room)
+            epoch = joined["epoch"]
+            first = await publish(pub, room, 50, "before")
+            seen = await collect(resumer, room, 50)
+            last_seen = seen[-1]["seq"]
+            await resumer.close()
+            owner_pid = srv.shard_pids()[0]
+            sending = asyncio.create_task(publish(pub, room, 200, "during"))
+            await asyncio.sleep(0.05)
+            os.kill(owner_pid, signal.SIGKILL)
+            during = await sending
+            srv.wait_started(4)
+            after = await publish(pub, room, 50, "after")
+            seqs = [a["seq"] for a in first + during + after]
+            assert sorted(seqs) == list(range(1, 301)), "no reset, no repeat, no gap"
+            watched = await collect(watcher, room, 300)
+            assert [m["seq"] for m in watched] == list(range(1, 301))
+            back = await connect_client(srv.url, user="resumer")
+            async with closing([back]):
+                joined = await back.join(room, since=last_seen, epoch=epoch)
+                assert joined["recovered"] is True and joined["epoch"] == epoch
+                replayed = await collect(back, room, 300 - last_seen)
+                assert [m["seq"] for m in replayed] == list(range(last_seen + 1, 301))
+                assert [m["content"] for m in replayed] == [
+                    m["content"] for m in watched[last_seen:]
+                ]
+
+
+async def test_restarted_owner_keeps_history_and_epoch() -> None:
+    """After its owner restarts, a room's history and seq are still there for every shard."""
+    with running_server(workers=3, settings=FAST) as srv:
+        room = room_owned_by(1)
+        (pub,) = await clients_on_shards(srv.url, [0], prefix="h")
+        async with closing([pub]):
+            joined = await pub.join(room)
+            await publish(pub, room, 20, "x")
+            os.kill(srv.shard_pids()[1], signal.SIGKILL)
+            srv.wait_started(4)
+            (on_owner,) = await clients_on_shards(srv.url, [1], prefix="o")
+            async with closing([on_owner]):
+                rejoined = await on_owner.join(room, since=5, epoch=joined["epoch"])
+                assert rejoined["seq"] == 20 and rejoined["recovered"] is True
+                got = await collect(on_owner, room, 15)
+                assert [m["content"] for m in got] == [f"x:{i}" for i in range(5, 20)]
+                acks = await publish(on_owner, room, 1, "y")
+                assert acks[0]["seq"] == 21
+
+
+def raw_connect(port: int, path: str) -> socket.socket:
+    """A WebSocket client on a bare socket with a tiny receive buffer, that will not read."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(1)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock
+
+
+def read_until_close(sock: socket.socket) -> int:
+    """Read server frames until the close frame; return its code."""
+    sock.settimeout(30)
+    buf = b""
+
+    def need(n: int) -> bytes:
+        nonlocal buf
+        while len(buf) < n:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("closed without a close frame")
+            buf += chunk
+        out, buf = buf[:n], buf[n:]
+        return out
+
+    while True:
+        b0, b1 = need(2)
+        length = b1 & 0x7F
+        if length == 126:
+            length = struct.unpack("!H", need(2))[0]
+        elif length == 127:
+            length = struct.unpack("!Q", need(8))[0]
+        payload = need(length)
+        if b0 & 0x0F == 0x8:
+            return int(struct.unpack("!H", payload[:2])[0])
+
+
+def shard_rss(server: Server) -> int:
+    """The shards' private memory (RssAnon): the rings are shared and excluded."""
+    total = 0
+    for pid in server.shard_pids().values():
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    total += int(line.split()[1]) * 1024
+    return total
+
+
+async def test_slow_consumer_is_closed_4429_and_others_get_everything() -> None:
+    """A client that stops reading is closed with 4429; the other 29 receivers get every
+    message, and the server's memory stays bounded."""
+    settings = [*FAST, "limits.send_queue=65536"]
+    with running_server(workers=3, settings=settings) as srv:
+        room = "slow-room"
+        receivers = await clients_on_shards(srv.url, [0, 1, 2] * 10, prefix="r")
+        (pub,) = await clients_on_shards(srv.url, [0], prefix="p")
+        slow = raw_connect(srv.port, f"/ws?user=slow&room={room}")
+        try:
+            async with closing([*receivers[1:], pub]):
+                for client in (*receivers[1:], pub):
+                    await client.join(room)
+                rss_before = shard_rss(srv)
+                # Enough to fill the kernel's socket buffer too (tcp_wmem max, 4 MiB
+                # here): send_queue counts only what waits in the server process.
+                count = 1500
+                tasks = [asyncio.create_task(collect(r, room, count)) for r in receivers[1:]]
+                body = "z" * 4000
+                for i in range(count):
+                    await pub.send(type="message", room=room, content=f"{i}:{body}")
+                results = await asyncio.gather(*tasks)
+                rss_after = shard_rss(srv)
+                for got in results:
+                    assert [m["seq"] for m in got] == list(range(1, count + 1))
+                code = await asyncio.to_thread(read_until_close, slow)
+                assert code == 4429
+                # 6 MB went to 29 readers: the slow one holds at most its queue.
+                assert rss_after - rss_before < 64 * 1024 * 1024
+        finally:
+            slow.close()
+            await receivers[0].close()
+
+
+async def test_every_shard_sequences_the_rooms_it_owns() -> None:
+    """Rooms owned by each shard (crc32 % 3), published to from every shard: each room
+    counts 1, 2, 3 and every member sees that order; acks match."""
+    with running_server(workers=3, settings=FAST) as srv:
+        rooms = [room_owned_by(s, prefix="own") for s in range(3)]
+        assert [zlib.crc32(r.encode()) % 3 for r in rooms] == [0, 1, 2]
+        clients = await clients_on_shards(srv.url, [0, 1, 2], prefix="c")
+        async with closing(clients):
+            for client in clients:
+                for room in rooms:
+                    await client.join(room)
+            for client in clients:
+                for room in rooms:
+                    await client.send(type="message", room=room, content=client.user, id=room)
+            for client in clients:
+                acks: dict[str, int] = {}
+                seen: dict[str, list[tuple[int, str]]] = {room: [] for room in rooms}
+                while len(acks) < 3 or any(len(v) < 3 for v in seen.values()):
+                    frame = await client.recv(10)
+                    if frame["type"] == "ack":
+                        acks[frame["id"]] = frame["seq"]
+                    elif frame["type"] == "message":
+                        seen[frame["room"]].append((frame["seq"], frame["content"]))
+                for room in rooms:
+                    assert [seq for seq, _ in seen[room]] == [1, 2, 3]
+                    assert dict(seen[room])[acks[room]] == client.user
