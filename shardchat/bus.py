@@ -107,15 +107,20 @@ class Bus:
     # Writing
 
     def publish(self, kind: int, aux: int, payload: bytes) -> int:
-        position = self.writer.publish(kind, aux, payload)
+        """Append a record; the loop turn's records become visible together."""
+        position = self.writer.append(kind, aux, payload)
         self.records_written += 1
         if not self._bells_due:
             self._bells_due = True
-            self.loop.call_soon(self._ring_bells)
+            self.loop.call_soon(self.commit)
         return position
 
-    def _ring_bells(self) -> None:
+    def commit(self) -> None:
+        """Make this turn's records visible, then ring every peer's bell once."""
+        if not self._bells_due:
+            return
         self._bells_due = False
+        self.writer.commit()
         bells = self.bells
         for peer in self.peers:
             bells[peer].ring()

@@ -97,7 +97,10 @@ class RingWriter:
     __slots__ = (
         "_buf",
         "_capacity",
+        "_claim_ahead",
+        "_claimed",
         "_last_segment",
+        "_latest",
         "_mask",
         "_published",
         "_segment_shift",
@@ -120,6 +123,13 @@ class RingWriter:
             tail = intent
             _u64_pack(buf, OFF_TAIL, tail)
         self._tail = tail
+        self._claimed = tail
+        # The intent runs ahead of the tail by up to this much, so that it is
+        # stored once per this many bytes rather than once per record. Readers
+        # then count a lap up to this much early: loss is over-reported, never
+        # a torn record returned.
+        self._claim_ahead = capacity // 64
+        self._latest = int(_u64_unpack(buf, OFF_LATEST)[0])
         self._last_segment = -1
         _u64_pack(buf, OFF_WRITER_PID, writer_pid)
 
@@ -139,10 +149,20 @@ class RingWriter:
             start += length
 
     def publish(self, kind: int, aux: int, payload: bytes) -> int:
-        """Append one record; returns its position. Never blocks.
+        """Append one record and make it visible; returns its position. Never blocks.
 
         Raises:
             MessageTooLarge: the payload exceeds capacity / 8.
+        """
+        position = self.append(kind, aux, payload)
+        self.commit()
+        return position
+
+    def append(self, kind: int, aux: int, payload: bytes) -> int:
+        """Write one record without making it visible yet (see :meth:`commit`).
+
+        Records appended in one loop turn become visible together, so the
+        writer stores ``latest``, ``published`` and ``tail`` once per batch.
         """
         plen = len(payload)
         capacity = self._capacity
@@ -153,15 +173,16 @@ class RingWriter:
         tail = self._tail
         off = tail & self._mask
         left = capacity - off
+        end = tail + size if left >= size else tail + left + size
+        if end > self._claimed:
+            # The intent covers the pad (if any) and the record before either is written.
+            self._claimed = end + self._claim_ahead
+            _u64_pack(buf, OFF_TAIL_INTENT, self._claimed)
         if left < size:
-            # Pad to the end and wrap: the intent covers the pad and the record.
-            _u64_pack(buf, OFF_TAIL_INTENT, tail + left + size)
+            # Pad to the end and wrap.
             _header_pack(buf, HEADER_SIZE + off, left, _PAD, 0, tail)
             tail += left
-            _u64_pack(buf, OFF_TAIL, tail)
             off = 0
-        else:
-            _u64_pack(buf, OFF_TAIL_INTENT, tail + size)
         start = HEADER_SIZE + off
         buf[start + RECORD_HEADER_SIZE : start + RECORD_HEADER_SIZE + plen] = payload
         _header_pack(buf, start, RECORD_HEADER_SIZE + plen, kind, aux, tail)
@@ -169,12 +190,21 @@ class RingWriter:
         if segment != self._last_segment:
             self._last_segment = segment
             _u64_pack(buf, OFF_CHECKPOINTS + 8 * (segment % CHECKPOINTS), tail)
-        _u64_pack(buf, OFF_LATEST, tail)
+        self._latest = tail
         self._published += 1
-        _u64_pack(buf, OFF_PUBLISHED, self._published)
         self._tail = tail + size
-        _u64_pack(buf, OFF_TAIL, tail + size)
         return tail
+
+    def commit(self) -> None:
+        """Make every appended record visible: ``latest``, ``published``, then ``tail``."""
+        buf = self._buf
+        _u64_pack(buf, OFF_LATEST, self._latest)
+        _u64_pack(buf, OFF_PUBLISHED, self._published)
+        _u64_pack(buf, OFF_TAIL, self._tail)
+
+    @property
+    def uncommitted(self) -> bool:
+        return self._tail != int(_u64_unpack(self._buf, OFF_TAIL)[0])
 
     def heartbeat(self, now_ns: int) -> None:
         _u64_pack(self._buf, OFF_HEARTBEAT, now_ns)
@@ -246,36 +276,51 @@ class RingReader:
         self.lost += max(0, published - self.passed)
         self.passed = published
 
-    def poll(self, limit: int) -> list[Record]:
-        """Copy out up to ``limit`` records after the cursor, oldest first."""
+    def poll(self, limit: int, max_bytes: int = 1 << 20) -> list[Record]:
+        """Copy out up to ``limit`` records after the cursor, oldest first.
+
+        The bytes from the cursor to the tail (at most ``max_bytes``) are
+        copied in one go and validated once: if the writer's intent came
+        within a capacity of the cursor during the copy, the whole copy is
+        dropped as possibly overwritten (CopyBroadcastReceiver). The writer
+        claims positions below its intent and so overwrites the positions one
+        capacity lower, from the cursor upward. Records are then parsed from
+        the private copy, which nobody else writes.
+        """
         buf = self._buf
         capacity = self._capacity
-        mask = self._mask
-        out: list[Record] = []
-        tail = int(_u64_unpack(buf, OFF_TAIL)[0])
         cursor = self.cursor
-        while cursor < tail and len(out) < limit:
-            if int(_u64_unpack(buf, OFF_TAIL_INTENT)[0]) - cursor > capacity:
-                return self._lapped_at(cursor, out)
-            off = cursor & mask
-            start = HEADER_SIZE + off
-            length, kind, aux, position = _header_unpack(buf, start)
+        tail = int(_u64_unpack(buf, OFF_TAIL)[0])
+        if cursor >= tail:
+            return []
+        if int(_u64_unpack(buf, OFF_TAIL_INTENT)[0]) - cursor > capacity:
+            return self._lapped_at(cursor, [])
+        end = min(tail, cursor + max_bytes)
+        off = cursor & self._mask
+        n = end - cursor
+        if off + n <= capacity:
+            copy = bytes(buf[HEADER_SIZE + off : HEADER_SIZE + off + n])
+        else:
+            first = capacity - off
+            copy = bytes(buf[HEADER_SIZE + off : HEADER_SIZE + capacity]) + bytes(
+                buf[HEADER_SIZE : HEADER_SIZE + n - first]
+            )
+        if int(_u64_unpack(buf, OFF_TAIL_INTENT)[0]) - cursor > capacity:
+            return self._lapped_at(cursor, [])
+        out: list[Record] = []
+        pos = 0
+        while pos + RECORD_HEADER_SIZE <= n and len(out) < limit:
+            length, kind, aux, position = _header_unpack(copy, pos)
             size = (length + 15) & ~15
-            if position != cursor or length < RECORD_HEADER_SIZE or size > capacity - off:
-                return self._lapped_at(cursor, out)
-            if kind == _PAD:
-                cursor += size
-                continue
-            payload = bytes(buf[start + RECORD_HEADER_SIZE : start + length])
-            # Validate after the copy: if the writer may have reached these bytes
-            # while we copied, the copy is dropped (CopyBroadcastReceiver). The
-            # writer claims positions below the intent, overwriting those one
-            # capacity lower: the record's first byte is safe while
-            # intent - cursor <= capacity, and the writer overwrites upward.
-            if int(_u64_unpack(buf, OFF_TAIL_INTENT)[0]) - cursor > capacity:
-                return self._lapped_at(cursor, out)
-            out.append((position, kind, aux, payload))
-            cursor += size
-        self.cursor = cursor
+            if position != cursor + pos or length < RECORD_HEADER_SIZE:
+                return self._lapped_at(cursor + pos, out)
+            if pos + size > n:
+                if size > capacity - ((cursor + pos) & self._mask):
+                    return self._lapped_at(cursor + pos, out)
+                break  # the rest of this record is past max_bytes: next poll
+            if kind != _PAD:
+                out.append((position, kind, aux, copy[pos + RECORD_HEADER_SIZE : pos + length]))
+            pos += size
+        self.cursor = cursor + pos
         self.passed += len(out)
         return out
