@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 
 from . import shm
+from .obs import log_event
 from .ring import Record, RingReader, RingWriter
 from .ringlayout import HEADER_SIZE
 from .roomtable import SLOT_SIZE, RoomTable
@@ -67,9 +68,12 @@ class Bus:
         self.bells = [shm.Doorbell(shm.bell_name(owner_pid, i)) for i in range(workers)]
         self.peers = [i for i in range(workers) if i != shard_id]
         self.handler: RecordHandler | None = None
+        self.on_lapped: Callable[[int], None] | None = None
         self.records_written = 0
         self.records_read = 0
         self._bells_due = False
+        self._uncommitted = 0
+        self._commit_every = ring_bytes // 8
         self._wake_pending = False
         self._drain_scheduled = False
         self._stopping = threading.Event()
@@ -87,9 +91,16 @@ class Bus:
                 return reader, records
             records += batch
 
-    def start(self, handler: RecordHandler, readers: dict[int, RingReader]) -> None:
-        """Begin delivering peers' records to ``handler`` from the given cursors."""
+    def start(
+        self,
+        handler: RecordHandler,
+        on_lapped: Callable[[int], None],
+        readers: dict[int, RingReader],
+    ) -> None:
+        """Begin delivering peers' records to ``handler`` from the given cursors;
+        ``on_lapped(peer)`` hears of every lap, after the records before it."""
         self.handler = handler
+        self.on_lapped = on_lapped
         self.readers = readers
         self._own_bell().drain()
         self._thread = threading.Thread(target=self._bell_loop, name="shardchat-bell", daemon=True)
@@ -110,9 +121,14 @@ class Bus:
         """Append a record; the loop turn's records become visible together."""
         position = self.writer.append(kind, aux, payload)
         self.records_written += 1
+        self._uncommitted += len(payload)
         if not self._bells_due:
             self._bells_due = True
             self.loop.call_soon(self.commit)
+        elif self._uncommitted > self._commit_every:
+            # A burst: let the readers start on it before the turn ends.
+            self.commit()
+            self._bells_due = True
         return position
 
     def commit(self) -> None:
@@ -120,6 +136,7 @@ class Bus:
         if not self._bells_due:
             return
         self._bells_due = False
+        self._uncommitted = 0
         self.writer.commit()
         bells = self.bells
         for peer in self.peers:
@@ -156,12 +173,18 @@ class Bus:
             return
         more = False
         for peer, reader in self.readers.items():
+            laps = reader.lapped
             records = reader.poll(POLL_LIMIT)
             if records:
                 self.records_read += len(records)
                 handler(peer, records)
                 if len(records) == POLL_LIMIT:
                     more = True
+            if reader.lapped != laps:
+                log_event(log, logging.WARNING, "ring_lapped", peer=peer, lost=reader.lost)
+                if self.on_lapped is not None:
+                    self.on_lapped(peer)
+                more = True
         if more and not self._drain_scheduled:
             self._drain_scheduled = True
             self.loop.call_soon(self.drain)

@@ -52,6 +52,9 @@ _FORWARD_SEEN = int(RecordKind.FORWARD_SEEN)
 _HISTORY_REQ = int(RecordKind.HISTORY_REQ)
 _REPLAY = int(RecordKind.REPLAY)
 _SNAPSHOT = int(RecordKind.SNAPSHOT)
+# Markers in a REPLAY's msg id field (a REPLAY with no JSON carries no message):
+_REPLAY_SKIP = "skip"  # the owner holds nothing up to this seq
+_REPLAY_END = "end"  # end of one resent chunk
 
 
 @dataclass(slots=True)
@@ -69,9 +72,10 @@ class PendingPublish:
 
 @dataclass(slots=True)
 class HeldBack:
-    """A room's messages that arrived after a gap, waiting for the gap to fill."""
+    """A room's gap being filled by its owner, and the messages that came after it."""
 
     deadline: float
+    last: int  # the last seq asked for
     messages: dict[int, records.RoomMessage] = field(default_factory=dict)
 
 
@@ -134,7 +138,7 @@ class Router:
             if forward.publish_ns >= oldest_ok:
                 self._on_forward(peer, forward)
         bus.publish(_RESET, 0, b"")
-        bus.start(self.on_records, readers)
+        bus.start(self.on_records, self.on_lapped, readers)
 
     def _rebuild(self, retained: list[Record]) -> None:
         for _, kind, _, payload in retained:
@@ -277,17 +281,38 @@ class Router:
     def _hold_back(self, log_: RoomLog, msg: records.RoomMessage) -> None:
         held = self.held_back.get(msg.room)
         if held is None:
-            held = self.held_back[msg.room] = HeldBack(self.loop.time() + GAP_TIMEOUT)
-            request = records.HistoryRequest(
-                msg.room, log_.seq + 1, msg.seq - 1, time.monotonic_ns()
-            )
-            owner = owner_of(msg.room, self.workers)
-            self.bus.publish(_HISTORY_REQ, owner, records.encode_history_request(request))
-            log_event(
-                log, logging.WARNING, "gap", room=msg.room, first=log_.seq + 1, last=msg.seq - 1
-            )
+            held = self._request_fill(msg.room, log_.seq + 1, msg.seq - 1)
         held.messages[msg.seq] = msg
         self._release(msg.room)
+
+    def _request_fill(self, room: str, first: int, last: int) -> HeldBack:
+        """Ask the room's owner to resend ``first..last``; hold later messages meanwhile."""
+        held = self.held_back.get(room)
+        if held is None:
+            held = self.held_back[room] = HeldBack(self.loop.time() + GAP_TIMEOUT, last)
+            log_event(log, logging.WARNING, "gap", room=room, first=first, last=last)
+        else:
+            held.deadline = self.loop.time() + GAP_TIMEOUT
+            held.last = max(held.last, last)
+        request = records.HistoryRequest(room, first, held.last, time.monotonic_ns())
+        owner = owner_of(room, self.workers)
+        self.bus.publish(_HISTORY_REQ, owner, records.encode_history_request(request))
+        return held
+
+    def on_lapped(self, peer: int) -> None:
+        """Our reader of ``peer``'s ring was lapped: find the rooms it sequences that
+        we are now behind on (its room table says where they are) and ask for them.
+        Fills under way from that peer are asked again: the lap may have taken them."""
+        table = self.bus.tables[peer]
+        for room, log_ in self.logs.items():
+            if owner_of(room, self.workers) != peer:
+                continue
+            seq = table.lookup(room)
+            held = self.held_back.get(room)
+            if held is not None:
+                self._request_fill(room, log_.seq + 1, max(held.last, seq or 0))
+            elif seq is not None and seq > log_.seq:
+                self._request_fill(room, log_.seq + 1, seq)
 
     def _release(self, room: str) -> None:
         """Deliver held-back messages that now follow the log without a gap."""
@@ -301,21 +326,28 @@ class Router:
         # Duplicates of what the log now has are dropped.
         for seq in [s for s in held.messages if s <= log_.seq]:
             del held.messages[seq]
-        if not held.messages:
+        if not held.messages and log_.seq >= held.last:
             del self.held_back[room]
 
     def _on_replay(self, msg: records.RoomMessage) -> None:
-        log_ = self.logs.get(msg.room)
-        if log_ is None or msg.room not in self.held_back:
+        room = msg.room
+        log_ = self.logs.get(room)
+        held = self.held_back.get(room)
+        if log_ is None or held is None:
             return
         if msg.json:
             if msg.seq == log_.seq + 1:
                 log_.append(msg.seq, msg.json)
-                self._queue(msg.room, msg.json)
-        elif log_.seq < msg.seq:
-            # End of the resend: what is still missing is not held anywhere.
-            self._give_up_gap(msg.room, msg.seq)
-        self._release(msg.room)
+                self._queue(room, msg.json)
+            return
+        if msg.msg_id == _REPLAY_SKIP:
+            # The owner no longer holds anything up to msg.seq.
+            if log_.seq < msg.seq:
+                self._give_up_gap(room, msg.seq)
+        elif log_.seq < held.last:
+            # End of a chunk: ask for the next one.
+            self._request_fill(room, log_.seq + 1, held.last)
+        self._release(room)
 
     def _give_up_gap(self, room: str, last: int) -> None:
         self.gaps += 1
@@ -323,15 +355,30 @@ class Router:
         self.logs[room].skip_to(last)
 
     def _on_history_request(self, requester: int, req: records.HistoryRequest) -> None:
+        """Resend one chunk of ``req``'s range: at most 1/8 of the ring, so that a
+        resend cannot lap the shard that asked for it; it asks for the next."""
         log_ = self.logs.get(req.room)
-        if log_ is not None:
-            for held in log_.after(req.first - 1):
-                if held.seq > req.last:
-                    break
-                payload = records.encode_room_message(req.room, held.seq, 0, "", held.payload)
-                self.bus.publish(_REPLAY, requester, payload)
-        end = records.encode_room_message(req.room, req.last, 0, "", b"")
-        self.bus.publish(_REPLAY, requester, end)
+        held = [] if log_ is None else log_.after(req.first - 1)
+        publish = self.bus.publish
+        if not held or held[0].seq > req.last:
+            skip_to = req.last if not held else held[0].seq - 1
+            publish(_REPLAY, requester, self._replay_marker(req.room, skip_to, _REPLAY_SKIP))
+            return
+        if held[0].seq > req.first:
+            marker = self._replay_marker(req.room, held[0].seq - 1, _REPLAY_SKIP)
+            publish(_REPLAY, requester, marker)
+        budget = self._max_payload
+        for message in held:
+            if message.seq > req.last or budget < len(message.payload):
+                break
+            budget -= len(message.payload) + 64
+            payload = records.encode_room_message(req.room, message.seq, 0, "", message.payload)
+            publish(_REPLAY, requester, payload)
+        publish(_REPLAY, requester, self._replay_marker(req.room, req.last, _REPLAY_END))
+
+    @staticmethod
+    def _replay_marker(room: str, seq: int, kind: str) -> bytes:
+        return records.encode_room_message(room, seq, 0, kind, b"")
 
     # Presence
 
@@ -522,8 +569,9 @@ class Router:
         if self.held_back:
             for room, held in list(self.held_back.items()):
                 if now >= held.deadline:
-                    first = min(held.messages)
-                    self._give_up_gap(room, first - 1)
+                    last = min(held.messages) - 1 if held.messages else held.last
+                    self._give_up_gap(room, last)
+                    held.last = 0
                     self._release(room)
 
 

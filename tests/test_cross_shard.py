@@ -32,10 +32,13 @@ async def collect(
     return got
 
 
-async def publish(client: Client, room: str, count: int, tag: str) -> list[dict[str, Any]]:
+async def publish(
+    client: Client, room: str, count: int, tag: str, body: str = ""
+) -> list[dict[str, Any]]:
     """Send ``count`` messages without waiting, then gather every ack."""
     for i in range(count):
-        await client.send(type="message", room=room, content=f"{tag}:{i}", id=f"{tag}-{i}")
+        content = f"{tag}:{i}{body}"
+        await client.send(type="message", room=room, content=content, id=f"{tag}-{i}")
     acks: list[dict[str, Any]] = []
     while len(acks) < count:
         frame = await client.recv(60)
@@ -206,9 +209,27 @@ async def test_slow_consumer_is_closed_4429_and_others_get_everything() -> None:
                 # Enough to fill the kernel's socket buffer too (tcp_wmem max, 4 MiB
                 # here): send_queue counts only what waits in the server process.
                 count = 1500
-                tasks = [asyncio.create_task(collect(r, room, count)) for r in receivers[1:]]
+                progress = [0] * len(receivers[1:])
+                moved = asyncio.Condition()
+
+                async def follow(n: int, client: Client) -> list[dict[str, Any]]:
+                    got: list[dict[str, Any]] = []
+                    while len(got) < count:
+                        frame = await client.recv(60)
+                        if frame["type"] == "message":
+                            got.append(frame)
+                            progress[n] = len(got)
+                            async with moved:
+                                moved.notify_all()
+                    return got
+
+                tasks = [asyncio.create_task(follow(n, r)) for n, r in enumerate(receivers[1:])]
                 body = "z" * 4000
                 for i in range(count):
+                    # Keep this test's own readers within 100 messages of the publisher:
+                    # they must not be the slow ones.
+                    async with moved:
+                        await moved.wait_for(lambda i=i: min(progress) >= i - 100)
                     await pub.send(type="message", room=room, content=f"{i}:{body}")
                 results = await asyncio.gather(*tasks)
                 rss_after = shard_rss(srv)
@@ -249,3 +270,28 @@ async def test_every_shard_sequences_the_rooms_it_owns() -> None:
                 for room in rooms:
                     assert [seq for seq, _ in seen[room]] == [1, 2, 3]
                     assert dict(seen[room])[acks[room]] == client.user
+
+
+async def test_lapped_shard_fills_the_gap_from_the_owner() -> None:
+    """A shard stopped while its peer's ring wraps several times is lapped: it asks
+    the owner for what it missed, and its clients still get every message in order."""
+    settings = [*FAST, "ring.bytes=65536", "limits.max_frame=8192"]
+    with running_server(workers=3, settings=settings) as srv:
+        room = room_owned_by(0)
+        pub, receiver = await clients_on_shards(srv.url, [0, 1], prefix="lap")
+        async with closing([pub, receiver]):
+            for client in (pub, receiver):
+                await client.join(room)
+            stopped = srv.shard_pids()[1]
+            os.kill(stopped, signal.SIGSTOP)
+            try:
+                acks = await publish(
+                    pub, room, 300, "lap", body="x" * 1000
+                )  # ~330 KB through a 64 KB ring
+            finally:
+                os.kill(stopped, signal.SIGCONT)
+            assert [a["seq"] for a in acks] == list(range(1, 301))
+            got = await collect(receiver, room, 300)
+            assert [m["seq"] for m in got] == list(range(1, 301))
+        events = [e for e in srv.log_events() if e.get("event") == "gap"]
+        assert any(e["shard"] == 1 for e in events)
