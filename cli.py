@@ -14,7 +14,7 @@ import click
 
 from shardchat import __version__
 from shardchat.config import Config, load_config, parse_override, to_toml
-from shardchat.errors import ConfigError, ShardchatError
+from shardchat.errors import ConfigError, HookError, ShardchatError
 
 __all__ = ["main"]
 
@@ -32,6 +32,7 @@ def _config_options(func: F) -> F:
         click.option("--workers", help='Number of shards, or "auto" (one per CPU).'),
         click.option("--host", help="Listen address."),
         click.option("--port", type=int, help="WebSocket + HTTP port."),
+        click.option("--app", help='Lifecycle hooks to load, "module:object".'),
         click.option(
             "--set",
             "settings",
@@ -50,6 +51,7 @@ def _load(
     workers: str | None,
     host: str | None,
     port: int | None,
+    app: str | None,
     settings: tuple[str, ...],
 ) -> Config:
     overrides: dict[str, object] = {}
@@ -63,6 +65,8 @@ def _load(
             overrides["server.host"] = host
         if port is not None:
             overrides["server.port"] = port
+        if app is not None:
+            overrides["server.app"] = app
         return load_config(config_path, overrides=overrides)
     except ConfigError as exc:
         click.echo(f"shardchat: {exc}", err=True)
@@ -82,16 +86,20 @@ def start(
     workers: str | None,
     host: str | None,
     port: int | None,
+    app: str | None,
     settings: tuple[str, ...],
 ) -> None:
     """Start the supervisor and its shards; SIGTERM or Ctrl-C drains and stops."""
-    config = _load(config_path, workers, host, port, settings)
+    config = _load(config_path, workers, host, port, app, settings)
     from shardchat.obs import configure_logging
     from shardchat.supervisor import Supervisor
 
     configure_logging(config.log.level, config.log.format)
     try:
         code = Supervisor(config).run()
+    except HookError as exc:
+        click.echo(f"shardchat: {exc}", err=True)
+        sys.exit(2)
     except ShardchatError as exc:
         click.echo(f"shardchat: {exc}", err=True)
         sys.exit(1)
@@ -105,10 +113,11 @@ def show_config(
     workers: str | None,
     host: str | None,
     port: int | None,
+    app: str | None,
     settings: tuple[str, ...],
 ) -> None:
-    """Print the effective configuration as TOML."""
-    click.echo(to_toml(_load(config_path, workers, host, port, settings)), nl=False)
+    """Print the effective configuration as TOML (secrets redacted)."""
+    click.echo(to_toml(_load(config_path, workers, host, port, app, settings)), nl=False)
 
 
 @main.command()

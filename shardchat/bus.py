@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from . import shm
+from . import shm, stats
 from .obs import log_event
 from .ring import Record, RingReader, RingWriter
 from .ringlayout import HEADER_SIZE
@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 
 POLL_LIMIT = 4096
 BELL_WAIT = 0.2  # seconds; the bell thread checks for shutdown this often
+_S_WRITTEN = int(stats.Slot.RING_RECORDS_WRITTEN)
+_S_READ = int(stats.Slot.RING_RECORDS_READ)
+_S_LAPS = int(stats.Slot.RING_LAPS)
+_S_LOST = int(stats.Slot.RING_RECORDS_LOST)
 
 RecordHandler = Callable[[int, list[Record]], None]
 
@@ -69,9 +73,9 @@ class Bus:
         self.peers = [i for i in range(workers) if i != shard_id]
         self.handler: RecordHandler | None = None
         self.on_lapped: Callable[[int], None] | None = None
-        self.records_written = 0
-        self.records_read = 0
+        self.counters: memoryview | None = None  # our stats block, once started
         self._bells_due = False
+        self._written = 0
         self._uncommitted = 0
         self._commit_every = ring_bytes // 8
         self._wake_pending = False
@@ -120,7 +124,7 @@ class Bus:
     def publish(self, kind: int, aux: int, payload: bytes) -> int:
         """Append a record; the loop turn's records become visible together."""
         position = self.writer.append(kind, aux, payload)
-        self.records_written += 1
+        self._written += 1
         self._uncommitted += len(payload)
         if not self._bells_due:
             self._bells_due = True
@@ -138,6 +142,9 @@ class Bus:
         self._bells_due = False
         self._uncommitted = 0
         self.writer.commit()
+        if self.counters is not None:
+            self.counters[_S_WRITTEN] += self._written
+        self._written = 0
         bells = self.bells
         for peer in self.peers:
             bells[peer].ring()
@@ -172,16 +179,21 @@ class Bus:
         if handler is None:
             return
         more = False
+        counters = self.counters
         for peer, reader in self.readers.items():
             laps = reader.lapped
             records = reader.poll(POLL_LIMIT)
             if records:
-                self.records_read += len(records)
+                if counters is not None:
+                    counters[_S_READ] += len(records)
                 handler(peer, records)
                 if len(records) == POLL_LIMIT:
                     more = True
             if reader.lapped != laps:
                 log_event(log, logging.WARNING, "ring_lapped", peer=peer, lost=reader.lost)
+                if counters is not None:
+                    counters[_S_LAPS] = sum(r.lapped for r in self.readers.values())
+                    counters[_S_LOST] = sum(r.lost for r in self.readers.values())
                 if self.on_lapped is not None:
                     self.on_lapped(peer)
                 more = True
@@ -189,16 +201,11 @@ class Bus:
             self._drain_scheduled = True
             self.loop.call_soon(self.drain)
 
-    def lag(self) -> dict[int, int]:
-        """Bytes each peer's ring holds that we have not read yet."""
-        return {peer: reader.backlog() for peer, reader in self.readers.items()}
-
-    def lapped(self) -> tuple[int, int]:
-        """(laps, records lost) over all our readers."""
-        return (
-            sum(r.lapped for r in self.readers.values()),
-            sum(r.lost for r in self.readers.values()),
-        )
+    def record_lag(self) -> None:
+        """Set the gauges of how many bytes of each peer's ring we have not read yet."""
+        if self.counters is not None:
+            for peer, reader in self.readers.items():
+                self.counters[stats.LAG_BASE + peer] = reader.backlog()
 
     def close(self) -> None:
         self.stop()

@@ -23,6 +23,7 @@ from typing import Any
 from .errors import ConfigError
 
 __all__ = [
+    "AuthConfig",
     "Config",
     "DeliveryConfig",
     "HeartbeatConfig",
@@ -51,6 +52,7 @@ class ServerConfig:
     max_per_ip: int = 0  # per client address, per shard's view; 0 = off
     origins: tuple[str, ...] = ()  # allowed Origin values; empty = any
     backlog: int = 4096  # listen backlog of each shard's socket
+    app: str = ""  # lifecycle hooks to load, "module:object"; empty = none
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -61,6 +63,7 @@ class LimitsConfig:
     burst: int = 40  # token bucket size
     send_queue: int = 1_048_576  # bytes buffered for one client before close 4429
     max_errors: int = 20  # consecutive errors before close 1008
+    room_size: int = 0  # members (users) a room may have; 0 = no limit
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -90,6 +93,13 @@ class PresenceConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class AuthConfig:
+    secret: str = ""  # HS256 key for JWTs; empty = auth off (the `user` parameter names)
+    issuer: str = ""  # required `iss` claim; empty = not checked
+    audience: str = ""  # required `aud` claim; empty = not checked
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class LogConfig:
     level: str = "info"  # debug, info, warning, error
     format: str = "json"  # json (one object per line) or console
@@ -103,6 +113,7 @@ class Config:
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     ring: RingConfig = field(default_factory=RingConfig)
     presence: PresenceConfig = field(default_factory=PresenceConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     @property
@@ -121,6 +132,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "delivery": DeliveryConfig,
     "ring": RingConfig,
     "presence": PresenceConfig,
+    "auth": AuthConfig,
     "log": LogConfig,
 }
 
@@ -192,6 +204,18 @@ def _origins(key: str, value: object) -> object:
     return tuple(value)
 
 
+def _string(key: str, value: object) -> object:
+    if not isinstance(value, str):
+        raise ConfigError(key, value, "must be a string")
+    return value
+
+
+def _app(key: str, value: object) -> object:
+    if not isinstance(value, str) or (value and not re.fullmatch(r"[\w.]+:[\w.]+", value)):
+        raise ConfigError(key, value, 'must be "module:object" (e.g. "examples.moderation:app")')
+    return value
+
+
 def _power_of_two(key: str, value: object) -> object:
     low, high = 1 << 16, 1 << 30
     if not _is_int(value) or value < low or value > high or value & (value - 1):  # type: ignore[operator]
@@ -209,12 +233,14 @@ _CHECKS: dict[str, Check] = {
     "server.max_per_ip": _int(0),
     "server.origins": _origins,
     "server.backlog": _int(1, 65535),
+    "server.app": _app,
     "limits.max_frame": _int(1024, 1 << 24),
     "limits.max_content": _int(1, 1 << 20),
     "limits.rate": _number(0, strict=True),
     "limits.burst": _int(1),
     "limits.send_queue": _int(4096),
     "limits.max_errors": _int(1),
+    "limits.room_size": _int(0),
     "heartbeat.interval": _number(0, strict=True),
     "heartbeat.timeout": _number(0, strict=True),
     "heartbeat.idle_timeout": _number(0, strict=False),
@@ -225,6 +251,9 @@ _CHECKS: dict[str, Check] = {
     "ring.rooms": _int(16, 1 << 24),
     "presence.list_limit": _int(1),
     "presence.events_limit": _int(0),
+    "auth.secret": _string,
+    "auth.issuer": _string,
+    "auth.audience": _string,
     "log.level": _choice("debug", "info", "warning", "error"),
     "log.format": _choice("json", "console"),
 }
@@ -344,8 +373,15 @@ def _toml_value(value: object) -> str:
     return repr(value)
 
 
-def to_toml(config: Config) -> str:
-    """The effective configuration as TOML, every key of every section."""
+SECRET_KEYS = frozenset({"auth.secret"})
+REDACTED = "<redacted>"
+
+
+def to_toml(config: Config, *, redact: bool = True) -> str:
+    """The effective configuration as TOML, every key of every section.
+
+    Secrets that are set print as ``<redacted>``, unless ``redact`` is False.
+    """
     lines: list[str] = []
     for section in _SECTIONS:
         if lines:
@@ -353,5 +389,8 @@ def to_toml(config: Config) -> str:
         lines.append(f"[{section}]")
         table = getattr(config, section)
         for f in dataclasses.fields(table):
-            lines.append(f"{f.name} = {_toml_value(getattr(table, f.name))}")
+            value = getattr(table, f.name)
+            if redact and value and f"{section}.{f.name}" in SECRET_KEYS:
+                value = REDACTED
+            lines.append(f"{f.name} = {_toml_value(value)}")
     return "\n".join(lines) + "\n"

@@ -195,8 +195,24 @@ class Connection(asyncio.Protocol):
         return self.proto.state is _OPEN
 
     @property
-    def close_code(self) -> int | None:
-        return self.proto.close_code
+    def close_code(self) -> int:
+        """The code the connection closed with: ours if we closed it first, else the
+        client's, else 1006 (no close frame either way)."""
+        proto = self.proto
+        if proto.close_sent is not None and not proto.close_rcvd_then_sent:
+            return int(proto.close_sent.code)
+        if proto.close_rcvd is not None:
+            return int(proto.close_rcvd.code)
+        return 1006
+
+    @property
+    def close_reason(self) -> str:
+        proto = self.proto
+        if proto.close_sent is not None and not proto.close_rcvd_then_sent:
+            return proto.close_sent.reason
+        if proto.close_rcvd is not None:
+            return proto.close_rcvd.reason
+        return ""
 
     def tick(self, now: float, interval: float, timeout: float, idle: float) -> None:
         """The shard's sweep: handshake, heartbeat, idle and close timeouts."""

@@ -5,10 +5,13 @@
     ShardchatError
     ├── ConfigError        a setting is unknown, of the wrong type or out of range
     ├── ProtocolError      a client frame breaks PROTOCOL.md (carries the error code)
+    ├── AuthError          a token that is missing, malformed, expired or badly signed
+    ├── HookError          the --app object cannot be loaded
     ├── RingError          the shared-memory ring refused an operation
     │   ├── MessageTooLarge    a record larger than the ring allows
     │   └── RingLayoutError    a segment whose header is not a shardchat ring
-    └── ShardError         a shard or the supervisor cannot run (e.g. port in use)
+    ├── ShardError         a shard or the supervisor cannot run (e.g. port in use)
+    └── hooks.Reject       raised by an on_message hook to refuse a message
 
 Only ``cli.py`` turns these into exit codes.
 """
@@ -16,7 +19,9 @@ Only ``cli.py`` turns these into exit codes.
 from __future__ import annotations
 
 __all__ = [
+    "AuthError",
     "ConfigError",
+    "HookError",
     "MessageTooLarge",
     "ProtocolError",
     "RingError",
@@ -53,6 +58,14 @@ class ProtocolError(ShardchatError):
         self.reason = reason
         self.request_id = request_id
         super().__init__(f"{code}: {reason}")
+
+
+class AuthError(ShardchatError):
+    """A connection's token is not valid; the message is the reason (HTTP 401)."""
+
+
+class HookError(ShardchatError):
+    """The lifecycle hooks named by ``--app`` cannot be loaded."""
 
 
 class RingError(ShardchatError):

@@ -11,16 +11,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from collections import defaultdict
 from pathlib import Path
 from urllib.parse import parse_qsl
 
 from websockets.http11 import Request
 
-from . import wire
+from . import stats, wire
+from .auth import verify_token
 from .config import Config
 from .connection import Connection
-from .errors import ProtocolError
+from .errors import AuthError, ProtocolError
+from .hooks import ConnectInfo, ConnInfo, Hooks, Reject
 from .messages import (
     Ack,
     ClientMessage,
@@ -44,27 +47,50 @@ PROTOCOL_VERSION = 1
 _CHAT_PAGE = Path(__file__).with_name("static") / "index.html"
 
 
+_S_CONNECTIONS = int(stats.Slot.CONNECTIONS)
+_S_OPENED = int(stats.Slot.CONNECTIONS_OPENED)
+_S_PUBLISHED = int(stats.Slot.MESSAGES_PUBLISHED)
+_S_RATE_LIMITED = int(stats.Slot.RATE_LIMITED)
+_S_SLOW = int(stats.Slot.SLOW_CONSUMER_CLOSES)
+_S_HOOK_ERRORS = int(stats.Slot.HOOK_ERRORS)
+_S_REFUSED = int(stats.Slot.HTTP_REFUSED)
+
+
 class ConnState:
-    """The hub's per-connection state, kept in ``Connection.data``."""
+    """The hub's per-connection state, kept in ``Connection.data`` once admitted."""
 
-    __slots__ = ("bucket", "errors", "rooms")
+    __slots__ = ("allowed_rooms", "bucket", "errors", "info", "opened", "rooms")
 
-    def __init__(self, bucket: TokenBucket) -> None:
+    def __init__(self, bucket: TokenBucket, allowed_rooms: frozenset[str] | None) -> None:
         self.rooms: set[RoomId] = set()  # rooms this connection has joined
         self.errors = 0  # consecutive refused requests
         self.bucket = bucket
+        self.allowed_rooms = allowed_rooms  # from the token's `rooms` claim; None = any
+        self.info: ConnInfo | None = None  # what hooks see; set when hooks are loaded
+        self.opened = False  # the upgrade completed
 
 
 class Hub:
     """One shard's connections and their requests."""
 
     def __init__(
-        self, config: Config, shard_id: int, router: Router, loop: asyncio.AbstractEventLoop
+        self,
+        config: Config,
+        shard_id: int,
+        router: Router,
+        loop: asyncio.AbstractEventLoop,
+        counters: stats.StatsView,
+        hooks: Hooks,
     ) -> None:
         self.config = config
         self.shard_id = shard_id
         self.router = router
         self.loop = loop
+        self.counters = counters
+        assert counters.mine is not None
+        self.stats = counters.mine
+        self.hooks = hooks
+        self.open_count = 0  # upgraded connections
         self.clock = loop.time()
         limits = config.limits
         self.heartbeat_interval = config.heartbeat.interval
@@ -101,6 +127,13 @@ class Hub:
     def refuse_upgrade(
         self, conn: Connection, request: Request, query: str
     ) -> tuple[int, str] | None:
+        refusal = self._admit(conn, request, query)
+        if refusal is not None:
+            self.stats[_S_REFUSED] += 1
+        return refusal
+
+    def _admit(self, conn: Connection, request: Request, query: str) -> tuple[int, str] | None:
+        """PROTOCOL.md's checks before the upgrade; admits by setting ``conn.data``."""
         server = self.config.server
         if self.draining:
             return 503, "server is shutting down\n"
@@ -108,22 +141,64 @@ class Hub:
             origin = request.headers.get("Origin")
             if origin not in server.origins:
                 return 403, "origin not allowed\n"
-        for key, value in parse_qsl(query, keep_blank_values=True):
+        params = parse_qsl(query, keep_blank_values=True)
+        for key, value in params:
             if key in ("user", "room") and not wire.is_valid_name(value):
                 return 400, f"{key} must be 1-64 characters of [A-Za-z0-9_.:-]\n"
-        # `connections` counts this one too, and those still in their handshake.
-        if len(self.connections) > self._max_local:
+        # Upgraded connections on every shard, and this shard's handshakes under way.
+        handshaking = len(self.connections) - self.open_count
+        if self.counters.total(_S_CONNECTIONS) + handshaking > server.max_connections:
             return 503, "server is full\n"
         if server.max_per_ip and self.per_ip[conn.peer] >= server.max_per_ip:
             return 503, "too many connections from this address\n"
+        allowed: frozenset[str] | None = None
+        auth = self.config.auth
+        if auth.secret:
+            token = next((v for k, v in params if k == "token"), None)
+            header = request.headers.get("Authorization", "")
+            if token is None and header.startswith("Bearer "):
+                token = header[len("Bearer ") :].strip()
+            if not token:
+                return 401, "a token is required (?token= or Authorization: Bearer)\n"
+            try:
+                identity = verify_token(token, auth.secret, time.time(), auth.issuer, auth.audience)
+            except AuthError as exc:
+                return 401, f"{exc}\n"
+            conn.user = identity.user
+            allowed = identity.rooms
+        else:
+            user = next((v for k, v in params if k == "user"), None)
+            conn.user = user or f"guest-{secrets.token_hex(2)}"
+        if self.hooks.has_connect:
+            info = ConnectInfo(
+                self.shard_id,
+                conn.peer,
+                conn.user,
+                request.path,
+                {k: v for k, v in request.headers.raw_items()},
+                tuple(v for k, v in params if k == "room"),
+            )
+            reason = self.hooks.on_connect(info)
+            self._count_hook_errors()
+            if reason is not None:
+                return 403, f"{reason}\n"
+        conn.data = ConnState(TokenBucket(self.config.limits.burst, self.clock), allowed)
         return None
 
+    def _count_hook_errors(self) -> None:
+        if self.hooks.errors:
+            self.stats[_S_HOOK_ERRORS] += self.hooks.errors
+            self.hooks.errors = 0
+
     def opened(self, conn: Connection, query: str) -> None:
-        params = parse_qsl(query)
-        user = next((v for k, v in params if k == "user"), None) or f"guest-{secrets.token_hex(2)}"
-        conn.user = user
-        conn.data = ConnState(TokenBucket(self.config.limits.burst, self.clock))
+        state = conn.data
+        assert isinstance(state, ConnState)
+        user = conn.user
+        state.opened = True
         self.per_ip[conn.peer] += 1
+        self.open_count += 1
+        self.stats[_S_CONNECTIONS] = self.open_count
+        self.stats[_S_OPENED] += 1
         interval = self.heartbeat_interval
         self._reply(
             conn,
@@ -136,16 +211,24 @@ class Hub:
             },
         )
         log_event(log, logging.INFO, "conn_open", conn=conn.conn_id, user=user, peer=conn.peer)
-        for key, value in params:
+        if self.hooks.app is not None:
+            state.info = ConnInfo(self.shard_id, conn.conn_id, user, conn.peer)
+            if self.hooks.has_open:
+                self.hooks.on_open(state.info)
+                self._count_hook_errors()
+        for key, value in parse_qsl(query):
             if key == "room":
-                self._join(conn, Join(room=RoomId(value)))
+                try:
+                    self._join(conn, Join(room=RoomId(value)))
+                except ProtocolError as exc:
+                    self._refuse(conn, state, exc)
 
     def closed(self, conn: Connection) -> None:
         self.connections.discard(conn)
         if self.draining and not self.connections:
             self.all_closed.set()
         state = conn.data
-        if not isinstance(state, ConnState):
+        if not isinstance(state, ConnState) or not state.opened:
             return  # never upgraded
         for room in state.rooms:
             self.router.leave(conn, room)
@@ -156,14 +239,25 @@ class Hub:
             self.per_ip[conn.peer] = count
         else:
             self.per_ip.pop(conn.peer, None)
+        self.open_count -= 1
+        code, reason = conn.close_code, conn.close_reason
+        stats_ = self.stats
+        stats_[_S_CONNECTIONS] = self.open_count
+        stats_[stats.close_code_slot(code)] += 1
+        if code == 4429:
+            stats_[_S_SLOW] += 1
         log_event(
             log,
             logging.INFO,
             "conn_close",
             conn=conn.conn_id,
             user=conn.user,
-            code=conn.close_code,
+            code=code,
+            reason=reason,
         )
+        if self.hooks.has_close and state.info is not None:
+            self.hooks.on_close(state.info, code, reason)
+            self._count_hook_errors()
 
     def text_received(self, conn: Connection, data: bytes | bytearray | memoryview) -> None:
         state = conn.data
@@ -199,6 +293,8 @@ class Hub:
 
     def _refuse(self, conn: Connection, state: ConnState, exc: ProtocolError) -> None:
         self._reply_raw(conn, wire.error_payload(exc.code, exc.reason, exc.request_id))
+        if exc.code in stats.ERROR_CODES:
+            self.stats[stats.error_slot(exc.code)] += 1
         state.errors += 1
         if state.errors >= self.config.limits.max_errors:
             conn.fail(1008, "too many errors")
@@ -213,14 +309,37 @@ class Hub:
         self._require_member(state, room, request.id)
         limits = self.config.limits
         if not state.bucket.take(self.loop.time(), limits.rate, limits.burst):
+            self.stats[_S_RATE_LIMITED] += 1
             raise ProtocolError("rate_limited", "too many messages; slow down", request.id)
-        msg_id = self.router.publish(conn, room, request.content, request.id)
+        content = request.content
+        if self.hooks.has_message and state.info is not None:
+            try:
+                content = self.hooks.on_message(state.info, room, content)
+            except Reject as exc:
+                raise ProtocolError("rejected", exc.reason, request.id) from None
+            finally:
+                self._count_hook_errors()
+            if len(content.encode()) > limits.max_content:
+                raise ProtocolError(
+                    "too_large", f"content is over {limits.max_content} bytes", request.id
+                )
+        self.stats[_S_PUBLISHED] += 1
+        msg_id = self.router.publish(conn, room, content, request.id)
         log_event(log, logging.DEBUG, "publish", conn=conn.conn_id, room=room, msg=msg_id)
 
     def _join(self, conn: Connection, request: Join) -> None:
         state = conn.data
         assert isinstance(state, ConnState)
         room = request.room
+        if state.allowed_rooms is not None and room not in state.allowed_rooms:
+            raise ProtocolError(
+                "unauthorized", f"your token does not allow room {room}", request.id
+            )
+        room_size = self.config.limits.room_size
+        if room_size and room not in state.rooms:
+            present = self.router.present.get(room, {})
+            if conn.user not in present and len(present) >= room_size:
+                raise ProtocolError("room_full", f"room {room} has {room_size} users", request.id)
         if room in state.rooms:
             self.router.leave(conn, room)
         log_ = self.router.join(conn, room)

@@ -26,7 +26,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from . import records, wire
+from . import records, stats, wire
 from .bus import Bus
 from .config import Config
 from .connection import Connection
@@ -52,6 +52,16 @@ _FORWARD_SEEN = int(RecordKind.FORWARD_SEEN)
 _HISTORY_REQ = int(RecordKind.HISTORY_REQ)
 _REPLAY = int(RecordKind.REPLAY)
 _SNAPSHOT = int(RecordKind.SNAPSHOT)
+_S_JOINS = int(stats.Slot.JOINS)
+_S_LEAVES = int(stats.Slot.LEAVES)
+_S_ROOMS = int(stats.Slot.ROOMS)
+_S_SEQUENCED = int(stats.Slot.MESSAGES_SEQUENCED)
+_S_DELIVERED = int(stats.Slot.FRAMES_DELIVERED)
+_S_BYTES_OUT = int(stats.Slot.BYTES_OUT)
+_S_GAPS_LOST = int(stats.Slot.GAPS_LOST)
+_S_RETRIED = int(stats.Slot.FORWARDS_RETRIED)
+_S_LATENCY_COUNT = int(stats.Slot.LATENCY_COUNT)
+_S_LATENCY_SUM = int(stats.Slot.LATENCY_SUM_US)
 # Markers in a REPLAY's msg id field (a REPLAY with no JSON carries no message):
 _REPLAY_SKIP = "skip"  # the owner holds nothing up to this seq
 _REPLAY_END = "end"  # end of one resent chunk
@@ -81,9 +91,16 @@ class HeldBack:
 
 class Router:
     def __init__(
-        self, config: Config, shard_id: int, epoch: str, bus: Bus, loop: asyncio.AbstractEventLoop
+        self,
+        config: Config,
+        shard_id: int,
+        epoch: str,
+        bus: Bus,
+        loop: asyncio.AbstractEventLoop,
+        counters: memoryview,
     ) -> None:
         self.config = config
+        self.stats = counters  # this shard's block of stats slots
         self.shard_id = shard_id
         self.workers = config.workers
         self.epoch = epoch
@@ -103,8 +120,6 @@ class Router:
         self._msg_prefix = f"{shard_id}-{secrets.token_hex(3)}-"
         self._msg_counter = 0
         self._max_payload = max_payload(config.ring.bytes)
-        self.gaps = 0  # ranges a lapped reader lost and the owner could not resend
-        self.delivered = 0  # frames written to members
 
     # Start-up
 
@@ -203,8 +218,17 @@ class Router:
         self._store_seq(room, seq)
         self._remember_sequenced(f.msg_id, room, seq)
         self._queue(room, json)
+        self.stats[_S_SEQUENCED] += 1
+        self._latency(time.monotonic_ns() - f.publish_ns)
         log_event(log, logging.DEBUG, "sequenced", room=room, msg=f.msg_id, seq=seq)
         return seq
+
+    def _latency(self, ns: int) -> None:
+        """Publish-to-delivery time of one message, into the histogram."""
+        counters = self.stats
+        counters[stats.latency_slot(ns / 1e6)] += 1
+        counters[_S_LATENCY_COUNT] += 1
+        counters[_S_LATENCY_SUM] += max(0, ns // 1000)
 
     def _store_seq(self, room: str, seq: int) -> None:
         table = self.bus.tables[self.shard_id]
@@ -275,6 +299,8 @@ class Router:
         if seq == log_.seq + 1 and room not in self.held_back:
             log_.append(seq, msg.json)
             self._queue(room, msg.json)
+            if room in self.members:
+                self._latency(time.monotonic_ns() - msg.publish_ns)
         elif seq > log_.seq:
             self._hold_back(log_, msg)
 
@@ -350,7 +376,7 @@ class Router:
         self._release(room)
 
     def _give_up_gap(self, room: str, last: int) -> None:
-        self.gaps += 1
+        self.stats[_S_GAPS_LOST] += 1
         log_event(log, logging.WARNING, "gap_lost", room=room, last=last)
         self.logs[room].skip_to(last)
 
@@ -462,6 +488,8 @@ class Router:
         self.flush()
         log_ = self._log(room)
         self.members.setdefault(room, {})[conn] = None
+        self.stats[_S_JOINS] += 1
+        self.stats[_S_ROOMS] = len(self.members)
         local = self.local_presence.setdefault(room, {})
         count = local.get(conn.user, 0)
         local[conn.user] = count + 1
@@ -479,10 +507,12 @@ class Router:
 
     def leave(self, conn: Connection, room: str) -> None:
         members = self.members.get(room)
-        if members is not None:
-            members.pop(conn, None)
+        if members is not None and conn in members:
+            del members[conn]
             if not members:
                 del self.members[room]
+            self.stats[_S_LEAVES] += 1
+            self.stats[_S_ROOMS] = len(self.members)
         local = self.local_presence.get(room)
         if local is None or conn.user not in local:
             return
@@ -532,6 +562,7 @@ class Router:
         outbox, self._outbox = self._outbox, {}
         members_of = self.members
         delivered = 0
+        sent = 0
         for room, frames in outbox.items():
             members = members_of.get(room)
             if not members:
@@ -542,7 +573,10 @@ class Router:
                 if out is not None:
                     out.write(buf)
             delivered += len(frames) * len(members)
-        self.delivered += delivered
+            sent += len(buf) * len(members)
+        counters = self.stats
+        counters[_S_DELIVERED] += delivered
+        counters[_S_BYTES_OUT] += sent
 
     # Timers
 
@@ -565,6 +599,7 @@ class Router:
                         )
                 elif now - pending.last_sent >= FORWARD_RETRY:
                     pending.last_sent = now
+                    self.stats[_S_RETRIED] += 1
                     self.bus.publish(_FORWARD, pending.owner, pending.payload)
         if self.held_back:
             for room, held in list(self.held_back.items()):

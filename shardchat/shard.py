@@ -1,11 +1,12 @@
 """A shard: one process, one uvloop loop, one SO_REUSEPORT listening socket.
 
 Entered in the child right after the supervisor forks it (no loop or thread
-exists before that, python/asyncio#347). It binds its own socket, so that the
-kernel spreads connections over the shards' accept queues, serves the
-connection adapter with a :class:`~shardchat.hub.Hub`, and runs one sweep
-per tick for heartbeats and timeouts. SIGTERM and SIGINT drain: stop
-accepting, close every connection with 1001 ``shutdown``, exit within
+exists before that, python/asyncio#347). It attaches to the shared memory,
+rebuilds its rooms from it, binds its own socket, so that the kernel spreads
+connections over the shards' accept queues, serves the connection adapter
+with a :class:`~shardchat.hub.Hub`, and runs one sweep per tick for
+heartbeats, timeouts, forward retries and gauges. SIGTERM and SIGINT drain:
+stop accepting, close every connection with 1001 ``shutdown``, exit within
 ``graceful_timeout``. SIGQUIT exits at once. A supervisor that disappears
 (``os.getppid()`` changes) is treated as SIGTERM.
 """
@@ -18,12 +19,15 @@ import logging
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass
 
 import uvloop
 
+from . import shm, stats
 from .bus import Bus
 from .config import Config
+from .hooks import Hooks
 from .hub import Hub
 from .obs import configure_logging, log_event, set_process_role
 from .router import Router
@@ -46,6 +50,7 @@ class ShardSpec:
     epoch: str
     supervisor_pid: int
     incarnation: int  # 0 at first start, +1 at every restart
+    app: object | None = None  # the lifecycle hooks object, loaded by the supervisor
 
 
 def run_shard(spec: ShardSpec) -> None:
@@ -64,9 +69,26 @@ def run_shard(spec: ShardSpec) -> None:
         sys.exit(EXIT_BOOT_ERROR)
 
 
+def _attach_stats(spec: ShardSpec) -> tuple[shm.Segment, stats.StatsView]:
+    segment = shm.Segment.attach(shm.stats_name(spec.supervisor_pid))
+    view = stats.StatsView(memoryview(segment.buf), spec.config.workers, spec.shard_id)
+    mine = view.mine
+    assert mine is not None
+    # Gauges describe this incarnation; counters carry on across restarts.
+    mine[stats.Slot.PID] = os.getpid()
+    mine[stats.Slot.STARTED_NS] = time.time_ns()
+    mine[stats.Slot.CONNECTIONS] = 0
+    mine[stats.Slot.ROOMS] = 0
+    for peer in range(spec.config.workers):
+        mine[stats.LAG_BASE + peer] = 0
+    return segment, view
+
+
 async def _serve(spec: ShardSpec) -> None:
     config = spec.config
     loop = asyncio.get_running_loop()
+    stats_segment, counters = _attach_stats(spec)
+    assert counters.mine is not None
     bus = Bus(
         loop,
         spec.supervisor_pid,
@@ -75,13 +97,16 @@ async def _serve(spec: ShardSpec) -> None:
         config.ring.bytes,
         config.ring.rooms,
     )
-    router = Router(config, spec.shard_id, spec.epoch, bus, loop)
-    router.recover()
-    hub = Hub(config, spec.shard_id, router, loop)
+    bus.counters = counters.mine
     try:
+        router = Router(config, spec.shard_id, spec.epoch, bus, loop, counters.mine)
+        router.recover()
+        hub = Hub(config, spec.shard_id, router, loop, counters, Hooks(spec.app))
         await _run(spec, loop, hub, bus)
     finally:
         bus.close()
+        counters.release()
+        stats_segment.close()
 
 
 async def _run(spec: ShardSpec, loop: asyncio.AbstractEventLoop, hub: Hub, bus: Bus) -> None:
@@ -115,6 +140,7 @@ async def _run(spec: ShardSpec, loop: asyncio.AbstractEventLoop, hub: Hub, bus: 
         bus.heartbeat()
         # A safety net under the doorbells: a drain costs little when idle.
         bus.drain()
+        bus.record_lag()
         if os.getppid() != spec.supervisor_pid:
             log_event(log, logging.WARNING, "supervisor_gone")
             request_stop(False)

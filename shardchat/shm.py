@@ -19,6 +19,7 @@ from .obs import log_event
 from .ring import bump_generation, init_ring
 from .ringlayout import segment_size
 from .roomtable import SLOT_SIZE
+from .stats import BLOCK_SLOTS
 
 __all__ = [
     "PREFIX",
@@ -28,6 +29,7 @@ __all__ = [
     "bell_name",
     "leftover_names",
     "ring_name",
+    "stats_name",
     "sweep_stale",
     "unlink_all",
 ]
@@ -44,6 +46,10 @@ def ring_name(owner_pid: int, shard: int) -> str:
 
 def bell_name(owner_pid: int, shard: int) -> str:
     return f"/{PREFIX}.{owner_pid}.bell.{shard}"
+
+
+def stats_name(owner_pid: int) -> str:
+    return f"/{PREFIX}.{owner_pid}.stats"
 
 
 @dataclass(slots=True)
@@ -195,8 +201,10 @@ class Fabric:
         self.owner_pid = owner_pid
         self.segments: list[Segment] = []
         self.bells: list[Doorbell] = []
+        self.stats: Segment | None = None
         size = segment_size(ring_bytes, table_slots, SLOT_SIZE)
         try:
+            self.stats = Segment.create(stats_name(owner_pid), workers * BLOCK_SLOTS * 8)
             for shard in range(workers):
                 segment = Segment.create(ring_name(owner_pid, shard), size)
                 self.segments.append(segment)
@@ -212,6 +220,8 @@ class Fabric:
     def close(self) -> None:
         for segment in self.segments:
             segment.close()
+        if self.stats is not None:
+            self.stats.close()
         for bell in self.bells:
             bell.close()
         unlink_all(self.owner_pid)

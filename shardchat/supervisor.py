@@ -27,8 +27,9 @@ import multiprocess
 
 from . import shm
 from .admin import AdminServer
-from .config import Config
+from .config import Config, to_toml
 from .errors import ShardError
+from .hooks import load_app
 from .obs import log_event
 from .shard import EXIT_BOOT_ERROR, ShardSpec, run_shard
 
@@ -80,11 +81,13 @@ class Supervisor:
         self._selector = selectors.DefaultSelector()
         self._admin: AdminServer | None = None
         self._fabric: shm.Fabric
+        self._app: object | None = None
 
     # Start-up
 
     def run(self) -> int:
         """Serve until SIGTERM or SIGINT; return the process exit code."""
+        self._app = load_app(self.config.server.app)
         self._raise_nofile()
         shm.sweep_stale()
         _check_port_free(self.config.server.host, self.config.server.port)
@@ -117,6 +120,7 @@ class Supervisor:
                 admin_port=self.config.server.admin_port,
                 epoch=self.epoch,
             )
+            log_event(log, logging.INFO, "config", toml=to_toml(self.config))
             for slot in self.slots:
                 self._spawn(slot)
             self._loop()
@@ -225,6 +229,7 @@ class Supervisor:
             epoch=self.epoch,
             supervisor_pid=self.pid,
             incarnation=slot.incarnation,
+            app=self._app,
         )
         process = self._ctx.Process(
             target=run_shard, args=(spec,), name=f"shardchat-shard-{slot.shard_id}"

@@ -1,0 +1,117 @@
+"""Per-shard counters in shared memory: the layout, and a view to count with.
+
+Each shard owns one block of u64 slots in the stats segment and is the only
+writer of it; the supervisor sums the blocks for /metrics and /status, and
+shards read each other's connection gauges to enforce
+``server.max_connections`` across the whole server. A slot is one native
+8-byte store (``memoryview.cast('Q')``), so counting costs no lock and no
+syscall; hot paths count once per batch (a flush, a ring drain).
+"""
+
+from __future__ import annotations
+
+import enum
+
+__all__ = [
+    "BLOCK_SLOTS",
+    "CLOSE_CODES",
+    "ERROR_CODES",
+    "LATENCY_BUCKETS_MS",
+    "Slot",
+    "StatsView",
+    "close_code_slot",
+    "error_slot",
+    "latency_slot",
+]
+
+BLOCK_SLOTS = 512  # u64 slots per shard: 4 KiB
+
+
+class Slot(enum.IntEnum):
+    """Fixed slots of a shard's block. Gauges are set, the rest only grow."""
+
+    PID = 0  # gauge
+    STARTED_NS = 1  # gauge: CLOCK_REALTIME ns of this incarnation's start
+    CONNECTIONS = 2  # gauge: open WebSocket connections
+    ROOMS = 3  # gauge: rooms with local members
+    CONNECTIONS_OPENED = 4
+    JOINS = 5
+    LEAVES = 6
+    MESSAGES_PUBLISHED = 7  # accepted from this shard's clients
+    MESSAGES_SEQUENCED = 8  # sequenced here as the rooms' owner
+    FRAMES_DELIVERED = 9  # room message frames written to members
+    BYTES_OUT = 10  # bytes of room message frames written to members
+    RATE_LIMITED = 11
+    SLOW_CONSUMER_CLOSES = 12
+    RESENDS = 13
+    RING_RECORDS_WRITTEN = 14
+    RING_RECORDS_READ = 15
+    RING_LAPS = 16
+    RING_RECORDS_LOST = 17
+    GAPS_LOST = 18
+    FORWARDS_RETRIED = 19
+    HOOK_ERRORS = 20
+    LATENCY_COUNT = 21
+    LATENCY_SUM_US = 22
+    HTTP_REFUSED = 23  # upgrades refused before the handshake (403/400/401/503)
+
+
+ERROR_CODES = (
+    "bad_json",
+    "bad_request",
+    "unknown_type",
+    "too_large",
+    "not_member",
+    "rate_limited",
+    "unauthorized",
+    "room_full",
+    "unavailable",
+    "rejected",
+)
+ERRORS_BASE = 64
+
+CLOSE_CODES = (1000, 1001, 1003, 1006, 1007, 1008, 1009, 1011, 4408, 4409, 4429, 0)
+CLOSES_BASE = 96  # the last, 0, counts every other code
+
+LATENCY_BUCKETS_MS = (0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
+LATENCY_BASE = 128  # cumulative-free counts per bucket, then one for +Inf
+
+LAG_BASE = 192  # ring lag in bytes behind each peer (gauge), slot per peer shard
+MAX_PEERS = BLOCK_SLOTS - LAG_BASE
+
+
+def error_slot(code: str) -> int:
+    return ERRORS_BASE + ERROR_CODES.index(code)
+
+
+def close_code_slot(code: int | None) -> int:
+    try:
+        return CLOSES_BASE + CLOSE_CODES.index(code or 0)
+    except ValueError:
+        return CLOSES_BASE + len(CLOSE_CODES) - 1
+
+
+def latency_slot(ms: float) -> int:
+    for i, bound in enumerate(LATENCY_BUCKETS_MS):
+        if ms <= bound:
+            return LATENCY_BASE + i
+    return LATENCY_BASE + len(LATENCY_BUCKETS_MS)
+
+
+class StatsView:
+    """All shards' blocks over one buffer; ``mine`` is the block this process writes."""
+
+    __slots__ = ("blocks", "mine", "workers")
+
+    def __init__(self, buf: memoryview, workers: int, shard: int | None) -> None:
+        slots = buf.cast("Q")
+        self.workers = workers
+        self.blocks = [slots[i * BLOCK_SLOTS : (i + 1) * BLOCK_SLOTS] for i in range(workers)]
+        self.mine = self.blocks[shard] if shard is not None else None
+
+    def total(self, slot: int) -> int:
+        return sum(block[slot] for block in self.blocks)
+
+    def release(self) -> None:
+        self.mine = None
+        self.blocks = []
