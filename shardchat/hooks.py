@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -136,6 +138,9 @@ def load_app(spec: str) -> object | None:
     """
     if not spec:
         return None
+    # Like uvicorn: the app may live beside the directory the server starts in.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     module_name, _, attr = spec.partition(":")
     try:
         module = importlib.import_module(module_name)

@@ -54,6 +54,8 @@ _S_RATE_LIMITED = int(stats.Slot.RATE_LIMITED)
 _S_SLOW = int(stats.Slot.SLOW_CONSUMER_CLOSES)
 _S_HOOK_ERRORS = int(stats.Slot.HOOK_ERRORS)
 _S_REFUSED = int(stats.Slot.HTTP_REFUSED)
+# The errors of a broken client: max_errors of them in a row close it with 1008.
+_MALFORMED = frozenset({"bad_json", "bad_request", "unknown_type", "too_large", "not_member"})
 
 
 class ConnState:
@@ -295,6 +297,8 @@ class Hub:
         self._reply_raw(conn, wire.error_payload(exc.code, exc.reason, exc.request_id))
         if exc.code in stats.ERROR_CODES:
             self.stats[stats.error_slot(exc.code)] += 1
+        if exc.code not in _MALFORMED:
+            return  # a refusal by policy (rate, room size, token, hook) is not a broken client
         state.errors += 1
         if state.errors >= self.config.limits.max_errors:
             conn.fail(1008, "too many errors")
@@ -337,6 +341,9 @@ class Hub:
             )
         room_size = self.config.limits.room_size
         if room_size and room not in state.rooms:
+            # The presence view is as fresh as the rings: read them first. Joins on
+            # several shards at the same instant can still overshoot by a few.
+            self.router.bus.drain()
             present = self.router.present.get(room, {})
             if conn.user not in present and len(present) >= room_size:
                 raise ProtocolError("room_full", f"room {room} has {room_size} users", request.id)

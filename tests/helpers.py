@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +63,19 @@ class Server:
                 with contextlib.suppress(ValueError):
                     events.append(json.loads(line))
         return events
+
+    def wait_for_log(
+        self, check: Callable[[list[dict[str, Any]]], bool], timeout: float = 10.0
+    ) -> list[dict[str, Any]]:
+        """Read the server's log until ``check`` holds for its events; return them."""
+        deadline = time.monotonic() + scaled(timeout)
+        while True:
+            events = self.log_events()
+            if check(events):
+                return events
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the log never showed it:\n{self.tail()}")
+            time.sleep(0.02)
 
     def shard_starts(self) -> list[dict[str, Any]]:
         return [e for e in self.log_events() if e.get("event") == "shard_start"]
@@ -182,6 +195,7 @@ class Client:
         self.welcome = welcome
         self.shard: int = welcome["shard"]
         self.user: str = welcome["user"]
+        self.dropped: list[dict[str, Any]] = []  # frames recv_type passed over
 
     async def send(self, **obj: Any) -> None:
         await self.ws.send(json.dumps(obj))
@@ -198,6 +212,7 @@ class Client:
             frame = await self.recv(max(0.01, deadline - time.monotonic()))
             if frame["type"] == kind:
                 return frame
+            self.dropped.append(frame)
 
     async def request(self, kind: str, reply: str, **obj: Any) -> dict[str, Any]:
         await self.send(type=kind, **obj)
@@ -259,3 +274,123 @@ async def closing(clients: Sequence[Client]) -> AsyncIterator[Sequence[Client]]:
         yield clients
     finally:
         await asyncio.gather(*(c.ws.close() for c in clients), return_exceptions=True)
+
+
+class RawClient:
+    """A WebSocket client on a bare socket: it sends whatever frames a test builds
+    (bad UTF-8, binary, unanswered pings) and reads the server's frames one by one."""
+
+    def __init__(self, port: int, path: str, rcvbuf: int | None = None) -> None:
+        import base64
+        import socket as socket_
+
+        self.sock = socket_.socket()
+        if rcvbuf is not None:
+            self.sock.setsockopt(socket_.SOL_SOCKET, socket_.SO_RCVBUF, rcvbuf)
+        self.sock.settimeout(scaled(10))
+        self.sock.connect(("127.0.0.1", port))
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall(
+            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        self.buf = b""
+        head = self._until(b"\r\n\r\n")
+        self.status = int(head.split(b" ", 2)[1])
+
+    def _until(self, marker: bytes) -> bytes:
+        while marker not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("closed")
+            self.buf += chunk
+        head, _, self.buf = self.buf.partition(marker)
+        return head
+
+    def _need(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("closed before a whole frame")
+            self.buf += chunk
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    def send_frame(self, opcode: int, payload: bytes, fin: bool = True) -> None:
+        """A masked client frame (RFC 6455 5.3)."""
+        import struct
+
+        mask = os.urandom(4)
+        head = bytes([(0x80 if fin else 0) | opcode])
+        n = len(payload)
+        if n < 126:
+            head += bytes([0x80 | n])
+        elif n < 65536:
+            head += bytes([0x80 | 126]) + struct.pack("!H", n)
+        else:
+            head += bytes([0x80 | 127]) + struct.pack("!Q", n)
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        self.sock.sendall(head + mask + masked)
+
+    def send_json(self, obj: dict[str, Any]) -> None:
+        self.send_frame(0x1, json.dumps(obj).encode())
+
+    def recv_frame(self) -> tuple[int, bytes]:
+        import struct
+
+        b0, b1 = self._need(2)
+        n = b1 & 0x7F
+        if n == 126:
+            n = struct.unpack("!H", self._need(2))[0]
+        elif n == 127:
+            n = struct.unpack("!Q", self._need(8))[0]
+        return b0 & 0x0F, self._need(n)
+
+    def close_code(self) -> int:
+        """Read frames until the server's close frame; its code."""
+        import struct
+
+        while True:
+            opcode, payload = self.recv_frame()
+            if opcode == 0x8:
+                return int(struct.unpack("!H", payload[:2])[0])
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+async def good_neighbour(
+    url: str, shard: int, room: str, count: int = 30
+) -> tuple[Client, Client, asyncio.Task[list[dict[str, Any]]]]:
+    """A well-behaved member of ``room`` on ``shard`` and a publisher sending it
+    ``count`` messages in the background; await the task for what it received."""
+    (good,) = await clients_on_shards(url, [shard], prefix=f"good{room}")
+    publisher = await connect_client(url, user=f"pub{room}")
+    await good.join(room)
+    await publisher.join(room)
+
+    async def run() -> list[dict[str, Any]]:
+        for i in range(count):
+            await publisher.send(type="message", room=room, content=f"n{i}")
+            await asyncio.sleep(0.005)
+        got = []
+        while len(got) < count:
+            frame = await good.recv(10)
+            if frame["type"] == "message" and frame["sender"] == publisher.user:
+                got.append(frame)
+        return got
+
+    return good, publisher, asyncio.create_task(run())
+
+
+async def check_neighbour(
+    good: Client, publisher: Client, task: asyncio.Task[list[dict[str, Any]]], count: int = 30
+) -> None:
+    try:
+        got = await task
+        assert [m["content"] for m in got] == [f"n{i}" for i in range(count)]
+        assert [m["seq"] for m in got] == sorted(m["seq"] for m in got)
+    finally:
+        await good.close()
+        await publisher.close()

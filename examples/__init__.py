@@ -1,0 +1,1 @@
+"""Example shardchat apps, loaded with ``shardchat start --app examples.NAME:app``."""

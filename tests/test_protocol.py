@@ -1,0 +1,310 @@
+"""Every limit and error of PROTOCOL.md, on the real server.
+
+Each test shows the exact close code or error code, and that a well-behaved
+client on the same shard received all its messages meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from shardchat.auth import make_token
+from tests.helpers import (
+    RawClient,
+    Server,
+    check_neighbour,
+    clients_on_shards,
+    closing,
+    connect_client,
+    good_neighbour,
+    running_server,
+    scaled,
+)
+
+LIMITS = ["limits.max_errors=5", "limits.max_frame=16384", "limits.max_content=1024"]
+
+
+@pytest.fixture(scope="module")
+def srv() -> Iterator[Server]:
+    with running_server(workers=3, settings=LIMITS) as server:
+        yield server
+
+
+async def raw_on_shard(server: Server, shard: int, path: str = "/ws?user=raw") -> RawClient:
+    """A raw client that landed on ``shard`` (others are closed)."""
+    for _ in range(300):
+        raw = await asyncio.to_thread(RawClient, server.port, path)
+        opcode, payload = await asyncio.to_thread(raw.recv_frame)
+        welcome = json.loads(payload)
+        if welcome["shard"] == shard:
+            return raw
+        raw.close()
+    raise AssertionError(f"no raw client on shard {shard}")
+
+
+async def closed_with(raw: RawClient) -> int:
+    try:
+        return await asyncio.to_thread(raw.close_code)
+    finally:
+        raw.close()
+
+
+async def test_binary_frame_closes_1003(srv: Server) -> None:
+    good, pub, task = await good_neighbour(srv.url, 1, "bin")
+    raw = await raw_on_shard(srv, 1)
+    raw.send_frame(0x2, b"\x00\x01")
+    assert await closed_with(raw) == 1003
+    await check_neighbour(good, pub, task)
+
+
+async def test_invalid_utf8_closes_1007(srv: Server) -> None:
+    good, pub, task = await good_neighbour(srv.url, 2, "utf8")
+    raw = await raw_on_shard(srv, 2)
+    raw.send_frame(0x1, b'{"type": "ping", "x": "\xff\xfe"}')
+    assert await closed_with(raw) == 1007
+    await check_neighbour(good, pub, task)
+
+
+async def test_frame_over_max_frame_closes_1009(srv: Server) -> None:
+    good, pub, task = await good_neighbour(srv.url, 0, "big")
+    (bad,) = await clients_on_shards(srv.url, [0], prefix="big")
+    await bad.ws.send(json.dumps({"type": "ping", "pad": "x" * 20000}))
+    with pytest.raises(ConnectionClosed) as info:
+        await bad.recv()
+    assert info.value.rcvd is not None and info.value.rcvd.code == 1009
+    await check_neighbour(good, pub, task)
+
+
+async def expect_error(client: Any, code: str, request_id: str | None = None) -> dict[str, Any]:
+    frame: dict[str, Any] = await client.recv_type("error")
+    assert frame["code"] == code, frame
+    assert frame.get("id") == request_id
+    assert frame["reason"]
+    return frame
+
+
+@pytest.mark.parametrize(
+    ("frame", "code", "request_id"),
+    [
+        (
+            '{"type": "message", "room": "errs", "content": "' + "x" * 1025 + '", "id": "t1"}',
+            "too_large",
+            "t1",
+        ),
+        (
+            '{"type": "message", "room": "errs", "content": "' + "é" * 513 + '", "id": "t2"}',
+            "too_large",
+            "t2",
+        ),
+        ('{"type": "join", "room": "errs"', "bad_json", None),
+        ('{"type": "message", "room": "errs", "id": "m1"}', "bad_request", "m1"),
+        ('{"type": "join", "room": "no spaces allowed", "id": "j1"}', "bad_request", "j1"),
+        ('{"type": "join", "room": "' + "r" * 65 + '"}', "bad_request", None),
+        ('{"room": "errs"}', "bad_request", None),
+        ('{"type": "dance", "id": "d1"}', "unknown_type", "d1"),
+        (
+            '{"type": "message", "room": "elsewhere", "content": "hi", "id": "nm"}',
+            "not_member",
+            "nm",
+        ),
+        ('{"type": "leave", "room": "elsewhere"}', "not_member", None),
+    ],
+)
+async def test_request_errors_keep_the_connection(
+    srv: Server, frame: str, code: str, request_id: str | None
+) -> None:
+    """An error frame with the code (and the request's id); the connection stays usable."""
+    good, pub, task = await good_neighbour(srv.url, 2, "errs")
+    (bad,) = await clients_on_shards(srv.url, [2], prefix="errs")
+    async with closing([bad]):
+        await bad.join("errs")
+        await bad.ws.send(frame)
+        await expect_error(bad, code, request_id)
+        pong = await bad.request("ping", "pong", id="still-here")
+        assert pong["id"] == "still-here"
+    await check_neighbour(good, pub, task)
+
+
+async def test_max_errors_in_a_row_closes_1008(srv: Server) -> None:
+    """max_errors (5) refused requests in a row close with 1008; a good one resets the count."""
+    good, pub, task = await good_neighbour(srv.url, 0, "maxerr")
+    (bad,) = await clients_on_shards(srv.url, [0], prefix="maxerr")
+    for _ in range(4):
+        await bad.ws.send("not json")
+        await expect_error(bad, "bad_json")
+    await bad.request("ping", "pong")  # resets the count
+    for _ in range(4):
+        await bad.ws.send("not json")
+        await expect_error(bad, "bad_json")
+    await bad.ws.send("not json")
+    with pytest.raises(ConnectionClosed) as info:
+        while True:
+            await bad.recv()
+    assert info.value.rcvd is not None and info.value.rcvd.code == 1008
+    await check_neighbour(good, pub, task)
+
+
+async def test_bad_names_at_connect_get_http_400(srv: Server) -> None:
+    for query in ("user=has%20space", "user=" + "u" * 65, "room=bad!room", "user="):
+        with pytest.raises(InvalidStatus) as info:
+            await connect(f"{srv.url}?{query}")
+        assert info.value.response.status_code == 400, query
+
+
+async def test_rate_limit_refuses_only_the_excess() -> None:
+    """Past the burst, messages get rate_limited with their id; the accepted ones are
+    acked and delivered, and nothing else happens to the connection."""
+    with running_server(workers=3, settings=["limits.rate=5", "limits.burst=10"]) as server:
+        good, pub, task = await good_neighbour(server.url, 1, "rate", count=5)
+        (sender,) = await clients_on_shards(server.url, [1], prefix="rl")
+        async with closing([sender]):
+            await sender.join("rate-other")
+            for i in range(30):
+                await sender.send(type="message", room="rate-other", content=f"r{i}", id=f"r{i}")
+            acks, limited = [], []
+            while len(acks) + len(limited) < 30:
+                frame = await sender.recv()
+                if frame["type"] == "ack":
+                    acks.append(frame["id"])
+                elif frame["type"] == "error":
+                    assert frame["code"] == "rate_limited"
+                    limited.append(frame["id"])
+            assert 10 <= len(acks) <= 12 and len(limited) == 30 - len(acks)
+            assert acks == [f"r{i}" for i in range(len(acks))]
+            assert (await sender.request("ping", "pong", id="ok"))["id"] == "ok"
+        await check_neighbour(good, pub, task, count=5)
+
+
+async def test_origin_allow_list_403() -> None:
+    with running_server(workers=2, settings=['server.origins=["https://chat.example"]']) as server:
+        with pytest.raises(InvalidStatus) as info:
+            await connect(server.url, origin="https://evil.example")  # type: ignore[arg-type]
+        assert info.value.response.status_code == 403
+        ok = await connect(server.url, origin="https://chat.example")  # type: ignore[arg-type]
+        await ok.close()
+
+
+async def test_max_connections_and_max_per_ip_503() -> None:
+    """Over the whole server's max_connections, or max_per_ip from one address: 503."""
+    settings = ["server.max_connections=6", "server.max_per_ip=4"]
+    with running_server(workers=3, settings=settings) as server:
+        clients = [await connect_client(server.url, user=f"ip{i}") for i in range(4)]
+        async with closing(clients):
+            per_ip_refused = 0
+            for _ in range(6):  # whichever shard: every shard sees the limit of 4 apiece
+                try:
+                    extra = await connect_client(server.url, user="over")
+                    clients.append(extra)
+                except InvalidStatus as exc:
+                    assert exc.response.status_code == 503
+                    per_ip_refused += 1
+            # 4 per address per shard allows more; the whole-server limit of 6 stops them.
+            assert len(clients) == 6 and per_ip_refused == 4
+            # From another address, still over max_connections.
+            sock = socket.socket()
+            sock.bind(("127.0.0.2", 0))
+            sock.connect(("127.0.0.1", server.port))
+            sock.sendall(
+                b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            )
+            assert sock.recv(100).startswith(b"HTTP/1.1 503")
+            sock.close()
+
+
+async def test_room_full() -> None:
+    with running_server(workers=3, settings=["limits.room_size=2"]) as server:
+        a, b, c = await clients_on_shards(server.url, [0, 1, 2], prefix="full")
+        async with closing([a, b, c]):
+            await a.join("small")
+            await b.join("small")
+            # Presence crosses shards through the rings: wait until c's shard sees both.
+            while (await c.request("presence", "presence", room="small"))["count"] < 2:
+                pass
+            await c.send(type="join", room="small", id="j")
+            await expect_error(c, "room_full", "j")
+            # The same user again (another connection) is no new member.
+            again = await connect_client(server.url, user=a.user)
+            async with closing([again]):
+                assert (await again.join("small"))["count"] == 2
+
+
+async def test_slow_loris_handshake_is_dropped(srv: Server) -> None:
+    """A client that never finishes its HTTP request is disconnected within seconds."""
+    sock = socket.create_connection(("127.0.0.1", srv.port))
+    sock.sendall(b"GET /ws HTTP/1.1\r\nHost: x\r\n")  # and nothing more
+    sock.settimeout(scaled(10))
+    started = time.monotonic()
+    assert await asyncio.to_thread(sock.recv, 100) == b""
+    assert time.monotonic() - started < scaled(8)
+    sock.close()
+
+
+def test_http_endpoints_and_404(srv: Server) -> None:
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(f"http://127.0.0.1:{srv.port}/nope", timeout=5)
+    assert info.value.code == 404
+    info.value.close()
+
+
+async def test_history_replays_held_messages(srv: Server) -> None:
+    (a,) = await clients_on_shards(srv.url, [1], prefix="hist")
+    async with closing([a]):
+        await a.join("hist")
+        for i in range(5):
+            await a.send(type="message", room="hist", content=f"h{i}", id=f"h{i}")
+        for _ in range(5):
+            await a.recv_type("ack")
+        await a.send(type="history", room="hist", since=1, limit=2)
+        got = [await a.recv_type("message") for _ in range(2)]
+        await asyncio.sleep(0)
+        frames = []
+        while True:
+            frame = await a.recv()
+            frames.append(frame)
+            if frame["type"] == "history_end":
+                break
+        history = [m for m in [*got, *frames] if m["type"] == "message" and m["seq"] in (2, 3)]
+        assert [m["content"] for m in history][-2:] == ["h1", "h2"]
+        assert frames[-1] == {"type": "history_end", "room": "hist", "seq": 3}
+
+
+async def test_auth_tokens() -> None:
+    """With auth.secret set: no token or a bad one is HTTP 401; the token's sub is the
+    user; a rooms claim limits joins (unauthorized)."""
+    secret = "s3cret"
+    with running_server(workers=2, settings=[f'auth.secret="{secret}"']) as server:
+        for suffix in (
+            "?user=mallory",
+            "?token=abc.def.ghi",
+            "?token=" + make_token("wrong", {"sub": "eve"}),
+            "?token=" + make_token(secret, {"sub": "old", "exp": time.time() - 100}),
+        ):
+            with pytest.raises(InvalidStatus) as info:
+                await connect(server.url + suffix)
+            assert info.value.response.status_code == 401
+        token = make_token(secret, {"sub": "ada", "rooms": ["math"], "exp": time.time() + 60})
+        client = await connect_client(server.url + f"?token={token}&user=ignored")
+        async with closing([client]):
+            assert client.user == "ada"
+            assert (await client.join("math"))["room"] == "math"
+            await client.send(type="join", room="poetry", id="p")
+            await expect_error(client, "unauthorized", "p")
+        ws = await connect(
+            server.url,
+            additional_headers={"Authorization": f"Bearer {make_token(secret, {'sub': 'bob'})}"},
+        )
+        welcome = json.loads(await ws.recv())
+        assert welcome["user"] == "bob"
+        await ws.close()
