@@ -121,6 +121,60 @@ def show_config(
 
 
 @main.command()
+@click.option(
+    "--admin",
+    "admin_url",
+    help="The supervisor's admin URL (default: http://server.host:server.admin_port).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON.")
+@_config_options
+def status(
+    admin_url: str | None,
+    as_json: bool,
+    config_path: str | None,
+    workers: str | None,
+    host: str | None,
+    port: int | None,
+    app: str | None,
+    settings: tuple[str, ...],
+) -> None:
+    """Show each shard's pid, uptime, restarts and connections."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    if admin_url is None:
+        config = _load(config_path, workers, host, port, app, settings)
+        admin_url = f"http://{config.server.host}:{config.server.admin_port}"
+    url = admin_url.rstrip("/") + "/status"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            data = json.loads(response.read())
+    except (urllib.error.URLError, OSError) as exc:
+        click.echo(f"shardchat: cannot read {url}: {exc}", err=True)
+        sys.exit(1)
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    click.echo(f"supervisor pid {data['pid']}  epoch {data['epoch']}  up {data['uptime']:.0f} s")
+    click.echo(
+        f"{'shard':>5} {'pid':>8} {'alive':>5} {'uptime s':>9} {'restarts':>8} "
+        f"{'conns':>7} {'rooms':>6}"
+    )
+    for shard in data["shards"]:
+        click.echo(
+            f"{shard['id']:>5} {shard['pid'] or '-':>8} {'yes' if shard['alive'] else 'no':>5} "
+            f"{shard['uptime']:>9.0f} {shard['restarts']:>8} {shard['connections']:>7} "
+            f"{shard['rooms']:>6}"
+        )
+    totals = data["totals"]
+    click.echo(
+        f"total: {totals['connections']} connections, {totals['messages_published']} messages "
+        f"published, {totals['frames_delivered']} frames delivered, {totals['restarts']} restarts"
+    )
+
+
+@main.command()
 def cleanup() -> None:
     """Remove shared memory left in /dev/shm by supervisors that are gone."""
     from shardchat.shm import sweep_stale

@@ -1,4 +1,4 @@
-"""The supervisor's admin HTTP port: ``/status`` and ``/healthz``.
+"""The supervisor's admin HTTP port: ``/metrics``, ``/status`` and ``/healthz``.
 
 Served from the supervisor's ``selectors`` loop with non-blocking sockets, so
 that a slow admin client never stalls the supervisor. Requests are tiny GETs:
@@ -32,9 +32,11 @@ class AdminServer:
         host: str,
         port: int,
         status: Callable[[], dict[str, object]],
+        metrics: Callable[[], bytes],
     ) -> None:
         self._selector = selector
         self._status = status
+        self._metrics = metrics
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         family, kind, proto, _, address = infos[0]
         self.sock = socket.socket(family, kind, proto)
@@ -99,6 +101,8 @@ class AdminServer:
     def route(self, path: str) -> tuple[int, str, bytes]:
         if path == "/healthz":
             return 200, "text/plain; charset=utf-8", b"ok\n"
+        if path == "/metrics":
+            return 200, "text/plain; version=0.0.4; charset=utf-8", self._metrics()
         if path == "/status":
             return 200, "application/json", orjson.dumps(self._status(), option=orjson.OPT_INDENT_2)
         return 404, "text/plain; charset=utf-8", b"not found\n"

@@ -24,14 +24,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import multiprocess
+from prometheus_client.exposition import generate_latest
 
 from . import shm
 from .admin import AdminServer
 from .config import Config, to_toml
 from .errors import ShardError
 from .hooks import load_app
+from .metrics import make_registry
 from .obs import log_event
 from .shard import EXIT_BOOT_ERROR, ShardSpec, run_shard
+from .stats import Slot, StatsView
 
 __all__ = ["Supervisor"]
 
@@ -82,6 +85,7 @@ class Supervisor:
         self._admin: AdminServer | None = None
         self._fabric: shm.Fabric
         self._app: object | None = None
+        self._stats: StatsView | None = None
 
     # Start-up
 
@@ -98,12 +102,16 @@ class Supervisor:
         wake_r.setblocking(False)
         wake_w.setblocking(False)
         try:
+            assert self._fabric.stats is not None
+            self._stats = StatsView(memoryview(self._fabric.stats.buf), len(self.slots), None)
+            registry = make_registry(self._stats, lambda: [s.restarts for s in self.slots])
             if self.config.server.admin_port:
                 self._admin = AdminServer(
                     self._selector,
                     self.config.server.host,
                     self.config.server.admin_port,
                     self.status,
+                    lambda: generate_latest(registry),
                 )
             signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
@@ -131,6 +139,8 @@ class Supervisor:
                 self._admin.close()
             wake_r.close()
             wake_w.close()
+            if self._stats is not None:
+                self._stats.release()
             self._fabric.close()
         log_event(log, logging.INFO, "supervisor_exit", code=self.exit_code)
         return self.exit_code
@@ -246,6 +256,10 @@ class Supervisor:
             )
 
     def _reaped(self, slot: ShardSlot) -> int:
+        if self._stats is not None:
+            # Its connections went with it; the restarted shard counts anew.
+            self._stats.blocks[slot.shard_id][Slot.CONNECTIONS] = 0
+            self._stats.blocks[slot.shard_id][Slot.ROOMS] = 0
         process = slot.process
         self._selector.unregister(process.sentinel)
         code = int(process.exitcode)
@@ -280,21 +294,37 @@ class Supervisor:
 
     def status(self) -> dict[str, object]:
         now = time.time()
+        assert self._stats is not None
+        blocks = self._stats.blocks
+        shards: list[dict[str, object]] = []
+        connections = 0
+        for slot, block in zip(self.slots, blocks, strict=True):
+            alive = slot.process is not None
+            connections += block[Slot.CONNECTIONS] if alive else 0
+            shards.append(
+                {
+                    "id": slot.shard_id,
+                    "pid": slot.pid,
+                    "alive": alive,
+                    "uptime": round(now - slot.started_wall, 3) if alive else 0,
+                    "restarts": slot.restarts,
+                    "connections": block[Slot.CONNECTIONS] if alive else 0,
+                    "rooms": block[Slot.ROOMS] if alive else 0,
+                }
+            )
+        total = self._stats.total
         return {
             "pid": self.pid,
             "epoch": self.epoch,
             "uptime": round(now - self.started_wall, 3),
             "stopping": self.stopping,
-            "shards": [
-                {
-                    "id": slot.shard_id,
-                    "pid": slot.pid,
-                    "alive": slot.process is not None,
-                    "uptime": round(now - slot.started_wall, 3) if slot.process is not None else 0,
-                    "restarts": slot.restarts,
-                }
-                for slot in self.slots
-            ],
+            "shards": shards,
+            "totals": {
+                "connections": connections,
+                "messages_published": total(Slot.MESSAGES_PUBLISHED),
+                "frames_delivered": total(Slot.FRAMES_DELIVERED),
+                "restarts": sum(slot.restarts for slot in self.slots),
+            },
         }
 
 
