@@ -175,6 +175,18 @@ def status(
 
 
 @main.command()
+@click.option("--user", required=True, help="Your name (1-64 of [A-Za-z0-9_.:-]).")
+@click.option("--room", required=True, help="The room to join.")
+@click.option("--token", help="A signed token, when the server requires one.")
+@click.argument("url", default="ws://127.0.0.1:8080/ws")
+def chat(user: str, room: str, token: str | None, url: str) -> None:
+    """Chat in a room from the terminal: lines you type are sent, messages are printed."""
+    from shardchat.chat import run_chat
+
+    run_chat(url, user, room, token)
+
+
+@main.command()
 def cleanup() -> None:
     """Remove shared memory left in /dev/shm by supervisors that are gone."""
     from shardchat.shm import sweep_stale

@@ -292,6 +292,7 @@ class Hub:
             self._history(conn, request)
         elif type(request) is Ack:
             self._require_member(state, request.room, request.id)
+            self.router.ack(conn, request.room, request.seq)
 
     def _refuse(self, conn: Connection, state: ConnState, exc: ProtocolError) -> None:
         self._reply_raw(conn, wire.error_payload(exc.code, exc.reason, exc.request_id))

@@ -30,6 +30,8 @@ from . import records, stats, wire
 from .bus import Bus
 from .config import Config
 from .connection import Connection
+from .delivery import Reliable
+from .messages import AppCloseCode
 from .obs import log_event
 from .ring import Record, RingReader
 from .ringlayout import RecordKind, max_payload
@@ -60,6 +62,7 @@ _S_DELIVERED = int(stats.Slot.FRAMES_DELIVERED)
 _S_BYTES_OUT = int(stats.Slot.BYTES_OUT)
 _S_GAPS_LOST = int(stats.Slot.GAPS_LOST)
 _S_RETRIED = int(stats.Slot.FORWARDS_RETRIED)
+_S_RESENDS = int(stats.Slot.RESENDS)
 _S_LATENCY_COUNT = int(stats.Slot.LATENCY_COUNT)
 _S_LATENCY_SUM = int(stats.Slot.LATENCY_SUM_US)
 # Markers in a REPLAY's msg id field (a REPLAY with no JSON carries no message):
@@ -114,6 +117,7 @@ class Router:
         self.held_back: dict[str, HeldBack] = {}
         self.local_presence: dict[str, dict[str, int]] = {}
         self.present: dict[str, dict[str, set[int]]] = {}
+        self.reliable: dict[str, dict[Connection, Reliable]] = {}
         self._table_slots: dict[str, int | None] = {}
         self._outbox: dict[str, list[bytes]] = {}
         self._flush_scheduled = False
@@ -506,6 +510,9 @@ class Router:
         return log_
 
     def leave(self, conn: Connection, room: str) -> None:
+        reliable = self.reliable.get(room)
+        if reliable is not None and reliable.pop(conn, None) is not None and not reliable:
+            del self.reliable[room]
         members = self.members.get(room)
         if members is not None and conn in members:
             del members[conn]
@@ -574,14 +581,56 @@ class Router:
                     out.write(buf)
             delivered += len(frames) * len(members)
             sent += len(buf) * len(members)
+            reliable = self.reliable.get(room)
+            if reliable:
+                latest = self.logs[room].seq
+                now = self.loop.time()
+                timeout = self.config.delivery.ack_timeout
+                for state in reliable.values():
+                    state.sent(latest, now, timeout)
         counters = self.stats
         counters[_S_DELIVERED] += delivered
         counters[_S_BYTES_OUT] += sent
 
+    # Reliable delivery
+
+    def ack(self, conn: Connection, room: str, seq: int) -> None:
+        """A client's cumulative ack; the first one puts it in reliable mode for the room."""
+        self.flush()
+        latest = self.logs[room].seq if room in self.logs else 0
+        reliable = self.reliable.setdefault(room, {})
+        state = reliable.get(conn)
+        if state is None:
+            reliable[conn] = state = Reliable(min(seq, latest))
+            state.sent(latest, self.loop.time(), self.config.delivery.ack_timeout)
+        else:
+            state.ack(seq, latest, self.loop.time(), self.config.delivery.ack_timeout)
+
+    def _resend_due(self, now: float) -> None:
+        delivery = self.config.delivery
+        for room, states in list(self.reliable.items()):
+            log_ = self.logs.get(room)
+            for conn, state in list(states.items()):
+                if not state.due(now):
+                    continue
+                if state.exhausted(delivery.ack_retries) or log_ is None:
+                    conn.close(AppCloseCode.ACK_TIMEOUT, "ack timeout")
+                    del states[conn]
+                    continue
+                held = log_.after(state.acked)
+                if held:
+                    conn.send(b"".join(wire.text_frame(m.payload) for m in held))
+                    self.stats[_S_RESENDS] += len(held)
+                state.resent(now, delivery.ack_timeout)
+            if not states:
+                del self.reliable[room]
+
     # Timers
 
     def sweep(self, now: float) -> None:
-        """Forward retries and gap deadlines; called once per shard tick."""
+        """Resends, forward retries and gap deadlines; called once per shard tick."""
+        if self.reliable:
+            self._resend_due(now)
         if self.pending:
             for msg_id, pending in list(self.pending.items()):
                 if now - pending.first_sent >= FORWARD_GIVE_UP:

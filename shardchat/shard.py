@@ -131,7 +131,7 @@ async def _run(spec: ShardSpec, loop: asyncio.AbstractEventLoop, hub: Hub, bus: 
     loop.add_signal_handler(signal.SIGQUIT, request_stop, True)
 
     hb = config.heartbeat
-    tick = min(1.0, hb.interval / 2, hb.timeout / 2)
+    tick = min(1.0, hb.interval / 2, hb.timeout / 2, config.delivery.ack_timeout / 2)
     frozen_at = 0
 
     def sweep() -> None:

@@ -1,0 +1,162 @@
+"""Reliable delivery: acks, resends with backoff, 4409, and a client library that
+resumes without loss across a shard crash."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+
+from shardchat.client import ChatClient, Message
+from shardchat.rooms import owner_of
+from tests.helpers import (
+    SHARDCHAT,
+    RawClient,
+    Server,
+    clients_on_shards,
+    closing,
+    connect_client,
+    running_server,
+    scaled,
+)
+
+FAST = ["limits.rate=100000", "limits.burst=100000"]
+
+
+async def take(client: ChatClient, count: int, timeout: float = 60) -> list[Message]:
+    got: list[Message] = []
+
+    async def run() -> None:
+        async for message in client.messages():
+            got.append(message)
+            if len(got) == count:
+                return
+
+    await asyncio.wait_for(run(), scaled(timeout))
+    return got
+
+
+def resends(srv: Server) -> float:
+    url = f"http://127.0.0.1:{srv.admin_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith("shardchat_resends_total "):
+                return float(line.split()[1])
+    raise AssertionError("no resends metric")
+
+
+async def test_one_ack_in_five_dropped_still_exactly_once_in_order() -> None:
+    """Every fifth ack is dropped: the server resends what it did not hear acked, the
+    client drops the duplicates, and the application sees each message once, in order."""
+    settings = [*FAST, "delivery.ack_timeout=0.1", "delivery.ack_retries=10"]
+    with running_server(workers=3, settings=settings) as srv:
+        dropped: set[int] = set()
+
+        def drop(room: str, seq: int) -> bool:
+            # The first ack of every fifth message is lost.
+            if seq % 5 == 0 and seq not in dropped:
+                dropped.add(seq)
+                return True
+            return False
+
+        async with ChatClient(srv.url, user="lossy", rooms=["rel"], drop_ack=drop) as client:
+            publisher = await connect_client(srv.url, user="pub", rooms=["rel"])
+            got: list[Message] = []
+            stream = client.messages()
+            async with closing([publisher]):
+                for i in range(100):
+                    await publisher.send(type="message", room="rel", content=f"r{i}")
+                    got.append(await asyncio.wait_for(anext(stream), scaled(10)))
+                    if (i + 1) % 5 == 0:
+                        # This message's ack was dropped: give the server time to resend.
+                        await asyncio.sleep(0.25)
+            assert [m.content for m in got] == [f"r{i}" for i in range(100)]
+            assert [m.seq for m in got] == list(range(1, 101))
+            assert client._queue.empty()  # no duplicate reached the application
+        assert len(dropped) == 20 and resends(srv) >= 20
+
+
+async def test_client_that_never_acks_gets_backoff_then_4409() -> None:
+    settings = ["delivery.ack_timeout=0.3", "delivery.ack_retries=3"]
+    with running_server(workers=1, settings=settings) as srv:
+        raw = await asyncio.to_thread(RawClient, srv.port, "/ws?user=mute&room=quiet")
+        publisher = await connect_client(srv.url, user="pub", rooms=["quiet"])
+        try:
+            raw.send_json({"type": "ack", "room": "quiet", "seq": 0})  # reliable mode on
+            await publisher.send(type="message", room="quiet", content="only", id="x")
+            await publisher.recv_type("ack")
+            arrivals: list[float] = []
+            frames: list[dict[str, object]] = []
+            code = None
+            while code is None:
+                opcode, payload = await asyncio.to_thread(raw.recv_frame)
+                if opcode == 0x8:
+                    code = int.from_bytes(payload[:2], "big")
+                elif opcode == 0x1:
+                    frame = json.loads(payload)
+                    if frame["type"] == "message":
+                        arrivals.append(time.monotonic())
+                        frames.append(frame)
+            assert code == 4409
+            assert len(frames) == 4  # the message, then ack_retries resends
+            assert all(f == frames[0] for f in frames)  # same seq and id each time
+            gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+            assert all(later > earlier for earlier, later in itertools.pairwise(gaps)), gaps
+        finally:
+            raw.close()
+            await publisher.close()
+
+
+async def test_client_library_survives_a_killed_shard() -> None:
+    """kill -9 of the shard holding the client's connection while 2,000 messages are
+    published from other shards: the application sees all 2,000, once, in order."""
+    with running_server(workers=3, settings=[*FAST, "delivery.history=5000"]) as srv:
+        async with ChatClient(srv.url, user="survivor", backoff=(0.05, 0.5)) as client:
+            home = client.shard
+            assert home is not None
+            others = [s for s in range(3) if s != home]
+            room = next(f"sv{i}" for i in range(100) if owner_of(f"sv{i}", 3) == others[0])
+            await client.join(room)
+            (publisher,) = await clients_on_shards(srv.url, [others[1]], prefix="p")
+            async with closing([publisher]):
+                await publisher.join(room)
+                receiving = asyncio.create_task(take(client, 2000, timeout=120))
+
+                async def publish() -> None:
+                    for i in range(2000):
+                        await publisher.send(type="message", room=room, content=f"m{i}")
+                        if i % 50 == 0:
+                            await asyncio.sleep(0.005)
+
+                publishing = asyncio.create_task(publish())
+                await asyncio.sleep(0.1)
+                os.kill(srv.shard_pids()[home], signal.SIGKILL)
+                await publishing
+                got = await receiving
+        assert client.reconnects >= 1
+        assert [m.content for m in got] == [f"m{i}" for i in range(2000)]
+        assert [m.seq for m in got] == list(range(1, 2001))
+
+
+def test_chat_command(server: Server) -> None:
+    """`shardchat chat` prints the room and sends what is typed."""
+    proc = subprocess.Popen(
+        [SHARDCHAT, "chat", "--user", "typist", "--room", "tty", server.url],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        out, err = proc.communicate("hello from the terminal\n", timeout=scaled(20))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "typist in tty" in out
+    assert "[1] typist: hello from the terminal" in out
