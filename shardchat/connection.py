@@ -138,6 +138,7 @@ class Connection(asyncio.Protocol):
             self.out = None
 
     def eof_received(self) -> bool | None:
+        self.out = None
         self.proto.receive_eof()
         self._write_protocol_data()
         return None
@@ -248,6 +249,7 @@ class Connection(asyncio.Protocol):
             if data:
                 transport.write(data)
             else:
+                self.out = None  # nothing may follow our EOF
                 # SEND_EOF. Half-close and let the client close its side: closing
                 # outright while the client still sends would reset the connection
                 # and could destroy the close frame unread in its receive buffer.

@@ -1,0 +1,541 @@
+"""The load generator: hold, fanout and rooms scenarios against shardchat or the baseline.
+
+Connections are spread over several worker processes (each well under the
+20,000 open files a process may have) bound to several source addresses in
+127.0.0.0/8 (one address has about 28,000 ports toward one server port).
+Workers are forked before any event loop exists; each runs uvloop and raw
+connections (:mod:`perf.loadclient`) that parse only frame headers, except a
+sample that decodes JSON for latency, order and duplicates. Every worker
+reports its own CPU time, and a step where the load client was itself near a
+full core is marked ``client_saturated``.
+
+    python -m perf.load hold   --port 8080 --connections 50000 --seconds 300
+    python -m perf.load fanout --port 8080 --receivers 5000 --senders 10 --rates 2000,5000
+    python -m perf.load rooms  --port 8080 --clients 10000 --room-size 10 --interval-ms 1000
+
+Each run prints a table and writes one JSON file in perf/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import resource
+import sys
+import time
+import urllib.request
+from collections import Counter
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import uvloop
+
+from perf.loadclient import LoadConn
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PER_WORKER = 12000  # connections per worker process at most
+SATURATED = 0.9  # a worker using this share of a core or more may be the limit
+
+
+def percentile(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+
+
+def new_stats() -> dict[str, Any]:
+    stats: dict[str, Any] = Counter()
+    stats["latencies"] = []
+    stats["rtts"] = []
+    stats["connect_ms"] = []
+    return stats
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+# Worker side
+
+
+class Worker:
+    """One load process: its connections, and commands from the coordinator."""
+
+    def __init__(self, index: int, args: dict[str, Any], pipe: Connection) -> None:
+        self.index = index
+        self.args = args
+        self.pipe = pipe
+        self.stats = new_stats()
+        self.conns: list[LoadConn] = []
+        self.senders: list[LoadConn] = []
+        self.pingers: list[LoadConn] = []
+        self.source = f"127.0.0.{2 + index % 200}"
+
+    async def connect(self, paths: list[tuple[str, bool, bool, bool]], rate: float) -> None:
+        """Open connections (path, sampled, sender, reliable), ``rate`` per second at most."""
+        loop = asyncio.get_running_loop()
+        host, port = "127.0.0.1", self.args["port"]
+        gate = asyncio.Semaphore(200)
+        start = time.monotonic()
+
+        async def one(i: int, path: str, sampled: bool, sender: bool, reliable: bool) -> None:
+            delay = start + i / rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            async with gate:
+                opened: asyncio.Future[None] = loop.create_future()
+                t0 = time.monotonic()
+                try:
+                    _, conn = await loop.create_connection(
+                        lambda: LoadConn(path, sampled, self.stats, opened, sender, reliable),
+                        host,
+                        port,
+                        local_addr=(self.source, 0),
+                    )
+                    await asyncio.wait_for(opened, 30)
+                except (TimeoutError, OSError, ConnectionError) as exc:
+                    self.stats["failed_" + type(exc).__name__] += 1
+                    return
+                self.stats["connect_ms"].append((time.monotonic() - t0) * 1000)
+                self.conns.append(conn)
+                if sender:
+                    self.senders.append(conn)
+                if sampled:
+                    self.pingers.append(conn)
+
+        await asyncio.gather(*(one(i, *p) for i, p in enumerate(paths)))
+
+    async def send_at(self, rate: float, seconds: float) -> int:
+        """Senders publish at ``rate`` messages/s in total for ``seconds``."""
+        senders = [c for c in self.senders if not c.closed]
+        if not senders or rate <= 0:
+            return 0
+        sent = 0
+        start = time.monotonic()
+        tick = 0.01
+        while (elapsed := time.monotonic() - start) < seconds:
+            # As many as the rate allows by now: a late tick catches up.
+            batch = int(rate * elapsed) - sent
+            now_ns = time.monotonic_ns()
+            for _ in range(batch):
+                conn = senders[sent % len(senders)]
+                conn.send({"type": "message", "room": conn.room, "content": f"t{now_ns}:{sent}"})
+                sent += 1
+            await asyncio.sleep(tick)
+        return sent
+
+    async def ping_loop(self, seconds: float) -> None:
+        """The sample sends an application ping every second; pongs give the RTT."""
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            now = time.monotonic_ns()
+            for conn in self.pingers:
+                conn.send({"type": "ping", "t": now})
+            await asyncio.sleep(1.0)
+
+    def report(self, cpu: float, wall: float) -> dict[str, Any]:
+        stats = self.stats
+        out = {k: v for k, v in stats.items() if not isinstance(v, list)}
+        out["latencies"] = list(stats["latencies"])
+        out["rtts"] = list(stats["rtts"])
+        out["connect_ms"] = list(stats["connect_ms"])
+        out["cpu_share"] = cpu / wall if wall > 0 else 0.0
+        out["open"] = sum(1 for c in self.conns if not c.closed)
+        return out
+
+    def reset(self) -> None:
+        for key in ("latencies", "rtts"):
+            self.stats[key].clear()
+        for key in list(self.stats):
+            if not isinstance(self.stats[key], list) and not key.startswith(("failed", "close")):
+                self.stats[key] = 0
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            command, payload = await loop.run_in_executor(None, self.pipe.recv)
+            if command == "connect":
+                cpu0, t0 = cpu_seconds(), time.monotonic()
+                await self.connect(payload["paths"], payload["rate"])
+                self.pipe.send(self.report(cpu_seconds() - cpu0, time.monotonic() - t0))
+            elif command == "step":
+                self.reset()
+                cpu0, t0 = cpu_seconds(), time.monotonic()
+                pinging = (
+                    asyncio.create_task(self.ping_loop(payload["seconds"]))
+                    if payload.get("ping")
+                    else None
+                )
+                sent = await self.send_at(payload["rate"], payload["seconds"])
+                if pinging is not None:
+                    await pinging
+                await asyncio.sleep(payload.get("drain", 0))
+                report = self.report(cpu_seconds() - cpu0, time.monotonic() - t0)
+                report["sent"] = sent
+                self.pipe.send(report)
+            elif command == "close":
+                for conn in self.conns:
+                    if conn.transport is not None:
+                        conn.transport.close()
+                await asyncio.sleep(0.2)
+                self.pipe.send("closed")
+                return
+
+
+def _worker_main(index: int, args: dict[str, Any], pipe: Connection) -> None:
+    worker = Worker(index, args, pipe)
+    uvloop.run(worker.serve())
+
+
+# Coordinator side
+
+
+class Load:
+    """Forks the workers and speaks to them."""
+
+    def __init__(self, port: int, room: str, workers: int) -> None:
+        ctx = multiprocessing.get_context("fork")
+        self.pipes: list[Connection] = []
+        self.procs = []
+        for index in range(workers):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(
+                target=_worker_main, args=(index, {"port": port, "room": room}, child), daemon=True
+            )
+            proc.start()
+            self.pipes.append(parent)
+            self.procs.append(proc)
+
+    def ask(self, command: str, payloads: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for pipe, payload in zip(self.pipes, payloads, strict=True):
+            pipe.send((command, payload))
+        return [pipe.recv() for pipe in self.pipes]
+
+    def close(self) -> None:
+        for pipe in self.pipes:
+            try:
+                pipe.send(("close", None))
+                pipe.recv()
+            except (EOFError, OSError):
+                pass
+        for proc in self.procs:
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+
+
+def merge(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = Counter()
+    lists: dict[str, list[float]] = {"latencies": [], "rtts": [], "connect_ms": []}
+    cpu = []
+    for report in reports:
+        for key, value in report.items():
+            if key in lists:
+                lists[key] += value
+            elif key == "cpu_share":
+                cpu.append(value)
+            else:
+                out[key] += value
+    for key, value in lists.items():
+        out[key] = value
+    out["client_cpu_max"] = max(cpu) if cpu else 0.0
+    out["client_saturated"] = bool(cpu) and max(cpu) >= SATURATED
+    return out
+
+
+def server_rss(admin: str | None, pid: int | None) -> int:
+    pids: list[int] = []
+    if admin:
+        with urllib.request.urlopen(admin + "/status", timeout=5) as response:
+            pids = [s["pid"] for s in json.loads(response.read())["shards"] if s["alive"]]
+    elif pid:
+        pids = [pid]
+    total = 0
+    for p in pids:
+        for line in Path(f"/proc/{p}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+def split(total: int, parts: int) -> list[int]:
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+def workers_for(connections: int, minimum: int = 1) -> int:
+    return max(minimum, -(-connections // PER_WORKER))
+
+
+def summary(merged: dict[str, Any]) -> dict[str, Any]:
+    lat = merged["latencies"]
+    rtt = merged["rtts"]
+    con = merged["connect_ms"]
+    failures = {k: v for k, v in merged.items() if k.startswith(("failed", "close_", "error_"))}
+    return {
+        "latency_ms": {
+            p: round(percentile(lat, q), 3)
+            for p, q in (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))
+        },
+        "rtt_ms": {
+            p: round(percentile(rtt, q), 3) for p, q in (("p50", 50), ("p99", 99), ("max", 100))
+        },
+        "connect_ms": {p: round(percentile(con, q), 2) for p, q in (("p50", 50), ("p99", 99))},
+        "duplicates": merged.get("duplicates", 0),
+        "out_of_order_or_gap": merged.get("out_of_order_or_gap", 0),
+        "dropped": merged.get("dropped", 0),
+        "failures": failures,
+        "client_cpu_max": round(merged["client_cpu_max"], 3),
+        "client_saturated": merged["client_saturated"],
+    }
+
+
+def run_hold(a: argparse.Namespace) -> dict[str, Any]:
+    n = a.connections
+    workers = workers_for(n, a.workers)
+    load = Load(a.port, "hold", workers)
+    try:
+        series: list[tuple[float, int, int]] = []
+        rss_before = server_rss(a.admin, a.pid)
+        start = time.monotonic()
+        payloads = []
+        for count in split(n, workers):
+            paths = [
+                ("/ws?user=h", i < max(1, a.sample // workers), False, False) for i in range(count)
+            ]
+            payloads.append({"paths": paths, "rate": a.connect_rate / workers})
+        for pipe, payload in zip(load.pipes, payloads, strict=True):
+            pipe.send(("connect", payload))
+        reports = []
+        pending = list(load.pipes)
+        while pending:
+            for pipe in list(pending):
+                if pipe.poll(1.0):
+                    reports.append(pipe.recv())
+                    pending.remove(pipe)
+            elapsed = time.monotonic() - start
+            rss = server_rss(a.admin, a.pid)
+            series.append((round(elapsed, 1), -1, rss))
+            print(
+                f"\r  connecting... {elapsed:6.1f} s  server RSS {rss / 2**20:8.1f} MiB",
+                end="",
+                file=sys.stderr,
+            )
+        connected = merge(reports)
+        up = sum(r["open"] for r in reports)
+        print(f"\n  {up} connections up in {time.monotonic() - start:.1f} s", file=sys.stderr)
+        rss_up = server_rss(a.admin, a.pid)
+        hold = merge(
+            load.ask(
+                "step", [{"rate": 0, "seconds": a.seconds, "ping": True, "drain": 0}] * workers
+            )
+        )
+        open_after = sum(1 for _ in range(0))  # filled below
+        rss_after = server_rss(a.admin, a.pid)
+        series.append((round(time.monotonic() - start, 1), up, rss_after))
+        open_after = sum(r["open"] for r in load.ask("step", [{"rate": 0, "seconds": 0}] * workers))
+    finally:
+        load.close()
+    result = {
+        "scenario": "hold",
+        "target": a.target,
+        "connections": n,
+        "up": up,
+        "open_after_hold": open_after,
+        "hold_seconds": a.seconds,
+        "rss_before": rss_before,
+        "rss_connected": rss_up,
+        "rss_after": rss_after,
+        "rss_per_connection": round((rss_after - rss_before) / up) if up else None,
+        "connect": summary(connected),
+        "hold": summary(hold),
+        "series": series,
+    }
+    return result
+
+
+def run_fanout(a: argparse.Namespace) -> dict[str, Any]:
+    receivers, senders = a.receivers, a.senders
+    workers = workers_for(receivers + senders, a.workers)
+    load = Load(a.port, a.room, workers)
+    steps = []
+    try:
+        payloads = []
+        shares = split(receivers, workers)
+        sender_shares = split(senders, workers)
+        for w in range(workers):
+            paths = []
+            for i in range(shares[w]):
+                sampled = i < max(1, a.sample // workers)
+                # Spread reliable receivers evenly: receiver i acks when i * share
+                # crosses an integer.
+                reliable = int((i + 1) * a.reliable) > int(i * a.reliable)
+                paths.append((f"/ws?user=r{w}x{i}&room={a.room}", sampled, False, reliable))
+            for i in range(sender_shares[w]):
+                paths.append((f"/ws?user=s{w}x{i}&room={a.room}", False, True, False))
+            payloads.append({"paths": paths, "rate": a.connect_rate / workers})
+        connected = merge(load.ask("connect", payloads))
+        members = receivers + senders
+        for rate in a.rates:
+            reports = load.ask(
+                "step",
+                [
+                    {"rate": rate * s / senders, "seconds": a.seconds, "drain": a.drain}
+                    for s in sender_shares
+                ],
+            )
+            merged = merge(reports)
+            sent = merged["sent"]
+            expected = sent * members
+            delivered = merged["frames"] - merged["acks"]
+            row = {
+                "offered_rate": rate,
+                "sent": sent,
+                "acked": merged["acks"],
+                "expected_deliveries": expected,
+                "delivered": delivered,
+                "deliveries_per_s": round(delivered / a.seconds),
+                "delivered_share": round(delivered / expected, 4) if expected else None,
+                "lost": max(0, expected - delivered),
+                **summary(merged),
+            }
+            steps.append(row)
+            p99 = row["latency_ms"]["p99"]
+            print(
+                f"  rate {rate:>8}/s  deliveries {row['deliveries_per_s']:>9}/s  "
+                f"p50 {row['latency_ms']['p50']:>8} p99 {p99:>8} ms  "
+                f"share {row['delivered_share']}  client cpu {row['client_cpu_max']:.2f}"
+                + ("  CLIENT SATURATED" if row["client_saturated"] else ""),
+                file=sys.stderr,
+            )
+            if p99 > a.p99_bound or (row["delivered_share"] or 0) < 0.99:
+                break
+    finally:
+        load.close()
+    return {
+        "scenario": "fanout",
+        "target": a.target,
+        "receivers": receivers,
+        "senders": senders,
+        "connect": summary(connected),
+        "steps": steps,
+    }
+
+
+def run_rooms(a: argparse.Namespace) -> dict[str, Any]:
+    n, size = a.clients, a.room_size
+    workers = workers_for(n, a.workers)
+    load = Load(a.port, "rooms", workers)
+    rooms = [f"room{i}" for i in range(-(-n // size))]
+    try:
+        payloads = []
+        index = 0
+        for count in split(n, workers):
+            paths = []
+            for i in range(count):
+                room = rooms[index // size]
+                sampled = i < max(1, a.sample // workers)
+                paths.append((f"/ws?user=c{index}&room={room}", sampled, True, False))
+                index += 1
+            payloads.append({"paths": paths, "rate": a.connect_rate / workers})
+        connected = merge(load.ask("connect", payloads))
+        # Each worker's clients are its senders; each sends once per interval.
+        counts = split(n, workers)
+        rate_per_client = 1000 / a.interval_ms
+        cpu_before = server_cpu(a)
+        t0 = time.monotonic()
+        reports = load.ask(
+            "step",
+            [{"rate": rate_per_client * c, "seconds": a.seconds, "drain": a.drain} for c in counts],
+        )
+        server_cpu_share = (server_cpu(a) - cpu_before) / (time.monotonic() - t0)
+        merged = merge(reports)
+    finally:
+        load.close()
+    sent = merged["sent"]
+    delivered = merged["frames"] - merged["acks"]
+    expected = sent * size
+    return {
+        "scenario": "rooms",
+        "target": a.target,
+        "clients": n,
+        "room_size": size,
+        "interval_ms": a.interval_ms,
+        "sent": sent,
+        "expected_deliveries": expected,
+        "delivered": delivered,
+        "delivered_share": round(delivered / expected, 4) if expected else None,
+        "deliveries_per_s": round(delivered / a.seconds),
+        "server_cpu_cores": round(server_cpu_share, 3),
+        "connect": summary(connected),
+        "run": summary(merged),
+    }
+
+
+def server_cpu(a: argparse.Namespace) -> float:
+    """CPU seconds used so far by the server's processes."""
+    pids: list[int] = []
+    if a.admin:
+        with urllib.request.urlopen(a.admin + "/status", timeout=5) as response:
+            pids = [s["pid"] for s in json.loads(response.read())["shards"] if s["alive"]]
+    elif a.pid:
+        pids = [a.pid]
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for p in pids:
+        fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / ticks
+    return total
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("scenario", choices=["hold", "fanout", "rooms"])
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--admin", help="shardchat's admin URL, to read the shards' pids")
+    p.add_argument("--pid", type=int, help="the server's pid (the baseline)")
+    p.add_argument("--target", default="shardchat", help="a name for the report")
+    p.add_argument("--workers", type=int, default=1, help="load processes, at least")
+    p.add_argument("--connect-rate", type=float, default=2000, help="new connections/s")
+    p.add_argument("--sample", type=int, default=20, help="connections that decode JSON")
+    p.add_argument("--seconds", type=float, default=5, help="length of a step or of the hold")
+    p.add_argument("--drain", type=float, default=2, help="seconds to wait after sending")
+    p.add_argument("--connections", type=int, default=1000)
+    p.add_argument("--receivers", type=int, default=1000)
+    p.add_argument("--senders", type=int, default=10)
+    p.add_argument("--room", default="fan")
+    p.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")], default=[100, 1000])
+    p.add_argument("--p99-bound", type=float, default=250.0, help="ms; stop stepping past it")
+    p.add_argument("--reliable", type=float, default=0.0, help="share of receivers that ack")
+    p.add_argument("--clients", type=int, default=1000)
+    p.add_argument("--room-size", type=int, default=10)
+    p.add_argument("--interval-ms", type=float, default=1000)
+    p.add_argument(
+        "--output", help="the JSON result file (default perf/results/SCENARIO-TARGET.json)"
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    a = parser().parse_args(argv)
+    runner = {"hold": run_hold, "fanout": run_fanout, "rooms": run_rooms}[a.scenario]
+    result = runner(a)
+    RESULTS.mkdir(exist_ok=True)
+    out = Path(a.output) if a.output else RESULTS / f"{a.scenario}-{a.target}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k not in ("series", "steps")}, indent=2))
+    for step in result.get("steps", []):
+        print(json.dumps(step))
+    print(f"wrote {out}", file=sys.stderr)
+    return result
+
+
+if __name__ == "__main__":
+    main()

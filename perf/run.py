@@ -1,0 +1,269 @@
+"""The benchmark runner: start the servers, run a named scenario set, stop, clean up.
+
+    python -m perf.run smoke      # every scenario, tiny (a minute)
+    python -m perf.run fanout     # shardchat --workers 1 vs the baseline, pinned; --workers 2
+    python -m perf.run rooms      # 10,000 clients in rooms of 10, pinned
+    python -m perf.run hold       # 50,000 connections, --workers 4, 5 minutes
+    python -m perf.run reliable   # fan-out with 50% of receivers acking vs 0%
+    python -m perf.run metrics    # fan-out with /metrics scraped every second vs no admin port
+    python -m perf.run all
+
+Pinning (``taskset``): the server under test on CPU 0, the load client on
+CPU 1, so that each comparison is core against core. Results go to
+perf/results/*.json; ``python -m perf.plot`` draws them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+from perf import procs
+from perf.load import main as load_main
+
+PY = sys.executable
+SERVER_CPU, CLIENT_CPU = "0", "1"
+FAST = ["limits.rate=1000000", "limits.burst=1000000", "heartbeat.idle_timeout=0"]
+FANOUT_RATES = "5,10,20,40,80,160,240,320,480,640,960,1280"
+
+
+def pin_self(cpu: str) -> None:
+    """The load client (this process and the workers it forks) on one core."""
+    if hasattr(os, "sched_setaffinity") and os.cpu_count() and os.cpu_count() > 1:  # type: ignore[operator]
+        os.sched_setaffinity(0, {int(cpu)})
+
+
+def load(args: list[str]) -> dict[str, Any]:
+    return load_main(args)
+
+
+def fanout_against(
+    server: procs.Running, name: str, receivers: int, extra: list[str]
+) -> dict[str, Any]:
+    args = ["fanout", "--port", str(server.port), "--target", name, "--receivers", str(receivers)]
+    args += ["--senders", "10", "--rates", FANOUT_RATES, "--seconds", "5", "--drain", "2"]
+    if server.admin_port:
+        args += ["--admin", f"http://127.0.0.1:{server.admin_port}"]
+    else:
+        args += ["--pid", str(server.proc.pid)]
+    return load(args + extra)
+
+
+def best_rate(result: dict[str, Any], bound: float = 250.0) -> float:
+    """Deliveries/s of the best step with p99 under the bound and nothing lost."""
+    ok = [
+        s["deliveries_per_s"]
+        for s in result["steps"]
+        if s["latency_ms"]["p99"] <= bound and (s["delivered_share"] or 0) >= 0.99
+    ]
+    return max(ok, default=0.0)
+
+
+def run_fanout(receivers: int = 5000) -> dict[str, Any]:
+    pin_self(CLIENT_CPU)
+    with procs.baseline(cpus=SERVER_CPU) as server:
+        base = fanout_against(server, "baseline", receivers, [])
+    with procs.shardchat(1, settings=FAST, cpus=SERVER_CPU) as server:
+        one = fanout_against(server, "shardchat-w1-pinned", receivers, [])
+    os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
+    with procs.shardchat(2, settings=FAST) as server:
+        two = fanout_against(server, "shardchat-w2", receivers, [])
+    summary = {
+        "baseline_best": best_rate(base),
+        "shardchat_w1_best": best_rate(one),
+        "shardchat_w2_best": best_rate(two),
+    }
+    summary["ratio_w1_vs_baseline"] = round(
+        summary["shardchat_w1_best"] / max(1, summary["baseline_best"]), 2
+    )
+    procs.write_result("fanout-summary", summary)
+    return summary
+
+
+def run_rooms(clients: int = 10000) -> dict[str, Any]:
+    pin_self(CLIENT_CPU)
+    out = {}
+    common = [
+        "--clients",
+        str(clients),
+        "--room-size",
+        "10",
+        "--interval-ms",
+        "1000",
+        "--seconds",
+        "20",
+    ]
+    with procs.baseline(cpus=SERVER_CPU) as server:
+        out["baseline"] = load(
+            [
+                "rooms",
+                "--port",
+                str(server.port),
+                "--pid",
+                str(server.proc.pid),
+                "--target",
+                "baseline",
+                *common,
+            ]
+        )
+    with procs.shardchat(1, settings=FAST, cpus=SERVER_CPU) as server:
+        out["shardchat"] = load(
+            [
+                "rooms",
+                "--port",
+                str(server.port),
+                "--target",
+                "shardchat-w1-pinned",
+                "--admin",
+                f"http://127.0.0.1:{server.admin_port}",
+                *common,
+            ]
+        )
+    return out
+
+
+def run_hold(connections: int = 50000, seconds: float = 300) -> dict[str, Any]:
+    settings = [*FAST, "heartbeat.interval=30"]
+    with procs.shardchat(4, settings=settings) as server:
+        return load(
+            [
+                "hold",
+                "--port",
+                str(server.port),
+                "--admin",
+                f"http://127.0.0.1:{server.admin_port}",
+                "--target",
+                "shardchat-w4",
+                "--connections",
+                str(connections),
+                "--seconds",
+                str(seconds),
+                "--connect-rate",
+                "2500",
+                "--sample",
+                "200",
+                "--workers",
+                "5",
+            ]
+        )
+
+
+def run_reliable(receivers: int = 2000) -> dict[str, Any]:
+    pin_self(CLIENT_CPU)
+    out = {}
+    with procs.shardchat(1, settings=FAST, cpus=SERVER_CPU) as server:
+        out["none"] = fanout_against(server, "reliable-0", receivers, [])
+        out["half"] = fanout_against(server, "reliable-50", receivers, ["--reliable", "0.5"])
+    out["ratio"] = round(best_rate(out["half"]) / max(1, best_rate(out["none"])), 3)
+    procs.write_result(
+        "reliable-summary",
+        {"ratio": out["ratio"], "none": best_rate(out["none"]), "half": best_rate(out["half"])},
+    )
+    return out
+
+
+def _scrape_every_second(admin_port: int, stop: threading.Event) -> None:
+    while not stop.wait(1.0):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=5).read()
+        except OSError:
+            pass
+
+
+def run_metrics(receivers: int = 2000) -> dict[str, Any]:
+    pin_self(CLIENT_CPU)
+    out = {}
+    with procs.shardchat(1, settings=[*FAST, "server.admin_port=0"], cpus=SERVER_CPU) as server:
+        out["off"] = fanout_against(server, "metrics-off", receivers, [])
+    with procs.shardchat(1, settings=FAST, cpus=SERVER_CPU) as server:
+        stop = threading.Event()
+        scraper = threading.Thread(target=_scrape_every_second, args=(server.admin_port, stop))
+        scraper.start()
+        try:
+            out["on"] = fanout_against(server, "metrics-on", receivers, [])
+        finally:
+            stop.set()
+            scraper.join()
+    out["ratio"] = round(best_rate(out["on"]) / max(1, best_rate(out["off"])), 3)
+    procs.write_result(
+        "metrics-summary",
+        {"ratio": out["ratio"], "off": best_rate(out["off"]), "on": best_rate(out["on"])},
+    )
+    return out
+
+
+def run_smoke() -> dict[str, Any]:
+    """Every scenario at a tiny size, against shardchat --workers 2."""
+    out: dict[str, Any] = {}
+    with procs.shardchat(2, settings=FAST) as server:
+        admin = ["--admin", f"http://127.0.0.1:{server.admin_port}", "--target", "smoke"]
+        port = ["--port", str(server.port)]
+        out["hold"] = load(["hold", *port, *admin, "--connections", "200", "--seconds", "2"])
+        out["fanout"] = load(
+            [
+                "fanout",
+                *port,
+                *admin,
+                "--receivers",
+                "200",
+                "--senders",
+                "4",
+                "--rates",
+                "50,200",
+                "--seconds",
+                "2",
+                "--drain",
+                "1",
+            ]
+        )
+        out["rooms"] = load(
+            [
+                "rooms",
+                *port,
+                *admin,
+                "--clients",
+                "200",
+                "--room-size",
+                "10",
+                "--interval-ms",
+                "200",
+                "--seconds",
+                "2",
+                "--drain",
+                "1",
+            ]
+        )
+    return out
+
+
+SETS: dict[str, Callable[[], Any]] = {
+    "smoke": run_smoke,
+    "fanout": run_fanout,
+    "rooms": run_rooms,
+    "hold": run_hold,
+    "reliable": run_reliable,
+    "metrics": run_metrics,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("set", choices=[*SETS, "all"])
+    args = parser.parse_args()
+    names = [n for n in SETS if n != "smoke"] if args.set == "all" else [args.set]
+    for name in names:
+        print(f"== {name}", file=sys.stderr)
+        result = SETS[name]()
+        print(json.dumps(result, indent=2, default=str)[:4000])
+
+
+if __name__ == "__main__":
+    main()
