@@ -39,11 +39,12 @@ from .obs import log_event
 from .ratelimit import TokenBucket
 from .router import Router
 
-__all__ = ["ConnState", "Hub"]
+__all__ = ["SWEEP_SLICES", "ConnState", "Hub"]
 
 log = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 1
+SWEEP_SLICES = 10  # a pass over every connection takes this many sweep calls
 _CHAT_PAGE = Path(__file__).with_name("static") / "index.html"
 
 
@@ -107,6 +108,8 @@ class Hub:
         # A whole-server limit, split evenly: the kernel spreads connections evenly.
         self._max_local = -(-config.server.max_connections // config.workers)
         self.accepted_total = 0
+        self._sweep_list: list[Connection] = []  # this pass's connections
+        self._sweep_at = 0  # the next of them to tick
 
     # Connection lifecycle (ConnectionHandler)
 
@@ -408,13 +411,21 @@ class Hub:
     # Shard duties
 
     def sweep(self, now: float) -> None:
-        """Once per tick: heartbeats and timeouts of every connection."""
+        """One slice of the shard's sweep (``SWEEP_SLICES`` slices a tick): heartbeats
+        and timeouts of a slice of the connections, so that no single pause grows with
+        all of them; the router's timers once per full pass."""
         self.clock = now
+        if self._sweep_at >= len(self._sweep_list):
+            self._sweep_list = list(self.connections)
+            self._sweep_at = 0
+            self.router.sweep(now)
         hb = self.config.heartbeat
         interval, timeout, idle = hb.interval, hb.timeout, hb.idle_timeout
-        for conn in list(self.connections):
+        start = self._sweep_at
+        end = start + -(-len(self._sweep_list) // SWEEP_SLICES)
+        for conn in self._sweep_list[start:end]:
             conn.tick(now, interval, timeout, idle)
-        self.router.sweep(now)
+        self._sweep_at = end
 
     def drain(self) -> None:
         """Stop taking connections and close every open one with 1001 ``shutdown``."""

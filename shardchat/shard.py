@@ -28,7 +28,7 @@ from . import shm, stats
 from .bus import Bus
 from .config import Config
 from .hooks import Hooks
-from .hub import Hub
+from .hub import SWEEP_SLICES, Hub
 from .obs import configure_logging, log_event, set_process_role
 from .router import Router
 
@@ -131,7 +131,9 @@ async def _run(spec: ShardSpec, loop: asyncio.AbstractEventLoop, hub: Hub, bus: 
     loop.add_signal_handler(signal.SIGQUIT, request_stop, True)
 
     hb = config.heartbeat
+    # A full pass over the connections takes one tick, in SWEEP_SLICES calls.
     tick = min(1.0, hb.interval / 2, hb.timeout / 2, config.delivery.ack_timeout / 2)
+    tick /= SWEEP_SLICES
     frozen_at = 0
 
     def sweep() -> None:

@@ -308,3 +308,26 @@ async def test_auth_tokens() -> None:
         welcome = json.loads(await ws.recv())
         assert welcome["user"] == "bob"
         await ws.close()
+
+
+async def test_abrupt_eof_in_a_room_breaks_nothing(srv: Server) -> None:
+    """Clients that vanish with a bare EOF (no close frame) while in a room: the others
+    get their leave events and the server logs no error (a regression: presence events
+    were once written to the half-closed transports)."""
+    (watcher,) = await clients_on_shards(srv.url, [0], prefix="eofw")
+    async with closing([watcher]):
+        await watcher.join("eof-room")
+        raws = [await raw_on_shard(srv, 0, f"/ws?user=vanish{i}&room=eof-room") for i in range(3)]
+        while (await watcher.request("presence", "presence", room="eof-room"))["count"] < 4:
+            pass
+        for raw in raws:
+            raw.sock.shutdown(socket.SHUT_WR)
+        left = set()
+        while len(left) < 3:
+            frame = await watcher.recv()
+            if frame["type"] == "leave":
+                left.add(frame["sender"])
+        for raw in raws:
+            raw.close()
+        assert left == {f"vanish{i}" for i in range(3)}
+    assert not [e for e in srv.log_events() if e.get("level") == "error"]
