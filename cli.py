@@ -6,9 +6,11 @@ codes: 2 for a configuration mistake, 1 for a server that cannot run.
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any
 
 import click
 
@@ -18,10 +20,57 @@ from shardchat.errors import ConfigError, HookError, ShardchatError
 
 __all__ = ["main"]
 
-F = TypeVar("F", bound=Callable[..., Any])
+
+@dataclass(frozen=True, slots=True)
+class ConfigFlags:
+    """The flags every command that reads the configuration takes."""
+
+    path: str | None
+    workers: str | None
+    host: str | None
+    port: int | None
+    app: str | None
+    settings: tuple[str, ...]
+
+    def load(self) -> Config:
+        """The effective configuration; a mistake exits 2 with one line."""
+        overrides: dict[str, object] = {}
+        try:
+            for item in self.settings:
+                key, value = parse_override(item)
+                overrides[key] = value
+            if self.workers is not None:
+                workers = self.workers
+                overrides["server.workers"] = int(workers) if workers.isdigit() else workers
+            if self.host is not None:
+                overrides["server.host"] = self.host
+            if self.port is not None:
+                overrides["server.port"] = self.port
+            if self.app is not None:
+                overrides["server.app"] = self.app
+            return load_config(self.path, overrides=overrides)
+        except ConfigError as exc:
+            click.echo(f"shardchat: {exc}", err=True)
+            sys.exit(2)
 
 
-def _config_options(func: F) -> F:
+def _config_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Add the config flags to a command, handed to it as one ``flags`` argument."""
+
+    @functools.wraps(func)
+    def command(
+        *args: Any,
+        config_path: str | None,
+        workers: str | None,
+        host: str | None,
+        port: int | None,
+        app: str | None,
+        settings: tuple[str, ...],
+        **kwargs: Any,
+    ) -> Any:
+        flags = ConfigFlags(config_path, workers, host, port, app, settings)
+        return func(*args, flags=flags, **kwargs)
+
     options = [
         click.option(
             "--config",
@@ -42,35 +91,8 @@ def _config_options(func: F) -> F:
         ),
     ]
     for option in reversed(options):
-        func = option(func)
-    return func
-
-
-def _load(
-    config_path: str | None,
-    workers: str | None,
-    host: str | None,
-    port: int | None,
-    app: str | None,
-    settings: tuple[str, ...],
-) -> Config:
-    overrides: dict[str, object] = {}
-    try:
-        for item in settings:
-            key, value = parse_override(item)
-            overrides[key] = value
-        if workers is not None:
-            overrides["server.workers"] = int(workers) if workers.isdigit() else workers
-        if host is not None:
-            overrides["server.host"] = host
-        if port is not None:
-            overrides["server.port"] = port
-        if app is not None:
-            overrides["server.app"] = app
-        return load_config(config_path, overrides=overrides)
-    except ConfigError as exc:
-        click.echo(f"shardchat: {exc}", err=True)
-        sys.exit(2)
+        command = option(command)
+    return command
 
 
 @click.group()
@@ -81,16 +103,9 @@ def main() -> None:
 
 @main.command()
 @_config_options
-def start(
-    config_path: str | None,
-    workers: str | None,
-    host: str | None,
-    port: int | None,
-    app: str | None,
-    settings: tuple[str, ...],
-) -> None:
+def start(flags: ConfigFlags) -> None:
     """Start the supervisor and its shards; SIGTERM or Ctrl-C drains and stops."""
-    config = _load(config_path, workers, host, port, app, settings)
+    config = flags.load()
     from shardchat.obs import configure_logging
     from shardchat.supervisor import Supervisor
 
@@ -108,16 +123,9 @@ def start(
 
 @main.command("config")
 @_config_options
-def show_config(
-    config_path: str | None,
-    workers: str | None,
-    host: str | None,
-    port: int | None,
-    app: str | None,
-    settings: tuple[str, ...],
-) -> None:
+def show_config(flags: ConfigFlags) -> None:
     """Print the effective configuration as TOML (secrets redacted)."""
-    click.echo(to_toml(_load(config_path, workers, host, port, app, settings)), nl=False)
+    click.echo(to_toml(flags.load()), nl=False)
 
 
 @main.command()
@@ -128,23 +136,14 @@ def show_config(
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON.")
 @_config_options
-def status(
-    admin_url: str | None,
-    as_json: bool,
-    config_path: str | None,
-    workers: str | None,
-    host: str | None,
-    port: int | None,
-    app: str | None,
-    settings: tuple[str, ...],
-) -> None:
+def status(admin_url: str | None, as_json: bool, flags: ConfigFlags) -> None:
     """Show each shard's pid, uptime, restarts and connections."""
     import json
     import urllib.error
     import urllib.request
 
     if admin_url is None:
-        config = _load(config_path, workers, host, port, app, settings)
+        config = flags.load()
         admin_url = f"http://{config.server.host}:{config.server.admin_port}"
     url = admin_url.rstrip("/") + "/status"
     try:

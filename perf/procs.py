@@ -62,6 +62,15 @@ class Running:
         return sum(rss_bytes(pid) for pid in self.server_pids())
 
 
+def _stop(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def _taskset(cpus: str | None) -> list[str]:
     return ["taskset", "-c", cpus] if cpus else []
 
@@ -85,12 +94,7 @@ def shardchat(
             time.sleep(0.05)
         yield running
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _stop(proc, 30)
 
 
 @contextlib.contextmanager
@@ -102,12 +106,7 @@ def baseline(cpus: str | None = None) -> Iterator[Running]:
         wait_port(port)
         yield Running("websockets.asyncio (baseline)", proc, port, None)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _stop(proc, 10)
 
 
 def write_result(name: str, data: object) -> Path:
