@@ -19,6 +19,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import uvloop
 from websockets.asyncio.server import ServerConnection, broadcast, serve
+from websockets.exceptions import ConnectionClosed
 
 rooms: defaultdict[str, set[ServerConnection]] = defaultdict(set)
 seqs: defaultdict[str, int] = defaultdict(int)
@@ -64,6 +65,8 @@ async def handler(ws: ServerConnection) -> None:
             elif kind == "ping":
                 msg["type"] = "pong"
                 await ws.send(json.dumps(msg))
+    except ConnectionClosed:
+        pass  # a client that leaves mid-send is not an error of the server
     finally:
         for room in joined:
             rooms[room].discard(ws)

@@ -52,7 +52,10 @@ class Running:
     def server_pids(self) -> list[int]:
         """The processes that hold connections (the shards, or the baseline itself)."""
         if self.admin_port is None:
-            return [self.proc.pid]
+            # shardchat without its admin port: the supervisor's children.
+            children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+            pids = [int(p) for p in children.read_text().split()] if children.exists() else []
+            return pids or [self.proc.pid]
         url = f"http://127.0.0.1:{self.admin_port}/status"
         with urllib.request.urlopen(url, timeout=5) as response:
             status = json.loads(response.read())
@@ -85,10 +88,14 @@ def shardchat(
     for setting in settings:
         args += ["--set", setting]
     proc = subprocess.Popen(args, cwd=ROOT)
+    admin_off = "server.admin_port=0" in settings
     try:
         wait_port(port)
-        wait_port(admin)
-        running = Running(f"shardchat --workers {workers}", proc, port, admin)
+        if not admin_off:
+            wait_port(admin)
+        running = Running(
+            f"shardchat --workers {workers}", proc, port, None if admin_off else admin
+        )
         deadline = time.monotonic() + 10
         while len(running.server_pids()) < workers and time.monotonic() < deadline:
             time.sleep(0.05)
