@@ -131,13 +131,19 @@ class Worker:
         return sent
 
     async def ping_loop(self, seconds: float) -> None:
-        """The sample sends an application ping every second; pongs give the RTT."""
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            now = time.monotonic_ns()
-            for conn in self.pingers:
-                conn.send({"type": "ping", "t": now})
-            await asyncio.sleep(1.0)
+        """Each sampled connection sends an application ping once a second, at its own
+        offset within the second (as independent clients would); pongs give the RTT."""
+        pingers = self.pingers
+        if not pingers:
+            return
+        start = time.monotonic()
+        n = 0
+        while (elapsed := time.monotonic() - start) < seconds:
+            due = int(elapsed * len(pingers))  # pings that should have gone by now
+            while n < due:
+                pingers[n % len(pingers)].send({"type": "ping", "t": time.monotonic_ns()})
+                n += 1
+            await asyncio.sleep(1.0 / len(pingers))
 
     def report(self, cpu: float, wall: float) -> dict[str, Any]:
         stats = self.stats

@@ -44,7 +44,9 @@ __all__ = ["SWEEP_SLICES", "ConnState", "Hub"]
 log = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 1
-SWEEP_SLICES = 10  # a pass over every connection takes this many sweep calls
+# A pass over every connection takes this many sweep calls: with 12,500
+# connections a call ticks 250 of them, a pause of well under a millisecond.
+SWEEP_SLICES = 50
 _CHAT_PAGE = Path(__file__).with_name("static") / "index.html"
 
 
