@@ -33,7 +33,7 @@ FAST = ["limits.rate=1000000", "limits.burst=1000000", "heartbeat.idle_timeout=0
 FANOUT_RATES = "5,10,20,40,80,160,240,320,480,640,960,1280"
 # 2,000 receivers: the steps go on until p99 passes the bound, so that a ratio of
 # two runs compares their limits, not the top of the step list.
-SMALL_FANOUT_RATES = "40,160,320,640,960,1280,1920,2560,3840,5120,7680"
+SMALL_FANOUT_RATES = "40,160,320,640,960,1280,1440,1600,1760,1920,2240,2560,3840"
 
 
 def pin_self(cpu: str) -> None:
@@ -47,10 +47,10 @@ def load(args: list[str]) -> dict[str, Any]:
 
 
 def fanout_against(
-    server: procs.Running, name: str, receivers: int, extra: list[str]
+    server: procs.Running, name: str, receivers: int, extra: list[str], rates: str = FANOUT_RATES
 ) -> dict[str, Any]:
     args = ["fanout", "--port", str(server.port), "--target", name, "--receivers", str(receivers)]
-    args += ["--senders", "10", "--rates", FANOUT_RATES, "--seconds", "5", "--drain", "2"]
+    args += ["--senders", "10", "--rates", rates, "--seconds", "5", "--drain", "2"]
     if server.admin_port:
         args += ["--admin", f"http://127.0.0.1:{server.admin_port}"]
     else:

@@ -595,8 +595,12 @@ class Router:
     # Reliable delivery
 
     def ack(self, conn: Connection, room: str, seq: int) -> None:
-        """A client's cumulative ack; the first one puts it in reliable mode for the room."""
-        self.flush()
+        """A client's cumulative ack; the first one puts it in reliable mode for the room.
+
+        No flush here: an ack must not cut the loop turn's batch short (that
+        would cost the whole room its coalescing). A client cannot ack what it
+        has not received, so the room's seq is a safe upper bound.
+        """
         latest = self.logs[room].seq if room in self.logs else 0
         reliable = self.reliable.setdefault(room, {})
         state = reliable.get(conn)
