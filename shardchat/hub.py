@@ -12,7 +12,6 @@ import asyncio
 import logging
 import secrets
 import time
-from collections import defaultdict
 from pathlib import Path
 from urllib.parse import parse_qsl
 
@@ -104,7 +103,7 @@ class Hub:
         self.draining = False
         self.all_closed = asyncio.Event()
         self.connections: set[Connection] = set()
-        self.per_ip: defaultdict[str, int] = defaultdict(int)
+        self.per_ip: dict[str, int] = {}  # open connections per client address
         self._next_conn_id = 0
         self._chat_page = _CHAT_PAGE.read_bytes()
         # A whole-server limit, split evenly: the kernel spreads connections evenly.
@@ -156,7 +155,8 @@ class Hub:
         handshaking = len(self.connections) - self.open_count
         if self.counters.total(_S_CONNECTIONS) + handshaking > server.max_connections:
             return 503, "server is full\n"
-        if server.max_per_ip and self.per_ip[conn.peer] >= server.max_per_ip:
+        # .get: a refused address must not leave an entry behind.
+        if server.max_per_ip and self.per_ip.get(conn.peer, 0) >= server.max_per_ip:
             return 503, "too many connections from this address\n"
         allowed: frozenset[str] | None = None
         auth = self.config.auth
@@ -202,7 +202,7 @@ class Hub:
         assert isinstance(state, ConnState)
         user = conn.user
         state.opened = True
-        self.per_ip[conn.peer] += 1
+        self.per_ip[conn.peer] = self.per_ip.get(conn.peer, 0) + 1
         self.open_count += 1
         self.stats[_S_CONNECTIONS] = self.open_count
         self.stats[_S_OPENED] += 1
@@ -241,7 +241,7 @@ class Hub:
             self.router.leave(conn, room)
         state.rooms.clear()
         self.router.forget(conn)
-        count = self.per_ip[conn.peer] - 1
+        count = self.per_ip.get(conn.peer, 1) - 1
         if count > 0:
             self.per_ip[conn.peer] = count
         else:
