@@ -23,6 +23,7 @@ __all__ = ["LoadConn", "client_frame"]
 
 _MASK = b"\x00\x00\x00\x00"
 _SEQ = re.compile(rb"\d+")
+_MESSAGE = b'{"type":"message"'  # how shardchat's message frames begin
 
 
 def client_frame(payload: bytes, opcode: int = 0x1) -> bytes:
@@ -120,7 +121,8 @@ class LoadConn(asyncio.Protocol):
             opcode = b0 & 0x0F
             if opcode == 0x1:
                 frames += 1
-                last_text = pos + head
+                if self.reliable and buf[pos + head : pos + head + 17] == _MESSAGE:
+                    last_text = pos + head
                 if self.sampled:
                     self._sample(bytes(buf[pos + head : pos + head + n]))
                 elif self.sender and b'"ack"' in buf[pos + head : pos + head + 16]:
@@ -144,7 +146,7 @@ class LoadConn(asyncio.Protocol):
     def _ack(self, head: bytes) -> None:
         """Ack the seq of a message frame, found without decoding the JSON."""
         at = head.find(b'"seq":')
-        if at < 0 or not head.startswith(b'{"type":"message"'):
+        if at < 0:
             return
         digits = _SEQ.match(head, at + 6)
         room_at = head.find(b'"room":"')

@@ -52,6 +52,7 @@ __all__ = ["Record", "RingReader", "RingWriter", "bump_generation", "init_ring",
 Record = tuple[int, int, int, bytes]  # position, kind, aux, payload
 
 _PAD = int(RecordKind.PAD)
+assert _PAD == 0, "poll() tests `if kind:` for a real record"
 _u64_pack = U64.pack_into
 _u64_unpack = U64.unpack_from
 _header_pack = RECORD_HEADER.pack_into
@@ -99,9 +100,11 @@ class RingWriter:
         "_capacity",
         "_claim_ahead",
         "_claimed",
-        "_last_segment",
+        "_data",
         "_latest",
         "_mask",
+        "_max_payload",
+        "_next_checkpoint",
         "_published",
         "_segment_shift",
         "_tail",
@@ -130,7 +133,9 @@ class RingWriter:
         # a torn record returned.
         self._claim_ahead = capacity // 64
         self._latest = int(_u64_unpack(buf, OFF_LATEST)[0])
-        self._last_segment = -1
+        self._data = buf[HEADER_SIZE : HEADER_SIZE + capacity]
+        self._max_payload = capacity // 8 - RECORD_HEADER_SIZE
+        self._next_checkpoint = tail  # the next record starts a checkpoint
         _u64_pack(buf, OFF_WRITER_PID, writer_pid)
 
     @property
@@ -163,37 +168,46 @@ class RingWriter:
 
         Records appended in one loop turn become visible together, so the
         writer stores ``latest``, ``published`` and ``tail`` once per batch.
+        This is the fan-out's hot path across shards: written for speed.
         """
         plen = len(payload)
-        capacity = self._capacity
-        if plen > capacity // 8 - RECORD_HEADER_SIZE:
-            check_payload(plen, capacity)
-        buf = self._buf
-        size = (RECORD_HEADER_SIZE + plen + 15) & ~15
+        if plen > self._max_payload:
+            check_payload(plen, self._capacity)
+        size = (RECORD_HEADER_SIZE + 15 + plen) & ~15
         tail = self._tail
         off = tail & self._mask
-        left = capacity - off
-        end = tail + size if left >= size else tail + left + size
-        if end > self._claimed:
-            # The intent covers the pad (if any) and the record before either is written.
-            self._claimed = end + self._claim_ahead
-            _u64_pack(buf, OFF_TAIL_INTENT, self._claimed)
+        left = self._capacity - off
         if left < size:
-            # Pad to the end and wrap.
-            _header_pack(buf, HEADER_SIZE + off, left, _PAD, 0, tail)
+            self._wrap(tail, left, size)
             tail += left
             off = 0
-        start = HEADER_SIZE + off
-        buf[start + RECORD_HEADER_SIZE : start + RECORD_HEADER_SIZE + plen] = payload
-        _header_pack(buf, start, RECORD_HEADER_SIZE + plen, kind, aux, tail)
-        segment = tail >> self._segment_shift
-        if segment != self._last_segment:
-            self._last_segment = segment
-            _u64_pack(buf, OFF_CHECKPOINTS + 8 * (segment % CHECKPOINTS), tail)
+        elif tail + size > self._claimed:
+            # The intent covers the record before it is written.
+            self._claimed = tail + size + self._claim_ahead
+            _u64_pack(self._buf, OFF_TAIL_INTENT, self._claimed)
+        data = self._data
+        data[off + RECORD_HEADER_SIZE : off + RECORD_HEADER_SIZE + plen] = payload
+        _header_pack(data, off, RECORD_HEADER_SIZE + plen, kind, aux, tail)
+        if tail >= self._next_checkpoint:
+            self._checkpoint(tail)
         self._latest = tail
         self._published += 1
         self._tail = tail + size
         return tail
+
+    def _wrap(self, tail: int, left: int, size: int) -> None:
+        """Claim the pad and the record, then pad to the end of the ring."""
+        end = tail + left + size
+        if end > self._claimed:
+            self._claimed = end + self._claim_ahead
+            _u64_pack(self._buf, OFF_TAIL_INTENT, self._claimed)
+        _header_pack(self._data, tail & self._mask, left, _PAD, 0, tail)
+
+    def _checkpoint(self, position: int) -> None:
+        """Record the first record start of each eighth of the ring (for restarts)."""
+        segment = position >> self._segment_shift
+        _u64_pack(self._buf, OFF_CHECKPOINTS + 8 * (segment % CHECKPOINTS), position)
+        self._next_checkpoint = (segment + 1) << self._segment_shift
 
     def commit(self) -> None:
         """Make every appended record visible: ``latest``, ``published``, then ``tail``."""
@@ -308,18 +322,22 @@ class RingReader:
         if int(_u64_unpack(buf, OFF_TAIL_INTENT)[0]) - cursor > capacity:
             return self._lapped_at(cursor, [])
         out: list[Record] = []
+        append = out.append
         pos = 0
-        while pos + RECORD_HEADER_SIZE <= n and len(out) < limit:
+        last = n - RECORD_HEADER_SIZE
+        left = limit
+        while pos <= last and left:
             length, kind, aux, position = _header_unpack(copy, pos)
             size = (length + 15) & ~15
-            if position != cursor + pos or length < RECORD_HEADER_SIZE:
+            if position - pos != cursor or length < RECORD_HEADER_SIZE:
                 return self._lapped_at(cursor + pos, out)
             if pos + size > n:
                 if size > capacity - ((cursor + pos) & self._mask):
                     return self._lapped_at(cursor + pos, out)
                 break  # the rest of this record is past max_bytes: next poll
-            if kind != _PAD:
-                out.append((position, kind, aux, copy[pos + RECORD_HEADER_SIZE : pos + length]))
+            if kind:  # not PAD
+                append((position, kind, aux, copy[pos + RECORD_HEADER_SIZE : pos + length]))
+                left -= 1
             pos += size
         self.cursor = cursor + pos
         self.passed += len(out)
