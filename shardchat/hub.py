@@ -144,8 +144,10 @@ class Hub:
         if self.draining:
             return 503, "server is shutting down\n"
         if server.origins:
+            # Browsers always send Origin on a WebSocket upgrade; the allow-list guards
+            # against other sites' pages (CSWSH). Clients that are not browsers send none.
             origin = request.headers.get("Origin")
-            if origin not in server.origins:
+            if origin is not None and origin not in server.origins:
                 return 403, "origin not allowed\n"
         params = parse_qsl(query, keep_blank_values=True)
         for key, value in params:

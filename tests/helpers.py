@@ -225,16 +225,21 @@ class Client:
         await self.ws.close()
 
 
-async def connect_client(url: str, user: str | None = None, rooms: Sequence[str] = ()) -> Client:
+async def connect_client(
+    url: str, user: str | None = None, rooms: Sequence[str] = (), source: str | None = None
+) -> Client:
+    """A connected client; ``source`` binds it to that local address in 127.0.0.0/8."""
     query = []
     if user is not None:
         query.append(f"user={user}")
     query += [f"room={room}" for room in rooms]
-    full = url + ("?" + "&".join(query) if query else "")
+    joiner = "&" if "?" in url else "?"
+    full = url + (joiner + "&".join(query) if query else "")
     # max_queue=None: a client that is not reading right now still drains its socket,
     # so that its close handshake is never stuck behind unread frames.
+    extra: dict[str, Any] = {} if source is None else {"local_addr": (source, 0)}
     ws = await connect(
-        full, max_size=None, max_queue=None, compression=None, open_timeout=scaled(10)
+        full, max_size=None, max_queue=None, compression=None, open_timeout=scaled(10), **extra
     )
     welcome = json.loads(await asyncio.wait_for(ws.recv(), scaled(5)))
     assert welcome["type"] == "welcome", welcome
@@ -242,7 +247,11 @@ async def connect_client(url: str, user: str | None = None, rooms: Sequence[str]
 
 
 async def clients_on_shards(
-    url: str, shards: Sequence[int], prefix: str = "u", max_tries: int = 400
+    url: str,
+    shards: Sequence[int],
+    prefix: str = "u",
+    max_tries: int = 400,
+    source: str | None = None,
 ) -> list[Client]:
     """Connect until there is one client on each listed shard (in that order).
 
@@ -252,7 +261,7 @@ async def clients_on_shards(
     found: list[Client | None] = [None] * len(wanted)
     spare: list[Client] = []
     for attempt in range(max_tries):
-        client = await connect_client(url, user=f"{prefix}{attempt}")
+        client = await connect_client(url, user=f"{prefix}{attempt}", source=source)
         for i, shard in enumerate(wanted):
             if found[i] is None and shard == client.shard:
                 found[i] = client
@@ -361,12 +370,14 @@ class RawClient:
 
 
 async def good_neighbour(
-    url: str, shard: int, room: str, count: int = 30
+    url: str, shard: int, room: str, count: int = 30, source: str | None = None, query: str = ""
 ) -> tuple[Client, Client, asyncio.Task[list[dict[str, Any]]]]:
     """A well-behaved member of ``room`` on ``shard`` and a publisher sending it
-    ``count`` messages in the background; await the task for what it received."""
-    (good,) = await clients_on_shards(url, [shard], prefix=f"good{room}")
-    publisher = await connect_client(url, user=f"pub{room}")
+    ``count`` messages in the background; await the task for what it received.
+    ``query`` is added to both URLs (a token, say)."""
+    url = url + query
+    (good,) = await clients_on_shards(url, [shard], prefix=f"good{room}", source=source)
+    publisher = await connect_client(url, user=f"pub{room}", source=source)
     await good.join(room)
     await publisher.join(room)
 

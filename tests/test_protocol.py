@@ -187,31 +187,37 @@ async def test_rate_limit_refuses_only_the_excess() -> None:
 
 
 async def test_origin_allow_list_403() -> None:
-    with running_server(workers=2, settings=['server.origins=["https://chat.example"]']) as server:
-        with pytest.raises(InvalidStatus) as info:
-            await connect(server.url, origin="https://evil.example")  # type: ignore[arg-type]
-        assert info.value.response.status_code == 403
+    # The test clients send no Origin header: allowed here (None), as for non-browsers.
+    origins = 'server.origins=["https://chat.example"]'
+    with running_server(workers=2, settings=[origins]) as server:
+        good, pub, task = await good_neighbour(server.url, 0, "orig")
+        for _ in range(6):  # every shard refuses
+            with pytest.raises(InvalidStatus) as info:
+                await connect(server.url, origin="https://evil.example")  # type: ignore[arg-type]
+            assert info.value.response.status_code == 403
         ok = await connect(server.url, origin="https://chat.example")  # type: ignore[arg-type]
         await ok.close()
+        await check_neighbour(good, pub, task)
 
 
 async def test_max_connections_and_max_per_ip_503() -> None:
     """Over the whole server's max_connections, or max_per_ip from one address: 503."""
-    settings = ["server.max_connections=6", "server.max_per_ip=4"]
+    settings = ["server.max_connections=8", "server.max_per_ip=4"]
     with running_server(workers=3, settings=settings) as server:
+        # Two well-behaved connections from another address, on shard 0.
+        good, pub, task = await good_neighbour(server.url, 0, "full", source="127.0.0.3")
         clients = [await connect_client(server.url, user=f"ip{i}") for i in range(4)]
         async with closing(clients):
-            per_ip_refused = 0
-            for _ in range(6):  # whichever shard: every shard sees the limit of 4 apiece
+            refused = 0
+            for _ in range(6):  # whichever shard: each allows 4 from one address
                 try:
-                    extra = await connect_client(server.url, user="over")
-                    clients.append(extra)
+                    clients.append(await connect_client(server.url, user="over"))
                 except InvalidStatus as exc:
                     assert exc.response.status_code == 503
-                    per_ip_refused += 1
-            # 4 per address per shard allows more; the whole-server limit of 6 stops them.
-            assert len(clients) == 6 and per_ip_refused == 4
-            # From another address, still over max_connections.
+                    refused += 1
+            # 4 per address per shard would allow more; 8 for the whole server stops them.
+            assert len(clients) == 6 and refused == 4
+            # From yet another address, still over max_connections.
             sock = socket.socket()
             sock.bind(("127.0.0.2", 0))
             sock.connect(("127.0.0.1", server.port))
@@ -221,10 +227,12 @@ async def test_max_connections_and_max_per_ip_503() -> None:
             )
             assert sock.recv(100).startswith(b"HTTP/1.1 503")
             sock.close()
+            await check_neighbour(good, pub, task)
 
 
 async def test_room_full() -> None:
     with running_server(workers=3, settings=["limits.room_size=2"]) as server:
+        good, pub, task = await good_neighbour(server.url, 2, "fine")
         a, b, c = await clients_on_shards(server.url, [0, 1, 2], prefix="full")
         async with closing([a, b, c]):
             await a.join("small")
@@ -238,6 +246,7 @@ async def test_room_full() -> None:
             again = await connect_client(server.url, user=a.user)
             async with closing([again]):
                 assert (await again.join("small"))["count"] == 2
+        await check_neighbour(good, pub, task)
 
 
 async def test_slow_loris_handshake_is_dropped(srv: Server) -> None:
@@ -285,6 +294,8 @@ async def test_auth_tokens() -> None:
     user; a rooms claim limits joins (unauthorized)."""
     secret = "s3cret"
     with running_server(workers=2, settings=[f'auth.secret="{secret}"']) as server:
+        query = "?token=" + make_token(secret, {"sub": "neighbour"})
+        good, pub, task = await good_neighbour(server.url + query, 1, "authed")
         for suffix in (
             "?user=mallory",
             "?token=abc.def.ghi",
@@ -308,6 +319,7 @@ async def test_auth_tokens() -> None:
         welcome = json.loads(await ws.recv())
         assert welcome["user"] == "bob"
         await ws.close()
+        await check_neighbour(good, pub, task)
 
 
 async def test_abrupt_eof_in_a_room_breaks_nothing(srv: Server) -> None:
