@@ -22,13 +22,9 @@ __all__ = [
     "PresenceQuery",
     "Publish",
     "RoomId",
-    "ShardId",
-    "UserId",
 ]
 
 RoomId = NewType("RoomId", str)
-UserId = NewType("UserId", str)
-ShardId = NewType("ShardId", int)
 
 
 class AppCloseCode(enum.IntEnum):

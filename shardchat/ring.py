@@ -47,7 +47,15 @@ from .ringlayout import (
     check_payload,
 )
 
-__all__ = ["Record", "RingReader", "RingWriter", "bump_generation", "init_ring", "ring_capacity"]
+__all__ = [
+    "Record",
+    "RingReader",
+    "RingWriter",
+    "bump_generation",
+    "init_ring",
+    "ring_capacity",
+    "ring_heartbeat_ns",
+]
 
 Record = tuple[int, int, int, bytes]  # position, kind, aux, payload
 
@@ -83,6 +91,11 @@ def ring_capacity(buf: memoryview) -> int:
     if len(buf) < HEADER_SIZE + capacity:
         raise RingLayoutError("segment smaller than its ring")
     return capacity
+
+
+def ring_heartbeat_ns(buf: memoryview) -> int:
+    """The writer's last heartbeat (its shard's loop stamps it once per sweep)."""
+    return int(_u64_unpack(buf, OFF_HEARTBEAT)[0])
 
 
 def bump_generation(buf: memoryview) -> int:
@@ -247,9 +260,6 @@ class RingReader:
 
     def tail(self) -> int:
         return int(_u64_unpack(self._buf, OFF_TAIL)[0])
-
-    def heartbeat_ns(self) -> int:
-        return int(_u64_unpack(self._buf, OFF_HEARTBEAT)[0])
 
     def backlog(self) -> int:
         """Bytes written and not yet read (the reader's lag)."""

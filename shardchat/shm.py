@@ -16,7 +16,7 @@ from pathlib import Path
 import posix_ipc
 
 from .obs import log_event
-from .ring import bump_generation, init_ring
+from .ring import bump_generation, init_ring, ring_heartbeat_ns
 from .ringlayout import segment_size
 from .roomtable import SLOT_SIZE
 from .stats import BLOCK_SLOTS
@@ -216,6 +216,10 @@ class Fabric:
 
     def new_generation(self, shard: int) -> int:
         return bump_generation(memoryview(self.segments[shard].buf))
+
+    def heartbeat_ns(self, shard: int) -> int:
+        """When the shard's loop last beat (CLOCK_MONOTONIC ns, one clock per box)."""
+        return ring_heartbeat_ns(memoryview(self.segments[shard].buf))
 
     def close(self) -> None:
         for segment in self.segments:

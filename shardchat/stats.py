@@ -77,7 +77,7 @@ LATENCY_BUCKETS_MS = (0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 250
 LATENCY_BASE = 128  # cumulative-free counts per bucket, then one for +Inf
 
 LAG_BASE = 192  # ring lag in bytes behind each peer (gauge), slot per peer shard
-MAX_PEERS = BLOCK_SLOTS - LAG_BASE
+assert LAG_BASE + 256 <= BLOCK_SLOTS, "a lag slot for each of server.workers' 256 shards"
 
 
 def error_slot(code: str) -> int:

@@ -53,6 +53,8 @@ class ShardSlot:
     shard_id: int
     process: Any = None  # multiprocess.Process while running
     started_at: float = 0.0  # monotonic
+    started_ns: int = 0  # monotonic ns, against the ring's heartbeat
+    killed_stuck: bool = False  # SIGKILLed for a stuck loop; the exit restarts it
     started_wall: float = 0.0  # time.time(), for status
     incarnation: int = -1
     restarts: int = 0
@@ -177,13 +179,40 @@ class Supervisor:
                 for slot in self.slots:
                     if slot.restart_at is not None and now >= slot.restart_at:
                         self._spawn(slot)
+                self._kill_stuck()
             timeout = self._next_timeout(now)
             for key, _ in self._selector.select(timeout):
                 callback: Callable[[], None] = key.data
                 callback()
 
+    def _kill_stuck(self) -> None:
+        """SIGKILL a shard whose loop has not beaten for ``shard_timeout`` (gunicorn's
+        worker timeout): a blocked loop serves nobody, and a restart does."""
+        limit = self.config.server.shard_timeout
+        if not limit:
+            return
+        now_ns = time.monotonic_ns()
+        for slot in self.slots:
+            if slot.process is None or slot.killed_stuck:
+                continue
+            # A new incarnation counts from its start until its first beat.
+            last = max(self._fabric.heartbeat_ns(slot.shard_id), slot.started_ns)
+            if now_ns - last > limit * 1e9:
+                log_event(
+                    log,
+                    logging.ERROR,
+                    "shard_stuck",
+                    shard_id=slot.shard_id,
+                    pid=slot.pid,
+                    silent_s=round((now_ns - last) / 1e9, 1),
+                )
+                slot.killed_stuck = True
+                os.kill(slot.process.pid, signal.SIGKILL)
+
     def _next_timeout(self, now: float) -> float | None:
         deadlines = [slot.restart_at for slot in self.slots if slot.restart_at is not None]
+        if self.config.server.shard_timeout and not self.stopping:
+            deadlines.append(now + min(1.0, self.config.server.shard_timeout / 4))
         if self.stopping:
             deadlines.append(self.stop_deadline)
         if not deadlines:
@@ -247,6 +276,8 @@ class Supervisor:
         process.start()
         slot.process = process
         slot.started_at = time.monotonic()
+        slot.started_ns = time.monotonic_ns()
+        slot.killed_stuck = False
         slot.started_wall = time.time()
         self._selector.register(process.sentinel, selectors.EVENT_READ, lambda: self._on_exit(slot))
         if slot.incarnation:

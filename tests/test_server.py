@@ -194,3 +194,22 @@ def test_stale_shm_of_killed_supervisor_is_swept() -> None:
     assert len(shm.leftover_names(dead.pid)) == 2
     with running_server(workers=1):
         assert shm.leftover_names(dead.pid) == []
+
+
+async def test_stuck_shard_is_killed_and_restarted() -> None:
+    """A shard whose loop stops (SIGSTOP) misses its heartbeats: after shard_timeout the
+    supervisor kills it and starts it again; the other shards are untouched."""
+    with running_server(workers=3, settings=["server.shard_timeout=2"]) as srv:
+        c0, c2 = await clients_on_shards(srv.url, [0, 2], prefix="stuck")
+        async with closing([c0, c2]):
+            pids = srv.shard_pids()
+            os.kill(pids[1], signal.SIGSTOP)
+            srv.wait_started(4, timeout=10)
+            events = srv.wait_for_log(lambda ev: any(e.get("event") == "shard_stuck" for e in ev))
+            stuck = [e for e in events if e.get("event") == "shard_stuck"]
+            assert stuck[0]["shard_id"] == 1 and stuck[0]["pid"] == pids[1]
+            new_pids = srv.shard_pids()
+            assert new_pids[1] != pids[1]
+            assert (new_pids[0], new_pids[2]) == (pids[0], pids[2])
+            for client in (c0, c2):
+                assert (await client.request("ping", "pong", id="on"))["id"] == "on"
