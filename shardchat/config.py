@@ -79,6 +79,7 @@ class DeliveryConfig:
     ack_timeout: float = 2.0  # seconds before an unacked message is resent
     ack_retries: int = 5  # resends before close 4409
     history: int = 1000  # messages held per room for resume and history
+    room_idle: float = 600.0  # seconds before a non-owner shard drops an idle room's log
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -249,6 +250,7 @@ _CHECKS: dict[str, Check] = {
     "delivery.ack_timeout": _number(0, strict=True),
     "delivery.ack_retries": _int(0),
     "delivery.history": _int(0, 1_000_000),
+    "delivery.room_idle": _number(0, strict=False),
     "ring.bytes": _power_of_two,
     "ring.rooms": _int(16, 1 << 24),
     "presence.list_limit": _int(1),

@@ -355,6 +355,20 @@ class Hub:
             present = self.router.present.get(room, {})
             if conn.user not in present and len(present) >= room_size:
                 raise ProtocolError("room_full", f"room {room} has {room_size} users", request.id)
+        # A room this shard dropped (idle, no members here) is fetched back from its
+        # owner first, so that `since` is answered from everything the server holds.
+        if not self.router.ensure_history(
+            room, request.since, lambda: self._finish_join(conn, request)
+        ):
+            return
+        self._finish_join(conn, request)
+
+    def _finish_join(self, conn: Connection, request: Join) -> None:
+        state = conn.data
+        assert isinstance(state, ConnState)
+        if conn.out is None and not conn.is_open:
+            return  # gone while the room's history was being fetched
+        room = request.room
         if room in state.rooms:
             self.router.leave(conn, room)
         log_ = self.router.join(conn, room)

@@ -37,11 +37,12 @@ class Replay:
 class RoomLog:
     """One room's sequence and its last ``capacity`` messages, in seq order."""
 
-    __slots__ = ("_held", "epoch", "seq")
+    __slots__ = ("_held", "epoch", "seq", "touched")
 
-    def __init__(self, epoch: str, capacity: int, seq: int = 0) -> None:
+    def __init__(self, epoch: str, capacity: int, seq: int = 0, touched: float = 0.0) -> None:
         self.epoch = epoch  # names this run of the room's sequence
         self.seq = seq  # the latest seq this log has seen (0: none yet)
+        self.touched = touched  # when the log was last used (the caller's clock)
         self._held: deque[HeldMessage] = deque(maxlen=capacity)
 
     def __len__(self) -> int:

@@ -24,6 +24,7 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import records, stats, wire
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 FORWARD_RETRY = 1.0  # seconds before an unsequenced forward is sent again
 FORWARD_GIVE_UP = 30.0  # seconds before the sender is told the publish failed
 GAP_TIMEOUT = 2.0  # seconds to wait for the owner to resend a missed range
+EVICT_EVERY = 30.0  # seconds between scans for idle rooms to drop
 SEQUENCED_IDS = 100_000  # forwarded message ids the owner remembers, for duplicates
 
 _ROOM_MSG = int(RecordKind.ROOM_MSG)
@@ -118,6 +120,8 @@ class Router:
         self.local_presence: dict[str, dict[str, int]] = {}
         self.present: dict[str, dict[str, set[int]]] = {}
         self.reliable: dict[str, dict[Connection, Reliable]] = {}
+        self._waiting: dict[str, list[Callable[[], None]]] = {}  # joins awaiting a fetch
+        self._next_evict = loop.time() + min(EVICT_EVERY, config.delivery.room_idle or EVICT_EVERY)
         self._table_slots: dict[str, int | None] = {}
         self._outbox: dict[str, list[bytes]] = {}
         self._flush_scheduled = False
@@ -302,6 +306,7 @@ class Router:
         seq = msg.seq
         if seq == log_.seq + 1 and room not in self.held_back:
             log_.append(seq, msg.json)
+            log_.touched = self.loop.time()
             self._queue(room, msg.json)
             if room in self.members:
                 self._latency(time.monotonic_ns() - msg.publish_ns)
@@ -315,12 +320,13 @@ class Router:
         held.messages[msg.seq] = msg
         self._release(msg.room)
 
-    def _request_fill(self, room: str, first: int, last: int) -> HeldBack:
+    def _request_fill(self, room: str, first: int, last: int, why: str = "gap") -> HeldBack:
         """Ask the room's owner to resend ``first..last``; hold later messages meanwhile."""
         held = self.held_back.get(room)
         if held is None:
             held = self.held_back[room] = HeldBack(self.loop.time() + GAP_TIMEOUT, last)
-            log_event(log, logging.WARNING, "gap", room=room, first=first, last=last)
+            level = logging.WARNING if why == "gap" else logging.INFO
+            log_event(log, level, why, room=room, first=first, last=last)
         else:
             held.deadline = self.loop.time() + GAP_TIMEOUT
             held.last = max(held.last, last)
@@ -358,6 +364,8 @@ class Router:
             del held.messages[seq]
         if not held.messages and log_.seq >= held.last:
             del self.held_back[room]
+            for then in self._waiting.pop(room, ()):
+                then()
 
     def _on_replay(self, msg: records.RoomMessage) -> None:
         room = msg.room
@@ -482,7 +490,45 @@ class Router:
             owner = owner_of(room, self.workers)
             seq = self.bus.tables[owner].lookup(room) or 0
             log_ = self.logs[room] = RoomLog(self.epoch, self.history, seq)
+        log_.touched = self.loop.time()
         return log_
+
+    def ensure_history(self, room: str, since: int | None, then: Callable[[], None]) -> bool:
+        """True when a join with ``since`` can be answered now; otherwise fetch the
+        room's held history from its owner (this shard has no log of it: dropped
+        as idle, or a restart) and call ``then`` once it is here."""
+        if since is None or room in self.logs or not self.history:
+            return True
+        owner = owner_of(room, self.workers)
+        if owner == self.shard_id:
+            return True
+        latest = self.bus.tables[owner].lookup(room) or 0
+        if latest <= since:
+            return True
+        first = max(1, latest - self.history + 1)
+        self.logs[room] = RoomLog(self.epoch, self.history, first - 1, self.loop.time())
+        self._waiting.setdefault(room, []).append(then)
+        if room not in self.held_back:
+            self._request_fill(room, first, latest, "history_fetch")
+        return False
+
+    def _evict_idle(self, now: float) -> None:
+        """Drop the logs of rooms this shard does not own, has no members of and has
+        not used for ``delivery.room_idle``: every shard's memory stays with the rooms
+        in use, and the owner keeps the history for a later join."""
+        idle = self.config.delivery.room_idle
+        busy = self.members.keys() | self.held_back.keys() | self.reliable.keys()
+        dropped = [
+            room
+            for room, log_ in self.logs.items()
+            if now - log_.touched >= idle
+            and room not in busy
+            and owner_of(room, self.workers) != self.shard_id
+        ]
+        for room in dropped:
+            del self.logs[room]
+        if dropped:
+            log_event(log, logging.INFO, "rooms_dropped", count=len(dropped), kept=len(self.logs))
 
     def join(self, conn: Connection, room: str) -> RoomLog:
         """Add a member; the caller answers ``joined`` from the returned log."""
@@ -632,9 +678,13 @@ class Router:
     # Timers
 
     def sweep(self, now: float) -> None:
-        """Resends, forward retries and gap deadlines; called once per shard tick."""
+        """Resends, forward retries, gap deadlines, idle rooms; once per shard tick."""
         if self.reliable:
             self._resend_due(now)
+        idle = self.config.delivery.room_idle
+        if idle and now >= self._next_evict:
+            self._next_evict = now + min(EVICT_EVERY, idle)
+            self._evict_idle(now)
         if self.pending:
             for msg_id, pending in list(self.pending.items()):
                 if now - pending.first_sent >= FORWARD_GIVE_UP:

@@ -295,3 +295,29 @@ async def test_lapped_shard_fills_the_gap_from_the_owner() -> None:
             assert [m["seq"] for m in got] == list(range(1, 301))
         events = [e for e in srv.log_events() if e.get("event") == "gap"]
         assert any(e["shard"] == 1 for e in events)
+
+
+async def test_idle_room_dropped_then_fetched_back_from_its_owner() -> None:
+    """A shard drops its copy of an idle room it neither owns nor has members of; a later
+    join with since there gets the history back from the owner, recovered, in order."""
+    with running_server(workers=3, settings=[*FAST, "delivery.room_idle=1"]) as srv:
+        room = room_owned_by(0)
+        (pub,) = await clients_on_shards(srv.url, [0], prefix="idle")
+        async with closing([pub]):
+            joined = await pub.join(room)
+            await publish(pub, room, 20, "x")
+            srv.wait_for_log(
+                lambda ev: any(e.get("event") == "rooms_dropped" and e["shard"] == 1 for e in ev)
+            )
+            (late,) = await clients_on_shards(srv.url, [1], prefix="late")
+            async with closing([late]):
+                rejoined = await late.join(room, since=5, epoch=joined["epoch"])
+                assert rejoined["seq"] == 20 and rejoined["recovered"] is True
+                got = await collect(late, room, 15)
+                assert [m["content"] for m in got] == [f"x:{i}" for i in range(5, 20)]
+                # Live messages follow the fetched history without a gap.
+                await publish(pub, room, 3, "y")
+                more = await collect(late, room, 3)
+                assert [m["seq"] for m in more] == [21, 22, 23]
+        fetches = [e for e in srv.log_events() if e.get("event") == "history_fetch"]
+        assert fetches and fetches[0]["shard"] == 1
