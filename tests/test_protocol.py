@@ -21,6 +21,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from shardchat.auth import make_token
 from tests.helpers import (
+    Client,
     RawClient,
     Server,
     check_neighbour,
@@ -200,34 +201,61 @@ async def test_origin_allow_list_403() -> None:
         await check_neighbour(good, pub, task)
 
 
+def raw_upgrade_status(port: int, source: str) -> bytes:
+    """The status line of an upgrade request sent from ``source``."""
+    sock = socket.socket()
+    try:
+        sock.bind((source, 0))
+        sock.connect(("127.0.0.1", port))
+        sock.sendall(
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        return sock.recv(100).split(b"\r\n", 1)[0]
+    finally:
+        sock.close()
+
+
 async def test_max_connections_and_max_per_ip_503() -> None:
-    """Over the whole server's max_connections, or max_per_ip from one address: 503."""
-    settings = ["server.max_connections=8", "server.max_per_ip=4"]
+    """max_per_ip (4 per shard) from one address, then the whole server's
+    max_connections (15): HTTP 503 before the upgrade, a neighbour unharmed."""
+    settings = ["server.max_connections=15", "server.max_per_ip=4"]
     with running_server(workers=3, settings=settings) as server:
         # Two well-behaved connections from another address, on shard 0.
         good, pub, task = await good_neighbour(server.url, 0, "full", source="127.0.0.3")
-        clients = [await connect_client(server.url, user=f"ip{i}") for i in range(4)]
-        async with closing(clients):
-            refused = 0
-            for _ in range(6):  # whichever shard: each allows 4 from one address
+        clients: list[Client] = []
+        per_shard = {0: 0, 1: 0, 2: 0}
+        try:
+            # Fill every shard with 4 connections from 127.0.0.1; attempts that land on a
+            # full shard are refused by max_per_ip.
+            for _ in range(300):
+                if min(per_shard.values()) == 4:
+                    break
                 try:
-                    clients.append(await connect_client(server.url, user="over"))
+                    client = await connect_client(server.url, user="ip")
                 except InvalidStatus as exc:
                     assert exc.response.status_code == 503
-                    refused += 1
-            # 4 per address per shard would allow more; 8 for the whole server stops them.
-            assert len(clients) == 6 and refused == 4
-            # From yet another address, still over max_connections.
-            sock = socket.socket()
-            sock.bind(("127.0.0.2", 0))
-            sock.connect(("127.0.0.1", server.port))
-            sock.sendall(
-                b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-            )
-            assert sock.recv(100).startswith(b"HTTP/1.1 503")
-            sock.close()
+                    continue
+                clients.append(client)
+                per_shard[client.shard] += 1
+            assert per_shard == {0: 4, 1: 4, 2: 4}
+            # Whichever shard the kernel picks, 127.0.0.1 is over max_per_ip there.
+            for _ in range(3):
+                assert (
+                    raw_upgrade_status(server.port, "127.0.0.1")
+                    == b"HTTP/1.1 503 Service Unavailable"
+                )
+            # 12 + 2 = 14 of 15: one more from another address, then the server is full.
+            clients.append(await connect_client(server.url, user="last", source="127.0.0.2"))
+            for _ in range(3):
+                assert (
+                    raw_upgrade_status(server.port, "127.0.0.4")
+                    == b"HTTP/1.1 503 Service Unavailable"
+                )
             await check_neighbour(good, pub, task)
+        finally:
+            for client in clients:
+                await client.close()
 
 
 async def test_room_full() -> None:
