@@ -352,8 +352,8 @@ class Hub:
             # The presence view is as fresh as the rings: read them first. Joins on
             # several shards at the same instant can still overshoot by a few.
             self.router.bus.drain()
-            present = self.router.present.get(room, {})
-            if conn.user not in present and len(present) >= room_size:
+            presence = self.router.presence
+            if not presence.has(room, conn.user) and presence.count(room) >= room_size:
                 raise ProtocolError("room_full", f"room {room} has {room_size} users", request.id)
         # A room this shard dropped (idle, no members here) is fetched back from its
         # owner first, so that `since` is answered from everything the server holds.

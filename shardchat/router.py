@@ -34,6 +34,7 @@ from .connection import Connection
 from .delivery import Reliable
 from .messages import AppCloseCode
 from .obs import log_event
+from .presence import PresenceView
 from .ring import Record, RingReader
 from .ringlayout import RecordKind, max_payload
 from .rooms import HeldMessage, RoomLog, owner_of
@@ -117,8 +118,7 @@ class Router:
         self.pending: dict[str, PendingPublish] = {}
         self.sequenced: OrderedDict[str, tuple[str, int]] = OrderedDict()
         self.held_back: dict[str, HeldBack] = {}
-        self.local_presence: dict[str, dict[str, int]] = {}
-        self.present: dict[str, dict[str, set[int]]] = {}
+        self.presence = PresenceView()
         self.reliable: dict[str, dict[Connection, Reliable]] = {}
         self._waiting: dict[str, list[Callable[[], None]]] = {}  # joins awaiting a fetch
         self._next_evict = loop.time() + min(EVICT_EVERY, config.delivery.room_idle or EVICT_EVERY)
@@ -421,32 +421,14 @@ class Router:
     # Presence
 
     def _presence_change(self, room: str, user: str, shard: int, joined: bool) -> None:
-        users = self.present.get(room)
-        if joined:
-            if users is None:
-                users = self.present[room] = {}
-            shards = users.get(user)
-            if shards is None:
-                users[user] = {shard}
-                self._presence_event(room, user, "join", len(users))
-            else:
-                shards.add(shard)
-            return
-        if users is None or user not in users:
-            return
-        shards = users[user]
-        shards.discard(shard)
-        if not shards:
-            del users[user]
-            if not users:
-                del self.present[room]
-            self._presence_event(room, user, "leave", len(users))
+        if self.presence.change(room, user, shard, joined):
+            self._presence_event(room, user, "join" if joined else "leave")
 
     def _presence_event(
-        self, room: str, user: str, kind: str, count: int, skip: Connection | None = None
+        self, room: str, user: str, kind: str, skip: Connection | None = None
     ) -> None:
         members = self.members.get(room)
-        if not members or count > self.config.presence.events_limit:
+        if not members or self.presence.count(room) > self.config.presence.events_limit:
             return
         frame = wire.text_frame(
             wire.encode(
@@ -464,10 +446,9 @@ class Router:
 
     def _on_reset(self, peer: int) -> None:
         """A peer (re)started: its users are gone; tell it (and all) who is here."""
-        for room in list(self.present):
-            for user in [u for u, shards in self.present[room].items() if peer in shards]:
-                self._presence_change(room, user, peer, False)
-        pairs = [(room, user) for room, users in self.local_presence.items() for user in users]
+        for room, user in self.presence.drop_shard(peer):
+            self._presence_event(room, user, "leave")
+        pairs = self.presence.local_pairs()
         chunk: list[tuple[str, str]] = []
         size = 0
         for pair in pairs:
@@ -480,7 +461,7 @@ class Router:
             self.bus.publish(_SNAPSHOT, peer, records.encode_snapshot(chunk))
 
     def users(self, room: str) -> list[str]:
-        return list(self.present.get(room, ()))
+        return self.presence.users(room)
 
     # Membership
 
@@ -540,19 +521,11 @@ class Router:
         self.members.setdefault(room, {})[conn] = None
         self.stats[_S_JOINS] += 1
         self.stats[_S_ROOMS] = len(self.members)
-        local = self.local_presence.setdefault(room, {})
-        count = local.get(conn.user, 0)
-        local[conn.user] = count + 1
-        if count == 0:
+        if self.presence.local_join(room, conn.user):
             presence = records.encode_presence(records.Presence(room, conn.user, True))
             self.bus.publish(_PRESENCE, 0, presence)
-            users = self.present.setdefault(room, {})
-            shards = users.get(conn.user)
-            if shards is None:
-                users[conn.user] = {self.shard_id}
-                self._presence_event(room, conn.user, "join", len(users), skip=conn)
-            else:
-                shards.add(self.shard_id)
+            if self.presence.change(room, conn.user, self.shard_id, True):
+                self._presence_event(room, conn.user, "join", skip=conn)
         return log_
 
     def leave(self, conn: Connection, room: str) -> None:
@@ -566,19 +539,10 @@ class Router:
                 del self.members[room]
             self.stats[_S_LEAVES] += 1
             self.stats[_S_ROOMS] = len(self.members)
-        local = self.local_presence.get(room)
-        if local is None or conn.user not in local:
-            return
-        count = local[conn.user] - 1
-        if count:
-            local[conn.user] = count
-            return
-        del local[conn.user]
-        if not local:
-            del self.local_presence[room]
-        presence = records.encode_presence(records.Presence(room, conn.user, False))
-        self.bus.publish(_PRESENCE, 0, presence)
-        self._presence_change(room, conn.user, self.shard_id, False)
+        if self.presence.local_leave(room, conn.user):
+            presence = records.encode_presence(records.Presence(room, conn.user, False))
+            self.bus.publish(_PRESENCE, 0, presence)
+            self._presence_change(room, conn.user, self.shard_id, False)
 
     def forget(self, conn: Connection) -> None:
         """The sender of pending publishes is gone: they still get sequenced."""

@@ -15,6 +15,11 @@ CORE = [
     "shardchat.ratelimit",
     "shardchat.config",
     "shardchat.ringlayout",
+    "shardchat.presence",
+    "shardchat.delivery",
+    "shardchat.roomtable",
+    "shardchat.records",
+    "shardchat.auth",
     "shardchat.ring",
 ]
 IO = ["asyncio", "websockets", "uvloop", "posix_ipc", "multiprocess", "mmap", "socket"]

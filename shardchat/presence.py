@@ -1,0 +1,86 @@
+"""Who is in which room, across shards (DESIGN.md, Presence). Pure: no I/O.
+
+Each shard announces a user's first connection in a room on it and its last
+one; every shard applies those announcements to the same view, so presence
+is answered locally and reads the same everywhere. A user is present while
+any shard has a connection of theirs in the room. Methods return whether a
+user just became present or absent, and the router turns that into events.
+"""
+
+from __future__ import annotations
+
+__all__ = ["PresenceView"]
+
+
+class PresenceView:
+    def __init__(self) -> None:
+        self.local: dict[str, dict[str, int]] = {}  # room -> user -> our connections
+        self.present: dict[str, dict[str, set[int]]] = {}  # room -> user -> shards
+
+    def users(self, room: str) -> list[str]:
+        return list(self.present.get(room, ()))
+
+    def count(self, room: str) -> int:
+        return len(self.present.get(room, ()))
+
+    def has(self, room: str, user: str) -> bool:
+        return user in self.present.get(room, ())
+
+    def change(self, room: str, user: str, shard: int, joined: bool) -> bool:
+        """Apply one shard's announcement; True when the user became present
+        (``joined``) or absent (not ``joined``) in the room."""
+        users = self.present.get(room)
+        if joined:
+            if users is None:
+                users = self.present[room] = {}
+            shards = users.get(user)
+            if shards is None:
+                users[user] = {shard}
+                return True
+            shards.add(shard)
+            return False
+        if users is None or user not in users:
+            return False
+        shards = users[user]
+        shards.discard(shard)
+        if shards:
+            return False
+        del users[user]
+        if not users:
+            del self.present[room]
+        return True
+
+    def local_join(self, room: str, user: str) -> bool:
+        """One more of our connections of ``user`` in ``room``; True on the first,
+        which is to be announced to the other shards."""
+        local = self.local.setdefault(room, {})
+        count = local.get(user, 0)
+        local[user] = count + 1
+        return count == 0
+
+    def local_leave(self, room: str, user: str) -> bool:
+        """One fewer; True on the last, which is to be announced."""
+        local = self.local.get(room)
+        if local is None or user not in local:
+            return False
+        count = local[user] - 1
+        if count:
+            local[user] = count
+            return False
+        del local[user]
+        if not local:
+            del self.local[room]
+        return True
+
+    def drop_shard(self, shard: int) -> list[tuple[str, str]]:
+        """A shard restarted: its users are gone. The (room, user) that became absent."""
+        gone = []
+        for room in list(self.present):
+            for user in [u for u, shards in self.present[room].items() if shard in shards]:
+                if self.change(room, user, shard, False):
+                    gone.append((room, user))
+        return gone
+
+    def local_pairs(self) -> list[tuple[str, str]]:
+        """Our own (room, user) pairs, for a snapshot to a restarted peer."""
+        return [(room, user) for room, users in self.local.items() for user in users]
