@@ -26,7 +26,6 @@ import os
 import resource
 import sys
 import time
-import urllib.request
 from collections import Counter
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import Any
 
 import uvloop
 
+from perf import procs
 from perf.loadclient import LoadConn
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -255,19 +255,15 @@ def merge(reports: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def server_rss(admin: str | None, pid: int | None) -> int:
-    pids: list[int] = []
+def server_pids(admin: str | None, pid: int | None) -> list[int]:
+    """The server's processes: shardchat's shards (from its admin URL), or one pid."""
     if admin:
-        with urllib.request.urlopen(admin + "/status", timeout=5) as response:
-            pids = [s["pid"] for s in json.loads(response.read())["shards"] if s["alive"]]
-    elif pid:
-        pids = [pid]
-    total = 0
-    for p in pids:
-        for line in Path(f"/proc/{p}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                total += int(line.split()[1]) * 1024
-    return total
+        return procs.shard_pids(admin)
+    return [pid] if pid else []
+
+
+def server_rss(admin: str | None, pid: int | None) -> int:
+    return sum(procs.rss_bytes(p) for p in server_pids(admin, pid))
 
 
 def split(total: int, parts: int) -> list[int]:
@@ -485,15 +481,9 @@ def run_rooms(a: argparse.Namespace) -> dict[str, Any]:
 
 def server_cpu(a: argparse.Namespace) -> float:
     """CPU seconds used so far by the server's processes."""
-    pids: list[int] = []
-    if a.admin:
-        with urllib.request.urlopen(a.admin + "/status", timeout=5) as response:
-            pids = [s["pid"] for s in json.loads(response.read())["shards"] if s["alive"]]
-    elif a.pid:
-        pids = [a.pid]
     ticks = os.sysconf("SC_CLK_TCK")
     total = 0.0
-    for p in pids:
+    for p in server_pids(a.admin, a.pid):
         fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
         total += (int(fields[11]) + int(fields[12])) / ticks
     return total

@@ -33,6 +33,13 @@ def rss_bytes(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
+def shard_pids(admin: str) -> list[int]:
+    """The live shards' pids, from a shardchat supervisor's /status."""
+    with urllib.request.urlopen(admin + "/status", timeout=5) as response:
+        status = json.loads(response.read())
+    return [s["pid"] for s in status["shards"] if s["alive"]]
+
+
 def wait_port(port: int, timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -56,10 +63,7 @@ class Running:
             children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
             pids = [int(p) for p in children.read_text().split()] if children.exists() else []
             return pids or [self.proc.pid]
-        url = f"http://127.0.0.1:{self.admin_port}/status"
-        with urllib.request.urlopen(url, timeout=5) as response:
-            status = json.loads(response.read())
-        return [s["pid"] for s in status["shards"] if s["alive"]]
+        return shard_pids(f"http://127.0.0.1:{self.admin_port}")
 
     def rss(self) -> int:
         return sum(rss_bytes(pid) for pid in self.server_pids())

@@ -122,16 +122,15 @@ class HistoryRequest:
     room: str
     first: int
     last: int
-    requested_ns: int
 
 
 def encode_history_request(h: HistoryRequest) -> bytes:
-    return orjson.dumps({"r": h.room, "f": h.first, "l": h.last, "n": h.requested_ns})
+    return orjson.dumps({"r": h.room, "f": h.first, "l": h.last})
 
 
 def decode_history_request(payload: bytes) -> HistoryRequest:
     o = orjson.loads(payload)
-    return HistoryRequest(o["r"], o["f"], o["l"], o["n"])
+    return HistoryRequest(o["r"], o["f"], o["l"])
 
 
 @dataclass(frozen=True, slots=True)

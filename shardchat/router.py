@@ -330,7 +330,7 @@ class Router:
         else:
             held.deadline = self.loop.time() + GAP_TIMEOUT
             held.last = max(held.last, last)
-        request = records.HistoryRequest(room, first, held.last, time.monotonic_ns())
+        request = records.HistoryRequest(room, first, held.last)
         owner = owner_of(room, self.workers)
         self.bus.publish(_HISTORY_REQ, owner, records.encode_history_request(request))
         return held

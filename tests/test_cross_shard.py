@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import os
 import signal
-import socket
-import struct
 import zlib
 from typing import Any
 
 from shardchat.rooms import owner_of
-from tests.helpers import Client, Server, clients_on_shards, closing, connect_client, running_server
+from tests.helpers import (
+    Client,
+    RawClient,
+    Server,
+    clients_on_shards,
+    closing,
+    connect_client,
+    running_server,
+)
 
 FAST = ["limits.rate=100000", "limits.burst=100000"]
 
@@ -137,50 +142,6 @@ async def test_restarted_owner_keeps_history_and_epoch() -> None:
                 assert acks[0]["seq"] == 21
 
 
-def raw_connect(port: int, path: str) -> socket.socket:
-    """A WebSocket client on a bare socket with a tiny receive buffer, that will not read."""
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", port))
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall(
-        f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
-    )
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += sock.recv(1)
-    assert head.startswith(b"HTTP/1.1 101"), head
-    return sock
-
-
-def read_until_close(sock: socket.socket) -> int:
-    """Read server frames until the close frame; return its code."""
-    sock.settimeout(30)
-    buf = b""
-
-    def need(n: int) -> bytes:
-        nonlocal buf
-        while len(buf) < n:
-            chunk = sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("closed without a close frame")
-            buf += chunk
-        out, buf = buf[:n], buf[n:]
-        return out
-
-    while True:
-        b0, b1 = need(2)
-        length = b1 & 0x7F
-        if length == 126:
-            length = struct.unpack("!H", need(2))[0]
-        elif length == 127:
-            length = struct.unpack("!Q", need(8))[0]
-        payload = need(length)
-        if b0 & 0x0F == 0x8:
-            return int(struct.unpack("!H", payload[:2])[0])
-
-
 def shard_rss(server: Server) -> int:
     """The shards' private memory (RssAnon): the rings are shared and excluded."""
     total = 0
@@ -200,7 +161,8 @@ async def test_slow_consumer_is_closed_4429_and_others_get_everything() -> None:
         room = "slow-room"
         receivers = await clients_on_shards(srv.url, [0, 1, 2] * 10, prefix="r")
         (pub,) = await clients_on_shards(srv.url, [0], prefix="p")
-        slow = raw_connect(srv.port, f"/ws?user=slow&room={room}")
+        # A tiny receive buffer, and it never reads until the end.
+        slow = RawClient(srv.port, f"/ws?user=slow&room={room}", rcvbuf=4096)
         try:
             async with closing([*receivers[1:], pub]):
                 for client in (*receivers[1:], pub):
@@ -235,7 +197,7 @@ async def test_slow_consumer_is_closed_4429_and_others_get_everything() -> None:
                 rss_after = shard_rss(srv)
                 for got in results:
                     assert [m["seq"] for m in got] == list(range(1, count + 1))
-                code = await asyncio.to_thread(read_until_close, slow)
+                code = await asyncio.to_thread(slow.close_code)
                 assert code == 4429
                 # 6 MB went to 29 readers: the slow one holds at most its queue.
                 assert rss_after - rss_before < 64 * 1024 * 1024
