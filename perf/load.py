@@ -394,7 +394,7 @@ def run_fanout(a: argparse.Namespace) -> dict[str, Any]:
             merged = merge(reports)
             sent = merged["sent"]
             expected = sent * members
-            delivered = merged["frames"] - merged["acks"]
+            delivered = merged["messages"]
             row = {
                 "offered_rate": rate,
                 "sent": sent,
@@ -460,7 +460,7 @@ def run_rooms(a: argparse.Namespace) -> dict[str, Any]:
     finally:
         load.close()
     sent = merged["sent"]
-    delivered = merged["frames"] - merged["acks"]
+    delivered = merged["messages"]
     expected = sent * size
     return {
         "scenario": "rooms",
