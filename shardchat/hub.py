@@ -242,7 +242,7 @@ class Hub:
         for room in state.rooms:
             self.router.leave(conn, room)
         state.rooms.clear()
-        self.router.forget(conn)
+        self.router.forwarder.forget(conn)
         count = self.per_ip.get(conn.peer, 1) - 1
         if count > 0:
             self.per_ip[conn.peer] = count
@@ -357,7 +357,7 @@ class Hub:
                 raise ProtocolError("room_full", f"room {room} has {room_size} users", request.id)
         # A room this shard dropped (idle, no members here) is fetched back from its
         # owner first, so that `since` is answered from everything the server holds.
-        if not self.router.ensure_history(
+        if not self.router.gaps.ensure_history(
             room, request.since, lambda: self._finish_join(conn, request)
         ):
             return

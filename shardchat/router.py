@@ -3,15 +3,12 @@
 DESIGN.md, Rooms: a room's owner (``crc32(room) % workers``) alone assigns
 its ``seq``. A publish on another shard is forwarded to the owner through
 our ring and kept until the owner's sequenced record comes back (then the
-sender gets its ``ack``); it is forwarded again after ``FORWARD_RETRY`` and
-the owner drops duplicates by message id, so every acked publish is
-sequenced exactly once.
+sender gets its ``ack``); every acked publish is sequenced exactly once.
 
 Every shard reads every ring and keeps a :class:`RoomLog` of each room it
-sees, so ``join`` with ``since`` and ``history`` are answered locally. A gap
-in a room's seq (a lapped reader) holds that room's later messages back and
-asks the owner to resend the range; if the owner no longer holds it, the gap
-is accepted after ``GAP_TIMEOUT``.
+sees, so ``join`` with ``since`` and ``history`` are answered locally. Two
+parts live in their own modules: forwarding (:mod:`shardchat.forwarding`)
+and the filling of gaps from the owner (:mod:`shardchat.gapfill`).
 
 Fan-out: each room's new frames of one loop turn are joined once and written
 once to each local member (:meth:`Router.flush`).
@@ -23,15 +20,14 @@ import asyncio
 import logging
 import secrets
 import time
-from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from . import records, stats, wire
 from .bus import Bus
 from .config import Config
 from .connection import Connection
 from .delivery import Reliable
+from .forwarding import FORWARD_GIVE_UP, Forwarder, send_ack
+from .gapfill import GapFill
 from .messages import AppCloseCode
 from .obs import log_event
 from .presence import PresenceView
@@ -39,15 +35,11 @@ from .ring import Record, RingReader
 from .ringlayout import RecordKind, max_payload
 from .rooms import HeldMessage, RoomLog, owner_of
 
-__all__ = ["FORWARD_GIVE_UP", "FORWARD_RETRY", "GAP_TIMEOUT", "Router"]
+__all__ = ["Router"]
 
 log = logging.getLogger(__name__)
 
-FORWARD_RETRY = 1.0  # seconds before an unsequenced forward is sent again
-FORWARD_GIVE_UP = 30.0  # seconds before the sender is told the publish failed
-GAP_TIMEOUT = 2.0  # seconds to wait for the owner to resend a missed range
 EVICT_EVERY = 30.0  # seconds between scans for idle rooms to drop
-SEQUENCED_IDS = 100_000  # forwarded message ids the owner remembers, for duplicates
 
 _ROOM_MSG = int(RecordKind.ROOM_MSG)
 _FORWARD = int(RecordKind.FORWARD)
@@ -63,36 +55,9 @@ _S_ROOMS = int(stats.Slot.ROOMS)
 _S_SEQUENCED = int(stats.Slot.MESSAGES_SEQUENCED)
 _S_DELIVERED = int(stats.Slot.FRAMES_DELIVERED)
 _S_BYTES_OUT = int(stats.Slot.BYTES_OUT)
-_S_GAPS_LOST = int(stats.Slot.GAPS_LOST)
-_S_RETRIED = int(stats.Slot.FORWARDS_RETRIED)
 _S_RESENDS = int(stats.Slot.RESENDS)
 _S_LATENCY_COUNT = int(stats.Slot.LATENCY_COUNT)
 _S_LATENCY_SUM = int(stats.Slot.LATENCY_SUM_US)
-# Markers in a REPLAY's msg id field (a REPLAY with no JSON carries no message):
-_REPLAY_SKIP = "skip"  # the owner holds nothing up to this seq
-_REPLAY_END = "end"  # end of one resent chunk
-
-
-@dataclass(slots=True)
-class PendingPublish:
-    """A forwarded publish waiting for its owner to sequence it."""
-
-    conn: Connection | None  # None once the sender has gone
-    request_id: str | None
-    forward: records.Forward
-    payload: bytes  # the FORWARD record, to send again
-    owner: int
-    first_sent: float
-    last_sent: float
-
-
-@dataclass(slots=True)
-class HeldBack:
-    """A room's gap being filled by its owner, and the messages that came after it."""
-
-    deadline: float
-    last: int  # the last seq asked for
-    messages: dict[int, records.RoomMessage] = field(default_factory=dict)
 
 
 class Router:
@@ -115,12 +80,10 @@ class Router:
         self.history = config.delivery.history
         self.members: dict[str, dict[Connection, None]] = {}
         self.logs: dict[str, RoomLog] = {}
-        self.pending: dict[str, PendingPublish] = {}
-        self.sequenced: OrderedDict[str, tuple[str, int]] = OrderedDict()
-        self.held_back: dict[str, HeldBack] = {}
+        self.forwarder = Forwarder(bus, loop, counters, self._sequence)
+        self.gaps = GapFill(config, shard_id, epoch, bus, loop, counters, self.logs, self._queue)
         self.presence = PresenceView()
         self.reliable: dict[str, dict[Connection, Reliable]] = {}
-        self._waiting: dict[str, list[Callable[[], None]]] = {}  # joins awaiting a fetch
         self._next_evict = loop.time() + min(EVICT_EVERY, config.delivery.room_idle or EVICT_EVERY)
         self._table_slots: dict[str, int | None] = {}
         self._outbox: dict[str, list[bytes]] = {}
@@ -159,9 +122,9 @@ class Router:
         for peer, (_, _, _, payload) in forwards:
             forward = records.decode_forward(payload)
             if forward.publish_ns >= oldest_ok:
-                self._on_forward(peer, forward)
+                self.forwarder.on_forward(peer, forward)
         bus.publish(_RESET, 0, b"")
-        bus.start(self.on_records, self.on_lapped, readers)
+        bus.start(self.on_records, self.gaps.on_lapped, readers)
 
     def _rebuild(self, retained: list[Record]) -> None:
         for _, kind, _, payload in retained:
@@ -176,7 +139,7 @@ class Router:
             if msg.seq == log_.seq + 1:
                 log_.append(msg.seq, msg.json)
             if owner_of(msg.room, self.workers) == self.shard_id:
-                self._remember_sequenced(msg.msg_id, msg.room, msg.seq)
+                self.forwarder.remember(msg.msg_id, msg.room, msg.seq)
 
     # Publishing
 
@@ -193,14 +156,9 @@ class Router:
         owner = owner_of(room, self.workers)
         if owner == self.shard_id:
             seq = self._sequence(forward)
-            _send_ack(conn, room, seq, request_id)
+            send_ack(conn, room, seq, request_id)
         else:
-            payload = records.encode_forward(forward)
-            self.bus.publish(_FORWARD, owner, payload)
-            now = self.loop.time()
-            self.pending[msg_id] = PendingPublish(
-                conn, request_id, forward, payload, owner, now, now
-            )
+            self.forwarder.send(conn, request_id, forward, owner)
         return msg_id
 
     def _sequence(self, f: records.Forward) -> int:
@@ -224,7 +182,7 @@ class Router:
         )
         log_.append(seq, json)
         self._store_seq(room, seq)
-        self._remember_sequenced(f.msg_id, room, seq)
+        self.forwarder.remember(f.msg_id, room, seq)
         self._queue(room, json)
         self.stats[_S_SEQUENCED] += 1
         self._latency(time.monotonic_ns() - f.publish_ns)
@@ -248,11 +206,6 @@ class Router:
         if offset is not None:
             table.set_seq(offset, seq)
 
-    def _remember_sequenced(self, msg_id: str, room: str, seq: int) -> None:
-        self.sequenced[msg_id] = (room, seq)
-        if len(self.sequenced) > SEQUENCED_IDS:
-            self.sequenced.popitem(last=False)
-
     # Records from peers
 
     def on_records(self, peer: int, batch: list[Record]) -> None:
@@ -262,161 +215,42 @@ class Router:
                 self._on_room_message(records.decode_room_message(payload))
             elif kind == _FORWARD:
                 if aux == me:
-                    self._on_forward(peer, records.decode_forward(payload))
+                    self.forwarder.on_forward(peer, records.decode_forward(payload))
             elif kind == _PRESENCE:
                 p = records.decode_presence(payload)
                 self._presence_change(p.room, p.user, peer, p.joined)
             elif kind == _FORWARD_SEEN:
                 if aux == me:
                     seen = records.decode_forward_seen(payload)
-                    self._acknowledge(seen.msg_id, seen.room, seen.seq)
+                    self.forwarder.acknowledge(seen.msg_id, seen.room, seen.seq)
             elif kind == _REPLAY:
                 if aux == me:
-                    self._on_replay(records.decode_room_message(payload))
+                    self.gaps.on_replay(records.decode_room_message(payload))
             elif kind == _HISTORY_REQ:
                 if aux == me:
-                    self._on_history_request(peer, records.decode_history_request(payload))
+                    self.gaps.answer(peer, records.decode_history_request(payload))
             elif kind == _RESET:
                 self._on_reset(peer)
             elif kind == _SNAPSHOT:
                 for room, user in records.decode_snapshot(payload):
                     self._presence_change(room, user, peer, True)
 
-    def _on_forward(self, origin: int, f: records.Forward) -> None:
-        seen = self.sequenced.get(f.msg_id)
-        if seen is None:
-            self._sequence(f)
-            return
-        room, seq = seen
-        payload = records.encode_forward_seen(records.ForwardSeen(f.msg_id, room, seq))
-        self.bus.publish(_FORWARD_SEEN, origin, payload)
-
-    def _acknowledge(self, msg_id: str, room: str, seq: int) -> None:
-        pending = self.pending.pop(msg_id, None)
-        if pending is not None and pending.conn is not None:
-            _send_ack(pending.conn, room, seq, pending.request_id)
-
     def _on_room_message(self, msg: records.RoomMessage) -> None:
-        if self.pending:
-            self._acknowledge(msg.msg_id, msg.room, msg.seq)
+        if self.forwarder.pending:
+            self.forwarder.acknowledge(msg.msg_id, msg.room, msg.seq)
         room = msg.room
         log_ = self.logs.get(room)
         if log_ is None:
             log_ = self.logs[room] = RoomLog(self.epoch, self.history, msg.seq - 1)
         seq = msg.seq
-        if seq == log_.seq + 1 and room not in self.held_back:
+        if seq == log_.seq + 1 and room not in self.gaps.held_back:
             log_.append(seq, msg.json)
             log_.touched = self.loop.time()
             self._queue(room, msg.json)
             if room in self.members:
                 self._latency(time.monotonic_ns() - msg.publish_ns)
         elif seq > log_.seq:
-            self._hold_back(log_, msg)
-
-    def _hold_back(self, log_: RoomLog, msg: records.RoomMessage) -> None:
-        held = self.held_back.get(msg.room)
-        if held is None:
-            held = self._request_fill(msg.room, log_.seq + 1, msg.seq - 1)
-        held.messages[msg.seq] = msg
-        self._release(msg.room)
-
-    def _request_fill(self, room: str, first: int, last: int, why: str = "gap") -> HeldBack:
-        """Ask the room's owner to resend ``first..last``; hold later messages meanwhile."""
-        held = self.held_back.get(room)
-        if held is None:
-            held = self.held_back[room] = HeldBack(self.loop.time() + GAP_TIMEOUT, last)
-            level = logging.WARNING if why == "gap" else logging.INFO
-            log_event(log, level, why, room=room, first=first, last=last)
-        else:
-            held.deadline = self.loop.time() + GAP_TIMEOUT
-            held.last = max(held.last, last)
-        request = records.HistoryRequest(room, first, held.last)
-        owner = owner_of(room, self.workers)
-        self.bus.publish(_HISTORY_REQ, owner, records.encode_history_request(request))
-        return held
-
-    def on_lapped(self, peer: int) -> None:
-        """Our reader of ``peer``'s ring was lapped: find the rooms it sequences that
-        we are now behind on (its room table says where they are) and ask for them.
-        Fills under way from that peer are asked again: the lap may have taken them."""
-        table = self.bus.tables[peer]
-        for room, log_ in self.logs.items():
-            if owner_of(room, self.workers) != peer:
-                continue
-            seq = table.lookup(room)
-            held = self.held_back.get(room)
-            if held is not None:
-                self._request_fill(room, log_.seq + 1, max(held.last, seq or 0))
-            elif seq is not None and seq > log_.seq:
-                self._request_fill(room, log_.seq + 1, seq)
-
-    def _release(self, room: str) -> None:
-        """Deliver held-back messages that now follow the log without a gap."""
-        held = self.held_back.get(room)
-        if held is None:
-            return
-        log_ = self.logs[room]
-        while (msg := held.messages.pop(log_.seq + 1, None)) is not None:
-            log_.append(msg.seq, msg.json)
-            self._queue(room, msg.json)
-        # Duplicates of what the log now has are dropped.
-        for seq in [s for s in held.messages if s <= log_.seq]:
-            del held.messages[seq]
-        if not held.messages and log_.seq >= held.last:
-            del self.held_back[room]
-            for then in self._waiting.pop(room, ()):
-                then()
-
-    def _on_replay(self, msg: records.RoomMessage) -> None:
-        room = msg.room
-        log_ = self.logs.get(room)
-        held = self.held_back.get(room)
-        if log_ is None or held is None:
-            return
-        if msg.json:
-            if msg.seq == log_.seq + 1:
-                log_.append(msg.seq, msg.json)
-                self._queue(room, msg.json)
-            return
-        if msg.msg_id == _REPLAY_SKIP:
-            # The owner no longer holds anything up to msg.seq.
-            if log_.seq < msg.seq:
-                self._give_up_gap(room, msg.seq)
-        elif log_.seq < held.last:
-            # End of a chunk: ask for the next one.
-            self._request_fill(room, log_.seq + 1, held.last)
-        self._release(room)
-
-    def _give_up_gap(self, room: str, last: int) -> None:
-        self.stats[_S_GAPS_LOST] += 1
-        log_event(log, logging.WARNING, "gap_lost", room=room, last=last)
-        self.logs[room].skip_to(last)
-
-    def _on_history_request(self, requester: int, req: records.HistoryRequest) -> None:
-        """Resend one chunk of ``req``'s range: at most 1/8 of the ring, so that a
-        resend cannot lap the shard that asked for it; it asks for the next."""
-        log_ = self.logs.get(req.room)
-        held = [] if log_ is None else log_.after(req.first - 1)
-        publish = self.bus.publish
-        if not held or held[0].seq > req.last:
-            skip_to = req.last if not held else held[0].seq - 1
-            publish(_REPLAY, requester, self._replay_marker(req.room, skip_to, _REPLAY_SKIP))
-            return
-        if held[0].seq > req.first:
-            marker = self._replay_marker(req.room, held[0].seq - 1, _REPLAY_SKIP)
-            publish(_REPLAY, requester, marker)
-        budget = self._max_payload
-        for message in held:
-            if message.seq > req.last or budget < len(message.payload):
-                break
-            budget -= len(message.payload) + 64
-            payload = records.encode_room_message(req.room, message.seq, 0, "", message.payload)
-            publish(_REPLAY, requester, payload)
-        publish(_REPLAY, requester, self._replay_marker(req.room, req.last, _REPLAY_END))
-
-    @staticmethod
-    def _replay_marker(room: str, seq: int, kind: str) -> bytes:
-        return records.encode_room_message(room, seq, 0, kind, b"")
+            self.gaps.hold_back(log_, msg)
 
     # Presence
 
@@ -474,31 +308,12 @@ class Router:
         log_.touched = self.loop.time()
         return log_
 
-    def ensure_history(self, room: str, since: int | None, then: Callable[[], None]) -> bool:
-        """True when a join with ``since`` can be answered now; otherwise fetch the
-        room's held history from its owner (this shard has no log of it: dropped
-        as idle, or a restart) and call ``then`` once it is here."""
-        if since is None or room in self.logs or not self.history:
-            return True
-        owner = owner_of(room, self.workers)
-        if owner == self.shard_id:
-            return True
-        latest = self.bus.tables[owner].lookup(room) or 0
-        if latest <= since:
-            return True
-        first = max(1, latest - self.history + 1)
-        self.logs[room] = RoomLog(self.epoch, self.history, first - 1, self.loop.time())
-        self._waiting.setdefault(room, []).append(then)
-        if room not in self.held_back:
-            self._request_fill(room, first, latest, "history_fetch")
-        return False
-
     def _evict_idle(self, now: float) -> None:
         """Drop the logs of rooms this shard does not own, has no members of and has
         not used for ``delivery.room_idle``: every shard's memory stays with the rooms
         in use, and the owner keeps the history for a later join."""
         idle = self.config.delivery.room_idle
-        busy = self.members.keys() | self.held_back.keys() | self.reliable.keys()
+        busy = self.members.keys() | self.gaps.held_back.keys() | self.reliable.keys()
         dropped = [
             room
             for room, log_ in self.logs.items()
@@ -543,12 +358,6 @@ class Router:
             presence = records.encode_presence(records.Presence(room, conn.user, False))
             self.bus.publish(_PRESENCE, 0, presence)
             self._presence_change(room, conn.user, self.shard_id, False)
-
-    def forget(self, conn: Connection) -> None:
-        """The sender of pending publishes is gone: they still get sequenced."""
-        for pending in self.pending.values():
-            if pending.conn is conn:
-                pending.conn = None
 
     def replay(self, room: str, since: int, limit: int | None = None) -> list[HeldMessage]:
         """The held messages after ``since`` (``history``), once the rings are read."""
@@ -649,36 +458,7 @@ class Router:
         if idle and now >= self._next_evict:
             self._next_evict = now + min(EVICT_EVERY, idle)
             self._evict_idle(now)
-        if self.pending:
-            for msg_id, pending in list(self.pending.items()):
-                if now - pending.first_sent >= FORWARD_GIVE_UP:
-                    del self.pending[msg_id]
-                    log_event(log, logging.ERROR, "forward_failed", msg=msg_id, owner=pending.owner)
-                    if pending.conn is not None:
-                        pending.conn.send(
-                            wire.text_frame(
-                                wire.error_payload(
-                                    "unavailable",
-                                    f"the owner of room {pending.forward.room} did not answer",
-                                    pending.request_id,
-                                )
-                            )
-                        )
-                elif now - pending.last_sent >= FORWARD_RETRY:
-                    pending.last_sent = now
-                    self.stats[_S_RETRIED] += 1
-                    self.bus.publish(_FORWARD, pending.owner, pending.payload)
-        if self.held_back:
-            for room, held in list(self.held_back.items()):
-                if now >= held.deadline:
-                    last = min(held.messages) - 1 if held.messages else held.last
-                    self._give_up_gap(room, last)
-                    held.last = 0
-                    self._release(room)
-
-
-def _send_ack(conn: Connection, room: str, seq: int, request_id: str | None) -> None:
-    ack: dict[str, object] = {"type": "ack", "room": room, "seq": seq}
-    if request_id is not None:
-        ack["id"] = request_id
-    conn.send(wire.text_frame(wire.encode(ack)))
+        if self.forwarder.pending:
+            self.forwarder.sweep(now)
+        if self.gaps.held_back:
+            self.gaps.sweep(now)
