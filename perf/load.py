@@ -145,6 +145,18 @@ class Worker:
                 n += 1
             await asyncio.sleep(1.0 / len(pingers))
 
+    async def settle(self, quiet: float, limit: float) -> None:
+        """Wait until no text frame has come for ``quiet`` seconds (``limit`` at most).
+
+        A step counts text frames as deliveries (telling a message from a
+        presence event would cost every frame a look at its payload), so the
+        presence events of the connect phase must have arrived before it."""
+        deadline = time.monotonic() + limit
+        last = -1
+        while (count := self.stats["frames"]) != last and time.monotonic() < deadline:
+            last = count
+            await asyncio.sleep(quiet)
+
     def report(self, cpu: float, wall: float) -> dict[str, Any]:
         stats = self.stats
         out = {k: v for k, v in stats.items() if not isinstance(v, list)}
@@ -170,6 +182,9 @@ class Worker:
                 cpu0, t0 = cpu_seconds(), time.monotonic()
                 await self.connect(payload["paths"], payload["rate"])
                 self.pipe.send(self.report(cpu_seconds() - cpu0, time.monotonic() - t0))
+            elif command == "settle":
+                await self.settle(payload["quiet"], payload["limit"])
+                self.pipe.send(self.report(0.0, 1.0))
             elif command == "step":
                 self.reset()
                 cpu0, t0 = cpu_seconds(), time.monotonic()
@@ -222,6 +237,11 @@ class Load:
         for pipe, payload in zip(self.pipes, payloads, strict=True):
             pipe.send((command, payload))
         return [pipe.recv() for pipe in self.pipes]
+
+    def settle(self) -> None:
+        """Until every worker has had no frame for half a second: the connect
+        phase's join events are in before a step starts counting."""
+        self.ask("settle", [{"quiet": 0.5, "limit": 30.0}] * len(self.pipes))
 
     def close(self) -> None:
         for pipe in self.pipes:
@@ -382,6 +402,7 @@ def run_fanout(a: argparse.Namespace) -> dict[str, Any]:
                 paths.append((f"/ws?user=s{w}x{i}&room={a.room}", False, True, False))
             payloads.append({"paths": paths, "rate": a.connect_rate / workers})
         connected = merge(load.ask("connect", payloads))
+        load.settle()
         members = receivers + senders
         for rate in a.rates:
             reports = load.ask(
@@ -394,7 +415,7 @@ def run_fanout(a: argparse.Namespace) -> dict[str, Any]:
             merged = merge(reports)
             sent = merged["sent"]
             expected = sent * members
-            delivered = merged["messages"]
+            delivered = merged["frames"] - merged["acks"]
             row = {
                 "offered_rate": rate,
                 "sent": sent,
@@ -446,6 +467,7 @@ def run_rooms(a: argparse.Namespace) -> dict[str, Any]:
                 index += 1
             payloads.append({"paths": paths, "rate": a.connect_rate / workers})
         connected = merge(load.ask("connect", payloads))
+        load.settle()
         # Each worker's clients are its senders; each sends once per interval.
         counts = split(n, workers)
         rate_per_client = 1000 / a.interval_ms
@@ -460,7 +482,7 @@ def run_rooms(a: argparse.Namespace) -> dict[str, Any]:
     finally:
         load.close()
     sent = merged["sent"]
-    delivered = merged["messages"]
+    delivered = merged["frames"] - merged["acks"]
     expected = sent * size
     return {
         "scenario": "rooms",

@@ -23,10 +23,7 @@ __all__ = ["LoadConn", "client_frame"]
 
 _MASK = b"\x00\x00\x00\x00"
 _SEQ = re.compile(rb"\d+")
-# How a room message frame begins: shardchat writes compact JSON, the baseline
-# json.dumps' default separators. Presence events, acks and errors are text
-# frames too; only these count as deliveries.
-_MESSAGE = (b'{"type":"message"', b'{"type": "message"')
+_MESSAGE = b'{"type":"message"'  # how shardchat's message frames begin
 
 
 def client_frame(payload: bytes, opcode: int = 0x1) -> bytes:
@@ -103,8 +100,8 @@ class LoadConn(asyncio.Protocol):
         stats = self.stats
         pos = 0
         end = len(buf)
-        messages = 0
-        last_message = -1
+        frames = 0
+        last_text = -1
         while end - pos >= 2:
             b0 = buf[pos]
             n = buf[pos + 1] & 0x7F
@@ -123,9 +120,9 @@ class LoadConn(asyncio.Protocol):
                 break
             opcode = b0 & 0x0F
             if opcode == 0x1:
-                if buf.startswith(_MESSAGE, pos + head):
-                    messages += 1
-                    last_message = pos + head
+                frames += 1
+                if self.reliable and buf[pos + head : pos + head + 17] == _MESSAGE:
+                    last_text = pos + head
                 if self.sampled:
                     self._sample(bytes(buf[pos + head : pos + head + n]))
                 elif self.sender and b'"ack"' in buf[pos + head : pos + head + 16]:
@@ -137,15 +134,14 @@ class LoadConn(asyncio.Protocol):
                 self.close_code = (buf[pos + head] << 8 | buf[pos + head + 1]) if n >= 2 else 1005
                 stats["closed_by_server"] += 1
                 stats["close_" + str(self.close_code)] += 1
-                stats["messages"] += messages
                 self._fail()
                 return
             pos += head + n
-        if self.reliable and last_message >= 0:
-            self._ack(bytes(buf[last_message : last_message + 400]))
+        if self.reliable and last_text >= 0:
+            self._ack(bytes(buf[last_text : last_text + 400]))
         if pos:
             del buf[:pos]
-        stats["messages"] += messages
+        stats["frames"] += frames
 
     def _ack(self, head: bytes) -> None:
         """Ack the seq of a message frame, found without decoding the JSON."""
