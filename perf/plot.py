@@ -8,6 +8,7 @@ Writes PNG files next to the results (perf/results/*.png).
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -71,8 +72,12 @@ def plot_hold(result: dict[str, Any], out: Path) -> None:
     plt.close(fig)
 
 
-def main(paths: list[str]) -> None:
-    files = [Path(p) for p in paths] or sorted(RESULTS.glob("*.json"))
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("files", nargs="*", type=Path, help="result files (default: all)")
+    files = parser.parse_args(argv).files or sorted(RESULTS.glob("*.json"))
     fanouts: dict[str, list[dict[str, Any]]] = {}
     for path in files:
         data = json.loads(path.read_text())
