@@ -184,7 +184,7 @@ class Worker:
                 self.pipe.send(self.report(cpu_seconds() - cpu0, time.monotonic() - t0))
             elif command == "settle":
                 await self.settle(payload["quiet"], payload["limit"])
-                self.pipe.send(self.report(0.0, 1.0))
+                self.pipe.send({"frames": self.stats["frames"]})
             elif command == "step":
                 self.reset()
                 cpu0, t0 = cpu_seconds(), time.monotonic()
