@@ -35,6 +35,7 @@ import uvloop
 
 from perf import procs
 from perf.loadclient import LoadConn
+from shardchat.client import ACK_DELAY
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PER_WORKER = 12000  # connections per worker process at most
@@ -75,12 +76,15 @@ class Worker:
         self.conns: list[LoadConn] = []
         self.senders: list[LoadConn] = []
         self.pingers: list[LoadConn] = []
+        self.ackers: list[LoadConn] = []  # reliable connections that ack on the tick
+        self.acking: asyncio.Task[None] | None = None
         self.source = f"127.0.0.{2 + index % 200}"
 
     async def connect(self, paths: list[tuple[str, bool, bool, bool]], rate: float) -> None:
         """Open connections (path, sampled, sender, reliable), ``rate`` per second at most."""
         loop = asyncio.get_running_loop()
         host, port = "127.0.0.1", self.args["port"]
+        ack_every_read = self.args["ack_ms"] <= 0
         gate = asyncio.Semaphore(200)
         start = time.monotonic()
 
@@ -93,7 +97,9 @@ class Worker:
                 t0 = time.monotonic()
                 try:
                     _, conn = await loop.create_connection(
-                        lambda: LoadConn(path, sampled, self.stats, opened, sender, reliable),
+                        lambda: LoadConn(
+                            path, sampled, self.stats, opened, sender, reliable, ack_every_read
+                        ),
                         host,
                         port,
                         local_addr=(self.source, 0),
@@ -108,8 +114,12 @@ class Worker:
                     self.senders.append(conn)
                 if sampled:
                     self.pingers.append(conn)
+                if reliable and not ack_every_read:
+                    self.ackers.append(conn)
 
         await asyncio.gather(*(one(i, *p) for i, p in enumerate(paths)))
+        if self.ackers and self.acking is None:
+            self.acking = asyncio.create_task(self.ack_ticks())
 
     async def send_at(self, rate: float, seconds: float) -> int:
         """Senders publish at ``rate`` messages/s in total for ``seconds``."""
@@ -144,6 +154,19 @@ class Worker:
                 pingers[n % len(pingers)].send({"type": "ping", "t": time.monotonic_ns()})
                 n += 1
             await asyncio.sleep(1.0 / len(pingers))
+
+    async def ack_ticks(self) -> None:
+        """Reliable connections ack what they got at most every ``ack_ms``, as
+        shardchat.client does; a tenth of them on each tick, so that the acks of
+        independent clients do not all arrive at once."""
+        slices = 10
+        tick = self.args["ack_ms"] / 1000 / slices
+        n = 0
+        while True:
+            await asyncio.sleep(tick)
+            for conn in self.ackers[n % slices :: slices]:
+                conn.ack_due()
+            n += 1
 
     async def settle(self, quiet: float, limit: float) -> None:
         """Wait until no text frame has come for ``quiet`` seconds (``limit`` at most).
@@ -201,6 +224,8 @@ class Worker:
                 report["sent"] = sent
                 self.pipe.send(report)
             elif command == "close":
+                if self.acking is not None:
+                    self.acking.cancel()
                 for conn in self.conns:
                     if conn.transport is not None:
                         conn.transport.close()
@@ -220,14 +245,16 @@ def _worker_main(index: int, args: dict[str, Any], pipe: Connection) -> None:
 class Load:
     """Forks the workers and speaks to them."""
 
-    def __init__(self, port: int, room: str, workers: int) -> None:
+    def __init__(self, port: int, room: str, workers: int, ack_ms: float = 0) -> None:
         ctx = multiprocessing.get_context("fork")
         self.pipes: list[Connection] = []
         self.procs = []
         for index in range(workers):
             parent, child = ctx.Pipe()
             proc = ctx.Process(
-                target=_worker_main, args=(index, {"port": port, "room": room}, child), daemon=True
+                target=_worker_main,
+                args=(index, {"port": port, "room": room, "ack_ms": ack_ms}, child),
+                daemon=True,
             )
             proc.start()
             self.pipes.append(parent)
@@ -384,7 +411,7 @@ def run_hold(a: argparse.Namespace) -> dict[str, Any]:
 def run_fanout(a: argparse.Namespace) -> dict[str, Any]:
     receivers, senders = a.receivers, a.senders
     workers = workers_for(receivers + senders, a.workers)
-    load = Load(a.port, a.room, workers)
+    load = Load(a.port, a.room, workers, a.ack_ms)
     steps = []
     try:
         payloads = []
@@ -532,6 +559,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")], default=[100, 1000])
     p.add_argument("--p99-bound", type=float, default=250.0, help="ms; stop stepping past it")
     p.add_argument("--reliable", type=float, default=0.0, help="share of receivers that ack")
+    p.add_argument(
+        "--ack-ms",
+        type=float,
+        default=ACK_DELAY * 1000,
+        help="reliable receivers ack at most this often, as shardchat.client; 0: every read",
+    )
     p.add_argument("--clients", type=int, default=1000)
     p.add_argument("--room-size", type=int, default=10)
     p.add_argument("--interval-ms", type=float, default=1000)

@@ -48,6 +48,7 @@ class LoadConn(asyncio.Protocol):
         opened: asyncio.Future[None],
         sender: bool = False,
         reliable: bool = False,
+        ack_every_read: bool = False,
     ) -> None:
         self.path = path
         query = path.partition("?")[2]
@@ -56,7 +57,11 @@ class LoadConn(asyncio.Protocol):
         )
         self.sampled = sampled  # decode every frame (latency, order, duplicates)
         self.sender = sender  # count the acks it gets (a prefix check, no JSON)
-        self.reliable = reliable  # ack the last message of every read (reliable mode)
+        # Reliable mode: ack the last message seen, on every read or (as
+        # shardchat.client does) when the worker's ack tick calls ack_due().
+        self.reliable = reliable
+        self.ack_every_read = ack_every_read
+        self.unacked: bytes | None = None  # the start of the last message not acked
         self.stats = stats
         self.opened = opened
         self.transport: asyncio.Transport | None = None
@@ -138,10 +143,19 @@ class LoadConn(asyncio.Protocol):
                 return
             pos += head + n
         if self.reliable and last_text >= 0:
-            self._ack(bytes(buf[last_text : last_text + 400]))
+            if self.ack_every_read:
+                self._ack(bytes(buf[last_text : last_text + 400]))
+            else:
+                self.unacked = bytes(buf[last_text : last_text + 400])
         if pos:
             del buf[:pos]
         stats["frames"] += frames
+
+    def ack_due(self) -> None:
+        """Ack the last message received since the last ack, if any (cumulative)."""
+        if self.unacked is not None:
+            self._ack(self.unacked)
+            self.unacked = None
 
     def _ack(self, head: bytes) -> None:
         """Ack the seq of a message frame, found without decoding the JSON."""

@@ -1,10 +1,11 @@
 """An asyncio client for shardchat that delivers every room message exactly once.
 
-Built on ``websockets``. It acks what it receives (so the server resends what
-it lost), drops duplicates by ``seq``, and when the connection drops or its
-shard restarts it reconnects with backoff and rejoins every room with
-``since`` = the last seq it saw and that room's ``epoch``, so the application
-sees each message once and in order::
+Built on ``websockets``. It acks what it receives, cumulatively and at most
+every ``ack_delay`` (so the server resends what it lost), drops duplicates by
+``seq``, and when the connection drops or its shard restarts it reconnects
+with backoff and rejoins every room with ``since`` = the last seq it saw and
+that room's ``epoch``, so the application sees each message once and in
+order::
 
     async with ChatClient("ws://127.0.0.1:8080/ws", user="ada", rooms=["lobby"]) as chat:
         seq = await chat.send("lobby", "hello")      # the seq the server gave it
@@ -38,6 +39,8 @@ __all__ = ["ChatClient", "ChatError", "Message"]
 
 log = logging.getLogger(__name__)
 
+ACK_DELAY = 0.05  # seconds between acks at most: 20 a second per connection in a busy room
+
 
 @dataclass(frozen=True, slots=True)
 class Message:
@@ -67,6 +70,11 @@ class ChatClient:
         rooms: rooms to join at once.
         token: a signed token, when the server requires one.
         backoff: first and largest delay between reconnects, in seconds.
+        ack_delay: seconds between acks at most, per connection. Acks are
+            cumulative, so one ack covers everything that came since the last
+            one (TCP's delayed ack): in a busy room the server reads one ack per
+            interval instead of one per read. Keep it well under the server's
+            ``delivery.ack_timeout`` (2 s by default); 0 acks once per loop turn.
         drop_ack: a test hook called with (room, seq): when it returns True, that
             ack is not sent (to show that the server resends).
     """
@@ -79,12 +87,14 @@ class ChatClient:
         rooms: Sequence[str] = (),
         token: str | None = None,
         backoff: tuple[float, float] = (0.05, 5.0),
+        ack_delay: float = ACK_DELAY,
         drop_ack: Callable[[str, int], bool] | None = None,
     ) -> None:
         self.url = url
         self.user = user
         self.token = token
         self.backoff = backoff
+        self.ack_delay = ack_delay
         self.drop_ack = drop_ack
         self.rooms: dict[str, None] = dict.fromkeys(rooms)
         self.last_seq: dict[str, int] = {}  # the last seq delivered per room
@@ -265,15 +275,18 @@ class ChatClient:
                     room, seq, frame["sender"], frame["content"], frame["timestamp"], frame["id"]
                 )
             )
-        # Ack (cumulatively) what we hold, once per loop turn, duplicates included:
-        # a resend means the server missed our ack.
+        # Ack (cumulatively) what we hold, duplicates included (a resend means the
+        # server missed our ack), once per ack_delay.
         self._ack_due[room] = self.last_seq.get(room, seq)
         if not self._ack_scheduled:
             self._ack_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush_acks, ws)
+            asyncio.get_running_loop().call_later(self.ack_delay, self._flush_acks, ws)
 
-    def _flush_acks(self, ws: ClientConnection) -> None:
+    def _flush_acks(self, received_on: ClientConnection) -> None:
         self._ack_scheduled = False
+        # After a reconnect the acks go to the new connection: they are cumulative
+        # seqs of the room, true on any connection.
+        ws = self._ws or received_on
         due, self._ack_due = self._ack_due, {}
         for room, seq in due.items():
             if self.drop_ack is not None and self.drop_ack(room, seq):

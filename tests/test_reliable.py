@@ -64,7 +64,12 @@ async def test_one_ack_in_five_dropped_still_exactly_once_in_order() -> None:
                 return True
             return False
 
-        async with ChatClient(srv.url, user="lossy", rooms=["rel"], drop_ack=drop) as client:
+        # ack_delay=0: one ack per loop turn, so one per message at this pace and the
+        # ack of every fifth message can be dropped (delayed acks would cover
+        # several messages with one seq).
+        async with ChatClient(
+            srv.url, user="lossy", rooms=["rel"], drop_ack=drop, ack_delay=0
+        ) as client:
             publisher = await connect_client(srv.url, user="pub", rooms=["rel"])
             got: list[Message] = []
             stream = client.messages()
@@ -79,6 +84,57 @@ async def test_one_ack_in_five_dropped_still_exactly_once_in_order() -> None:
             assert [m.seq for m in got] == list(range(1, 101))
             assert client._queue.empty()  # no duplicate reached the application
         assert len(dropped) == 20 and resends(srv) >= 20
+
+
+async def test_delayed_acks_lost_at_the_end_of_bursts_still_exactly_once() -> None:
+    """The client's default, delayed and cumulative, acks: the ack that covers the
+    end of each burst of 10 is lost, so the server resends the burst's tail; the
+    application still sees every message once, in order."""
+    settings = [*FAST, "delivery.ack_timeout=0.2", "delivery.ack_retries=10"]
+    with running_server(workers=2, settings=settings) as srv:
+        dropped: set[int] = set()
+        acks: list[int] = []
+
+        def drop(room: str, seq: int) -> bool:
+            acks.append(seq)
+            # seq 1 is a warm-up (its ack puts the client in reliable mode); then
+            # bursts 2..11, 12..21, ...: the first ack of each burst's end is lost.
+            if seq > 1 and seq % 10 == 1 and seq not in dropped:
+                dropped.add(seq)
+                return True
+            return False
+
+        async with ChatClient(srv.url, user="delayed", rooms=["burst"], drop_ack=drop) as client:
+            publisher = await connect_client(srv.url, user="pub", rooms=["burst"])
+            got: list[Message] = []
+            stream = client.messages()
+            async with closing([publisher]):
+                await publisher.send(type="message", room="burst", content="warm-up")
+                got.append(await asyncio.wait_for(anext(stream), scaled(10)))
+                deadline = time.monotonic() + scaled(10)
+                while 1 not in acks:  # reliable mode is on once this ack has gone
+                    assert time.monotonic() < deadline, "the warm-up was never acked"
+                    await asyncio.sleep(0.01)
+                for burst in range(10):
+                    before = resends(srv)
+                    for i in range(10):
+                        await publisher.send(type="message", room="burst", content=f"b{burst}.{i}")
+                    for _ in range(10):
+                        got.append(await asyncio.wait_for(anext(stream), scaled(10)))
+                    # The burst's end was acked once (lost); the server resends the
+                    # tail, the client drops the copies and acks the end again.
+                    end = got[-1].seq
+                    deadline = time.monotonic() + scaled(10)
+                    while acks.count(end) < 2:
+                        assert time.monotonic() < deadline, f"seq {end} never acked again"
+                        await asyncio.sleep(0.02)
+                    assert resends(srv) > before
+            assert [m.seq for m in got] == list(range(1, 102))
+            assert [m.content for m in got[1:]] == [
+                f"b{b}.{i}" for b in range(10) for i in range(10)
+            ]
+            assert client._queue.empty()  # no duplicate reached the application
+        assert len(dropped) == 10
 
 
 async def test_client_that_never_acks_gets_backoff_then_4409() -> None:
