@@ -6,8 +6,9 @@ Connections are spread over several worker processes (each well under the
 Workers are forked before any event loop exists; each runs uvloop and raw
 connections (:mod:`perf.loadclient`) that parse only frame headers, except a
 sample that decodes JSON for latency, order and duplicates. Every worker
-reports its own CPU time, and a step where the load client was itself near a
-full core is marked ``client_saturated``.
+reports its own CPU share while it sends, and a step where the load client
+was itself near a full core is marked ``client_saturated``; a fan-out step
+also reports the server's CPU time per delivery, its cost whoever the limit.
 
     python -m perf.load hold   --port 8080 --connections 50000 --seconds 300
     python -m perf.load fanout --port 8080 --receivers 5000 --senders 10 --rates 2000,5000
@@ -217,10 +218,16 @@ class Worker:
                     else None
                 )
                 sent = await self.send_at(payload["rate"], payload["seconds"])
+                # While it sends, the worker is busiest: its CPU share over the
+                # sending time, not diluted by the drain, says if it was the limit.
+                cpu1, t1 = cpu_seconds(), time.monotonic()
                 if pinging is not None:
                     await pinging
                 await asyncio.sleep(payload.get("drain", 0))
-                report = self.report(cpu_seconds() - cpu0, time.monotonic() - t0)
+                if sent:
+                    report = self.report(cpu1 - cpu0, t1 - t0)
+                else:
+                    report = self.report(cpu_seconds() - cpu0, time.monotonic() - t0)
                 report["sent"] = sent
                 self.pipe.send(report)
             elif command == "close":
@@ -432,6 +439,7 @@ def run_fanout(a: argparse.Namespace) -> dict[str, Any]:
         load.settle()
         members = receivers + senders
         for rate in a.rates:
+            server_cpu0 = server_cpu(a)
             reports = load.ask(
                 "step",
                 [
@@ -439,6 +447,7 @@ def run_fanout(a: argparse.Namespace) -> dict[str, Any]:
                     for s in sender_shares
                 ],
             )
+            server_cpu_s = server_cpu(a) - server_cpu0
             merged = merge(reports)
             sent = merged["sent"]
             expected = sent * members
@@ -452,6 +461,12 @@ def run_fanout(a: argparse.Namespace) -> dict[str, Any]:
                 "deliveries_per_s": round(delivered / a.seconds),
                 "delivered_share": round(delivered / expected, 4) if expected else None,
                 "lost": max(0, expected - delivered),
+                # The server's own cost, whoever was the limit: CPU over the step
+                # (drain included) per delivery.
+                "server_cpu_s": round(server_cpu_s, 3),
+                "server_us_per_delivery": (
+                    round(server_cpu_s / delivered * 1e6, 4) if delivered else None
+                ),
                 **summary(merged),
             }
             steps.append(row)
