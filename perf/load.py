@@ -218,16 +218,15 @@ class Worker:
                     else None
                 )
                 sent = await self.send_at(payload["rate"], payload["seconds"])
-                # While it sends, the worker is busiest: its CPU share over the
-                # sending time, not diluted by the drain, says if it was the limit.
-                cpu1, t1 = cpu_seconds(), time.monotonic()
                 if pinging is not None:
                     await pinging
+                # A worker with no senders receives while the others send.
+                await asyncio.sleep(max(0.0, t0 + payload["seconds"] - time.monotonic()))
+                # While the senders send, the worker is busiest: its CPU share over
+                # that time, not diluted by the drain, says if it was the limit.
+                cpu1, t1 = cpu_seconds(), time.monotonic()
                 await asyncio.sleep(payload.get("drain", 0))
-                if sent:
-                    report = self.report(cpu1 - cpu0, t1 - t0)
-                else:
-                    report = self.report(cpu_seconds() - cpu0, time.monotonic() - t0)
+                report = self.report(cpu1 - cpu0, t1 - t0)
                 report["sent"] = sent
                 self.pipe.send(report)
             elif command == "close":

@@ -35,7 +35,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from .errors import ShardchatError
 
-__all__ = ["ChatClient", "ChatError", "Message"]
+__all__ = ["ACK_DELAY", "ChatClient", "ChatError", "Message"]
 
 log = logging.getLogger(__name__)
 
