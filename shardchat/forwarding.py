@@ -11,15 +11,14 @@ once and the second copy is answered with FORWARD_SEEN.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import records, stats, wire
-from .bus import Bus
 from .connection import Connection
+from .context import ShardContext
 from .obs import log_event
 from .ringlayout import RecordKind
 
@@ -60,16 +59,10 @@ class Forwarder:
     """Both ends of forwarding: the publishing shard's pending publishes and the
     owner's memory of the ids it sequenced."""
 
-    def __init__(
-        self,
-        bus: Bus,
-        loop: asyncio.AbstractEventLoop,
-        counters: memoryview,
-        sequence: Callable[[records.Forward], int],
-    ) -> None:
-        self.bus = bus
-        self.loop = loop
-        self.stats = counters
+    def __init__(self, ctx: ShardContext, sequence: Callable[[records.Forward], int]) -> None:
+        self.bus = ctx.bus
+        self.loop = ctx.loop
+        self.stats = ctx.counters
         self.sequence = sequence  # the owner's sequencing of one publish
         self.pending: dict[str, PendingPublish] = {}
         self.sequenced: OrderedDict[str, tuple[str, int]] = OrderedDict()

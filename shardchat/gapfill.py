@@ -16,14 +16,12 @@ The same path fetches a room's history for a shard that has no copy of it
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import records, stats
-from .bus import Bus
-from .config import Config
+from .context import ShardContext
 from .obs import log_event
 from .ringlayout import RecordKind, max_payload
 from .rooms import RoomLog, owner_of
@@ -59,28 +57,20 @@ class GapFill:
     """
 
     def __init__(
-        self,
-        config: Config,
-        shard_id: int,
-        epoch: str,
-        bus: Bus,
-        loop: asyncio.AbstractEventLoop,
-        counters: memoryview,
-        logs: dict[str, RoomLog],
-        queue: Callable[[str, bytes], None],
+        self, ctx: ShardContext, logs: dict[str, RoomLog], queue: Callable[[str, bytes], None]
     ) -> None:
-        self.shard_id = shard_id
-        self.workers = config.workers
-        self.history = config.delivery.history
-        self.epoch = epoch
-        self.bus = bus
-        self.loop = loop
-        self.stats = counters
+        self.shard_id = ctx.shard_id
+        self.workers = ctx.config.workers
+        self.history = ctx.config.delivery.history
+        self.epoch = ctx.epoch
+        self.bus = ctx.bus
+        self.loop = ctx.loop
+        self.stats = ctx.counters
         self.logs = logs
         self.queue = queue
         self.held_back: dict[str, HeldBack] = {}
         self._waiting: dict[str, list[Callable[[], None]]] = {}  # joins awaiting a fetch
-        self._max_payload = max_payload(config.ring.bytes)
+        self._max_payload = max_payload(ctx.config.ring.bytes)
 
     # Asking shard
 

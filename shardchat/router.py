@@ -16,15 +16,13 @@ once to each local member (:meth:`Router.flush`).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import secrets
 import time
 
 from . import records, stats, wire
-from .bus import Bus
-from .config import Config
 from .connection import Connection
+from .context import ShardContext
 from .delivery import Reliable
 from .forwarding import FORWARD_GIVE_UP, Forwarder, send_ack
 from .gapfill import GapFill
@@ -61,34 +59,28 @@ _S_LATENCY_SUM = int(stats.Slot.LATENCY_SUM_US)
 
 
 class Router:
-    def __init__(
-        self,
-        config: Config,
-        shard_id: int,
-        epoch: str,
-        bus: Bus,
-        loop: asyncio.AbstractEventLoop,
-        counters: memoryview,
-    ) -> None:
+    def __init__(self, ctx: ShardContext) -> None:
+        config = ctx.config
         self.config = config
-        self.stats = counters  # this shard's block of stats slots
-        self.shard_id = shard_id
+        self.stats = ctx.counters  # this shard's block of stats slots
+        self.shard_id = ctx.shard_id
         self.workers = config.workers
-        self.epoch = epoch
-        self.bus = bus
-        self.loop = loop
+        self.epoch = ctx.epoch
+        self.bus = ctx.bus
+        self.loop = ctx.loop
         self.history = config.delivery.history
         self.members: dict[str, dict[Connection, None]] = {}
         self.logs: dict[str, RoomLog] = {}
-        self.forwarder = Forwarder(bus, loop, counters, self._sequence)
-        self.gaps = GapFill(config, shard_id, epoch, bus, loop, counters, self.logs, self._queue)
+        self.forwarder = Forwarder(ctx, self._sequence)
+        self.gaps = GapFill(ctx, self.logs, self._queue)
         self.presence = PresenceView()
         self.reliable: dict[str, dict[Connection, Reliable]] = {}
-        self._next_evict = loop.time() + min(EVICT_EVERY, config.delivery.room_idle or EVICT_EVERY)
+        idle = config.delivery.room_idle
+        self._next_evict = ctx.loop.time() + min(EVICT_EVERY, idle or EVICT_EVERY)
         self._table_slots: dict[str, int | None] = {}
         self._outbox: dict[str, list[bytes]] = {}
         self._flush_scheduled = False
-        self._msg_prefix = f"{shard_id}-{secrets.token_hex(3)}-"
+        self._msg_prefix = f"{ctx.shard_id}-{secrets.token_hex(3)}-"
         self._msg_counter = 0
         self._max_payload = max_payload(config.ring.bytes)
 

@@ -27,6 +27,7 @@ import uvloop
 from . import shm, stats
 from .bus import Bus
 from .config import Config
+from .context import ShardContext
 from .hooks import Hooks
 from .hub import SWEEP_SLICES, Hub
 from .obs import configure_logging, log_event, set_process_role
@@ -99,7 +100,7 @@ async def _serve(spec: ShardSpec) -> None:
     )
     bus.counters = counters.mine
     try:
-        router = Router(config, spec.shard_id, spec.epoch, bus, loop, counters.mine)
+        router = Router(ShardContext(config, spec.shard_id, spec.epoch, bus, loop, counters.mine))
         router.recover()
         hub = Hub(config, spec.shard_id, router, loop, counters, Hooks(spec.app))
         await _run(spec, loop, hub, bus)
