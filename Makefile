@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit perf clean
+.PHONY: run test lint typecheck system-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,8 +15,12 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/shardchat start
 
-test: $(STAMP) lint typecheck
+test: $(STAMP) system-deps lint typecheck
 	$(BIN)/python -m pytest
+
+# Chromium (the browser tests) and any other system program the suite runs.
+system-deps:
+	sh scripts/system-deps.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check .
