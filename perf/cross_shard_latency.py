@@ -22,7 +22,7 @@ import uvloop
 from websockets.asyncio.client import ClientConnection, connect
 
 from perf import procs
-from shardchat.rooms import owner_of
+from shardchat.core.roomlog import owner_of
 
 
 def percentile(values: list[float], p: float) -> float:

@@ -36,7 +36,7 @@ import uvloop
 
 from perf import procs
 from perf.loadclient import LoadConn
-from shardchat.client import ACK_DELAY
+from shardchat.client.chatclient import ACK_DELAY
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PER_WORKER = 12000  # connections per worker process at most

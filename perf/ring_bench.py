@@ -29,8 +29,8 @@ from typing import Any
 import posix_ipc
 
 from perf import procs
-from shardchat.ring import RingReader, RingWriter, init_ring
-from shardchat.ringlayout import HEADER_SIZE
+from shardchat.ring.layout import HEADER_SIZE
+from shardchat.ring.ring import RingReader, RingWriter, init_ring
 
 CAPACITY = 1 << 24
 BATCH = 64  # records between two doorbell posts or socket sends

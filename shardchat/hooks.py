@@ -33,8 +33,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import HookError, ShardchatError
-from .obs import log_event
+from shardchat.core.errors import HookError, ShardchatError
+from shardchat.logs import log_event
 
 __all__ = ["ConnInfo", "ConnectInfo", "Hooks", "Reject", "load_app"]
 

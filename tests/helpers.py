@@ -25,7 +25,7 @@ from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 
-from shardchat import shm
+from shardchat.brokers import segments as shm
 
 FACTOR = float(os.environ.get("SHARDCHAT_TEST_TIMEOUT_FACTOR", "1"))
 SHARDCHAT = str(Path(sys.executable).with_name("shardchat"))

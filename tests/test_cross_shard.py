@@ -8,7 +8,7 @@ import signal
 import zlib
 from typing import Any
 
-from shardchat.rooms import owner_of
+from shardchat.core.roomlog import owner_of
 from tests.helpers import (
     Client,
     RawClient,

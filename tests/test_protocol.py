@@ -19,7 +19,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from shardchat.auth import make_token
+from shardchat.core.auth import make_token
 from tests.helpers import (
     Client,
     RawClient,

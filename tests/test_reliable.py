@@ -12,8 +12,8 @@ import subprocess
 import time
 import urllib.request
 
-from shardchat.client import ChatClient, Message
-from shardchat.rooms import owner_of
+from shardchat.client.chatclient import ChatClient, Message
+from shardchat.core.roomlog import owner_of
 from tests.helpers import (
     SHARDCHAT,
     RawClient,

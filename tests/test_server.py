@@ -13,7 +13,7 @@ import urllib.request
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from shardchat import shm
+from shardchat.brokers import segments as shm
 from tests.helpers import (
     SHARDCHAT,
     Server,

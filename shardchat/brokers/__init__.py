@@ -1,0 +1,1 @@
+"""Brokers: what carries records between room engines (shared memory on one box)."""

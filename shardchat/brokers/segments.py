@@ -1,0 +1,231 @@
+"""POSIX shared memory and semaphores: names, create/attach/unlink, and the sweep.
+
+The only module that uses posix_ipc and mmap. Every name starts with
+``shardchat.<supervisor pid>.``, so anyone can find them in /dev/shm and a
+later start can tell a live owner's names from a dead one's.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import posix_ipc
+
+from shardchat.logs import log_event
+from shardchat.ring.layout import segment_size
+from shardchat.ring.ring import bump_generation, init_ring, ring_heartbeat_ns
+from shardchat.ring.seqtable import SLOT_SIZE
+from shardchat.stats import BLOCK_SLOTS
+
+__all__ = [
+    "PREFIX",
+    "Doorbell",
+    "Fabric",
+    "Segment",
+    "bell_name",
+    "leftover_names",
+    "ring_name",
+    "stats_name",
+    "sweep_stale",
+    "unlink_all",
+]
+
+log = logging.getLogger(__name__)
+
+PREFIX = "shardchat"
+SHM_DIR = Path("/dev/shm")
+
+
+def ring_name(owner_pid: int, shard: int) -> str:
+    return f"/{PREFIX}.{owner_pid}.ring.{shard}"
+
+
+def bell_name(owner_pid: int, shard: int) -> str:
+    return f"/{PREFIX}.{owner_pid}.bell.{shard}"
+
+
+def stats_name(owner_pid: int) -> str:
+    return f"/{PREFIX}.{owner_pid}.stats"
+
+
+@dataclass(slots=True)
+class Segment:
+    """A mapped shared-memory segment; ``buf`` is the mapping."""
+
+    name: str
+    buf: mmap.mmap
+
+    @classmethod
+    def create(cls, name: str, size: int) -> Segment:
+        shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=size)
+        try:
+            buf = mmap.mmap(shm.fd, size)
+        finally:
+            shm.close_fd()  # the mapping survives the fd
+        return cls(name, buf)
+
+    @classmethod
+    def attach(cls, name: str) -> Segment:
+        shm = posix_ipc.SharedMemory(name)
+        try:
+            buf = mmap.mmap(shm.fd, shm.size)
+        finally:
+            shm.close_fd()
+        return cls(name, buf)
+
+    def close(self) -> None:
+        try:
+            self.buf.close()
+        except BufferError:
+            # A memoryview still refers to the mapping; it goes with the process.
+            pass
+
+
+class Doorbell:
+    """A semaphore used only as a wake-up signal, never as a lock (DESIGN.md, Rings)."""
+
+    __slots__ = ("name", "sem")
+
+    def __init__(self, name: str, *, create: bool = False) -> None:
+        self.name = name
+        flags = posix_ipc.O_CREX if create else 0
+        self.sem = posix_ipc.Semaphore(name, flags, mode=0o600, initial_value=0)
+
+    def ring(self) -> None:
+        try:
+            self.sem.release()
+        except OSError:
+            # EOVERFLOW: a reader that is gone let its count grow to the maximum.
+            pass
+
+    def wait(self, timeout: float) -> bool:
+        """Block (GIL released) until rung or ``timeout``; True when rung."""
+        try:
+            self.sem.acquire(timeout)
+        except posix_ipc.BusyError:
+            return False
+        return True
+
+    def drain(self) -> None:
+        """Absorb posts that piled up, without blocking."""
+        while True:
+            try:
+                self.sem.acquire(0)
+            except posix_ipc.BusyError:
+                return
+
+    def close(self) -> None:
+        self.sem.close()
+
+
+def _unlink(entry: str) -> None:
+    try:
+        if entry.startswith("sem."):
+            posix_ipc.unlink_semaphore("/" + entry[len("sem.") :])
+        else:
+            posix_ipc.unlink_shared_memory("/" + entry)
+    except posix_ipc.ExistentialError:
+        pass
+
+
+def _owner_pid(entry: str) -> int | None:
+    name = entry[len("sem.") :] if entry.startswith("sem.") else entry
+    parts = name.split(".")
+    if len(parts) < 3 or parts[0] != PREFIX or not parts[1].isdigit():
+        return None
+    return int(parts[1])
+
+
+def leftover_names(owner_pid: int | None = None) -> list[str]:
+    """The /dev/shm entries named by shardchat (of one owner, or of all)."""
+    try:
+        entries = os.listdir(SHM_DIR)
+    except FileNotFoundError:
+        return []
+    out = []
+    for entry in sorted(entries):
+        pid = _owner_pid(entry)
+        if pid is not None and (owner_pid is None or pid == owner_pid):
+            out.append(entry)
+    return out
+
+
+def _is_live_shardchat(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    # A reused pid that is not a shardchat supervisor does not own the names.
+    return b"shardchat" in cmdline
+
+
+def sweep_stale() -> list[str]:
+    """Unlink the names of supervisors that are gone; return what was removed."""
+    removed = []
+    for entry in leftover_names():
+        pid = _owner_pid(entry)
+        assert pid is not None
+        if pid != os.getpid() and not _is_live_shardchat(pid):
+            _unlink(entry)
+            removed.append(entry)
+    if removed:
+        log_event(log, logging.WARNING, "shm_swept", names=removed)
+    return removed
+
+
+def unlink_all(owner_pid: int) -> None:
+    """Unlink every name this owner created."""
+    for entry in leftover_names(owner_pid):
+        _unlink(entry)
+
+
+class Fabric:
+    """The supervisor's shared memory: one segment and one doorbell per shard.
+
+    The supervisor creates every name before the first fork, writes ring
+    headers, bumps a ring's generation before it restarts that ring's writer,
+    and unlinks everything at exit. Shards attach by name.
+    """
+
+    def __init__(self, owner_pid: int, workers: int, ring_bytes: int, table_slots: int) -> None:
+        self.owner_pid = owner_pid
+        self.segments: list[Segment] = []
+        self.bells: list[Doorbell] = []
+        self.stats: Segment | None = None
+        size = segment_size(ring_bytes, table_slots, SLOT_SIZE)
+        try:
+            self.stats = Segment.create(stats_name(owner_pid), workers * BLOCK_SLOTS * 8)
+            for shard in range(workers):
+                segment = Segment.create(ring_name(owner_pid, shard), size)
+                self.segments.append(segment)
+                init_ring(memoryview(segment.buf), ring_bytes, table_slots)
+                self.bells.append(Doorbell(bell_name(owner_pid, shard), create=True))
+        except BaseException:
+            self.close()
+            raise
+
+    def new_generation(self, shard: int) -> int:
+        return bump_generation(memoryview(self.segments[shard].buf))
+
+    def heartbeat_ns(self, shard: int) -> int:
+        """When the shard's loop last beat (CLOCK_MONOTONIC ns, one clock per box)."""
+        return ring_heartbeat_ns(memoryview(self.segments[shard].buf))
+
+    def close(self) -> None:
+        for segment in self.segments:
+            segment.close()
+        if self.stats is not None:
+            self.stats.close()
+        for bell in self.bells:
+            bell.close()
+        unlink_all(self.owner_pid)

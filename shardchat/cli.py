@@ -1,0 +1,201 @@
+"""The ``shardchat`` command line: a thin shim over the package.
+
+Loads the configuration once and turns :class:`ShardchatError` into exit
+codes: 2 for a configuration mistake, 1 for a server that cannot run.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import click
+
+from shardchat import __version__
+from shardchat.core.config import Config, load_config, parse_override, to_toml
+from shardchat.core.errors import ConfigError, HookError, ShardchatError
+
+__all__ = ["main"]
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigFlags:
+    """The flags every command that reads the configuration takes."""
+
+    path: str | None
+    workers: str | None
+    host: str | None
+    port: int | None
+    app: str | None
+    settings: tuple[str, ...]
+
+    def load(self) -> Config:
+        """The effective configuration; a mistake exits 2 with one line."""
+        overrides: dict[str, object] = {}
+        try:
+            for item in self.settings:
+                key, value = parse_override(item)
+                overrides[key] = value
+            if self.workers is not None:
+                workers = self.workers
+                overrides["server.workers"] = int(workers) if workers.isdigit() else workers
+            if self.host is not None:
+                overrides["server.host"] = self.host
+            if self.port is not None:
+                overrides["server.port"] = self.port
+            if self.app is not None:
+                overrides["server.app"] = self.app
+            return load_config(self.path, overrides=overrides)
+        except ConfigError as exc:
+            click.echo(f"shardchat: {exc}", err=True)
+            sys.exit(2)
+
+
+def _config_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Add the config flags to a command, handed to it as one ``flags`` argument."""
+
+    @functools.wraps(func)
+    def command(
+        *args: Any,
+        config_path: str | None,
+        workers: str | None,
+        host: str | None,
+        port: int | None,
+        app: str | None,
+        settings: tuple[str, ...],
+        **kwargs: Any,
+    ) -> Any:
+        flags = ConfigFlags(config_path, workers, host, port, app, settings)
+        return func(*args, flags=flags, **kwargs)
+
+    options = [
+        click.option(
+            "--config",
+            "config_path",
+            type=click.Path(dir_okay=False),
+            help="Config file (default: ./config.toml when present).",
+        ),
+        click.option("--workers", help='Number of shards, or "auto" (one per CPU).'),
+        click.option("--host", help="Listen address."),
+        click.option("--port", type=int, help="WebSocket + HTTP port."),
+        click.option("--app", help='Lifecycle hooks to load, "module:object".'),
+        click.option(
+            "--set",
+            "settings",
+            multiple=True,
+            metavar="SECTION.KEY=VALUE",
+            help="Set any config key; repeatable (e.g. --set heartbeat.interval=1).",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+@click.group()
+@click.version_option(__version__, prog_name="shardchat")
+def main() -> None:
+    """shardchat: a real-time WebSocket chat server, one shard per core."""
+
+
+@main.command()
+@_config_options
+def start(flags: ConfigFlags) -> None:
+    """Start the supervisor and its shards; SIGTERM or Ctrl-C drains and stops."""
+    config = flags.load()
+    from shardchat.logs import configure_logging
+    from shardchat.supervisor.supervisor import Supervisor
+
+    configure_logging(config.log.level, config.log.format)
+    try:
+        code = Supervisor(config).run()
+    except HookError as exc:
+        click.echo(f"shardchat: {exc}", err=True)
+        sys.exit(2)
+    except ShardchatError as exc:
+        click.echo(f"shardchat: {exc}", err=True)
+        sys.exit(1)
+    sys.exit(code)
+
+
+@main.command("config")
+@_config_options
+def show_config(flags: ConfigFlags) -> None:
+    """Print the effective configuration as TOML (secrets redacted)."""
+    click.echo(to_toml(flags.load()), nl=False)
+
+
+@main.command()
+@click.option(
+    "--admin",
+    "admin_url",
+    help="The supervisor's admin URL (default: http://server.host:server.admin_port).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON.")
+@_config_options
+def status(admin_url: str | None, as_json: bool, flags: ConfigFlags) -> None:
+    """Show each shard's pid, uptime, restarts and connections."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    if admin_url is None:
+        config = flags.load()
+        admin_url = f"http://{config.server.host}:{config.server.admin_port}"
+    url = admin_url.rstrip("/") + "/status"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            data = json.loads(response.read())
+    except (urllib.error.URLError, OSError) as exc:
+        click.echo(f"shardchat: cannot read {url}: {exc}", err=True)
+        sys.exit(1)
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    click.echo(f"supervisor pid {data['pid']}  epoch {data['epoch']}  up {data['uptime']:.0f} s")
+    click.echo(
+        f"{'shard':>5} {'pid':>8} {'alive':>5} {'uptime s':>9} {'restarts':>8} "
+        f"{'conns':>7} {'rooms':>6}"
+    )
+    for shard in data["shards"]:
+        click.echo(
+            f"{shard['id']:>5} {shard['pid'] or '-':>8} {'yes' if shard['alive'] else 'no':>5} "
+            f"{shard['uptime']:>9.0f} {shard['restarts']:>8} {shard['connections']:>7} "
+            f"{shard['rooms']:>6}"
+        )
+    totals = data["totals"]
+    click.echo(
+        f"total: {totals['connections']} connections, {totals['messages_published']} messages "
+        f"published, {totals['frames_delivered']} frames delivered, {totals['restarts']} restarts"
+    )
+
+
+@main.command()
+@click.option("--user", required=True, help="Your name (1-64 of [A-Za-z0-9_.:-]).")
+@click.option("--room", required=True, help="The room to join.")
+@click.option("--token", help="A signed token, when the server requires one.")
+@click.argument("url", default="ws://127.0.0.1:8080/ws")
+def chat(user: str, room: str, token: str | None, url: str) -> None:
+    """Chat in a room from the terminal: lines you type are sent, messages are printed."""
+    from shardchat.client.terminal import run_chat
+
+    run_chat(url, user, room, token)
+
+
+@main.command()
+def cleanup() -> None:
+    """Remove shared memory left in /dev/shm by supervisors that are gone."""
+    from shardchat.brokers.segments import sweep_stale
+
+    removed = sweep_stale()
+    for name in removed:
+        click.echo(f"removed /dev/shm/{name}")
+    if not removed:
+        click.echo("nothing to remove")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The client side: ChatClient and the terminal chat."""

@@ -1,0 +1,1 @@
+"""The pure core: protocol, room logic, admission and the room engine. No I/O."""

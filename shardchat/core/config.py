@@ -1,0 +1,400 @@
+"""The only configuration loader.
+
+Precedence, lowest first: built-in defaults < config file (``--config PATH``,
+else ``./config.toml`` when present) < ``SHARDCHAT_<SECTION>_<KEY>``
+environment variables < command-line overrides. The result is a frozen
+:class:`Config`, resolved once in the supervisor and inherited by the shards
+through fork. Every wrong value raises :class:`ConfigError` naming the key,
+the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shardchat.core.errors import ConfigError
+
+__all__ = [
+    "AuthConfig",
+    "Config",
+    "DeliveryConfig",
+    "HeartbeatConfig",
+    "LimitsConfig",
+    "LogConfig",
+    "PresenceConfig",
+    "RingConfig",
+    "ServerConfig",
+    "load_config",
+    "parse_override",
+    "to_toml",
+]
+
+ENV_PREFIX = "SHARDCHAT_"
+DEFAULT_CONFIG_FILE = "config.toml"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServerConfig:
+    host: str = "127.0.0.1"  # listen address of the WebSocket/HTTP port
+    port: int = 8080  # WebSocket + HTTP port, shared by every shard (SO_REUSEPORT)
+    admin_port: int = 9090  # metrics/status port served by the supervisor; 0 = off
+    workers: int | str = "auto"  # shards; "auto" = CPU count
+    graceful_timeout: float = 10.0  # seconds a drain may take before shards are killed
+    shard_timeout: float = 30.0  # a shard whose loop is stuck this long is killed; 0 = off
+    max_connections: int = 100_000  # whole server; over it, HTTP 503
+    max_per_ip: int = 0  # per client address, per shard's view; 0 = off
+    origins: tuple[str, ...] = ()  # allowed Origin values; empty = any
+    backlog: int = 4096  # listen backlog of each shard's socket
+    app: str = ""  # lifecycle hooks to load, "module:object"; empty = none
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LimitsConfig:
+    max_frame: int = 65536  # bytes of one incoming WebSocket frame
+    max_content: int = 4096  # bytes of a message's content
+    rate: float = 20.0  # messages per second, sustained (token bucket refill)
+    burst: int = 40  # token bucket size
+    send_queue: int = 1_048_576  # bytes buffered for one client before close 4429
+    max_errors: int = 20  # consecutive errors before close 1008
+    room_size: int = 0  # members (users) a room may have; 0 = no limit
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HeartbeatConfig:
+    interval: float = 30.0  # seconds between WebSocket pings
+    timeout: float = 10.0  # seconds a pong may take before close 4408
+    idle_timeout: float = 90.0  # seconds of silence before close 4408; 0 = off
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeliveryConfig:
+    ack_timeout: float = 2.0  # seconds before an unacked message is resent
+    ack_retries: int = 5  # resends before close 4409
+    history: int = 1000  # messages held per room for resume and history
+    room_idle: float = 600.0  # seconds before a non-owner shard drops an idle room's log
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RingConfig:
+    bytes: int = 16_777_216  # data area of each shard's ring; a power of two
+    rooms: int = 65536  # rooms each shard's shared seq table holds (96 bytes each)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PresenceConfig:
+    list_limit: int = 1000  # users listed in joined/presence at most
+    events_limit: int = 200  # join/leave events only in rooms up to this size
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuthConfig:
+    secret: str = ""  # HS256 key for JWTs; empty = auth off (the `user` parameter names)
+    issuer: str = ""  # required `iss` claim; empty = not checked
+    audience: str = ""  # required `aud` claim; empty = not checked
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LogConfig:
+    level: str = "info"  # debug, info, warning, error
+    format: str = "json"  # json (one object per line) or console
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    ring: RingConfig = field(default_factory=RingConfig)
+    presence: PresenceConfig = field(default_factory=PresenceConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    @property
+    def workers(self) -> int:
+        """The number of shards, with "auto" resolved to the CPU count."""
+        if self.server.workers == "auto":
+            return os.cpu_count() or 1
+        assert isinstance(self.server.workers, int)
+        return self.server.workers
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "server": ServerConfig,
+    "limits": LimitsConfig,
+    "heartbeat": HeartbeatConfig,
+    "delivery": DeliveryConfig,
+    "ring": RingConfig,
+    "presence": PresenceConfig,
+    "auth": AuthConfig,
+    "log": LogConfig,
+}
+
+Check = Callable[[str, object], object]
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int(low: int, high: int | None = None) -> Check:
+    allowed = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
+
+    def check(key: str, value: object) -> object:
+        if not _is_int(value):
+            raise ConfigError(key, value, f"must be {allowed}")
+        assert isinstance(value, int)
+        if value < low or (high is not None and value > high):
+            raise ConfigError(key, value, f"must be {allowed}")
+        return value
+
+    return check
+
+
+def _number(low: float, *, strict: bool) -> Check:
+    allowed = f"a number {'>' if strict else '>='} {low:g}"
+
+    def check(key: str, value: object) -> object:
+        if not (_is_int(value) or isinstance(value, float)):
+            raise ConfigError(key, value, f"must be {allowed}")
+        number = float(value)  # type: ignore[arg-type]
+        if math.isnan(number) or math.isinf(number) or number < low or (strict and number == low):
+            raise ConfigError(key, value, f"must be {allowed}")
+        return number
+
+    return check
+
+
+def _choice(*choices: str) -> Check:
+    allowed = "must be one of " + ", ".join(repr(c) for c in choices)
+
+    def check(key: str, value: object) -> object:
+        if not isinstance(value, str) or value.lower() not in choices:
+            raise ConfigError(key, value, allowed)
+        return value.lower()
+
+    return check
+
+
+def _workers(key: str, value: object) -> object:
+    if value == "auto":
+        return value
+    if _is_int(value) and 1 <= value <= 256:  # type: ignore[operator]
+        return value
+    raise ConfigError(key, value, 'must be "auto" or an integer from 1 to 256')
+
+
+def _host(key: str, value: object) -> object:
+    if not isinstance(value, str) or not value or not re.fullmatch(r"[A-Za-z0-9.:\-\[\]]+", value):
+        raise ConfigError(key, value, "must be a host name or an IP address")
+    return value
+
+
+def _origins(key: str, value: object) -> object:
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(
+            key, value, "must be a list of origin strings, e.g. ['https://chat.example']"
+        )
+    return tuple(value)
+
+
+def _string(key: str, value: object) -> object:
+    if not isinstance(value, str):
+        raise ConfigError(key, value, "must be a string")
+    return value
+
+
+def _app(key: str, value: object) -> object:
+    if not isinstance(value, str) or (value and not re.fullmatch(r"[\w.]+:[\w.]+", value)):
+        raise ConfigError(key, value, 'must be "module:object" (e.g. "examples.moderation:app")')
+    return value
+
+
+def _power_of_two(key: str, value: object) -> object:
+    low, high = 1 << 16, 1 << 30
+    if not _is_int(value) or value < low or value > high or value & (value - 1):  # type: ignore[operator]
+        raise ConfigError(key, value, f"must be a power of two from {low} to {high}")
+    return value
+
+
+_CHECKS: dict[str, Check] = {
+    "server.host": _host,
+    "server.port": _int(1, 65535),
+    "server.admin_port": _int(0, 65535),
+    "server.workers": _workers,
+    "server.graceful_timeout": _number(0, strict=True),
+    "server.shard_timeout": _number(0, strict=False),
+    "server.max_connections": _int(1),
+    "server.max_per_ip": _int(0),
+    "server.origins": _origins,
+    "server.backlog": _int(1, 65535),
+    "server.app": _app,
+    "limits.max_frame": _int(1024, 1 << 24),
+    "limits.max_content": _int(1, 1 << 20),
+    "limits.rate": _number(0, strict=True),
+    "limits.burst": _int(1),
+    "limits.send_queue": _int(4096),
+    "limits.max_errors": _int(1),
+    "limits.room_size": _int(0),
+    "heartbeat.interval": _number(0, strict=True),
+    "heartbeat.timeout": _number(0, strict=True),
+    "heartbeat.idle_timeout": _number(0, strict=False),
+    "delivery.ack_timeout": _number(0, strict=True),
+    "delivery.ack_retries": _int(0),
+    "delivery.history": _int(0, 1_000_000),
+    "delivery.room_idle": _number(0, strict=False),
+    "ring.bytes": _power_of_two,
+    "ring.rooms": _int(16, 1 << 24),
+    "presence.list_limit": _int(1),
+    "presence.events_limit": _int(0),
+    "auth.secret": _string,
+    "auth.issuer": _string,
+    "auth.audience": _string,
+    "log.level": _choice("debug", "info", "warning", "error"),
+    "log.format": _choice("json", "console"),
+}
+
+
+def _check_complete() -> None:
+    keys = {f"{s}.{f.name}" for s, cls in _SECTIONS.items() for f in dataclasses.fields(cls)}
+    assert keys == set(_CHECKS), keys ^ set(_CHECKS)
+
+
+_check_complete()
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """Parse ``section.key=value`` (a ``--set`` flag) into the key and its value.
+
+    The value is read as a TOML value when it is one (``3``, ``1.5``,
+    ``["a", "b"]``, ``true``) and taken as a plain string otherwise, so that
+    ``--set log.level=debug`` needs no quotes.
+    """
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(text, text, "--set takes section.key=value")
+    return key.strip(), _parse_scalar(raw.strip())
+
+
+def _parse_scalar(raw: str) -> object:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        section, _, key = name[len(ENV_PREFIX) :].lower().partition("_")
+        if section not in _SECTIONS:
+            # SHARDCHAT_* variables of other tools (e.g. SHARDCHAT_TEST_*) are not ours.
+            continue
+        out[f"{section}.{key}"] = _parse_scalar(raw)
+    return out
+
+
+def _file_values(path: Path) -> dict[str, object]:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError("--config", str(path), f"cannot be read ({exc.strerror})") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("--config", str(path), f"is not valid TOML ({exc})") from exc
+    out: dict[str, object] = {}
+    for section, table in data.items():
+        if not isinstance(table, dict):
+            raise ConfigError(section, table, "must be a [section] table")
+        for key, value in table.items():
+            out[f"{section}.{key}"] = value
+    return out
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    overrides: Mapping[str, object] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Resolve the effective configuration.
+
+    Args:
+        path: the config file; ``None`` reads ``./config.toml`` when it exists.
+        overrides: ``section.key`` values from command-line flags.
+        environ: the environment to read ``SHARDCHAT_*`` from (``os.environ``).
+
+    Raises:
+        ConfigError: an unknown key, a wrong type or an out-of-range value.
+    """
+    values: dict[str, object] = {}
+    if path is not None:
+        values.update(_file_values(Path(path)))
+    elif Path(DEFAULT_CONFIG_FILE).is_file():
+        values.update(_file_values(Path(DEFAULT_CONFIG_FILE)))
+    values.update(_env_overrides(os.environ if environ is None else environ))
+    values.update(overrides or {})
+
+    sections: dict[str, dict[str, object]] = {name: {} for name in _SECTIONS}
+    for key, value in values.items():
+        check = _CHECKS.get(key)
+        if check is None:
+            raise ConfigError(key, value, "unknown key; known keys: " + ", ".join(sorted(_CHECKS)))
+        section, _, name = key.partition(".")
+        sections[section][name] = check(key, value)
+    config = Config(**{name: _SECTIONS[name](**kw) for name, kw in sections.items()})
+    if config.limits.max_content + 1024 > config.limits.max_frame:
+        raise ConfigError(
+            "limits.max_content",
+            config.limits.max_content,
+            f"must leave 1024 bytes of room under limits.max_frame ({config.limits.max_frame})",
+        )
+    if config.limits.max_frame > config.ring.bytes // 8:
+        raise ConfigError(
+            "limits.max_frame",
+            config.limits.max_frame,
+            f"must be at most ring.bytes / 8 ({config.ring.bytes // 8}), the largest ring record",
+        )
+    return config
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+SECRET_KEYS = frozenset({"auth.secret"})
+REDACTED = "<redacted>"
+
+
+def to_toml(config: Config, *, redact: bool = True) -> str:
+    """The effective configuration as TOML, every key of every section.
+
+    Secrets that are set print as ``<redacted>``, unless ``redact`` is False.
+    """
+    lines: list[str] = []
+    for section in _SECTIONS:
+        if lines:
+            lines.append("")
+        lines.append(f"[{section}]")
+        table = getattr(config, section)
+        for f in dataclasses.fields(table):
+            value = getattr(table, f.name)
+            if redact and value and f"{section}.{f.name}" in SECRET_KEYS:
+                value = REDACTED
+            lines.append(f"{f.name} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"

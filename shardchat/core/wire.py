@@ -1,0 +1,194 @@
+"""Bytes <-> messages: the JSON wire format of PROTOCOL.md, and server frames.
+
+Decoding validates every field and raises :class:`ProtocolError` with the
+protocol's error code; it never raises anything else. Encoding produces
+UTF-8 JSON bytes (orjson) and, for the fan-out path, ready WebSocket frames.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from collections.abc import Callable
+
+import orjson
+
+from shardchat.core.errors import ProtocolError
+from shardchat.core.messages import (
+    Ack,
+    ClientMessage,
+    HistoryQuery,
+    Join,
+    Leave,
+    Ping,
+    PresenceQuery,
+    Publish,
+    RoomId,
+)
+
+__all__ = [
+    "MAX_SEQ",
+    "NAME_RE",
+    "decode",
+    "encode",
+    "error_payload",
+    "is_valid_name",
+    "text_frame",
+]
+
+NAME_RE = re.compile(r"[A-Za-z0-9_.:\-]{1,64}")
+MAX_ID = 64
+MAX_SEQ = (1 << 63) - 1
+
+_fullmatch = NAME_RE.fullmatch
+
+
+def is_valid_name(name: object) -> bool:
+    """PROTOCOL.md, Transport: 1-64 characters of ``[A-Za-z0-9_.:-]``."""
+    return isinstance(name, str) and _fullmatch(name) is not None
+
+
+def _request_id(obj: dict[str, object]) -> str | None:
+    value = obj.get("id")
+    if isinstance(value, str) and 1 <= len(value) <= MAX_ID:
+        return value
+    return None
+
+
+def _room(obj: dict[str, object], rid: str | None) -> RoomId:
+    room = obj.get("room")
+    if room is None:
+        raise ProtocolError("bad_request", "missing field: room", rid)
+    if not is_valid_name(room):
+        raise ProtocolError("bad_request", "room must be 1-64 characters of [A-Za-z0-9_.:-]", rid)
+    assert isinstance(room, str)
+    return RoomId(room)
+
+
+def _seq(obj: dict[str, object], key: str, rid: str | None, *, required: bool) -> int | None:
+    value = obj.get(key)
+    if value is None:
+        if required:
+            raise ProtocolError("bad_request", f"missing field: {key}", rid)
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEQ:
+        raise ProtocolError("bad_request", f"{key} must be a non-negative integer", rid)
+    return value
+
+
+def _decode_join(obj: dict[str, object], rid: str | None, max_content: int) -> ClientMessage:
+    epoch = obj.get("epoch")
+    if epoch is not None and not isinstance(epoch, str):
+        raise ProtocolError("bad_request", "epoch must be a string", rid)
+    since = _seq(obj, "since", rid, required=False)
+    return Join(room=_room(obj, rid), since=since, epoch=epoch, id=rid)
+
+
+def _decode_leave(obj: dict[str, object], rid: str | None, max_content: int) -> ClientMessage:
+    return Leave(room=_room(obj, rid), id=rid)
+
+
+def _decode_message(obj: dict[str, object], rid: str | None, max_content: int) -> ClientMessage:
+    room = _room(obj, rid)
+    content = obj.get("content")
+    if content is None:
+        raise ProtocolError("bad_request", "missing field: content", rid)
+    if not isinstance(content, str):
+        raise ProtocolError("bad_request", "content must be a string", rid)
+    # A str of n code points is at most 4n UTF-8 bytes: encode only when it might be over.
+    if len(content) * 4 > max_content and len(content.encode()) > max_content:
+        raise ProtocolError("too_large", f"content is over {max_content} bytes", rid)
+    return Publish(room=room, content=content, id=rid)
+
+
+def _decode_ack(obj: dict[str, object], rid: str | None, max_content: int) -> ClientMessage:
+    seq = _seq(obj, "seq", rid, required=True)
+    assert seq is not None
+    return Ack(room=_room(obj, rid), seq=seq, id=rid)
+
+
+def _decode_ping(obj: dict[str, object], rid: str | None, max_content: int) -> ClientMessage:
+    echo = {k: v for k, v in obj.items() if k != "type"}
+    return Ping(echo=echo, id=rid)
+
+
+def _decode_presence(obj: dict[str, object], rid: str | None, max_content: int) -> ClientMessage:
+    return PresenceQuery(room=_room(obj, rid), id=rid)
+
+
+def _decode_history(obj: dict[str, object], rid: str | None, max_content: int) -> ClientMessage:
+    room = _room(obj, rid)
+    since = _seq(obj, "since", rid, required=False) or 0
+    limit = _seq(obj, "limit", rid, required=False)
+    return HistoryQuery(room=room, since=since, limit=limit, id=rid)
+
+
+_DECODERS: dict[str, Callable[[dict[str, object], str | None, int], ClientMessage]] = {
+    "join": _decode_join,
+    "leave": _decode_leave,
+    "message": _decode_message,
+    "ack": _decode_ack,
+    "ping": _decode_ping,
+    "presence": _decode_presence,
+    "history": _decode_history,
+}
+
+
+def decode(data: bytes | bytearray | memoryview, max_content: int) -> ClientMessage:
+    """Decode one client text frame.
+
+    Raises:
+        ProtocolError: ``bad_json``, ``bad_request``, ``unknown_type`` or
+            ``too_large``, with the request's ``id`` when it had a usable one.
+    """
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise ProtocolError("bad_json", f"malformed JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("bad_request", "a frame must be a JSON object")
+    rid = _request_id(obj)
+    kind = obj.get("type")
+    if kind is None:
+        raise ProtocolError("bad_request", "missing field: type", rid)
+    if not isinstance(kind, str):
+        raise ProtocolError("bad_request", "type must be a string", rid)
+    decoder = _DECODERS.get(kind)
+    if decoder is None:
+        raise ProtocolError("unknown_type", f"unknown type: {kind[:64]!r}", rid)
+    # A ping echoes whatever it carries; every other request's id must be usable.
+    if rid is None and obj.get("id") is not None and kind != "ping":
+        raise ProtocolError("bad_request", f"id must be a string of 1-{MAX_ID} characters")
+    return decoder(obj, rid, max_content)
+
+
+def encode(obj: dict[str, object]) -> bytes:
+    """A server frame's JSON (UTF-8 bytes)."""
+    return orjson.dumps(obj)
+
+
+def error_payload(code: str, reason: str, request_id: str | None = None) -> bytes:
+    """The JSON of an ``error`` frame."""
+    obj: dict[str, object] = {"type": "error", "code": code, "reason": reason}
+    if request_id is not None:
+        obj["id"] = request_id
+    return orjson.dumps(obj)
+
+
+_HEADER_16 = struct.Struct("!BBH")
+_HEADER_64 = struct.Struct("!BBQ")
+_FIN_TEXT = 0x81
+
+
+def text_frame(payload: bytes) -> bytes:
+    """A complete, unmasked, unfragmented WebSocket text frame (RFC 6455 5.2).
+
+    Server frames are never masked (RFC 6455 5.1), so the frame is a 2, 4 or
+    10 byte header before the payload: built once, written to many members.
+    """
+    n = len(payload)
+    if n < 126:
+        return bytes((_FIN_TEXT, n)) + payload
+    if n < 65536:
+        return _HEADER_16.pack(_FIN_TEXT, 126, n) + payload
+    return _HEADER_64.pack(_FIN_TEXT, 127, n) + payload

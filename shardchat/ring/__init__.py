@@ -1,0 +1,1 @@
+"""The shared-memory ring: byte layout, writer and reader over a memoryview, record payloads."""

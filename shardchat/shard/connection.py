@@ -1,0 +1,298 @@
+"""The connection adapter: websockets' Sans-I/O core driven by an asyncio.Protocol.
+
+DESIGN.md, Connections: ``websockets.server.ServerProtocol`` does the HTTP
+handshake, framing, close handshake, ping/pong and RFC checks; this module
+feeds it bytes and writes what it produces, with no task, coroutine or timer
+per connection (the shard's sweep calls :meth:`Connection.tick`). It is the
+only module that touches a websockets object.
+
+The fan-out rule lives here too: a ready frame may be written straight to the
+transport, beside the Sans-I/O protocol, only while the protocol is OPEN and
+no fragmented message of ours is in flight (we never fragment). ``out`` is the
+transport exactly while that holds, and ``None`` otherwise, so the shard's
+hot loop writes ``conn.out.write(buf)`` after one ``is not None`` test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import http
+import logging
+from typing import Protocol as TypingProtocol
+from typing import cast
+
+from websockets.datastructures import Headers
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Request, Response
+from websockets.protocol import State
+from websockets.server import ServerProtocol
+
+from shardchat.core.messages import AppCloseCode
+
+__all__ = ["CLOSE_TIMEOUT", "HANDSHAKE_TIMEOUT", "Connection", "ConnectionHandler"]
+
+_OPEN = State.OPEN
+_CONNECTING = State.CONNECTING
+_TEXT = Opcode.TEXT
+_BINARY = Opcode.BINARY
+_PONG = Opcode.PONG
+
+# Seconds a client has to finish the opening handshake (slow-loris defence).
+HANDSHAKE_TIMEOUT = 5.0
+# Seconds the client has to answer our close frame before the TCP connection is aborted.
+CLOSE_TIMEOUT = 5.0
+
+_quiet_logger = logging.getLogger("websockets.server")
+
+
+class ConnectionHandler(TypingProtocol):
+    """What the shard provides to its connections."""
+
+    clock: float  # loop time, refreshed by the shard at least once per sweep
+    heartbeat_interval: float  # seconds between heartbeat pings
+    max_frame: int  # largest incoming frame (close 1009 over it)
+    send_queue: int  # bytes buffered for a client before close 4429
+
+    def http_get(self, path: str) -> tuple[int, str, bytes]:
+        """Answer a plain HTTP GET: status, content type and body."""
+
+    def refuse_upgrade(
+        self, conn: Connection, request: Request, query: str
+    ) -> tuple[int, str] | None:
+        """An HTTP status and text to refuse a WebSocket upgrade with, or None to accept."""
+
+    def opened(self, conn: Connection, query: str) -> None:
+        """The handshake completed; the connection may send and receive."""
+
+    def text_received(self, conn: Connection, data: bytes | bytearray | memoryview) -> None:
+        """A complete text message arrived (its bytes, UTF-8 not yet validated)."""
+
+    def closed(self, conn: Connection) -> None:
+        """The TCP connection is gone; forget everything about ``conn``."""
+
+
+class Connection(asyncio.Protocol):
+    """One client connection; per-connection state is kept to these slots."""
+
+    __slots__ = (
+        "close_deadline",
+        "conn_id",
+        "data",
+        "handler",
+        "last_recv",
+        "next_ping",
+        "out",
+        "peer",
+        "ping_sent",
+        "proto",
+        "transport",
+        "user",
+    )
+
+    def __init__(self, handler: ConnectionHandler, conn_id: int) -> None:
+        self.handler = handler
+        self.conn_id = conn_id  # unique within the shard, for logs
+        self.proto = ServerProtocol(max_size=handler.max_frame, logger=_quiet_logger)
+        self.transport: asyncio.Transport | None = None
+        self.out: asyncio.Transport | None = None  # the transport while frames may be written
+        self.peer = ""  # client IP address
+        self.user = ""  # set by the shard on upgrade
+        self.data: object = None  # the shard's per-connection state (rooms, rate limit, ...)
+        now = handler.clock
+        self.last_recv = now  # time anything last arrived; handshake start before that
+        self.next_ping = 0.0  # when the next heartbeat ping is due
+        self.ping_sent = 0.0  # when the unanswered ping was sent; 0 = none outstanding
+        self.close_deadline = 0.0  # abort the TCP connection after this; 0 = not closing
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0] if peer else ""
+        # pause_writing() fires when more than send_queue bytes wait for this client.
+        transport.set_write_buffer_limits(high=self.handler.send_queue)
+
+    def data_received(self, data: bytes) -> None:
+        self.last_recv = self.handler.clock
+        proto = self.proto
+        proto.receive_data(data)
+        events = proto.events_received()
+        # Pongs and close replies first, so that they precede any frame we write.
+        self._write_protocol_data()
+        for event in events:
+            if type(event) is Frame:
+                opcode = event.opcode
+                if opcode is _TEXT:
+                    self.handler.text_received(self, event.data)
+                elif opcode is _BINARY:
+                    self.fail(1003, "binary frames are not supported")
+                elif opcode is _PONG:
+                    self.ping_sent = 0.0
+            elif type(event) is Request:
+                self._handshake(event)
+        if self.out is not None and proto.state is not _OPEN:
+            self.out = None
+
+    def eof_received(self) -> bool | None:
+        self.out = None
+        self.proto.receive_eof()
+        self._write_protocol_data()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.out = None
+        self.handler.closed(self)
+        self.transport = None
+
+    def pause_writing(self) -> None:
+        # PROTOCOL.md: a client too slow to read is closed with 4429. Stop
+        # writing at once; the close frame goes out from the next loop turn,
+        # outside the write() that called us.
+        if self.out is not None:
+            self.out = None
+            asyncio.get_running_loop().call_soon(
+                self.close, AppCloseCode.SLOW_CONSUMER, "slow consumer"
+            )
+
+    def resume_writing(self) -> None:
+        """Writing stays stopped: a slow consumer is being closed."""
+
+    # Sending
+
+    def send(self, payload_frame: bytes) -> None:
+        """Write one ready WebSocket frame (see :func:`shardchat.wire.text_frame`)."""
+        out = self.out
+        if out is not None:
+            out.write(payload_frame)
+
+    def close(self, code: int, reason: str) -> None:
+        """Start the closing handshake; the sweep aborts it after CLOSE_TIMEOUT."""
+        proto = self.proto
+        self.out = None
+        if proto.state is _OPEN:
+            proto.send_close(code, reason)
+            self._write_protocol_data()
+        if self.transport is not None and not self.close_deadline:
+            self.close_deadline = self.handler.clock + CLOSE_TIMEOUT
+
+    def fail(self, code: int, reason: str) -> None:
+        """Fail the connection (RFC 6455 7.1.7): close frame, then close TCP."""
+        self.out = None
+        self.proto.fail(code, reason)
+        self._write_protocol_data()
+        if self.transport is not None and not self.close_deadline:
+            self.close_deadline = self.handler.clock + CLOSE_TIMEOUT
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    @property
+    def is_open(self) -> bool:
+        return self.proto.state is _OPEN
+
+    @property
+    def close_code(self) -> int:
+        """The code the connection closed with: ours if we closed it first, else the
+        client's, else 1006 (no close frame either way)."""
+        proto = self.proto
+        if proto.close_sent is not None and not proto.close_rcvd_then_sent:
+            return int(proto.close_sent.code)
+        if proto.close_rcvd is not None:
+            return int(proto.close_rcvd.code)
+        return 1006
+
+    @property
+    def close_reason(self) -> str:
+        proto = self.proto
+        if proto.close_sent is not None and not proto.close_rcvd_then_sent:
+            return proto.close_sent.reason
+        if proto.close_rcvd is not None:
+            return proto.close_rcvd.reason
+        return ""
+
+    def tick(self, now: float, interval: float, timeout: float, idle: float) -> None:
+        """The shard's sweep: handshake, heartbeat, idle and close timeouts."""
+        if self.close_deadline:
+            if now >= self.close_deadline:
+                self.abort()
+            return
+        state = self.proto.state
+        if state is _CONNECTING:
+            if now - self.last_recv >= HANDSHAKE_TIMEOUT:
+                self.abort()
+            return
+        if state is not _OPEN:
+            return
+        if idle and now - self.last_recv >= idle:
+            self.close(AppCloseCode.HEARTBEAT_TIMEOUT, "idle timeout")
+        elif self.ping_sent:
+            if now - self.ping_sent >= timeout:
+                self.fail(AppCloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout")
+        elif now >= self.next_ping:
+            self.ping_sent = now
+            self.next_ping = now + interval
+            self.proto.send_ping(b"")
+            self._write_protocol_data()
+
+    # Internals
+
+    def _write_protocol_data(self) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        for data in self.proto.data_to_send():
+            if data:
+                transport.write(data)
+            else:
+                self.out = None  # nothing may follow our EOF
+                # SEND_EOF. Half-close and let the client close its side: closing
+                # outright while the client still sends would reset the connection
+                # and could destroy the close frame unread in its receive buffer.
+                if transport.can_write_eof():
+                    transport.write_eof()
+                else:
+                    transport.close()
+                if not self.close_deadline:
+                    self.close_deadline = self.handler.clock + CLOSE_TIMEOUT
+
+    def _handshake(self, request: Request) -> None:
+        proto = self.proto
+        handler = self.handler
+        path, _, query = request.path.partition("?")
+        if path != "/ws":
+            status, content_type, body = handler.http_get(path)
+            proto.send_response(_response(status, content_type, body))
+            self._write_protocol_data()
+            return
+        refusal = handler.refuse_upgrade(self, request, query)
+        if refusal is not None:
+            status, text = refusal
+            proto.send_response(_response(status, "text/plain; charset=utf-8", text.encode()))
+            self._write_protocol_data()
+            return
+        response = proto.accept(request)
+        proto.send_response(response)
+        self._write_protocol_data()
+        if proto.state is _OPEN:
+            self.out = self.transport
+            self.next_ping = handler.clock + handler.heartbeat_interval
+            handler.opened(self, query)
+
+
+def _response(status: int, content_type: str, body: bytes) -> Response:
+    phrase = http.HTTPStatus(status).phrase
+    headers = Headers(
+        [
+            ("Date", email.utils.formatdate(usegmt=True)),
+            ("Connection", "close"),
+            ("Content-Length", str(len(body))),
+            ("Content-Type", content_type),
+            ("Cache-Control", "no-store"),
+        ]
+    )
+    return Response(status, phrase, headers, body)

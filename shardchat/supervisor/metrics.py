@@ -1,0 +1,119 @@
+"""Prometheus metrics, summed over the shards' stats blocks (served by the supervisor).
+
+A prometheus-client collector reads the stats segment when /metrics is
+scraped; the exposition format is prometheus-client's. Per-shard values keep
+a ``shard`` label where they matter (connections, rooms, ring lag); the rest
+are summed over the shards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from shardchat import stats
+from shardchat.stats import Slot, StatsView
+
+__all__ = ["ShardchatCollector", "make_registry"]
+
+_COUNTERS: tuple[tuple[Slot, str, str], ...] = (
+    (Slot.CONNECTIONS_OPENED, "connections_opened", "WebSocket connections opened"),
+    (Slot.JOINS, "joins", "Room joins"),
+    (Slot.LEAVES, "leaves", "Room leaves (explicit or by disconnect)"),
+    (Slot.MESSAGES_PUBLISHED, "messages_published", "Messages accepted from clients"),
+    (Slot.MESSAGES_SEQUENCED, "messages_sequenced", "Messages sequenced by their room's owner"),
+    (Slot.FRAMES_DELIVERED, "frames_delivered", "Room message frames written to members"),
+    (Slot.BYTES_OUT, "bytes_out", "Bytes of room message frames written to members"),
+    (Slot.RATE_LIMITED, "rate_limited", "Messages refused by the rate limit"),
+    (Slot.SLOW_CONSUMER_CLOSES, "slow_consumer_closes", "Connections closed with 4429"),
+    (Slot.RESENDS, "resends", "Messages resent to reliable clients"),
+    (Slot.RING_RECORDS_WRITTEN, "ring_records_written", "Records written to the shard's ring"),
+    (Slot.RING_RECORDS_READ, "ring_records_read", "Records read from peers' rings"),
+    (Slot.RING_LAPS, "ring_laps", "Times a reader was lapped by a peer's writer"),
+    (Slot.RING_RECORDS_LOST, "ring_records_lost", "Records lost to laps (approximate)"),
+    (Slot.GAPS_LOST, "gaps_lost", "Seq ranges lost to laps that the owner no longer held"),
+    (Slot.FORWARDS_RETRIED, "forwards_retried", "Publishes forwarded to an owner again"),
+    (Slot.HOOK_ERRORS, "hook_errors", "Lifecycle hooks that raised"),
+    (Slot.HTTP_REFUSED, "upgrades_refused", "Upgrades refused before the handshake"),
+)
+
+
+class ShardchatCollector(Collector):
+    def __init__(self, view: StatsView, restarts: Callable[[], list[int]]) -> None:
+        self.view = view
+        self.restarts = restarts  # per shard, from the supervisor
+
+    def collect(self) -> Iterator[Metric]:
+        view = self.view
+        blocks = view.blocks
+        shards = [str(i) for i in range(len(blocks))]
+        gauge = GaugeMetricFamily(
+            "shardchat_connections", "Open WebSocket connections", labels=["shard"]
+        )
+        rooms = GaugeMetricFamily("shardchat_rooms", "Rooms with members", labels=["shard"])
+        for shard, block in zip(shards, blocks, strict=True):
+            gauge.add_metric([shard], block[Slot.CONNECTIONS])
+            rooms.add_metric([shard], block[Slot.ROOMS])
+        yield gauge
+        yield rooms
+        for slot, name, doc in _COUNTERS:
+            yield CounterMetricFamily(f"shardchat_{name}", doc, value=view.total(slot))
+        closed = CounterMetricFamily(
+            "shardchat_connections_closed", "Connections closed, by close code", labels=["code"]
+        )
+        for code in stats.CLOSE_CODES:
+            label = str(code) if code else "other"
+            closed.add_metric([label], view.total(stats.close_code_slot(code)))
+        yield closed
+        errors = CounterMetricFamily(
+            "shardchat_errors", "Error frames sent, by code", labels=["code"]
+        )
+        for error_code in stats.ERROR_CODES:
+            errors.add_metric([error_code], view.total(stats.error_slot(error_code)))
+        yield errors
+        restarts = CounterMetricFamily(
+            "shardchat_shard_restarts", "Shard restarts", labels=["shard"]
+        )
+        for shard, count in zip(shards, self.restarts(), strict=True):
+            restarts.add_metric([shard], count)
+        yield restarts
+        lag = GaugeMetricFamily(
+            "shardchat_ring_lag_bytes",
+            "Bytes of a peer's ring a shard has not read yet",
+            labels=["shard", "peer"],
+        )
+        for shard, block in zip(shards, blocks, strict=True):
+            for peer in shards:
+                if peer != shard:
+                    lag.add_metric([shard, peer], block[stats.LAG_BASE + int(peer)])
+        yield lag
+        yield self._latency()
+
+    def _latency(self) -> Metric:
+        view = self.view
+        buckets: list[tuple[str, float]] = []
+        cumulative = 0
+        for i, bound in enumerate(stats.LATENCY_BUCKETS_MS):
+            cumulative += view.total(stats.LATENCY_BASE + i)
+            buckets.append((repr(bound / 1000), cumulative))
+        cumulative += view.total(stats.LATENCY_BASE + len(stats.LATENCY_BUCKETS_MS))
+        buckets.append(("+Inf", cumulative))
+        return HistogramMetricFamily(
+            "shardchat_delivery_latency_seconds",
+            "Publish-to-delivery time of room messages, across shards",
+            buckets=buckets,
+            sum_value=view.total(Slot.LATENCY_SUM_US) / 1e6,
+        )
+
+
+def make_registry(view: StatsView, restarts: Callable[[], list[int]]) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ShardchatCollector(view, restarts))
+    return registry

@@ -1,0 +1,382 @@
+"""The supervisor: forks the shards, restarts the ones that die, drains on SIGTERM.
+
+Single-threaded with no event loop (a fork with a loop or a thread alive is
+unsafe, python/asyncio#347): a ``selectors`` loop over the signal wakeup
+socket, each shard's sentinel and the admin socket. Signal handlers do
+nothing; ``signal.set_wakeup_fd`` writes the signal number to a socket that
+the loop reads, so all work happens in the loop (gunicorn's arbiter, without
+its polling).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import resource
+import secrets
+import selectors
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import multiprocess
+from prometheus_client.exposition import generate_latest
+
+from shardchat.brokers import segments as shm
+from shardchat.core.config import Config, to_toml
+from shardchat.core.errors import ShardError
+from shardchat.hooks import load_app
+from shardchat.logs import log_event
+from shardchat.shard.main import EXIT_BOOT_ERROR, ShardSpec, run_shard
+from shardchat.stats import Slot, StatsView
+from shardchat.supervisor.admin import AdminServer
+from shardchat.supervisor.metrics import make_registry
+
+__all__ = ["Supervisor"]
+
+log = logging.getLogger(__name__)
+
+# A shard that ran at least this long before dying is restarted at once.
+STABLE_AFTER = 5.0
+MAX_BACKOFF = 5.0
+FIRST_BACKOFF = 0.1
+
+
+@dataclass(slots=True)
+class ShardSlot:
+    """One shard id and the process that currently serves it."""
+
+    shard_id: int
+    process: Any = None  # multiprocess.Process while running
+    started_at: float = 0.0  # monotonic
+    started_ns: int = 0  # monotonic ns, against the ring's heartbeat
+    killed_stuck: bool = False  # SIGKILLed for a stuck loop; the exit restarts it
+    started_wall: float = 0.0  # time.time(), for status
+    incarnation: int = -1
+    restarts: int = 0
+    backoff: float = 0.0
+    restart_at: float | None = None  # monotonic time of a scheduled restart
+    exit_codes: list[int] = field(default_factory=list)
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.process is None else int(self.process.pid)
+
+
+def _noop(signum: int, frame: object) -> None:
+    """Signals are read from the wakeup socket; the handler itself does nothing."""
+
+
+class Supervisor:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.pid = os.getpid()
+        # One epoch per supervisor run: room histories live as long as the run.
+        self.epoch = f"{int(time.time()):x}-{secrets.token_hex(3)}"
+        self.slots = [ShardSlot(i) for i in range(config.workers)]
+        self.stopping = False
+        self.stop_deadline = 0.0
+        self.exit_code = 0
+        self.started_wall = time.time()
+        self._ctx = multiprocess.get_context("fork")
+        self._selector = selectors.DefaultSelector()
+        self._admin: AdminServer | None = None
+        self._fabric: shm.Fabric
+        self._app: object | None = None
+        self._stats: StatsView | None = None
+
+    # Start-up
+
+    def run(self) -> int:
+        """Serve until SIGTERM or SIGINT; return the process exit code."""
+        self._app = load_app(self.config.server.app)
+        self._raise_nofile()
+        shm.sweep_stale()
+        _check_port_free(self.config.server.host, self.config.server.port)
+        self._fabric = shm.Fabric(
+            self.pid, len(self.slots), self.config.ring.bytes, self.config.ring.rooms
+        )
+        wake_r, wake_w = socket.socketpair()
+        wake_r.setblocking(False)
+        wake_w.setblocking(False)
+        try:
+            assert self._fabric.stats is not None
+            self._stats = StatsView(memoryview(self._fabric.stats.buf), len(self.slots), None)
+            registry = make_registry(self._stats, lambda: [s.restarts for s in self.slots])
+            if self.config.server.admin_port:
+                self._admin = AdminServer(
+                    self._selector,
+                    self.config.server.host,
+                    self.config.server.admin_port,
+                    self.status,
+                    lambda: generate_latest(registry),
+                )
+            signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+                signal.signal(sig, _noop)
+            self._selector.register(wake_r, selectors.EVENT_READ, lambda: self._on_signals(wake_r))
+            log_event(
+                log,
+                logging.INFO,
+                "supervisor_start",
+                pid=self.pid,
+                workers=len(self.slots),
+                host=self.config.server.host,
+                port=self.config.server.port,
+                admin_port=self.config.server.admin_port,
+                epoch=self.epoch,
+            )
+            log_event(log, logging.INFO, "config", toml=to_toml(self.config))
+            for slot in self.slots:
+                self._spawn(slot)
+            self._loop()
+        finally:
+            signal.set_wakeup_fd(-1)
+            self._kill_all(signal.SIGKILL)
+            if self._admin is not None:
+                self._admin.close()
+            wake_r.close()
+            wake_w.close()
+            if self._stats is not None:
+                self._stats.release()
+            self._fabric.close()
+        log_event(log, logging.INFO, "supervisor_exit", code=self.exit_code)
+        return self.exit_code
+
+    def _raise_nofile(self) -> None:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        # Each shard keeps some descriptors for itself: its socket, rings, logs.
+        capacity = len(self.slots) * max(0, hard - 64)
+        if self.config.server.max_connections > capacity:
+            log_event(
+                log,
+                logging.WARNING,
+                "nofile_limit",
+                max_connections=self.config.server.max_connections,
+                capacity=capacity,
+                hint=f"{len(self.slots)} shards x {hard} open files cannot hold max_connections",
+            )
+
+    # The loop
+
+    def _loop(self) -> None:
+        while True:
+            now = time.monotonic()
+            if self.stopping:
+                if not any(slot.process is not None for slot in self.slots):
+                    return
+                if now >= self.stop_deadline:
+                    log_event(log, logging.WARNING, "drain_timeout", action="SIGKILL")
+                    self._kill_all(signal.SIGKILL)
+                    self.stop_deadline = now + 5.0
+            else:
+                for slot in self.slots:
+                    if slot.restart_at is not None and now >= slot.restart_at:
+                        self._spawn(slot)
+                self._kill_stuck()
+            timeout = self._next_timeout(now)
+            for key, _ in self._selector.select(timeout):
+                callback: Callable[[], None] = key.data
+                callback()
+
+    def _kill_stuck(self) -> None:
+        """SIGKILL a shard whose loop has not beaten for ``shard_timeout`` (gunicorn's
+        worker timeout): a blocked loop serves nobody, and a restart does."""
+        limit = self.config.server.shard_timeout
+        if not limit:
+            return
+        now_ns = time.monotonic_ns()
+        for slot in self.slots:
+            if slot.process is None or slot.killed_stuck:
+                continue
+            # A new incarnation counts from its start until its first beat.
+            last = max(self._fabric.heartbeat_ns(slot.shard_id), slot.started_ns)
+            if now_ns - last > limit * 1e9:
+                log_event(
+                    log,
+                    logging.ERROR,
+                    "shard_stuck",
+                    shard_id=slot.shard_id,
+                    pid=slot.pid,
+                    silent_s=round((now_ns - last) / 1e9, 1),
+                )
+                slot.killed_stuck = True
+                os.kill(slot.process.pid, signal.SIGKILL)
+
+    def _next_timeout(self, now: float) -> float | None:
+        deadlines = [slot.restart_at for slot in self.slots if slot.restart_at is not None]
+        if self.config.server.shard_timeout and not self.stopping:
+            deadlines.append(now + min(1.0, self.config.server.shard_timeout / 4))
+        if self.stopping:
+            deadlines.append(self.stop_deadline)
+        if not deadlines:
+            return None
+        return max(0.0, min(deadlines) - now)
+
+    def _on_signals(self, wake_r: socket.socket) -> None:
+        try:
+            data = wake_r.recv(64)
+        except BlockingIOError:
+            return
+        for signum in data:
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                self._begin_stop(quick=self.stopping)
+            elif signum == signal.SIGQUIT:
+                self._begin_stop(quick=True)
+
+    def _begin_stop(self, *, quick: bool) -> None:
+        if self.stopping and not quick:
+            return
+        log_event(log, logging.INFO, "supervisor_stop", quick=quick)
+        if not self.stopping:
+            self.stopping = True
+            self.stop_deadline = time.monotonic() + self.config.server.graceful_timeout
+        for slot in self.slots:
+            slot.restart_at = None
+        self._kill_all(signal.SIGQUIT if quick else signal.SIGTERM)
+
+    def _kill_all(self, sig: int) -> None:
+        for slot in self.slots:
+            if slot.process is not None:
+                try:
+                    os.kill(slot.process.pid, sig)
+                except ProcessLookupError:
+                    pass
+        if sig == signal.SIGKILL:
+            for slot in self.slots:
+                if slot.process is not None:
+                    slot.process.join()
+                    self._reaped(slot)
+
+    # Shards
+
+    def _spawn(self, slot: ShardSlot) -> None:
+        slot.restart_at = None
+        slot.incarnation += 1
+        if slot.incarnation:
+            # The ring's writer is dead: only now may the supervisor write its generation.
+            self._fabric.new_generation(slot.shard_id)
+        spec = ShardSpec(
+            config=self.config,
+            shard_id=slot.shard_id,
+            epoch=self.epoch,
+            supervisor_pid=self.pid,
+            incarnation=slot.incarnation,
+            app=self._app,
+        )
+        process = self._ctx.Process(
+            target=run_shard, args=(spec,), name=f"shardchat-shard-{slot.shard_id}"
+        )
+        process.start()
+        slot.process = process
+        slot.started_at = time.monotonic()
+        slot.started_ns = time.monotonic_ns()
+        slot.killed_stuck = False
+        slot.started_wall = time.time()
+        self._selector.register(process.sentinel, selectors.EVENT_READ, lambda: self._on_exit(slot))
+        if slot.incarnation:
+            slot.restarts += 1
+            log_event(
+                log, logging.WARNING, "shard_restart", shard_id=slot.shard_id, pid=process.pid
+            )
+
+    def _reaped(self, slot: ShardSlot) -> int:
+        if self._stats is not None:
+            # Its connections went with it; the restarted shard counts anew.
+            self._stats.blocks[slot.shard_id][Slot.CONNECTIONS] = 0
+            self._stats.blocks[slot.shard_id][Slot.ROOMS] = 0
+        process = slot.process
+        self._selector.unregister(process.sentinel)
+        code = int(process.exitcode)
+        process.close()
+        slot.process = None
+        return code
+
+    def _on_exit(self, slot: ShardSlot) -> None:
+        slot.process.join()
+        pid = slot.pid
+        code = self._reaped(slot)
+        lived = time.monotonic() - slot.started_at
+        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+        if code == -signal.SIGKILL:
+            how += " (perhaps out of memory?)"
+        if self.stopping:
+            log_event(log, logging.INFO, "shard_exit", shard_id=slot.shard_id, pid=pid, how=how)
+            return
+        log_event(log, logging.ERROR, "shard_died", shard_id=slot.shard_id, pid=pid, how=how)
+        if code == EXIT_BOOT_ERROR:
+            log_event(log, logging.ERROR, "shard_boot_error", shard_id=slot.shard_id)
+            self.exit_code = 1
+            self._begin_stop(quick=True)
+            return
+        if lived >= STABLE_AFTER:
+            slot.backoff = 0.0
+        else:
+            slot.backoff = min(MAX_BACKOFF, slot.backoff * 2 or FIRST_BACKOFF)
+        slot.restart_at = time.monotonic() + slot.backoff
+
+    # Status
+
+    def status(self) -> dict[str, object]:
+        now = time.time()
+        assert self._stats is not None
+        blocks = self._stats.blocks
+        shards: list[dict[str, object]] = []
+        connections = 0
+        for slot, block in zip(self.slots, blocks, strict=True):
+            alive = slot.process is not None
+            connections += block[Slot.CONNECTIONS] if alive else 0
+            shards.append(
+                {
+                    "id": slot.shard_id,
+                    "pid": slot.pid,
+                    "alive": alive,
+                    "uptime": round(now - slot.started_wall, 3) if alive else 0,
+                    "restarts": slot.restarts,
+                    "connections": block[Slot.CONNECTIONS] if alive else 0,
+                    "rooms": block[Slot.ROOMS] if alive else 0,
+                }
+            )
+        total = self._stats.total
+        return {
+            "pid": self.pid,
+            "epoch": self.epoch,
+            "uptime": round(now - self.started_wall, 3),
+            "stopping": self.stopping,
+            "shards": shards,
+            "totals": {
+                "connections": connections,
+                "messages_published": total(Slot.MESSAGES_PUBLISHED),
+                "frames_delivered": total(Slot.FRAMES_DELIVERED),
+                "restarts": sum(slot.restarts for slot in self.slots),
+            },
+        }
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Refuse to start on a port someone already listens on.
+
+    The probe binds without SO_REUSEPORT: a shard of another running server,
+    which binds with it, would otherwise share the port with ours silently.
+    """
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ShardError(f"cannot resolve server.host {host!r}: {exc.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    probe = socket.socket(family, kind, proto)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(address)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise ShardError(f"port {port} on {host} is already in use") from None
+        raise ShardError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    finally:
+        probe.close()

@@ -1,0 +1,131 @@
+"""The config loader: defaults, precedence, and a clear error for each kind of mistake."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from hypothesis import given
+from hypothesis import strategies as st
+
+from shardchat.cli import main
+from shardchat.core.config import Config, load_config, parse_override, to_toml
+from shardchat.core.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+
+
+def test_config_toml_holds_every_default() -> None:
+    """config.toml at the repo root is exactly the built-in defaults, key for key."""
+    assert load_config(ROOT / "config.toml", environ={}) == Config()
+    in_file = tomllib.loads((ROOT / "config.toml").read_text())
+    in_code = tomllib.loads(to_toml(Config()))
+    assert {s: set(t) for s, t in in_file.items()} == {s: set(t) for s, t in in_code.items()}
+
+
+def test_precedence_file_env_flags(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[server]\nport = 1000\nworkers = 2\n[heartbeat]\ninterval = 5\n")
+    env = {"SHARDCHAT_SERVER_PORT": "2000", "SHARDCHAT_HEARTBEAT_IDLE_TIMEOUT": "0"}
+    config = load_config(path, environ=env, overrides={"server.port": 3000})
+    assert config.server.port == 3000  # flag beats env beats file
+    assert config.server.workers == 2  # file
+    assert config.heartbeat.interval == 5.0  # file
+    assert config.heartbeat.idle_timeout == 0.0  # env, a key with an underscore
+    assert load_config(path, environ=env).server.port == 2000
+
+
+def test_auto_workers_is_the_cpu_count() -> None:
+    import os
+
+    assert load_config(environ={}).workers == (os.cpu_count() or 1)
+    assert load_config(environ={}, overrides={"server.workers": 3}).workers == 3
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "words"),
+    [
+        ("server.nope", 1, "unknown key"),
+        ("nosection.port", 1, "unknown key"),
+        ("server.port", "8080x", "integer from 1 to 65535"),
+        ("server.port", 0, "integer from 1 to 65535"),
+        ("server.port", 65536, "integer from 1 to 65535"),
+        ("server.workers", 0, '"auto" or an integer'),
+        ("server.workers", "many", '"auto" or an integer'),
+        ("server.workers", True, '"auto" or an integer'),
+        ("limits.rate", "fast", "a number > 0"),
+        ("limits.rate", 0, "a number > 0"),
+        ("heartbeat.idle_timeout", -1, "a number >= 0"),
+        ("ring.bytes", 100_000, "power of two"),
+        ("log.level", "loud", "one of"),
+        ("server.origins", "https://x", "list of origin strings"),
+    ],
+)
+def test_each_mistake_names_key_value_and_allowed(key: str, value: object, words: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(environ={}, overrides={key: value})
+    message = str(info.value)
+    assert key in message and repr(value) in message and words in message
+    assert "\n" not in message
+
+
+def test_bad_value_in_file_and_env_are_reported(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[limits]\nburst = 0\n")
+    with pytest.raises(ConfigError, match="limits.burst"):
+        load_config(path, environ={})
+    with pytest.raises(ConfigError, match="heartbeat.interval"):
+        load_config(environ={"SHARDCHAT_HEARTBEAT_INTERVAL": "soon"})
+    path.write_text("[limits\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(path, environ={})
+
+
+def test_max_frame_must_fit_the_ring() -> None:
+    with pytest.raises(ConfigError, match="limits.max_frame"):
+        load_config(environ={}, overrides={"ring.bytes": 1 << 16, "limits.max_frame": 65536})
+
+
+def test_parse_override_reads_toml_values_and_bare_strings() -> None:
+    assert parse_override("log.level=debug") == ("log.level", "debug")
+    assert parse_override("server.port=81") == ("server.port", 81)
+    assert parse_override("limits.rate=2.5") == ("limits.rate", 2.5)
+    assert parse_override('server.origins=["http://a"]') == ("server.origins", ["http://a"])
+    with pytest.raises(ConfigError):
+        parse_override("no-equals-sign")
+
+
+@given(
+    port=st.integers(1, 65535),
+    rate=st.floats(0.01, 1e6),
+    history=st.integers(0, 1_000_000),
+    origins=st.lists(st.text("abc:/.", min_size=1, max_size=10), max_size=3),
+)
+def test_printed_config_round_trips(
+    port: int, rate: float, history: int, origins: list[str]
+) -> None:
+    """`shardchat config` output loads back to the same configuration."""
+    config = load_config(
+        environ={},
+        overrides={
+            "server.port": port,
+            "limits.rate": rate,
+            "delivery.history": history,
+            "server.origins": origins,
+        },
+    )
+    values = tomllib.loads(to_toml(config))
+    flat = {f"{s}.{k}": v for s, table in values.items() for k, v in table.items()}
+    assert load_config(environ={}, overrides=flat) == config
+
+
+def test_cli_config_command_and_exit_code() -> None:
+    runner = CliRunner()
+    result = runner.invoke(main, ["config", "--workers", "3", "--set", "log.level=debug"], env={})
+    assert result.exit_code == 0
+    printed = tomllib.loads(result.output)
+    assert printed["server"]["workers"] == 3 and printed["log"]["level"] == "debug"
+    result = runner.invoke(main, ["config", "--set", "limits.burst=-1"])
+    assert result.exit_code == 2

@@ -1,0 +1,68 @@
+"""The presence view (pure): one join and one leave per user across shards and
+connections, and a restarted shard's users gone at once."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from shardchat.core.presence import PresenceView
+
+
+def test_a_user_on_two_shards_joins_once_and_leaves_once() -> None:
+    view = PresenceView()
+    assert view.change("r", "ada", 0, True) is True
+    assert view.change("r", "ada", 1, True) is False
+    assert view.users("r") == ["ada"] and view.count("r") == 1
+    assert view.change("r", "ada", 0, False) is False
+    assert view.change("r", "ada", 1, False) is True
+    assert view.users("r") == [] and view.present == {}
+
+
+def test_local_connections_announce_first_and_last_only() -> None:
+    view = PresenceView()
+    assert view.local_join("r", "ada") is True
+    assert view.local_join("r", "ada") is False
+    assert view.local_leave("r", "ada") is False
+    assert view.local_leave("r", "ada") is True
+    assert view.local_leave("r", "ada") is False and view.local == {}
+
+
+def test_drop_shard_returns_exactly_its_users() -> None:
+    view = PresenceView()
+    view.change("r", "ada", 1, True)
+    view.change("r", "bob", 1, True)
+    view.change("r", "bob", 2, True)
+    view.change("s", "cy", 1, True)
+    assert sorted(view.drop_shard(1)) == [("r", "ada"), ("s", "cy")]
+    assert view.users("r") == ["bob"] and view.users("s") == []
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from("ab"), st.sampled_from(["u", "v"]), st.integers(0, 2), st.booleans()
+        ),
+        max_size=60,
+    )
+)
+def test_matches_a_model_of_connection_counts(ops: list[tuple[str, str, int, bool]]) -> None:
+    """Driven as shards drive it (announce only first/last), the view says a user is
+    present exactly while some shard has a connection of theirs."""
+    views = {shard: PresenceView() for shard in range(3)}
+    counts: dict[tuple[str, str, int], int] = {}
+    for room, user, shard, joining in ops:
+        key = (room, user, shard)
+        if not joining and counts.get(key, 0) == 0:
+            continue
+        counts[key] = counts.get(key, 0) + (1 if joining else -1)
+        announce = (
+            views[shard].local_join(room, user) if joining else views[shard].local_leave(room, user)
+        )
+        if announce:
+            for view in views.values():
+                view.change(room, user, shard, joining)
+    for room in "ab":
+        expected = sorted(u for u in "uv" if any(counts.get((room, u, s), 0) for s in range(3)))
+        for view in views.values():
+            assert sorted(view.users(room)) == expected

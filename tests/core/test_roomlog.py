@@ -1,0 +1,76 @@
+"""Room ownership and the room log: seq, history window, replay on rejoin."""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from shardchat.core.roomlog import RoomLog, owner_of
+
+
+def test_owner_is_crc32_mod_workers() -> None:
+    assert owner_of("lobby", 3) == zlib.crc32(b"lobby") % 3
+    assert {owner_of(f"room{i}", 4) for i in range(100)} == {0, 1, 2, 3}
+
+
+def filled(count: int, capacity: int) -> RoomLog:
+    log = RoomLog("e1", capacity)
+    for seq in range(1, count + 1):
+        log.append(seq, f"m{seq}".encode())
+    return log
+
+
+def test_append_requires_the_next_seq() -> None:
+    log = filled(3, 10)
+    with pytest.raises(ValueError):
+        log.append(5, b"gap")
+    with pytest.raises(ValueError):
+        log.append(3, b"repeat")
+
+
+def test_replay_recovered_when_everything_is_held() -> None:
+    replay = filled(10, 5).replay(6, "e1")
+    assert [m.seq for m in replay.messages] == [7, 8, 9, 10] and replay.recovered
+
+
+def test_replay_not_recovered_when_since_is_older_than_held() -> None:
+    replay = filled(10, 5).replay(2, "e1")
+    assert [m.seq for m in replay.messages] == [6, 7, 8, 9, 10] and not replay.recovered
+
+
+def test_replay_from_another_epoch_starts_at_oldest_held() -> None:
+    replay = filled(10, 5).replay(9, "old")
+    assert [m.seq for m in replay.messages] == [6, 7, 8, 9, 10] and not replay.recovered
+
+
+def test_replay_of_a_seq_never_reached_is_not_recovered() -> None:
+    replay = filled(3, 5).replay(7, "e1")
+    assert [m.seq for m in replay.messages] == [1, 2, 3] and not replay.recovered
+
+
+def test_history_zero_holds_nothing_but_counts() -> None:
+    log = filled(4, 0)
+    assert log.seq == 4 and len(log) == 0
+    assert log.replay(4, "e1").recovered and not log.replay(3, "e1").recovered
+
+
+@given(
+    count=st.integers(0, 60),
+    capacity=st.integers(0, 20),
+    since=st.integers(0, 70),
+    limit=st.none() | st.integers(0, 30),
+)
+def test_after_matches_a_model(count: int, capacity: int, since: int, limit: int | None) -> None:
+    log = filled(count, capacity)
+    held = list(range(max(1, count - capacity + 1), count + 1)) if capacity else []
+    expected = [s for s in held if s > since]
+    if limit is not None:
+        expected = expected[:limit]
+    assert [m.seq for m in log.after(since, limit)] == expected
+    assert all(m.payload == f"m{m.seq}".encode() for m in log.after(since, limit))
+    replay = log.replay(since, "e1")
+    if since <= count:
+        assert replay.recovered == (since + 1 >= (held[0] if held else count + 1))
