@@ -22,7 +22,7 @@ import uvloop
 from websockets.asyncio.client import ClientConnection, connect
 
 from perf import procs
-from shardchat.core.roomlog import owner_of
+from shardchat.brokers.sequencer import owner_of
 
 
 def percentile(values: list[float], p: float) -> float:

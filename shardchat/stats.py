@@ -11,9 +11,13 @@ syscall; hot paths count once per batch (a flush, a ring drain).
 from __future__ import annotations
 
 import enum
+from typing import Protocol
+
+from shardchat.core.errors import ErrorCode
 
 __all__ = [
     "BLOCK_SLOTS",
+    "Counters",
     "CLOSE_CODES",
     "ERROR_CODES",
     "LATENCY_BUCKETS_MS",
@@ -56,18 +60,7 @@ class Slot(enum.IntEnum):
     HTTP_REFUSED = 23  # upgrades refused before the handshake (403/400/401/503)
 
 
-ERROR_CODES = (
-    "bad_json",
-    "bad_request",
-    "unknown_type",
-    "too_large",
-    "not_member",
-    "rate_limited",
-    "unauthorized",
-    "room_full",
-    "unavailable",
-    "rejected",
-)
+ERROR_CODES = tuple(ErrorCode)  # one counter slot per code, in the enum's order
 ERRORS_BASE = 64
 
 CLOSE_CODES = (1000, 1001, 1003, 1006, 1007, 1008, 1009, 1011, 4408, 4409, 4429, 0)
@@ -80,7 +73,16 @@ LAG_BASE = 192  # ring lag in bytes behind each peer (gauge), slot per peer shar
 assert LAG_BASE + 256 <= BLOCK_SLOTS, "a lag slot for each of server.workers' 256 shards"
 
 
-def error_slot(code: str) -> int:
+class Counters(Protocol):
+    """One shard's block of slots: a ``memoryview.cast('Q')`` in a shard, a list in
+    a test."""
+
+    def __getitem__(self, slot: int, /) -> int: ...
+
+    def __setitem__(self, slot: int, value: int, /) -> None: ...
+
+
+def error_slot(code: ErrorCode) -> int:
     return ERRORS_BASE + ERROR_CODES.index(code)
 
 
@@ -101,11 +103,10 @@ def latency_slot(ms: float) -> int:
 class StatsView:
     """All shards' blocks over one buffer; ``mine`` is the block this process writes."""
 
-    __slots__ = ("blocks", "mine", "workers")
+    __slots__ = ("blocks", "mine")
 
     def __init__(self, buf: memoryview, workers: int, shard: int | None) -> None:
         slots = buf.cast("Q")
-        self.workers = workers
         self.blocks = [slots[i * BLOCK_SLOTS : (i + 1) * BLOCK_SLOTS] for i in range(workers)]
         self.mine = self.blocks[shard] if shard is not None else None
 

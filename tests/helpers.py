@@ -36,6 +36,7 @@ def scaled(seconds: float) -> float:
 
 
 def free_port() -> int:
+    """A port free right now; :func:`start_server` retries if it is taken before use."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -119,6 +120,29 @@ def start_server(
     extra_args: Sequence[str] = (),
     env: dict[str, str] | None = None,
 ) -> Server:
+    """Start ``shardchat start`` on free ports. A port found free can be taken by
+    another process before the server binds it: then the server stops at once
+    ("already in use") and the start is retried on other ports."""
+    for attempt in range(5):
+        server = _start_server(workers, settings, extra_args, env)
+        try:
+            server.wait_started(workers)
+        except AssertionError:
+            in_use = server.proc.poll() is not None and "already in use" in server.tail()
+            cleanup_server(server)
+            if in_use and attempt < 4:
+                continue
+            raise
+        except BaseException:
+            cleanup_server(server)
+            raise
+        return server
+    raise AssertionError("unreachable")
+
+
+def _start_server(
+    workers: int, settings: Sequence[str], extra_args: Sequence[str], env: dict[str, str] | None
+) -> Server:
     port, admin_port = free_port(), free_port()
     log_file = tempfile.NamedTemporaryFile(prefix="shardchat-test-", suffix=".log", delete=False)
     args = [
@@ -143,13 +167,7 @@ def start_server(
         env={**os.environ, **(env or {})},
         cwd=tempfile.gettempdir(),  # no ./config.toml: the built-in defaults apply
     )
-    server = Server(proc, port, admin_port, workers, Path(log_file.name), log_file)
-    try:
-        server.wait_started(workers)
-    except BaseException:
-        cleanup_server(server)
-        raise
-    return server
+    return Server(proc, port, admin_port, workers, Path(log_file.name), log_file)
 
 
 def cleanup_server(server: Server) -> None:

@@ -8,7 +8,7 @@ import signal
 import zlib
 from typing import Any
 
-from shardchat.core.roomlog import owner_of
+from shardchat.brokers.sequencer import owner_of
 from tests.helpers import (
     Client,
     RawClient,
@@ -102,14 +102,15 @@ async def test_owner_killed_while_publishing_seq_continues() -> None:
             await resumer.close()
             owner_pid = srv.shard_pids()[0]
             sending = asyncio.create_task(publish(pub, room, 200, "during"))
-            await asyncio.sleep(0.05)
+            # Mid-publish: the owner has sequenced the first "during" message.
+            watched = await collect(watcher, room, 51)
             os.kill(owner_pid, signal.SIGKILL)
             during = await sending
             srv.wait_started(4)
             after = await publish(pub, room, 50, "after")
             seqs = [a["seq"] for a in first + during + after]
             assert sorted(seqs) == list(range(1, 301)), "no reset, no repeat, no gap"
-            watched = await collect(watcher, room, 300)
+            watched += await collect(watcher, room, 249)
             assert [m["seq"] for m in watched] == list(range(1, 301))
             back = await connect_client(srv.url, user="resumer")
             async with closing([back]):

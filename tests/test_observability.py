@@ -11,7 +11,7 @@ import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from shardchat.core.roomlog import owner_of
+from shardchat.brokers.sequencer import owner_of
 from tests.helpers import SHARDCHAT, Server, clients_on_shards, closing, running_server
 
 

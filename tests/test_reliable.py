@@ -12,8 +12,8 @@ import subprocess
 import time
 import urllib.request
 
+from shardchat.brokers.sequencer import owner_of
 from shardchat.client.chatclient import ChatClient, Message
-from shardchat.core.roomlog import owner_of
 from tests.helpers import (
     SHARDCHAT,
     RawClient,
@@ -28,12 +28,20 @@ from tests.helpers import (
 FAST = ["limits.rate=100000", "limits.burst=100000"]
 
 
-async def take(client: ChatClient, count: int, timeout: float = 60) -> list[Message]:
+async def take(
+    client: ChatClient,
+    count: int,
+    timeout: float = 60,
+    progress: tuple[int, asyncio.Event] | None = None,
+) -> list[Message]:
+    """``count`` messages from ``client``; ``progress`` (n, event): set once n arrived."""
     got: list[Message] = []
 
     async def run() -> None:
         async for message in client.messages():
             got.append(message)
+            if progress is not None and len(got) == progress[0]:
+                progress[1].set()
             if len(got) == count:
                 return
 
@@ -57,7 +65,10 @@ async def test_one_ack_in_five_dropped_still_exactly_once_in_order() -> None:
     with running_server(workers=3, settings=settings) as srv:
         dropped: set[int] = set()
 
+        acks: list[int] = []
+
         def drop(room: str, seq: int) -> bool:
+            acks.append(seq)
             # The first ack of every fifth message is lost.
             if seq % 5 == 0 and seq not in dropped:
                 dropped.add(seq)
@@ -78,8 +89,12 @@ async def test_one_ack_in_five_dropped_still_exactly_once_in_order() -> None:
                     await publisher.send(type="message", room="rel", content=f"r{i}")
                     got.append(await asyncio.wait_for(anext(stream), scaled(10)))
                     if (i + 1) % 5 == 0:
-                        # This message's ack was dropped: give the server time to resend.
-                        await asyncio.sleep(0.25)
+                        # This message's ack was dropped: the server resends it and the
+                        # client acks it again.
+                        deadline = time.monotonic() + scaled(10)
+                        while acks.count(i + 1) < 2:
+                            assert time.monotonic() < deadline, f"seq {i + 1} never resent"
+                            await asyncio.sleep(0.01)
             assert [m.content for m in got] == [f"r{i}" for i in range(100)]
             assert [m.seq for m in got] == list(range(1, 101))
             assert client._queue.empty()  # no duplicate reached the application
@@ -181,7 +196,10 @@ async def test_client_library_survives_a_killed_shard() -> None:
             (publisher,) = await clients_on_shards(srv.url, [others[1]], prefix="p")
             async with closing([publisher]):
                 await publisher.join(room)
-                receiving = asyncio.create_task(take(client, 2000, timeout=120))
+                halfway = asyncio.Event()
+                receiving = asyncio.create_task(
+                    take(client, 2000, timeout=120, progress=(200, halfway))
+                )
 
                 async def publish() -> None:
                     for i in range(2000):
@@ -190,7 +208,8 @@ async def test_client_library_survives_a_killed_shard() -> None:
                             await asyncio.sleep(0.005)
 
                 publishing = asyncio.create_task(publish())
-                await asyncio.sleep(0.1)
+                # Mid-stream: the client has 200 of the 2,000.
+                await asyncio.wait_for(halfway.wait(), scaled(60))
                 os.kill(srv.shard_pids()[home], signal.SIGKILL)
                 await publishing
                 got = await receiving

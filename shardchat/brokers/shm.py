@@ -1,221 +1,487 @@
-"""The in-shard bridge to the other shards: our ring writer, our readers of theirs, the doorbells.
+"""One box's broker: every shard writes its own ring and reads all the others.
 
-One per shard. ``publish()`` appends to our ring and, once per loop turn,
-rings every peer's doorbell. A bell thread blocks on our own doorbell (the
-GIL is released in ``sem_wait``) and wakes the loop with
-``call_soon_threadsafe``; the loop then absorbs extra posts and drains every
-peer's ring, at most ``POLL_LIMIT`` records per ring per turn so that one
-busy peer cannot starve our clients. In that order no post is lost between
-a drain and the next wait (STYLE.md section 4). The thread never touches
-ring memory.
+DESIGN.md, The rings, and Rooms. :class:`ShmBroker` is the
+:class:`~shardchat.core.broker.Broker` of one shard: it writes our ring (our
+publishes, forwards, presence, history requests and answers) and hands the
+records of the peers' rings to our engine through its
+:class:`~shardchat.core.broker.BrokerListener` methods. A room's order is
+set here: the room's owner shard sequences (:mod:`.sequencer`), and a
+publish on another shard is forwarded to it through our ring and kept until
+it comes back sequenced (:mod:`.forwarding`).
 
-Measured here: this thread-to-loop bridge adds about 15-20 us per wake-up
-over an eventfd registered with ``loop.add_reader``; the doorbell stays
-behind this one class so that it can be swapped.
+It never schedules: the shard's main module calls :meth:`commit` at the end
+of each loop turn, :meth:`drain` when the doorbell rings (and again while it
+returns True), and :meth:`tick` on its timer. An ack for a publish leaves
+only once the record is committed (visible in the ring), so that an acked
+message is in the ring before the client hears of it.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
-import threading
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 from shardchat import stats
-from shardchat.brokers import segments as shm
+from shardchat.brokers import segments
+from shardchat.brokers.forwarding import Forwarder
+from shardchat.brokers.sequencer import Sequencer, owner_of, plan_resend
+from shardchat.core import wire
+from shardchat.core.broker import BrokerListener, Publication
 from shardchat.logs import log_event
-from shardchat.ring.layout import HEADER_SIZE
+from shardchat.ring import records
+from shardchat.ring.layout import HEADER_SIZE, RecordKind, max_payload
+from shardchat.ring.records import REPLAY_END, REPLAY_SKIP
 from shardchat.ring.ring import Record, RingReader, RingWriter
 from shardchat.ring.seqtable import SLOT_SIZE, RoomTable
+from shardchat.stats import Counters
 
-__all__ = ["POLL_LIMIT", "Bus"]
+__all__ = ["POLL_LIMIT", "Bell", "ShmBroker"]
 
 log = logging.getLogger(__name__)
 
-POLL_LIMIT = 4096
-BELL_WAIT = 0.2  # seconds; the bell thread checks for shutdown this often
+POLL_LIMIT = 4096  # records per ring per drain: one busy peer cannot starve our clients
+
+_ROOM_MSG = int(RecordKind.ROOM_MSG)
+_FORWARD = int(RecordKind.FORWARD)
+_PRESENCE = int(RecordKind.PRESENCE)
+_RESET = int(RecordKind.RESET)
+_FORWARD_SEEN = int(RecordKind.FORWARD_SEEN)
+_HISTORY_REQ = int(RecordKind.HISTORY_REQ)
+_REPLAY = int(RecordKind.REPLAY)
+_SNAPSHOT = int(RecordKind.SNAPSHOT)
 _S_WRITTEN = int(stats.Slot.RING_RECORDS_WRITTEN)
 _S_READ = int(stats.Slot.RING_RECORDS_READ)
 _S_LAPS = int(stats.Slot.RING_LAPS)
 _S_LOST = int(stats.Slot.RING_RECORDS_LOST)
+_S_SEQUENCED = int(stats.Slot.MESSAGES_SEQUENCED)
+_S_RETRIED = int(stats.Slot.FORWARDS_RETRIED)
 
-RecordHandler = Callable[[int, list[Record]], None]
+Handler = Callable[[int, int, bytes], None]  # peer, aux, payload
 
 
-class Bus:
-    """Our ring, the peers' rings, their room tables and the doorbells."""
+class Bell(Protocol):
+    """A doorbell (:class:`~shardchat.brokers.segments.Doorbell`): a wake-up, never a lock."""
+
+    def ring(self) -> None: ...
+
+    def wait(self, timeout: float) -> bool: ...
+
+    def drain(self) -> None: ...
+
+
+class ShmBroker:
+    """Our ring, the peers' rings and seq tables, and the doorbells we ring."""
 
     def __init__(
         self,
-        loop: asyncio.AbstractEventLoop,
-        owner_pid: int,
         shard_id: int,
-        workers: int,
+        views: list[memoryview],
         ring_bytes: int,
         table_slots: int,
+        bells: Sequence[Bell],
+        counters: Counters,
+        *,
+        writer_pid: int = 0,
+        closing: Callable[[], None] = lambda: None,
     ) -> None:
-        self.loop = loop
+        """A broker over every shard's segment (``views``: header, ring, seq table).
+
+        ``closing`` releases what the views are mapped from (:meth:`attach`).
+        """
+        workers = len(views)
         self.shard_id = shard_id
-        self.segments = [shm.Segment.attach(shm.ring_name(owner_pid, i)) for i in range(workers)]
+        self.workers = workers
+        self.stats = counters
         ring_end = HEADER_SIZE + ring_bytes
-        views = [memoryview(segment.buf) for segment in self.segments]
         self._views = views
         self.tables = [
             RoomTable(view[ring_end : ring_end + table_slots * SLOT_SIZE], table_slots)
             for view in views
         ]
         # Pads over a record the previous incarnation died writing.
-        self.writer = RingWriter(views[shard_id][:ring_end], writer_pid=os.getpid())
+        self.writer = RingWriter(views[shard_id][:ring_end], writer_pid=writer_pid)
         self._ring_views = [view[:ring_end] for view in views]
         self.readers: dict[int, RingReader] = {}
-        self.bells = [shm.Doorbell(shm.bell_name(owner_pid, i)) for i in range(workers)]
+        self.bells = bells
+        self._closing = closing
         self.peers = [i for i in range(workers) if i != shard_id]
-        self.handler: RecordHandler | None = None
-        self.on_lapped: Callable[[int], None] | None = None
-        self.counters: memoryview | None = None  # our stats block, once started
-        self._bells_due = False
-        self._written = 0
-        self._uncommitted = 0
+        self.listener: BrokerListener | None = None
+        self.sequencer = Sequencer(self.tables[shard_id].lookup)
+        self.forwarder = Forwarder()
+        self._max_payload = max_payload(ring_bytes)
+        self._table_slots: dict[str, int | None] = {}
+        self._acks_due: list[tuple[str, str, int]] = []  # (msg id, room, seq) once committed
+        self._seqs_due: dict[str, int] = {}  # room -> seq, for the seq table once committed
+        self._answers_due: list[tuple[str, int]] = []  # fills of our own rooms: (room, last)
+        self._uncommitted = 0  # payload bytes since the last commit
+        self._written = 0  # records since the last commit
         self._commit_every = ring_bytes // 8
-        self._wake_pending = False
-        self._drain_scheduled = False
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._handlers: dict[int, Handler] = {
+            _ROOM_MSG: self._on_room_message,
+            _FORWARD: self._on_forward,
+            _PRESENCE: self._on_presence,
+            _RESET: self._on_reset,
+            _FORWARD_SEEN: self._on_forward_seen,
+            _HISTORY_REQ: self._on_history_request,
+            _REPLAY: self._on_replay,
+            _SNAPSHOT: self._on_snapshot,
+        }
+
+    @classmethod
+    def attach(
+        cls,
+        owner_pid: int,
+        shard_id: int,
+        workers: int,
+        ring_bytes: int,
+        table_slots: int,
+        counters: Counters,
+    ) -> ShmBroker:
+        """The broker of shard ``shard_id`` over the supervisor's named segments."""
+        attached = [
+            segments.Segment.attach(segments.ring_name(owner_pid, i)) for i in range(workers)
+        ]
+        bells = [segments.Doorbell(segments.bell_name(owner_pid, i)) for i in range(workers)]
+
+        def closing() -> None:
+            for bell in bells:
+                bell.close()
+            for segment in attached:
+                segment.close()
+
+        views = [memoryview(segment.buf) for segment in attached]
+        return cls(
+            shard_id,
+            views,
+            ring_bytes,
+            table_slots,
+            bells,
+            counters,
+            writer_pid=os.getpid(),
+            closing=closing,
+        )
 
     # Start-up
 
     def retained(self, shard: int) -> tuple[RingReader, list[Record]]:
         """Everything ``shard``'s ring still holds, and a reader left at its end."""
         reader = RingReader(self._ring_views[shard], from_oldest=True)
-        records: list[Record] = []
-        while True:
-            batch = reader.poll(POLL_LIMIT)
-            if not batch:
-                return reader, records
-            records += batch
+        held: list[Record] = []
+        while batch := reader.poll(POLL_LIMIT):
+            held += batch
+        return reader, held
 
-    def start(
-        self,
-        handler: RecordHandler,
-        on_lapped: Callable[[int], None],
-        readers: dict[int, RingReader],
-    ) -> None:
-        """Begin delivering peers' records to ``handler`` from the given cursors;
-        ``on_lapped(peer)`` hears of every lap, after the records before it."""
-        self.handler = handler
-        self.on_lapped = on_lapped
+    def recover(self, listener: BrokerListener, now: float, oldest_forward_ns: int) -> None:
+        """Rebuild from shared memory after a (re)start, then start delivering.
+
+        Our own seq table gives each owned room's seq; every ring's retained
+        records give the history still held and the ids we already sequenced.
+        Forwards to us published after ``oldest_forward_ns`` and not sequenced
+        yet are sequenced now: the previous incarnation may have died first.
+        """
+        self.listener = listener
+        _, own = self.retained(self.shard_id)
+        self._restore(listener, own)
+        for room, seq in self.tables[self.shard_id].entries().items():
+            self.sequencer.restore(room, seq)
+            listener.restore(room, seq, None)
+        readers: dict[int, RingReader] = {}
+        forwards: list[tuple[int, Record]] = []
+        for peer in self.peers:
+            reader, held = self.retained(peer)
+            readers[peer] = reader
+            self._restore(listener, held)
+            me = self.shard_id
+            forwards += [(peer, r) for r in held if r.kind == _FORWARD and r.aux == me]
+        for peer, record in forwards:
+            publication = records.decode_forward(record.payload)
+            if publication.publish_ns >= oldest_forward_ns:
+                self._on_forward(peer, self.shard_id, record.payload)
+        self.writer.append(_RESET, 0, b"")
+        self._written += 1
         self.readers = readers
-        self._own_bell().drain()
-        self._thread = threading.Thread(target=self._bell_loop, name="shardchat-bell", daemon=True)
-        self._thread.start()
-        self.drain()
+        self.bells[self.shard_id].drain()
 
-    def stop(self) -> None:
-        self._stopping.set()
-        if self._thread is not None:
-            self._thread.join(2 * BELL_WAIT)
+    def _restore(self, listener: BrokerListener, held: list[Record]) -> None:
+        workers, me = self.workers, self.shard_id
+        for record in held:
+            if record.kind != _ROOM_MSG:
+                continue
+            msg = records.decode_room_message(record.payload)
+            listener.restore(msg.room, msg.seq, msg.json)
+            if owner_of(msg.room, workers) == me:
+                self.sequencer.remember(msg.msg_id, msg.room, msg.seq)
+                self.sequencer.restore(msg.room, msg.seq)
 
-    def _own_bell(self) -> shm.Doorbell:
-        return self.bells[self.shard_id]
+    # Broker
+
+    def publish(self, publication: Publication, now: float) -> None:
+        room = publication.room
+        owner = owner_of(room, self.workers)
+        if owner == self.shard_id:
+            seq = self._sequence(publication)
+            self._acks_due.append((publication.msg_id, room, seq))
+            return
+        payload = records.encode_forward(publication)
+        self._write(_FORWARD, owner, payload)
+        self.forwarder.add(publication.msg_id, room, owner, payload, now)
+
+    def announce(self, room: str, user: str, joined: bool) -> None:
+        self._write(_PRESENCE, 0, records.encode_presence(records.Presence(room, user, joined)))
+
+    def snapshot(self, peer: int, pairs: list[tuple[str, str]]) -> None:
+        chunk: list[tuple[str, str]] = []
+        size = 0
+        for pair in pairs:
+            chunk.append(pair)
+            size += len(pair[0]) + len(pair[1]) + 8
+            if size > self._max_payload // 2:
+                self._write(_SNAPSHOT, peer, records.encode_snapshot(chunk))
+                chunk, size = [], 0
+        if chunk:
+            self._write(_SNAPSHOT, peer, records.encode_snapshot(chunk))
+
+    def fill(self, room: str, first: int, last: int) -> None:
+        owner = owner_of(room, self.workers)
+        if owner == self.shard_id:
+            # We are the owner: nobody holds more than we do. Answered at the
+            # next drain, outside the engine's call.
+            self._answers_due.append((room, last))
+            return
+        request = records.HistoryRequest(room, first, last)
+        self._write(_HISTORY_REQ, owner, records.encode_history_request(request))
+
+    def latest_seq(self, room: str) -> int | None:
+        return self.tables[owner_of(room, self.workers)].lookup(room)
+
+    def serves_history(self, room: str) -> bool:
+        return owner_of(room, self.workers) == self.shard_id
+
+    def catch_up(self) -> None:
+        while self.drain():
+            pass
+
+    # Sequencing (the owner)
+
+    def _sequence(self, p: Publication) -> int:
+        room = p.room
+        seq = self.sequencer.assign(room, p.msg_id)
+        json = wire.message_json(room, p.sender, p.content, seq, p.timestamp, p.msg_id)
+        # Ring first, table second: a restart takes the larger of the two.
+        self._write(
+            _ROOM_MSG, 0, records.encode_room_message(room, seq, p.publish_ns, p.msg_id, json)
+        )
+        self._store_seq(room, seq)
+        self.stats[_S_SEQUENCED] += 1
+        log_event(log, logging.DEBUG, "sequenced", room=room, msg=p.msg_id, seq=seq)
+        assert self.listener is not None
+        self.listener.on_message(room, seq, p.msg_id, json, p.publish_ns)
+        return seq
+
+    def _store_seq(self, room: str, seq: int) -> None:
+        table = self.tables[self.shard_id]
+        offset = self._table_slots.get(room, -1)
+        if offset == -1:
+            offset = self._table_slots[room] = table.slot(room)
+            if offset is None:
+                log_event(log, logging.WARNING, "room_table_full", room=room)
+        if offset is not None:
+            table.set_seq(offset, seq)
 
     # Writing
 
-    def publish(self, kind: int, aux: int, payload: bytes) -> int:
-        """Append a record; the loop turn's records become visible together."""
-        position = self.writer.append(kind, aux, payload)
+    def _write(self, kind: int, aux: int, payload: bytes) -> None:
+        self.writer.append(kind, aux, payload)
         self._written += 1
         self._uncommitted += len(payload)
-        if not self._bells_due:
-            self._bells_due = True
-            self.loop.call_soon(self.commit)
-        elif self._uncommitted > self._commit_every:
+        if self._uncommitted > self._commit_every:
             # A burst: let the readers start on it before the turn ends.
             self.commit()
-            self._bells_due = True
-        return position
+
+    @property
+    def commit_due(self) -> bool:
+        return self._written > 0 or bool(self._acks_due)
 
     def commit(self) -> None:
-        """Make this turn's records visible, then ring every peer's bell once."""
-        if not self._bells_due:
-            return
-        self._bells_due = False
-        self._uncommitted = 0
-        self.writer.commit()
-        if self.counters is not None:
-            self.counters[_S_WRITTEN] += self._written
-        self._written = 0
-        bells = self.bells
-        for peer in self.peers:
-            bells[peer].ring()
+        """Make the records written since the last commit visible, then store the
+        rooms' seqs in our table, ring every peer's bell once, and ack the
+        publishes sequenced here: they are in the ring now."""
+        if self._written:
+            self.writer.commit()
+            if self._seqs_due:
+                seqs, self._seqs_due = self._seqs_due, {}
+                for room, seq in seqs.items():
+                    self._store_seq(room, seq)
+            self.stats[_S_WRITTEN] += self._written
+            self._written = 0
+            self._uncommitted = 0
+            bells = self.bells
+            for peer in self.peers:
+                bells[peer].ring()
+        if self._acks_due:
+            acks, self._acks_due = self._acks_due, []
+            listener = self.listener
+            assert listener is not None
+            for msg_id, room, seq in acks:
+                listener.on_published(msg_id, room, seq)
 
-    def heartbeat(self) -> None:
-        self.writer.heartbeat(time.monotonic_ns())
+    def heartbeat(self, now_ns: int) -> None:
+        self.writer.heartbeat(now_ns)
 
     # Reading
 
-    def _bell_loop(self) -> None:
-        bell = self._own_bell()
-        loop = self.loop
-        while not self._stopping.is_set():
-            if bell.wait(BELL_WAIT) and not self._wake_pending:
-                self._wake_pending = True
-                try:
-                    loop.call_soon_threadsafe(self._wake)
-                except RuntimeError:
-                    return  # the loop is closed: the shard is exiting
-
-    def _wake(self) -> None:
-        self._wake_pending = False
-        if self.handler is None:
-            return  # closed
-        self._own_bell().drain()
-        self.drain()
-
-    def drain(self) -> None:
-        """Hand every peer's new records to the handler, ``POLL_LIMIT`` per ring."""
-        self._drain_scheduled = False
-        handler = self.handler
-        if handler is None:
-            return
+    def drain(self) -> bool:
+        """Hand every peer's new records to the listener, ``POLL_LIMIT`` per ring;
+        True when there is more to read at once."""
+        listener = self.listener
+        if listener is None:
+            return False
+        if self._answers_due:
+            answers, self._answers_due = self._answers_due, []
+            for room, last in answers:
+                listener.on_replay_lost(room, last)
         more = False
-        counters = self.counters
+        counters = self.stats
+        handlers = self._handlers
         for peer, reader in self.readers.items():
             laps = reader.lapped
-            records = reader.poll(POLL_LIMIT)
-            if records:
-                if counters is not None:
-                    counters[_S_READ] += len(records)
-                handler(peer, records)
-                if len(records) == POLL_LIMIT:
+            batch = reader.poll(POLL_LIMIT)
+            if batch:
+                counters[_S_READ] += len(batch)
+                for record in batch:
+                    handlers[record.kind](peer, record.aux, record.payload)
+                if len(batch) == POLL_LIMIT:
                     more = True
             if reader.lapped != laps:
                 log_event(log, logging.WARNING, "ring_lapped", peer=peer, lost=reader.lost)
-                if counters is not None:
-                    counters[_S_LAPS] = sum(r.lapped for r in self.readers.values())
-                    counters[_S_LOST] = sum(r.lost for r in self.readers.values())
-                if self.on_lapped is not None:
-                    self.on_lapped(peer)
+                counters[_S_LAPS] = sum(r.lapped for r in self.readers.values())
+                counters[_S_LOST] = sum(r.lost for r in self.readers.values())
+                listener.on_lapped(self._latest_of(peer))
                 more = True
-        if more and not self._drain_scheduled:
-            self._drain_scheduled = True
-            self.loop.call_soon(self.drain)
+        return more
+
+    def _latest_of(self, peer: int) -> Callable[[str], int | None]:
+        """Where each room ``peer`` owns is now, by its seq table."""
+        table, workers = self.tables[peer], self.workers
+
+        def latest(room: str) -> int | None:
+            if owner_of(room, workers) != peer:
+                return None
+            return table.lookup(room) or 0
+
+        return latest
+
+    def _on_room_message(self, peer: int, aux: int, payload: bytes) -> None:
+        msg = records.decode_room_message(payload)
+        listener = self.listener
+        assert listener is not None
+        if self.forwarder.pending and self.forwarder.answered(msg.msg_id):
+            listener.on_published(msg.msg_id, msg.room, msg.seq)
+        listener.on_message(msg.room, msg.seq, msg.msg_id, msg.json, msg.publish_ns)
+
+    def _on_forward(self, peer: int, aux: int, payload: bytes) -> None:
+        if aux != self.shard_id:
+            return
+        publication = records.decode_forward(payload)
+        seen = self.sequencer.seen(publication.msg_id)
+        if seen is None:
+            self._sequence(publication)
+            return
+        room, seq = seen
+        answer = records.ForwardSeen(publication.msg_id, room, seq)
+        self._write(_FORWARD_SEEN, peer, records.encode_forward_seen(answer))
+
+    def _on_forward_seen(self, peer: int, aux: int, payload: bytes) -> None:
+        if aux != self.shard_id:
+            return
+        seen = records.decode_forward_seen(payload)
+        if self.forwarder.answered(seen.msg_id):
+            assert self.listener is not None
+            self.listener.on_published(seen.msg_id, seen.room, seen.seq)
+
+    def _on_presence(self, peer: int, aux: int, payload: bytes) -> None:
+        p = records.decode_presence(payload)
+        assert self.listener is not None
+        self.listener.on_presence(peer, p.room, p.user, p.joined)
+
+    def _on_reset(self, peer: int, aux: int, payload: bytes) -> None:
+        assert self.listener is not None
+        self.listener.on_peer_reset(peer)
+
+    def _on_snapshot(self, peer: int, aux: int, payload: bytes) -> None:
+        assert self.listener is not None
+        for room, user in records.decode_snapshot(payload):
+            self.listener.on_presence(peer, room, user, True)
+
+    def _on_history_request(self, peer: int, aux: int, payload: bytes) -> None:
+        """Resend one chunk of the asked range: at most 1/8 of a ring, so that a
+        resend cannot lap the shard that asked (it asks for the next)."""
+        if aux != self.shard_id:
+            return
+        req = records.decode_history_request(payload)
+        assert self.listener is not None
+        held = self.listener.held(req.room, req.first)
+        plan = plan_resend(held, req.first, req.last, self._max_payload)
+        room, write = req.room, self._write
+        if plan.lost_to:
+            write(
+                _REPLAY, peer, records.encode_room_message(room, plan.lost_to, 0, REPLAY_SKIP, b"")
+            )
+        for message in plan.messages:
+            write(
+                _REPLAY,
+                peer,
+                records.encode_room_message(room, message.seq, 0, "", message.payload),
+            )
+        if plan.end is not None:
+            write(_REPLAY, peer, records.encode_room_message(room, plan.end, 0, REPLAY_END, b""))
+
+    def _on_replay(self, peer: int, aux: int, payload: bytes) -> None:
+        if aux != self.shard_id:
+            return
+        msg = records.decode_room_message(payload)
+        listener = self.listener
+        assert listener is not None
+        if msg.json:
+            listener.on_replay(msg.room, msg.seq, msg.json)
+        elif msg.msg_id == REPLAY_SKIP:
+            listener.on_replay_lost(msg.room, msg.seq)
+        else:
+            listener.on_replay_end(msg.room, msg.seq)
+
+    # Timers and gauges
+
+    def tick(self, now: float) -> float | None:
+        """Forward again what the owner has not sequenced yet, give up on what it
+        never will; returns the next time this is needed."""
+        forwarder = self.forwarder
+        if not forwarder.pending:
+            return None
+        again, failed = forwarder.due(now)
+        for pending in again:
+            self.stats[_S_RETRIED] += 1
+            self._write(_FORWARD, pending.owner, pending.payload)
+        if failed:
+            listener = self.listener
+            assert listener is not None
+            for pending in failed:
+                log_event(
+                    log, logging.ERROR, "forward_failed", msg=pending.msg_id, owner=pending.owner
+                )
+                listener.on_publish_failed(pending.msg_id, pending.room)
+        return forwarder.next_deadline()
 
     def record_lag(self) -> None:
         """Set the gauges of how many bytes of each peer's ring we have not read yet."""
-        if self.counters is not None:
-            for peer, reader in self.readers.items():
-                self.counters[stats.LAG_BASE + peer] = reader.backlog()
+        for peer, reader in self.readers.items():
+            self.stats[stats.LAG_BASE + peer] = reader.backlog()
 
     def close(self) -> None:
-        self.stop()
-        self.handler = None
-        for bell in self.bells:
-            bell.close()
+        self.listener = None
         self.readers = {}
         self.tables = []
         self._ring_views = []
         self._views = []
-        for segment in self.segments:
-            segment.close()
+        self._closing()

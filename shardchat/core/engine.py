@@ -1,58 +1,80 @@
-"""Rooms across shards: sequencing at the owner, forwarding, fan-out, presence.
+"""The room engine: one shard's room logic as a Sans-I/O state machine.
 
-DESIGN.md, Rooms: a room's owner (``crc32(room) % workers``) alone assigns
-its ``seq``. A publish on another shard is forwarded to the owner through
-our ring and kept until the owner's sequenced record comes back (then the
-sender gets its ``ack``); every acked publish is sequenced exactly once.
+DESIGN.md, The room engine and its brokers. Like websockets'
+``ServerProtocol``, :class:`RoomEngine` does no I/O: it never reads a clock,
+schedules, or touches a socket or a segment. Its inputs are
 
-Every shard reads every ring and keeps a :class:`RoomLog` of each room it
-sees, so ``join`` with ``since`` and ``history`` are answered locally. Two
-parts live in their own modules: forwarding (:mod:`shardchat.forwarding`)
-and the filling of gaps from the owner (:mod:`shardchat.gapfill`).
+- a connection's upgrade (:meth:`admit`), its opening (:meth:`open`), its
+  text frames (:meth:`receive`) and its end (:meth:`closed`);
+- what its :class:`~shardchat.core.broker.Broker` delivers (the
+  :class:`~shardchat.core.broker.BrokerListener` methods);
+- the time, given before each batch of inputs with :meth:`advance`;
+- the end of the caller's loop turn (:meth:`flush`) and its timer
+  (:meth:`tick`).
 
-Fan-out: each room's new frames of one loop turn are joined once and written
-once to each local member (:meth:`Router.flush`).
+Its outputs are collected in :attr:`RoomEngine.out`, for the caller to take
+after every input: ``(connections, frame)`` pairs, where ``frame`` is a ready
+WebSocket frame for each of ``connections`` or a :class:`Close`. What it
+publishes goes to its broker. Connections are the caller's own objects
+(any hashable handle): the engine keeps them as keys and hands them back.
+
+Fan-out: a room's new frames of one turn are queued per room and, at
+:meth:`flush`, joined once into one buffer that goes to each local member:
+the caller's per-member work is one transport write.
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
-import time
+from collections.abc import Callable, Hashable, Iterable
+from typing import Any, Generic, NamedTuple, TypeVar
 
 from shardchat import stats
-from shardchat.brokers.forwarding import FORWARD_GIVE_UP, Forwarder, send_ack
 from shardchat.core import wire
+from shardchat.core.admission import Admitted, Refusal, Upgrade, admit
+from shardchat.core.broker import Broker, Publication
+from shardchat.core.config import Config
+from shardchat.core.errors import ErrorCode, ProtocolError
 from shardchat.core.gapfill import GapFill
-from shardchat.core.messages import AppCloseCode
+from shardchat.core.messages import (
+    Ack,
+    AppCloseCode,
+    HistoryQuery,
+    Join,
+    Leave,
+    Ping,
+    PresenceQuery,
+    Publish,
+    RoomId,
+)
 from shardchat.core.presence import PresenceView
+from shardchat.core.ratelimit import TokenBucket
 from shardchat.core.reliable import Reliable
-from shardchat.core.roomlog import HeldMessage, RoomLog, owner_of
+from shardchat.core.roomlog import HeldMessage, RoomLog
+from shardchat.hooks import ConnInfo, Hooks, Reject
 from shardchat.logs import log_event
-from shardchat.ring import records
-from shardchat.ring.layout import RecordKind, max_payload
-from shardchat.ring.ring import Record, RingReader
-from shardchat.shard.connection import Connection
-from shardchat.shard.context import ShardContext
+from shardchat.stats import Counters
 
-__all__ = ["Router"]
+__all__ = ["EVICT_EVERY", "PROTOCOL_VERSION", "Close", "ConnState", "Output", "RoomEngine"]
 
 log = logging.getLogger(__name__)
 
+PROTOCOL_VERSION = 1
 EVICT_EVERY = 30.0  # seconds between scans for idle rooms to drop
 
-_ROOM_MSG = int(RecordKind.ROOM_MSG)
-_FORWARD = int(RecordKind.FORWARD)
-_PRESENCE = int(RecordKind.PRESENCE)
-_RESET = int(RecordKind.RESET)
-_FORWARD_SEEN = int(RecordKind.FORWARD_SEEN)
-_HISTORY_REQ = int(RecordKind.HISTORY_REQ)
-_REPLAY = int(RecordKind.REPLAY)
-_SNAPSHOT = int(RecordKind.SNAPSHOT)
+C = TypeVar("C", bound=Hashable)  # the caller's connection handle
+
+_S_CONNECTIONS = int(stats.Slot.CONNECTIONS)
+_S_OPENED = int(stats.Slot.CONNECTIONS_OPENED)
+_S_PUBLISHED = int(stats.Slot.MESSAGES_PUBLISHED)
+_S_RATE_LIMITED = int(stats.Slot.RATE_LIMITED)
+_S_SLOW = int(stats.Slot.SLOW_CONSUMER_CLOSES)
+_S_HOOK_ERRORS = int(stats.Slot.HOOK_ERRORS)
+_S_REFUSED = int(stats.Slot.HTTP_REFUSED)
 _S_JOINS = int(stats.Slot.JOINS)
 _S_LEAVES = int(stats.Slot.LEAVES)
 _S_ROOMS = int(stats.Slot.ROOMS)
-_S_SEQUENCED = int(stats.Slot.MESSAGES_SEQUENCED)
 _S_DELIVERED = int(stats.Slot.FRAMES_DELIVERED)
 _S_BYTES_OUT = int(stats.Slot.BYTES_OUT)
 _S_RESENDS = int(stats.Slot.RESENDS)
@@ -60,284 +82,328 @@ _S_LATENCY_COUNT = int(stats.Slot.LATENCY_COUNT)
 _S_LATENCY_SUM = int(stats.Slot.LATENCY_SUM_US)
 
 
-class Router:
-    def __init__(self, ctx: ShardContext) -> None:
-        config = ctx.config
-        self.config = config
-        self.stats = ctx.counters  # this shard's block of stats slots
-        self.shard_id = ctx.shard_id
-        self.workers = config.workers
-        self.epoch = ctx.epoch
-        self.bus = ctx.bus
-        self.loop = ctx.loop
-        self.history = config.delivery.history
-        self.members: dict[str, dict[Connection, None]] = {}
-        self.logs: dict[str, RoomLog] = {}
-        self.forwarder = Forwarder(ctx, self._sequence)
-        self.gaps = GapFill(ctx, self.logs, self._queue)
-        self.presence = PresenceView()
-        self.reliable: dict[str, dict[Connection, Reliable]] = {}
-        idle = config.delivery.room_idle
-        self._next_evict = ctx.loop.time() + min(EVICT_EVERY, idle or EVICT_EVERY)
-        self._table_slots: dict[str, int | None] = {}
-        self._outbox: dict[str, list[bytes]] = {}
-        self._flush_scheduled = False
-        self._msg_prefix = f"{ctx.shard_id}-{secrets.token_hex(3)}-"
-        self._msg_counter = 0
-        self._max_payload = max_payload(config.ring.bytes)
+class Close(NamedTuple):
+    """Close a connection with ``code``: a closing handshake, or with ``fail`` a
+    failed connection (RFC 6455 7.1.7: close frame, then TCP close)."""
 
-    # Start-up
+    code: int
+    reason: str
+    fail: bool = False
 
-    def recover(self) -> None:
-        """Rebuild rooms from shared memory after a (re)start, then start the bus.
 
-        Our own room table gives each owned room's seq; every ring's retained
-        records give the history still held and the ids we already sequenced.
-        Forwards to us that are recent and not yet sequenced are sequenced now:
-        the previous incarnation may have died before it got to them.
-        """
-        bus = self.bus
-        _, own = bus.retained(self.shard_id)
-        self._rebuild(own)
-        for room, seq in bus.tables[self.shard_id].entries().items():
-            log_ = self.logs.get(room)
-            if log_ is None:
-                self.logs[room] = RoomLog(self.epoch, self.history, seq)
-            else:
-                log_.skip_to(seq)
-        readers: dict[int, RingReader] = {}
-        forwards: list[tuple[int, Record]] = []
-        for peer in bus.peers:
-            reader, retained = bus.retained(peer)
-            readers[peer] = reader
-            self._rebuild(retained)
-            forwards += [(peer, r) for r in retained if r[1] == _FORWARD and r[2] == self.shard_id]
-        oldest_ok = time.monotonic_ns() - int(FORWARD_GIVE_UP * 1e9)
-        for peer, (_, _, _, payload) in forwards:
-            forward = records.decode_forward(payload)
-            if forward.publish_ns >= oldest_ok:
-                self.forwarder.on_forward(peer, forward)
-        bus.publish(_RESET, 0, b"")
-        bus.start(self.on_records, self.gaps.on_lapped, readers)
+Output = tuple[Iterable[C], bytes | Close]
 
-    def _rebuild(self, retained: list[Record]) -> None:
-        for _, kind, _, payload in retained:
-            if kind != _ROOM_MSG:
-                continue
-            msg = records.decode_room_message(payload)
-            log_ = self.logs.get(msg.room)
-            if log_ is None:
-                log_ = self.logs[msg.room] = RoomLog(self.epoch, self.history, msg.seq - 1)
-            if msg.seq > log_.seq + 1:
-                log_.skip_to(msg.seq - 1)  # a part of the ring already overwritten
-            if msg.seq == log_.seq + 1:
-                log_.append(msg.seq, msg.json)
-            if owner_of(msg.room, self.workers) == self.shard_id:
-                self.forwarder.remember(msg.msg_id, msg.room, msg.seq)
 
-    # Publishing
+class ConnState:
+    """The engine's state of one admitted connection."""
 
-    def next_msg_id(self) -> str:
-        self._msg_counter += 1
-        return self._msg_prefix + str(self._msg_counter)
+    __slots__ = (
+        "allowed_rooms",
+        "bucket",
+        "conn_id",
+        "errors",
+        "info",
+        "opened",
+        "peer",
+        "rooms",
+        "user",
+    )
 
-    def publish(self, conn: Connection, room: str, content: str, request_id: str | None) -> str:
-        """Sequence here or forward to the owner; the sender's ack follows. Returns the msg id."""
-        msg_id = self.next_msg_id()
-        forward = records.Forward(
-            msg_id, room, conn.user, content, time.time_ns() // 1_000_000, time.monotonic_ns()
-        )
-        owner = owner_of(room, self.workers)
-        if owner == self.shard_id:
-            seq = self._sequence(forward)
-            send_ack(conn, room, seq, request_id)
-        else:
-            self.forwarder.send(conn, request_id, forward, owner)
-        return msg_id
+    def __init__(self, conn_id: int, peer: str, admitted: Admitted, bucket: TokenBucket) -> None:
+        self.conn_id = conn_id  # the adapter's id, for logs and hooks
+        self.peer = peer  # the client's IP address
+        self.user = admitted.user
+        self.allowed_rooms = admitted.allowed_rooms  # from the token; None = any room
+        self.rooms: set[RoomId] = set()  # rooms this connection has joined
+        self.errors = 0  # consecutive malformed requests
+        self.bucket = bucket
+        self.info: ConnInfo | None = None  # what hooks see, once open; None without hooks
+        self.opened = False  # the upgrade completed
 
-    def _sequence(self, f: records.Forward) -> int:
-        room = f.room
-        log_ = self._log(room)
-        seq = log_.seq + 1
-        json = wire.encode(
-            {
-                "type": "message",
-                "room": room,
-                "sender": f.sender,
-                "content": f.content,
-                "seq": seq,
-                "timestamp": f.timestamp,
-                "id": f.msg_id,
-            }
-        )
-        # Ring first, table second: a restart takes the larger of the two.
-        self.bus.publish(
-            _ROOM_MSG, 0, records.encode_room_message(room, seq, f.publish_ns, f.msg_id, json)
-        )
-        log_.append(seq, json)
-        self._store_seq(room, seq)
-        self.forwarder.remember(f.msg_id, room, seq)
-        self._queue(room, json)
-        self.stats[_S_SEQUENCED] += 1
-        self._latency(time.monotonic_ns() - f.publish_ns)
-        log_event(log, logging.DEBUG, "sequenced", room=room, msg=f.msg_id, seq=seq)
-        return seq
 
-    def _latency(self, ns: int) -> None:
-        """Publish-to-delivery time of one message, into the histogram."""
-        counters = self.stats
-        counters[stats.latency_slot(ns / 1e6)] += 1
-        counters[_S_LATENCY_COUNT] += 1
-        counters[_S_LATENCY_SUM] += max(0, ns // 1000)
+class RoomEngine(Generic[C]):
+    """One engine per shard: its connections, its rooms, and what it tells its broker."""
 
-    def _store_seq(self, room: str, seq: int) -> None:
-        table = self.bus.tables[self.shard_id]
-        offset = self._table_slots.get(room, -1)
-        if offset == -1:
-            offset = self._table_slots[room] = table.slot(room)
-            if offset is None:
-                log_event(log, logging.WARNING, "room_table_full", room=room)
-        if offset is not None:
-            table.set_seq(offset, seq)
-
-    # Records from peers
-
-    def on_records(self, peer: int, batch: list[Record]) -> None:
-        me = self.shard_id
-        for _, kind, aux, payload in batch:
-            if kind == _ROOM_MSG:
-                self._on_room_message(records.decode_room_message(payload))
-            elif kind == _FORWARD:
-                if aux == me:
-                    self.forwarder.on_forward(peer, records.decode_forward(payload))
-            elif kind == _PRESENCE:
-                p = records.decode_presence(payload)
-                self._presence_change(p.room, p.user, peer, p.joined)
-            elif kind == _FORWARD_SEEN:
-                if aux == me:
-                    seen = records.decode_forward_seen(payload)
-                    self.forwarder.acknowledge(seen.msg_id, seen.room, seen.seq)
-            elif kind == _REPLAY:
-                if aux == me:
-                    self.gaps.on_replay(records.decode_room_message(payload))
-            elif kind == _HISTORY_REQ:
-                if aux == me:
-                    self.gaps.answer(peer, records.decode_history_request(payload))
-            elif kind == _RESET:
-                self._on_reset(peer)
-            elif kind == _SNAPSHOT:
-                for room, user in records.decode_snapshot(payload):
-                    self._presence_change(room, user, peer, True)
-
-    def _on_room_message(self, msg: records.RoomMessage) -> None:
-        if self.forwarder.pending:
-            self.forwarder.acknowledge(msg.msg_id, msg.room, msg.seq)
-        room = msg.room
-        log_ = self.logs.get(room)
-        if log_ is None:
-            log_ = self.logs[room] = RoomLog(self.epoch, self.history, msg.seq - 1)
-        seq = msg.seq
-        if seq == log_.seq + 1 and room not in self.gaps.held_back:
-            log_.append(seq, msg.json)
-            log_.touched = self.loop.time()
-            self._queue(room, msg.json)
-            if room in self.members:
-                self._latency(time.monotonic_ns() - msg.publish_ns)
-        elif seq > log_.seq:
-            self.gaps.hold_back(log_, msg)
-
-    # Presence
-
-    def _presence_change(self, room: str, user: str, shard: int, joined: bool) -> None:
-        if self.presence.change(room, user, shard, joined):
-            self._presence_event(room, user, "join" if joined else "leave")
-
-    def _presence_event(
-        self, room: str, user: str, kind: str, skip: Connection | None = None
+    def __init__(
+        self,
+        config: Config,
+        shard_id: int,
+        epoch: str,
+        broker: Broker,
+        counters: Counters,
+        hooks: Hooks | None = None,
+        *,
+        id_prefix: str | None = None,
     ) -> None:
-        members = self.members.get(room)
-        if not members or self.presence.count(room) > self.config.presence.events_limit:
-            return
-        frame = wire.text_frame(
-            wire.encode(
-                {
-                    "type": kind,
-                    "room": room,
-                    "sender": user,
-                    "timestamp": time.time_ns() // 1_000_000,
-                }
-            )
+        self.config = config
+        self.shard_id = shard_id
+        self.epoch = epoch  # this run of the rooms' sequences (PROTOCOL.md, epoch)
+        self.broker = broker
+        self.stats = counters  # this shard's block of stats slots
+        self.hooks = hooks if hooks is not None else Hooks(None)
+        self.history = config.delivery.history
+        self.now = 0.0  # monotonic seconds, as last given to advance()
+        self.wall = 0.0  # Unix seconds, as last given to advance()
+        self.out: list[Output[C]] = []  # taken by the caller after every input
+        self.draining = False
+        self.conns: dict[C, ConnState] = {}  # admitted connections
+        self.open_count = 0
+        self.per_ip: dict[str, int] = {}  # open connections per client address
+        self.members: dict[str, dict[C, None]] = {}  # room -> local members
+        self.logs: dict[str, RoomLog] = {}
+        self.presence = PresenceView()
+        self.reliable: dict[str, dict[C, Reliable]] = {}
+        self.gaps = GapFill(broker, self.logs, self._queue, counters, epoch, self.history)
+        self._pending: dict[str, tuple[C, str | None]] = {}  # msg id -> sender, request id
+        self._join_at_open: dict[C, tuple[str, ...]] = {}  # rooms the query named
+        self._outbox: dict[str, list[bytes]] = {}
+        self._next_evict = 0.0
+        prefix = id_prefix if id_prefix is not None else secrets.token_hex(3)
+        self._msg_prefix = f"{shard_id}-{prefix}-"
+        self._msg_counter = 0
+        self._requests: dict[type, Callable[[C, ConnState, Any], None]] = {
+            Publish: self._publish,
+            Join: self._join,
+            Leave: self._leave,
+            Ack: self._ack,
+            Ping: self._ping,
+            PresenceQuery: self._presence,
+            HistoryQuery: self._history,
+        }
+
+    def advance(self, now: float, wall: float) -> None:
+        """The time for the inputs that follow: monotonic and Unix seconds."""
+        self.now = now
+        self.wall = wall
+
+    # Connections
+
+    def admit(self, conn: C, upgrade: Upgrade, connections: int) -> Refusal | None:
+        """PROTOCOL.md's checks before the upgrade: None admits ``conn``.
+
+        ``connections``: open over the whole server, handshakes under way here
+        included.
+        """
+        result = admit(
+            self.config,
+            self.hooks,
+            self.shard_id,
+            upgrade,
+            draining=self.draining,
+            connections=connections,
+            from_peer=self.per_ip.get(upgrade.peer, 0),
+            wall=self.wall,
         )
-        for conn in members:
-            if conn is not skip:
-                conn.send(frame)
+        self._count_hook_errors()
+        if type(result) is Refusal:
+            self.stats[_S_REFUSED] += 1
+            return result
+        assert type(result) is Admitted
+        bucket = TokenBucket(self.config.limits.burst, self.now)
+        self.conns[conn] = ConnState(upgrade.conn_id, upgrade.peer, result, bucket)
+        self._join_at_open[conn] = result.rooms
+        return None
 
-    def _on_reset(self, peer: int) -> None:
-        """A peer (re)started: its users are gone; tell it (and all) who is here."""
-        for room, user in self.presence.drop_shard(peer):
-            self._presence_event(room, user, "leave")
-        pairs = self.presence.local_pairs()
-        chunk: list[tuple[str, str]] = []
-        size = 0
-        for pair in pairs:
-            chunk.append(pair)
-            size += len(pair[0]) + len(pair[1]) + 8
-            if size > self._max_payload // 2:
-                self.bus.publish(_SNAPSHOT, peer, records.encode_snapshot(chunk))
-                chunk, size = [], 0
-        if chunk:
-            self.bus.publish(_SNAPSHOT, peer, records.encode_snapshot(chunk))
+    def open(self, conn: C) -> None:
+        """The upgrade of an admitted connection completed: welcome it and join the
+        rooms its query named."""
+        state = self.conns[conn]
+        rooms = self._join_at_open.pop(conn, ())
+        state.opened = True
+        self.per_ip[state.peer] = self.per_ip.get(state.peer, 0) + 1
+        self.open_count += 1
+        self.stats[_S_CONNECTIONS] = self.open_count
+        self.stats[_S_OPENED] += 1
+        interval = self.config.heartbeat.interval
+        self._reply(
+            conn,
+            {
+                "type": "welcome",
+                "user": state.user,
+                "shard": self.shard_id,
+                "heartbeat": int(interval) if interval.is_integer() else interval,
+                "protocol": PROTOCOL_VERSION,
+            },
+        )
+        log_event(
+            log, logging.INFO, "conn_open", conn=state.conn_id, user=state.user, peer=state.peer
+        )
+        if self.hooks.app is not None:
+            state.info = ConnInfo(self.shard_id, state.conn_id, state.user, state.peer)
+            if self.hooks.has_open:
+                self.hooks.on_open(state.info)
+                self._count_hook_errors()
+        for room in rooms:
+            try:
+                self._join(conn, state, Join(room=RoomId(room)))
+            except ProtocolError as exc:
+                self._refuse(conn, state, exc)
 
-    def users(self, room: str) -> list[str]:
-        return self.presence.users(room)
+    def receive(self, conn: C, data: bytes | bytearray | memoryview) -> None:
+        """A complete text message from ``conn`` (UTF-8 not yet validated)."""
+        state = self.conns[conn]
+        try:
+            request = wire.decode(data, self.config.limits.max_content)
+            self._requests[type(request)](conn, state, request)
+        except ProtocolError as exc:
+            if exc.code is ErrorCode.BAD_JSON and not _is_utf8(data):
+                self.out.append(((conn,), Close(1007, "invalid UTF-8", fail=True)))
+                return
+            self._refuse(conn, state, exc)
+        else:
+            state.errors = 0
 
-    # Membership
+    def closed(self, conn: C, code: int, reason: str) -> None:
+        """``conn`` is gone, having closed with ``code``: forget it."""
+        self._join_at_open.pop(conn, None)
+        state = self.conns.pop(conn, None)
+        if state is None or not state.opened:
+            return
+        for room in state.rooms:
+            self._leave_room(conn, state, room)
+        state.rooms.clear()
+        count = self.per_ip.get(state.peer, 1) - 1
+        if count > 0:
+            self.per_ip[state.peer] = count
+        else:
+            self.per_ip.pop(state.peer, None)
+        self.open_count -= 1
+        counters = self.stats
+        counters[_S_CONNECTIONS] = self.open_count
+        counters[stats.close_code_slot(code)] += 1
+        if code == AppCloseCode.SLOW_CONSUMER:
+            counters[_S_SLOW] += 1
+        log_event(
+            log, logging.INFO, "conn_close", conn=state.conn_id, user=state.user, code=code,
+            reason=reason,
+        )  # fmt: skip
+        if self.hooks.has_close and state.info is not None:
+            self.hooks.on_close(state.info, code, reason)
+            self._count_hook_errors()
 
-    def _log(self, room: str) -> RoomLog:
-        log_ = self.logs.get(room)
-        if log_ is None:
-            owner = owner_of(room, self.workers)
-            seq = self.bus.tables[owner].lookup(room) or 0
-            log_ = self.logs[room] = RoomLog(self.epoch, self.history, seq)
-        log_.touched = self.loop.time()
-        return log_
+    def drain(self) -> list[Output[C]]:
+        """Stop admitting (503); returns the turn's queued frames, to write before
+        the caller closes its connections with 1001."""
+        self.draining = True
+        return self.flush()
 
-    def _evict_idle(self, now: float) -> None:
-        """Drop the logs of rooms this shard does not own, has no members of and has
-        not used for ``delivery.room_idle``: every shard's memory stays with the rooms
-        in use, and the owner keeps the history for a later join."""
-        idle = self.config.delivery.room_idle
-        busy = self.members.keys() | self.gaps.held_back.keys() | self.reliable.keys()
-        dropped = [
-            room
-            for room, log_ in self.logs.items()
-            if now - log_.touched >= idle
-            and room not in busy
-            and owner_of(room, self.workers) != self.shard_id
-        ]
-        for room in dropped:
-            del self.logs[room]
-        if dropped:
-            log_event(log, logging.INFO, "rooms_dropped", count=len(dropped), kept=len(self.logs))
+    # Requests
 
-    def join(self, conn: Connection, room: str) -> RoomLog:
-        """Add a member; the caller answers ``joined`` from the returned log."""
-        # Catch up with the rings and deliver what is queued: the joiner's live
-        # frames start right after the log's current seq.
-        self.bus.drain()
-        self.flush()
+    def _refuse(self, conn: C, state: ConnState, exc: ProtocolError) -> None:
+        """Every error frame goes out here, so that each is counted once by code."""
+        self._send(conn, wire.error_payload(exc.code, exc.reason, exc.request_id))
+        self.stats[stats.error_slot(exc.code)] += 1
+        if not exc.code.malformed:
+            return
+        state.errors += 1
+        if state.errors >= self.config.limits.max_errors:
+            self.out.append(((conn,), Close(1008, "too many errors", fail=True)))
+
+    @staticmethod
+    def _require_member(state: ConnState, room: RoomId, request_id: str | None) -> None:
+        if room not in state.rooms:
+            raise ProtocolError(ErrorCode.NOT_MEMBER, f"not a member of room {room}", request_id)
+
+    def _publish(self, conn: C, state: ConnState, request: Publish) -> None:
+        room = request.room
+        self._require_member(state, room, request.id)
+        limits = self.config.limits
+        if not state.bucket.take(self.now, limits.rate, limits.burst):
+            self.stats[_S_RATE_LIMITED] += 1
+            raise ProtocolError(ErrorCode.RATE_LIMITED, "too many messages; slow down", request.id)
+        content = request.content
+        if self.hooks.has_message and state.info is not None:
+            try:
+                content = self.hooks.on_message(state.info, room, content)
+            except Reject as exc:
+                raise ProtocolError(ErrorCode.REJECTED, exc.reason, request.id) from None
+            finally:
+                self._count_hook_errors()
+            if len(content.encode()) > limits.max_content:
+                raise ProtocolError(
+                    ErrorCode.TOO_LARGE, f"content is over {limits.max_content} bytes", request.id
+                )
+        self.stats[_S_PUBLISHED] += 1
+        self._msg_counter += 1
+        msg_id = self._msg_prefix + str(self._msg_counter)
+        self._pending[msg_id] = (conn, request.id)
+        now = self.now
+        publication = Publication(
+            msg_id, room, state.user, content, int(self.wall * 1000), int(now * 1e9)
+        )
+        log_event(log, logging.DEBUG, "publish", conn=state.conn_id, room=room, msg=msg_id)
+        self.broker.publish(publication, now)
+
+    def _join(self, conn: C, state: ConnState, request: Join) -> None:
+        room = request.room
+        if state.allowed_rooms is not None and room not in state.allowed_rooms:
+            raise ProtocolError(
+                ErrorCode.UNAUTHORIZED, f"your token does not allow room {room}", request.id
+            )
+        room_size = self.config.limits.room_size
+        if room_size and room not in state.rooms:
+            # The presence view is as fresh as the broker: catch up first. Joins on
+            # several shards at the same instant can still overshoot by a few.
+            self.broker.catch_up()
+            presence = self.presence
+            if not presence.has(room, state.user) and presence.count(room) >= room_size:
+                raise ProtocolError(
+                    ErrorCode.ROOM_FULL, f"room {room} has {room_size} users", request.id
+                )
+        # A room this engine dropped (idle, no members here) is fetched back first,
+        # so that `since` is answered from everything the server holds.
+        if self.gaps.ensure_history(
+            room, request.since, self.now, lambda: self._finish_join(conn, request)
+        ):
+            self._finish_join(conn, request)
+
+    def _finish_join(self, conn: C, request: Join) -> None:
+        state = self.conns.get(conn)
+        if state is None:
+            return  # gone while the room's history was being fetched
+        room = request.room
+        if room in state.rooms:
+            self._leave_room(conn, state, room)
+        # Catch up and deliver what is queued: the joiner's live frames start
+        # right after the log's current seq.
+        self.broker.catch_up()
+        self.out += self._flush(snapshot=True)
         log_ = self._log(room)
         self.members.setdefault(room, {})[conn] = None
+        state.rooms.add(room)
         self.stats[_S_JOINS] += 1
         self.stats[_S_ROOMS] = len(self.members)
-        if self.presence.local_join(room, conn.user):
-            presence = records.encode_presence(records.Presence(room, conn.user, True))
-            self.bus.publish(_PRESENCE, 0, presence)
-            if self.presence.change(room, conn.user, self.shard_id, True):
-                self._presence_event(room, conn.user, "join", skip=conn)
-        return log_
+        user = state.user
+        if self.presence.local_join(room, user):
+            self.broker.announce(room, user, True)
+            if self.presence.change(room, user, self.shard_id, True):
+                self._presence_event(room, user, "join", skip=conn)
+        users = self.presence.users(room)
+        joined: dict[str, object] = {
+            "type": "joined",
+            "room": room,
+            "seq": log_.seq,
+            "epoch": log_.epoch,
+            "count": len(users),
+            "users": users[: self.config.presence.list_limit],
+        }
+        if request.since is None:
+            self._reply(conn, joined)
+            return
+        replay = log_.replay(request.since, request.epoch)
+        joined["recovered"] = replay.recovered
+        self._reply(conn, joined)
+        for held in replay.messages:
+            self._send(conn, held.payload)
 
-    def leave(self, conn: Connection, room: str) -> None:
+    def _leave(self, conn: C, state: ConnState, request: Leave) -> None:
+        room = request.room
+        self._require_member(state, room, request.id)
+        state.rooms.discard(room)
+        self._leave_room(conn, state, room)
+        self._reply(conn, {"type": "left", "room": room})
+
+    def _leave_room(self, conn: C, state: ConnState, room: str) -> None:
         reliable = self.reliable.get(room)
         if reliable is not None and reliable.pop(conn, None) is not None and not reliable:
             del self.reliable[room]
@@ -348,17 +414,117 @@ class Router:
                 del self.members[room]
             self.stats[_S_LEAVES] += 1
             self.stats[_S_ROOMS] = len(self.members)
-        if self.presence.local_leave(room, conn.user):
-            presence = records.encode_presence(records.Presence(room, conn.user, False))
-            self.bus.publish(_PRESENCE, 0, presence)
-            self._presence_change(room, conn.user, self.shard_id, False)
+        user = state.user
+        if self.presence.local_leave(room, user):
+            self.broker.announce(room, user, False)
+            if self.presence.change(room, user, self.shard_id, False):
+                self._presence_event(room, user, "leave")
 
-    def replay(self, room: str, since: int, limit: int | None = None) -> list[HeldMessage]:
-        """The held messages after ``since`` (``history``), once the rings are read."""
-        self.bus.drain()
-        self.flush()
+    def _ping(self, conn: C, state: ConnState, request: Ping) -> None:
+        self._reply(conn, {"type": "pong", **request.echo})
+
+    def _presence(self, conn: C, state: ConnState, request: PresenceQuery) -> None:
+        room = request.room
+        users = self.presence.users(room)
+        limit = self.config.presence.list_limit
+        reply: dict[str, object] = {
+            "type": "presence",
+            "room": room,
+            "count": len(users),
+            "users": users[:limit],
+        }
+        if len(users) > limit:
+            reply["truncated"] = True
+        self._reply(conn, reply)
+
+    def _history(self, conn: C, state: ConnState, request: HistoryQuery) -> None:
+        room = request.room
+        self.broker.catch_up()
+        self.out += self._flush(snapshot=True)
         log_ = self.logs.get(room)
-        return [] if log_ is None else log_.after(since, limit)
+        held = [] if log_ is None else log_.after(request.since, request.limit)
+        for message in held:
+            self._send(conn, message.payload)
+        last = held[-1].seq if held else request.since
+        self._reply(conn, {"type": "history_end", "room": room, "seq": last})
+
+    def _ack(self, conn: C, state: ConnState, request: Ack) -> None:
+        """A client's cumulative ack; the first one puts it in reliable mode for the room.
+
+        No flush here: an ack must not cut the turn's batch short (that would
+        cost the whole room its coalescing). A client cannot ack what it has
+        not received, so the room's seq is a safe upper bound.
+        """
+        room = request.room
+        self._require_member(state, room, request.id)
+        log_ = self.logs.get(room)
+        latest = log_.seq if log_ is not None else 0
+        timeout = self.config.delivery.ack_timeout
+        reliable = self.reliable.setdefault(room, {})
+        ack_state = reliable.get(conn)
+        if ack_state is None:
+            reliable[conn] = ack_state = Reliable(min(request.seq, latest))
+            ack_state.sent(latest, self.now, timeout)
+        else:
+            ack_state.ack(request.seq, latest, self.now, timeout)
+
+    def _reply(self, conn: C, obj: dict[str, object]) -> None:
+        self.out.append(((conn,), wire.text_frame(wire.encode(obj))))
+
+    def _send(self, conn: C, payload: bytes) -> None:
+        self.out.append(((conn,), wire.text_frame(payload)))
+
+    def _count_hook_errors(self) -> None:
+        hooks = self.hooks
+        if hooks.errors:
+            self.stats[_S_HOOK_ERRORS] += hooks.errors
+            hooks.errors = 0
+
+    # Rooms
+
+    def _log(self, room: str) -> RoomLog:
+        log_ = self.logs.get(room)
+        if log_ is None:
+            seq = self.broker.latest_seq(room) or 0
+            log_ = self.logs[room] = RoomLog(self.epoch, self.history, seq)
+        log_.touched = self.now
+        return log_
+
+    def _presence_event(self, room: str, user: str, kind: str, skip: C | None = None) -> None:
+        members = self.members.get(room)
+        if not members or self.presence.count(room) > self.config.presence.events_limit:
+            return
+        frame = wire.text_frame(
+            wire.encode(
+                {"type": kind, "room": room, "sender": user, "timestamp": int(self.wall * 1000)}
+            )
+        )
+        self.out.append(([c for c in members if c is not skip], frame))
+
+    def _latency(self, ns: int) -> None:
+        """Publish-to-delivery time of one message, into the histogram."""
+        counters = self.stats
+        counters[stats.latency_slot(ns / 1e6)] += 1
+        counters[_S_LATENCY_COUNT] += 1
+        counters[_S_LATENCY_SUM] += max(0, ns // 1000)
+
+    def _evict_idle(self) -> None:
+        """Drop the logs of rooms this engine has no members of, has not used for
+        ``delivery.room_idle`` and whose history its broker can fetch back: every
+        engine's memory stays with the rooms in use."""
+        now = self.now
+        idle = self.config.delivery.room_idle
+        busy = self.members.keys() | self.gaps.held_back.keys() | self.reliable.keys()
+        serves = self.broker.serves_history
+        dropped = [
+            room
+            for room, log_ in self.logs.items()
+            if now - log_.touched >= idle and room not in busy and not serves(room)
+        ]
+        for room in dropped:
+            del self.logs[room]
+        if dropped:
+            log_event(log, logging.INFO, "rooms_dropped", count=len(dropped), kept=len(self.logs))
 
     # Fan-out
 
@@ -370,17 +536,24 @@ class Router:
             self._outbox[room] = [wire.text_frame(json)]
         else:
             frames.append(wire.text_frame(json))
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self.loop.call_soon(self.flush)
 
-    def flush(self) -> None:
-        """Write each room's queued frames, joined once, once to each local member."""
-        self._flush_scheduled = False
+    @property
+    def flush_due(self) -> bool:
+        """Frames are queued for the end of the turn."""
+        return bool(self._outbox)
+
+    def flush(self) -> list[Output[C]]:
+        """The end of the caller's loop turn: each room's queued frames, joined once,
+        for its local members. The caller writes them at once (the member dicts
+        are live)."""
+        return self._flush(snapshot=False)
+
+    def _flush(self, snapshot: bool) -> list[Output[C]]:
         if not self._outbox:
-            return
+            return []
         outbox, self._outbox = self._outbox, {}
         members_of = self.members
+        out: list[Output[C]] = []
         delivered = 0
         sent = 0
         for room, frames in outbox.items():
@@ -388,71 +561,148 @@ class Router:
             if not members:
                 continue
             buf = frames[0] if len(frames) == 1 else b"".join(frames)
-            for conn in members:
-                out = conn.out
-                if out is not None:
-                    out.write(buf)
+            # Inside a request the members may change before the caller writes.
+            out.append((tuple(members) if snapshot else members, buf))
             delivered += len(frames) * len(members)
             sent += len(buf) * len(members)
             reliable = self.reliable.get(room)
             if reliable:
                 latest = self.logs[room].seq
-                now = self.loop.time()
+                now = self.now
                 timeout = self.config.delivery.ack_timeout
-                for state in reliable.values():
-                    state.sent(latest, now, timeout)
+                for ack_state in reliable.values():
+                    ack_state.sent(latest, now, timeout)
         counters = self.stats
         counters[_S_DELIVERED] += delivered
         counters[_S_BYTES_OUT] += sent
-
-    # Reliable delivery
-
-    def ack(self, conn: Connection, room: str, seq: int) -> None:
-        """A client's cumulative ack; the first one puts it in reliable mode for the room.
-
-        No flush here: an ack must not cut the loop turn's batch short (that
-        would cost the whole room its coalescing). A client cannot ack what it
-        has not received, so the room's seq is a safe upper bound.
-        """
-        latest = self.logs[room].seq if room in self.logs else 0
-        reliable = self.reliable.setdefault(room, {})
-        state = reliable.get(conn)
-        if state is None:
-            reliable[conn] = state = Reliable(min(seq, latest))
-            state.sent(latest, self.loop.time(), self.config.delivery.ack_timeout)
-        else:
-            state.ack(seq, latest, self.loop.time(), self.config.delivery.ack_timeout)
-
-    def _resend_due(self, now: float) -> None:
-        delivery = self.config.delivery
-        for room, states in list(self.reliable.items()):
-            log_ = self.logs.get(room)
-            for conn, state in list(states.items()):
-                if not state.due(now):
-                    continue
-                if state.exhausted(delivery.ack_retries) or log_ is None:
-                    conn.close(AppCloseCode.ACK_TIMEOUT, "ack timeout")
-                    del states[conn]
-                    continue
-                held = log_.after(state.acked)
-                if held:
-                    conn.send(b"".join(wire.text_frame(m.payload) for m in held))
-                    self.stats[_S_RESENDS] += len(held)
-                state.resent(now, delivery.ack_timeout)
-            if not states:
-                del self.reliable[room]
+        return out
 
     # Timers
 
-    def sweep(self, now: float) -> None:
-        """Resends, forward retries, gap deadlines, idle rooms; once per shard tick."""
+    def tick(self) -> float | None:
+        """Resends, gap deadlines and idle rooms, at the time of the last
+        :meth:`advance`; returns the next time a tick is needed (None: no
+        deadline of the engine's own)."""
+        now = self.now
+        deadline: float | None = None
         if self.reliable:
-            self._resend_due(now)
+            deadline = self._resend_due(now)
         idle = self.config.delivery.room_idle
         if idle and now >= self._next_evict:
             self._next_evict = now + min(EVICT_EVERY, idle)
-            self._evict_idle(now)
-        if self.forwarder.pending:
-            self.forwarder.sweep(now)
+            self._evict_idle()
         if self.gaps.held_back:
             self.gaps.sweep(now)
+            gap = self.gaps.next_deadline()
+            if gap is not None and (deadline is None or gap < deadline):
+                deadline = gap
+        return deadline
+
+    def _resend_due(self, now: float) -> float | None:
+        delivery = self.config.delivery
+        soonest: float | None = None
+        for room, states in list(self.reliable.items()):
+            log_ = self.logs.get(room)
+            for conn, ack_state in list(states.items()):
+                if ack_state.due(now):
+                    if ack_state.exhausted(delivery.ack_retries) or log_ is None:
+                        self.out.append(((conn,), Close(AppCloseCode.ACK_TIMEOUT, "ack timeout")))
+                        del states[conn]
+                        continue
+                    held = log_.after(ack_state.acked)
+                    if held:
+                        frames = b"".join(wire.text_frame(m.payload) for m in held)
+                        self.out.append(((conn,), frames))
+                        self.stats[_S_RESENDS] += len(held)
+                    ack_state.resent(now, delivery.ack_timeout)
+                due = ack_state.deadline
+                if due and (soonest is None or due < soonest):
+                    soonest = due
+            if not states:
+                del self.reliable[room]
+        return soonest
+
+    # BrokerListener
+
+    def on_message(self, room: str, seq: int, msg_id: str, json: bytes, publish_ns: int) -> None:
+        log_ = self.logs.get(room)
+        if log_ is None:
+            log_ = self.logs[room] = RoomLog(self.epoch, self.history, seq - 1)
+        if seq == log_.seq + 1 and room not in self.gaps.held_back:
+            log_.append(seq, json)
+            log_.touched = self.now
+            if room in self.members:
+                self._queue(room, json)
+                self._latency(int(self.now * 1e9) - publish_ns)
+        elif seq > log_.seq:
+            self.gaps.hold_back(log_, room, seq, json, self.now)
+
+    def on_published(self, msg_id: str, room: str, seq: int) -> None:
+        pending = self._pending.pop(msg_id, None)
+        if pending is None or pending[0] not in self.conns:
+            return
+        conn, request_id = pending
+        ack: dict[str, object] = {"type": "ack", "room": room, "seq": seq}
+        if request_id is not None:
+            ack["id"] = request_id
+        self._reply(conn, ack)
+
+    def on_publish_failed(self, msg_id: str, room: str) -> None:
+        pending = self._pending.pop(msg_id, None)
+        log_event(log, logging.ERROR, "publish_failed", msg=msg_id, room=room)
+        if pending is None:
+            return
+        conn, request_id = pending
+        state = self.conns.get(conn)
+        if state is not None:
+            reason = f"the owner of room {room} did not answer"
+            self._refuse(conn, state, ProtocolError(ErrorCode.UNAVAILABLE, reason, request_id))
+
+    def on_presence(self, peer: int, room: str, user: str, joined: bool) -> None:
+        if self.presence.change(room, user, peer, joined):
+            self._presence_event(room, user, "join" if joined else "leave")
+
+    def on_peer_reset(self, peer: int) -> None:
+        """A peer (re)started: its users are gone; tell it who is here."""
+        for room, user in self.presence.drop_shard(peer):
+            self._presence_event(room, user, "leave")
+        self.broker.snapshot(peer, self.presence.local_pairs())
+
+    def on_replay(self, room: str, seq: int, json: bytes) -> None:
+        self.gaps.on_replay(room, seq, json)
+
+    def on_replay_lost(self, room: str, last: int) -> None:
+        self.gaps.on_lost(room, last)
+
+    def on_replay_end(self, room: str, last: int) -> None:
+        self.gaps.on_end(room, self.now)
+
+    def on_lapped(self, latest: Callable[[str], int | None]) -> None:
+        self.gaps.resync(latest, self.now)
+
+    def held(self, room: str, first: int) -> list[HeldMessage]:
+        log_ = self.logs.get(room)
+        return [] if log_ is None else log_.after(first - 1)
+
+    def restore(self, room: str, seq: int, json: bytes | None) -> None:
+        log_ = self.logs.get(room)
+        if json is None:
+            if log_ is None:
+                self.logs[room] = RoomLog(self.epoch, self.history, seq)
+            else:
+                log_.skip_to(seq)
+            return
+        if log_ is None:
+            log_ = self.logs[room] = RoomLog(self.epoch, self.history, seq - 1)
+        if seq > log_.seq + 1:
+            log_.skip_to(seq - 1)  # a part of the ring already overwritten
+        if seq == log_.seq + 1:
+            log_.append(seq, json)
+
+
+def _is_utf8(data: bytes | bytearray | memoryview) -> bool:
+    try:
+        bytes(data).decode()
+    except UnicodeDecodeError:
+        return False
+    return True

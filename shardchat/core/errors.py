@@ -4,31 +4,77 @@
 
     ShardchatError
     ├── ConfigError        a setting is unknown, of the wrong type or out of range
-    ├── ProtocolError      a client frame breaks PROTOCOL.md (carries the error code)
+    ├── ProtocolError      a client request PROTOCOL.md refuses (carries an ErrorCode)
     ├── AuthError          a token that is missing, malformed, expired or badly signed
     ├── HookError          the --app object cannot be loaded
     ├── RingError          the shared-memory ring refused an operation
     │   ├── MessageTooLarge    a record larger than the ring allows
-    │   └── RingLayoutError    a segment whose header is not a shardchat ring
+    │   ├── RingLayoutError    a segment whose header is not a shardchat ring
+    │   └── SeqTableError      a seq table too small, or a room name it cannot hold
+    ├── SequenceError      a room's messages out of seq order (a bug, never a client's doing)
     ├── ShardError         a shard or the supervisor cannot run (e.g. port in use)
     └── hooks.Reject       raised by an on_message hook to refuse a message
 
-Only ``cli.py`` turns these into exit codes.
+Only ``cli.py`` turns these into exit codes; a shard that meets a
+``RingError`` or ``ShardError`` while it boots exits with its boot-failure
+code, and the supervisor stops instead of restarting it for ever.
 """
 
 from __future__ import annotations
 
+import enum
+
 __all__ = [
     "AuthError",
+    "ErrorCode",
     "ConfigError",
     "HookError",
     "MessageTooLarge",
     "ProtocolError",
     "RingError",
     "RingLayoutError",
+    "SeqTableError",
+    "SequenceError",
     "ShardError",
     "ShardchatError",
 ]
+
+
+class ErrorCode(enum.StrEnum):
+    """Every ``code`` of an ``error`` frame (PROTOCOL.md, Errors, and its extensions).
+
+    The one list: the decoder, the engine, the metrics (one counter per code)
+    and the tests all use these members.
+    """
+
+    BAD_JSON = "bad_json"
+    BAD_REQUEST = "bad_request"
+    UNKNOWN_TYPE = "unknown_type"
+    TOO_LARGE = "too_large"
+    NOT_MEMBER = "not_member"
+    RATE_LIMITED = "rate_limited"
+    UNAUTHORIZED = "unauthorized"
+    ROOM_FULL = "room_full"
+    UNAVAILABLE = "unavailable"
+    REJECTED = "rejected"
+
+    @property
+    def malformed(self) -> bool:
+        """A broken client's error: ``limits.max_errors`` of them in a row close it
+        with 1008. Refusals by policy (rate, room size, token, hook, an owner that
+        does not answer) are not: the client did nothing wrong."""
+        return self in _MALFORMED
+
+
+_MALFORMED = frozenset(
+    {
+        ErrorCode.BAD_JSON,
+        ErrorCode.BAD_REQUEST,
+        ErrorCode.UNKNOWN_TYPE,
+        ErrorCode.TOO_LARGE,
+        ErrorCode.NOT_MEMBER,
+    }
+)
 
 
 class ShardchatError(Exception):
@@ -48,12 +94,12 @@ class ConfigError(ShardchatError):
 class ProtocolError(ShardchatError):
     """A client request that PROTOCOL.md refuses with an ``error`` frame.
 
-    ``code`` is one of the error codes of PROTOCOL.md (``bad_json``,
-    ``bad_request``, ...); ``request_id`` is the client's ``id`` when the
-    request carried a usable one, so the error can echo it.
+    ``code`` is one of PROTOCOL.md's error codes; ``request_id`` is the
+    client's ``id`` when the request carried a usable one, so the error can
+    echo it.
     """
 
-    def __init__(self, code: str, reason: str, request_id: str | None = None) -> None:
+    def __init__(self, code: ErrorCode, reason: str, request_id: str | None = None) -> None:
         self.code = code
         self.reason = reason
         self.request_id = request_id
@@ -83,6 +129,14 @@ class MessageTooLarge(RingError):
 
 class RingLayoutError(RingError):
     """A segment's header does not describe a ring this code can read."""
+
+
+class SeqTableError(RingError):
+    """A seq table's buffer is too small, or a room name too long for a slot."""
+
+
+class SequenceError(ShardchatError):
+    """A message handed to a room's log does not follow its last seq."""
 
 
 class ShardError(ShardchatError):

@@ -1,17 +1,18 @@
-"""Gaps in a room's seq, filled from the room's owner before later messages go out.
+"""Gaps in a room's seq, filled through the broker before later messages go out.
 
-DESIGN.md, Rooms: each shard delivers a room's messages in seq order. When a
-message arrives past a gap (our reader of the owner's ring was lapped), the
-room's later messages are held back and the owner is asked, with a
-HISTORY_REQ, to resend the missing range as REPLAY records. The owner answers
-in chunks of at most 1/8 of a ring, so that a resend cannot lap the shard
-that asked for it; the asker asks for the next chunk at each chunk's end. If
-the owner no longer holds a part of the range it says so (a skip marker), and
-a range that never comes is given up after ``GAP_TIMEOUT``: both are counted
-as lost and the room moves on, since a room must not stall for ever.
+DESIGN.md, Rooms: each engine delivers a room's messages in seq order. When
+a message arrives past a gap (on one box: our reader of the owner's ring was
+lapped), the room's later messages are held back and the broker is asked to
+resend the missing range (:meth:`Broker.fill`). It answers in chunks; at each
+chunk's end the next one is asked for. What the broker says is gone
+(``on_replay_lost``), and a range that never comes within ``GAP_TIMEOUT``,
+are given up: both are counted as lost and the room moves on, since a room
+must not stall for ever.
 
-The same path fetches a room's history for a shard that has no copy of it
+The same path fetches a room's history for an engine that has no copy of it
 (dropped as idle, or just restarted) when a ``join`` with ``since`` needs it.
+
+Pure: the engine passes the time, and the broker does the I/O.
 """
 
 from __future__ import annotations
@@ -21,97 +22,89 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from shardchat import stats
-from shardchat.core.roomlog import RoomLog, owner_of
+from shardchat.core.broker import Broker
+from shardchat.core.roomlog import RoomLog
 from shardchat.logs import log_event
-from shardchat.ring import records
-from shardchat.ring.layout import RecordKind, max_payload
-from shardchat.shard.context import ShardContext
+from shardchat.stats import Counters
 
 __all__ = ["GAP_TIMEOUT", "GapFill", "HeldBack"]
 
 log = logging.getLogger(__name__)
 
-GAP_TIMEOUT = 2.0  # seconds to wait for the owner to resend a missed range
+GAP_TIMEOUT = 2.0  # seconds to wait for the broker to resend a missed range
 
-_HISTORY_REQ = int(RecordKind.HISTORY_REQ)
-_REPLAY = int(RecordKind.REPLAY)
 _S_GAPS_LOST = int(stats.Slot.GAPS_LOST)
-# Markers in a REPLAY's msg id field (a REPLAY with no JSON carries no message):
-_REPLAY_SKIP = "skip"  # the owner holds nothing up to this seq
-_REPLAY_END = "end"  # end of one resent chunk
 
 
 @dataclass(slots=True)
 class HeldBack:
-    """A room's gap being filled by its owner, and the messages that came after it."""
+    """A room's gap being filled, and the messages that came after it."""
 
     deadline: float
     last: int  # the last seq asked for
-    messages: dict[int, records.RoomMessage] = field(default_factory=dict)
+    messages: dict[int, bytes] = field(default_factory=dict)  # seq -> JSON
 
 
 class GapFill:
-    """Both ends of a fill: the asking shard's held-back rooms, the owner's answers.
+    """The held-back rooms of one engine.
 
-    ``logs`` is the router's own dict of room logs (shared, not copied);
-    ``queue`` hands a message's JSON to the fan-out once it follows its log.
+    ``logs`` is the engine's own dict of room logs (shared, not copied);
+    ``deliver(room, json)`` hands a message that now follows its log to the
+    fan-out.
     """
 
     def __init__(
-        self, ctx: ShardContext, logs: dict[str, RoomLog], queue: Callable[[str, bytes], None]
+        self,
+        broker: Broker,
+        logs: dict[str, RoomLog],
+        deliver: Callable[[str, bytes], None],
+        counters: Counters,
+        epoch: str,
+        history: int,
     ) -> None:
-        self.shard_id = ctx.shard_id
-        self.workers = ctx.config.workers
-        self.history = ctx.config.delivery.history
-        self.epoch = ctx.epoch
-        self.bus = ctx.bus
-        self.loop = ctx.loop
-        self.stats = ctx.counters
+        self.broker = broker
         self.logs = logs
-        self.queue = queue
+        self.deliver = deliver
+        self.stats = counters
+        self.epoch = epoch
+        self.history = history
         self.held_back: dict[str, HeldBack] = {}
         self._waiting: dict[str, list[Callable[[], None]]] = {}  # joins awaiting a fetch
-        self._max_payload = max_payload(ctx.config.ring.bytes)
 
-    # Asking shard
-
-    def hold_back(self, log_: RoomLog, msg: records.RoomMessage) -> None:
-        """``msg`` came past a gap in ``log_``: keep it until the gap is filled."""
-        held = self.held_back.get(msg.room)
-        if held is None:
-            held = self.request(msg.room, log_.seq + 1, msg.seq - 1)
-        held.messages[msg.seq] = msg
-        self.release(msg.room)
-
-    def request(self, room: str, first: int, last: int, why: str = "gap") -> HeldBack:
-        """Ask the room's owner to resend ``first..last``; hold later messages meanwhile."""
+    def hold_back(self, log_: RoomLog, room: str, seq: int, json: bytes, now: float) -> None:
+        """Message ``seq`` came past a gap in ``log_``: keep it until the gap is filled."""
         held = self.held_back.get(room)
         if held is None:
-            held = self.held_back[room] = HeldBack(self.loop.time() + GAP_TIMEOUT, last)
+            held = self.request(room, log_.seq + 1, seq - 1, now)
+        held.messages[seq] = json
+        self.release(room)
+
+    def request(self, room: str, first: int, last: int, now: float, why: str = "gap") -> HeldBack:
+        """Ask for ``first..last``; hold later messages meanwhile."""
+        held = self.held_back.get(room)
+        if held is None:
+            held = self.held_back[room] = HeldBack(now + GAP_TIMEOUT, last)
             level = logging.WARNING if why == "gap" else logging.INFO
             log_event(log, level, why, room=room, first=first, last=last)
         else:
-            held.deadline = self.loop.time() + GAP_TIMEOUT
+            held.deadline = now + GAP_TIMEOUT
             held.last = max(held.last, last)
-        request = records.HistoryRequest(room, first, held.last)
-        owner = owner_of(room, self.workers)
-        self.bus.publish(_HISTORY_REQ, owner, records.encode_history_request(request))
+        self.broker.fill(room, first, held.last)
         return held
 
-    def on_lapped(self, peer: int) -> None:
-        """Our reader of ``peer``'s ring was lapped: find the rooms it sequences that
-        we are now behind on (its room table says where they are) and ask for them.
-        Fills under way from that peer are asked again: the lap may have taken them."""
-        table = self.bus.tables[peer]
+    def resync(self, latest: Callable[[str], int | None], now: float) -> None:
+        """The broker lost records: ask again for every room it says we are behind
+        on (``latest(room)``: where the room is now, None for rooms the loss did not
+        touch). Fills under way are asked again too: the loss may have taken them."""
         for room, log_ in self.logs.items():
-            if owner_of(room, self.workers) != peer:
+            seq = latest(room)
+            if seq is None:
                 continue
-            seq = table.lookup(room)
             held = self.held_back.get(room)
             if held is not None:
-                self.request(room, log_.seq + 1, max(held.last, seq or 0))
-            elif seq is not None and seq > log_.seq:
-                self.request(room, log_.seq + 1, seq)
+                self.request(room, log_.seq + 1, max(held.last, seq), now)
+            elif seq > log_.seq:
+                self.request(room, log_.seq + 1, seq, now)
 
     def release(self, room: str) -> None:
         """Deliver held-back messages that now follow the log without a gap."""
@@ -119,58 +112,65 @@ class GapFill:
         if held is None:
             return
         log_ = self.logs[room]
-        while (msg := held.messages.pop(log_.seq + 1, None)) is not None:
-            log_.append(msg.seq, msg.json)
-            self.queue(room, msg.json)
+        messages = held.messages
+        while (json := messages.pop(log_.seq + 1, None)) is not None:
+            log_.append(log_.seq + 1, json)
+            self.deliver(room, json)
         # Duplicates of what the log now has are dropped.
-        for seq in [s for s in held.messages if s <= log_.seq]:
-            del held.messages[seq]
-        if not held.messages and log_.seq >= held.last:
+        for seq in [s for s in messages if s <= log_.seq]:
+            del messages[seq]
+        if not messages and log_.seq >= held.last:
             del self.held_back[room]
             for then in self._waiting.pop(room, ()):
                 then()
 
-    def on_replay(self, msg: records.RoomMessage) -> None:
-        room = msg.room
+    def on_replay(self, room: str, seq: int, json: bytes) -> None:
+        log_ = self.logs.get(room)
+        if log_ is None or room not in self.held_back:
+            return
+        if seq == log_.seq + 1:
+            log_.append(seq, json)
+            self.deliver(room, json)
+
+    def on_lost(self, room: str, last: int) -> None:
+        """The broker no longer holds anything up to ``last``."""
+        log_ = self.logs.get(room)
+        if log_ is None or room not in self.held_back:
+            return
+        if log_.seq < last:
+            self._give_up(room, last)
+        self.release(room)
+
+    def on_end(self, room: str, now: float) -> None:
+        """End of a resent chunk: ask for the next one, or release."""
         log_ = self.logs.get(room)
         held = self.held_back.get(room)
         if log_ is None or held is None:
             return
-        if msg.json:
-            if msg.seq == log_.seq + 1:
-                log_.append(msg.seq, msg.json)
-                self.queue(room, msg.json)
-            return
-        if msg.msg_id == _REPLAY_SKIP:
-            # The owner no longer holds anything up to msg.seq.
-            if log_.seq < msg.seq:
-                self._give_up(room, msg.seq)
-        elif log_.seq < held.last:
-            # End of a chunk: ask for the next one.
-            self.request(room, log_.seq + 1, held.last)
+        if log_.seq < held.last:
+            self.request(room, log_.seq + 1, held.last, now)
         self.release(room)
 
-    def ensure_history(self, room: str, since: int | None, then: Callable[[], None]) -> bool:
+    def ensure_history(
+        self, room: str, since: int | None, now: float, then: Callable[[], None]
+    ) -> bool:
         """True when a join with ``since`` can be answered now; otherwise fetch the
-        room's held history from its owner (this shard has no log of it: dropped
-        as idle, or a restart) and call ``then`` once it is here."""
+        room's held history (this engine has no log of it: dropped as idle, or a
+        restart) and call ``then`` once it is here."""
         if since is None or room in self.logs or not self.history:
             return True
-        owner = owner_of(room, self.workers)
-        if owner == self.shard_id:
-            return True
-        latest = self.bus.tables[owner].lookup(room) or 0
+        latest = self.broker.latest_seq(room) or 0
         if latest <= since:
             return True
         first = max(1, latest - self.history + 1)
-        self.logs[room] = RoomLog(self.epoch, self.history, first - 1, self.loop.time())
+        self.logs[room] = RoomLog(self.epoch, self.history, first - 1, now)
         self._waiting.setdefault(room, []).append(then)
         if room not in self.held_back:
-            self.request(room, first, latest, "history_fetch")
+            self.request(room, first, latest, now, "history_fetch")
         return False
 
     def sweep(self, now: float) -> None:
-        """Give up the ranges whose owner did not answer in time."""
+        """Give up the ranges the broker did not resend in time."""
         for room, held in list(self.held_back.items()):
             if now >= held.deadline:
                 last = min(held.messages) - 1 if held.messages else held.last
@@ -178,34 +178,12 @@ class GapFill:
                 held.last = 0
                 self.release(room)
 
+    def next_deadline(self) -> float | None:
+        if not self.held_back:
+            return None
+        return min(held.deadline for held in self.held_back.values())
+
     def _give_up(self, room: str, last: int) -> None:
         self.stats[_S_GAPS_LOST] += 1
         log_event(log, logging.WARNING, "gap_lost", room=room, last=last)
         self.logs[room].skip_to(last)
-
-    # Owner
-
-    def answer(self, requester: int, req: records.HistoryRequest) -> None:
-        """Resend one chunk of ``req``'s range: at most 1/8 of the ring, so that a
-        resend cannot lap the shard that asked for it; it asks for the next."""
-        log_ = self.logs.get(req.room)
-        held = [] if log_ is None else log_.after(req.first - 1)
-        publish = self.bus.publish
-        if not held or held[0].seq > req.last:
-            skip_to = req.last if not held else held[0].seq - 1
-            publish(_REPLAY, requester, _replay_marker(req.room, skip_to, _REPLAY_SKIP))
-            return
-        if held[0].seq > req.first:
-            publish(_REPLAY, requester, _replay_marker(req.room, held[0].seq - 1, _REPLAY_SKIP))
-        budget = self._max_payload
-        for message in held:
-            if message.seq > req.last or budget < len(message.payload):
-                break
-            budget -= len(message.payload) + 64
-            payload = records.encode_room_message(req.room, message.seq, 0, "", message.payload)
-            publish(_REPLAY, requester, payload)
-        publish(_REPLAY, requester, _replay_marker(req.room, req.last, _REPLAY_END))
-
-
-def _replay_marker(room: str, seq: int, kind: str) -> bytes:
-    return records.encode_room_message(room, seq, 0, kind, b"")

@@ -1,23 +1,19 @@
-"""Rooms: who owns a room, its sequence, and the history it holds.
+"""A room's log: the latest seq an engine has seen and the history it holds.
 
-Pure: no sockets, no processes. The owner of a room is the only shard that
-assigns its ``seq`` (DESIGN.md, Rooms); every shard keeps a :class:`RoomLog`
-of the rooms it has seen, so that ``join`` with ``since`` and ``history`` are
-answered locally.
+Pure: no sockets, no processes. Every engine keeps a :class:`RoomLog` of the
+rooms it has seen, so that ``join`` with ``since`` and ``history`` are
+answered locally. Who assigns a room's seq is the broker's business
+(:mod:`shardchat.core.broker`).
 """
 
 from __future__ import annotations
 
-import zlib
 from collections import deque
 from dataclasses import dataclass
 
-__all__ = ["HeldMessage", "Replay", "RoomLog", "owner_of"]
+from shardchat.core.errors import SequenceError
 
-
-def owner_of(room: str, workers: int) -> int:
-    """The shard that sequences ``room``: a stable hash, never Python's ``hash()``."""
-    return zlib.crc32(room.encode()) % workers
+__all__ = ["HeldMessage", "Replay", "RoomLog"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +52,7 @@ class RoomLog:
     def append(self, seq: int, payload: bytes) -> None:
         """Hold message ``seq``, which must be the next one (``self.seq + 1``)."""
         if seq != self.seq + 1:
-            raise ValueError(f"seq {seq} does not follow {self.seq}")
+            raise SequenceError(f"seq {seq} does not follow {self.seq}")
         self.seq = seq
         if self._held.maxlen:
             self._held.append(HeldMessage(seq, payload))

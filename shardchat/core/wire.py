@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import orjson
 
-from shardchat.core.errors import ProtocolError
+from shardchat.core.errors import ErrorCode, ProtocolError
 from shardchat.core.messages import (
     Ack,
     ClientMessage,
@@ -33,6 +33,7 @@ __all__ = [
     "encode",
     "error_payload",
     "is_valid_name",
+    "message_json",
     "text_frame",
 ]
 
@@ -58,9 +59,11 @@ def _request_id(obj: dict[str, object]) -> str | None:
 def _room(obj: dict[str, object], rid: str | None) -> RoomId:
     room = obj.get("room")
     if room is None:
-        raise ProtocolError("bad_request", "missing field: room", rid)
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "missing field: room", rid)
     if not is_valid_name(room):
-        raise ProtocolError("bad_request", "room must be 1-64 characters of [A-Za-z0-9_.:-]", rid)
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST, "room must be 1-64 characters of [A-Za-z0-9_.:-]", rid
+        )
     assert isinstance(room, str)
     return RoomId(room)
 
@@ -69,17 +72,17 @@ def _seq(obj: dict[str, object], key: str, rid: str | None, *, required: bool) -
     value = obj.get(key)
     if value is None:
         if required:
-            raise ProtocolError("bad_request", f"missing field: {key}", rid)
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"missing field: {key}", rid)
         return None
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEQ:
-        raise ProtocolError("bad_request", f"{key} must be a non-negative integer", rid)
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"{key} must be a non-negative integer", rid)
     return value
 
 
 def _decode_join(obj: dict[str, object], rid: str | None, max_content: int) -> ClientMessage:
     epoch = obj.get("epoch")
     if epoch is not None and not isinstance(epoch, str):
-        raise ProtocolError("bad_request", "epoch must be a string", rid)
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "epoch must be a string", rid)
     since = _seq(obj, "since", rid, required=False)
     return Join(room=_room(obj, rid), since=since, epoch=epoch, id=rid)
 
@@ -92,12 +95,12 @@ def _decode_message(obj: dict[str, object], rid: str | None, max_content: int) -
     room = _room(obj, rid)
     content = obj.get("content")
     if content is None:
-        raise ProtocolError("bad_request", "missing field: content", rid)
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "missing field: content", rid)
     if not isinstance(content, str):
-        raise ProtocolError("bad_request", "content must be a string", rid)
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "content must be a string", rid)
     # A str of n code points is at most 4n UTF-8 bytes: encode only when it might be over.
     if len(content) * 4 > max_content and len(content.encode()) > max_content:
-        raise ProtocolError("too_large", f"content is over {max_content} bytes", rid)
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"content is over {max_content} bytes", rid)
     return Publish(room=room, content=content, id=rid)
 
 
@@ -144,21 +147,21 @@ def decode(data: bytes | bytearray | memoryview, max_content: int) -> ClientMess
     try:
         obj = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
-        raise ProtocolError("bad_json", f"malformed JSON: {exc}") from None
+        raise ProtocolError(ErrorCode.BAD_JSON, f"malformed JSON: {exc}") from None
     if not isinstance(obj, dict):
-        raise ProtocolError("bad_request", "a frame must be a JSON object")
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "a frame must be a JSON object")
     rid = _request_id(obj)
     kind = obj.get("type")
     if kind is None:
-        raise ProtocolError("bad_request", "missing field: type", rid)
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "missing field: type", rid)
     if not isinstance(kind, str):
-        raise ProtocolError("bad_request", "type must be a string", rid)
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "type must be a string", rid)
     decoder = _DECODERS.get(kind)
     if decoder is None:
-        raise ProtocolError("unknown_type", f"unknown type: {kind[:64]!r}", rid)
+        raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown type: {kind[:64]!r}", rid)
     # A ping echoes whatever it carries; every other request's id must be usable.
     if rid is None and obj.get("id") is not None and kind != "ping":
-        raise ProtocolError("bad_request", f"id must be a string of 1-{MAX_ID} characters")
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"id must be a string of 1-{MAX_ID} characters")
     return decoder(obj, rid, max_content)
 
 
@@ -167,7 +170,24 @@ def encode(obj: dict[str, object]) -> bytes:
     return orjson.dumps(obj)
 
 
-def error_payload(code: str, reason: str, request_id: str | None = None) -> bytes:
+def message_json(
+    room: str, sender: str, content: str, seq: int, timestamp: int, msg_id: str
+) -> bytes:
+    """The JSON of a sequenced ``message`` frame, exactly as every member receives it."""
+    return orjson.dumps(
+        {
+            "type": "message",
+            "room": room,
+            "sender": sender,
+            "content": content,
+            "seq": seq,
+            "timestamp": timestamp,
+            "id": msg_id,
+        }
+    )
+
+
+def error_payload(code: ErrorCode, reason: str, request_id: str | None = None) -> bytes:
     """The JSON of an ``error`` frame."""
     obj: dict[str, object] = {"type": "error", "code": code, "reason": reason}
     if request_id is not None:

@@ -8,8 +8,12 @@ ROOM_MSG / REPLAY::
 
     u64 seq | u64 publish_ns | u8 room_len | u8 id_len | room | msg id | JSON frame
 
-A REPLAY with an empty msg id and JSON marks the end of a resend: ``seq`` is
-the last seq the request asked for.
+A REPLAY carries one resent message, or, with no JSON, a marker named by
+its msg id field: ``skip`` (the owner holds nothing up to ``seq`` any more)
+or ``end`` (the end of one resent chunk; ``seq`` is the last seq asked for).
+
+FORWARD carries a :class:`~shardchat.core.broker.Publication` as it left
+the publishing engine.
 """
 
 from __future__ import annotations
@@ -19,8 +23,11 @@ from dataclasses import dataclass
 
 import orjson
 
+from shardchat.core.broker import Publication
+
 __all__ = [
-    "Forward",
+    "REPLAY_END",
+    "REPLAY_SKIP",
     "ForwardSeen",
     "HistoryRequest",
     "Presence",
@@ -38,6 +45,9 @@ __all__ = [
     "encode_room_message",
     "encode_snapshot",
 ]
+
+REPLAY_SKIP = "skip"  # a REPLAY marker: the owner holds nothing up to its seq
+REPLAY_END = "end"  # a REPLAY marker: the end of one resent chunk
 
 _PREFIX = struct.Struct("<QQBB")
 _PREFIX_SIZE = _PREFIX.size
@@ -67,19 +77,7 @@ def decode_room_message(payload: bytes) -> RoomMessage:
     )
 
 
-@dataclass(frozen=True, slots=True)
-class Forward:
-    """A publish on a shard that does not own the room, on its way to the owner."""
-
-    msg_id: str
-    room: str
-    sender: str
-    content: str
-    timestamp: int  # ms since the Unix epoch, when the publish was accepted
-    publish_ns: int  # CLOCK_MONOTONIC at publish
-
-
-def encode_forward(f: Forward) -> bytes:
+def encode_forward(f: Publication) -> bytes:
     return orjson.dumps(
         {
             "m": f.msg_id,
@@ -92,9 +90,9 @@ def encode_forward(f: Forward) -> bytes:
     )
 
 
-def decode_forward(payload: bytes) -> Forward:
+def decode_forward(payload: bytes) -> Publication:
     o = orjson.loads(payload)
-    return Forward(o["m"], o["r"], o["s"], o["c"], o["t"], o["n"])
+    return Publication(o["m"], o["r"], o["s"], o["c"], o["t"], o["n"])
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,9 +135,7 @@ def decode_history_request(payload: bytes) -> HistoryRequest:
 class Presence:
     room: str
     user: str
-    joined: (
-        bool  # True: the user's first connection in the room on that shard; False: its last left
-    )
+    joined: bool  # True: the user's first connection in the room there; False: its last left
 
 
 def encode_presence(p: Presence) -> bytes:

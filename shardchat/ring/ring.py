@@ -19,6 +19,8 @@ turn any torn read into a counted lap anyway.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from shardchat.core.errors import RingLayoutError
 from shardchat.ring.layout import (
     CHECKPOINTS,
@@ -57,7 +59,19 @@ __all__ = [
     "ring_heartbeat_ns",
 ]
 
-Record = tuple[int, int, int, bytes]  # position, kind, aux, payload
+
+class Record(NamedTuple):
+    """One record as a reader copied it out."""
+
+    position: int  # its own position in the ring (only grows)
+    kind: int  # a RecordKind
+    aux: int  # kind-specific: the target shard of a FORWARD, ...
+    payload: bytes
+
+
+# poll() builds records with tuple.__new__: a NamedTuple's own __new__ costs a
+# Python call per record on the hot path.
+_new_record = tuple.__new__
 
 _PAD = int(RecordKind.PAD)
 assert _PAD == 0, "poll() tests `if kind:` for a real record"
@@ -154,10 +168,6 @@ class RingWriter:
     @property
     def tail(self) -> int:
         return self._tail
-
-    @property
-    def capacity(self) -> int:
-        return self._capacity
 
     def _pad_region(self, start: int, end: int) -> None:
         while start < end:
@@ -346,7 +356,11 @@ class RingReader:
                     return self._lapped_at(cursor + pos, out)
                 break  # the rest of this record is past max_bytes: next poll
             if kind:  # not PAD
-                append((position, kind, aux, copy[pos + RECORD_HEADER_SIZE : pos + length]))
+                append(
+                    _new_record(
+                        Record, (position, kind, aux, copy[pos + RECORD_HEADER_SIZE : pos + length])
+                    )
+                )
                 left -= 1
             pos += size
         self.cursor = cursor + pos

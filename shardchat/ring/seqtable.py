@@ -23,6 +23,8 @@ from __future__ import annotations
 import hashlib
 import struct
 
+from shardchat.core.errors import SeqTableError
+
 __all__ = ["SLOT_SIZE", "RoomTable", "room_key"]
 
 SLOT_SIZE = 96
@@ -43,7 +45,7 @@ class RoomTable:
 
     def __init__(self, buf: memoryview, slots: int) -> None:
         if len(buf) < slots * SLOT_SIZE:
-            raise ValueError("buffer too small for the room table")
+            raise SeqTableError("buffer too small for the room table")
         self._buf = buf
         self._slots = slots
 
@@ -78,7 +80,7 @@ class RoomTable:
         """
         name = room.encode()
         if len(name) > MAX_NAME:
-            raise ValueError("room name too long")
+            raise SeqTableError("room name too long")
         key = room_key(name)
         off, found = self._probe(name, key)
         if off < 0:

@@ -4,7 +4,8 @@ DESIGN.md, Connections: ``websockets.server.ServerProtocol`` does the HTTP
 handshake, framing, close handshake, ping/pong and RFC checks; this module
 feeds it bytes and writes what it produces, with no task, coroutine or timer
 per connection (the shard's sweep calls :meth:`Connection.tick`). It is the
-only module that touches a websockets object.
+only module that imports websockets: the shard gets plain values from it
+(the path, the query, a dict of headers, a text message's bytes).
 
 The fan-out rule lives here too: a ready frame may be written straight to the
 transport, beside the Sans-I/O protocol, only while the protocol is OPEN and
@@ -58,11 +59,13 @@ class ConnectionHandler(TypingProtocol):
         """Answer a plain HTTP GET: status, content type and body."""
 
     def refuse_upgrade(
-        self, conn: Connection, request: Request, query: str
+        self, conn: Connection, path: str, query: str, headers: dict[str, str]
     ) -> tuple[int, str] | None:
-        """An HTTP status and text to refuse a WebSocket upgrade with, or None to accept."""
+        """An HTTP status and text to refuse a WebSocket upgrade with, or None to accept.
 
-    def opened(self, conn: Connection, query: str) -> None:
+        ``path`` is the request target with its query; ``headers`` as sent."""
+
+    def opened(self, conn: Connection) -> None:
         """The handshake completed; the connection may send and receive."""
 
     def text_received(self, conn: Connection, data: bytes | bytearray | memoryview) -> None:
@@ -71,6 +74,10 @@ class ConnectionHandler(TypingProtocol):
     def closed(self, conn: Connection) -> None:
         """The TCP connection is gone; forget everything about ``conn``."""
 
+    def slow_consumer(self, conn: Connection) -> None:
+        """``conn`` has more than ``send_queue`` bytes waiting: close it with 4429
+        soon, outside the write that found out."""
+
 
 class Connection(asyncio.Protocol):
     """One client connection; per-connection state is kept to these slots."""
@@ -78,7 +85,6 @@ class Connection(asyncio.Protocol):
     __slots__ = (
         "close_deadline",
         "conn_id",
-        "data",
         "handler",
         "last_recv",
         "next_ping",
@@ -87,7 +93,6 @@ class Connection(asyncio.Protocol):
         "ping_sent",
         "proto",
         "transport",
-        "user",
     )
 
     def __init__(self, handler: ConnectionHandler, conn_id: int) -> None:
@@ -97,8 +102,6 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.out: asyncio.Transport | None = None  # the transport while frames may be written
         self.peer = ""  # client IP address
-        self.user = ""  # set by the shard on upgrade
-        self.data: object = None  # the shard's per-connection state (rooms, rate limit, ...)
         now = handler.clock
         self.last_recv = now  # time anything last arrived; handshake start before that
         self.next_ping = 0.0  # when the next heartbeat ping is due
@@ -154,9 +157,7 @@ class Connection(asyncio.Protocol):
         # outside the write() that called us.
         if self.out is not None:
             self.out = None
-            asyncio.get_running_loop().call_soon(
-                self.close, AppCloseCode.SLOW_CONSUMER, "slow consumer"
-            )
+            self.handler.slow_consumer(self)
 
     def resume_writing(self) -> None:
         """Writing stays stopped: a slow consumer is being closed."""
@@ -269,7 +270,8 @@ class Connection(asyncio.Protocol):
             proto.send_response(_response(status, content_type, body))
             self._write_protocol_data()
             return
-        refusal = handler.refuse_upgrade(self, request, query)
+        headers = {name: value for name, value in request.headers.raw_items()}
+        refusal = handler.refuse_upgrade(self, request.path, query, headers)
         if refusal is not None:
             status, text = refusal
             proto.send_response(_response(status, "text/plain; charset=utf-8", text.encode()))
@@ -281,7 +283,7 @@ class Connection(asyncio.Protocol):
         if proto.state is _OPEN:
             self.out = self.transport
             self.next_ping = handler.clock + handler.heartbeat_interval
-            handler.opened(self, query)
+            handler.opened(self)
 
 
 def _response(status: int, content_type: str, body: bytes) -> Response:

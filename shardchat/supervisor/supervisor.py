@@ -20,7 +20,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import multiprocess
@@ -60,7 +60,6 @@ class ShardSlot:
     restarts: int = 0
     backoff: float = 0.0
     restart_at: float | None = None  # monotonic time of a scheduled restart
-    exit_codes: list[int] = field(default_factory=list)
 
     @property
     def pid(self) -> int | None:

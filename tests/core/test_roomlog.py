@@ -8,7 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shardchat.core.roomlog import RoomLog, owner_of
+from shardchat.brokers.sequencer import owner_of
+from shardchat.core.errors import SequenceError
+from shardchat.core.roomlog import RoomLog
 
 
 def test_owner_is_crc32_mod_workers() -> None:
@@ -25,9 +27,9 @@ def filled(count: int, capacity: int) -> RoomLog:
 
 def test_append_requires_the_next_seq() -> None:
     log = filled(3, 10)
-    with pytest.raises(ValueError):
+    with pytest.raises(SequenceError):
         log.append(5, b"gap")
-    with pytest.raises(ValueError):
+    with pytest.raises(SequenceError):
         log.append(3, b"repeat")
 
 

@@ -1,0 +1,92 @@
+"""The owner's side of one box's sequencing: seqs, remembered ids, resends. Pure.
+
+DESIGN.md, Rooms: a room's owner (``crc32(room) % workers``) alone assigns
+its ``seq``, so every member on every shard sees one order with no gaps. A
+publish forwarded twice (its first answer was lost) must be sequenced once:
+the owner remembers the last ``SEQUENCED_IDS`` message ids it sequenced and
+answers a duplicate with the seq it got. A shard that missed a range asks
+the owner to resend it; :func:`plan_resend` cuts the answer into one chunk
+that cannot lap the asker.
+
+This is the part of one box's broker that a broker which sequences in a
+store (Redis) does not need; it stays on the broker's side of the line.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import NamedTuple
+
+from shardchat.core.roomlog import HeldMessage
+
+__all__ = ["SEQUENCED_IDS", "Resend", "Sequencer", "owner_of", "plan_resend"]
+
+SEQUENCED_IDS = 100_000  # message ids the owner remembers, for duplicates
+RESEND_OVERHEAD = 64  # bytes a REPLAY record adds to a message's JSON, at most
+
+
+def owner_of(room: str, workers: int) -> int:
+    """The shard that sequences ``room``: a stable hash, never Python's ``hash()``."""
+    return zlib.crc32(room.encode()) % workers
+
+
+class Sequencer:
+    """The seq of every room this shard owns, and the ids it sequenced."""
+
+    def __init__(self, known: Callable[[str], int | None], remember: int = SEQUENCED_IDS) -> None:
+        self._known = known  # the seq table: where a room was when we first meet it
+        self._limit = remember
+        self.seqs: dict[str, int] = {}  # room -> latest seq assigned
+        self.sequenced: OrderedDict[str, tuple[str, int]] = OrderedDict()  # id -> room, seq
+
+    def seen(self, msg_id: str) -> tuple[str, int] | None:
+        """The (room, seq) ``msg_id`` was sequenced as, if it was."""
+        return self.sequenced.get(msg_id)
+
+    def assign(self, room: str, msg_id: str) -> int:
+        """The next seq of ``room``, for ``msg_id``."""
+        seq = self.seqs.get(room)
+        if seq is None:
+            seq = self._known(room) or 0
+        seq += 1
+        self.seqs[room] = seq
+        self.remember(msg_id, room, seq)
+        return seq
+
+    def remember(self, msg_id: str, room: str, seq: int) -> None:
+        sequenced = self.sequenced
+        sequenced[msg_id] = (room, seq)
+        if len(sequenced) > self._limit:
+            sequenced.popitem(last=False)
+
+    def restore(self, room: str, seq: int) -> None:
+        """At start-up: ``room`` is known to have reached ``seq``; the larger wins,
+        so that a room's seq never restarts or repeats."""
+        if seq > self.seqs.get(room, 0):
+            self.seqs[room] = seq
+
+
+class Resend(NamedTuple):
+    """One chunk of an answer to a shard that missed ``first..last`` of a room."""
+
+    lost_to: int  # nothing up to this seq is held any more (0: nothing lost)
+    messages: list[HeldMessage]  # the held messages of the chunk, in seq order
+    end: int | None  # the chunk's end marker (the last seq asked for); None: all lost
+
+
+def plan_resend(held: list[HeldMessage], first: int, last: int, budget: int) -> Resend:
+    """What the owner resends for ``first..last`` from ``held`` (its messages from
+    ``first`` on): at most ``budget`` bytes, so that a resend cannot lap the shard
+    that asked for it (it asks for the next chunk at this one's end)."""
+    if not held or held[0].seq > last:
+        return Resend(last if not held else held[0].seq - 1, [], None)
+    lost_to = held[0].seq - 1 if held[0].seq > first else 0
+    chunk: list[HeldMessage] = []
+    for message in held:
+        if message.seq > last or budget < len(message.payload):
+            break
+        budget -= len(message.payload) + RESEND_OVERHEAD
+        chunk.append(message)
+    return Resend(lost_to, chunk, last)

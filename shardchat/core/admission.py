@@ -1,0 +1,119 @@
+"""PROTOCOL.md's checks before a WebSocket upgrade, on plain values. Pure.
+
+The connection adapter hands over the request as an :class:`Upgrade` (path,
+query, a dict of headers, the peer's address); the engine adds what only it
+knows (connections open over the server and from this address, draining) and
+gets back either an :class:`Admitted` or a :class:`Refusal` to answer with.
+The order of the checks is the order of PROTOCOL.md: draining (503), Origin
+(403), ``user``/``room`` names (400), ``server.max_connections`` (503),
+``server.max_per_ip`` (503), the token when ``auth.secret`` is set (401), the
+``on_connect`` hook (403).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping
+from typing import NamedTuple
+from urllib.parse import parse_qsl
+
+from shardchat.core import wire
+from shardchat.core.auth import verify_token
+from shardchat.core.config import Config
+from shardchat.core.errors import AuthError
+from shardchat.hooks import ConnectInfo, Hooks
+
+__all__ = ["Admitted", "Refusal", "Upgrade", "admit", "header"]
+
+
+class Upgrade(NamedTuple):
+    """A WebSocket upgrade request, as plain values."""
+
+    conn_id: int  # unique within the shard, for logs and hooks
+    peer: str  # the client's IP address
+    path: str  # the request target, query included
+    query: str  # the query string, without "?"
+    headers: Mapping[str, str]  # as sent (the names' case kept, for hooks)
+
+
+class Admitted(NamedTuple):
+    user: str
+    allowed_rooms: frozenset[str] | None  # the token's `rooms` claim; None = any room
+    rooms: tuple[str, ...]  # the rooms the query asks to join at once
+
+
+class Refusal(NamedTuple):
+    status: int  # HTTP status
+    text: str  # the response body
+
+
+def header(headers: Mapping[str, str], name: str) -> str | None:
+    """A header's value, matched without regard to case (RFC 9110 5.1)."""
+    name = name.lower()
+    for key, value in headers.items():
+        if key.lower() == name:
+            return value
+    return None
+
+
+def admit(
+    config: Config,
+    hooks: Hooks,
+    shard_id: int,
+    upgrade: Upgrade,
+    *,
+    draining: bool,
+    connections: int,
+    from_peer: int,
+    wall: float,
+) -> Admitted | Refusal:
+    """Admit or refuse ``upgrade``.
+
+    Args:
+        connections: connections open over the whole server, handshakes under
+            way on this shard included.
+        from_peer: connections open on this shard from ``upgrade.peer``.
+        wall: the time (Unix seconds), for the token's ``exp`` and ``nbf``.
+    """
+    server = config.server
+    if draining:
+        return Refusal(503, "server is shutting down\n")
+    if server.origins:
+        # Browsers always send Origin on a WebSocket upgrade; the allow-list guards
+        # against other sites' pages (CSWSH). Clients that are not browsers send none.
+        origin = header(upgrade.headers, "Origin")
+        if origin is not None and origin not in server.origins:
+            return Refusal(403, "origin not allowed\n")
+    params = parse_qsl(upgrade.query, keep_blank_values=True)
+    for key, value in params:
+        if key in ("user", "room") and not wire.is_valid_name(value):
+            return Refusal(400, f"{key} must be 1-64 characters of [A-Za-z0-9_.:-]\n")
+    if connections > server.max_connections:
+        return Refusal(503, "server is full\n")
+    if server.max_per_ip and from_peer >= server.max_per_ip:
+        return Refusal(503, "too many connections from this address\n")
+    allowed: frozenset[str] | None = None
+    auth = config.auth
+    if auth.secret:
+        token = next((v for k, v in params if k == "token"), None)
+        bearer = header(upgrade.headers, "Authorization") or ""
+        if token is None and bearer.startswith("Bearer "):
+            token = bearer[len("Bearer ") :].strip()
+        if not token:
+            return Refusal(401, "a token is required (?token= or Authorization: Bearer)\n")
+        try:
+            identity = verify_token(token, auth.secret, wall, auth.issuer, auth.audience)
+        except AuthError as exc:
+            return Refusal(401, f"{exc}\n")
+        user = identity.user
+        allowed = identity.rooms
+    else:
+        named = next((v for k, v in params if k == "user"), None)
+        user = named or f"guest-{secrets.token_hex(2)}"
+    rooms = tuple(v for k, v in params if k == "room")
+    if hooks.has_connect:
+        info = ConnectInfo(shard_id, upgrade.peer, user, upgrade.path, upgrade.headers, rooms)
+        reason = hooks.on_connect(info)
+        if reason is not None:
+            return Refusal(403, f"{reason}\n")
+    return Admitted(user, allowed, rooms)

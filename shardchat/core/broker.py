@@ -1,0 +1,116 @@
+"""The line between the room engine and whatever carries records between engines.
+
+DESIGN.md, The room engine and its brokers. A :class:`Broker` carries one
+engine's publishes, presence announcements and history requests to the
+other engines and hands theirs back through the engine's
+:class:`BrokerListener` methods. The engine never knows which broker it
+has: the shared-memory rings of one box (:mod:`shardchat.brokers.shm`) are
+one; Redis across boxes is the next.
+
+How a room gets its order is the broker's business, not the engine's. The
+engine hands over a :class:`Publication` without a seq and hears back, once,
+either :meth:`BrokerListener.on_published` (with the seq it got) or
+:meth:`BrokerListener.on_publish_failed`; every sequenced message reaches
+every engine, the publisher's included, through
+:meth:`BrokerListener.on_message`. On one box the room's owner shard assigns
+the seq (and the broker forwards publishes to it, retries and deduplicates);
+a broker that sequences in a store (a Redis script that increments and
+appends at once) answers the same two calls from its replies.
+
+Pure: only types and protocols.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple, Protocol
+
+from shardchat.core.roomlog import HeldMessage
+
+__all__ = ["Broker", "BrokerListener", "Publication"]
+
+
+class Publication(NamedTuple):
+    """A client's publish, accepted by its engine and not sequenced yet."""
+
+    msg_id: str  # unique over the server: the engine's prefix and a counter
+    room: str
+    sender: str
+    content: str
+    timestamp: int  # ms since the Unix epoch, when the engine accepted it
+    publish_ns: int  # monotonic ns at publish, for the publish-to-delivery histogram
+
+
+class Broker(Protocol):
+    """What an engine asks of its broker. Every call returns at once; answers come
+    back through the engine's :class:`BrokerListener` methods, possibly from
+    inside the call (a broker that sequences here answers at once)."""
+
+    def publish(self, publication: Publication, now: float) -> None:
+        """Have ``publication`` sequenced: exactly one ``on_published`` or
+        ``on_publish_failed`` follows, and ``on_message`` on every engine."""
+
+    def announce(self, room: str, user: str, joined: bool) -> None:
+        """``user``'s first connection on this engine joined ``room`` (``joined``),
+        or its last one left."""
+
+    def snapshot(self, peer: int, pairs: list[tuple[str, str]]) -> None:
+        """Tell ``peer`` (which just reset) every (room, user) present on this engine."""
+
+    def fill(self, room: str, first: int, last: int) -> None:
+        """Resend ``room``'s messages ``first..last`` to this engine (a gap, or a
+        room whose history this engine no longer holds): ``on_replay`` for each
+        message still held, ``on_replay_lost`` for what is gone, then
+        ``on_replay_end``."""
+
+    def latest_seq(self, room: str) -> int | None:
+        """The room's latest seq as the broker knows it now; None when never used."""
+
+    def serves_history(self, room: str) -> bool:
+        """True when this engine's copy of the room's history is the one the broker
+        fills from (on one box: the room's owner), so it must never be dropped."""
+
+    def catch_up(self) -> None:
+        """Deliver everything already available before returning, so that the
+        engine answers a ``join`` or ``history`` from the latest state."""
+
+
+class BrokerListener(Protocol):
+    """What a broker tells its engine (implemented by :class:`RoomEngine`)."""
+
+    def on_message(self, room: str, seq: int, msg_id: str, json: bytes, publish_ns: int) -> None:
+        """A sequenced message, in the order the broker got it (gaps are possible:
+        the engine fills them)."""
+
+    def on_published(self, msg_id: str, room: str, seq: int) -> None:
+        """A publication of this engine was sequenced (and is kept) as ``seq``."""
+
+    def on_publish_failed(self, msg_id: str, room: str) -> None:
+        """A publication of this engine could not be confirmed as sequenced."""
+
+    def on_presence(self, peer: int, room: str, user: str, joined: bool) -> None:
+        """A peer engine announced a join or a leave."""
+
+    def on_peer_reset(self, peer: int) -> None:
+        """A peer engine (re)started: its users are gone."""
+
+    def on_replay(self, room: str, seq: int, json: bytes) -> None:
+        """A message resent for a ``fill``."""
+
+    def on_replay_lost(self, room: str, last: int) -> None:
+        """Nothing up to ``last`` can be resent any more."""
+
+    def on_replay_end(self, room: str, last: int) -> None:
+        """One resent chunk ended at ``last``; the engine asks for more if needed."""
+
+    def on_lapped(self, latest: Callable[[str], int | None]) -> None:
+        """The broker lost records it should have delivered; ``latest(room)`` says
+        where each affected room is now (0: unknown), None for a room not affected."""
+
+    def held(self, room: str, first: int) -> list[HeldMessage]:
+        """The engine's held messages of ``room`` from ``first`` on (to answer a
+        peer's fill)."""
+
+    def restore(self, room: str, seq: int, json: bytes | None) -> None:
+        """At start-up: the broker still holds message ``seq`` of ``room`` (or, with
+        ``json`` None, only knows the room reached ``seq``)."""

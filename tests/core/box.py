@@ -1,0 +1,280 @@
+"""A box in one process: several room engines, each with its shared-memory broker
+over plain bytearrays, standing for the shards of a server.
+
+Nothing here does I/O: rings are memoryviews of bytearrays, doorbells count
+their posts, time is a number the test moves. A test connects clients to
+shards, feeds them requests, runs loop turns (:meth:`Box.turn`: commit, flush,
+deliver every ring until the box is quiet) and reads what each client
+received, frame by frame.
+"""
+
+from __future__ import annotations
+
+import itertools
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from shardchat.brokers.forwarding import FORWARD_GIVE_UP
+from shardchat.brokers.sequencer import owner_of
+from shardchat.brokers.shm import ShmBroker
+from shardchat.core.admission import Refusal, Upgrade
+from shardchat.core.config import Config, load_config
+from shardchat.core.engine import Close, Output, RoomEngine
+from shardchat.hooks import Hooks
+from shardchat.ring.layout import segment_size
+from shardchat.ring.ring import init_ring
+from shardchat.ring.seqtable import SLOT_SIZE
+from shardchat.stats import BLOCK_SLOTS
+
+__all__ = ["Box", "Client", "config", "frames_of", "room_owned_by"]
+
+RING = 1 << 16  # the smallest ring the config allows
+TABLE = 256  # seq table slots per shard
+
+
+def config(**settings: object) -> Config:
+    """The defaults, with ``settings`` given as ``section__key=value``."""
+    return load_config(overrides={k.replace("__", "."): v for k, v in settings.items()}, environ={})
+
+
+def room_owned_by(shard: int, workers: int, prefix: str = "room") -> str:
+    """A room name whose owner is ``shard``."""
+    return next(
+        f"{prefix}{i}" for i in itertools.count() if owner_of(f"{prefix}{i}", workers) == shard
+    )
+
+
+def frames_of(buf: bytes) -> list[dict[str, Any]]:
+    """The JSON objects of the unmasked text frames in ``buf``."""
+    out = []
+    pos = 0
+    while pos < len(buf):
+        assert buf[pos] == 0x81, "a final text frame"
+        n = buf[pos + 1]
+        pos += 2
+        if n == 126:
+            (n,) = struct.unpack_from("!H", buf, pos)
+            pos += 2
+        elif n == 127:
+            (n,) = struct.unpack_from("!Q", buf, pos)
+            pos += 8
+        out.append(orjson.loads(buf[pos : pos + n]))
+        pos += n
+    return out
+
+
+class Bell:
+    """A doorbell that counts its posts."""
+
+    def __init__(self) -> None:
+        self.posts = 0
+
+    def ring(self) -> None:
+        self.posts += 1
+
+    def wait(self, timeout: float) -> bool:
+        return False
+
+    def drain(self) -> None:
+        self.posts = 0
+
+
+@dataclass(eq=False)
+class Client:
+    """One connection: what it received and how it was closed."""
+
+    name: str
+    shard: int
+    frames: list[dict[str, Any]] = field(default_factory=list)
+    closed: Close | None = None
+
+    def __hash__(self) -> int:
+        return id(self)
+
+    def take(self, kind: str | None = None) -> list[dict[str, Any]]:
+        """The frames received so far (of ``kind`` only, if given), forgotten after."""
+        got = [f for f in self.frames if kind is None or f["type"] == kind]
+        self.frames = [f for f in self.frames if f not in got]
+        return got
+
+    def seqs(self, room: str) -> list[int]:
+        return [f["seq"] for f in self.frames if f["type"] == "message" and f["room"] == room]
+
+
+class Box:
+    """``workers`` engines wired by their rings; ``stopped`` shards read nothing."""
+
+    def __init__(self, workers: int = 3, cfg: Config | None = None, app: object = None) -> None:
+        self.config = cfg if cfg is not None else config()
+        self.workers = workers
+        self.app = app
+        self.now = 1000.0
+        self.wall = 1_800_000_000.0
+        size = segment_size(RING, TABLE, SLOT_SIZE)
+        self.segments = [memoryview(bytearray(size)) for _ in range(workers)]
+        for view in self.segments:
+            init_ring(view, RING, TABLE)
+        self.bells = [Bell() for _ in range(workers)]
+        self.stats = [[0] * BLOCK_SLOTS for _ in range(workers)]
+        self.engines: list[RoomEngine[Client]] = []
+        self.brokers: list[ShmBroker] = []
+        self.stopped: set[int] = set()
+        self._ids = itertools.count(1)
+        for shard in range(workers):
+            engine, broker = self._engine(shard)
+            self.engines.append(engine)
+            self.brokers.append(broker)
+        for shard in range(workers):
+            self._start(shard)
+        self.turn()
+
+    def _engine(self, shard: int) -> tuple[RoomEngine[Client], ShmBroker]:
+        broker = ShmBroker(shard, self.segments, RING, TABLE, self.bells, self.stats[shard])
+        return RoomEngine(
+            self.config,
+            shard,
+            "epoch-1",
+            broker,
+            self.stats[shard],
+            Hooks(self.app),
+            id_prefix=f"i{next(self._ids)}",
+        ), broker
+
+    def _start(self, shard: int) -> None:
+        engine = self.engines[shard]
+        engine.advance(self.now, self.wall)
+        oldest = int((self.now - FORWARD_GIVE_UP) * 1e9)
+        self.brokers[shard].recover(engine, self.now, oldest)
+
+    def restart(self, shard: int) -> None:
+        """kill -9 and restart: records not committed are lost with the process;
+        its clients are gone without a word."""
+        for client in list(self.engines[shard].conns):
+            client.closed = Close(1006, "")
+        self.engines[shard], self.brokers[shard] = self._engine(shard)
+        self.stopped.discard(shard)
+        self._start(shard)
+
+    # Clients
+
+    def connect(
+        self,
+        shard: int,
+        user: str,
+        query: str = "",
+        headers: Mapping[str, str] | None = None,
+        peer: str = "127.0.0.1",
+    ) -> Client:
+        """A client upgraded on ``shard``, its welcome (and query joins) taken."""
+        client = self.upgrade(shard, user, query, headers, peer)
+        assert not isinstance(client, Refusal), client
+        return client
+
+    def upgrade(
+        self,
+        shard: int,
+        user: str,
+        query: str = "",
+        headers: Mapping[str, str] | None = None,
+        peer: str = "127.0.0.1",
+    ) -> Client | Refusal:
+        engine = self.engines[shard]
+        engine.advance(self.now, self.wall)
+        client = Client(user, shard)
+        q = f"user={user}" + (f"&{query}" if query else "") if user else query
+        upgrade = Upgrade(next(self._ids), peer, f"/ws?{q}", q, dict(headers or {}))
+        connections = sum(s[2] for s in self.stats) + 1  # the gauges, this handshake
+        refusal = engine.admit(client, upgrade, connections)
+        if refusal is not None:
+            return refusal
+        engine.open(client)
+        self._collect(engine.out)
+        engine.out = []
+        self.turn()
+        assert client.take("welcome")
+        return client
+
+    def send(self, client: Client, **obj: object) -> None:
+        self.send_raw(client, orjson.dumps(obj))
+
+    def send_raw(self, client: Client, data: bytes) -> None:
+        engine = self.engines[client.shard]
+        engine.advance(self.now, self.wall)
+        engine.receive(client, data)
+        self._collect(engine.out)
+        engine.out = []
+
+    def close(self, client: Client, code: int = 1000) -> None:
+        engine = self.engines[client.shard]
+        engine.advance(self.now, self.wall)
+        engine.closed(client, code, "")
+        self._collect(engine.out)
+        engine.out = []
+
+    def join(self, client: Client, room: str, **fields: object) -> dict[str, Any]:
+        self.send(client, type="join", room=room, **fields)
+        self.turn()
+        (joined,) = client.take("joined")
+        return joined
+
+    # Turns and time
+
+    def turn(self) -> None:
+        """Loop turns on every running shard until nothing moves: commit (and ack),
+        write, read the rings."""
+        for _ in range(1000):
+            moved = False
+            for shard, (engine, broker) in enumerate(zip(self.engines, self.brokers, strict=True)):
+                if shard in self.stopped:
+                    continue
+                engine.advance(self.now, self.wall)
+                if broker.commit_due:
+                    broker.commit()
+                    moved = True
+                if engine.out:
+                    moved = True
+                    self._collect(engine.out)
+                    engine.out = []
+                if engine.flush_due:
+                    moved = True
+                    self._collect(engine.flush())
+            for shard, (engine, broker) in enumerate(zip(self.engines, self.brokers, strict=True)):
+                if shard in self.stopped:
+                    continue
+                engine.advance(self.now, self.wall)
+                read = broker.stats[15]
+                more = broker.drain()
+                moved = moved or more or broker.stats[15] != read or bool(engine.out)
+            if not moved:
+                return
+        raise AssertionError("the box never settled")
+
+    def advance(self, seconds: float) -> None:
+        """Move the clock, tick every running engine and broker, settle."""
+        self.now += seconds
+        self.wall += seconds
+        for shard, (engine, broker) in enumerate(zip(self.engines, self.brokers, strict=True)):
+            if shard in self.stopped:
+                continue
+            engine.advance(self.now, self.wall)
+            engine.tick()
+            broker.tick(self.now)
+        self.turn()
+
+    def _collect(self, out: list[Output[Client]]) -> None:
+        for clients, item in out:
+            for client in clients:
+                if client.closed is not None:
+                    continue
+                if isinstance(item, Close):
+                    client.closed = item
+                    engine = self.engines[client.shard]
+                    if client in engine.conns:
+                        # The adapter's close completes: the engine hears of it.
+                        engine.closed(client, item.code, item.reason)
+                else:
+                    client.frames += frames_of(item)
