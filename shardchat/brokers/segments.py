@@ -17,7 +17,7 @@ import posix_ipc
 
 from shardchat.logs import log_event
 from shardchat.ring.layout import segment_size
-from shardchat.ring.ring import bump_generation, init_ring, ring_heartbeat_ns
+from shardchat.ring.ring import init_ring, ring_heartbeat_ns
 from shardchat.ring.seqtable import SLOT_SIZE
 from shardchat.stats import BLOCK_SLOTS
 
@@ -193,8 +193,7 @@ class Fabric:
     """The supervisor's shared memory: one segment and one doorbell per shard.
 
     The supervisor creates every name before the first fork, writes ring
-    headers, bumps a ring's generation before it restarts that ring's writer,
-    and unlinks everything at exit. Shards attach by name.
+    headers, and unlinks everything at exit. Shards attach by name.
     """
 
     def __init__(self, owner_pid: int, workers: int, ring_bytes: int, table_slots: int) -> None:
@@ -213,9 +212,6 @@ class Fabric:
         except BaseException:
             self.close()
             raise
-
-    def new_generation(self, shard: int) -> int:
-        return bump_generation(memoryview(self.segments[shard].buf))
 
     def heartbeat_ns(self, shard: int) -> int:
         """When the shard's loop last beat (CLOCK_MONOTONIC ns, one clock per box)."""

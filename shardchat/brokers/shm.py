@@ -188,17 +188,19 @@ class ShmBroker:
             self.sequencer.restore(room, seq)
             listener.restore(room, seq, None)
         readers: dict[int, RingReader] = {}
-        forwards: list[tuple[int, Record]] = []
+        forwards: list[tuple[int, bytes]] = []
         for peer in self.peers:
             reader, held = self.retained(peer)
             readers[peer] = reader
             self._restore(listener, held)
             me = self.shard_id
-            forwards += [(peer, r) for r in held if r.kind == _FORWARD and r.aux == me]
-        for peer, record in forwards:
-            publication = records.decode_forward(record.payload)
+            forwards += [
+                (peer, payload) for _, kind, aux, payload in held if kind == _FORWARD and aux == me
+            ]
+        for peer, payload in forwards:
+            publication = records.decode_forward(payload)
             if publication.publish_ns >= oldest_forward_ns:
-                self._on_forward(peer, self.shard_id, record.payload)
+                self._on_forward(peer, self.shard_id, payload)
         self.writer.append(_RESET, 0, b"")
         self._written += 1
         self.readers = readers
@@ -206,10 +208,10 @@ class ShmBroker:
 
     def _restore(self, listener: BrokerListener, held: list[Record]) -> None:
         workers, me = self.workers, self.shard_id
-        for record in held:
-            if record.kind != _ROOM_MSG:
+        for _, kind, _, payload in held:
+            if kind != _ROOM_MSG:
                 continue
-            msg = records.decode_room_message(record.payload)
+            msg = records.decode_room_message(payload)
             listener.restore(msg.room, msg.seq, msg.json)
             if owner_of(msg.room, workers) == me:
                 self.sequencer.remember(msg.msg_id, msg.room, msg.seq)
@@ -350,8 +352,8 @@ class ShmBroker:
             batch = reader.poll(POLL_LIMIT)
             if batch:
                 counters[_S_READ] += len(batch)
-                for record in batch:
-                    handlers[record.kind](peer, record.aux, record.payload)
+                for _, kind, aux, payload in batch:
+                    handlers[kind](peer, aux, payload)
                 if len(batch) == POLL_LIMIT:
                     more = True
             if reader.lapped != laps:

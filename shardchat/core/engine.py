@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Callable, Hashable, Iterable
-from typing import Any, Generic, NamedTuple, TypeVar
+from collections.abc import Callable
+from typing import Any, Generic
 
 from shardchat import stats
 from shardchat.core import wire
@@ -36,6 +36,7 @@ from shardchat.core.admission import Admitted, Refusal, Upgrade, admit
 from shardchat.core.broker import Broker, Publication
 from shardchat.core.config import Config
 from shardchat.core.errors import ErrorCode, ProtocolError
+from shardchat.core.fanout import Fanout
 from shardchat.core.gapfill import GapFill
 from shardchat.core.messages import (
     Ack,
@@ -48,22 +49,21 @@ from shardchat.core.messages import (
     Publish,
     RoomId,
 )
+from shardchat.core.outputs import C, Close, Output
 from shardchat.core.presence import PresenceView
 from shardchat.core.ratelimit import TokenBucket
-from shardchat.core.reliable import Reliable
+from shardchat.core.reliable import ReliableRooms
 from shardchat.core.roomlog import HeldMessage, RoomLog
 from shardchat.hooks import ConnInfo, Hooks, Reject
 from shardchat.logs import log_event
 from shardchat.stats import Counters
 
-__all__ = ["EVICT_EVERY", "PROTOCOL_VERSION", "Close", "ConnState", "Output", "RoomEngine"]
+__all__ = ["EVICT_EVERY", "PROTOCOL_VERSION", "ConnState", "RoomEngine"]
 
 log = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 1
 EVICT_EVERY = 30.0  # seconds between scans for idle rooms to drop
-
-C = TypeVar("C", bound=Hashable)  # the caller's connection handle
 
 _S_CONNECTIONS = int(stats.Slot.CONNECTIONS)
 _S_OPENED = int(stats.Slot.CONNECTIONS_OPENED)
@@ -75,23 +75,8 @@ _S_REFUSED = int(stats.Slot.HTTP_REFUSED)
 _S_JOINS = int(stats.Slot.JOINS)
 _S_LEAVES = int(stats.Slot.LEAVES)
 _S_ROOMS = int(stats.Slot.ROOMS)
-_S_DELIVERED = int(stats.Slot.FRAMES_DELIVERED)
-_S_BYTES_OUT = int(stats.Slot.BYTES_OUT)
-_S_RESENDS = int(stats.Slot.RESENDS)
 _S_LATENCY_COUNT = int(stats.Slot.LATENCY_COUNT)
 _S_LATENCY_SUM = int(stats.Slot.LATENCY_SUM_US)
-
-
-class Close(NamedTuple):
-    """Close a connection with ``code``: a closing handshake, or with ``fail`` a
-    failed connection (RFC 6455 7.1.7: close frame, then TCP close)."""
-
-    code: int
-    reason: str
-    fail: bool = False
-
-
-Output = tuple[Iterable[C], bytes | Close]
 
 
 class ConnState:
@@ -149,14 +134,14 @@ class RoomEngine(Generic[C]):
         self.conns: dict[C, ConnState] = {}  # admitted connections
         self.open_count = 0
         self.per_ip: dict[str, int] = {}  # open connections per client address
-        self.members: dict[str, dict[C, None]] = {}  # room -> local members
         self.logs: dict[str, RoomLog] = {}
         self.presence = PresenceView()
-        self.reliable: dict[str, dict[C, Reliable]] = {}
-        self.gaps = GapFill(broker, self.logs, self._queue, counters, epoch, self.history)
+        self.reliable: ReliableRooms[C] = ReliableRooms(config.delivery, counters)
+        self.fanout: Fanout[C] = Fanout(self.logs, self.reliable, counters)
+        self.members = self.fanout.members  # room -> local members
+        self.gaps = GapFill(broker, self.logs, self.fanout.queue, counters, epoch, self.history)
         self._pending: dict[str, tuple[C, str | None]] = {}  # msg id -> sender, request id
         self._join_at_open: dict[C, tuple[str, ...]] = {}  # rooms the query named
-        self._outbox: dict[str, list[bytes]] = {}
         self._next_evict = 0.0
         prefix = id_prefix if id_prefix is not None else secrets.token_hex(3)
         self._msg_prefix = f"{shard_id}-{prefix}-"
@@ -367,7 +352,7 @@ class RoomEngine(Generic[C]):
         # Catch up and deliver what is queued: the joiner's live frames start
         # right after the log's current seq.
         self.broker.catch_up()
-        self.out += self._flush(snapshot=True)
+        self.out += self.fanout.flush(self.now, snapshot=True)
         log_ = self._log(room)
         self.members.setdefault(room, {})[conn] = None
         state.rooms.add(room)
@@ -404,9 +389,7 @@ class RoomEngine(Generic[C]):
         self._reply(conn, {"type": "left", "room": room})
 
     def _leave_room(self, conn: C, state: ConnState, room: str) -> None:
-        reliable = self.reliable.get(room)
-        if reliable is not None and reliable.pop(conn, None) is not None and not reliable:
-            del self.reliable[room]
+        self.reliable.forget(conn, room)
         members = self.members.get(room)
         if members is not None and conn in members:
             del members[conn]
@@ -440,7 +423,7 @@ class RoomEngine(Generic[C]):
     def _history(self, conn: C, state: ConnState, request: HistoryQuery) -> None:
         room = request.room
         self.broker.catch_up()
-        self.out += self._flush(snapshot=True)
+        self.out += self.fanout.flush(self.now, snapshot=True)
         log_ = self.logs.get(room)
         held = [] if log_ is None else log_.after(request.since, request.limit)
         for message in held:
@@ -459,14 +442,7 @@ class RoomEngine(Generic[C]):
         self._require_member(state, room, request.id)
         log_ = self.logs.get(room)
         latest = log_.seq if log_ is not None else 0
-        timeout = self.config.delivery.ack_timeout
-        reliable = self.reliable.setdefault(room, {})
-        ack_state = reliable.get(conn)
-        if ack_state is None:
-            reliable[conn] = ack_state = Reliable(min(request.seq, latest))
-            ack_state.sent(latest, self.now, timeout)
-        else:
-            ack_state.ack(request.seq, latest, self.now, timeout)
+        self.reliable.ack(conn, room, request.seq, latest, self.now)
 
     def _reply(self, conn: C, obj: dict[str, object]) -> None:
         self.out.append(((conn,), wire.text_frame(wire.encode(obj))))
@@ -514,7 +490,7 @@ class RoomEngine(Generic[C]):
         engine's memory stays with the rooms in use."""
         now = self.now
         idle = self.config.delivery.room_idle
-        busy = self.members.keys() | self.gaps.held_back.keys() | self.reliable.keys()
+        busy = self.members.keys() | self.gaps.held_back.keys() | self.reliable.rooms.keys()
         serves = self.broker.serves_history
         dropped = [
             room
@@ -528,54 +504,16 @@ class RoomEngine(Generic[C]):
 
     # Fan-out
 
-    def _queue(self, room: str, json: bytes) -> None:
-        if room not in self.members:
-            return
-        frames = self._outbox.get(room)
-        if frames is None:
-            self._outbox[room] = [wire.text_frame(json)]
-        else:
-            frames.append(wire.text_frame(json))
-
     @property
     def flush_due(self) -> bool:
         """Frames are queued for the end of the turn."""
-        return bool(self._outbox)
+        return self.fanout.due
 
     def flush(self) -> list[Output[C]]:
         """The end of the caller's loop turn: each room's queued frames, joined once,
         for its local members. The caller writes them at once (the member dicts
         are live)."""
-        return self._flush(snapshot=False)
-
-    def _flush(self, snapshot: bool) -> list[Output[C]]:
-        if not self._outbox:
-            return []
-        outbox, self._outbox = self._outbox, {}
-        members_of = self.members
-        out: list[Output[C]] = []
-        delivered = 0
-        sent = 0
-        for room, frames in outbox.items():
-            members = members_of.get(room)
-            if not members:
-                continue
-            buf = frames[0] if len(frames) == 1 else b"".join(frames)
-            # Inside a request the members may change before the caller writes.
-            out.append((tuple(members) if snapshot else members, buf))
-            delivered += len(frames) * len(members)
-            sent += len(buf) * len(members)
-            reliable = self.reliable.get(room)
-            if reliable:
-                latest = self.logs[room].seq
-                now = self.now
-                timeout = self.config.delivery.ack_timeout
-                for ack_state in reliable.values():
-                    ack_state.sent(latest, now, timeout)
-        counters = self.stats
-        counters[_S_DELIVERED] += delivered
-        counters[_S_BYTES_OUT] += sent
-        return out
+        return self.fanout.flush(self.now)
 
     # Timers
 
@@ -585,8 +523,9 @@ class RoomEngine(Generic[C]):
         deadline of the engine's own)."""
         now = self.now
         deadline: float | None = None
-        if self.reliable:
-            deadline = self._resend_due(now)
+        if self.reliable.rooms:
+            out, deadline = self.reliable.resend_due(now, self.logs)
+            self.out += out
         idle = self.config.delivery.room_idle
         if idle and now >= self._next_evict:
             self._next_evict = now + min(EVICT_EVERY, idle)
@@ -598,30 +537,6 @@ class RoomEngine(Generic[C]):
                 deadline = gap
         return deadline
 
-    def _resend_due(self, now: float) -> float | None:
-        delivery = self.config.delivery
-        soonest: float | None = None
-        for room, states in list(self.reliable.items()):
-            log_ = self.logs.get(room)
-            for conn, ack_state in list(states.items()):
-                if ack_state.due(now):
-                    if ack_state.exhausted(delivery.ack_retries) or log_ is None:
-                        self.out.append(((conn,), Close(AppCloseCode.ACK_TIMEOUT, "ack timeout")))
-                        del states[conn]
-                        continue
-                    held = log_.after(ack_state.acked)
-                    if held:
-                        frames = b"".join(wire.text_frame(m.payload) for m in held)
-                        self.out.append(((conn,), frames))
-                        self.stats[_S_RESENDS] += len(held)
-                    ack_state.resent(now, delivery.ack_timeout)
-                due = ack_state.deadline
-                if due and (soonest is None or due < soonest):
-                    soonest = due
-            if not states:
-                del self.reliable[room]
-        return soonest
-
     # BrokerListener
 
     def on_message(self, room: str, seq: int, msg_id: str, json: bytes, publish_ns: int) -> None:
@@ -632,7 +547,7 @@ class RoomEngine(Generic[C]):
             log_.append(seq, json)
             log_.touched = self.now
             if room in self.members:
-                self._queue(room, json)
+                self.fanout.queue(room, json)
                 self._latency(int(self.now * 1e9) - publish_ns)
         elif seq > log_.seq:
             self.gaps.hold_back(log_, room, seq, json, self.now)

@@ -4,7 +4,7 @@ Each shard announces a user's first connection in a room on it and its last
 one; every shard applies those announcements to the same view, so presence
 is answered locally and reads the same everywhere. A user is present while
 any shard has a connection of theirs in the room. Methods return whether a
-user just became present or absent, and the router turns that into events.
+user just became present or absent, and the engine turns that into events.
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ one native 8-byte store.
 Header::
 
       0 u32 magic | 4 u16 version | 6 u16 reserved | 8 u64 capacity
-     16 u64 generation (supervisor-written: bumped while the writer is dead)
+     16 u64 reserved (was a writer generation no reader read: a restarted
+            writer announces itself with a RESET record instead)
      24 u64 writer_pid
      64 u64 tail_intent | 72 u64 tail | 80 u64 latest | 88 u64 heartbeat_ns
      96 u64 published (records, PAD excluded)   -- cache line 1: writer-hot
@@ -38,7 +39,6 @@ __all__ = [
     "MAGIC",
     "OFF_CAPACITY",
     "OFF_CHECKPOINTS",
-    "OFF_GENERATION",
     "OFF_HEARTBEAT",
     "OFF_LATEST",
     "OFF_MAGIC",
@@ -70,7 +70,6 @@ CHECKPOINTS = 8
 OFF_MAGIC = 0
 OFF_VERSION = 4
 OFF_CAPACITY = 8
-OFF_GENERATION = 16
 OFF_WRITER_PID = 24
 OFF_TAIL_INTENT = 64
 OFF_TAIL = 72

@@ -19,8 +19,6 @@ turn any torn read into a counted lap anyway.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 from shardchat.core.errors import RingLayoutError
 from shardchat.ring.layout import (
     CHECKPOINTS,
@@ -28,7 +26,6 @@ from shardchat.ring.layout import (
     MAGIC,
     OFF_CAPACITY,
     OFF_CHECKPOINTS,
-    OFF_GENERATION,
     OFF_HEARTBEAT,
     OFF_LATEST,
     OFF_MAGIC,
@@ -53,25 +50,17 @@ __all__ = [
     "Record",
     "RingReader",
     "RingWriter",
-    "bump_generation",
     "init_ring",
     "ring_capacity",
     "ring_heartbeat_ns",
 ]
 
-
-class Record(NamedTuple):
-    """One record as a reader copied it out."""
-
-    position: int  # its own position in the ring (only grows)
-    kind: int  # a RecordKind
-    aux: int  # kind-specific: the target shard of a FORWARD, ...
-    payload: bytes
-
-
-# poll() builds records with tuple.__new__: a NamedTuple's own __new__ costs a
-# Python call per record on the hot path.
-_new_record = tuple.__new__
+# One record as a reader copied it out: (position, kind, aux, payload), its own
+# position in the ring, its RecordKind, the kind's aux field (the target shard of
+# a FORWARD, ...) and its payload. Readers unpack it by those names, never index
+# it. Not a NamedTuple: building one costs about 100 ns more per record (measured
+# here: 145 ns against 43 ns), a quarter of a ring read.
+Record = tuple[int, int, int, bytes]
 
 _PAD = int(RecordKind.PAD)
 assert _PAD == 0, "poll() tests `if kind:` for a real record"
@@ -90,7 +79,6 @@ def init_ring(buf: memoryview, capacity: int, table_slots: int = 0) -> None:
     U32.pack_into(buf, OFF_MAGIC, MAGIC)
     U16.pack_into(buf, OFF_VERSION, VERSION)
     _u64_pack(buf, OFF_CAPACITY, capacity)
-    _u64_pack(buf, OFF_GENERATION, 1)
     _u64_pack(buf, OFF_TABLE_SLOTS, table_slots)
 
 
@@ -110,13 +98,6 @@ def ring_capacity(buf: memoryview) -> int:
 def ring_heartbeat_ns(buf: memoryview) -> int:
     """The writer's last heartbeat (its shard's loop stamps it once per sweep)."""
     return int(_u64_unpack(buf, OFF_HEARTBEAT)[0])
-
-
-def bump_generation(buf: memoryview) -> int:
-    """Mark a new writer generation (the supervisor, while the writer is dead)."""
-    generation = int(_u64_unpack(buf, OFF_GENERATION)[0]) + 1
-    _u64_pack(buf, OFF_GENERATION, generation)
-    return generation
 
 
 class RingWriter:
@@ -250,7 +231,7 @@ class RingWriter:
 class RingReader:
     """One reader's private cursor over a ring; it writes nothing shared."""
 
-    __slots__ = ("_buf", "_capacity", "_mask", "cursor", "generation", "lapped", "lost", "passed")
+    __slots__ = ("_buf", "_capacity", "_mask", "cursor", "lapped", "lost", "passed")
 
     def __init__(self, buf: memoryview, *, from_oldest: bool = False) -> None:
         self._buf = buf
@@ -258,15 +239,11 @@ class RingReader:
         self._mask = self._capacity - 1
         self.lapped = 0  # times this reader was lapped (or met a torn record)
         self.lost = 0  # records skipped because of laps (approximate: see _resync)
-        self.generation = self.current_generation()
         self.passed = int(_u64_unpack(buf, OFF_PUBLISHED)[0])  # records behind the cursor
         self.cursor = int(_u64_unpack(buf, OFF_TAIL)[0])
         if from_oldest:
             self.cursor = self._oldest_boundary()
             self.passed = 0
-
-    def current_generation(self) -> int:
-        return int(_u64_unpack(self._buf, OFF_GENERATION)[0])
 
     def tail(self) -> int:
         return int(_u64_unpack(self._buf, OFF_TAIL)[0])
@@ -356,11 +333,7 @@ class RingReader:
                     return self._lapped_at(cursor + pos, out)
                 break  # the rest of this record is past max_bytes: next poll
             if kind:  # not PAD
-                append(
-                    _new_record(
-                        Record, (position, kind, aux, copy[pos + RECORD_HEADER_SIZE : pos + length])
-                    )
-                )
+                append((position, kind, aux, copy[pos + RECORD_HEADER_SIZE : pos + length]))
                 left -= 1
             pos += size
         self.cursor = cursor + pos

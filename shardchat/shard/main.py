@@ -47,9 +47,10 @@ from shardchat.brokers.forwarding import FORWARD_GIVE_UP
 from shardchat.brokers.shm import ShmBroker
 from shardchat.core.admission import Upgrade
 from shardchat.core.config import Config
-from shardchat.core.engine import Close, RoomEngine
+from shardchat.core.engine import RoomEngine
 from shardchat.core.errors import RingError
 from shardchat.core.messages import AppCloseCode
+from shardchat.core.outputs import Close
 from shardchat.hooks import Hooks
 from shardchat.logs import configure_logging, log_event, set_process_role
 from shardchat.shard.connection import Connection

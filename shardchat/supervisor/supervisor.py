@@ -258,9 +258,6 @@ class Supervisor:
     def _spawn(self, slot: ShardSlot) -> None:
         slot.restart_at = None
         slot.incarnation += 1
-        if slot.incarnation:
-            # The ring's writer is dead: only now may the supervisor write its generation.
-            self._fabric.new_generation(slot.shard_id)
         spec = ShardSpec(
             config=self.config,
             shard_id=slot.shard_id,

@@ -23,7 +23,8 @@ from shardchat.brokers.sequencer import owner_of
 from shardchat.brokers.shm import ShmBroker
 from shardchat.core.admission import Refusal, Upgrade
 from shardchat.core.config import Config, load_config
-from shardchat.core.engine import Close, Output, RoomEngine
+from shardchat.core.engine import RoomEngine
+from shardchat.core.outputs import Close, Output
 from shardchat.hooks import Hooks
 from shardchat.ring.layout import segment_size
 from shardchat.ring.ring import init_ring

@@ -10,9 +10,9 @@ from shardchat import stats
 from shardchat.brokers.forwarding import FORWARD_GIVE_UP, FORWARD_RETRY
 from shardchat.core.admission import Refusal
 from shardchat.core.auth import make_token
-from shardchat.core.engine import Close
 from shardchat.core.errors import ErrorCode
 from shardchat.core.gapfill import GAP_TIMEOUT
+from shardchat.core.outputs import Close
 from shardchat.hooks import Reject
 from tests.core.box import Box, Client, config, room_owned_by
 

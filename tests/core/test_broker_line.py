@@ -1,0 +1,172 @@
+"""The engine/broker line holds for a broker that sequences rooms itself.
+
+``StoreBroker`` stands for the Redis broker of the next issue, without a
+network: a shared store assigns each room's seq atomically with appending the
+message to the room's stream (Redis: one script per batch), publishes are
+batched per turn, and history comes from the store. The engine and its
+callers are the same as with the shared-memory rings: only the broker differs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from shardchat.core import wire
+from shardchat.core.admission import Upgrade
+from shardchat.core.broker import BrokerListener, Publication
+from shardchat.core.engine import RoomEngine
+from shardchat.core.outputs import Close, Output
+from shardchat.stats import BLOCK_SLOTS
+from tests.core.box import config, frames_of
+
+
+class Store:
+    """One room -> seq counter and stream for the whole service."""
+
+    def __init__(self) -> None:
+        self.seqs: dict[str, int] = {}
+        self.streams: dict[str, list[tuple[int, bytes]]] = {}
+        self.brokers: list[StoreBroker] = []
+        self.round_trips = 0
+
+    def sequence(self, batch: list[Publication]) -> list[tuple[Publication, int, bytes]]:
+        """Increment and append, atomically, for a whole batch: one round trip."""
+        self.round_trips += 1
+        out = []
+        for p in batch:
+            seq = self.seqs[p.room] = self.seqs.get(p.room, 0) + 1
+            json = wire.message_json(p.room, p.sender, p.content, seq, p.timestamp, p.msg_id)
+            self.streams.setdefault(p.room, []).append((seq, json))
+            out.append((p, seq, json))
+        return out
+
+
+class StoreBroker:
+    def __init__(self, store: Store, engine_id: int) -> None:
+        self.store = store
+        self.engine_id = engine_id
+        self.listener: BrokerListener | None = None
+        self.batch: list[Publication] = []
+        store.brokers.append(self)
+
+    def publish(self, publication: Publication, now: float) -> None:
+        self.batch.append(publication)  # one pipeline per turn
+
+    def end_turn(self) -> None:
+        batch, self.batch = self.batch, []
+        if not batch:
+            return
+        for p, seq, json in self.store.sequence(batch):
+            for broker in self.store.brokers:
+                assert broker.listener is not None
+                broker.listener.on_message(p.room, seq, p.msg_id, json, p.publish_ns)
+            assert self.listener is not None
+            self.listener.on_published(p.msg_id, p.room, seq)
+
+    def announce(self, room: str, user: str, joined: bool) -> None:
+        for broker in self.store.brokers:
+            if broker is not self and broker.listener is not None:
+                broker.listener.on_presence(self.engine_id, room, user, joined)
+
+    def snapshot(self, peer: int, pairs: list[tuple[str, str]]) -> None:
+        raise AssertionError("no engine resets in these tests")
+
+    def fill(self, room: str, first: int, last: int) -> None:
+        assert self.listener is not None
+        stream = [(s, j) for s, j in self.store.streams.get(room, []) if first <= s <= last]
+        if not stream or stream[0][0] > first:
+            self.listener.on_replay_lost(room, (stream[0][0] - 1) if stream else last)
+        for seq, json in stream:
+            self.listener.on_replay(room, seq, json)
+        self.listener.on_replay_end(room, last)
+
+    def latest_seq(self, room: str) -> int | None:
+        return self.store.seqs.get(room)
+
+    def serves_history(self, room: str) -> bool:
+        return False  # the store does
+
+    def catch_up(self) -> None:
+        """Deliveries are synchronous here: nothing waits."""
+
+
+class Conn:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.frames: list[dict[str, Any]] = []
+        self.closed: Close | None = None
+
+
+def run(engine: RoomEngine[Conn], step: Callable[[], None]) -> None:
+    engine.advance(1000.0, 1.8e9)
+    step()
+    collect(engine.out)
+    engine.out = []
+
+
+def collect(out: list[Output[Conn]]) -> None:
+    for conns, item in out:
+        for conn in conns:
+            if isinstance(item, Close):
+                conn.closed = item
+            else:
+                conn.frames += frames_of(item)
+
+
+def end_turn(engines: list[RoomEngine[Conn]], brokers: list[StoreBroker]) -> None:
+    for broker in brokers:
+        broker.end_turn()
+    for engine in engines:
+        collect(engine.out)
+        engine.out = []
+        collect(engine.flush())
+
+
+def connect(engine: RoomEngine[Conn], user: str, conn_id: int) -> Conn:
+    conn = Conn(user)
+    upgrade = Upgrade(conn_id, "127.0.0.1", f"/ws?user={user}", f"user={user}", {})
+    run(engine, lambda: engine.admit(conn, upgrade, 1))
+    run(engine, lambda: engine.open(conn))
+    return conn
+
+
+def send(engine: RoomEngine[Conn], conn: Conn, **obj: object) -> None:
+    run(engine, lambda: engine.receive(conn, wire.encode(dict(obj))))
+
+
+def test_a_store_sequenced_broker_serves_the_same_engine() -> None:
+    store = Store()
+    brokers = [StoreBroker(store, i) for i in range(2)]
+    engines: list[RoomEngine[Conn]] = []
+    for i, broker in enumerate(brokers):
+        engine: RoomEngine[Conn] = RoomEngine(
+            config(), i, "epoch-s", broker, [0] * BLOCK_SLOTS, id_prefix=f"s{i}"
+        )
+        broker.listener = engine
+        engines.append(engine)
+    a = connect(engines[0], "a", 1)
+    b = connect(engines[1], "b", 2)
+    send(engines[0], a, type="join", room="r")
+    send(engines[1], b, type="join", room="r")
+    for i in range(3):
+        send(engines[0], a, type="message", room="r", content=f"a{i}", id=f"a{i}")
+        send(engines[1], b, type="message", room="r", content=f"b{i}", id=f"b{i}")
+    end_turn(engines, brokers)
+    assert store.round_trips == 2  # one batch per engine per turn
+    for conn in (a, b):
+        msgs = [f for f in conn.frames if f["type"] == "message"]
+        assert [m["seq"] for m in msgs] == [1, 2, 3, 4, 5, 6]
+        assert [m["content"] for m in msgs] == ["a0", "a1", "a2", "b0", "b1", "b2"]
+    assert [f["seq"] for f in a.frames if f["type"] == "ack"] == [1, 2, 3]
+    assert [f["seq"] for f in b.frames if f["type"] == "ack"] == [4, 5, 6]
+    joined = [f for f in b.frames if f["type"] == "joined"][0]
+    assert joined["count"] == 2  # a's join reached b's engine through the broker
+
+    # A newcomer whose engine holds no copy of the room resumes from the store.
+    engines[1].logs.pop("r")
+    c = connect(engines[1], "c", 3)
+    send(engines[1], c, type="join", room="r", since=2, epoch="epoch-s")
+    joined = [f for f in c.frames if f["type"] == "joined"][0]
+    assert joined["recovered"] and joined["seq"] == 6
+    assert [f["seq"] for f in c.frames if f["type"] == "message"] == [3, 4, 5, 6]
