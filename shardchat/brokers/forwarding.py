@@ -3,20 +3,24 @@
 DESIGN.md, Rooms: a forwarded publish can be lost (the ring is lossy, and the
 owner may die before it sequences it). The publishing shard keeps it until
 the owner's sequenced record (or the owner's answer to a duplicate) comes
-back, forwards it again every ``FORWARD_RETRY``, and gives up after
-``FORWARD_GIVE_UP``. The owner deduplicates by message id
-(:class:`~shardchat.brokers.sequencer.Sequencer`), so forwarding again is
-safe.
+back, forwards it again after ``FORWARD_RETRY``, doubling the wait up to
+``FORWARD_RETRY_MAX`` (a stopped owner must not have its small ring refilled
+with the same forwards every second), and gives up after
+``delivery.publish_timeout``: then the publish is "not known to be
+published" (it may still be sequenced later). The owner deduplicates by
+message id and idempotency key
+(:class:`~shardchat.brokers.sequencer.Sequencer`), so forwarding again, and
+a client's retry with the same ``id``, are safe.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["FORWARD_GIVE_UP", "FORWARD_RETRY", "Forwarder", "PendingForward"]
+__all__ = ["FORWARD_RETRY", "FORWARD_RETRY_MAX", "Forwarder", "PendingForward"]
 
-FORWARD_RETRY = 1.0  # seconds before an unsequenced forward is sent again
-FORWARD_GIVE_UP = 30.0  # seconds before the publisher is told the publish failed
+FORWARD_RETRY = 1.0  # seconds before an unsequenced forward is sent again (then doubled)
+FORWARD_RETRY_MAX = 8.0  # the longest wait between two sends of one forward
 
 
 @dataclass(slots=True)
@@ -28,17 +32,21 @@ class PendingForward:
     owner: int
     payload: bytes  # the FORWARD record, to send again
     first_sent: float
-    last_sent: float
+    next_send: float  # when to forward it again
+    wait: float  # the current wait between two sends (doubles up to FORWARD_RETRY_MAX)
 
 
 class Forwarder:
     """The publishing shard's forwards that the owner has not answered yet."""
 
-    def __init__(self) -> None:
+    def __init__(self, give_up: float) -> None:
+        self.give_up = give_up  # delivery.publish_timeout
         self.pending: dict[str, PendingForward] = {}
 
     def add(self, msg_id: str, room: str, owner: int, payload: bytes, now: float) -> None:
-        self.pending[msg_id] = PendingForward(msg_id, room, owner, payload, now, now)
+        self.pending[msg_id] = PendingForward(
+            msg_id, room, owner, payload, now, now + FORWARD_RETRY, FORWARD_RETRY
+        )
 
     def answered(self, msg_id: str) -> bool:
         """The owner sequenced ``msg_id``: True the first time, if it was ours."""
@@ -50,18 +58,17 @@ class Forwarder:
         again: list[PendingForward] = []
         failed: list[PendingForward] = []
         for pending in list(self.pending.values()):
-            if now - pending.first_sent >= FORWARD_GIVE_UP:
+            if now - pending.first_sent >= self.give_up:
                 del self.pending[pending.msg_id]
                 failed.append(pending)
-            elif now - pending.last_sent >= FORWARD_RETRY:
-                pending.last_sent = now
+            elif now >= pending.next_send:
+                pending.wait = min(FORWARD_RETRY_MAX, pending.wait * 2)
+                pending.next_send = now + pending.wait
                 again.append(pending)
         return again, failed
 
     def next_deadline(self) -> float | None:
         if not self.pending:
             return None
-        return min(
-            min(p.last_sent + FORWARD_RETRY, p.first_sent + FORWARD_GIVE_UP)
-            for p in self.pending.values()
-        )
+        give_up = self.give_up
+        return min(min(p.next_send, p.first_sent + give_up) for p in self.pending.values())

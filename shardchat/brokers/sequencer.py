@@ -4,7 +4,11 @@ DESIGN.md, Rooms: a room's owner (``crc32(room) % workers``) alone assigns
 its ``seq``, so every member on every shard sees one order with no gaps. A
 publish forwarded twice (its first answer was lost) must be sequenced once:
 the owner remembers the last ``SEQUENCED_IDS`` message ids it sequenced and
-answers a duplicate with the seq it got. A shard that missed a range asks
+answers a duplicate with the seq it got. It also remembers each publish's
+idempotency key (the sender's user and the client's ``id``) for
+``KEY_WINDOW``: a publish retried with the same ``id`` (after
+``unavailable``, or after a reconnect) is answered with the original seq and
+not sequenced again (PROTOCOL.md, Extensions). A shard that missed a range asks
 the owner to resend it; :func:`plan_resend` cuts the answer into one chunk
 that cannot lap the asker.
 
@@ -19,11 +23,12 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import NamedTuple
 
+from shardchat.core.broker import KEY_WINDOW
 from shardchat.core.roomlog import HeldMessage
 
 __all__ = ["SEQUENCED_IDS", "Resend", "Sequencer", "owner_of", "plan_resend"]
 
-SEQUENCED_IDS = 100_000  # message ids the owner remembers, for duplicates
+SEQUENCED_IDS = 100_000  # message ids (and idempotency keys) the owner remembers at most
 RESEND_OVERHEAD = 64  # bytes a REPLAY record adds to a message's JSON, at most
 
 
@@ -40,26 +45,46 @@ class Sequencer:
         self._limit = remember
         self.seqs: dict[str, int] = {}  # room -> latest seq assigned
         self.sequenced: OrderedDict[str, tuple[str, int]] = OrderedDict()  # id -> room, seq
+        # Idempotency key -> (room, seq, monotonic ns when sequenced), oldest first.
+        self.keys: OrderedDict[str, tuple[str, int, int]] = OrderedDict()
 
     def seen(self, msg_id: str) -> tuple[str, int] | None:
         """The (room, seq) ``msg_id`` was sequenced as, if it was."""
         return self.sequenced.get(msg_id)
 
-    def assign(self, room: str, msg_id: str) -> int:
-        """The next seq of ``room``, for ``msg_id``."""
+    def seen_key(self, key: str, now_ns: int) -> tuple[str, int] | None:
+        """The (room, seq) a publish with idempotency ``key`` was sequenced as, if it
+        was within ``KEY_WINDOW`` of ``now_ns``."""
+        if not key:
+            return None
+        seen = self.keys.get(key)
+        if seen is None or now_ns - seen[2] > KEY_WINDOW * 1e9:
+            return None
+        return seen[0], seen[1]
+
+    def assign(self, room: str, msg_id: str, key: str, now_ns: int) -> int:
+        """The next seq of ``room``, for ``msg_id`` (with idempotency ``key``)."""
         seq = self.seqs.get(room)
         if seq is None:
             seq = self._known(room) or 0
         seq += 1
         self.seqs[room] = seq
-        self.remember(msg_id, room, seq)
+        self.remember(msg_id, room, seq, key, now_ns)
         return seq
 
-    def remember(self, msg_id: str, room: str, seq: int) -> None:
+    def remember(self, msg_id: str, room: str, seq: int, key: str, at_ns: int) -> None:
+        """``msg_id`` (with idempotency ``key``) was sequenced as ``seq`` at ``at_ns``."""
         sequenced = self.sequenced
         sequenced[msg_id] = (room, seq)
         if len(sequenced) > self._limit:
             sequenced.popitem(last=False)
+        if key:
+            keys = self.keys
+            keys[key] = (room, seq, at_ns)
+            keys.move_to_end(key)
+            oldest = at_ns - int(KEY_WINDOW * 1e9)
+            while keys and (len(keys) > self._limit or next(iter(keys.values()))[2] < oldest):
+                keys.popitem(last=False)
 
     def restore(self, room: str, seq: int) -> None:
         """At start-up: ``room`` is known to have reached ``seq``; the larger wins,

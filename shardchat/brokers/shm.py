@@ -82,6 +82,7 @@ class ShmBroker:
         table_slots: int,
         bells: Sequence[Bell],
         counters: Counters,
+        publish_timeout: float,
         *,
         writer_pid: int = 0,
         closing: Callable[[], None] = lambda: None,
@@ -109,7 +110,8 @@ class ShmBroker:
         self.peers = [i for i in range(workers) if i != shard_id]
         self.listener: BrokerListener | None = None
         self.sequencer = Sequencer(self.tables[shard_id].lookup)
-        self.forwarder = Forwarder()
+        self.forwarder = Forwarder(publish_timeout)
+        self._now_ns = 0  # monotonic ns, as of the last call that gave the time
         self._max_payload = max_payload(ring_bytes)
         self._table_slots: dict[str, int | None] = {}
         self._acks_due: list[tuple[str, str, int]] = []  # (msg id, room, seq) once committed
@@ -138,6 +140,7 @@ class ShmBroker:
         ring_bytes: int,
         table_slots: int,
         counters: Counters,
+        publish_timeout: float,
     ) -> ShmBroker:
         """The broker of shard ``shard_id`` over the supervisor's named segments."""
         attached = [
@@ -159,6 +162,7 @@ class ShmBroker:
             table_slots,
             bells,
             counters,
+            publish_timeout,
             writer_pid=os.getpid(),
             closing=closing,
         )
@@ -173,15 +177,18 @@ class ShmBroker:
             held += batch
         return reader, held
 
-    def recover(self, listener: BrokerListener, now: float, oldest_forward_ns: int) -> None:
+    def recover(self, listener: BrokerListener, now: float) -> None:
         """Rebuild from shared memory after a (re)start, then start delivering.
 
         Our own seq table gives each owned room's seq; every ring's retained
-        records give the history still held and the ids we already sequenced.
-        Forwards to us published after ``oldest_forward_ns`` and not sequenced
-        yet are sequenced now: the previous incarnation may have died first.
+        records give the history still held and the ids and idempotency keys we
+        already sequenced. Forwards to us from the last ``publish_timeout`` not
+        sequenced yet are sequenced now: the previous incarnation may have died
+        first.
         """
         self.listener = listener
+        self._now_ns = now_ns = int(now * 1e9)
+        oldest_forward_ns = now_ns - int(self.forwarder.give_up * 1e9)
         _, own = self.retained(self.shard_id)
         self._restore(listener, own)
         for room, seq in self.tables[self.shard_id].entries().items():
@@ -214,16 +221,22 @@ class ShmBroker:
             msg = records.decode_room_message(payload)
             listener.restore(msg.room, msg.seq, msg.json)
             if owner_of(msg.room, workers) == me:
-                self.sequencer.remember(msg.msg_id, msg.room, msg.seq)
+                self.sequencer.remember(msg.msg_id, msg.room, msg.seq, msg.key, msg.publish_ns)
                 self.sequencer.restore(msg.room, msg.seq)
 
     # Broker
 
     def publish(self, publication: Publication, now: float) -> None:
         room = publication.room
+        self._now_ns = int(now * 1e9)
         owner = owner_of(room, self.workers)
         if owner == self.shard_id:
-            seq = self._sequence(publication)
+            seen = self.sequencer.seen_key(publication.key, self._now_ns)
+            if seen is None:
+                seq = self._sequence(publication)
+            else:
+                room, seq = seen  # a retry of a publish we sequenced: its seq, once
+            # Acked at the commit: an acked message is in the ring.
             self._acks_due.append((publication.msg_id, room, seq))
             return
         payload = records.encode_forward(publication)
@@ -262,6 +275,9 @@ class ShmBroker:
         return owner_of(room, self.workers) == self.shard_id
 
     def catch_up(self) -> None:
+        """Commit what we wrote (a join must not see a frame before its record is
+        in the ring), then read every ring to its end."""
+        self.commit()
         while self.drain():
             pass
 
@@ -269,13 +285,17 @@ class ShmBroker:
 
     def _sequence(self, p: Publication) -> int:
         room = p.room
-        seq = self.sequencer.assign(room, p.msg_id)
+        seq = self.sequencer.assign(room, p.msg_id, p.key, self._now_ns)
         json = wire.message_json(room, p.sender, p.content, seq, p.timestamp, p.msg_id)
-        # Ring first, table second: a restart takes the larger of the two.
+        # Ring first, table second, and the table only once the ring's tail is
+        # committed (commit): a restart takes the larger of the two, so the table must
+        # never name a seq whose record a restarted writer pads over.
         self._write(
-            _ROOM_MSG, 0, records.encode_room_message(room, seq, p.publish_ns, p.msg_id, json)
+            _ROOM_MSG,
+            0,
+            records.encode_room_message(room, seq, p.publish_ns, p.msg_id, json, p.key),
         )
-        self._store_seq(room, seq)
+        self._seqs_due[room] = seq
         self.stats[_S_SEQUENCED] += 1
         log_event(log, logging.DEBUG, "sequenced", room=room, msg=p.msg_id, seq=seq)
         assert self.listener is not None
@@ -334,12 +354,14 @@ class ShmBroker:
 
     # Reading
 
-    def drain(self) -> bool:
+    def drain(self, now: float | None = None) -> bool:
         """Hand every peer's new records to the listener, ``POLL_LIMIT`` per ring;
-        True when there is more to read at once."""
+        True when there is more to read at once. ``now``: monotonic seconds."""
         listener = self.listener
         if listener is None:
             return False
+        if now is not None:
+            self._now_ns = int(now * 1e9)
         if self._answers_due:
             answers, self._answers_due = self._answers_due, []
             for room, last in answers:
@@ -360,7 +382,7 @@ class ShmBroker:
                 log_event(log, logging.WARNING, "ring_lapped", peer=peer, lost=reader.lost)
                 counters[_S_LAPS] = sum(r.lapped for r in self.readers.values())
                 counters[_S_LOST] = sum(r.lost for r in self.readers.values())
-                listener.on_lapped(self._latest_of(peer))
+                listener.on_resync(self._latest_of(peer))
                 more = True
         return more
 
@@ -387,7 +409,10 @@ class ShmBroker:
         if aux != self.shard_id:
             return
         publication = records.decode_forward(payload)
-        seen = self.sequencer.seen(publication.msg_id)
+        sequencer = self.sequencer
+        seen = sequencer.seen(publication.msg_id) or sequencer.seen_key(
+            publication.key, self._now_ns
+        )
         if seen is None:
             self._sequence(publication)
             return
@@ -409,8 +434,11 @@ class ShmBroker:
         self.listener.on_presence(peer, p.room, p.user, p.joined)
 
     def _on_reset(self, peer: int, aux: int, payload: bytes) -> None:
+        """``peer`` (re)started: its users are gone, and requests to its previous
+        incarnation may be lost: the engine asks again for the rooms it owns."""
         assert self.listener is not None
         self.listener.on_peer_reset(peer)
+        self.listener.on_resync(self._latest_of(peer))
 
     def _on_snapshot(self, peer: int, aux: int, payload: bytes) -> None:
         assert self.listener is not None
@@ -459,6 +487,7 @@ class ShmBroker:
         """Forward again what the owner has not sequenced yet, give up on what it
         never will; returns the next time this is needed."""
         forwarder = self.forwarder
+        self._now_ns = int(now * 1e9)
         if not forwarder.pending:
             return None
         again, failed = forwarder.due(now)

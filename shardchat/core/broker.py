@@ -10,7 +10,10 @@ one; Redis across boxes is the next.
 How a room gets its order is the broker's business, not the engine's. The
 engine hands over a :class:`Publication` without a seq and hears back, once,
 either :meth:`BrokerListener.on_published` (with the seq it got) or
-:meth:`BrokerListener.on_publish_failed`; every sequenced message reaches
+:meth:`BrokerListener.on_publish_failed` ("not known to be published"). A
+publication carries its idempotency key: a broker sequences one publication
+per key within ``KEY_WINDOW`` and answers a retry with the original seq, so
+that retrying after a failure is safe; every sequenced message reaches
 every engine, the publisher's included, through
 :meth:`BrokerListener.on_message`. On one box the room's owner shard assigns
 the seq (and the broker forwards publishes to it, retries and deduplicates);
@@ -27,7 +30,9 @@ from typing import NamedTuple, Protocol
 
 from shardchat.core.roomlog import HeldMessage
 
-__all__ = ["Broker", "BrokerListener", "Publication"]
+__all__ = ["KEY_WINDOW", "Broker", "BrokerListener", "Publication", "idempotency_key"]
+
+KEY_WINDOW = 600.0  # seconds a broker remembers a publish's idempotency key (PROTOCOL.md)
 
 
 class Publication(NamedTuple):
@@ -39,6 +44,14 @@ class Publication(NamedTuple):
     content: str
     timestamp: int  # ms since the Unix epoch, when the engine accepted it
     publish_ns: int  # monotonic ns at publish, for the publish-to-delivery histogram
+    key: str = ""  # idempotency key (see idempotency_key); "" when the client sent no id
+
+
+def idempotency_key(user: str, client_id: str | None) -> str:
+    """PROTOCOL.md, Extensions: a publish's ``id`` is deduplicated per user, for
+    ``KEY_WINDOW``. A user name never holds a newline, so the pair is one
+    unambiguous string."""
+    return "" if client_id is None else f"{user}\n{client_id}"
 
 
 class Broker(Protocol):
@@ -103,9 +116,10 @@ class BrokerListener(Protocol):
     def on_replay_end(self, room: str, last: int) -> None:
         """One resent chunk ended at ``last``; the engine asks for more if needed."""
 
-    def on_lapped(self, latest: Callable[[str], int | None]) -> None:
-        """The broker lost records it should have delivered; ``latest(room)`` says
-        where each affected room is now (0: unknown), None for a room not affected."""
+    def on_resync(self, latest: Callable[[str], int | None]) -> None:
+        """The broker may have lost records it should have delivered, or answers to
+        fills (a lapped reader, a restarted peer); ``latest(room)`` says where each
+        affected room is now (0: unknown), None for a room not affected."""
 
     def held(self, room: str, first: int) -> list[HeldMessage]:
         """The engine's held messages of ``room`` from ``first`` on (to answer a

@@ -33,7 +33,7 @@ from typing import Any, Generic
 from shardchat import stats
 from shardchat.core import wire
 from shardchat.core.admission import Admitted, Refusal, Upgrade, admit
-from shardchat.core.broker import Broker, Publication
+from shardchat.core.broker import Broker, Publication, idempotency_key
 from shardchat.core.config import Config
 from shardchat.core.errors import ErrorCode, ProtocolError
 from shardchat.core.fanout import Fanout
@@ -314,7 +314,13 @@ class RoomEngine(Generic[C]):
         self._pending[msg_id] = (conn, request.id)
         now = self.now
         publication = Publication(
-            msg_id, room, state.user, content, int(self.wall * 1000), int(now * 1e9)
+            msg_id,
+            room,
+            state.user,
+            content,
+            int(self.wall * 1000),
+            int(now * 1e9),
+            idempotency_key(state.user, request.id),
         )
         log_event(log, logging.DEBUG, "publish", conn=state.conn_id, room=room, msg=msg_id)
         self.broker.publish(publication, now)
@@ -421,6 +427,16 @@ class RoomEngine(Generic[C]):
         self._reply(conn, reply)
 
     def _history(self, conn: C, state: ConnState, request: HistoryQuery) -> None:
+        # As for a join with `since`: a room this engine dropped is fetched back
+        # first, so that `history` answers from everything the server holds.
+        if self.gaps.ensure_history(
+            request.room, request.since, self.now, lambda: self._finish_history(conn, request)
+        ):
+            self._finish_history(conn, request)
+
+    def _finish_history(self, conn: C, request: HistoryQuery) -> None:
+        if conn not in self.conns:
+            return  # gone while the room's history was being fetched
         room = request.room
         self.broker.catch_up()
         self.out += self.fanout.flush(self.now, snapshot=True)
@@ -570,7 +586,10 @@ class RoomEngine(Generic[C]):
         conn, request_id = pending
         state = self.conns.get(conn)
         if state is not None:
-            reason = f"the owner of room {room} did not answer"
+            reason = (
+                f"the owner of room {room} did not answer: not known to be published;"
+                " retrying with the same id is safe"
+            )
             self._refuse(conn, state, ProtocolError(ErrorCode.UNAVAILABLE, reason, request_id))
 
     def on_presence(self, peer: int, room: str, user: str, joined: bool) -> None:
@@ -592,7 +611,7 @@ class RoomEngine(Generic[C]):
     def on_replay_end(self, room: str, last: int) -> None:
         self.gaps.on_end(room, self.now)
 
-    def on_lapped(self, latest: Callable[[str], int | None]) -> None:
+    def on_resync(self, latest: Callable[[str], int | None]) -> None:
         self.gaps.resync(latest, self.now)
 
     def held(self, room: str, first: int) -> list[HeldMessage]:

@@ -4,10 +4,12 @@ DESIGN.md, Rooms: each engine delivers a room's messages in seq order. When
 a message arrives past a gap (on one box: our reader of the owner's ring was
 lapped), the room's later messages are held back and the broker is asked to
 resend the missing range (:meth:`Broker.fill`). It answers in chunks; at each
-chunk's end the next one is asked for. What the broker says is gone
-(``on_replay_lost``), and a range that never comes within ``GAP_TIMEOUT``,
-are given up: both are counted as lost and the room moves on, since a room
-must not stall for ever.
+chunk's end the next one is asked for. Only what the broker says is gone
+(``on_replay_lost``) is counted as lost at once. A range that does not come
+within ``GAP_TIMEOUT`` (the request or its answer was lapped too, or the
+owner restarted) is asked for again, with a doubling wait, and again at once
+when the broker resyncs (a lap, a peer's restart); it is given up only after
+``GAP_GIVE_UP`` without any progress, since a room must not stall for ever.
 
 The same path fetches a room's history for an engine that has no copy of it
 (dropped as idle, or just restarted) when a ``join`` with ``since`` needs it.
@@ -27,11 +29,13 @@ from shardchat.core.roomlog import RoomLog
 from shardchat.logs import log_event
 from shardchat.stats import Counters
 
-__all__ = ["GAP_TIMEOUT", "GapFill", "HeldBack"]
+__all__ = ["GAP_GIVE_UP", "GAP_TIMEOUT", "GAP_TIMEOUT_MAX", "GapFill", "HeldBack"]
 
 log = logging.getLogger(__name__)
 
-GAP_TIMEOUT = 2.0  # seconds to wait for the broker to resend a missed range
+GAP_TIMEOUT = 2.0  # seconds to wait for the broker to resend a missed range, then ask again
+GAP_TIMEOUT_MAX = 8.0  # the longest wait between two requests of one range
+GAP_GIVE_UP = 30.0  # seconds without progress before a range is given up as lost
 
 _S_GAPS_LOST = int(stats.Slot.GAPS_LOST)
 
@@ -40,8 +44,11 @@ _S_GAPS_LOST = int(stats.Slot.GAPS_LOST)
 class HeldBack:
     """A room's gap being filled, and the messages that came after it."""
 
-    deadline: float
+    deadline: float  # when to ask again
     last: int  # the last seq asked for
+    give_up_at: float  # GAP_GIVE_UP after the last progress
+    progress: int = 0  # the log's seq when progress was last seen
+    wait: float = GAP_TIMEOUT  # the current wait for an answer
     messages: dict[int, bytes] = field(default_factory=dict)  # seq -> JSON
 
 
@@ -83,11 +90,13 @@ class GapFill:
         """Ask for ``first..last``; hold later messages meanwhile."""
         held = self.held_back.get(room)
         if held is None:
-            held = self.held_back[room] = HeldBack(now + GAP_TIMEOUT, last)
+            held = self.held_back[room] = HeldBack(
+                now + GAP_TIMEOUT, last, now + GAP_GIVE_UP, first - 1
+            )
             level = logging.WARNING if why == "gap" else logging.INFO
             log_event(log, level, why, room=room, first=first, last=last)
         else:
-            held.deadline = now + GAP_TIMEOUT
+            held.deadline = now + held.wait
             held.last = max(held.last, last)
         self.broker.fill(room, first, held.last)
         return held
@@ -102,6 +111,7 @@ class GapFill:
                 continue
             held = self.held_back.get(room)
             if held is not None:
+                held.wait = GAP_TIMEOUT
                 self.request(room, log_.seq + 1, max(held.last, seq), now)
             elif seq > log_.seq:
                 self.request(room, log_.seq + 1, seq, now)
@@ -170,13 +180,25 @@ class GapFill:
         return False
 
     def sweep(self, now: float) -> None:
-        """Give up the ranges the broker did not resend in time."""
+        """Ask again for the ranges whose answer did not come in time (the request or
+        the replay may have been lost); give up only on a range that made no
+        progress for ``GAP_GIVE_UP`` (whoever holds it is stopped or gone that long)."""
         for room, held in list(self.held_back.items()):
-            if now >= held.deadline:
+            if now < held.deadline:
+                continue
+            log_ = self.logs[room]
+            if log_.seq > held.progress:
+                held.progress = log_.seq
+                held.give_up_at = now + GAP_GIVE_UP
+                held.wait = GAP_TIMEOUT
+            if now >= held.give_up_at:
                 last = min(held.messages) - 1 if held.messages else held.last
                 self._give_up(room, last)
                 held.last = 0
                 self.release(room)
+            else:
+                held.wait = min(GAP_TIMEOUT_MAX, held.wait * 2)
+                self.request(room, log_.seq + 1, held.last, now)
 
     def next_deadline(self) -> float | None:
         if not self.held_back:

@@ -6,7 +6,12 @@ re-encoding. The rest are rare and carried as orjson objects.
 
 ROOM_MSG / REPLAY::
 
-    u64 seq | u64 publish_ns | u8 room_len | u8 id_len | room | msg id | JSON frame
+    u64 seq | u64 publish_ns | u8 room_len | u8 id_len | u16 key_len | room | msg id |
+    idempotency key | JSON frame
+
+The idempotency key (``user\nclient id``, empty when the client sent no
+``id``) travels in the owner's record so that a restarted owner rebuilds its
+memory of the keys it sequenced from its own ring.
 
 A REPLAY carries one resent message, or, with no JSON, a marker named by
 its msg id field: ``skip`` (the owner holds nothing up to ``seq`` any more)
@@ -49,7 +54,7 @@ __all__ = [
 REPLAY_SKIP = "skip"  # a REPLAY marker: the owner holds nothing up to its seq
 REPLAY_END = "end"  # a REPLAY marker: the end of one resent chunk
 
-_PREFIX = struct.Struct("<QQBB")
+_PREFIX = struct.Struct("<QQBBH")
 _PREFIX_SIZE = _PREFIX.size
 
 
@@ -60,20 +65,31 @@ class RoomMessage:
     publish_ns: int  # CLOCK_MONOTONIC at publish: system-wide, so valid across shards
     msg_id: str
     json: bytes
+    key: str = ""  # the publish's idempotency key (core.broker.idempotency_key), "" for none
 
 
-def encode_room_message(room: str, seq: int, publish_ns: int, msg_id: str, json: bytes) -> bytes:
+def encode_room_message(
+    room: str, seq: int, publish_ns: int, msg_id: str, json: bytes, key: str = ""
+) -> bytes:
     room_b = room.encode()
     id_b = msg_id.encode()
-    return _PREFIX.pack(seq, publish_ns, len(room_b), len(id_b)) + room_b + id_b + json
+    key_b = key.encode()
+    prefix = _PREFIX.pack(seq, publish_ns, len(room_b), len(id_b), len(key_b))
+    return prefix + room_b + id_b + key_b + json
 
 
 def decode_room_message(payload: bytes) -> RoomMessage:
-    seq, publish_ns, room_len, id_len = _PREFIX.unpack_from(payload)
+    seq, publish_ns, room_len, id_len, key_len = _PREFIX.unpack_from(payload)
     a = _PREFIX_SIZE + room_len
     b = a + id_len
+    c = b + key_len
     return RoomMessage(
-        payload[_PREFIX_SIZE:a].decode(), seq, publish_ns, payload[a:b].decode(), payload[b:]
+        payload[_PREFIX_SIZE:a].decode(),
+        seq,
+        publish_ns,
+        payload[a:b].decode(),
+        payload[c:],
+        payload[b:c].decode() if key_len else "",
     )
 
 
@@ -86,13 +102,14 @@ def encode_forward(f: Publication) -> bytes:
             "c": f.content,
             "t": f.timestamp,
             "n": f.publish_ns,
+            "k": f.key,
         }
     )
 
 
 def decode_forward(payload: bytes) -> Publication:
     o = orjson.loads(payload)
-    return Publication(o["m"], o["r"], o["s"], o["c"], o["t"], o["n"])
+    return Publication(o["m"], o["r"], o["s"], o["c"], o["t"], o["n"], o.get("k", ""))
 
 
 @dataclass(frozen=True, slots=True)

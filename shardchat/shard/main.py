@@ -43,7 +43,6 @@ import uvloop
 
 from shardchat import stats
 from shardchat.brokers import segments
-from shardchat.brokers.forwarding import FORWARD_GIVE_UP
 from shardchat.brokers.shm import ShmBroker
 from shardchat.core.admission import Upgrade
 from shardchat.core.config import Config
@@ -60,7 +59,9 @@ __all__ = ["EXIT_BOOT_ERROR", "SWEEP_SLICES", "Shard", "ShardSpec", "run_shard"]
 log = logging.getLogger(__name__)
 
 EXIT_BOOT_ERROR = 3  # the supervisor stops instead of restarting a shard that cannot boot
-# Accepts between two gc.freeze() calls: long-lived connection objects leave the GC's walk.
+# Accepts between two gc.collect(); gc.freeze() calls: long-lived connection objects
+# leave the GC's walk (closed ones are freed by reference counting: see
+# Connection.connection_lost).
 FREEZE_EVERY = 1000
 # A pass over every connection takes this many sweep calls: with 12,500
 # connections a call ticks 250 of them, a pause of well under a millisecond.
@@ -230,8 +231,9 @@ class Shard:
     def drain(self) -> None:
         """Hand the peers' new records to the engine; again next turn if there is more."""
         self._drain_due = False
-        self.engine.advance(_monotonic(), _time())
-        more = self.broker.drain()
+        now = _monotonic()
+        self.engine.advance(now, _time())
+        more = self.broker.drain(now)
         self._emit()
         if more and not self._drain_due:
             self._drain_due = True
@@ -346,6 +348,7 @@ async def _serve(spec: ShardSpec) -> None:
         config.ring.bytes,
         config.ring.rooms,
         mine,
+        config.delivery.publish_timeout,
     )
     shard: Shard | None = None
     try:
@@ -354,7 +357,7 @@ async def _serve(spec: ShardSpec) -> None:
         )
         now = time.monotonic()
         engine.advance(now, time.time())
-        broker.recover(engine, now, time.monotonic_ns() - int(FORWARD_GIVE_UP * 1e9))
+        broker.recover(engine, now)
         broker.commit()
         shard = Shard(config, spec.shard_id, engine, broker, counters, loop)
         shard.start_bell()
@@ -407,6 +410,10 @@ async def _run(spec: ShardSpec, loop: asyncio.AbstractEventLoop, shard: Shard) -
             request_stop(False)
         if shard.accepted_total - frozen_at >= FREEZE_EVERY:
             frozen_at = shard.accepted_total
+            # Collect first: what is garbage now must not be frozen for ever. The walk
+            # covers only what was not frozen yet (at most about FREEZE_EVERY
+            # connections' objects), so the pause stays short.
+            gc.collect()
             gc.freeze()
         if not stop.is_set() or shard.connections:
             loop.call_later(tick, sweep)

@@ -18,7 +18,6 @@ from typing import Any
 
 import orjson
 
-from shardchat.brokers.forwarding import FORWARD_GIVE_UP
 from shardchat.brokers.sequencer import owner_of
 from shardchat.brokers.shm import ShmBroker
 from shardchat.core.admission import Refusal, Upgrade
@@ -134,7 +133,15 @@ class Box:
         self.turn()
 
     def _engine(self, shard: int) -> tuple[RoomEngine[Client], ShmBroker]:
-        broker = ShmBroker(shard, self.segments, RING, TABLE, self.bells, self.stats[shard])
+        broker = ShmBroker(
+            shard,
+            self.segments,
+            RING,
+            TABLE,
+            self.bells,
+            self.stats[shard],
+            self.config.delivery.publish_timeout,
+        )
         return RoomEngine(
             self.config,
             shard,
@@ -148,8 +155,7 @@ class Box:
     def _start(self, shard: int) -> None:
         engine = self.engines[shard]
         engine.advance(self.now, self.wall)
-        oldest = int((self.now - FORWARD_GIVE_UP) * 1e9)
-        self.brokers[shard].recover(engine, self.now, oldest)
+        self.brokers[shard].recover(engine, self.now)
 
     def restart(self, shard: int) -> None:
         """kill -9 and restart: records not committed are lost with the process;
@@ -224,6 +230,13 @@ class Box:
 
     # Turns and time
 
+    def commit(self, shard: int) -> None:
+        """Only the first step of a turn's end: the broker commits (and acks)."""
+        engine = self.engines[shard]
+        self.brokers[shard].commit()
+        self._collect(engine.out)
+        engine.out = []
+
     def turn(self) -> None:
         """Loop turns on every running shard until nothing moves: commit (and ack),
         write, read the rings."""
@@ -248,7 +261,7 @@ class Box:
                     continue
                 engine.advance(self.now, self.wall)
                 read = broker.stats[15]
-                more = broker.drain()
+                more = broker.drain(self.now)
                 moved = moved or more or broker.stats[15] != read or bool(engine.out)
             if not moved:
                 return
