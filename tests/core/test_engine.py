@@ -31,6 +31,18 @@ def error_count(box: Box, shard: int, code: ErrorCode) -> int:
     return box.stats[shard][stats.error_slot(code)]
 
 
+def owner_and_peer(box: Box, on_owner: str | None = "watcher") -> tuple[str, Client, Client]:
+    """A room owned by shard 0, a member there (``on_owner``, unless None) and
+    ``bob``, a member on shard 1."""
+    room = room_owned_by(0, box.workers)
+    first = box.connect(0, on_owner) if on_owner is not None else Client("none", 0)
+    if on_owner is not None:
+        box.join(first, room)
+    bob = box.connect(1, "bob")
+    box.join(bob, room)
+    return room, first, bob
+
+
 # Sequencing
 
 
@@ -66,9 +78,7 @@ class TestSequencing:
 
     def test_seq_continues_after_the_owner_restarts(self) -> None:
         box = Box(2)
-        room = room_owned_by(0, 2)
-        bob = box.connect(1, "bob")
-        box.join(bob, room)
+        room, _, bob = owner_and_peer(box, None)
         for i in range(3):
             box.send(bob, type="message", room=room, content=f"{i}")
         box.turn()
@@ -111,11 +121,7 @@ class TestSequencing:
 class TestForwarding:
     def test_a_forward_is_retried_and_sequenced_once(self) -> None:
         box = Box(2)
-        room = room_owned_by(0, 2)
-        watcher = box.connect(0, "watcher")
-        box.join(watcher, room)
-        bob = box.connect(1, "bob")
-        box.join(bob, room)
+        room, watcher, bob = owner_and_peer(box)
         box.stopped.add(0)  # the owner does not read: the forward waits
         box.send(bob, type="message", room=room, content="once", id="p1")
         box.advance(FORWARD_RETRY)  # forwarded again
@@ -129,9 +135,7 @@ class TestForwarding:
 
     def test_a_retry_after_the_sequenced_copy_was_read_gets_the_same_seq(self) -> None:
         box = Box(2)
-        room = room_owned_by(0, 2)
-        bob = box.connect(1, "bob")
-        box.join(bob, room)
+        room, _, bob = owner_and_peer(box, None)
         box.send(bob, type="message", room=room, content="x", id="p1")
         box.turn()
         (ack,) = bob.take("ack")
@@ -141,9 +145,7 @@ class TestForwarding:
 
     def test_an_owner_that_never_answers_gives_unavailable(self) -> None:
         box = Box(2)
-        room = room_owned_by(0, 2)
-        bob = box.connect(1, "bob")
-        box.join(bob, room)
+        room, _, bob = owner_and_peer(box, None)
         box.stopped.add(0)
         box.send(bob, type="message", room=room, content="lost", id="p1")
         timeout = box.config.delivery.publish_timeout
@@ -157,11 +159,7 @@ class TestForwarding:
 
     def test_a_forward_whose_sender_left_is_still_sequenced(self) -> None:
         box = Box(2)
-        room = room_owned_by(0, 2)
-        watcher = box.connect(0, "watcher")
-        box.join(watcher, room)
-        bob = box.connect(1, "bob")
-        box.join(bob, room)
+        room, watcher, bob = owner_and_peer(box)
         box.stopped.add(0)
         box.send(bob, type="message", room=room, content="bye")
         box.close(bob)
@@ -190,11 +188,7 @@ class TestForwarding:
 
     def test_a_retry_after_unavailable_is_delivered_once(self) -> None:
         box = Box(2)
-        room = room_owned_by(0, 2)
-        watcher = box.connect(0, "watcher")
-        box.join(watcher, room)
-        bob = box.connect(1, "bob")
-        box.join(bob, room)
+        room, watcher, bob = owner_and_peer(box)
         box.stopped.add(0)
         box.send(bob, type="message", room=room, content="x", id="p1")
         box.advance(box.config.delivery.publish_timeout)
@@ -232,9 +226,7 @@ class TestForwarding:
 
     def test_recent_forwards_are_sequenced_by_a_restarted_owner(self) -> None:
         box = Box(2)
-        room = room_owned_by(0, 2)
-        bob = box.connect(1, "bob")
-        box.join(bob, room)
+        room, _, bob = owner_and_peer(box, None)
         box.stopped.add(0)
         box.send(bob, type="message", room=room, content="while down", id="p1")
         box.turn()
@@ -250,11 +242,7 @@ class TestForwarding:
 class TestGapFill:
     def test_a_lapped_reader_fills_the_gap_from_the_owner(self) -> None:
         box = Box(2, config(**FAST))
-        room = room_owned_by(0, 2)
-        alice = box.connect(0, "alice")
-        box.join(alice, room)
-        bob = box.connect(1, "bob")
-        box.join(bob, room)
+        room, alice, bob = owner_and_peer(box, "alice")
         box.stopped.add(1)  # bob's shard stops reading: the owner's ring laps it
         count = 300  # 300 x ~600 bytes: about three rings
         for i in range(count):
@@ -268,11 +256,7 @@ class TestGapFill:
 
     def test_what_the_owner_no_longer_holds_is_given_up(self) -> None:
         box = Box(2, config(delivery__history=10, **FAST))
-        room = room_owned_by(0, 2)
-        alice = box.connect(0, "alice")
-        box.join(alice, room)
-        bob = box.connect(1, "bob")
-        box.join(bob, room)
+        room, alice, bob = owner_and_peer(box, "alice")
         box.stopped.add(1)
         for i in range(300):
             box.send(alice, type="message", room=room, content=f"{i}:" + "y" * 500)
@@ -286,9 +270,7 @@ class TestGapFill:
 
     def test_a_fill_is_asked_again_and_given_up_only_without_progress(self) -> None:
         box = Box(2)
-        room = room_owned_by(0, 2)
-        bob = box.connect(1, "bob")
-        box.join(bob, room)
+        room, _, bob = owner_and_peer(box, None)
         engine = box.engines[1]
         engine.advance(box.now, box.wall)
         engine.on_message(
@@ -308,11 +290,7 @@ class TestGapFill:
 
     def test_a_join_with_since_fetches_a_dropped_room_from_the_owner(self) -> None:
         box = Box(2, config(delivery__room_idle=60.0))
-        room = room_owned_by(0, 2)
-        alice = box.connect(0, "alice")
-        box.join(alice, room)
-        bob = box.connect(1, "bob")
-        box.join(bob, room)
+        room, alice, bob = owner_and_peer(box, "alice")
         for i in range(5):
             box.send(alice, type="message", room=room, content=str(i))
         box.turn()
