@@ -73,6 +73,7 @@ class Bus:
         self.peers = [i for i in range(workers) if i != shard_id]
         self.handler: RecordHandler | None = None
         self.on_lapped: Callable[[int], None] | None = None
+        self.on_commit: Callable[[], None] | None = None  # after each commit of our tail
         self.counters: memoryview | None = None  # our stats block, once started
         self._bells_due = False
         self._written = 0
@@ -142,6 +143,8 @@ class Bus:
         self._bells_due = False
         self._uncommitted = 0
         self.writer.commit()
+        if self.on_commit is not None:
+            self.on_commit()
         if self.counters is not None:
             self.counters[_S_WRITTEN] += self._written
         self._written = 0

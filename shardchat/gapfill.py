@@ -6,9 +6,12 @@ room's later messages are held back and the owner is asked, with a
 HISTORY_REQ, to resend the missing range as REPLAY records. The owner answers
 in chunks of at most 1/8 of a ring, so that a resend cannot lap the shard
 that asked for it; the asker asks for the next chunk at each chunk's end. If
-the owner no longer holds a part of the range it says so (a skip marker), and
-a range that never comes is given up after ``GAP_TIMEOUT``: both are counted
-as lost and the room moves on, since a room must not stall for ever.
+the owner no longer holds a part of the range it says so (a skip marker): only
+then are the messages counted as lost and the room moves on. A range that does
+not come within ``GAP_TIMEOUT`` (the request or its answer was lapped too, or
+the owner restarted) is asked for again, with a doubling wait, and again at
+once when the owner restarts (its RESET); it is given up only after
+``GAP_GIVE_UP`` without any progress, since a room must not stall for ever.
 
 The same path fetches a room's history for a shard that has no copy of it
 (dropped as idle, or just restarted) when a ``join`` with ``since`` needs it.
@@ -26,11 +29,13 @@ from .obs import log_event
 from .ringlayout import RecordKind, max_payload
 from .rooms import RoomLog, owner_of
 
-__all__ = ["GAP_TIMEOUT", "GapFill", "HeldBack"]
+__all__ = ["GAP_GIVE_UP", "GAP_TIMEOUT", "GapFill", "HeldBack"]
 
 log = logging.getLogger(__name__)
 
-GAP_TIMEOUT = 2.0  # seconds to wait for the owner to resend a missed range
+GAP_TIMEOUT = 2.0  # seconds to wait for the owner to resend a missed range, then ask again
+GAP_TIMEOUT_MAX = 8.0  # the longest wait between two requests of one range
+GAP_GIVE_UP = 30.0  # seconds without progress before a range is given up as lost
 
 _HISTORY_REQ = int(RecordKind.HISTORY_REQ)
 _REPLAY = int(RecordKind.REPLAY)
@@ -44,8 +49,11 @@ _REPLAY_END = "end"  # end of one resent chunk
 class HeldBack:
     """A room's gap being filled by its owner, and the messages that came after it."""
 
-    deadline: float
+    deadline: float  # when to ask again
     last: int  # the last seq asked for
+    give_up_at: float  # GAP_GIVE_UP after the last progress
+    progress: int = 0  # the log's seq when progress was last seen
+    wait: float = GAP_TIMEOUT  # the current wait for an answer
     messages: dict[int, records.RoomMessage] = field(default_factory=dict)
 
 
@@ -85,12 +93,15 @@ class GapFill:
     def request(self, room: str, first: int, last: int, why: str = "gap") -> HeldBack:
         """Ask the room's owner to resend ``first..last``; hold later messages meanwhile."""
         held = self.held_back.get(room)
+        now = self.loop.time()
         if held is None:
-            held = self.held_back[room] = HeldBack(self.loop.time() + GAP_TIMEOUT, last)
+            held = self.held_back[room] = HeldBack(
+                now + GAP_TIMEOUT, last, now + GAP_GIVE_UP, first - 1
+            )
             level = logging.WARNING if why == "gap" else logging.INFO
             log_event(log, level, why, room=room, first=first, last=last)
         else:
-            held.deadline = self.loop.time() + GAP_TIMEOUT
+            held.deadline = now + held.wait
             held.last = max(held.last, last)
         request = records.HistoryRequest(room, first, held.last)
         owner = owner_of(room, self.workers)
@@ -111,6 +122,15 @@ class GapFill:
                 self.request(room, log_.seq + 1, max(held.last, seq or 0))
             elif seq is not None and seq > log_.seq:
                 self.request(room, log_.seq + 1, seq)
+
+    def on_owner_reset(self, peer: int) -> None:
+        """``peer`` restarted: requests to its previous incarnation may be lost, and the
+        new one holds what its ring kept. Ask it again for every range it owes us."""
+        for room, held in list(self.held_back.items()):
+            log_ = self.logs.get(room)
+            if log_ is not None and owner_of(room, self.workers) == peer:
+                held.wait = GAP_TIMEOUT
+                self.request(room, log_.seq + 1, held.last)
 
     def release(self, room: str) -> None:
         """Deliver held-back messages that now follow the log without a gap."""
@@ -169,13 +189,25 @@ class GapFill:
         return False
 
     def sweep(self, now: float) -> None:
-        """Give up the ranges whose owner did not answer in time."""
+        """Ask again for the ranges whose answer did not come in time (the request or
+        the replay may have been lapped); give up only on a range that made no
+        progress for ``GAP_GIVE_UP`` (its owner is stopped or gone for that long)."""
         for room, held in list(self.held_back.items()):
-            if now >= held.deadline:
+            if now < held.deadline:
+                continue
+            log_ = self.logs[room]
+            if log_.seq > held.progress:
+                held.progress = log_.seq
+                held.give_up_at = now + GAP_GIVE_UP
+                held.wait = GAP_TIMEOUT
+            if now >= held.give_up_at:
                 last = min(held.messages) - 1 if held.messages else held.last
                 self._give_up(room, last)
                 held.last = 0
                 self.release(room)
+            else:
+                held.wait = min(GAP_TIMEOUT_MAX, held.wait * 2)
+                self.request(room, log_.seq + 1, held.last)
 
     def _give_up(self, room: str, last: int) -> None:
         self.stats[_S_GAPS_LOST] += 1

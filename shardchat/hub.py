@@ -388,8 +388,8 @@ class Hub:
         replay = log_.replay(request.since, request.epoch)
         joined["recovered"] = replay.recovered
         self._reply(conn, joined)
-        for held in replay.messages:
-            conn.send(wire.text_frame(held.payload))
+        if replay.messages:
+            conn.send_paced(wire.text_frame(held.payload) for held in replay.messages)
 
     def _leave(self, conn: Connection, state: ConnState, request: Leave) -> None:
         room = request.room
@@ -413,10 +413,20 @@ class Hub:
         self._reply(conn, reply)
 
     def _history(self, conn: Connection, request: HistoryQuery) -> None:
+        # As for a join with `since`: a room this shard dropped is fetched back from
+        # its owner first, so that `history` answers from everything the server holds.
+        if self.router.gaps.ensure_history(
+            request.room, request.since, lambda: self._finish_history(conn, request)
+        ):
+            self._finish_history(conn, request)
+
+    def _finish_history(self, conn: Connection, request: HistoryQuery) -> None:
+        if conn.out is None and not conn.is_open:
+            return  # gone while the room's history was being fetched
         room = request.room
         held = self.router.replay(room, request.since, request.limit)
-        for message in held:
-            conn.send(wire.text_frame(message.payload))
+        if held:
+            conn.send_paced(wire.text_frame(message.payload) for message in held)
         last = held[-1].seq if held else request.since
         self._reply(conn, {"type": "history_end", "room": room, "seq": last})
 

@@ -6,7 +6,12 @@ re-encoding. The rest are rare and carried as orjson objects.
 
 ROOM_MSG / REPLAY::
 
-    u64 seq | u64 publish_ns | u8 room_len | u8 id_len | room | msg id | JSON frame
+    u64 seq | u64 publish_ns | u8 room_len | u8 id_len | u16 key_len | room | msg id |
+    idempotency key | JSON frame
+
+The idempotency key (``user\nclient id``, empty when the client sent no
+``id``) travels in the owner's record so that a restarted owner rebuilds its
+memory of the keys it sequenced from its own ring.
 
 A REPLAY with an empty msg id and JSON marks the end of a resend: ``seq`` is
 the last seq the request asked for.
@@ -37,9 +42,10 @@ __all__ = [
     "encode_presence",
     "encode_room_message",
     "encode_snapshot",
+    "idempotency_key",
 ]
 
-_PREFIX = struct.Struct("<QQBB")
+_PREFIX = struct.Struct("<QQBBH")
 _PREFIX_SIZE = _PREFIX.size
 
 
@@ -50,20 +56,37 @@ class RoomMessage:
     publish_ns: int  # CLOCK_MONOTONIC at publish: system-wide, so valid across shards
     msg_id: str
     json: bytes
+    key: str = ""  # the publish's idempotency key (see idempotency_key), "" for none
 
 
-def encode_room_message(room: str, seq: int, publish_ns: int, msg_id: str, json: bytes) -> bytes:
+def idempotency_key(user: str, client_id: str | None) -> str:
+    """PROTOCOL.md, Extensions: a publish's ``id`` is deduplicated per user. A user
+    name never holds a newline, so the pair is one unambiguous string."""
+    return "" if client_id is None else f"{user}\n{client_id}"
+
+
+def encode_room_message(
+    room: str, seq: int, publish_ns: int, msg_id: str, json: bytes, key: str = ""
+) -> bytes:
     room_b = room.encode()
     id_b = msg_id.encode()
-    return _PREFIX.pack(seq, publish_ns, len(room_b), len(id_b)) + room_b + id_b + json
+    key_b = key.encode()
+    prefix = _PREFIX.pack(seq, publish_ns, len(room_b), len(id_b), len(key_b))
+    return prefix + room_b + id_b + key_b + json
 
 
 def decode_room_message(payload: bytes) -> RoomMessage:
-    seq, publish_ns, room_len, id_len = _PREFIX.unpack_from(payload)
+    seq, publish_ns, room_len, id_len, key_len = _PREFIX.unpack_from(payload)
     a = _PREFIX_SIZE + room_len
     b = a + id_len
+    c = b + key_len
     return RoomMessage(
-        payload[_PREFIX_SIZE:a].decode(), seq, publish_ns, payload[a:b].decode(), payload[b:]
+        payload[_PREFIX_SIZE:a].decode(),
+        seq,
+        publish_ns,
+        payload[a:b].decode(),
+        payload[c:],
+        payload[b:c].decode() if key_len else "",
     )
 
 
@@ -77,6 +100,7 @@ class Forward:
     content: str
     timestamp: int  # ms since the Unix epoch, when the publish was accepted
     publish_ns: int  # CLOCK_MONOTONIC at publish
+    key: str = ""  # idempotency key: the owner sequences one publish per key
 
 
 def encode_forward(f: Forward) -> bytes:
@@ -88,13 +112,14 @@ def encode_forward(f: Forward) -> bytes:
             "c": f.content,
             "t": f.timestamp,
             "n": f.publish_ns,
+            "k": f.key,
         }
     )
 
 
 def decode_forward(payload: bytes) -> Forward:
     o = orjson.loads(payload)
-    return Forward(o["m"], o["r"], o["s"], o["c"], o["t"], o["n"])
+    return Forward(o["m"], o["r"], o["s"], o["c"], o["t"], o["n"], o.get("k", ""))
 
 
 @dataclass(frozen=True, slots=True)

@@ -79,6 +79,10 @@ class Router:
         self._next_evict = ctx.loop.time() + min(EVICT_EVERY, idle or EVICT_EVERY)
         self._table_slots: dict[str, int | None] = {}
         self._outbox: dict[str, list[bytes]] = {}
+        # Owner acks of this turn, sent by the flush after the bus's commit.
+        self._acks: list[tuple[Connection, str, int, str | None]] = []
+        self._seqs_due: dict[str, int] = {}  # owned rooms' seqs the table does not show yet
+        ctx.bus.on_commit = self._store_seqs
         self._flush_scheduled = False
         self._msg_prefix = f"{ctx.shard_id}-{secrets.token_hex(3)}-"
         self._msg_counter = 0
@@ -131,7 +135,7 @@ class Router:
             if msg.seq == log_.seq + 1:
                 log_.append(msg.seq, msg.json)
             if owner_of(msg.room, self.workers) == self.shard_id:
-                self.forwarder.remember(msg.msg_id, msg.room, msg.seq)
+                self.forwarder.remember(msg.msg_id, msg.room, msg.seq, msg.key, msg.publish_ns)
 
     # Publishing
 
@@ -142,13 +146,20 @@ class Router:
     def publish(self, conn: Connection, room: str, content: str, request_id: str | None) -> str:
         """Sequence here or forward to the owner; the sender's ack follows. Returns the msg id."""
         msg_id = self.next_msg_id()
+        key = records.idempotency_key(conn.user, request_id)
         forward = records.Forward(
-            msg_id, room, conn.user, content, time.time_ns() // 1_000_000, time.monotonic_ns()
+            msg_id, room, conn.user, content, time.time_ns() // 1_000_000, time.monotonic_ns(), key
         )
         owner = owner_of(room, self.workers)
         if owner == self.shard_id:
-            seq = self._sequence(forward)
-            send_ack(conn, room, seq, request_id)
+            seen = self.forwarder.seen_key(key)
+            if seen is None:
+                seq = self._sequence(forward)
+            else:
+                room, seq = seen  # a retry: the original's seq, sequenced once
+            # Acked in the flush, after the commit: an acked message is in the ring.
+            self._acks.append((conn, room, seq, request_id))
+            self._schedule_flush()
         else:
             self.forwarder.send(conn, request_id, forward, owner)
         return msg_id
@@ -168,13 +179,17 @@ class Router:
                 "id": f.msg_id,
             }
         )
-        # Ring first, table second: a restart takes the larger of the two.
+        # Ring first, table second, and the table only once the ring's tail covers the
+        # record (at the commit, _store_seqs): the table never runs ahead of the ring,
+        # so a restart never skips (and clears) history the ring still holds.
         self.bus.publish(
-            _ROOM_MSG, 0, records.encode_room_message(room, seq, f.publish_ns, f.msg_id, json)
+            _ROOM_MSG,
+            0,
+            records.encode_room_message(room, seq, f.publish_ns, f.msg_id, json, f.key),
         )
         log_.append(seq, json)
-        self._store_seq(room, seq)
-        self.forwarder.remember(f.msg_id, room, seq)
+        self._seqs_due[room] = seq
+        self.forwarder.remember(f.msg_id, room, seq, f.key)
         self._queue(room, json)
         self.stats[_S_SEQUENCED] += 1
         self._latency(time.monotonic_ns() - f.publish_ns)
@@ -187,6 +202,13 @@ class Router:
         counters[stats.latency_slot(ns / 1e6)] += 1
         counters[_S_LATENCY_COUNT] += 1
         counters[_S_LATENCY_SUM] += max(0, ns // 1000)
+
+    def _store_seqs(self) -> None:
+        """The bus committed our ring's tail: the seq table may now show those seqs."""
+        if self._seqs_due:
+            due, self._seqs_due = self._seqs_due, {}
+            for room, seq in due.items():
+                self._store_seq(room, seq)
 
     def _store_seq(self, room: str, seq: int) -> None:
         table = self.bus.tables[self.shard_id]
@@ -271,7 +293,9 @@ class Router:
                 conn.send(frame)
 
     def _on_reset(self, peer: int) -> None:
-        """A peer (re)started: its users are gone; tell it (and all) who is here."""
+        """A peer (re)started: its users are gone; tell it (and all) who is here, and
+        ask it again for the gaps it was filling for us."""
+        self.gaps.on_owner_reset(peer)
         for room, user in self.presence.drop_shard(peer):
             self._presence_event(room, user, "leave")
         pairs = self.presence.local_pairs()
@@ -368,13 +392,24 @@ class Router:
             self._outbox[room] = [wire.text_frame(json)]
         else:
             frames.append(wire.text_frame(json))
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self.loop.call_soon(self.flush)
 
     def flush(self) -> None:
-        """Write each room's queued frames, joined once, once to each local member."""
+        """Commit our ring, then write each room's queued frames, joined once, once to
+        each local member, then this turn's acks. Nothing sequenced here reaches a
+        client before its record is visible in the ring (the tail is committed): an
+        owner killed after that loses no message that anyone saw or had acked."""
         self._flush_scheduled = False
+        self.bus.commit()
+        if self._acks:
+            acks, self._acks = self._acks, []
+            for conn, room, seq, request_id in acks:
+                send_ack(conn, room, seq, request_id)
         if not self._outbox:
             return
         outbox, self._outbox = self._outbox, {}

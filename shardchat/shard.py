@@ -38,7 +38,9 @@ __all__ = ["EXIT_BOOT_ERROR", "ShardSpec", "run_shard"]
 log = logging.getLogger(__name__)
 
 EXIT_BOOT_ERROR = 3  # the supervisor stops instead of restarting a shard that cannot boot
-# Accepts between two gc.freeze() calls: long-lived connection objects leave the GC's walk.
+# Accepts between two gc.collect(); gc.freeze() calls: long-lived connection objects
+# leave the GC's walk (closed ones are freed by reference counting: see
+# Connection.connection_lost).
 FREEZE_EVERY = 1000
 
 
@@ -149,6 +151,10 @@ async def _run(spec: ShardSpec, loop: asyncio.AbstractEventLoop, hub: Hub, bus: 
             request_stop(False)
         if hub.accepted_total - frozen_at >= FREEZE_EVERY:
             frozen_at = hub.accepted_total
+            # Collect first: what is garbage now must not be frozen for ever. The walk
+            # covers only what was not frozen yet (at most about FREEZE_EVERY
+            # connections' objects), so the pause stays short.
+            gc.collect()
             gc.freeze()
         if not stop.is_set() or hub.connections:
             loop.call_later(tick, sweep)
