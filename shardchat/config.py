@@ -80,6 +80,7 @@ class DeliveryConfig:
     ack_retries: int = 5  # resends before close 4409
     history: int = 1000  # messages held per room for resume and history
     room_idle: float = 600.0  # seconds before a non-owner shard drops an idle room's log
+    publish_timeout: float = 30.0  # seconds before a forwarded publish is answered `unavailable`
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -251,6 +252,7 @@ _CHECKS: dict[str, Check] = {
     "delivery.ack_retries": _int(0),
     "delivery.history": _int(0, 1_000_000),
     "delivery.room_idle": _number(0, strict=False),
+    "delivery.publish_timeout": _number(0, strict=True),
     "ring.bytes": _power_of_two,
     "ring.rooms": _int(16, 1 << 24),
     "presence.list_limit": _int(1),

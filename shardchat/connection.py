@@ -31,6 +31,7 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 
 from .messages import AppCloseCode
+from .obs import log_event
 
 __all__ = [
     "CLOSE_TIMEOUT",
@@ -69,6 +70,7 @@ class Writer(TypingProtocol):
 
 
 _quiet_logger = logging.getLogger("websockets.server")
+log = logging.getLogger(__name__)
 
 
 class ConnectionHandler(TypingProtocol):
@@ -275,9 +277,11 @@ class Connection(asyncio.Protocol):
         asyncio.get_running_loop().call_soon(self._close_slow)
 
     def _close_slow(self) -> None:
-        if self.transport is not None and self.proto.state is _OPEN:
-            self.close_deadline = self.handler.clock + SLOW_CLOSE_TIMEOUT
+        if self.transport is None or self.proto.state is not _OPEN:
+            return
+        self.close_deadline = self.handler.clock + SLOW_CLOSE_TIMEOUT
         self.close(AppCloseCode.SLOW_CONSUMER, "slow consumer")
+        log_event(log, logging.INFO, "slow_consumer", conn=self.conn_id, user=self.user)
 
     def _flush_queue(self) -> None:
         """Before a close frame: what is queued goes first, whatever the transport holds."""

@@ -6,7 +6,7 @@ the owner's sequenced record (or a FORWARD_SEEN for a duplicate) comes back,
 then acks the sender; it forwards it again after ``FORWARD_RETRY``, doubling
 the wait up to ``FORWARD_RETRY_MAX`` (a stopped owner must not have its small
 ring refilled with the same forwards every second), and gives up after
-``FORWARD_GIVE_UP`` with an ``unavailable`` error, which means "not known to
+``delivery.publish_timeout`` with an ``unavailable`` error, which means "not known to
 be published": the forward may still be sequenced later.
 
 The owner remembers the message ids it sequenced, so a forward that arrives
@@ -32,7 +32,6 @@ from .obs import log_event
 from .ringlayout import RecordKind
 
 __all__ = [
-    "FORWARD_GIVE_UP",
     "FORWARD_RETRY",
     "FORWARD_RETRY_MAX",
     "KEY_WINDOW",
@@ -46,7 +45,6 @@ log = logging.getLogger(__name__)
 
 FORWARD_RETRY = 1.0  # seconds before an unsequenced forward is sent again (then doubled)
 FORWARD_RETRY_MAX = 8.0  # the longest wait between two sends of one forward
-FORWARD_GIVE_UP = 30.0  # seconds before the sender is told the publish is not known
 SEQUENCED_IDS = 100_000  # message ids (and idempotency keys) the owner remembers at most
 KEY_WINDOW = 600.0  # seconds the owner remembers an idempotency key (PROTOCOL.md)
 
@@ -78,6 +76,7 @@ class Forwarder:
         self.bus = ctx.bus
         self.loop = ctx.loop
         self.stats = ctx.counters
+        self.give_up = ctx.config.delivery.publish_timeout
         self.sequence = sequence  # the owner's sequencing of one publish
         self.pending: dict[str, PendingPublish] = {}
         self.sequenced: OrderedDict[str, tuple[str, int]] = OrderedDict()
@@ -112,7 +111,7 @@ class Forwarder:
         """Forward again what the owner has not sequenced yet; give up on what it
         never will."""
         for msg_id, pending in list(self.pending.items()):
-            if now - pending.first_sent >= FORWARD_GIVE_UP:
+            if now - pending.first_sent >= self.give_up:
                 del self.pending[msg_id]
                 log_event(log, logging.ERROR, "forward_failed", msg=msg_id, owner=pending.owner)
                 if pending.conn is not None:

@@ -24,7 +24,7 @@ from . import records, stats, wire
 from .connection import Connection
 from .context import ShardContext
 from .delivery import Reliable
-from .forwarding import FORWARD_GIVE_UP, Forwarder, send_ack
+from .forwarding import Forwarder, send_ack
 from .gapfill import GapFill
 from .messages import AppCloseCode
 from .obs import log_event
@@ -114,7 +114,7 @@ class Router:
             readers[peer] = reader
             self._rebuild(retained)
             forwards += [(peer, r) for r in retained if r[1] == _FORWARD and r[2] == self.shard_id]
-        oldest_ok = time.monotonic_ns() - int(FORWARD_GIVE_UP * 1e9)
+        oldest_ok = time.monotonic_ns() - int(self.config.delivery.publish_timeout * 1e9)
         for peer, (_, _, _, payload) in forwards:
             forward = records.decode_forward(payload)
             if forward.publish_ns >= oldest_ok:
