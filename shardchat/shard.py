@@ -42,6 +42,7 @@ EXIT_BOOT_ERROR = 3  # the supervisor stops instead of restarting a shard that c
 # leave the GC's walk (closed ones are freed by reference counting: see
 # Connection.connection_lost).
 FREEZE_EVERY = 1000
+_S_UNLISTENED = int(stats.Slot.UNLISTENED)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -82,6 +83,7 @@ def _attach_stats(spec: ShardSpec) -> tuple[shm.Segment, stats.StatsView]:
     mine[stats.Slot.STARTED_NS] = time.time_ns()
     mine[stats.Slot.CONNECTIONS] = 0
     mine[stats.Slot.ROOMS] = 0
+    mine[stats.Slot.UNLISTENED] = 0
     for peer in range(spec.config.workers):
         mine[stats.LAG_BASE + peer] = 0
     return segment, view
@@ -114,13 +116,34 @@ async def _serve(spec: ShardSpec) -> None:
 
 async def _run(spec: ShardSpec, loop: asyncio.AbstractEventLoop, hub: Hub, bus: Bus) -> None:
     config = spec.config
-    server = await loop.create_server(
-        hub.new_connection,
-        config.server.host,
-        config.server.port,
-        reuse_port=True,
-        backlog=config.server.backlog,
-    )
+    mine = bus.counters
+    assert mine is not None
+
+    async def listen() -> asyncio.Server:
+        listening = await loop.create_server(
+            hub.new_connection,
+            config.server.host,
+            config.server.port,
+            reuse_port=True,
+            backlog=config.server.backlog,
+        )
+        # The supervisor takes it out of the accept group when our loop stops beating.
+        mine[stats.Slot.LISTEN_FD] = listening.sockets[0].fileno()
+        return listening
+
+    server = await listen()
+    relistening = False
+
+    async def relisten() -> None:
+        # The supervisor shut our socket down while the loop was stuck: a fresh one
+        # joins the port's SO_REUSEPORT group again.
+        nonlocal server, relistening
+        old, server = server, await listen()
+        old.close()
+        mine[stats.Slot.UNLISTENED] = 0
+        relistening = False
+        log_event(log, logging.WARNING, "shard_relisten")
+
     stop = asyncio.Event()
     quick = False
 
@@ -140,9 +163,12 @@ async def _run(spec: ShardSpec, loop: asyncio.AbstractEventLoop, hub: Hub, bus: 
     frozen_at = 0
 
     def sweep() -> None:
-        nonlocal frozen_at
+        nonlocal frozen_at, relistening
         hub.sweep(loop.time())
         bus.heartbeat()
+        if mine[_S_UNLISTENED] and not relistening and not stop.is_set():
+            relistening = True
+            loop.create_task(relisten())
         # A safety net under the doorbells: a drain costs little when idle.
         bus.drain()
         bus.record_lag()
