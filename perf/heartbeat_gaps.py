@@ -5,7 +5,8 @@
 Reads the heartbeat every shard stamps in its ring header (once per sweep call,
 about every 20 ms) every 5 ms for SECONDS, and prints, per shard, the longest
 gap and how many gaps exceeded 0.5, 1 and 2 s. A gap across a restart (the
-writer pid changed) is not counted. Used to choose server.shard_unlisten.
+writer pid changed) is not counted, nor a restart's recovery before its first
+beat. Used to choose server.shard_unlisten.
 """
 
 from __future__ import annotations
@@ -32,25 +33,28 @@ def main() -> None:
     views = [memoryview(s.buf) for s in segments]
     last = [ring_heartbeat_ns(v) for v in views]
     pids = [U64.unpack_from(v, OFF_WRITER_PID)[0] for v in views]
+    fresh = [False] * len(views)
     longest = [0] * len(views)
     over = [{0.5: 0, 1.0: 0, 2.0: 0} for _ in views]
     end = time.monotonic() + seconds
     while time.monotonic() < end:
-        now = time.monotonic_ns()
         for i, view in enumerate(views):
             pid = U64.unpack_from(view, OFF_WRITER_PID)[0]
             beat = ring_heartbeat_ns(view)
             if pid != pids[i]:
-                pids[i], last[i] = pid, beat
+                # A restart: count from the new incarnation's first beat.
+                pids[i], last[i], fresh[i] = pid, beat, True
                 continue
-            gap = now - last[i]
+            if fresh[i]:
+                if beat != last[i]:
+                    last[i], fresh[i] = beat, False
+                continue
             if beat != last[i]:
                 longest[i] = max(longest[i], beat - last[i])
                 for limit in over[i]:
                     if (beat - last[i]) / 1e9 > limit:
                         over[i][limit] += 1
                 last[i] = beat
-            del gap
         time.sleep(0.005)
     print(
         json.dumps(

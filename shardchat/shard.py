@@ -84,6 +84,7 @@ def _attach_stats(spec: ShardSpec) -> tuple[shm.Segment, stats.StatsView]:
     mine[stats.Slot.CONNECTIONS] = 0
     mine[stats.Slot.ROOMS] = 0
     mine[stats.Slot.UNLISTENED] = 0
+    mine[stats.Slot.LISTEN_FD] = 0  # not listening yet
     for peer in range(spec.config.workers):
         mine[stats.LAG_BASE + peer] = 0
     return segment, view

@@ -228,6 +228,9 @@ class Supervisor:
             return
         block = self._stats.blocks[slot.shard_id]
         fd = int(block[Slot.LISTEN_FD])
+        if not fd:
+            slot.unlistened = False  # not listening yet (still recovering): later
+            return
         try:
             dup = _pidfd_getfd(int(slot.process.pid), fd)
         except OSError as exc:
@@ -239,15 +242,21 @@ class Supervisor:
                 error=str(exc),
             )
             return
-        with socket.socket(fileno=dup) as sock:
-            # The descriptor must still be that shard's listener on our port.
-            listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
-            port = (
-                sock.getsockname()[1] if sock.family in (socket.AF_INET, socket.AF_INET6) else None
-            )
-            if not listening or port != self.config.server.port:
+        try:
+            sock = socket.socket(fileno=dup)
+        except OSError:
+            os.close(dup)  # not a socket: the shard has moved on
+            return
+        with sock:
+            try:
+                # The descriptor must still be that shard's listener on our port.
+                if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                    return
+                if sock.getsockname()[1] != self.config.server.port:
+                    return
+                sock.shutdown(socket.SHUT_RD)
+            except OSError:
                 return
-            sock.shutdown(socket.SHUT_RD)
         block[Slot.UNLISTENED] = 1
         log_event(
             log,
