@@ -58,6 +58,8 @@ class Slot(enum.IntEnum):
     LATENCY_COUNT = 21
     LATENCY_SUM_US = 22
     HTTP_REFUSED = 23  # upgrades refused before the handshake (403/400/401/503)
+    LISTEN_FD = 24  # gauge: the shard's listening socket's descriptor (for the supervisor)
+    UNLISTENED = 25  # set by the supervisor: it shut that socket down; the shard re-listens
 
 
 ERROR_CODES = tuple(ErrorCode)  # one counter slot per code, in the enum's order

@@ -49,6 +49,7 @@ class ServerConfig:
     workers: int | str = "auto"  # shards; "auto" = CPU count
     graceful_timeout: float = 10.0  # seconds a drain may take before shards are killed
     shard_timeout: float = 30.0  # a shard whose loop is stuck this long is killed; 0 = off
+    shard_unlisten: float = 2.0  # ... this long, leaves the port's accept group; 0 = off
     max_connections: int = 100_000  # whole server; over it, HTTP 503
     max_per_ip: int = 0  # per client address, per shard's view; 0 = off
     origins: tuple[str, ...] = ()  # allowed Origin values; empty = any
@@ -233,6 +234,7 @@ _CHECKS: dict[str, Check] = {
     "server.workers": _workers,
     "server.graceful_timeout": _number(0, strict=True),
     "server.shard_timeout": _number(0, strict=False),
+    "server.shard_unlisten": _number(0, strict=False),
     "server.max_connections": _int(1),
     "server.max_per_ip": _int(0),
     "server.origins": _origins,

@@ -49,7 +49,7 @@ from shardchat.core.messages import (
     Publish,
     RoomId,
 )
-from shardchat.core.outputs import C, Close, Output
+from shardchat.core.outputs import C, Close, Output, Paced
 from shardchat.core.presence import PresenceView
 from shardchat.core.ratelimit import TokenBucket
 from shardchat.core.reliable import ReliableRooms
@@ -384,8 +384,8 @@ class RoomEngine(Generic[C]):
         replay = log_.replay(request.since, request.epoch)
         joined["recovered"] = replay.recovered
         self._reply(conn, joined)
-        for held in replay.messages:
-            self._send(conn, held.payload)
+        if replay.messages:
+            self.out.append(((conn,), Paced([held.payload for held in replay.messages])))
 
     def _leave(self, conn: C, state: ConnState, request: Leave) -> None:
         room = request.room
@@ -442,8 +442,8 @@ class RoomEngine(Generic[C]):
         self.out += self.fanout.flush(self.now, snapshot=True)
         log_ = self.logs.get(room)
         held = [] if log_ is None else log_.after(request.since, request.limit)
-        for message in held:
-            self._send(conn, message.payload)
+        if held:
+            self.out.append(((conn,), Paced([message.payload for message in held])))
         last = held[-1].seq if held else request.since
         self._reply(conn, {"type": "history_end", "room": room, "seq": last})
 
@@ -544,8 +544,11 @@ class RoomEngine(Generic[C]):
             self.out += out
         idle = self.config.delivery.room_idle
         if idle and now >= self._next_evict:
+            if self._next_evict:
+                self._evict_idle()
+            # The first tick only sets the clock: what was restored at start-up is
+            # as fresh as the engine.
             self._next_evict = now + min(EVICT_EVERY, idle)
-            self._evict_idle()
         if self.gaps.held_back:
             self.gaps.sweep(now)
             gap = self.gaps.next_deadline()
@@ -622,12 +625,12 @@ class RoomEngine(Generic[C]):
         log_ = self.logs.get(room)
         if json is None:
             if log_ is None:
-                self.logs[room] = RoomLog(self.epoch, self.history, seq)
+                self.logs[room] = RoomLog(self.epoch, self.history, seq, self.now)
             else:
                 log_.skip_to(seq)
             return
         if log_ is None:
-            log_ = self.logs[room] = RoomLog(self.epoch, self.history, seq - 1)
+            log_ = self.logs[room] = RoomLog(self.epoch, self.history, seq - 1, self.now)
         if seq > log_.seq + 1:
             log_.skip_to(seq - 1)  # a part of the ring already overwritten
         if seq == log_.seq + 1:

@@ -20,6 +20,8 @@ import asyncio
 import email.utils
 import http
 import logging
+from collections import deque
+from collections.abc import Iterator
 from typing import Protocol as TypingProtocol
 from typing import cast
 
@@ -31,7 +33,15 @@ from websockets.server import ServerProtocol
 
 from shardchat.core.messages import AppCloseCode
 
-__all__ = ["CLOSE_TIMEOUT", "HANDSHAKE_TIMEOUT", "Connection", "ConnectionHandler"]
+__all__ = [
+    "CLOSE_TIMEOUT",
+    "HANDSHAKE_TIMEOUT",
+    "SLOW_CLOSE_TIMEOUT",
+    "TRANSPORT_HIGH",
+    "Connection",
+    "ConnectionHandler",
+    "Writer",
+]
 
 _OPEN = State.OPEN
 _CONNECTING = State.CONNECTING
@@ -43,6 +53,21 @@ _PONG = Opcode.PONG
 HANDSHAKE_TIMEOUT = 5.0
 # Seconds the client has to answer our close frame before the TCP connection is aborted.
 CLOSE_TIMEOUT = 5.0
+# The same for a slow consumer's close 4429: its queue is dropped at the kick, so
+# what it holds meanwhile is at most TRANSPORT_HIGH and the kernel's buffers, and a
+# client that resumes reading within this long still finds the close frame.
+SLOW_CLOSE_TIMEOUT = 60.0
+# Bytes the transport itself may buffer for a client; beyond it frames wait in the
+# connection's own queue (up to limits.send_queue), which can be dropped at once
+# when the client is cut, so that the close frame is not stuck behind it.
+TRANSPORT_HIGH = 65536
+
+
+class Writer(TypingProtocol):
+    """Where the fan-out writes a ready frame: the transport, or the connection's queue."""
+
+    def write(self, data: bytes) -> None: ...
+
 
 _quiet_logger = logging.getLogger("websockets.server")
 
@@ -83,6 +108,9 @@ class Connection(asyncio.Protocol):
     """One client connection; per-connection state is kept to these slots."""
 
     __slots__ = (
+        "_paused",
+        "_queue",
+        "_queued",
         "close_deadline",
         "conn_id",
         "handler",
@@ -100,7 +128,14 @@ class Connection(asyncio.Protocol):
         self.conn_id = conn_id  # unique within the shard, for logs
         self.proto = ServerProtocol(max_size=handler.max_frame, logger=_quiet_logger)
         self.transport: asyncio.Transport | None = None
-        self.out: asyncio.Transport | None = None  # the transport while frames may be written
+        # Where frames go while they may be written: the transport, or this connection
+        # itself (its queue: the transport is full or a replay is being paced).
+        self.out: Writer | None = None
+        # Frames (and replays, as iterators of frames) waiting for the transport, and
+        # the bytes of frames in it; None while frames go straight to the transport.
+        self._queue: deque[bytes | Iterator[bytes]] | None = None
+        self._queued = 0
+        self._paused = False  # the transport holds more than TRANSPORT_HIGH
         self.peer = ""  # client IP address
         now = handler.clock
         self.last_recv = now  # time anything last arrived; handshake start before that
@@ -116,8 +151,9 @@ class Connection(asyncio.Protocol):
         self.transport = transport
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if peer else ""
-        # pause_writing() fires when more than send_queue bytes wait for this client.
-        transport.set_write_buffer_limits(high=self.handler.send_queue)
+        # pause_writing() fires when more than this waits in the transport; then frames
+        # queue here, up to send_queue bytes (a slow consumer beyond that).
+        transport.set_write_buffer_limits(high=min(TRANSPORT_HIGH, self.handler.send_queue))
 
     def data_received(self, data: bytes) -> None:
         self.last_recv = self.handler.clock
@@ -139,28 +175,39 @@ class Connection(asyncio.Protocol):
                 self._handshake(event)
         if self.out is not None and proto.state is not _OPEN:
             self.out = None
+            self._queue = None
 
     def eof_received(self) -> bool | None:
         self.out = None
+        self._queue = None
         self.proto.receive_eof()
         self._write_protocol_data()
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.out = None
+        self._queue = None
         self.handler.closed(self)
         self.transport = None
+        # websockets' parser is a generator that refers to its protocol: a reference
+        # cycle, which only the collector could free, and never once gc.freeze() has
+        # moved it to the permanent generation. Closing the generator breaks it, so
+        # that a closed connection is freed by its reference count.
+        proto = self.proto
+        proto.parser.close()
+        proto.parser_exc = None
 
     def pause_writing(self) -> None:
-        # PROTOCOL.md: a client too slow to read is closed with 4429. Stop
-        # writing at once; the close frame goes out from the next loop turn,
-        # outside the write() that called us.
-        if self.out is not None:
-            self.out = None
-            self.handler.slow_consumer(self)
+        # The transport holds more than TRANSPORT_HIGH: frames queue here meanwhile.
+        self._paused = True
+        if self.out is self.transport and self.out is not None:
+            self.out = self
+            self._queue = deque()
 
     def resume_writing(self) -> None:
-        """Writing stays stopped: a slow consumer is being closed."""
+        self._paused = False
+        if self._queue is not None:
+            self._pump()
 
     # Sending
 
@@ -170,10 +217,94 @@ class Connection(asyncio.Protocol):
         if out is not None:
             out.write(payload_frame)
 
+    def write(self, data: bytes) -> None:
+        """Queue frames while the transport is full or a replay is paced (``out`` is
+        then this connection). PROTOCOL.md: over ``send_queue`` bytes, the client is
+        too slow to read and is closed with 4429."""
+        queue = self._queue
+        if queue is None:
+            return
+        queue.append(data)
+        self._queued += len(data)
+        if self._queued > self.handler.send_queue:
+            self._slow_consumer()
+
+    def send_paced(self, frames: Iterator[bytes]) -> None:
+        """Send a replay (``join`` with ``since``, ``history``) as fast as the client
+        reads it: its frames go to the transport only while it is below
+        TRANSPORT_HIGH, and do not count toward ``send_queue`` (the server holds
+        them anyway); live frames queue behind it, and they do count."""
+        if self.out is None:
+            return
+        if self._queue is None:
+            self._queue = deque()
+            self.out = self
+        self._queue.append(frames)
+        if not self._paused:
+            self._pump()
+
+    def _pump(self) -> None:
+        """Move queued frames to the transport until it is full again or none are left."""
+        queue = self._queue
+        transport = self.transport
+        if queue is None or transport is None:
+            return
+        write = transport.write
+        while queue and not self._paused:
+            head = queue[0]
+            if type(head) is bytes:
+                queue.popleft()
+                self._queued -= len(head)
+                write(head)
+                continue
+            assert not isinstance(head, bytes)
+            for frame in head:
+                write(frame)
+                if self._paused:
+                    break
+            else:
+                queue.popleft()
+        if not queue and self.out is self:
+            self._queue = None
+            self._queued = 0
+            self.out = transport
+
+    def _slow_consumer(self) -> None:
+        # Drop what is queued, so that the close frame follows at most TRANSPORT_HIGH
+        # bytes; it goes out from the next loop turn, outside the write that got here.
+        self._queue = None
+        self._queued = 0
+        self.out = None
+        self.handler.slow_consumer(self)
+
+    def close_slow(self) -> bool:
+        """Close a slow consumer with 4429 (called by the shard, in a later turn);
+        False when it is closing or gone already."""
+        if self.transport is None or self.proto.state is not _OPEN:
+            return False
+        self.close_deadline = self.handler.clock + SLOW_CLOSE_TIMEOUT
+        self.close(AppCloseCode.SLOW_CONSUMER, "slow consumer")
+        return True
+
+    def _flush_queue(self) -> None:
+        """Before a close frame: what is queued goes first, whatever the transport holds."""
+        queue, self._queue = self._queue, None
+        self._queued = 0
+        transport = self.transport
+        if queue and transport is not None:
+            for item in queue:
+                if type(item) is bytes:
+                    transport.write(item)
+                else:
+                    assert not isinstance(item, bytes)
+                    for frame in item:
+                        transport.write(frame)
+
     def close(self, code: int, reason: str) -> None:
         """Start the closing handshake; the sweep aborts it after CLOSE_TIMEOUT."""
         proto = self.proto
         self.out = None
+        self._flush_queue()
         if proto.state is _OPEN:
             proto.send_close(code, reason)
             self._write_protocol_data()
@@ -183,6 +314,7 @@ class Connection(asyncio.Protocol):
     def fail(self, code: int, reason: str) -> None:
         """Fail the connection (RFC 6455 7.1.7): close frame, then close TCP."""
         self.out = None
+        self._queue = None
         self.proto.fail(code, reason)
         self._write_protocol_data()
         if self.transport is not None and not self.close_deadline:
@@ -251,6 +383,7 @@ class Connection(asyncio.Protocol):
                 transport.write(data)
             else:
                 self.out = None  # nothing may follow our EOF
+                self._queue = None
                 # SEND_EOF. Half-close and let the client close its side: closing
                 # outright while the client still sends would reset the connection
                 # and could destroy the close frame unread in its receive buffer.

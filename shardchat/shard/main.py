@@ -48,8 +48,8 @@ from shardchat.core.admission import Upgrade
 from shardchat.core.config import Config
 from shardchat.core.engine import RoomEngine
 from shardchat.core.errors import RingError
-from shardchat.core.messages import AppCloseCode
-from shardchat.core.outputs import Close
+from shardchat.core.outputs import Close, Paced
+from shardchat.core.wire import text_frame
 from shardchat.hooks import Hooks
 from shardchat.logs import configure_logging, log_event, set_process_role
 from shardchat.shard.connection import Connection
@@ -69,6 +69,7 @@ SWEEP_SLICES = 50
 BELL_WAIT = 0.2  # seconds; the bell thread checks for shutdown this often
 _CHAT_PAGE = Path(__file__).parent.parent / "static" / "index.html"
 _S_CONNECTIONS = int(stats.Slot.CONNECTIONS)
+_S_UNLISTENED = int(stats.Slot.UNLISTENED)
 _TEXT = "text/plain; charset=utf-8"
 
 _monotonic = time.monotonic
@@ -196,7 +197,13 @@ class Shard:
     def slow_consumer(self, conn: Connection) -> None:
         # PROTOCOL.md: close 4429, from the next turn, outside the write() that
         # found the client slow.
-        self.loop.call_soon(conn.close, AppCloseCode.SLOW_CONSUMER, "slow consumer")
+        self.loop.call_soon(self._close_slow, conn)
+
+    def _close_slow(self, conn: Connection) -> None:
+        if conn.close_slow():
+            state = self.engine.conns.get(conn)
+            user = state.user if state is not None else None
+            log_event(log, logging.INFO, "slow_consumer", conn=conn.conn_id, user=user)
 
     # The doorbell
 
@@ -281,11 +288,12 @@ class Shard:
                 conn.abort()
 
 
-def _write(out: Iterable[tuple[Iterable[Connection], bytes | Close]]) -> None:
+def _write(out: Iterable[tuple[Iterable[Connection], bytes | Close | Paced]]) -> None:
     """The engine's output onto the transports: the fan-out's hot loop.
 
     A frame goes to ``conn.out``, which the adapter sets exactly while frames may
-    be written beside the Sans-I/O protocol; closes go through the adapter.
+    be written beside the Sans-I/O protocol (the transport, or the connection's
+    own queue); replays are paced by the adapter; closes go through it.
     """
     for conns, item in out:
         if type(item) is bytes:
@@ -293,6 +301,10 @@ def _write(out: Iterable[tuple[Iterable[Connection], bytes | Close]]) -> None:
                 transport = conn.out
                 if transport is not None:
                     transport.write(item)
+        elif type(item) is Paced:
+            payloads = item.payloads
+            for conn in conns:
+                conn.send_paced(text_frame(payload) for payload in payloads)
         else:
             assert isinstance(item, Close)
             for conn in conns:
@@ -330,6 +342,8 @@ def _attach_stats(spec: ShardSpec) -> tuple[segments.Segment, stats.StatsView]:
     mine[stats.Slot.STARTED_NS] = time.time_ns()
     mine[stats.Slot.CONNECTIONS] = 0
     mine[stats.Slot.ROOMS] = 0
+    mine[stats.Slot.UNLISTENED] = 0
+    mine[stats.Slot.LISTEN_FD] = 0  # not listening yet
     for peer in range(spec.config.workers):
         mine[stats.LAG_BASE + peer] = 0
     return segment, view
@@ -372,13 +386,34 @@ async def _serve(spec: ShardSpec) -> None:
 
 async def _run(spec: ShardSpec, loop: asyncio.AbstractEventLoop, shard: Shard) -> None:
     config = spec.config
-    server = await loop.create_server(
-        shard.new_connection,
-        config.server.host,
-        config.server.port,
-        reuse_port=True,
-        backlog=config.server.backlog,
-    )
+    mine = shard.counters.mine
+    assert mine is not None
+
+    async def listen() -> asyncio.Server:
+        listening = await loop.create_server(
+            shard.new_connection,
+            config.server.host,
+            config.server.port,
+            reuse_port=True,
+            backlog=config.server.backlog,
+        )
+        # The supervisor takes it out of the accept group when our loop stops beating.
+        mine[stats.Slot.LISTEN_FD] = listening.sockets[0].fileno()
+        return listening
+
+    server = await listen()
+    relistening = False
+
+    async def relisten() -> None:
+        # The supervisor shut our socket down while the loop was stuck: a fresh one
+        # joins the port's SO_REUSEPORT group again.
+        nonlocal server, relistening
+        old, server = server, await listen()
+        old.close()
+        mine[_S_UNLISTENED] = 0
+        relistening = False
+        log_event(log, logging.WARNING, "shard_relisten")
+
     stop = asyncio.Event()
     quick = False
 
@@ -399,7 +434,10 @@ async def _run(spec: ShardSpec, loop: asyncio.AbstractEventLoop, shard: Shard) -
     broker = shard.broker
 
     def sweep() -> None:
-        nonlocal frozen_at
+        nonlocal frozen_at, relistening
+        if mine[_S_UNLISTENED] and not relistening and not stop.is_set():
+            relistening = True
+            loop.create_task(relisten())
         shard.sweep(loop.time())
         broker.heartbeat(time.monotonic_ns())
         # A safety net under the doorbells: a drain costs little when idle.

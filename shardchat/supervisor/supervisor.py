@@ -10,6 +10,7 @@ its polling).
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
@@ -55,6 +56,7 @@ class ShardSlot:
     started_at: float = 0.0  # monotonic
     started_ns: int = 0  # monotonic ns, against the ring's heartbeat
     killed_stuck: bool = False  # SIGKILLed for a stuck loop; the exit restarts it
+    unlistened: bool = False  # its listening socket was shut down for a silent loop
     started_wall: float = 0.0  # time.time(), for status
     incarnation: int = -1
     restarts: int = 0
@@ -186,9 +188,12 @@ class Supervisor:
 
     def _kill_stuck(self) -> None:
         """SIGKILL a shard whose loop has not beaten for ``shard_timeout`` (gunicorn's
-        worker timeout): a blocked loop serves nobody, and a restart does."""
+        worker timeout): a blocked loop serves nobody, and a restart does. Long before
+        that (``shard_unlisten``), take its listening socket out of the port's accept
+        group, so that the kernel stops queueing new clients where nobody accepts."""
         limit = self.config.server.shard_timeout
-        if not limit:
+        unlisten = self.config.server.shard_unlisten
+        if not limit and not unlisten:
             return
         now_ns = time.monotonic_ns()
         for slot in self.slots:
@@ -196,7 +201,13 @@ class Supervisor:
                 continue
             # A new incarnation counts from its start until its first beat.
             last = max(self._fabric.heartbeat_ns(slot.shard_id), slot.started_ns)
-            if now_ns - last > limit * 1e9:
+            silent = now_ns - last
+            if unlisten and silent > unlisten * 1e9 and not slot.unlistened:
+                slot.unlistened = True
+                self._unlisten(slot, silent)
+            elif slot.unlistened and silent < unlisten * 1e9:
+                slot.unlistened = False  # it beats again (and listens again by itself)
+            if limit and silent > limit * 1e9:
                 log_event(
                     log,
                     logging.ERROR,
@@ -208,10 +219,59 @@ class Supervisor:
                 slot.killed_stuck = True
                 os.kill(slot.process.pid, signal.SIGKILL)
 
+    def _unlisten(self, slot: ShardSlot, silent_ns: int) -> None:
+        """Shut down a silent shard's listening socket (through a duplicate taken with
+        pidfd_getfd): Linux then drops it from the SO_REUSEPORT group, resets the
+        connections queued on it, and sends new ones to the other shards."""
+        if self._stats is None or slot.process is None:
+            return
+        block = self._stats.blocks[slot.shard_id]
+        fd = int(block[Slot.LISTEN_FD])
+        if not fd:
+            slot.unlistened = False  # not listening yet (still recovering): later
+            return
+        try:
+            dup = _pidfd_getfd(int(slot.process.pid), fd)
+        except OSError as exc:
+            log_event(
+                log,
+                logging.WARNING,
+                "shard_unlisten_failed",
+                shard_id=slot.shard_id,
+                error=str(exc),
+            )
+            return
+        try:
+            sock = socket.socket(fileno=dup)
+        except OSError:
+            os.close(dup)  # not a socket: the shard has moved on
+            return
+        with sock:
+            try:
+                # The descriptor must still be that shard's listener on our port.
+                if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                    return
+                if sock.getsockname()[1] != self.config.server.port:
+                    return
+                sock.shutdown(socket.SHUT_RD)
+            except OSError:
+                return
+        block[Slot.UNLISTENED] = 1
+        log_event(
+            log,
+            logging.ERROR,
+            "shard_unlisten",
+            shard_id=slot.shard_id,
+            pid=slot.pid,
+            silent_s=round(silent_ns / 1e9, 1),
+        )
+
     def _next_timeout(self, now: float) -> float | None:
         deadlines = [slot.restart_at for slot in self.slots if slot.restart_at is not None]
-        if self.config.server.shard_timeout and not self.stopping:
-            deadlines.append(now + min(1.0, self.config.server.shard_timeout / 4))
+        server = self.config.server
+        checks = [t for t in (server.shard_timeout, server.shard_unlisten) if t]
+        if checks and not self.stopping:
+            deadlines.append(now + min(1.0, min(checks) / 4))
         if self.stopping:
             deadlines.append(self.stop_deadline)
         if not deadlines:
@@ -274,6 +334,7 @@ class Supervisor:
         slot.started_at = time.monotonic()
         slot.started_ns = time.monotonic_ns()
         slot.killed_stuck = False
+        slot.unlistened = False
         slot.started_wall = time.time()
         self._selector.register(process.sentinel, selectors.EVENT_READ, lambda: self._on_exit(slot))
         if slot.incarnation:
@@ -353,6 +414,24 @@ class Supervisor:
                 "restarts": sum(slot.restarts for slot in self.slots),
             },
         }
+
+
+_SYS_PIDFD_GETFD = 438  # the same number on x86-64 and aarch64 (Linux 5.6)
+
+
+def _pidfd_getfd(pid: int, fd: int) -> int:
+    """A duplicate of process ``pid``'s descriptor ``fd`` (pidfd_getfd(2); Python has
+    no wrapper). Needs ptrace rights over the child, which its parent has."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        dup = int(libc.syscall(_SYS_PIDFD_GETFD, pidfd, fd, 0))
+        if dup < 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
+        return dup
+    finally:
+        os.close(pidfd)
 
 
 def _check_port_free(host: str, port: int) -> None:

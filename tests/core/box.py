@@ -23,7 +23,7 @@ from shardchat.brokers.shm import ShmBroker
 from shardchat.core.admission import Refusal, Upgrade
 from shardchat.core.config import Config, load_config
 from shardchat.core.engine import RoomEngine
-from shardchat.core.outputs import Close, Output
+from shardchat.core.outputs import Close, Output, Paced
 from shardchat.hooks import Hooks
 from shardchat.ring.layout import segment_size
 from shardchat.ring.ring import init_ring
@@ -290,5 +290,7 @@ class Box:
                     if client in engine.conns:
                         # The adapter's close completes: the engine hears of it.
                         engine.closed(client, item.code, item.reason)
+                elif isinstance(item, Paced):
+                    client.frames += [orjson.loads(payload) for payload in item.payloads]
                 else:
                     client.frames += frames_of(item)
