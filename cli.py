@@ -132,7 +132,8 @@ def show_config(flags: ConfigFlags) -> None:
 @click.option(
     "--admin",
     "admin_url",
-    help="The supervisor's admin URL (default: http://server.host:server.admin_port).",
+    help="The supervisor's admin address, host:port or a URL "
+    "(default: server.host:server.admin_port of the configuration).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON.")
 @_config_options
@@ -145,6 +146,8 @@ def status(admin_url: str | None, as_json: bool, flags: ConfigFlags) -> None:
     if admin_url is None:
         config = flags.load()
         admin_url = f"http://{config.server.host}:{config.server.admin_port}"
+    if "://" not in admin_url:
+        admin_url = "http://" + admin_url  # host:port
     url = admin_url.rstrip("/") + "/status"
     try:
         with urllib.request.urlopen(url, timeout=5) as response:

@@ -48,11 +48,13 @@ class ShardchatError(Exception):
 class ConfigError(ShardchatError):
     """A configuration value is wrong; the message names the key and what is allowed."""
 
-    def __init__(self, key: str, value: object, allowed: str) -> None:
+    def __init__(self, key: str, value: object, allowed: str, source: str | None = None) -> None:
         self.key = key
         self.value = value
         self.allowed = allowed
-        super().__init__(f"config: {key} = {value!r}: {allowed}")
+        self.source = source  # where the user set it, when not a file or flag: an env variable
+        where = key if source is None else f"{source} ({key})"
+        super().__init__(f"config: {where} = {value!r}: {allowed}")
 
 
 class ProtocolError(ShardchatError):

@@ -28,7 +28,7 @@ from prometheus_client.exposition import generate_latest
 
 from . import shm
 from .admin import AdminServer
-from .config import Config, to_toml
+from .config import Config, ServerConfig, to_toml
 from .errors import ShardError
 from .hooks import load_app
 from .metrics import make_registry
@@ -153,10 +153,15 @@ class Supervisor:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         # Each shard keeps some descriptors for itself: its socket, rings, logs.
         capacity = len(self.slots) * max(0, hard - 64)
-        if self.config.server.max_connections > capacity:
+        wanted = self.config.server.max_connections
+        if wanted > capacity:
+            # The default max_connections is a ceiling, not a promise: on a default
+            # setup this is only worth a debug line. A value the user chose that the
+            # open-files limit cannot hold is a real warning.
+            chosen = wanted != ServerConfig().max_connections
             log_event(
                 log,
-                logging.WARNING,
+                logging.WARNING if chosen else logging.DEBUG,
                 "nofile_limit",
                 max_connections=self.config.server.max_connections,
                 capacity=capacity,

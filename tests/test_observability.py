@@ -94,6 +94,14 @@ def test_status_lists_every_shard_with_a_live_pid(server: Server) -> None:
     assert lines[1].split()[:3] == ["shard", "pid", "alive"]
     for shard in status["shards"]:
         assert any(line.split()[:2] == [str(shard["id"]), str(shard["pid"])] for line in lines)
+    # host:port works as well as a URL.
+    plain = subprocess.run(
+        [SHARDCHAT, "status", "--admin", f"127.0.0.1:{server.admin_port}"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert plain.returncode == 0 and plain.stdout.splitlines()[1:][:1] == lines[1:2]
 
 
 async def test_debug_logs_follow_a_message_across_shards() -> None:
