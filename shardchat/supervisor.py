@@ -106,7 +106,9 @@ class Supervisor:
         try:
             assert self._fabric.stats is not None
             self._stats = StatsView(memoryview(self._fabric.stats.buf), len(self.slots), None)
-            registry = make_registry(self._stats, lambda: [s.restarts for s in self.slots])
+            registry = make_registry(
+                self._stats, lambda: [s.restarts for s in self.slots], self._processes
+            )
             if self.config.server.admin_port:
                 self._admin = AdminServer(
                     self._selector,
@@ -146,6 +148,11 @@ class Supervisor:
             self._fabric.close()
         log_event(log, logging.INFO, "supervisor_exit", code=self.exit_code)
         return self.exit_code
+
+    def _processes(self) -> list[tuple[str, int]]:
+        """The supervisor and each live shard, for the process_* metrics."""
+        live = [(f"shard-{s.shard_id}", s.pid) for s in self.slots if s.pid is not None]
+        return [("supervisor", self.pid), *((name, pid) for name, pid in live if pid)]
 
     def _raise_nofile(self) -> None:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
