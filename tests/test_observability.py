@@ -152,3 +152,16 @@ def test_metrics_follow_prometheus_conventions(server: Server) -> None:
         assert all(s.value > 0 for s in samples if name != "process_cpu_seconds"), name
     rss = {s.labels["process"]: s.value for s in by_name["process_resident_memory_bytes"].samples}
     assert all(value > 1 << 20 for value in rss.values())  # at least a MiB: a real reading
+
+
+def test_log_lines_have_a_message_and_one_type_of_shard(server: Server) -> None:
+    events = server.log_events()
+    assert {e["process"] for e in events} == {"supervisor", "shard"}
+    for event in events:
+        assert isinstance(event["message"], str) and event["message"].startswith(event["event"])
+        if event["process"] == "shard":
+            assert type(event["shard"]) is int
+        else:
+            assert "shard" not in event
+    start = next(e for e in events if e["event"] == "supervisor_start")
+    assert f"pid={start['pid']}" in start["message"]
