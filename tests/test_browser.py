@@ -274,3 +274,18 @@ async def test_a_375px_phone_has_every_control_in_view_and_tappable(
     await page.tap('#rooms li[data-room="mobile2"] button.room')
     await page.wait_for_selector('#rooms li.current[data-room="mobile2"]', timeout=ms(5))
     await shot(page, "phone-375")
+
+
+async def test_two_people_without_a_name_are_two_guests(server: Server, browser: Any) -> None:
+    first = await open_page(browser, server.port, "", "guests")
+    second = await open_page(browser, server.port, "", "guests")
+    names = [
+        (await page.inner_text("#status")).split(" as ", 1)[1].split(" ")[0]
+        for page in (first, second)
+    ]
+    assert all(name.startswith("guest-") for name in names) and names[0] != names[1]
+    await say(first, "which guest am I")
+    await wait_contents(second, ["which guest am I"])
+    assert await second.locator("#log li.own").count() == 0
+    assert await first.locator("#log li.own").count() == 1
+    await shot(second, "two-guests")
