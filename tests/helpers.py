@@ -119,18 +119,21 @@ def start_server(
     settings: Sequence[str] = (),
     extra_args: Sequence[str] = (),
     env: dict[str, str] | None = None,
+    port: int | None = None,
+    admin_port: int | None = None,
 ) -> Server:
-    """Start ``shardchat start`` on free ports. A port found free can be taken by
-    another process before the server binds it: then the server stops at once
-    ("already in use") and the start is retried on other ports."""
+    """Start ``shardchat start`` on free ports, or on ``port``/``admin_port`` (a
+    restart on the same ones). A port found free can be taken by another process
+    before the server binds it: then the server stops at once ("already in use")
+    and the start is retried on other ports."""
     for attempt in range(5):
-        server = _start_server(workers, settings, extra_args, env)
+        server = _start_server(workers, settings, extra_args, env, port, admin_port)
         try:
             server.wait_started(workers)
         except AssertionError:
             in_use = server.proc.poll() is not None and "already in use" in server.tail()
             cleanup_server(server)
-            if in_use and attempt < 4:
+            if in_use and attempt < 4 and port is None and admin_port is None:
                 continue
             raise
         except BaseException:
@@ -141,9 +144,15 @@ def start_server(
 
 
 def _start_server(
-    workers: int, settings: Sequence[str], extra_args: Sequence[str], env: dict[str, str] | None
+    workers: int,
+    settings: Sequence[str],
+    extra_args: Sequence[str],
+    env: dict[str, str] | None,
+    port: int | None,
+    admin_port: int | None,
 ) -> Server:
-    port, admin_port = free_port(), free_port()
+    port = port or free_port()
+    admin_port = admin_port or free_port()
     log_file = tempfile.NamedTemporaryFile(prefix="shardchat-test-", suffix=".log", delete=False)
     args = [
         SHARDCHAT,
@@ -197,8 +206,9 @@ def running_server(
     settings: Sequence[str] = (),
     extra_args: Sequence[str] = (),
     env: dict[str, str] | None = None,
+    port: int | None = None,
 ) -> Iterator[Server]:
-    server = start_server(workers, settings, extra_args, env)
+    server = start_server(workers, settings, extra_args, env, port)
     try:
         yield server
     finally:

@@ -342,9 +342,11 @@ class RoomEngine(Generic[C]):
                     ErrorCode.ROOM_FULL, f"room {room} has {room_size} users", request.id
                 )
         # A room this engine dropped (idle, no members here) is fetched back first,
-        # so that `since` is answered from everything the server holds.
+        # so that `since`, and a later `history`, are answered from everything the
+        # server holds (a join without `since` asks from 0).
+        since = 0 if request.since is None else request.since
         if self.gaps.ensure_history(
-            room, request.since, self.now, lambda: self._finish_join(conn, request)
+            room, since, self.now, lambda: self._finish_join(conn, request)
         ):
             self._finish_join(conn, request)
 
@@ -430,7 +432,7 @@ class RoomEngine(Generic[C]):
         # As for a join with `since`: a room this engine dropped is fetched back
         # first, so that `history` answers from everything the server holds.
         if self.gaps.ensure_history(
-            request.room, request.since, self.now, lambda: self._finish_history(conn, request)
+            request.room, 0, self.now, lambda: self._finish_history(conn, request)
         ):
             self._finish_history(conn, request)
 
@@ -441,10 +443,10 @@ class RoomEngine(Generic[C]):
         self.broker.catch_up()
         self.out += self.fanout.flush(self.now, snapshot=True)
         log_ = self.logs.get(room)
-        held = [] if log_ is None else log_.after(request.since, request.limit)
+        held = [] if log_ is None else log_.page(request.since, request.before, request.limit)
         if held:
             self.out.append(((conn,), Paced([message.payload for message in held])))
-        last = held[-1].seq if held else request.since
+        last = held[-1].seq if held else request.since or 0
         self._reply(conn, {"type": "history_end", "room": room, "seq": last})
 
     def _ack(self, conn: C, state: ConnState, request: Ack) -> None:
