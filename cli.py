@@ -112,7 +112,7 @@ def start(flags: ConfigFlags) -> None:
     configure_logging(config.log.level, config.log.format)
     try:
         code = Supervisor(config).run()
-    except HookError as exc:
+    except (HookError, ConfigError) as exc:
         click.echo(f"shardchat: {exc}", err=True)
         sys.exit(2)
     except ShardchatError as exc:
@@ -142,12 +142,15 @@ def status(admin_url: str | None, as_json: bool, flags: ConfigFlags) -> None:
     import urllib.error
     import urllib.request
 
+    config = flags.load()
     if admin_url is None:
-        config = flags.load()
-        admin_url = f"http://{config.server.host}:{config.server.admin_port}"
+        admin_url = f"http://{config.server.admin_host}:{config.server.admin_port}"
     url = admin_url.rstrip("/") + "/status"
+    request = urllib.request.Request(url)
+    if config.server.admin_token:
+        request.add_header("Authorization", f"Bearer {config.server.admin_token}")
     try:
-        with urllib.request.urlopen(url, timeout=5) as response:
+        with urllib.request.urlopen(request, timeout=5) as response:
             data = json.loads(response.read())
     except (urllib.error.URLError, OSError) as exc:
         click.echo(f"shardchat: cannot read {url}: {exc}", err=True)
@@ -177,12 +180,18 @@ def status(admin_url: str | None, as_json: bool, flags: ConfigFlags) -> None:
 @click.option("--user", required=True, help="Your name (1-64 of [A-Za-z0-9_.:-]).")
 @click.option("--room", required=True, help="The room to join.")
 @click.option("--token", help="A signed token, when the server requires one.")
+@click.option(
+    "--cafile",
+    type=click.Path(exists=True, dir_okay=False),
+    help="PEM CA bundle to verify a wss:// server with (default: the system's).",
+)
 @click.argument("url", default="ws://127.0.0.1:8080/ws")
-def chat(user: str, room: str, token: str | None, url: str) -> None:
-    """Chat in a room from the terminal: lines you type are sent, messages are printed."""
+def chat(user: str, room: str, token: str | None, cafile: str | None, url: str) -> None:
+    """Chat in a room from the terminal: lines you type are sent, messages are printed.
+    A wss:// URL connects over TLS."""
     from shardchat.chat import run_chat
 
-    run_chat(url, user, room, token)
+    run_chat(url, user, room, token, cafile)
 
 
 @main.command()

@@ -7,6 +7,7 @@ sends each line typed; ``/quit`` or end of input leaves.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import sys
 import time
 
@@ -20,8 +21,9 @@ def _print(line: str) -> None:
     sys.stdout.flush()
 
 
-async def _chat(url: str, user: str, room: str, token: str | None) -> None:
-    async with ChatClient(url, user=user, rooms=[room], token=token) as client:
+async def _chat(url: str, user: str, room: str, token: str | None, cafile: str | None) -> None:
+    context = ssl.create_default_context(cafile=cafile) if cafile else None
+    async with ChatClient(url, user=user, rooms=[room], token=token, ssl=context) as client:
         _print(f"* {user} in {room} (shard {client.shard}); /quit to leave")
 
         async def show() -> None:
@@ -49,8 +51,10 @@ async def _chat(url: str, user: str, room: str, token: str | None) -> None:
             shower.cancel()
 
 
-def run_chat(url: str, user: str, room: str, token: str | None = None) -> None:
+def run_chat(
+    url: str, user: str, room: str, token: str | None = None, cafile: str | None = None
+) -> None:
     try:
-        asyncio.run(_chat(url, user, room, token))
+        asyncio.run(_chat(url, user, room, token, cafile))
     except KeyboardInterrupt:
         pass

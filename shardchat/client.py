@@ -24,6 +24,7 @@ import itertools
 import json
 import logging
 import random
+import ssl as ssl_
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -65,7 +66,7 @@ class ChatClient:
     """A reconnecting, acking client for rooms over one WebSocket connection.
 
     Args:
-        url: ``ws://host:port/ws``.
+        url: ``ws://host:port/ws``, or ``wss://`` for a server with TLS.
         user: the user name (when the server does not use tokens).
         rooms: rooms to join at once.
         token: a signed token, when the server requires one.
@@ -77,6 +78,8 @@ class ChatClient:
             ``delivery.ack_timeout`` (2 s by default); 0 acks once per loop turn.
         drop_ack: a test hook called with (room, seq): when it returns True, that
             ack is not sent (to show that the server resends).
+        ssl: the TLS context of a ``wss://`` URL (e.g. one that trusts a private
+            CA); None verifies against the system's CAs.
     """
 
     def __init__(
@@ -89,8 +92,10 @@ class ChatClient:
         backoff: tuple[float, float] = (0.05, 5.0),
         ack_delay: float = ACK_DELAY,
         drop_ack: Callable[[str, int], bool] | None = None,
+        ssl: ssl_.SSLContext | None = None,
     ) -> None:
         self.url = url
+        self.ssl = ssl
         self.user = user
         self.token = token
         self.backoff = backoff
@@ -179,8 +184,9 @@ class ChatClient:
         delay = self.backoff[0]
         while not self._closing:
             try:
+                tls: dict[str, Any] = {} if self.ssl is None else {"ssl": self.ssl}
                 async with connect(
-                    self._connect_url(), compression=None, max_size=None, max_queue=None
+                    self._connect_url(), compression=None, max_size=None, max_queue=None, **tls
                 ) as ws:
                     delay = self.backoff[0]
                     await self._session(ws)
