@@ -22,13 +22,14 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from shardchat.auth import make_token
 from tests.helpers import (
     Client,
-    RawClient,
     Server,
     check_neighbour,
     clients_on_shards,
+    closed_with,
     closing,
     connect_client,
     good_neighbour,
+    raw_on_shard,
     running_server,
     scaled,
 )
@@ -40,25 +41,6 @@ LIMITS = ["limits.max_errors=5", "limits.max_frame=16384", "limits.max_content=1
 def srv() -> Iterator[Server]:
     with running_server(workers=3, settings=LIMITS) as server:
         yield server
-
-
-async def raw_on_shard(server: Server, shard: int, path: str = "/ws?user=raw") -> RawClient:
-    """A raw client that landed on ``shard`` (others are closed)."""
-    for _ in range(300):
-        raw = await asyncio.to_thread(RawClient, server.port, path)
-        opcode, payload = await asyncio.to_thread(raw.recv_frame)
-        welcome = json.loads(payload)
-        if welcome["shard"] == shard:
-            return raw
-        raw.close()
-    raise AssertionError(f"no raw client on shard {shard}")
-
-
-async def closed_with(raw: RawClient) -> int:
-    try:
-        return await asyncio.to_thread(raw.close_code)
-    finally:
-        raw.close()
 
 
 async def test_binary_frame_closes_1003(srv: Server) -> None:
