@@ -62,9 +62,9 @@ CLOSE_TIMEOUT = 5.0
 _quiet_logger = logging.getLogger("websockets.server")
 log = logging.getLogger(__name__)
 
-# Headers a request must not repeat: an ambiguous Host, Origin or credential
-# is refused rather than guessed (RFC 9110 5.3, RFC 6454 7.3).
-_SINGLE_HEADERS = ("Host", "Origin", "Authorization")
+# Headers a request must not repeat: an ambiguous Host, Origin, credential or
+# version is refused rather than guessed (RFC 9110 5.3, RFC 6454 7.3).
+_SINGLE_HEADERS = ("Host", "Origin", "Authorization", "Sec-WebSocket-Version")
 # Security headers on every HTTP answer; the page adds its Content-Security-Policy.
 _SECURITY_HEADERS = (("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "no-referrer"))
 

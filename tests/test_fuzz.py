@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.fuzzframes import MAX_FRAME, Frame, examples, run_example
-from tests.helpers import Server, assert_no_traceback, running_server, scaled
+from tests.helpers import Server, assert_no_traceback, raw_http, running_server, scaled
 
 FUZZ_SECONDS = 25.0
 FUZZ_SETTINGS = [
@@ -114,4 +115,55 @@ def test_fuzzed_frames_end_only_in_protocol_closes(fuzzed: Server) -> None:
     print(f"fuzz: {counts}")
     assert counts["examples"] >= 50, counts
     assert 0 < counts["closed"] < counts["examples"], counts
+    assert_no_traceback(fuzzed)
+
+
+_HEADER_NAMES = st.sampled_from(
+    [
+        "Host",
+        "Origin",
+        "Authorization",
+        "Upgrade",
+        "Connection",
+        "Sec-WebSocket-Key",
+        "Sec-WebSocket-Version",
+        "Content-Length",
+        "Transfer-Encoding",
+        "Sec-WebSocket-Extensions",
+        "X-Other",
+    ]
+)
+_HEADER_VALUES = st.one_of(
+    st.sampled_from(
+        ["websocket", "Upgrade", "13", "8", "0", "5", "chunked", "dGhlIHNhbXBsZSBub25jZQ=="]
+    ),
+    st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=20),
+)
+_REQUESTS = st.builds(
+    lambda method, path, headers: (
+        f"{method} {path} HTTP/1.1\r\n"
+        + "".join(f"{name}: {value}\r\n" for name, value in headers)
+        + "\r\n"
+    ).encode(),
+    st.sampled_from(["GET", "GET", "HEAD", "POST", "DELETE", "OPTIONS", "get"]),
+    st.sampled_from(["/ws", "/ws?user=h", "/ws?room=bad%20room", "/", "/healthz", "/x", "*"]),
+    st.lists(st.tuples(_HEADER_NAMES, _HEADER_VALUES), max_size=9),
+)
+
+
+def test_fuzzed_requests_always_get_an_answer(fuzzed: Server) -> None:
+    """Requests from random header sets (repeated, missing, odd values, bodies):
+    every one gets an HTTP answer with a status line, never a silent hang-up or a
+    traceback in the log."""
+    statuses: set[int] = set()
+
+    @settings(max_examples=300, deadline=None, database=None)
+    @given(_REQUESTS)
+    def fuzz(request: bytes) -> None:
+        status, _, _ = raw_http(fuzzed.port, request)
+        assert 100 <= status < 600
+        statuses.add(status)
+
+    fuzz()
+    assert {400, 405} <= statuses, statuses
     assert_no_traceback(fuzzed)
