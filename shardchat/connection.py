@@ -290,7 +290,12 @@ class Connection(asyncio.Protocol):
         state = self.proto.state
         if state is _CONNECTING:
             if now >= self.next_ping:
-                self.abort()
+                if self.transport is None:
+                    # A TLS handshake that failed never reached connection_made, and
+                    # no connection_lost will come: forget the connection here.
+                    self.handler.closed(self)
+                else:
+                    self.abort()
             return
         if state is not _OPEN:
             return
