@@ -480,6 +480,10 @@ class Hub:
             self._sweep_at = 0
             self.router.sweep(now)
         expiries = self._expiries
+        if len(expiries) > 2 * self.open_count + 1024:
+            # Closed connections wait in the heap until their exp: drop them now and then.
+            expiries[:] = [entry for entry in expiries if entry[2].transport is not None]
+            heapq.heapify(expiries)
         while expiries and expiries[0][0] <= now:
             _, _, conn = heapq.heappop(expiries)
             if conn.is_open:
