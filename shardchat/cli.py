@@ -112,7 +112,7 @@ def start(flags: ConfigFlags) -> None:
     configure_logging(config.log.level, config.log.format)
     try:
         code = Supervisor(config).run()
-    except HookError as exc:
+    except (HookError, ConfigError) as exc:
         click.echo(f"shardchat: {exc}", err=True)
         sys.exit(2)
     except ShardchatError as exc:
@@ -143,14 +143,17 @@ def status(admin_url: str | None, as_json: bool, flags: ConfigFlags) -> None:
     import urllib.error
     import urllib.request
 
+    config = flags.load()
     if admin_url is None:
-        config = flags.load()
-        admin_url = f"http://{config.server.host}:{config.server.admin_port}"
+        admin_url = f"http://{config.server.admin_host}:{config.server.admin_port}"
     if "://" not in admin_url:
         admin_url = "http://" + admin_url  # host:port
     url = admin_url.rstrip("/") + "/status"
+    request = urllib.request.Request(url)
+    if config.server.admin_token:
+        request.add_header("Authorization", f"Bearer {config.server.admin_token}")
     try:
-        with urllib.request.urlopen(url, timeout=5) as response:
+        with urllib.request.urlopen(request, timeout=5) as response:
             data = json.loads(response.read())
     except (urllib.error.URLError, OSError) as exc:
         click.echo(f"shardchat: cannot read {url}: {exc}", err=True)

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
+from shardchat.auth import make_token
 from shardchat.brokers.sequencer import owner_of
 from shardchat.client.chatclient import (
     ChatClient,
@@ -25,7 +26,6 @@ from shardchat.client.chatclient import (
     Refused,
     Unavailable,
 )
-from shardchat.core.auth import make_token
 from tests.helpers import (
     cleanup_server,
     clients_on_shards,

@@ -33,6 +33,7 @@ import json
 import logging
 import random
 import secrets
+import ssl as ssl_
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -100,7 +101,7 @@ class ChatClient:
     """A reconnecting, acking client for rooms over one WebSocket connection.
 
     Args:
-        url: ``ws://host:port/ws``.
+        url: ``ws://host:port/ws``, or ``wss://`` for a server with TLS.
         user: the user name (when the server does not use tokens).
         rooms: rooms to join at once.
         token: a signed token, when the server requires one.
@@ -140,8 +141,10 @@ class ChatClient:
         ack_delay: float = ACK_DELAY,
         on_event: Callable[[ClientEvent], None] | None = None,
         drop_ack: Callable[[str, int], bool] | None = None,
+        ssl: ssl_.SSLContext | None = None,
     ) -> None:
         self.url = url
+        self.ssl = ssl
         self.user = user
         self.token = token
         self.backoff = backoff

@@ -28,9 +28,12 @@ supervisor that disappears (``os.getppid()`` changes) is treated as SIGTERM.
 from __future__ import annotations
 
 import asyncio
+import base64
 import gc
+import hashlib
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -42,6 +45,8 @@ from pathlib import Path
 import uvloop
 
 from shardchat import stats
+from shardchat.addrtable import table_capacity
+from shardchat.auth import verifier_from_config
 from shardchat.brokers import segments
 from shardchat.brokers.shm import ShmBroker
 from shardchat.core.admission import Upgrade
@@ -52,7 +57,8 @@ from shardchat.core.outputs import Close, Paced
 from shardchat.core.wire import text_frame
 from shardchat.hooks import Hooks
 from shardchat.logs import configure_logging, log_event, set_process_role
-from shardchat.shard.connection import Connection
+from shardchat.shard.connection import HANDSHAKE_TIMEOUT, Connection
+from shardchat.tls import server_context
 
 __all__ = ["EXIT_BOOT_ERROR", "SWEEP_SLICES", "Shard", "ShardSpec", "run_shard"]
 
@@ -86,6 +92,7 @@ class ShardSpec:
     supervisor_pid: int
     incarnation: int  # 0 at first start, +1 at every restart
     app: object | None = None  # the lifecycle hooks object, loaded by the supervisor
+    close_fds: tuple[int, ...] = ()  # the supervisor's descriptors (admin port, wakeup)
 
 
 class Shard:
@@ -114,6 +121,7 @@ class Shard:
         self.accepted_total = 0
         self.all_closed = asyncio.Event()
         self._chat_page = _CHAT_PAGE.read_bytes()
+        self.page_csp = _page_csp(self._chat_page)
         self._next_conn_id = 0
         self._turn_due = False
         self._drain_due = False
@@ -170,9 +178,8 @@ class Shard:
     ) -> tuple[int, str] | None:
         engine = self.engine
         engine.advance(_monotonic(), _time())
-        # Upgraded connections on every shard, and this shard's handshakes under way.
-        handshaking = len(self.connections) - engine.open_count
-        connections = self.counters.total(_S_CONNECTIONS) + handshaking
+        # Upgraded connections on every shard (handshakes under way do not count).
+        connections = self.counters.total(_S_CONNECTIONS)
         upgrade = Upgrade(conn.conn_id, conn.peer, path, query, headers)
         refusal = engine.admit(conn, upgrade, connections)
         return None if refusal is None else (refusal.status, refusal.text)
@@ -314,12 +321,30 @@ def _write(out: Iterable[tuple[Iterable[Connection], bytes | Close | Paced]]) ->
                     conn.close(item.code, item.reason)
 
 
+def _page_csp(page: bytes) -> str:
+    """The chat page's Content-Security-Policy: its own inline script and style by
+    hash, WebSockets to this origin, nothing else (no framing, no other origins)."""
+    hashes = {
+        kind: " ".join(
+            "'sha256-" + base64.b64encode(hashlib.sha256(body).digest()).decode() + "'"
+            for body in re.findall(rb"<" + kind.encode() + rb">(.*?)</" + kind.encode(), page, re.S)
+        )
+        for kind in ("script", "style")
+    }
+    return (
+        f"default-src 'none'; script-src {hashes['script']}; style-src {hashes['style']}; "
+        "connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; "
+        "frame-ancestors 'none'"
+    )
+
+
 def run_shard(spec: ShardSpec) -> None:
     """Process entry point of a shard (the target of the supervisor's fork)."""
     # The child inherits the supervisor's signal setup: undo it before the loop exists.
     signal.set_wakeup_fd(-1)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
+    _drop_inherited(spec.close_fds)
     set_process_role(spec.shard_id)
     configure_logging(spec.config.log.level, spec.config.log.format)
     try:
@@ -332,9 +357,32 @@ def run_shard(spec: ShardSpec) -> None:
         sys.exit(EXIT_BOOT_ERROR)
 
 
+def _drop_inherited(fds: tuple[int, ...]) -> None:
+    """Let go of the supervisor's descriptors, the admin listening socket first:
+    a shard holding it would keep the port open after the supervisor is gone.
+    Each number is pointed at /dev/null rather than closed, so that the
+    supervisor's socket objects copied by the fork never close a reused number."""
+    if not fds:
+        return
+    null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        for fd in fds:
+            try:
+                os.dup2(null, fd)
+            except OSError:
+                pass
+    finally:
+        os.close(null)
+
+
 def _attach_stats(spec: ShardSpec) -> tuple[segments.Segment, stats.StatsView]:
     segment = segments.Segment.attach(segments.stats_name(spec.supervisor_pid))
-    view = stats.StatsView(memoryview(segment.buf), spec.config.workers, spec.shard_id)
+    server = spec.config.server
+    workers = spec.config.workers
+    addr_capacity = table_capacity(server.max_per_ip, server.max_connections, workers)
+    view = stats.StatsView(memoryview(segment.buf), workers, spec.shard_id, addr_capacity)
+    if view.addrs is not None:
+        view.addrs.clear(spec.shard_id)
     mine = view.mine
     assert mine is not None
     # Gauges describe this incarnation; counters carry on across restarts.
@@ -367,7 +415,16 @@ async def _serve(spec: ShardSpec) -> None:
     shard: Shard | None = None
     try:
         engine: RoomEngine[Connection] = RoomEngine(
-            config, spec.shard_id, spec.epoch, broker, mine, Hooks(spec.app)
+            config,
+            spec.shard_id,
+            spec.epoch,
+            broker,
+            mine,
+            Hooks(spec.app),
+            verify=None
+            if (verifier := verifier_from_config(config.auth)) is None
+            else verifier.verify,
+            addrs=counters.addrs,
         )
         now = time.monotonic()
         engine.advance(now, time.time())
@@ -396,6 +453,8 @@ async def _run(spec: ShardSpec, loop: asyncio.AbstractEventLoop, shard: Shard) -
             config.server.port,
             reuse_port=True,
             backlog=config.server.backlog,
+            ssl=server_context(config.server),
+            ssl_handshake_timeout=HANDSHAKE_TIMEOUT if config.server.tls_cert else None,
         )
         # The supervisor takes it out of the accept group when our loop stops beating.
         mine[stats.Slot.LISTEN_FD] = listening.sockets[0].fileno()

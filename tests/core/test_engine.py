@@ -7,9 +7,9 @@ from __future__ import annotations
 from typing import Any
 
 from shardchat import stats
+from shardchat.auth import make_token
 from shardchat.brokers.forwarding import FORWARD_RETRY
 from shardchat.core.admission import Refusal
-from shardchat.core.auth import make_token
 from shardchat.core.engine import EVICT_EVERY
 from shardchat.core.errors import ErrorCode
 from shardchat.core.gapfill import GAP_GIVE_UP, GAP_TIMEOUT
@@ -503,8 +503,10 @@ class TestErrors:
         assert c.closed == Close(1007, "invalid UTF-8", fail=True)
 
     def test_unauthorized_room_of_the_token(self) -> None:
-        box = Box(1, config(auth__secret="s3cret"))
-        token = make_token("s3cret", {"sub": "ann", "rooms": ["allowed"]})
+        box = Box(1, config(auth__secret="s3cret-s3cret-s3cret-s3cret-s3cret"))
+        token = make_token(
+            "s3cret-s3cret-s3cret-s3cret-s3cret", {"sub": "ann", "rooms": ["allowed"]}
+        )
         c = box.connect(0, "", query=f"token={token}")
         assert box.join(c, "allowed")["room"] == "allowed"
         box.send(c, type="join", room="other", id="j")
@@ -558,10 +560,10 @@ class TestAdmission:
         assert box.stats[0][stats.Slot.HTTP_REFUSED] == 4
 
     def test_a_token_is_required_when_auth_is_on(self) -> None:
-        box = Box(1, config(auth__secret="k"))
+        box = Box(1, config(auth__secret="k" * 32))
         assert self.refusal(box, user="")[0] == 401
         assert self.refusal(box, user="", headers={"Authorization": "Bearer junk"})[0] == 401
-        token = make_token("k", {"sub": "zed"})
+        token = make_token("k" * 32, {"sub": "zed"})
         c = box.connect(0, "", headers={"Authorization": f"Bearer {token}"})
         assert c in box.engines[0].conns and box.engines[0].conns[c].user == "zed"
 
