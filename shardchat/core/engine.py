@@ -562,6 +562,11 @@ class RoomEngine(Generic[C]):
             out, deadline = self.reliable.resend_due(now, self.logs)
             self.out += out
         expiries = self._expiries
+        if len(expiries) > 2 * self.open_count + 1024:
+            # Closed connections wait in the heap until their exp: drop them now and then.
+            conns = self.conns
+            expiries[:] = [entry for entry in expiries if entry[2] in conns]
+            heapq.heapify(expiries)
         while expiries and expiries[0][0] <= self.wall:
             _, _, conn = heapq.heappop(expiries)
             state = self.conns.get(conn)
