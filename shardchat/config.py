@@ -11,6 +11,7 @@ the value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import re
@@ -291,8 +292,9 @@ def _parse_scalar(raw: str) -> object:
         return raw
 
 
-def _env_overrides(environ: Mapping[str, str]) -> dict[str, object]:
-    out: dict[str, object] = {}
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, tuple[str, object]]:
+    """``section.key`` -> (the variable that set it, its value)."""
+    out: dict[str, tuple[str, object]] = {}
     for name, raw in environ.items():
         if not name.startswith(ENV_PREFIX):
             continue
@@ -300,8 +302,23 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, object]:
         if section not in _SECTIONS:
             # SHARDCHAT_* variables of other tools (e.g. SHARDCHAT_TEST_*) are not ours.
             continue
-        out[f"{section}.{key}"] = _parse_scalar(raw)
+        out[f"{section}.{key}"] = (name, _parse_scalar(raw))
     return out
+
+
+def env_name(key: str) -> str:
+    """The environment variable of ``section.key``."""
+    return ENV_PREFIX + key.replace(".", "_").upper()
+
+
+def _unknown(key: str, source: str | None) -> str:
+    close = difflib.get_close_matches(key, _CHECKS, n=3, cutoff=0.6)
+    if close:
+        names = [env_name(k) if source else k for k in close]
+        return "unknown key; did you mean " + " or ".join(names) + "?"
+    return (
+        "unknown key; sections: " + ", ".join(_SECTIONS) + " (`shardchat config` lists every key)"
+    )
 
 
 def _file_values(path: Path) -> dict[str, object]:
@@ -341,16 +358,29 @@ def load_config(
         values.update(_file_values(Path(path)))
     elif Path(DEFAULT_CONFIG_FILE).is_file():
         values.update(_file_values(Path(DEFAULT_CONFIG_FILE)))
-    values.update(_env_overrides(os.environ if environ is None else environ))
-    values.update(overrides or {})
+    sources: dict[str, str] = {}  # keys set by an environment variable: its name
+    for key, (variable, value) in _env_overrides(
+        os.environ if environ is None else environ
+    ).items():
+        values[key] = value
+        sources[key] = variable
+    for key, value in (overrides or {}).items():
+        values[key] = value
+        sources.pop(key, None)
 
     sections: dict[str, dict[str, object]] = {name: {} for name in _SECTIONS}
     for key, value in values.items():
+        source = sources.get(key)
         check = _CHECKS.get(key)
         if check is None:
-            raise ConfigError(key, value, "unknown key; known keys: " + ", ".join(sorted(_CHECKS)))
+            raise ConfigError(key, value, _unknown(key, source), source)
         section, _, name = key.partition(".")
-        sections[section][name] = check(key, value)
+        try:
+            sections[section][name] = check(key, value)
+        except ConfigError as exc:
+            if source is None:
+                raise
+            raise ConfigError(exc.key, exc.value, exc.allowed, source) from None
     config = Config(**{name: _SECTIONS[name](**kw) for name, kw in sections.items()})
     if config.limits.max_content + 1024 > config.limits.max_frame:
         raise ConfigError(

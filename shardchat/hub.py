@@ -356,9 +356,11 @@ class Hub:
             if not presence.has(room, conn.user) and presence.count(room) >= room_size:
                 raise ProtocolError("room_full", f"room {room} has {room_size} users", request.id)
         # A room this shard dropped (idle, no members here) is fetched back from its
-        # owner first, so that `since` is answered from everything the server holds.
+        # owner first, so that `since`, and a later `history`, are answered from
+        # everything the server holds (a join without `since` asks from 0).
+        since = 0 if request.since is None else request.since
         if not self.router.gaps.ensure_history(
-            room, request.since, lambda: self._finish_join(conn, request)
+            room, since, lambda: self._finish_join(conn, request)
         ):
             return
         self._finish_join(conn, request)
@@ -414,10 +416,15 @@ class Hub:
 
     def _history(self, conn: Connection, request: HistoryQuery) -> None:
         room = request.room
-        held = self.router.replay(room, request.since, request.limit)
+        # A room this shard has no copy of (dropped as idle) is fetched from its owner.
+        if not self.router.gaps.ensure_history(room, 0, lambda: self._history(conn, request)):
+            return
+        if conn.out is None and not conn.is_open:
+            return  # gone while the room's history was being fetched
+        held = self.router.replay(room, request.since, request.before, request.limit)
         for message in held:
             conn.send(wire.text_frame(message.payload))
-        last = held[-1].seq if held else request.since
+        last = held[-1].seq if held else request.since or 0
         self._reply(conn, {"type": "history_end", "room": room, "seq": last})
 
     def _reply(self, conn: Connection, obj: dict[str, object]) -> None:

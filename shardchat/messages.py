@@ -78,8 +78,9 @@ class PresenceQuery:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HistoryQuery:
     room: RoomId
-    since: int = 0
+    since: int | None = None  # the oldest `limit` after it; without: the latest `limit`
     limit: int | None = None
+    before: int | None = None  # only messages with seq < before ("load older")
     id: str | None = None
 
 

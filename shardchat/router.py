@@ -351,12 +351,14 @@ class Router:
             self.bus.publish(_PRESENCE, 0, presence)
             self._presence_change(room, conn.user, self.shard_id, False)
 
-    def replay(self, room: str, since: int, limit: int | None = None) -> list[HeldMessage]:
-        """The held messages after ``since`` (``history``), once the rings are read."""
+    def replay(
+        self, room: str, since: int | None, before: int | None, limit: int | None
+    ) -> list[HeldMessage]:
+        """A page of held messages (``history``, RoomLog.page), once the rings are read."""
         self.bus.drain()
         self.flush()
         log_ = self.logs.get(room)
-        return [] if log_ is None else log_.after(since, limit)
+        return [] if log_ is None else log_.page(since, before, limit)
 
     # Fan-out
 

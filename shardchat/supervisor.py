@@ -28,7 +28,7 @@ from prometheus_client.exposition import generate_latest
 
 from . import shm
 from .admin import AdminServer
-from .config import Config, to_toml
+from .config import Config, ServerConfig, to_toml
 from .errors import ShardError
 from .hooks import load_app
 from .metrics import make_registry
@@ -106,7 +106,9 @@ class Supervisor:
         try:
             assert self._fabric.stats is not None
             self._stats = StatsView(memoryview(self._fabric.stats.buf), len(self.slots), None)
-            registry = make_registry(self._stats, lambda: [s.restarts for s in self.slots])
+            registry = make_registry(
+                self._stats, lambda: [s.restarts for s in self.slots], self._processes
+            )
             if self.config.server.admin_port:
                 self._admin = AdminServer(
                     self._selector,
@@ -147,16 +149,26 @@ class Supervisor:
         log_event(log, logging.INFO, "supervisor_exit", code=self.exit_code)
         return self.exit_code
 
+    def _processes(self) -> list[tuple[str, int]]:
+        """The supervisor and each live shard, for the process_* metrics."""
+        live = [(f"shard-{s.shard_id}", s.pid) for s in self.slots if s.pid is not None]
+        return [("supervisor", self.pid), *((name, pid) for name, pid in live if pid)]
+
     def _raise_nofile(self) -> None:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft < hard:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         # Each shard keeps some descriptors for itself: its socket, rings, logs.
         capacity = len(self.slots) * max(0, hard - 64)
-        if self.config.server.max_connections > capacity:
+        wanted = self.config.server.max_connections
+        if wanted > capacity:
+            # The default max_connections is a ceiling, not a promise: on a default
+            # setup this is only worth a debug line. A value the user chose that the
+            # open-files limit cannot hold is a real warning.
+            chosen = wanted != ServerConfig().max_connections
             log_event(
                 log,
-                logging.WARNING,
+                logging.WARNING if chosen else logging.DEBUG,
                 "nofile_limit",
                 max_connections=self.config.server.max_connections,
                 capacity=capacity,

@@ -118,9 +118,10 @@ def _decode_presence(obj: dict[str, object], rid: str | None, max_content: int) 
 
 def _decode_history(obj: dict[str, object], rid: str | None, max_content: int) -> ClientMessage:
     room = _room(obj, rid)
-    since = _seq(obj, "since", rid, required=False) or 0
+    since = _seq(obj, "since", rid, required=False)
     limit = _seq(obj, "limit", rid, required=False)
-    return HistoryQuery(room=room, since=since, limit=limit, id=rid)
+    before = _seq(obj, "before", rid, required=False)
+    return HistoryQuery(room=room, since=since, limit=limit, before=before, id=rid)
 
 
 _DECODERS: dict[str, Callable[[dict[str, object], str | None, int], ClientMessage]] = {

@@ -118,8 +118,12 @@ def start_server(
     settings: Sequence[str] = (),
     extra_args: Sequence[str] = (),
     env: dict[str, str] | None = None,
+    port: int | None = None,
+    admin_port: int | None = None,
 ) -> Server:
-    port, admin_port = free_port(), free_port()
+    """A server on free ports, or on ``port``/``admin_port`` (a restart on the same ones)."""
+    port = port or free_port()
+    admin_port = admin_port or free_port()
     log_file = tempfile.NamedTemporaryFile(prefix="shardchat-test-", suffix=".log", delete=False)
     args = [
         SHARDCHAT,
@@ -179,8 +183,9 @@ def running_server(
     settings: Sequence[str] = (),
     extra_args: Sequence[str] = (),
     env: dict[str, str] | None = None,
+    port: int | None = None,
 ) -> Iterator[Server]:
-    server = start_server(workers, settings, extra_args, env)
+    server = start_server(workers, settings, extra_args, env, port)
     try:
         yield server
     finally:
