@@ -33,6 +33,7 @@ import json
 import logging
 import random
 import secrets
+import ssl as ssl_
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -100,7 +101,7 @@ class ChatClient:
     """A reconnecting, acking client for rooms over one WebSocket connection.
 
     Args:
-        url: ``ws://host:port/ws``.
+        url: ``ws://host:port/ws``, or ``wss://`` for a server with TLS.
         user: the user name (when the server does not use tokens).
         rooms: rooms to join at once.
         token: a signed token, when the server requires one.
@@ -118,6 +119,8 @@ class ChatClient:
             presence events (on the event loop: keep it quick).
         drop_ack: a test hook called with (room, seq): when it returns True, that
             ack is not sent (to show that the server resends).
+        ssl: the TLS context of a ``wss://`` URL (e.g. one that trusts a private
+            CA); None verifies against the system's CAs.
 
     Raises (from :meth:`start`, :meth:`send`, :meth:`join` and :meth:`messages`):
         Refused: the upgrade got an HTTP 4xx (``status``, ``reason``): at once.
@@ -140,8 +143,10 @@ class ChatClient:
         ack_delay: float = ACK_DELAY,
         on_event: Callable[[ClientEvent], None] | None = None,
         drop_ack: Callable[[str, int], bool] | None = None,
+        ssl: ssl_.SSLContext | None = None,
     ) -> None:
         self.url = url
+        self.ssl = ssl
         self.user = user
         self.token = token
         self.backoff = backoff
@@ -312,6 +317,7 @@ class ChatClient:
                 if self.timeout is not None:
                     remaining = self.timeout - (loop.time() - outage_start)
                 try:
+                    tls: dict[str, Any] = {} if self.ssl is None else {"ssl": self.ssl}
                     ws = await connect(
                         self._connect_url(),
                         compression=None,
@@ -319,6 +325,7 @@ class ChatClient:
                         max_queue=None,
                         open_timeout=max(0.05, min(10.0, remaining or 10.0)),
                         close_timeout=2,
+                        **tls,
                     )
                 except InvalidStatus as exc:
                     status = exc.response.status_code

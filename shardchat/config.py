@@ -39,6 +39,7 @@ __all__ = [
 ]
 
 ENV_PREFIX = "SHARDCHAT_"
+REDACTED = "<redacted>"
 DEFAULT_CONFIG_FILE = "config.toml"
 
 
@@ -47,11 +48,16 @@ class ServerConfig:
     host: str = "127.0.0.1"  # listen address of the WebSocket/HTTP port
     port: int = 8080  # WebSocket + HTTP port, shared by every shard (SO_REUSEPORT)
     admin_port: int = 9090  # metrics/status port served by the supervisor; 0 = off
+    admin_host: str = "127.0.0.1"  # listen address of the admin port, not server.host's
+    admin_token: str = ""  # bearer token /status and /metrics require; empty = none
+    tls_cert: str = ""  # PEM certificate chain: serve wss:// and https:// on server.port
+    tls_key: str = ""  # PEM private key of tls_cert
+    tls_client_ca: str = ""  # PEM CA bundle: require client certificates signed by it
     workers: int | str = "auto"  # shards; "auto" = CPU count
     graceful_timeout: float = 10.0  # seconds a drain may take before shards are killed
     shard_timeout: float = 30.0  # a shard whose loop is stuck this long is killed; 0 = off
     max_connections: int = 100_000  # whole server; over it, HTTP 503
-    max_per_ip: int = 0  # per client address, per shard's view; 0 = off
+    max_per_ip: int = 0  # per client address, whole server; 0 = off
     origins: tuple[str, ...] = ()  # allowed Origin values; empty = any
     backlog: int = 4096  # listen backlog of each shard's socket
     app: str = ""  # lifecycle hooks to load, "module:object"; empty = none
@@ -97,9 +103,17 @@ class PresenceConfig:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AuthConfig:
-    secret: str = ""  # HS256 key for JWTs; empty = auth off (the `user` parameter names)
+    secret: str = ""  # HS256 key for JWTs (at least 32 bytes)
+    public_key_file: str = ""  # PEM public key: RS256 (RSA) or ES256/384/512 (EC)
+    jwks_file: str = ""  # a JWKS file (JSON): the token's kid picks the key
     issuer: str = ""  # required `iss` claim; empty = not checked
     audience: str = ""  # required `aud` claim; empty = not checked
+    leeway: float = 30.0  # seconds of clock skew allowed on exp and nbf
+
+    @property
+    def enabled(self) -> bool:
+        """Tokens are required once any key is configured; else `user` names people."""
+        return bool(self.secret or self.public_key_file or self.jwks_file)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -207,6 +221,18 @@ def _origins(key: str, value: object) -> object:
     return tuple(value)
 
 
+def _secret(key: str, value: object) -> object:
+    if not isinstance(value, str) or (value and len(value.encode()) < 32):
+        raise ConfigError(key, REDACTED, "must be empty or at least 32 bytes (RFC 7518 3.2)")
+    return value
+
+
+def _file(key: str, value: object) -> object:
+    if not isinstance(value, str) or (value and not Path(value).is_file()):
+        raise ConfigError(key, value, "must be empty or the path of a readable file")
+    return value
+
+
 def _string(key: str, value: object) -> object:
     if not isinstance(value, str):
         raise ConfigError(key, value, "must be a string")
@@ -230,6 +256,11 @@ _CHECKS: dict[str, Check] = {
     "server.host": _host,
     "server.port": _int(1, 65535),
     "server.admin_port": _int(0, 65535),
+    "server.admin_host": _host,
+    "server.admin_token": _string,
+    "server.tls_cert": _file,
+    "server.tls_key": _file,
+    "server.tls_client_ca": _file,
     "server.workers": _workers,
     "server.graceful_timeout": _number(0, strict=True),
     "server.shard_timeout": _number(0, strict=False),
@@ -256,9 +287,12 @@ _CHECKS: dict[str, Check] = {
     "ring.rooms": _int(16, 1 << 24),
     "presence.list_limit": _int(1),
     "presence.events_limit": _int(0),
-    "auth.secret": _string,
+    "auth.secret": _secret,
+    "auth.public_key_file": _file,
+    "auth.jwks_file": _file,
     "auth.issuer": _string,
     "auth.audience": _string,
+    "auth.leeway": _number(0, strict=False),
     "log.level": _choice("debug", "info", "warning", "error"),
     "log.format": _choice("json", "console"),
 }
@@ -388,6 +422,17 @@ def load_config(
             config.limits.max_content,
             f"must leave 1024 bytes of room under limits.max_frame ({config.limits.max_frame})",
         )
+    server = config.server
+    if bool(server.tls_cert) != bool(server.tls_key):
+        raise ConfigError(
+            "server.tls_key" if server.tls_cert else "server.tls_cert",
+            "",
+            "server.tls_cert and server.tls_key must be set together",
+        )
+    if server.tls_client_ca and not server.tls_cert:
+        raise ConfigError(
+            "server.tls_client_ca", server.tls_client_ca, "needs server.tls_cert and tls_key"
+        )
     if config.limits.max_frame > config.ring.bytes // 8:
         raise ConfigError(
             "limits.max_frame",
@@ -407,8 +452,7 @@ def _toml_value(value: object) -> str:
     return repr(value)
 
 
-SECRET_KEYS = frozenset({"auth.secret"})
-REDACTED = "<redacted>"
+SECRET_KEYS = frozenset({"auth.secret", "server.admin_token"})
 
 
 def to_toml(config: Config, *, redact: bool = True) -> str:

@@ -9,7 +9,11 @@ work to the shard's :class:`~shardchat.router.Router`.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import heapq
 import logging
+import re
 import secrets
 import time
 from pathlib import Path
@@ -18,13 +22,15 @@ from urllib.parse import parse_qsl
 from websockets.http11 import Request
 
 from . import stats, wire
-from .auth import verify_token
+from .addrtable import addr_key
+from .auth import verifier_from_config
 from .config import Config
 from .connection import Connection
 from .errors import AuthError, ProtocolError
 from .hooks import ConnectInfo, ConnInfo, Hooks, Reject
 from .messages import (
     Ack,
+    AppCloseCode,
     ClientMessage,
     HistoryQuery,
     Join,
@@ -58,6 +64,23 @@ _S_HOOK_ERRORS = int(stats.Slot.HOOK_ERRORS)
 _S_REFUSED = int(stats.Slot.HTTP_REFUSED)
 # The errors of a broken client: max_errors of them in a row close it with 1008.
 _MALFORMED = frozenset({"bad_json", "bad_request", "unknown_type", "too_large", "not_member"})
+
+
+def _page_csp(page: bytes) -> str:
+    """The chat page's Content-Security-Policy: its own inline script and style by
+    hash, WebSockets to this origin, nothing else (no framing, no other origins)."""
+    hashes = {
+        kind: " ".join(
+            "'sha256-" + base64.b64encode(hashlib.sha256(body).digest()).decode() + "'"
+            for body in re.findall(rb"<" + kind.encode() + rb">(.*?)</" + kind.encode(), page, re.S)
+        )
+        for kind in ("script", "style")
+    }
+    return (
+        f"default-src 'none'; script-src {hashes['script']}; style-src {hashes['style']}; "
+        "connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; "
+        "frame-ancestors 'none'"
+    )
 
 
 class ConnState:
@@ -103,9 +126,16 @@ class Hub:
         self.draining = False
         self.all_closed = asyncio.Event()
         self.connections: set[Connection] = set()
-        self.per_ip: dict[str, int] = {}  # open connections per client address
+        # Open connections per client address on every shard (None: max_per_ip off).
+        self.addrs = counters.addrs
         self._next_conn_id = 0
         self._chat_page = _CHAT_PAGE.read_bytes()
+        self.page_csp = _page_csp(self._chat_page)
+        # RFC 6454 4: an origin's scheme and host compare case-insensitively.
+        self._origins = frozenset(origin.lower() for origin in config.server.origins)
+        self.verifier = verifier_from_config(config.auth)
+        # (loop time its token expires, conn id, connection): closed with 4401 then.
+        self._expiries: list[tuple[float, int, Connection]] = []
         # A whole-server limit, split evenly: the kernel spreads connections evenly.
         self._max_local = -(-config.server.max_connections // config.workers)
         self.accepted_total = 0
@@ -147,34 +177,41 @@ class Hub:
             # Browsers always send Origin on a WebSocket upgrade; the allow-list guards
             # against other sites' pages (CSWSH). Clients that are not browsers send none.
             origin = request.headers.get("Origin")
-            if origin is not None and origin not in server.origins:
+            if origin is not None and origin.lower() not in self._origins:
                 return 403, "origin not allowed\n"
         params = parse_qsl(query, keep_blank_values=True)
         for key, value in params:
             if key in ("user", "room") and not wire.is_valid_name(value):
                 return 400, f"{key} must be 1-64 characters of [A-Za-z0-9_.:-]\n"
-        # Upgraded connections on every shard, and this shard's handshakes under way.
-        handshaking = len(self.connections) - self.open_count
-        if self.counters.total(_S_CONNECTIONS) + handshaking > server.max_connections:
+        # Upgraded connections on every shard. Handshakes under way do not count: the
+        # admission of one is synchronous (no other can slip in on this shard), and
+        # half-open ones (slow-loris) must not lock real clients out; they are
+        # bounded by the handshake deadline instead.
+        if self.counters.total(_S_CONNECTIONS) >= server.max_connections:
             return 503, "server is full\n"
-        # .get: a refused address must not leave an entry behind.
-        if server.max_per_ip and self.per_ip.get(conn.peer, 0) >= server.max_per_ip:
+        addrs = self.addrs
+        if addrs is not None and addrs.total(addr_key(conn.peer)) >= server.max_per_ip:
             return 503, "too many connections from this address\n"
         allowed: frozenset[str] | None = None
-        auth = self.config.auth
-        if auth.secret:
+        verifier = self.verifier
+        if verifier is not None:
             token = next((v for k, v in params if k == "token"), None)
-            header = request.headers.get("Authorization", "")
-            if token is None and header.startswith("Bearer "):
-                token = header[len("Bearer ") :].strip()
+            scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
+            # RFC 7235 2.1: the auth scheme is case-insensitive.
+            if token is None and scheme.lower() == "bearer":
+                token = credentials.strip()
             if not token:
                 return 401, "a token is required (?token= or Authorization: Bearer)\n"
             try:
-                identity = verify_token(token, auth.secret, time.time(), auth.issuer, auth.audience)
+                identity = verifier.verify(token)
             except AuthError as exc:
                 return 401, f"{exc}\n"
             conn.user = identity.user
             allowed = identity.rooms
+            if identity.expires is not None:
+                # Closed with 4401 when it expires: in loop time, checked by the sweep.
+                at = self.clock + identity.expires - time.time()
+                heapq.heappush(self._expiries, (at, conn.conn_id, conn))
         else:
             user = next((v for k, v in params if k == "user"), None)
             conn.user = user or f"guest-{secrets.token_hex(2)}"
@@ -204,7 +241,8 @@ class Hub:
         assert isinstance(state, ConnState)
         user = conn.user
         state.opened = True
-        self.per_ip[conn.peer] = self.per_ip.get(conn.peer, 0) + 1
+        if self.addrs is not None:
+            self.addrs.add(addr_key(conn.peer))
         self.open_count += 1
         self.stats[_S_CONNECTIONS] = self.open_count
         self.stats[_S_OPENED] += 1
@@ -243,11 +281,8 @@ class Hub:
             self.router.leave(conn, room)
         state.rooms.clear()
         self.router.forwarder.forget(conn)
-        count = self.per_ip.get(conn.peer, 1) - 1
-        if count > 0:
-            self.per_ip[conn.peer] = count
-        else:
-            self.per_ip.pop(conn.peer, None)
+        if self.addrs is not None:
+            self.addrs.remove(addr_key(conn.peer))
         self.open_count -= 1
         code, reason = conn.close_code, conn.close_reason
         stats_ = self.stats
@@ -285,6 +320,9 @@ class Hub:
     # Requests
 
     def _dispatch(self, conn: Connection, state: ConnState, request: ClientMessage) -> None:
+        # The token's rooms claim covers every request that names a room.
+        if state.allowed_rooms is not None and not isinstance(request, Ping):
+            self._check_allowed(state, request.room, request.id)
         if type(request) is Publish:
             self._publish(conn, state, request)
         elif type(request) is Join:
@@ -292,7 +330,7 @@ class Hub:
         elif type(request) is Leave:
             self._leave(conn, state, request)
         elif type(request) is Ping:
-            self._reply(conn, {"type": "pong", **request.echo})
+            self._reply_raw(conn, wire.pong_payload(request.echo, request.id))
         elif type(request) is PresenceQuery:
             self._presence(conn, request)
         elif type(request) is HistoryQuery:
@@ -310,6 +348,13 @@ class Hub:
         state.errors += 1
         if state.errors >= self.config.limits.max_errors:
             conn.fail(1008, "too many errors")
+
+    @staticmethod
+    def _check_allowed(state: ConnState, room: RoomId, request_id: str | None) -> None:
+        if state.allowed_rooms is not None and room not in state.allowed_rooms:
+            raise ProtocolError(
+                "unauthorized", f"your token does not allow room {room}", request_id
+            )
 
     @staticmethod
     def _require_member(state: ConnState, room: RoomId, request_id: str | None) -> None:
@@ -343,10 +388,7 @@ class Hub:
         state = conn.data
         assert isinstance(state, ConnState)
         room = request.room
-        if state.allowed_rooms is not None and room not in state.allowed_rooms:
-            raise ProtocolError(
-                "unauthorized", f"your token does not allow room {room}", request.id
-            )
+        self._check_allowed(state, room, request.id)
         room_size = self.config.limits.room_size
         if room_size and room not in state.rooms:
             # The presence view is as fresh as the rings: read them first. Joins on
@@ -444,6 +486,16 @@ class Hub:
             self._sweep_list = list(self.connections)
             self._sweep_at = 0
             self.router.sweep(now)
+        expiries = self._expiries
+        if len(expiries) > 2 * self.open_count + 1024:
+            # Closed connections wait in the heap until their exp: drop them now and then.
+            expiries[:] = [entry for entry in expiries if entry[2].transport is not None]
+            heapq.heapify(expiries)
+        while expiries and expiries[0][0] <= now:
+            _, _, conn = heapq.heappop(expiries)
+            if conn.is_open:
+                # An extension of PROTOCOL.md: reconnect with a fresh token.
+                conn.close(AppCloseCode.TOKEN_EXPIRED, "token expired")
         hb = self.config.heartbeat
         interval, timeout, idle = hb.interval, hb.timeout, hb.idle_timeout
         start = self._sweep_at

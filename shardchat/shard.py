@@ -25,13 +25,16 @@ from dataclasses import dataclass
 import uvloop
 
 from . import shm, stats
+from .addrtable import table_capacity
 from .bus import Bus
 from .config import Config
+from .connection import HANDSHAKE_TIMEOUT
 from .context import ShardContext
 from .hooks import Hooks
 from .hub import SWEEP_SLICES, Hub
 from .obs import configure_logging, log_event, set_process_role
 from .router import Router
+from .tls import server_context
 
 __all__ = ["EXIT_BOOT_ERROR", "ShardSpec", "run_shard"]
 
@@ -52,6 +55,7 @@ class ShardSpec:
     supervisor_pid: int
     incarnation: int  # 0 at first start, +1 at every restart
     app: object | None = None  # the lifecycle hooks object, loaded by the supervisor
+    close_fds: tuple[int, ...] = ()  # the supervisor's descriptors (admin port, wakeup)
 
 
 def run_shard(spec: ShardSpec) -> None:
@@ -60,6 +64,7 @@ def run_shard(spec: ShardSpec) -> None:
     signal.set_wakeup_fd(-1)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
+    _drop_inherited(spec.close_fds)
     set_process_role(spec.shard_id)
     configure_logging(spec.config.log.level, spec.config.log.format)
     try:
@@ -70,9 +75,30 @@ def run_shard(spec: ShardSpec) -> None:
         sys.exit(EXIT_BOOT_ERROR)
 
 
+def _drop_inherited(fds: tuple[int, ...]) -> None:
+    """Let go of the supervisor's descriptors, the admin listening socket first:
+    a shard holding it would keep the port open after the supervisor is gone.
+    Each number is pointed at /dev/null rather than closed, so that the
+    supervisor's socket objects copied by the fork never close a reused number."""
+    if not fds:
+        return
+    null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        for fd in fds:
+            try:
+                os.dup2(null, fd)
+            except OSError:
+                pass
+    finally:
+        os.close(null)
+
+
 def _attach_stats(spec: ShardSpec) -> tuple[shm.Segment, stats.StatsView]:
     segment = shm.Segment.attach(shm.stats_name(spec.supervisor_pid))
-    view = stats.StatsView(memoryview(segment.buf), spec.config.workers, spec.shard_id)
+    server = spec.config.server
+    workers = spec.config.workers
+    addr_capacity = table_capacity(server.max_per_ip, server.max_connections, workers)
+    view = stats.StatsView(memoryview(segment.buf), workers, spec.shard_id, addr_capacity)
     mine = view.mine
     assert mine is not None
     # Gauges describe this incarnation; counters carry on across restarts.
@@ -80,6 +106,8 @@ def _attach_stats(spec: ShardSpec) -> tuple[shm.Segment, stats.StatsView]:
     mine[stats.Slot.STARTED_NS] = time.time_ns()
     mine[stats.Slot.CONNECTIONS] = 0
     mine[stats.Slot.ROOMS] = 0
+    if view.addrs is not None:
+        view.addrs.clear(spec.shard_id)
     for peer in range(spec.config.workers):
         mine[stats.LAG_BASE + peer] = 0
     return segment, view
@@ -118,6 +146,8 @@ async def _run(spec: ShardSpec, loop: asyncio.AbstractEventLoop, hub: Hub, bus: 
         config.server.port,
         reuse_port=True,
         backlog=config.server.backlog,
+        ssl=server_context(config.server),
+        ssl_handshake_timeout=HANDSHAKE_TIMEOUT if config.server.tls_cert else None,
     )
     stop = asyncio.Event()
     quick = False

@@ -3,7 +3,9 @@
 Each shard owns one block of u64 slots in the stats segment and is the only
 writer of it; the supervisor sums the blocks for /metrics and /status, and
 shards read each other's connection gauges to enforce
-``server.max_connections`` across the whole server. A slot is one native
+``server.max_connections`` across the whole server. After the blocks, when
+``server.max_per_ip`` is set, each shard's table of connections per client
+address (:mod:`shardchat.addrtable`) does the same for that limit. A slot is one native
 8-byte store (``memoryview.cast('Q')``), so counting costs no lock and no
 syscall; hot paths count once per batch (a flush, a ring drain).
 """
@@ -11,6 +13,8 @@ syscall; hot paths count once per batch (a flush, a ring drain).
 from __future__ import annotations
 
 import enum
+
+from .addrtable import AddrTable
 
 __all__ = [
     "BLOCK_SLOTS",
@@ -70,7 +74,7 @@ ERROR_CODES = (
 )
 ERRORS_BASE = 64
 
-CLOSE_CODES = (1000, 1001, 1003, 1006, 1007, 1008, 1009, 1011, 4408, 4409, 4429, 0)
+CLOSE_CODES = (1000, 1001, 1003, 1006, 1007, 1008, 1009, 1011, 4401, 4408, 4409, 4429, 0)
 CLOSES_BASE = 96  # the last, 0, counts every other code
 
 LATENCY_BUCKETS_MS = (0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
@@ -101,13 +105,24 @@ def latency_slot(ms: float) -> int:
 class StatsView:
     """All shards' blocks over one buffer; ``mine`` is the block this process writes."""
 
-    __slots__ = ("blocks", "mine", "workers")
+    __slots__ = ("addrs", "blocks", "mine", "workers")
 
-    def __init__(self, buf: memoryview, workers: int, shard: int | None) -> None:
+    def __init__(
+        self, buf: memoryview, workers: int, shard: int | None, addr_capacity: int = 0
+    ) -> None:
         slots = buf.cast("Q")
         self.workers = workers
         self.blocks = [slots[i * BLOCK_SLOTS : (i + 1) * BLOCK_SLOTS] for i in range(workers)]
         self.mine = self.blocks[shard] if shard is not None else None
+        # Connections per address on every shard; None when max_per_ip is off.
+        self.addrs: AddrTable | None = None
+        if addr_capacity:
+            self.addrs = AddrTable(slots[workers * BLOCK_SLOTS :], workers, addr_capacity, shard)
+
+    @staticmethod
+    def segment_size(workers: int, addr_capacity: int) -> int:
+        """Bytes of the stats segment: the blocks, then the address tables."""
+        return 8 * (workers * BLOCK_SLOTS + AddrTable.slots_needed(workers, addr_capacity))
 
     def total(self, slot: int) -> int:
         return sum(block[slot] for block in self.blocks)
@@ -115,3 +130,6 @@ class StatsView:
     def release(self) -> None:
         self.mine = None
         self.blocks = []
+        if self.addrs is not None:
+            self.addrs.release()
+            self.addrs = None

@@ -27,7 +27,9 @@ import multiprocess
 from prometheus_client.exposition import generate_latest
 
 from . import shm
+from .addrtable import table_capacity
 from .admin import AdminServer
+from .auth import verifier_from_config
 from .config import Config, ServerConfig, to_toml
 from .errors import ShardError
 from .hooks import load_app
@@ -35,6 +37,7 @@ from .metrics import make_registry
 from .obs import log_event
 from .shard import EXIT_BOOT_ERROR, ShardSpec, run_shard
 from .stats import Slot, StatsView
+from .tls import server_context
 
 __all__ = ["Supervisor"]
 
@@ -88,35 +91,48 @@ class Supervisor:
         self._fabric: shm.Fabric
         self._app: object | None = None
         self._stats: StatsView | None = None
+        self._child_closes: list[int] = []
 
     # Start-up
 
     def run(self) -> int:
         """Serve until SIGTERM or SIGINT; return the process exit code."""
         self._app = load_app(self.config.server.app)
+        # Fail the start (exit 2) on a key, certificate or CA file that does not load,
+        # before any shard is forked; each shard builds its own after the fork.
+        server_context(self.config.server)
+        verifier_from_config(self.config.auth)
         self._raise_nofile()
         shm.sweep_stale()
         _check_port_free(self.config.server.host, self.config.server.port)
+        server = self.config.server
+        addr_capacity = table_capacity(server.max_per_ip, server.max_connections, len(self.slots))
         self._fabric = shm.Fabric(
-            self.pid, len(self.slots), self.config.ring.bytes, self.config.ring.rooms
+            self.pid, len(self.slots), self.config.ring.bytes, self.config.ring.rooms, addr_capacity
         )
         wake_r, wake_w = socket.socketpair()
         wake_r.setblocking(False)
         wake_w.setblocking(False)
         try:
             assert self._fabric.stats is not None
-            self._stats = StatsView(memoryview(self._fabric.stats.buf), len(self.slots), None)
+            self._stats = StatsView(
+                memoryview(self._fabric.stats.buf), len(self.slots), None, addr_capacity
+            )
             registry = make_registry(
                 self._stats, lambda: [s.restarts for s in self.slots], self._processes
             )
             if self.config.server.admin_port:
                 self._admin = AdminServer(
                     self._selector,
-                    self.config.server.host,
+                    self.config.server.admin_host,
                     self.config.server.admin_port,
                     self.status,
                     lambda: generate_latest(registry),
+                    self.config.server.admin_token,
                 )
+            # Descriptors a shard must not keep (it is forked, not exec'd, so
+            # O_CLOEXEC does not apply): the admin port above all.
+            self._child_closes = [wake_r.fileno(), wake_w.fileno(), self._selector_fd()]
             signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
                 signal.signal(sig, _noop)
@@ -129,7 +145,9 @@ class Supervisor:
                 workers=len(self.slots),
                 host=self.config.server.host,
                 port=self.config.server.port,
+                admin_host=self.config.server.admin_host,
                 admin_port=self.config.server.admin_port,
+                tls=bool(self.config.server.tls_cert),
                 epoch=self.epoch,
             )
             log_event(log, logging.INFO, "config", toml=to_toml(self.config))
@@ -153,6 +171,10 @@ class Supervisor:
         """The supervisor and each live shard, for the process_* metrics."""
         live = [(f"shard-{s.shard_id}", s.pid) for s in self.slots if s.pid is not None]
         return [("supervisor", self.pid), *((name, pid) for name, pid in live if pid)]
+
+    def _selector_fd(self) -> int:
+        fileno = getattr(self._selector, "fileno", None)
+        return int(fileno()) if fileno is not None else -1
 
     def _raise_nofile(self) -> None:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -192,6 +214,8 @@ class Supervisor:
                     if slot.restart_at is not None and now >= slot.restart_at:
                         self._spawn(slot)
                 self._kill_stuck()
+            if self._admin is not None:
+                self._admin.expire(now)
             timeout = self._next_timeout(now)
             for key, _ in self._selector.select(timeout):
                 callback: Callable[[], None] = key.data
@@ -227,6 +251,9 @@ class Supervisor:
             deadlines.append(now + min(1.0, self.config.server.shard_timeout / 4))
         if self.stopping:
             deadlines.append(self.stop_deadline)
+        admin_deadline = self._admin.next_deadline() if self._admin is not None else None
+        if admin_deadline is not None:
+            deadlines.append(admin_deadline)
         if not deadlines:
             return None
         return max(0.0, min(deadlines) - now)
@@ -281,6 +308,11 @@ class Supervisor:
             supervisor_pid=self.pid,
             incarnation=slot.incarnation,
             app=self._app,
+            close_fds=tuple(
+                fd
+                for fd in (*self._child_closes, *(self._admin.fds() if self._admin else ()))
+                if fd >= 0
+            ),
         )
         process = self._ctx.Process(
             target=run_shard, args=(spec,), name=f"shardchat-shard-{slot.shard_id}"
@@ -303,6 +335,8 @@ class Supervisor:
             # Its connections went with it; the restarted shard counts anew.
             self._stats.blocks[slot.shard_id][Slot.CONNECTIONS] = 0
             self._stats.blocks[slot.shard_id][Slot.ROOMS] = 0
+            if self._stats.addrs is not None:
+                self._stats.addrs.clear(slot.shard_id)
         process = slot.process
         self._selector.unregister(process.sentinel)
         code = int(process.exitcode)

@@ -33,6 +33,7 @@ __all__ = [
     "encode",
     "error_payload",
     "is_valid_name",
+    "pong_payload",
     "text_frame",
 ]
 
@@ -166,6 +167,19 @@ def decode(data: bytes | bytearray | memoryview, max_content: int) -> ClientMess
 def encode(obj: dict[str, object]) -> bytes:
     """A server frame's JSON (UTF-8 bytes)."""
     return orjson.dumps(obj)
+
+
+def pong_payload(echo: dict[str, object], request_id: str | None) -> bytes:
+    """The JSON of the ``pong`` that echoes a ``ping``.
+
+    Raises:
+        ProtocolError: ``bad_request`` when the echo cannot be encoded (orjson
+            decodes 1024 levels of nesting but encodes only about 255).
+    """
+    try:
+        return orjson.dumps({"type": "pong", **echo})
+    except orjson.JSONEncodeError:
+        raise ProtocolError("bad_request", "ping nested too deeply to echo", request_id) from None
 
 
 def error_payload(code: str, reason: str, request_id: str | None = None) -> bytes:

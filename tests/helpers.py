@@ -374,6 +374,54 @@ class RawClient:
         self.sock.close()
 
 
+async def raw_on_shard(server: Server, shard: int, path: str = "/ws?user=raw") -> RawClient:
+    """A raw client that landed on ``shard`` (others are closed)."""
+    for _ in range(300):
+        raw = await asyncio.to_thread(RawClient, server.port, path)
+        opcode, payload = await asyncio.to_thread(raw.recv_frame)
+        welcome = json.loads(payload)
+        if welcome["shard"] == shard:
+            return raw
+        raw.close()
+    raise AssertionError(f"no raw client on shard {shard}")
+
+
+async def closed_with(raw: RawClient) -> int:
+    try:
+        return await asyncio.to_thread(raw.close_code)
+    finally:
+        raw.close()
+
+
+def raw_http(
+    port: int, request: bytes, source: str = "127.0.0.1"
+) -> tuple[int, dict[str, str], bytes]:
+    """Send raw request bytes; the answer's status, headers (lower-case names) and body,
+    read until the server closes (or, for a 101, to the end of the head)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=scaled(10)) as sock:
+        sock.sendall(request)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+            if data.startswith(b"HTTP/1.1 101 ") and b"\r\n\r\n" in data:
+                break
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(lines[0].split(" ", 2)[1]), headers, body
+
+
+def assert_no_traceback(server: Server) -> None:
+    """Nothing a client sent made the server write a traceback or an error."""
+    text = server.log_path.read_text(errors="replace")
+    assert "Traceback" not in text, server.tail()
+    events = server.log_events()
+    assert not [e for e in events if "exc" in e or e.get("level") == "error"], server.tail()
+
+
 async def good_neighbour(
     url: str, shard: int, room: str, count: int = 30, source: str | None = None, query: str = ""
 ) -> tuple[Client, Client, asyncio.Task[list[dict[str, Any]]]]:

@@ -1,4 +1,7 @@
-"""The pure core imports no I/O: each module is imported in a fresh interpreter."""
+"""The pure core imports no I/O: each module is imported in a fresh interpreter.
+
+shardchat.auth is not in it: it reads key files, and PyJWT imports urllib (so
+socket) for a JWKS client that shardchat does not use."""
 
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ CORE = [
     "shardchat.delivery",
     "shardchat.roomtable",
     "shardchat.records",
-    "shardchat.auth",
+    "shardchat.addrtable",
     "shardchat.ring",
 ]
 IO = ["asyncio", "websockets", "uvloop", "posix_ipc", "multiprocess", "mmap", "socket"]
