@@ -190,21 +190,33 @@ def status(admin_url: str | None, as_json: bool, flags: ConfigFlags) -> None:
     show_default=True,
     help="Give up when the server cannot be reached for this many seconds.",
 )
+@click.option(
+    "--cafile",
+    type=click.Path(exists=True, dir_okay=False),
+    help="PEM CA bundle to verify a wss:// server with (default: the system's).",
+)
 @click.argument("url", required=False)
 @_config_options
 def chat(
-    user: str, room: str, token: str | None, timeout: float, url: str | None, flags: ConfigFlags
+    user: str,
+    room: str,
+    token: str | None,
+    timeout: float,
+    cafile: str | None,
+    url: str | None,
+    flags: ConfigFlags,
 ) -> None:
     """Chat in a room from the terminal: lines you type are sent, messages are printed.
 
     URL defaults to the server of the effective configuration (--config, the
-    environment, --host/--port), e.g. ws://127.0.0.1:8080/ws.
+    environment, --host/--port), e.g. ws://127.0.0.1:8080/ws (wss:// when the
+    configuration has a TLS certificate). A wss:// URL connects over TLS.
     """
     from shardchat.client.terminal import run_chat
 
     if url is None:
         url = server_url(flags.load())
-    sys.exit(run_chat(url, user, room, token, timeout))
+    sys.exit(run_chat(url, user, room, token, timeout, cafile))
 
 
 def server_url(config: Config) -> str:
@@ -214,7 +226,8 @@ def server_url(config: Config) -> str:
         host = "127.0.0.1"
     elif ":" in host:
         host = f"[{host}]"
-    return f"ws://{host}:{config.server.port}/ws"
+    scheme = "wss" if config.server.tls_cert else "ws"
+    return f"{scheme}://{host}:{config.server.port}/ws"
 
 
 @main.command()

@@ -223,7 +223,9 @@ async def test_kill_9_and_full_restart_reconnect_by_themselves(browser: Any) -> 
 
 
 async def test_a_refused_name_and_a_refused_token_show_their_reason(browser: Any) -> None:
-    with running_server(workers=1, settings=["auth.secret=browser-secret"]) as srv:
+    with running_server(
+        workers=1, settings=["auth.secret=browser-secret-of-at-least-32-bytes"]
+    ) as srv:
         page = await (await browser.new_context()).new_page()
         await page.goto(f"http://127.0.0.1:{srv.port}/")
         # Checked on the page, before connecting.

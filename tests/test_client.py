@@ -72,7 +72,7 @@ async def test_bad_room_name_raises_chat_error(server: Any) -> None:
 
 
 async def test_missing_token_and_refused_join_by_the_rooms_claim() -> None:
-    secret = "s3cret-for-tests"
+    secret = "s3cret-for-tests-of-at-least-32-bytes"
     with running_server(workers=2, settings=[f"auth.secret={secret}"]) as srv:
         with pytest.raises(Refused) as refused:
             await asyncio.wait_for(ChatClient(srv.url, user="ada").start(), scaled(5))

@@ -225,10 +225,11 @@ async def test_page_over_https(tls_server: Server, pki: Pki) -> None:
             await page.fill("#user", "webby")
             await page.fill("#room", "tlsweb")
             await page.click("#connect")
-            await page.wait_for_selector("text=joined tlsweb")
+            await page.wait_for_selector('#status[data-state="connected"]')
             await page.fill("#text", "hello over wss")
             await page.press("#text", "Enter")
-            await page.wait_for_selector("text=webby: hello over wss")
+            await page.wait_for_selector("#log li.msg .content >> text=hello over wss")
+            assert await page.locator("#log li.msg .who").all_inner_texts() == ["webby"]
         finally:
             await browser.close()
 

@@ -119,6 +119,8 @@ class ChatClient:
             presence events (on the event loop: keep it quick).
         drop_ack: a test hook called with (room, seq): when it returns True, that
             ack is not sent (to show that the server resends).
+        ssl: the TLS context of a ``wss://`` URL (e.g. one that trusts a private
+            CA); None verifies against the system's CAs.
 
     Raises (from :meth:`start`, :meth:`send`, :meth:`join` and :meth:`messages`):
         Refused: the upgrade got an HTTP 4xx (``status``, ``reason``): at once.
@@ -315,6 +317,7 @@ class ChatClient:
                 if self.timeout is not None:
                     remaining = self.timeout - (loop.time() - outage_start)
                 try:
+                    tls: dict[str, Any] = {} if self.ssl is None else {"ssl": self.ssl}
                     ws = await connect(
                         self._connect_url(),
                         compression=None,
@@ -322,6 +325,7 @@ class ChatClient:
                         max_queue=None,
                         open_timeout=max(0.05, min(10.0, remaining or 10.0)),
                         close_timeout=2,
+                        **tls,
                     )
                 except InvalidStatus as exc:
                     status = exc.response.status_code

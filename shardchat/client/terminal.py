@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import ssl
 import sys
 import threading
 import time
@@ -43,7 +44,9 @@ def _on_event(event: ClientEvent) -> None:
         _print(line)
 
 
-async def _chat(url: str, user: str, room: str, token: str | None, timeout: float) -> int:
+async def _chat(
+    url: str, user: str, room: str, token: str | None, timeout: float, cafile: str | None
+) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     # Ctrl-C and SIGTERM leave at once: the loop is never stuck in a blocking read.
@@ -58,7 +61,8 @@ async def _chat(url: str, user: str, room: str, token: str | None, timeout: floa
             loop.call_soon_threadsafe(lines.put_nowait, line)
         loop.call_soon_threadsafe(lines.put_nowait, None)
 
-    client = ChatClient(url, user=user, rooms=[room], token=token, timeout=timeout)
+    context = ssl.create_default_context(cafile=cafile) if cafile else None
+    client = ChatClient(url, user=user, rooms=[room], token=token, timeout=timeout, ssl=context)
     client.on_event = _on_event
     starting = asyncio.ensure_future(client.start())
     stopping = asyncio.ensure_future(stop.wait())
@@ -109,6 +113,15 @@ async def _chat(url: str, user: str, room: str, token: str | None, timeout: floa
         await client.close()
 
 
-def run_chat(url: str, user: str, room: str, token: str | None = None, timeout: float = 10) -> int:
-    """Run the terminal chat; the exit code (0, or 1 for a refusal or an outage)."""
-    return asyncio.run(_chat(url, user, room, token, timeout))
+def run_chat(
+    url: str,
+    user: str,
+    room: str,
+    token: str | None = None,
+    timeout: float = 10,
+    cafile: str | None = None,
+) -> int:
+    """Run the terminal chat; the exit code (0, or 1 for a refusal or an outage).
+    A wss:// URL connects over TLS, verified against ``cafile`` (a PEM CA bundle)
+    or the system's CAs."""
+    return asyncio.run(_chat(url, user, room, token, timeout, cafile))
