@@ -125,9 +125,11 @@ def shardchat(
     settings: Sequence[str] = (),
     cpus: str | None = None,
     prefix: Sequence[str] = (),
+    program: str = SHARDCHAT,
 ) -> Iterator[Running]:
+    """``shardchat start`` (``program``: another checkout's, for a comparison)."""
     port, admin = free_port(), free_port()
-    args = [*prefix, *_taskset(cpus), SHARDCHAT, "start", "--workers", str(workers)]
+    args = [*prefix, *_taskset(cpus), program, "start", "--workers", str(workers)]
     args += ["--port", str(port)]
     args += ["--set", f"server.admin_port={admin}", "--set", "log.level=warning"]
     for setting in settings:
