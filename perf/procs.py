@@ -134,7 +134,10 @@ def shardchat(
     args += ["--set", f"server.admin_port={admin}", "--set", "log.level=warning"]
     for setting in settings:
         args += ["--set", setting]
-    proc = subprocess.Popen(args, cwd=ROOT)
+    # Another checkout's server reads its own config.toml (from its working directory):
+    # ours may name keys it does not know.
+    cwd = ROOT if program == SHARDCHAT else Path(program).resolve().parents[2]
+    proc = subprocess.Popen(args, cwd=cwd)
     admin_off = "server.admin_port=0" in settings
     try:
         wait_port(port)

@@ -32,6 +32,7 @@ import email.utils
 import http
 import logging
 import traceback
+import uuid
 from collections import deque
 from collections.abc import Iterator
 from typing import Protocol as TypingProtocol
@@ -41,8 +42,9 @@ from websockets.datastructures import Headers
 from websockets.exceptions import InvalidMessage
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
-from websockets.protocol import State
+from websockets.protocol import Protocol, State
 from websockets.server import ServerProtocol
+from websockets.streams import StreamReader
 
 from shardchat.core.messages import AppCloseCode
 from shardchat.logs import log_event
@@ -77,6 +79,13 @@ SLOW_CLOSE_TIMEOUT = 60.0
 # connection's own queue (up to limits.send_queue), which can be dropped at once
 # when the client is cut, so that the close frame is not stuck behind it.
 TRANSPORT_HIGH = 65536
+
+
+# What a connection keeps of websockets' state after the handshake: see
+# _drop_handshake. The protocol's id (a fresh UUID each) is read by nothing.
+_AT_EOF = StreamReader.at_eof.__code__
+_FRAME_PARSER = Protocol.parse
+_NO_ID = uuid.UUID(int=0)
 
 
 class Writer(TypingProtocol):
@@ -550,6 +559,7 @@ class Connection(asyncio.Protocol):
         proto.send_response(response)
         self._write_protocol_data()
         if proto.state is _OPEN:
+            _drop_handshake(proto)
             self.out = self.transport
             self.next_ping = handler.clock + handler.heartbeat_interval
             handler.opened(self)
@@ -563,6 +573,33 @@ class Connection(asyncio.Protocol):
 
 
 _PLAIN = "text/plain; charset=utf-8"
+
+
+def _drop_handshake(proto: ServerProtocol) -> None:
+    """Let go of the HTTP request once the connection is open.
+
+    ``ServerProtocol.parse`` is a generator that parses the request, then runs
+    the frame parser (``Protocol.parse``) for the rest of the connection: its
+    suspended frame keeps the request (headers, path, their strings) alive,
+    about 1.8 KB of every idle connection's 6 KB. Between frames the frame
+    parser holds no state of its own (it waits in ``StreamReader.at_eof`` at the
+    top of its loop, on an empty buffer), so a fresh one started there is the
+    same parser without the request. Anything else (bytes of a frame already
+    read, another websockets version's layout) leaves the parser as it is.
+    """
+    outer = proto.parser
+    frames = getattr(outer, "gi_yieldfrom", None)
+    waiting = getattr(frames, "gi_yieldfrom", None)
+    if (
+        proto.reader.buffer
+        or getattr(frames, "gi_code", None) is not _FRAME_PARSER.__code__
+        or getattr(waiting, "gi_code", None) is not _AT_EOF
+    ):
+        return
+    outer.close()
+    proto.parser = _FRAME_PARSER(proto)
+    next(proto.parser)
+    proto.id = _NO_ID
 
 
 def _response(
