@@ -35,7 +35,7 @@ def _client(port: int, count: int, local_addr: str, pipe: Connection) -> None:
             async with gate:
                 try:
                     held.append(await open_idle("127.0.0.1", port, f"/ws?user=idle{i}", local_addr))
-                except (OSError, ConnectionError):
+                except (OSError, ConnectionError, asyncio.IncompleteReadError):
                     failures += 1
 
         await asyncio.gather(*(one(i) for i in range(count)))

@@ -121,3 +121,49 @@ def test_an_idle_open_connection_holds_little_of_websockets() -> None:
         tracemalloc.stop()
     # The request's headers and strings alone were about 1.8 KB of it.
     assert per_conn < 2500, per_conn
+
+
+def small_masked(payload: bytes, mask: bytes) -> bytes:
+    return (
+        bytes([0x81, 0x80 | len(payload)])
+        + mask
+        + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    )
+
+
+def test_each_whole_frame_in_its_own_chunk_is_delivered_once_in_order() -> None:
+    handler = Handler()
+    conn = opened(handler, REQUEST)
+    messages = [b'{"type":"ping"}', b"x" * 125, b"y" * 126, b"z" * 1000, b""]
+    fed: list[bytes] = []
+    receive = conn.proto.receive_data
+    conn.proto.receive_data = lambda data: (fed.append(data), receive(data))[1]  # type: ignore[method-assign]
+    for message in messages:
+        conn.data_received(
+            masked(message) if len(message) > 125 else small_masked(message, b"abcd")
+        )
+    assert handler.texts == messages
+    assert fed == []  # none of them needed websockets' parser
+
+
+def test_a_payload_that_looks_like_a_frame_is_still_the_payload() -> None:
+    """The second chunk is a whole masked text frame by its bytes, but the parser
+    is inside a frame whose header came in the first: it is that frame's payload."""
+    handler = Handler()
+    conn = opened(handler, REQUEST)
+    wire_payload = small_masked(b"no", b"\x00\x00\x00\x00")  # 8 bytes: 81 82 00 00 00 00 n o
+    mask = b"\x11\x22\x33\x44"
+    conn.data_received(bytes([0x81, 0x80 | len(wire_payload)]) + mask)
+    conn.data_received(wire_payload)
+    assert handler.texts == [bytes(b ^ mask[i % 4] for i, b in enumerate(wire_payload))]
+    conn.data_received(small_masked(b"after", mask))
+    assert handler.texts[1:] == [b"after"]
+
+
+def test_an_unmasked_or_reserved_bit_frame_still_fails_the_connection() -> None:
+    for first in (bytes([0x81, 0x02]) + b"hi", bytes([0xC1, 0x82]) + b"abcd" + b"hi"):
+        handler = Handler()
+        conn = opened(handler, REQUEST)
+        conn.data_received(first)
+        assert handler.texts == [] and not conn.is_open
+        assert conn.close_code == 1002
