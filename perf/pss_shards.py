@@ -36,12 +36,18 @@ def server_pss(server: procs.Running) -> int:
     return pss_bytes(server.proc.pid) + sum(pss_bytes(p) for p in server.server_pids())
 
 
-def measure(program: str, shards: int, connections: int, settle: float) -> dict[str, object]:
+# --rooms: each connection joins a room of 10 at open ({r} is i // 10): presence.
+ROOMS_PATH = "/ws?user=p{p}u{i}&room=p{p}r{r}"
+
+
+def measure(
+    program: str, shards: int, connections: int, settle: float, path: str = idle_rss.IDLE_PATH
+) -> dict[str, object]:
     with procs.shardchat(shards, settings=IDLE, program=program) as server:
         time.sleep(settle)
         before = server_pss(server)
         rss_before = server.rss()
-        up, failed, clients = idle_rss.hold(server.port, connections)
+        up, failed, clients = idle_rss.hold(server.port, connections, path)
         time.sleep(settle)
         after = server_pss(server)
         rss_after = server.rss()
@@ -65,6 +71,9 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=30000)
     parser.add_argument("--shards", default="1,2,4,6")
     parser.add_argument("--settle", type=float, default=3.0)
+    parser.add_argument(
+        "--rooms", action="store_true", help="each connection joins a room of 10 at open"
+    )
     args = parser.parse_args()
     gc.disable()
     sides = {"new": procs.SHARDCHAT}
@@ -74,7 +83,8 @@ def main() -> None:
     for i, shards in enumerate(int(s) for s in args.shards.split(",")):
         order = list(sides) if i % 2 == 0 else list(reversed(sides))
         for side in order:
-            row = measure(sides[side], shards, args.connections, args.settle)
+            path = ROOMS_PATH if args.rooms else idle_rss.IDLE_PATH
+            row = measure(sides[side], shards, args.connections, args.settle, path)
             rows[side].append(row)
             print(f"{side} {json.dumps(row)}", file=sys.stderr)
     print(f"{'side':<5} {'shards':>6} {'conns':>7} {'PSS/conn':>9} {'RSS/conn':>9}")
@@ -84,7 +94,14 @@ def main() -> None:
                 f"{side:<5} {row['shards']:>6} {row['connections']:>7} "
                 f"{row['pss_per_connection']:>9} {row['rss_per_connection']:>9}"
             )
-    path = procs.write_result("pss_shards", {"connections": args.connections, "rows": rows})
+    name = "pss_shards_rooms" if args.rooms else "pss_shards"
+    out = {
+        "scenario": "pss_shards",
+        "connections": args.connections,
+        "rooms_of_10": args.rooms,
+        "rows": rows,
+    }
+    path = procs.write_result(name, out)
     print(f"wrote {path}", file=sys.stderr)
 
 
