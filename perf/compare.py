@@ -50,25 +50,7 @@ def _fanout(program: str, name: str) -> dict[str, float]:
 
 def _rooms(program: str, name: str) -> dict[str, float]:
     with procs.shardchat(1, settings=run.FAST, cpus=SERVER_CPU, program=program) as server:
-        result = run.load(
-            [
-                "rooms",
-                "--port",
-                str(server.port),
-                "--admin",
-                f"http://127.0.0.1:{server.admin_port}",
-                "--target",
-                name,
-                "--clients",
-                "10000",
-                "--room-size",
-                "10",
-                "--interval-ms",
-                "1000",
-                "--seconds",
-                "20",
-            ]
-        )
+        result = run.rooms_against(server, name, 10000, 1000, 20)
     return {
         "p99_ms": result["run"]["latency_ms"]["p99"],
         "server_cpu_cores": result["server_cpu_cores"],

@@ -28,26 +28,14 @@ def one(program: str, a: argparse.Namespace) -> dict[str, Any]:
     settings = [*run.FAST, "heartbeat.interval=30", "server.max_connections=1000000"]
     with procs.shardchat(a.workers, settings=settings, cpus=a.cpus, program=program) as server:
         before = server_pss(server)
-        result = run.load(
-            [
-                "hold",
-                "--port",
-                str(server.port),
-                "--admin",
-                f"http://127.0.0.1:{server.admin_port}",
-                "--target",
-                f"hold-compare-w{a.workers}",
-                "--connections",
-                str(a.connections),
-                "--seconds",
-                str(a.seconds),
-                "--connect-rate",
-                str(a.connect_rate),
-                "--sample",
-                str(a.sample),
-                "--workers",
-                str(max(1, -(-a.connections // 19000))),
-            ]
+        result = run.hold_against(
+            server,
+            f"hold-compare-w{a.workers}",
+            a.connections,
+            a.seconds,
+            connect_rate=a.connect_rate,
+            sample=a.sample,
+            workers=max(1, -(-a.connections // 19000)),
         )
         after = server_pss(server)
     up = result["up"]

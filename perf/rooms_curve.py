@@ -22,25 +22,7 @@ from perf import procs, run
 
 def one(program: str, clients: int, rate: float, seconds: float) -> dict[str, Any]:
     with procs.shardchat(1, settings=run.FAST, cpus=run.SERVER_CPU, program=program) as server:
-        result = run.load(
-            [
-                "rooms",
-                "--port",
-                str(server.port),
-                "--admin",
-                f"http://127.0.0.1:{server.admin_port}",
-                "--target",
-                "rooms-curve",
-                "--clients",
-                str(clients),
-                "--room-size",
-                "10",
-                "--interval-ms",
-                str(1000 * clients / rate),
-                "--seconds",
-                str(seconds),
-            ]
-        )
+        result = run.rooms_against(server, "rooms-curve", clients, 1000 * clients / rate, seconds)
     return {
         "offered_msgs_per_s": rate,
         "p50_ms": result["run"]["latency_ms"]["p50"],
