@@ -400,10 +400,11 @@ class Router:
             self.loop.call_soon(self.flush)
 
     def flush(self) -> None:
-        """Commit our ring, then write each room's queued frames, joined once, once to
-        each local member, then this turn's acks. Nothing sequenced here reaches a
-        client before its record is visible in the ring (the tail is committed): an
-        owner killed after that loses no message that anyone saw or had acked."""
+        """Commit our ring, then send this turn's owner acks, then write each room's
+        queued frames, joined once, once to each local member. Nothing sequenced here
+        reaches a client before its record is visible in the ring (the tail is
+        committed): an owner killed after that loses no message anyone saw or had
+        acked."""
         self._flush_scheduled = False
         self.bus.commit()
         if self._acks:
