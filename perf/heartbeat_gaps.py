@@ -39,9 +39,9 @@ def main() -> None:
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         for i, view in enumerate(views):
-            pid = U64.unpack_from(view, OFF_WRITER_PID)[0]
             beat = ring_heartbeat_ns(view)
-            if pid != pids[i]:
+            pid = U64.unpack_from(view, OFF_WRITER_PID)[0]  # after: a restart shows
+            if pid != pids[i] or not last[i] or not beat:
                 # A restart: count from the new incarnation's first beat.
                 pids[i], last[i], fresh[i] = pid, beat, True
                 continue

@@ -13,7 +13,10 @@ owner deduplicates it, PROTOCOL.md Extensions). A watcher per room rejoins with
 - lost: acked (room, seq) that the room's watcher never received, or received
   with other content;
 - duplicated: one publish (one content) delivered under two seqs;
-- history: every shard's ``history`` of every room agrees with the owner's.
+- history: every shard's ``history`` of every room ends at the room's latest
+  seq with no hole and agrees with the owner's on every seq both hold
+  (``disagree``); ``not_from_seq_1`` counts the windows that do not reach back
+  to seq 1 (a shard restarted since, and its rings no longer held the start).
 
 Bounded in time and count, loopback only; it stops by itself.
 """
@@ -37,7 +40,9 @@ from websockets.exceptions import WebSocketException
 from perf import procs
 from shardchat.brokers.sequencer import owner_of
 
-SETTINGS = ["limits.rate=100000", "limits.burst=100000", "delivery.history=100000"]
+# The default history (1,000 per room): each shard's memory then levels off once
+# every room's window is full, so growth over time would be a leak.
+SETTINGS = ["limits.rate=100000", "limits.burst=100000"]
 
 
 def rss_anon(pid: int) -> int:
@@ -242,13 +247,24 @@ class Soak:
                         break
                 views[shard][room] = got
             await ws.close()
+        # Each shard holds a window of each room's history: how far back depends on
+        # its last restart (a restarted shard rebuilds from what the rings retain).
+        # Every window must end at the room's latest seq, have no hole, and agree
+        # with the owner's on every seq both hold.
+        shorter = 0
         for room in self.rooms:
             owner = views.get(owner_of(room, self.workers), {}).get(room, {})
+            latest = max((max(r[room], default=0) for r in views.values()), default=0)
             for rooms in views.values():
                 checked += 1
-                if rooms[room] != owner:
+                held = rooms[room]
+                common = held.keys() & owner.keys()
+                hole = held and sorted(held) != list(range(min(held), latest + 1))
+                if hole or any(held[seq] != owner[seq] for seq in common):
                     disagree += 1
-        return {"checked": checked, "disagree": disagree}
+                if len(held) < latest:
+                    shorter += 1
+        return {"checked": checked, "disagree": disagree, "not_from_seq_1": shorter}
 
     def report(self) -> dict[str, Any]:
         lost = 0

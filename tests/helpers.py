@@ -280,15 +280,20 @@ async def clients_on_shards(
     prefix: str = "u",
     max_tries: int = 400,
     source: str | None = None,
+    spread: bool = False,
 ) -> list[Client]:
     """Connect until there is one client on each listed shard (in that order).
 
     The kernel picks the shard; clients that land where none is wanted are closed.
+    ``spread``: each attempt from its own address in 127.0.2.0/24 (instead of
+    ``source``), so that the attempts never meet a per-address limit.
     """
     wanted = list(shards)
     found: list[Client | None] = [None] * len(wanted)
     spare: list[Client] = []
     for attempt in range(max_tries):
+        if spread:
+            source = f"127.0.2.{1 + attempt % 254}"
         client = await connect_client(url, user=f"{prefix}{attempt}", source=source)
         for i, shard in enumerate(wanted):
             if found[i] is None and shard == client.shard:
@@ -446,13 +451,22 @@ def assert_no_traceback(server: Server) -> None:
 
 
 async def good_neighbour(
-    url: str, shard: int, room: str, count: int = 30, source: str | None = None, query: str = ""
+    url: str,
+    shard: int,
+    room: str,
+    count: int = 30,
+    source: str | None = None,
+    query: str = "",
+    spread: bool = False,
 ) -> tuple[Client, Client, asyncio.Task[list[dict[str, Any]]]]:
     """A well-behaved member of ``room`` on ``shard`` and a publisher sending it
     ``count`` messages in the background; await the task for what it received.
-    ``query`` is added to both URLs (a token, say)."""
+    ``query`` is added to both URLs (a token, say); ``spread`` places the member
+    from addresses of its own (see clients_on_shards)."""
     url = url + query
-    (good,) = await clients_on_shards(url, [shard], prefix=f"good{room}", source=source)
+    (good,) = await clients_on_shards(
+        url, [shard], prefix=f"good{room}", source=source, spread=spread
+    )
     publisher = await connect_client(url, user=f"pub{room}", source=source)
     await good.join(room)
     await publisher.join(room)

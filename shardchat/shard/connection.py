@@ -370,7 +370,7 @@ class Connection(asyncio.Protocol):
                     break
             else:
                 queue.popleft()
-        if not queue and self.out is self:
+        if not queue and self.out is self and not self._paused:
             self._queue = None
             self._queued = 0
             self.out = transport
