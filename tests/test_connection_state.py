@@ -167,3 +167,17 @@ def test_an_unmasked_or_reserved_bit_frame_still_fails_the_connection() -> None:
         conn.data_received(first)
         assert handler.texts == [] and not conn.is_open
         assert conn.close_code == 1002
+
+
+class Failing(Handler):
+    def text_received(self, conn: Connection, data: bytes | bytearray | memoryview) -> None:
+        raise RuntimeError("a bug")
+
+
+def test_a_bug_under_a_small_frame_fails_the_connection_with_1011_and_raises_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    conn = opened(Failing(), REQUEST)
+    conn.data_received(small_masked(b'{"type":"ping"}', b"abcd"))  # must not raise
+    assert not conn.is_open and conn.close_code == 1011
+    assert [r.message for r in caplog.records].count("conn_internal_error") == 1

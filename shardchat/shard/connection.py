@@ -216,15 +216,20 @@ class Connection(asyncio.Protocol):
         ):
             size = len(data)
             n = data[1] - 0x80 if size > 1 else -1  # the mask bit must be set
+            payload = None
             if 0 <= n < 126 and size == n + 6:
-                self.handler.text_received(self, apply_mask(data[6:], data[2:6]))
-                return
-            if (
+                payload = apply_mask(data[6:], data[2:6])
+            elif (
                 n == 126
                 and size > 8
                 and size == (data[2] << 8 | data[3]) + 8 <= self.handler.max_frame + 8
             ):
-                self.handler.text_received(self, apply_mask(data[8:], data[4:8]))
+                payload = apply_mask(data[8:], data[4:8])
+            if payload is not None:
+                try:
+                    self.handler.text_received(self, payload)
+                except Exception as exc:
+                    self._internal_error(exc)
                 return
         proto.receive_data(data)
         events = proto.events_received()
@@ -241,25 +246,28 @@ class Connection(asyncio.Protocol):
                 elif type(event) is Request:
                     self._handshake(event)
         except Exception as exc:
-            # A bug, not the client's fault, but the client must not be able to
-            # make the server write tracebacks: one line, and close with 1011.
-            where = traceback.extract_tb(exc.__traceback__)[-1]
-            log_event(
-                log,
-                logging.ERROR,
-                "conn_internal_error",
-                conn=self.conn_id,
-                peer=self.peer,
-                error=f"{type(exc).__name__}: {str(exc)[:200]}",
-                where=f"{where.filename.rsplit('/', 1)[-1]}:{where.lineno}",
-            )
-            if proto.state is _CONNECTING:
-                self._answer(500, "internal error\n")
-            else:
-                self.fail(1011, "internal error")
+            self._internal_error(exc)
         if self.out is not None and proto.state is not _OPEN:
             self.out = None
             self._queue = None
+
+    def _internal_error(self, exc: Exception) -> None:
+        # A bug, not the client's fault, but the client must not be able to
+        # make the server write tracebacks: one line, and close with 1011.
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        log_event(
+            log,
+            logging.ERROR,
+            "conn_internal_error",
+            conn=self.conn_id,
+            peer=self.peer,
+            error=f"{type(exc).__name__}: {str(exc)[:200]}",
+            where=f"{where.filename.rsplit('/', 1)[-1]}:{where.lineno}",
+        )
+        if self.proto.state is _CONNECTING:
+            self._answer(500, "internal error\n")
+        else:
+            self.fail(1011, "internal error")
 
     def _frame(self, frame: Frame) -> None:
         opcode = frame.opcode
