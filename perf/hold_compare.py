@@ -44,6 +44,9 @@ def one(program: str, a: argparse.Namespace) -> dict[str, Any]:
         "open_after_hold": result["open_after_hold"],
         "connect_p99_ms": result["connect"]["connect_ms"]["p99"],
         "ping_rtt_ms": result["hold"]["rtt_ms"],
+        # Open-loop: an RTT counts from when the ping was due, so how late the
+        # client sent it (its timers tick in milliseconds) is inside the RTT.
+        "ping_send_lag_ms": result["hold"]["send_lag_ms"],
         "pss_per_connection": round((after - before) / up) if up else None,
         "rss_per_connection": result["rss_per_connection"],
     }

@@ -183,12 +183,16 @@ class Worker:
         start_ns = time.monotonic_ns()
         interval_ns = 1e9 / len(pingers)
         total = int(seconds * len(pingers))
+        # A ping's lateness is send lag too: the RTT counts from when it was due.
+        lags = self.stats["send_lag_ms"]
         n = 0
         while n < total:
-            due = min(total, int((time.monotonic_ns() - start_ns) / interval_ns) + 1)
+            now_ns = time.monotonic_ns()
+            due = min(total, int((now_ns - start_ns) / interval_ns) + 1)
             while n < due:
                 scheduled_ns = start_ns + int(n * interval_ns)
                 pingers[n % len(pingers)].send({"type": "ping", "t": scheduled_ns})
+                lags.append((now_ns - scheduled_ns) / 1e6)
                 n += 1
             next_ns = start_ns + n * interval_ns
             await asyncio.sleep(max(TICK, (next_ns - time.monotonic_ns()) / 1e9))
