@@ -58,6 +58,16 @@ class Slot(enum.IntEnum):
     LATENCY_COUNT = 21
     LATENCY_SUM_US = 22
     HTTP_REFUSED = 23  # upgrades refused before the handshake (403/400/401/503)
+    # broker.kind = "redis" (brokers/redis_broker.py)
+    REDIS_UP = 24  # gauge: 1 while the shard's Redis connection works
+    REDIS_ROUND_TRIPS = 25  # pipelines and commands sent
+    REDIS_BATCHES = 26  # publish pipelines
+    REDIS_BATCHED_MESSAGES = 27  # publishes they carried (batch size = this / batches)
+    REDIS_ERRORS = 28  # failed calls (connection lost, timeout, script error)
+    REDIS_SUBSCRIBED_ROOMS = 29  # gauge: rooms whose channel the shard subscribes to
+    REDIS_MESSAGES_RECEIVED = 30  # room messages that came from Redis pub/sub
+    REDIS_STREAM_READS = 31  # stream reads (room open, gap fill, resume)
+    REDIS_RECONNECTS = 32
 
 
 ERROR_CODES = tuple(ErrorCode)  # one counter slot per code, in the enum's order

@@ -173,7 +173,8 @@ class GapFill:
         if latest <= since:
             return True
         first = max(1, latest - self.history + 1)
-        self.logs[room] = RoomLog(self.epoch, self.history, first - 1, now)
+        epoch = self.broker.epoch_of(room) or self.epoch
+        self.logs[room] = RoomLog(epoch, self.history, first - 1, now)
         self._waiting.setdefault(room, []).append(then)
         if room not in self.held_back:
             self.request(room, first, latest, now, "history_fetch")

@@ -90,6 +90,15 @@ class StoreBroker:
     def catch_up(self) -> None:
         """Deliveries are synchronous here: nothing waits."""
 
+    def open_room(self, room: str, then: Callable[[], None]) -> bool:
+        return True
+
+    def close_room(self, room: str) -> None:
+        pass
+
+    def epoch_of(self, room: str) -> str | None:
+        return None
+
 
 class Conn:
     def __init__(self, name: str) -> None:
