@@ -174,6 +174,8 @@ class RedisBroker:
         self.shard_id = shard_id
         self.stats = counters
         self.deliver = deliver  # runs an engine input: time first, output after
+        # The shard's liveness stamp for the supervisor (its ring header's heartbeat).
+        self.stamp: Callable[[int], None] = lambda now_ns: None
         self.node = node if node is not None else node_name(shard_id)
         self.prefix = config.redis.prefix
         self.history = config.delivery.history
@@ -827,7 +829,7 @@ class RedisBroker:
         return None
 
     def heartbeat(self, now_ns: int) -> None:
-        pass
+        self.stamp(now_ns)
 
     def record_lag(self) -> None:
         pass

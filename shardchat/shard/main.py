@@ -432,6 +432,18 @@ async def _serve_redis(
         shard.broker_input(step)
 
     broker = RedisBroker(config, spec.shard_id, mine, deliver)
+    # The rings carry no rooms here, but our ring's header still carries the
+    # heartbeat the supervisor watches (server.shard_timeout).
+    rings = ShmBroker.attach(
+        spec.supervisor_pid,
+        spec.shard_id,
+        config.workers,
+        config.ring.bytes,
+        config.ring.rooms,
+        mine,
+        config.delivery.publish_timeout,
+    )
+    broker.stamp = rings.heartbeat
     try:
         engine: RoomEngine[Connection] = RoomEngine(
             config, spec.shard_id, spec.epoch, broker, mine, Hooks(spec.app)
@@ -443,6 +455,7 @@ async def _serve_redis(
         await _run(spec, loop, shard)
     finally:
         await broker.close()
+        rings.close()
         counters.release()
 
 
