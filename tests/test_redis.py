@@ -292,9 +292,7 @@ async def test_a_killed_box_clients_resume_on_the_other_box(
             await watcher.recv_type("leave", timeout=3 + 1)
             presence = await watcher.request("presence", "presence", room=room)
             assert "ghost" not in presence["users"]
-            assert set(presence["users"]) == {"publisher", "watcher"} | {
-                m.user for m in movers
-            }
+            assert set(presence["users"]) == {"publisher", "watcher"} | {m.user for m in movers}
         finally:
             await asyncio.gather(*(c.ws.close() for c in clients), return_exceptions=True)
 
@@ -316,8 +314,12 @@ async def test_redis_outage_and_data_loss() -> None:
                 acked: dict[str, int] = {}
                 refused: list[str] = []
                 for i in range(20):
-                    ack = await sender.request("message", "ack", room=room, content=f"a{i}", id=f"a{i}")
+                    ack = await sender.request(
+                        "message", "ack", room=room, content=f"a{i}", id=f"a{i}"
+                    )
                     acked[ack["id"]] = ack["seq"]
+                first = [await receiver.recv_type("message") for _ in range(20)]
+                assert [m["seq"] for m in first] == list(range(1, 21))
                 server.stop()
                 await wait_until(lambda: _healthy(box, False), 10, "the box to see Redis down")
                 # Every publish during the outage is refused with `unavailable`.
@@ -337,12 +339,17 @@ async def test_redis_outage_and_data_loss() -> None:
                 server.start()
                 await wait_until(lambda: _healthy(box, True), 15, "the box to reconnect")
                 for i in range(20, 30):
-                    ack = await sender.request("message", "ack", room=room, content=f"a{i}", id=f"a{i}")
+                    ack = await sender.request(
+                        "message", "ack", room=room, content=f"a{i}", id=f"a{i}"
+                    )
                     acked[ack["id"]] = ack["seq"]
                 assert list(acked.values()) == list(range(1, 31))  # seq went on
-                got = []
+                got = [(m["seq"], m["content"]) for m in first]
                 while len(got) < 30:
-                    frame = await receiver.recv_type("message")
+                    try:
+                        frame = await receiver.recv_type("message")
+                    except TimeoutError:
+                        raise AssertionError(f"got only {got}\n{box.tail(30)}") from None
                     got.append((frame["seq"], frame["content"]))
                 assert got == [(s, f"a{s - 1}") for s in range(1, 31)]  # nothing acked lost
                 late = await connect_client(box.url, user="late")
@@ -382,7 +389,9 @@ async def test_two_boxes_one_order_on_a_redis_cluster() -> None:
         with two_boxes(settings) as boxes:
             await ordering(boxes)
             # The room's keys share one slot: they live on one master.
-            owners = [n for n in cluster.nodes if n.cli("--scan", "--pattern", "c:*")]
+            owners = [n for n in cluster.nodes if n.cli("--scan", "--pattern", "c:{ordered}*")]
             assert len(owners) == 1
+            keys = owners[0].cli("--scan", "--pattern", "c:{ordered}*").split()
+            assert {"c:{ordered}:seq", "c:{ordered}:s", "c:{ordered}:e"} <= set(keys)
     finally:
         cluster.close()

@@ -109,6 +109,10 @@ class _Subscriber:
         self.channels.add(channel)
         await self.pubsub.ssubscribe(channel)
         if self.task is None:
+            # Called on every (re)connect, after redis-py's own callback has sent
+            # SSUBSCRIBE again for every channel: what pub/sub dropped meanwhile is
+            # then read from the streams.
+            self.pubsub.connection.register_connect_callback(self._connected)
             self.task = asyncio.get_running_loop().create_task(self._read())
         await future  # Redis delivers the channel from here on
 
@@ -116,6 +120,9 @@ class _Subscriber:
         self.channels.discard(channel)
         self.confirmed.pop(channel, None)
         await self.pubsub.sunsubscribe(channel)
+
+    async def _connected(self, connection: Any) -> None:
+        self.broker.reconnected()
 
     async def _read(self) -> None:
         broker = self.broker
@@ -133,7 +140,6 @@ class _Subscriber:
                     connection = self.pubsub.connection
                     if connection is not None:
                         await connection.connect()  # resubscribes every channel
-                        broker.reconnected()
                         wait = BACKOFF_MIN
                 continue
             if message is None:
@@ -194,6 +200,9 @@ class RedisBroker:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._subscribers: dict[str, _Subscriber] = {}
         self._reconnecting = False
+        # After an outage every node's last beat is old: others are judged only
+        # once they have had presence.ttl to beat again.
+        self._judge_after = 0.0
         self._scripts: dict[str, str] = {}  # name -> sha1
         self._loaded = False
         redis_config = config.redis
@@ -313,6 +322,7 @@ class RedisBroker:
                     log_event(log, logging.DEBUG, "redis_retry", error=repr(exc))
                     continue
                 self.stats[_S_RECONNECTS] += 1
+                self._judge_after = time.monotonic() + self.ttl
                 break
         finally:
             self._reconnecting = False
@@ -380,6 +390,8 @@ class RedisBroker:
         self._live = live_nodes
         # A node announces its users only after its first beat, so a node we heard
         # from that is not in the set now stopped beating for presence.ttl.
+        if time.monotonic() < self._judge_after:
+            return
         gone = [n for n in self._peers if n not in live_nodes]
         if gone:
             self.deliver(lambda: self._drop_nodes(gone))
@@ -512,9 +524,9 @@ class RedisBroker:
             if batch:
                 self.deliver(lambda: self._fail(batch))
             return
-        counters = self.stats
-        counters[_S_BATCHES] += 1
-        counters[_S_BATCHED] += len(batch)
+        if batch:
+            self.stats[_S_BATCHES] += 1
+            self.stats[_S_BATCHED] += len(batch)
         publish_results = results[len(ops) :]
         self.deliver(lambda: self._published(rooms, by_room, publish_results))
 
