@@ -259,12 +259,18 @@ class RedisBroker:
 
     async def close(self) -> None:
         """Leave presence (so other boxes need not wait for the TTL) and disconnect."""
-        if self.up and self._local:
+        if self.up:
             for room, users in self._local.items():
                 for user in users:
                     self._presence.append((room, user, False, False))
+            self._local.clear()
             with contextlib.suppress(*_FAILURES):
-                await asyncio.wait_for(self._flush_once(), self.config.redis.timeout)
+                if self._presence or self._batch:  # the drain's leaves among them
+                    await asyncio.wait_for(self._flush_once(), self.config.redis.timeout)
+                self._count_trip()
+                await asyncio.wait_for(
+                    self.client.zrem(self._nodes_key, self.node), self.config.redis.timeout
+                )
         self.closed = True
         for task in list(self._tasks):
             task.cancel()
