@@ -156,17 +156,6 @@ def status(admin_url: str | None, as_json: bool, flags: ConfigFlags) -> None:
         click.echo(json.dumps(data, indent=2))
         return
     click.echo(f"supervisor pid {data['pid']}  epoch {data['epoch']}  up {data['uptime']:.0f} s")
-    broker = data.get("broker", {"kind": "shm", "healthy": True})
-    if broker["kind"] == "redis":
-        click.echo(
-            f"broker redis {broker['redis']}  {'healthy' if broker['healthy'] else 'UNHEALTHY'}"
-            f" ({broker['shards_connected']} shards connected)  rooms subscribed"
-            f" {broker['subscribed_rooms']}  round trips {broker['round_trips']}  batch size"
-            f" {broker['batch_size']}  errors {broker['errors']}  reconnects"
-            f" {broker['reconnects']}"
-        )
-    else:
-        click.echo(f"broker {broker['kind']}")
     click.echo(
         f"{'shard':>5} {'pid':>8} {'alive':>5} {'uptime s':>9} {'restarts':>8} "
         f"{'conns':>7} {'rooms':>6}"
@@ -182,6 +171,17 @@ def status(admin_url: str | None, as_json: bool, flags: ConfigFlags) -> None:
         f"total: {totals['connections']} connections, {totals['messages_published']} messages "
         f"published, {totals['frames_delivered']} frames delivered, {totals['restarts']} restarts"
     )
+    broker = data.get("broker", {"kind": "shm", "healthy": True})
+    if broker["kind"] == "redis":
+        click.echo(
+            f"broker redis {broker['redis']}  {'healthy' if broker['healthy'] else 'UNHEALTHY'}"
+            f" ({broker['shards_connected']} shards connected)  rooms subscribed"
+            f" {broker['subscribed_rooms']}  round trips {broker['round_trips']}  batch size"
+            f" {broker['batch_size']}  errors {broker['errors']}  reconnects"
+            f" {broker['reconnects']}"
+        )
+    else:
+        click.echo(f"broker {broker['kind']}")
 
 
 @main.command()

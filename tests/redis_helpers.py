@@ -9,7 +9,9 @@ tell their keys apart with a per-test key prefix, which is deleted after.
 from __future__ import annotations
 
 import contextlib
+import random
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -21,12 +23,26 @@ from tests.helpers import free_port, scaled
 __all__ = ["RedisCluster", "RedisServer", "delete_prefix"]
 
 
+def cluster_port() -> int:
+    """A free port whose cluster bus port (+10000) is free too: at most 55535."""
+    for _ in range(200):
+        port = random.randrange(20000, 55535)
+        try:
+            for p in (port, port + 10000):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        return port
+    raise AssertionError("no free port pair for a cluster node")
+
+
 class RedisServer:
     """One ``redis-server`` process on 127.0.0.1, with AOF on (appendfsync always:
     an acked message is on disk before the ack)."""
 
     def __init__(self, *, cluster: bool = False, directory: Path | None = None) -> None:
-        self.port = free_port()
+        self.port = cluster_port() if cluster else free_port()
         self.dir = directory or Path(tempfile.mkdtemp(prefix="shardchat-redis-"))
         self.cluster = cluster
         self.proc: subprocess.Popen[bytes] | None = None

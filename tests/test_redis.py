@@ -13,6 +13,7 @@ import contextlib
 import itertools
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 import pytest
 
 from tests.helpers import (
+    SHARDCHAT,
     Client,
     Server,
     clients_on_shards,
@@ -187,6 +189,12 @@ async def test_a_box_without_members_gets_none_of_a_rooms_traffic(
             # not one of the other room's 200.
             assert status["messages_received"] == 20
             assert status["subscribed_rooms"] == 1
+            shown = subprocess.run(
+                [SHARDCHAT, "status", "--admin", f"http://127.0.0.1:{two.admin_port}"],
+                capture_output=True, text=True, timeout=30,
+            ).stdout  # fmt: skip
+            assert f"broker redis {redis.url}  healthy (2 shards connected)" in shown
+            assert "rooms subscribed 1" in shown
             # Each shard with a member of a room subscribes to it (who talks to Redis:
             # ARCHITECTURE.md, Rooms across boxes).
             busy_shards = len({talker.shard, here.shard})
