@@ -567,8 +567,11 @@ class RoomEngine(Generic[C]):
             self.out += out
         idle = self.config.delivery.room_idle
         if idle and now >= self._next_evict:
+            if self._next_evict:
+                self._evict_idle()
+            # The first tick only sets the clock: what was restored at start-up is
+            # as fresh as the engine.
             self._next_evict = now + min(EVICT_EVERY, idle)
-            self._evict_idle()
         if self.gaps.held_back:
             self.gaps.sweep(now)
             gap = self.gaps.next_deadline()
@@ -663,12 +666,12 @@ class RoomEngine(Generic[C]):
         log_ = self.logs.get(room)
         if json is None:
             if log_ is None:
-                self.logs[room] = RoomLog(self._epoch(room), self.history, seq)
+                self.logs[room] = RoomLog(self._epoch(room), self.history, seq, self.now)
             else:
                 log_.skip_to(seq)
             return
         if log_ is None:
-            log_ = self.logs[room] = RoomLog(self._epoch(room), self.history, seq - 1)
+            log_ = self.logs[room] = RoomLog(self._epoch(room), self.history, seq - 1, self.now)
         if seq > log_.seq + 1:
             log_.skip_to(seq - 1)  # a part of the ring already overwritten
         if seq == log_.seq + 1:

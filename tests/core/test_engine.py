@@ -10,6 +10,7 @@ from shardchat import stats
 from shardchat.brokers.forwarding import FORWARD_RETRY
 from shardchat.core.admission import Refusal
 from shardchat.core.auth import make_token
+from shardchat.core.engine import EVICT_EVERY
 from shardchat.core.errors import ErrorCode
 from shardchat.core.gapfill import GAP_GIVE_UP, GAP_TIMEOUT
 from shardchat.core.outputs import Close
@@ -287,6 +288,19 @@ class TestGapFill:
             box.advance(1.0)
         assert bob.seqs(room) == [5]
         assert box.stats[1][stats.Slot.GAPS_LOST] == 1
+
+    def test_rooms_restored_at_start_are_not_dropped_as_idle_at_once(self) -> None:
+        box = Box(2, config(delivery__room_idle=60.0))
+        room, alice, bob = owner_and_peer(box, "alice")
+        box.send(alice, type="message", room=room, content="kept")
+        box.turn()
+        box.advance(100.0)  # longer than room_idle: bob is a member, nothing dropped
+        box.restart(1)  # bob's shard comes back with a copy from the owner's ring
+        box.advance(1.0)
+        box.advance(EVICT_EVERY)
+        assert len(box.engines[1].logs[room]) == 1  # restored now: not idle yet
+        box.advance(60.0)
+        assert room not in box.engines[1].logs  # idle for room_idle: dropped
 
     def test_a_join_with_since_fetches_a_dropped_room_from_the_owner(self) -> None:
         box = Box(2, config(delivery__room_idle=60.0))
