@@ -93,7 +93,7 @@ def run_config(
     workers = max(2, len(boxes))
     out: dict[str, Any] = {"config": name}
     common = ["--port", ports, "--admin", admins, "--workers", str(workers), "--target", name]
-    for scenario, extra in [
+    scenarios = [
         (
             "fanout",
             ["--receivers", str(a.receivers), "--senders", "10", "--rates", a.rates,
@@ -104,7 +104,8 @@ def run_config(
             ["--clients", str(a.clients), "--room-size", "10", "--interval-ms", "1000",
              "--seconds", str(a.seconds)],
         ),
-    ]:  # fmt: skip
+    ]  # fmt: skip
+    for scenario, extra in [(s, e) for s, e in scenarios if s in a.scenarios]:
         before = {b.admin: status(b.admin)["broker"] for b in boxes}
         redis_before = cpu_seconds(redis_pid) if redis_pid else 0.0
         result = load.main(
@@ -148,6 +149,14 @@ def main() -> None:
     p.add_argument("--rates", default="20,50,100")
     p.add_argument("--clients", type=int, default=10000)
     p.add_argument("--seconds", type=float, default=5)
+    p.add_argument("--scenarios", default="fanout,rooms", type=lambda s: s.split(","))
+    p.add_argument(
+        "--box-workers",
+        type=int,
+        default=0,
+        help="only two Redis boxes of this many shards each (who talks to Redis: per shard)",
+    )
+    p.add_argument("--output", default="boxes.json")
     a = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="shardchat-boxes-"))
     redis_port = free_port()
@@ -160,16 +169,18 @@ def main() -> None:
     try:
         time.sleep(0.5)
         limits = ["limits.rate=1000", "limits.burst=1000", "server.max_connections=200000"]
-        one = [Box(2, limits)]
-        try:
-            results.append(run_config("one-box-w2", one, None, a))
-        finally:
-            for box in one:
-                box.stop()
+        if not a.box_workers:
+            one = [Box(2, limits)]
+            try:
+                results.append(run_config("one-box-w2", one, None, a))
+            finally:
+                for box in one:
+                    box.stop()
         settings = [*limits, "broker.kind=redis", f"redis.url=redis://127.0.0.1:{redis_port}/0"]
-        two = [Box(1, settings), Box(1, settings)]
+        per_box = a.box_workers or 1
+        two = [Box(per_box, settings), Box(per_box, settings)]
         try:
-            results.append(run_config("two-boxes-w1-redis", two, redis.pid, a))
+            results.append(run_config(f"two-boxes-w{per_box}-redis", two, redis.pid, a))
         finally:
             for box in two:
                 box.stop()
@@ -178,8 +189,12 @@ def main() -> None:
         redis.wait()
         shutil.rmtree(tmp, ignore_errors=True)
     load.RESULTS.mkdir(exist_ok=True)
-    (load.RESULTS / "boxes.json").write_text(json.dumps(results, indent=2) + "\n")
+    (load.RESULTS / a.output).write_text(json.dumps(results, indent=2) + "\n")
     for r in results:
+        if "rooms" in r:
+            print(f"{r['config']:>20} broker rooms {r['rooms']['broker']}")
+        if "fanout" not in r or "rooms" not in r:
+            continue
         for step in r["fanout"]["result"]["steps"]:
             print(
                 f"{r['config']:>20} fanout rate {step['offered_rate']:>6}/s deliveries"

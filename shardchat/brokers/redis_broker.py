@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 
 BACKOFF_MIN = 0.05  # seconds before the first reconnect attempt
 BACKOFF_MAX = 2.0  # the longest wait between two attempts (with full jitter under it)
+POOL_SIZE = 8  # connections of a shard's pool (one Redis), its pub/sub connection included
 PEER_BASE = 1 << 16  # engine peer ids of other nodes start here (our shards are < 256)
 
 _S_UP = int(stats.Slot.REDIS_UP)
@@ -218,7 +219,13 @@ class RedisBroker:
             seeds = [ClusterNode(*_host_port(seed)) for seed in redis_config.cluster]
             self.client = RedisCluster(startup_nodes=seeds, **common)
         else:
-            self.client = aioredis.Redis.from_url(redis_config.url, **common)
+            # A bounded pool: a storm of room opens waits for a connection instead
+            # of opening hundreds (measured: 1,000 rooms opened at once took 33
+            # connections per shard with an unbounded pool).
+            pool = aioredis.BlockingConnectionPool.from_url(
+                redis_config.url, max_connections=POOL_SIZE, timeout=redis_config.timeout, **common
+            )
+            self.client = aioredis.Redis(connection_pool=pool)
         self.where = (
             "cluster " + ",".join(redis_config.cluster)
             if self.cluster
