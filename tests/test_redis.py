@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -174,7 +175,7 @@ async def test_a_box_without_members_gets_none_of_a_rooms_traffic(
         async with closing([talker, here, there]):
             await talker.join("busy")
             await here.join("busy")
-            await talker.join("shared")
+            epoch = (await talker.join("shared"))["epoch"]
             await there.join("shared")
             for i in range(200):
                 await talker.send(type="message", room="busy", content=f"b{i}")
@@ -200,6 +201,7 @@ async def test_a_box_without_members_gets_none_of_a_rooms_traffic(
             busy_shards = len({talker.shard, here.shard})
             assert one.status()["broker"]["messages_received"] == 200 * busy_shards + 20
             await there.request("leave", "left", room="shared")
+            assert two.status()["broker"]["messages_received"] == 20
             await wait_until(
                 lambda: _gauge(two, "subscribed_rooms", 0), 5, "box two to unsubscribe"
             )
@@ -212,6 +214,25 @@ async def test_a_box_without_members_gets_none_of_a_rooms_traffic(
                 if frame["room"] == "shared" and frame["content"].startswith("t"):
                     later.append(frame["content"])
             assert later == [f"t{i}" for i in range(10)]
+            # Box two holds nothing of the room now: a resume there is served from
+            # the room's stream in Redis.
+            assert two.status()["broker"]["messages_received"] == 20
+            back = await connect_client(two.url, user="back")
+            async with closing([back]):
+                joined = await back.join("shared", since=25, epoch=epoch)
+                assert joined["recovered"] is True and joined["seq"] == 30
+                replay = [await back.recv_type("message") for _ in range(5)]
+                assert [m["content"] for m in replay] == [f"t{i}" for i in range(5, 10)]
+                await back.send(type="history", room="shared", since=0, limit=3)
+                history = [await back.recv_type("message") for _ in range(3)]
+                assert [m["seq"] for m in history] == [1, 2, 3]
+            metrics = (
+                urllib.request.urlopen(f"http://127.0.0.1:{two.admin_port}/metrics", timeout=5)
+                .read()
+                .decode()
+            )
+            assert 'shardchat_redis_up{shard="0"} 1.0' in metrics
+            assert "shardchat_redis_stream_reads_total" in metrics
             assert two.status()["broker"]["messages_received"] == 20
 
 
