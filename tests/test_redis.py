@@ -79,7 +79,7 @@ async def wait_until(check: Any, timeout: float, what: str) -> None:
     while not await check():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.1)
 
 
 async def spread(boxes: Sequence[Server], count: int, prefix: str) -> list[Client]:
@@ -394,7 +394,16 @@ async def test_redis_outage_and_data_loss() -> None:
                 late = await connect_client(box.url, user="late")
                 async with closing([late]):
                     again = await late.join(room, since=25, epoch=epoch)
-                    assert again["epoch"] == epoch and again["recovered"] is True
+                    logs = [
+                        line for line in box.tail(400).splitlines()
+                        if '"info"' not in line or "redis" in line
+                    ]  # fmt: skip
+                    assert again["epoch"] == epoch and again["recovered"] is True, (
+                        again,
+                        late.shard,
+                        sender.shard,
+                        "\n".join(logs[-30:]),
+                    )
                     assert again["seq"] == 30
                 assert box.status()["broker"]["reconnects"] >= 1
 

@@ -87,6 +87,7 @@ class Room:
     seq: int = 0  # the latest seq this node knows of
     ready: bool = False  # its state delivered (subscribed, or trying to be)
     subscribed: bool = False  # Redis confirmed the subscription
+    opened: bool = False  # its first state was delivered
     waiting: list[Callable[[], None]] = field(default_factory=list)  # joins to resume
     early: list[bytes] | None = None  # payloads that came before the state, in order
     remote: dict[str, set[str]] = field(default_factory=dict)  # node -> users, as delivered
@@ -103,6 +104,7 @@ class _Subscriber:
         self.channels: set[str] = set()
         self.confirmed: dict[str, asyncio.Future[None]] = {}
         self.task: asyncio.Task[None] | None = None
+        self.wake = asyncio.Event()  # set when the connection is back: stop backing off
 
     async def subscribe(self, channel: str) -> None:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -123,6 +125,7 @@ class _Subscriber:
         await self.pubsub.sunsubscribe(channel)
 
     async def _connected(self, connection: Any) -> None:
+        self.wake.set()
         self.broker.reconnected()
 
     async def _read(self) -> None:
@@ -134,14 +137,22 @@ class _Subscriber:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the connection broke: redis-py resubscribes on connect
-                broker.failed("pubsub", exc)
-                await asyncio.sleep(random.uniform(0, wait))
+                broker.pubsub_lost(self, exc)
+                # Back off, unless the broker's reconnect brings the connection back
+                # first: what arrived since must be read at once.
+                self.wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), random.uniform(wait / 2, wait))
                 wait = min(BACKOFF_MAX, wait * 2)
-                with contextlib.suppress(*_FAILURES):
-                    connection = self.pubsub.connection
-                    if connection is not None:
-                        await connection.connect()  # resubscribes every channel
-                        wait = BACKOFF_MIN
+                connection = self.pubsub.connection
+                # The broker's reconnect may have brought it back meanwhile (with
+                # what arrived since in its buffer): then it is only read on.
+                if connection is not None and not connection.is_connected:
+                    with contextlib.suppress(*_FAILURES):
+                        # Resubscribes every channel, then our callback resyncs.
+                        await connection.connect()
+                if connection is not None and connection.is_connected:
+                    wait = BACKOFF_MIN
                 continue
             if message is None:
                 continue
@@ -313,6 +324,17 @@ class RedisBroker:
             self._reconnecting = True
             self._spawn(self._reconnect())
 
+    def pubsub_lost(self, sub: _Subscriber, exc: BaseException) -> None:
+        """A pub/sub connection broke: its rooms hear nothing until it is back, so
+        their joins wait for the resync (a join now would be answered from a log
+        that may be missing what was published meanwhile)."""
+        for state in self.rooms.values():
+            if state.opened and state.keys.channel in sub.channels:
+                state.ready = False
+                if state.early is None:
+                    state.early = []
+        self.failed("pubsub", exc)
+
     def reconnected(self) -> None:
         """A pub/sub connection is back: what it missed is read from the streams."""
         if self.up:
@@ -324,6 +346,9 @@ class RedisBroker:
             while not self.closed:
                 await asyncio.sleep(random.uniform(wait / 2, wait))  # jitter: boxes spread out
                 wait = min(BACKOFF_MAX, wait * 2)
+                # After an outage every node's last beat is old: judge the others
+                # only once they have had presence.ttl to beat again.
+                self._judge_after = time.monotonic() + self.ttl
                 try:
                     await self._connect()
                     for sub in self._subscribers.values():
@@ -350,7 +375,12 @@ class RedisBroker:
             for user in users:
                 self._presence.append((room, user, True, True))
         for room, state in list(self.rooms.items()):
-            if state.ready:
+            if state.opened:
+                # Joins wait for the room's state as Redis has it now (its epoch may
+                # have changed); what pub/sub brings meanwhile waits behind it.
+                state.ready = False
+                if state.early is None:
+                    state.early = []
                 self._spawn(self._reopen(room, state))
         self._kick()
 
@@ -360,6 +390,7 @@ class RedisBroker:
                 await self._subscribe(state)
             except _FAILURES as exc:
                 self.failed("subscribe", exc)
+                self.deliver(lambda: self._ready(room, state))
                 return
         await self._load(room, state, resync=True)
 
@@ -567,10 +598,13 @@ class RedisBroker:
                 for p in pubs:
                     listener.on_publish_failed(p.msg_id, p.room)
                 continue
+            state = self.rooms.get(room)
             for p, seq in zip(pubs, result[1:], strict=True):
                 seq = int(seq)
                 if seq > 0:
                     sequenced += 1
+                    if state is not None:
+                        state.seq = max(state.seq, seq)  # known before pub/sub brings it
                 listener.on_published(p.msg_id, room, abs(seq))
         self.stats[_S_SEQUENCED] += sequenced
 
@@ -654,7 +688,9 @@ class RedisBroker:
             self.failed("room_state", exc)
             results = None
         if results is None:
-            if not resync:
+            if resync:
+                self.deliver(lambda: self._ready(room, state))
+            else:
                 self.deliver(lambda: self._opened(room, state, None, []))
             return
         self.stats[_S_READS] += 1
@@ -680,7 +716,13 @@ class RedisBroker:
             if state.seq:
                 listener.restore(room, state.seq, None)
             self._snapshot(room, state, present)
-        state.ready = True
+        self._ready(room, state)
+
+    def _ready(self, room: str, state: Room) -> None:
+        """The room's state is delivered: what came meanwhile, then the joins."""
+        if self.rooms.get(room) is not state:
+            return
+        state.ready = state.opened = True
         early, state.early = state.early or [], None
         for data in early:
             self._received(room, state, data)
@@ -697,6 +739,7 @@ class RedisBroker:
         state.seq = max(state.seq, int(seq)) if epoch == state.epoch else int(seq)
         listener.on_room_state(room, state.epoch, int(seq))
         self._snapshot(room, state, present)
+        self._ready(room, state)
 
     def _snapshot(self, room: str, state: Room, present: list[bytes]) -> None:
         for pair in present:

@@ -88,11 +88,13 @@ class Broker(Protocol):
         engine answers a ``join`` or ``history`` from the latest state."""
 
     def open_room(self, room: str, then: Callable[[], None]) -> bool:
-        """The engine's first local member is joining ``room``: deliver its messages
-        and presence from now on. True when that is so already (one box: every
-        ring is read anyway); otherwise ``then`` is called once the broker is
-        ready (subscribed, the room's state and held history delivered), or has
-        given up trying (the join then goes on with what is known)."""
+        """A local member is joining ``room``: deliver its messages and presence
+        from now on. True when the broker does so already (one box: every ring
+        is read anyway); otherwise ``then`` is called once the broker is ready
+        (subscribed, the room's state and held history delivered: at the
+        room's first join here, or while it reloads the state after losing its
+        store for a while), or has given up trying (the join then goes on with
+        what is known)."""
 
     def close_room(self, room: str) -> None:
         """The engine's last local member of ``room`` left: its traffic may stop."""

@@ -331,11 +331,10 @@ class RoomEngine(Generic[C]):
             raise ProtocolError(
                 ErrorCode.UNAUTHORIZED, f"your token does not allow room {room}", request.id
             )
-        # Our first member of the room: a broker that carries only the rooms it is
-        # asked for (Redis) subscribes and loads the room's state first.
-        if room not in self.members and not self.broker.open_room(
-            room, lambda: self._join_opened(conn, request)
-        ):
+        # A broker that carries only the rooms it is asked for (Redis) subscribes
+        # and loads the room's state at its first join here, and again after it
+        # lost Redis for a while: the join waits for that.
+        if not self.broker.open_room(room, lambda: self._join_opened(conn, request)):
             return
         self._join_open(conn, state, request)
 
