@@ -5,10 +5,13 @@ Connections are spread over several worker processes (each well under the
 127.0.0.0/8 (one address has about 28,000 ports toward one server port).
 Workers are forked before any event loop exists; each runs uvloop and raw
 connections (:mod:`perf.loadclient`) that parse only frame headers, except a
-sample that decodes JSON for latency, order and duplicates. Every worker
-reports its own CPU share while it sends, and a step where the load client
-was itself near a full core is marked ``client_saturated``; a fan-out step
-also reports the server's CPU time per delivery, its cost whoever the limit.
+sample that decodes JSON for latency, order and duplicates. Latency is
+open-loop: a message carries the time it was due to go, not the time it
+went, so a server that queues cannot hide it by slowing the sender; each
+worker reports its own send lag (how late its sends went) and its CPU share
+while it sends, and a step where the load client was near a full core or
+sent late is marked ``client_limited``; a fan-out step also reports the
+server's CPU time per delivery, its cost whoever the limit.
 
     python -m perf.load hold   --port 8080 --connections 50000 --seconds 300
     python -m perf.load fanout --port 8080 --receivers 5000 --senders 10 --rates 2000,5000
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import multiprocessing
 import os
@@ -45,6 +49,9 @@ from shardchat.client.chatclient import ACK_DELAY
 RESULTS = Path(__file__).resolve().parent / "results"
 PER_WORKER = 12000  # connections per worker process at most
 SATURATED = 0.9  # a worker using this share of a core or more may be the limit
+# A client whose sends go out this late (p99, ms) is itself adding to the latency.
+LAGGING_MS = 2.0
+TICK = 0.001  # the senders' shortest sleep (s): batches what falls due within it
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -59,6 +66,7 @@ def new_stats() -> dict[str, Any]:
     stats["latencies"] = []
     stats["rtts"] = []
     stats["connect_ms"] = []
+    stats["send_lag_ms"] = []
     return stats
 
 
@@ -124,42 +132,67 @@ class Worker:
                     self.ackers.append(conn)
 
         await asyncio.gather(*(one(i, *p) for i, p in enumerate(paths)))
+        # The held connections leave the collector's walk: a full collection of
+        # 10,000 of them would stall the senders and show up as send lag.
+        gc.collect()
+        gc.freeze()
         if self.ackers and self.acking is None:
             self.acking = asyncio.create_task(self.ack_ticks())
 
     async def send_at(self, rate: float, seconds: float) -> int:
-        """Senders publish at ``rate`` messages/s in total for ``seconds``."""
+        """Senders publish at ``rate`` messages/s in total for ``seconds``, open-loop.
+
+        Message k is due at ``start + k / rate`` and carries that due time, not
+        the time it went: a server that queues (or a client that falls behind)
+        shows in the latency instead of delaying the next send and hiding
+        itself (coordinated omission). How late each message actually went is
+        the client's own send lag, reported beside the latency."""
         senders = [c for c in self.senders if not c.closed]
         if not senders or rate <= 0:
             return 0
+        lags = self.stats["send_lag_ms"]
+        total = int(rate * seconds)
+        interval_ns = 1e9 / rate
+        start_ns = time.monotonic_ns()
         sent = 0
-        start = time.monotonic()
-        tick = 0.01
-        while (elapsed := time.monotonic() - start) < seconds:
-            # As many as the rate allows by now: a late tick catches up.
-            batch = int(rate * elapsed) - sent
+        while sent < total:
             now_ns = time.monotonic_ns()
-            for _ in range(batch):
+            due = min(total, int((now_ns - start_ns) / interval_ns) + 1)
+            while sent < due:
+                scheduled_ns = start_ns + int(sent * interval_ns)
                 conn = senders[sent % len(senders)]
-                conn.send({"type": "message", "room": conn.room, "content": f"t{now_ns}:{sent}"})
+                conn.send(
+                    {"type": "message", "room": conn.room, "content": f"t{scheduled_ns}:{sent}"}
+                )
+                lags.append((now_ns - scheduled_ns) / 1e6)
                 sent += 1
-            await asyncio.sleep(tick)
+            if sent < total:
+                # Until the next one is due, but 1 ms at least: a wake-up per message
+                # at 10,000 msg/s would make the client its own limit. What waits
+                # for the tick shows as send lag, and in the latency.
+                next_ns = start_ns + sent * interval_ns
+                await asyncio.sleep(max(TICK, (next_ns - time.monotonic_ns()) / 1e9))
         return sent
 
     async def ping_loop(self, seconds: float) -> None:
         """Each sampled connection sends an application ping once a second, at its own
-        offset within the second (as independent clients would); pongs give the RTT."""
+        offset within the second (as independent clients would); pongs give the RTT,
+        measured open-loop from the time each ping was due."""
         pingers = self.pingers
         if not pingers:
             return
-        start = time.monotonic()
+        start_ns = time.monotonic_ns()
+        interval_ns = 1e9 / len(pingers)
+        total = int(seconds * len(pingers))
         n = 0
-        while (elapsed := time.monotonic() - start) < seconds:
-            due = int(elapsed * len(pingers))  # pings that should have gone by now
+        while n < total:
+            due = min(total, int((time.monotonic_ns() - start_ns) / interval_ns) + 1)
             while n < due:
-                pingers[n % len(pingers)].send({"type": "ping", "t": time.monotonic_ns()})
+                scheduled_ns = start_ns + int(n * interval_ns)
+                pingers[n % len(pingers)].send({"type": "ping", "t": scheduled_ns})
                 n += 1
-            await asyncio.sleep(1.0 / len(pingers))
+            next_ns = start_ns + n * interval_ns
+            await asyncio.sleep(max(TICK, (next_ns - time.monotonic_ns()) / 1e9))
 
     async def ack_ticks(self) -> None:
         """Reliable connections ack what they got at most every ``ack_ms``, as
@@ -192,12 +225,13 @@ class Worker:
         out["latencies"] = list(stats["latencies"])
         out["rtts"] = list(stats["rtts"])
         out["connect_ms"] = list(stats["connect_ms"])
+        out["send_lag_ms"] = list(stats["send_lag_ms"])
         out["cpu_share"] = cpu / wall if wall > 0 else 0.0
         out["open"] = sum(1 for c in self.conns if not c.closed)
         return out
 
     def reset(self) -> None:
-        for key in ("latencies", "rtts"):
+        for key in ("latencies", "rtts", "send_lag_ms"):
             self.stats[key].clear()
         for key in list(self.stats):
             if not isinstance(self.stats[key], list) and not key.startswith(("failed", "close")):
@@ -296,7 +330,12 @@ class Load:
 
 def merge(reports: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = Counter()
-    lists: dict[str, list[float]] = {"latencies": [], "rtts": [], "connect_ms": []}
+    lists: dict[str, list[float]] = {
+        "latencies": [],
+        "rtts": [],
+        "connect_ms": [],
+        "send_lag_ms": [],
+    }
     cpu = []
     for report in reports:
         for key, value in report.items():
@@ -336,6 +375,8 @@ def summary(merged: dict[str, Any]) -> dict[str, Any]:
     lat = merged["latencies"]
     rtt = merged["rtts"]
     con = merged["connect_ms"]
+    lag = merged["send_lag_ms"]
+    lag_p99 = percentile(lag, 99) if lag else 0.0
     failures = {k: v for k, v in merged.items() if k.startswith(("failed", "close_", "error_"))}
     return {
         "latency_ms": {
@@ -350,8 +391,15 @@ def summary(merged: dict[str, Any]) -> dict[str, Any]:
         "out_of_order_or_gap": merged.get("out_of_order_or_gap", 0),
         "dropped": merged.get("dropped", 0),
         "failures": failures,
+        "send_lag_ms": {
+            p: round(percentile(lag, q), 3) if lag else 0.0
+            for p, q in (("p50", 50), ("p99", 99), ("max", 100))
+        },
         "client_cpu_max": round(merged["client_cpu_max"], 3),
         "client_saturated": merged["client_saturated"],
+        # The load client is the limit: a worker near a full core, or sends that
+        # went out late (their lateness is inside the latency figures).
+        "client_limited": merged["client_saturated"] or lag_p99 > LAGGING_MS,
     }
 
 
@@ -478,8 +526,9 @@ def run_fanout(a: argparse.Namespace) -> dict[str, Any]:
             print(
                 f"  rate {rate:>8}/s  deliveries {row['deliveries_per_s']:>9}/s  "
                 f"p50 {row['latency_ms']['p50']:>8} p99 {p99:>8} ms  "
-                f"share {row['delivered_share']}  client cpu {row['client_cpu_max']:.2f}"
-                + ("  CLIENT SATURATED" if row["client_saturated"] else ""),
+                f"share {row['delivered_share']}  client cpu {row['client_cpu_max']:.2f}  "
+                f"send lag p99 {row['send_lag_ms']['p99']} ms"
+                + ("  CLIENT IS THE LIMIT" if row["client_limited"] else ""),
                 file=sys.stderr,
             )
             if p99 > a.p99_bound or (row["delivered_share"] or 0) < 0.99:

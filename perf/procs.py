@@ -82,12 +82,55 @@ def _taskset(cpus: str | None) -> list[str]:
     return ["taskset", "-c", cpus] if cpus else []
 
 
+CGROUP_V1_CPU = Path("/sys/fs/cgroup/cpu")
+CGROUP_V2 = Path("/sys/fs/cgroup")
+QUOTA_PERIOD_US = 10_000  # short, so that a throttled server stalls for 10 ms at most
+
+
+@contextlib.contextmanager
+def cpu_quota(share: float | None) -> Iterator[list[str]]:
+    """A cgroup holding what runs in it to ``share`` of one core (CFS quota over a
+    10 ms period); yields the command prefix that starts a program inside it.
+
+    cgroup v1's cpu controller where it is mounted, else cgroup v2's cpu.max.
+    Children (the shards) inherit the group. Needs root."""
+    if share is None:
+        yield []
+        return
+    quota = max(1000, int(share * QUOTA_PERIOD_US))
+    name = f"shardchat-perf-{os.getpid()}"
+    if (CGROUP_V1_CPU / "cpu.cfs_quota_us").exists():
+        group = CGROUP_V1_CPU / name
+        group.mkdir()
+        (group / "cpu.cfs_period_us").write_text(str(QUOTA_PERIOD_US))
+        (group / "cpu.cfs_quota_us").write_text(str(quota))
+    else:
+        group = CGROUP_V2 / name
+        group.mkdir()
+        (group / "cpu.max").write_text(f"{quota} {QUOTA_PERIOD_US}")
+    procs_file = group / "cgroup.procs"
+    try:
+        yield ["sh", "-c", f'echo $$ > {procs_file} && exec "$@"', "sh"]
+    finally:
+        deadline = time.monotonic() + 10
+        while procs_file.read_text().strip() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with contextlib.suppress(OSError):
+            group.rmdir()
+
+
 @contextlib.contextmanager
 def shardchat(
-    workers: int, settings: Sequence[str] = (), cpus: str | None = None
+    workers: int,
+    settings: Sequence[str] = (),
+    cpus: str | None = None,
+    prefix: Sequence[str] = (),
+    program: str = SHARDCHAT,
 ) -> Iterator[Running]:
+    """``shardchat start`` (``program``: another checkout's, for a comparison)."""
     port, admin = free_port(), free_port()
-    args = [*_taskset(cpus), SHARDCHAT, "start", "--workers", str(workers), "--port", str(port)]
+    args = [*prefix, *_taskset(cpus), program, "start", "--workers", str(workers)]
+    args += ["--port", str(port)]
     args += ["--set", f"server.admin_port={admin}", "--set", "log.level=warning"]
     for setting in settings:
         args += ["--set", setting]
@@ -109,9 +152,10 @@ def shardchat(
 
 
 @contextlib.contextmanager
-def baseline(cpus: str | None = None) -> Iterator[Running]:
+def baseline(cpus: str | None = None, prefix: Sequence[str] = ()) -> Iterator[Running]:
     port = free_port()
-    args = [*_taskset(cpus), sys.executable, "-m", "perf.baseline_server", "--port", str(port)]
+    args = [*prefix, *_taskset(cpus), sys.executable, "-m", "perf.baseline_server"]
+    args += ["--port", str(port)]
     proc = subprocess.Popen(args, cwd=ROOT)
     try:
         wait_port(port)

@@ -2,6 +2,7 @@
 
     python -m perf.run smoke      # every scenario, tiny (a minute)
     python -m perf.run fanout     # shardchat --workers 1 vs the baseline, pinned; --workers 2
+    python -m perf.run quota      # the same fan-out with each server held to a CPU share
     python -m perf.run rooms      # 10,000 clients in rooms of 10, pinned
     python -m perf.run hold       # 50,000 connections, --workers 4, 5 minutes
     python -m perf.run reliable   # fan-out with 50% of receivers acking vs 0%
@@ -86,6 +87,38 @@ def run_fanout(receivers: int = 5000) -> dict[str, Any]:
         summary["shardchat_w1_best"] / max(1, summary["baseline_best"]), 2
     )
     procs.write_result("fanout-summary", summary)
+    return summary
+
+
+QUOTA_SHARES = (0.25, 0.5)
+
+
+def run_fanout_quota(receivers: int = 5000) -> dict[str, Any]:
+    """Fan-out with the server held to a share of its core by a CFS quota, so that
+    the one-core load client is not the limit: deliveries/s per core share."""
+    pin_self(CLIENT_CPU)
+    summary: dict[str, Any] = {}
+    for share in QUOTA_SHARES:
+        pct = int(share * 100)
+        with procs.cpu_quota(share) as prefix, procs.baseline(SERVER_CPU, prefix) as server:
+            base = fanout_against(server, f"baseline-quota{pct}", receivers, [])
+        with (
+            procs.cpu_quota(share) as prefix,
+            procs.shardchat(1, settings=FAST, cpus=SERVER_CPU, prefix=prefix) as server,
+        ):
+            one = fanout_against(server, f"shardchat-w1-quota{pct}", receivers, [])
+        for name, result in (("baseline", base), ("shardchat_w1", one)):
+            best = best_rate(result)
+            summary[f"{name}_quota{pct}_best"] = best
+            summary[f"{name}_quota{pct}_per_core"] = round(best / share)
+            summary[f"{name}_quota{pct}_client_limited"] = any(
+                s["client_limited"] for s in result["steps"]
+            )
+        summary[f"ratio_quota{pct}"] = round(
+            summary[f"shardchat_w1_quota{pct}_best"] / max(1, summary[f"baseline_quota{pct}_best"]),
+            2,
+        )
+    procs.write_result("fanout-quota-summary", summary)
     return summary
 
 
@@ -296,6 +329,7 @@ def run_smoke() -> dict[str, Any]:
 SETS: dict[str, Callable[[], Any]] = {
     "smoke": run_smoke,
     "fanout": run_fanout,
+    "quota": run_fanout_quota,
     "rooms": run_rooms,
     "hold": run_hold,
     "reliable": run_reliable,

@@ -112,7 +112,7 @@ def start(flags: ConfigFlags) -> None:
     configure_logging(config.log.level, config.log.format)
     try:
         code = Supervisor(config).run()
-    except HookError as exc:
+    except (HookError, ConfigError) as exc:
         click.echo(f"shardchat: {exc}", err=True)
         sys.exit(2)
     except ShardchatError as exc:
@@ -132,7 +132,8 @@ def show_config(flags: ConfigFlags) -> None:
 @click.option(
     "--admin",
     "admin_url",
-    help="The supervisor's admin URL (default: http://server.host:server.admin_port).",
+    help="The supervisor's admin address, host:port or a URL "
+    "(default: server.host:server.admin_port of the configuration).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON.")
 @_config_options
@@ -142,12 +143,17 @@ def status(admin_url: str | None, as_json: bool, flags: ConfigFlags) -> None:
     import urllib.error
     import urllib.request
 
+    config = flags.load()
     if admin_url is None:
-        config = flags.load()
-        admin_url = f"http://{config.server.host}:{config.server.admin_port}"
+        admin_url = f"http://{config.server.admin_host}:{config.server.admin_port}"
+    if "://" not in admin_url:
+        admin_url = "http://" + admin_url  # host:port
     url = admin_url.rstrip("/") + "/status"
+    request = urllib.request.Request(url)
+    if config.server.admin_token:
+        request.add_header("Authorization", f"Bearer {config.server.admin_token}")
     try:
-        with urllib.request.urlopen(url, timeout=5) as response:
+        with urllib.request.urlopen(request, timeout=5) as response:
             data = json.loads(response.read())
     except (urllib.error.URLError, OSError) as exc:
         click.echo(f"shardchat: cannot read {url}: {exc}", err=True)
@@ -188,12 +194,51 @@ def status(admin_url: str | None, as_json: bool, flags: ConfigFlags) -> None:
 @click.option("--user", required=True, help="Your name (1-64 of [A-Za-z0-9_.:-]).")
 @click.option("--room", required=True, help="The room to join.")
 @click.option("--token", help="A signed token, when the server requires one.")
-@click.argument("url", default="ws://127.0.0.1:8080/ws")
-def chat(user: str, room: str, token: str | None, url: str) -> None:
-    """Chat in a room from the terminal: lines you type are sent, messages are printed."""
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0.1),
+    default=10.0,
+    show_default=True,
+    help="Give up when the server cannot be reached for this many seconds.",
+)
+@click.option(
+    "--cafile",
+    type=click.Path(exists=True, dir_okay=False),
+    help="PEM CA bundle to verify a wss:// server with (default: the system's).",
+)
+@click.argument("url", required=False)
+@_config_options
+def chat(
+    user: str,
+    room: str,
+    token: str | None,
+    timeout: float,
+    cafile: str | None,
+    url: str | None,
+    flags: ConfigFlags,
+) -> None:
+    """Chat in a room from the terminal: lines you type are sent, messages are printed.
+
+    URL defaults to the server of the effective configuration (--config, the
+    environment, --host/--port), e.g. ws://127.0.0.1:8080/ws (wss:// when the
+    configuration has a TLS certificate). A wss:// URL connects over TLS.
+    """
     from shardchat.client.terminal import run_chat
 
-    run_chat(url, user, room, token)
+    if url is None:
+        url = server_url(flags.load())
+    sys.exit(run_chat(url, user, room, token, timeout, cafile))
+
+
+def server_url(config: Config) -> str:
+    """The WebSocket URL of the configured server, as a local client reaches it."""
+    host = config.server.host
+    if host in ("0.0.0.0", "", "::"):
+        host = "127.0.0.1"
+    elif ":" in host:
+        host = f"[{host}]"
+    scheme = "wss" if config.server.tls_cert else "ws"
+    return f"{scheme}://{host}:{config.server.port}/ws"
 
 
 @main.command()

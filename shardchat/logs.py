@@ -1,8 +1,11 @@
 """Structured logs: one JSON object per line on stderr, or readable lines.
 
-Every record carries ``ts``, ``level``, ``shard`` (``"sup"`` for the
-supervisor) and ``event``; :func:`log_event` adds the fields that apply
-(``conn``, ``user``, ``room``, ``msg``, ``code`` ...).
+Every record carries ``ts``, ``level``, ``process`` (``"supervisor"`` or
+``"shard"``), ``shard`` (an integer, the shard id: only on a shard's lines, so
+that the field has one type in a log store), ``event`` (a stable name to
+filter on) and ``message`` (the line for people: the event and its fields);
+:func:`log_event` adds the fields that apply (``conn``, ``user``, ``room``,
+``msg``, ``code`` ...).
 """
 
 from __future__ import annotations
@@ -16,13 +19,27 @@ import orjson
 
 __all__ = ["configure_logging", "log_event", "set_process_role"]
 
-_role: str | int = "sup"
+_shard: int | None = None  # None: the supervisor
+_MESSAGE_FIELD_MAX = 80  # longer field values (a whole config) stay out of `message`
 
 
-def set_process_role(role: str | int) -> None:
-    """Name this process in every log line: a shard id, or ``"sup"``."""
-    global _role
-    _role = role
+def set_process_role(shard: int | None) -> None:
+    """Name this process in every log line: its shard id, or None for the supervisor."""
+    global _shard
+    _shard = shard
+
+
+def _role() -> str:
+    return "sup" if _shard is None else str(_shard)
+
+
+def _message(event: str, fields: dict[str, Any] | None) -> str:
+    parts = [event]
+    for key, value in (fields or {}).items():
+        text = str(value)
+        if len(text) <= _MESSAGE_FIELD_MAX:
+            parts.append(f"{key}={text}")
+    return " ".join(parts)
 
 
 def _timestamp(created: float) -> str:
@@ -34,13 +51,17 @@ def _timestamp(created: float) -> str:
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
+        event = record.getMessage()
+        fields = getattr(record, "fields", None)
         obj: dict[str, Any] = {
             "ts": _timestamp(record.created),
             "level": record.levelname.lower(),
-            "shard": _role,
-            "event": record.getMessage(),
+            "process": "supervisor" if _shard is None else "shard",
         }
-        fields = getattr(record, "fields", None)
+        if _shard is not None:
+            obj["shard"] = _shard
+        obj["event"] = event
+        obj["message"] = _message(event, fields)
         if fields:
             obj.update(fields)
         if record.exc_info:
@@ -50,7 +71,9 @@ class JsonFormatter(logging.Formatter):
 
 class ConsoleFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        text = f"{_timestamp(record.created)} {record.levelname:<7} [{_role}] {record.getMessage()}"
+        text = (
+            f"{_timestamp(record.created)} {record.levelname:<7} [{_role()}] {record.getMessage()}"
+        )
         fields = getattr(record, "fields", None)
         if fields:
             text += " " + " ".join(f"{k}={v}" for k, v in fields.items())

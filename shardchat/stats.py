@@ -3,7 +3,9 @@
 Each shard owns one block of u64 slots in the stats segment and is the only
 writer of it; the supervisor sums the blocks for /metrics and /status, and
 shards read each other's connection gauges to enforce
-``server.max_connections`` across the whole server. A slot is one native
+``server.max_connections`` across the whole server. After the blocks, when
+``server.max_per_ip`` is set, each shard's table of connections per client
+address (:mod:`shardchat.addrtable`) does the same for that limit. A slot is one native
 8-byte store (``memoryview.cast('Q')``), so counting costs no lock and no
 syscall; hot paths count once per batch (a flush, a ring drain).
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import enum
 from typing import Protocol
 
+from shardchat.addrtable import AddrTable
 from shardchat.core.errors import ErrorCode
 
 __all__ = [
@@ -58,22 +61,24 @@ class Slot(enum.IntEnum):
     LATENCY_COUNT = 21
     LATENCY_SUM_US = 22
     HTTP_REFUSED = 23  # upgrades refused before the handshake (403/400/401/503)
+    LISTEN_FD = 24  # gauge: the shard's listening socket's descriptor (for the supervisor)
+    UNLISTENED = 25  # set by the supervisor: it shut that socket down; the shard re-listens
     # broker.kind = "redis" (brokers/redis_broker.py)
-    REDIS_UP = 24  # gauge: 1 while the shard's Redis connection works
-    REDIS_ROUND_TRIPS = 25  # pipelines and commands sent
-    REDIS_BATCHES = 26  # publish pipelines
-    REDIS_BATCHED_MESSAGES = 27  # publishes they carried (batch size = this / batches)
-    REDIS_ERRORS = 28  # failed calls (connection lost, timeout, script error)
-    REDIS_SUBSCRIBED_ROOMS = 29  # gauge: rooms whose channel the shard subscribes to
-    REDIS_MESSAGES_RECEIVED = 30  # room messages that came from Redis pub/sub
-    REDIS_STREAM_READS = 31  # stream reads (room open, gap fill, resume)
-    REDIS_RECONNECTS = 32
+    REDIS_UP = 26  # gauge: 1 while the shard's Redis connection works
+    REDIS_ROUND_TRIPS = 27  # pipelines and commands sent
+    REDIS_BATCHES = 28  # publish pipelines
+    REDIS_BATCHED_MESSAGES = 29  # publishes they carried (batch size = this / batches)
+    REDIS_ERRORS = 30  # failed calls (connection lost, timeout, script error)
+    REDIS_SUBSCRIBED_ROOMS = 31  # gauge: rooms whose channel the shard subscribes to
+    REDIS_MESSAGES_RECEIVED = 32  # room messages that came from Redis pub/sub
+    REDIS_STREAM_READS = 33  # stream reads (room open, gap fill, resume)
+    REDIS_RECONNECTS = 34
 
 
 ERROR_CODES = tuple(ErrorCode)  # one counter slot per code, in the enum's order
 ERRORS_BASE = 64
 
-CLOSE_CODES = (1000, 1001, 1003, 1006, 1007, 1008, 1009, 1011, 4408, 4409, 4429, 0)
+CLOSE_CODES = (1000, 1001, 1003, 1006, 1007, 1008, 1009, 1011, 4401, 4408, 4409, 4429, 0)
 CLOSES_BASE = 96  # the last, 0, counts every other code
 
 LATENCY_BUCKETS_MS = (0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
@@ -113,12 +118,23 @@ def latency_slot(ms: float) -> int:
 class StatsView:
     """All shards' blocks over one buffer; ``mine`` is the block this process writes."""
 
-    __slots__ = ("blocks", "mine")
+    __slots__ = ("addrs", "blocks", "mine", "workers")
 
-    def __init__(self, buf: memoryview, workers: int, shard: int | None) -> None:
+    def __init__(
+        self, buf: memoryview, workers: int, shard: int | None, addr_capacity: int = 0
+    ) -> None:
         slots = buf.cast("Q")
         self.blocks = [slots[i * BLOCK_SLOTS : (i + 1) * BLOCK_SLOTS] for i in range(workers)]
         self.mine = self.blocks[shard] if shard is not None else None
+        # Connections per address on every shard; None when max_per_ip is off.
+        self.addrs: AddrTable | None = None
+        if addr_capacity:
+            self.addrs = AddrTable(slots[workers * BLOCK_SLOTS :], workers, addr_capacity, shard)
+
+    @staticmethod
+    def segment_size(workers: int, addr_capacity: int) -> int:
+        """Bytes of the stats segment: the blocks, then the address tables."""
+        return 8 * (workers * BLOCK_SLOTS + AddrTable.slots_needed(workers, addr_capacity))
 
     def total(self, slot: int) -> int:
         return sum(block[slot] for block in self.blocks)
@@ -126,3 +142,6 @@ class StatsView:
     def release(self) -> None:
         self.mine = None
         self.blocks = []
+        if self.addrs is not None:
+            self.addrs.release()
+            self.addrs = None

@@ -119,18 +119,21 @@ def start_server(
     settings: Sequence[str] = (),
     extra_args: Sequence[str] = (),
     env: dict[str, str] | None = None,
+    port: int | None = None,
+    admin_port: int | None = None,
 ) -> Server:
-    """Start ``shardchat start`` on free ports. A port found free can be taken by
-    another process before the server binds it: then the server stops at once
-    ("already in use") and the start is retried on other ports."""
+    """Start ``shardchat start`` on free ports, or on ``port``/``admin_port`` (a
+    restart on the same ones). A port found free can be taken by another process
+    before the server binds it: then the server stops at once ("already in use")
+    and the start is retried on other ports."""
     for attempt in range(5):
-        server = _start_server(workers, settings, extra_args, env)
+        server = _start_server(workers, settings, extra_args, env, port, admin_port)
         try:
             server.wait_started(workers)
         except AssertionError:
             in_use = server.proc.poll() is not None and "already in use" in server.tail()
             cleanup_server(server)
-            if in_use and attempt < 4:
+            if in_use and attempt < 4 and port is None and admin_port is None:
                 continue
             raise
         except BaseException:
@@ -141,9 +144,15 @@ def start_server(
 
 
 def _start_server(
-    workers: int, settings: Sequence[str], extra_args: Sequence[str], env: dict[str, str] | None
+    workers: int,
+    settings: Sequence[str],
+    extra_args: Sequence[str],
+    env: dict[str, str] | None,
+    port: int | None,
+    admin_port: int | None,
 ) -> Server:
-    port, admin_port = free_port(), free_port()
+    port = port or free_port()
+    admin_port = admin_port or free_port()
     log_file = tempfile.NamedTemporaryFile(prefix="shardchat-test-", suffix=".log", delete=False)
     args = [
         SHARDCHAT,
@@ -197,8 +206,9 @@ def running_server(
     settings: Sequence[str] = (),
     extra_args: Sequence[str] = (),
     env: dict[str, str] | None = None,
+    port: int | None = None,
 ) -> Iterator[Server]:
-    server = start_server(workers, settings, extra_args, env)
+    server = start_server(workers, settings, extra_args, env, port)
     try:
         yield server
     finally:
@@ -270,15 +280,20 @@ async def clients_on_shards(
     prefix: str = "u",
     max_tries: int = 400,
     source: str | None = None,
+    spread: bool = False,
 ) -> list[Client]:
     """Connect until there is one client on each listed shard (in that order).
 
     The kernel picks the shard; clients that land where none is wanted are closed.
+    ``spread``: each attempt from its own address in 127.0.2.0/24 (instead of
+    ``source``), so that the attempts never meet a per-address limit.
     """
     wanted = list(shards)
     found: list[Client | None] = [None] * len(wanted)
     spare: list[Client] = []
     for attempt in range(max_tries):
+        if spread:
+            source = f"127.0.2.{1 + attempt % 254}"
         client = await connect_client(url, user=f"{prefix}{attempt}", source=source)
         for i, shard in enumerate(wanted):
             if found[i] is None and shard == client.shard:
@@ -387,14 +402,71 @@ class RawClient:
         self.sock.close()
 
 
+async def raw_on_shard(server: Server, shard: int, path: str = "/ws?user=raw") -> RawClient:
+    """A raw client that landed on ``shard`` (others are closed)."""
+    for _ in range(300):
+        raw = await asyncio.to_thread(RawClient, server.port, path)
+        opcode, payload = await asyncio.to_thread(raw.recv_frame)
+        welcome = json.loads(payload)
+        if welcome["shard"] == shard:
+            return raw
+        raw.close()
+    raise AssertionError(f"no raw client on shard {shard}")
+
+
+async def closed_with(raw: RawClient) -> int:
+    try:
+        return await asyncio.to_thread(raw.close_code)
+    finally:
+        raw.close()
+
+
+def raw_http(
+    port: int, request: bytes, source: str = "127.0.0.1"
+) -> tuple[int, dict[str, str], bytes]:
+    """Send raw request bytes; the answer's status, headers (lower-case names) and body,
+    read until the server closes (or, for a 101, to the end of the head)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=scaled(10)) as sock:
+        sock.sendall(request)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+            if data.startswith(b"HTTP/1.1 101 ") and b"\r\n\r\n" in data:
+                break
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(lines[0].split(" ", 2)[1]), headers, body
+
+
+def assert_no_traceback(server: Server) -> None:
+    """Nothing a client sent made the server write a traceback or an error."""
+    text = server.log_path.read_text(errors="replace")
+    assert "Traceback" not in text, server.tail()
+    events = server.log_events()
+    assert not [e for e in events if "exc" in e or e.get("level") == "error"], server.tail()
+
+
 async def good_neighbour(
-    url: str, shard: int, room: str, count: int = 30, source: str | None = None, query: str = ""
+    url: str,
+    shard: int,
+    room: str,
+    count: int = 30,
+    source: str | None = None,
+    query: str = "",
+    spread: bool = False,
 ) -> tuple[Client, Client, asyncio.Task[list[dict[str, Any]]]]:
     """A well-behaved member of ``room`` on ``shard`` and a publisher sending it
     ``count`` messages in the background; await the task for what it received.
-    ``query`` is added to both URLs (a token, say)."""
+    ``query`` is added to both URLs (a token, say); ``spread`` places the member
+    from addresses of its own (see clients_on_shards)."""
     url = url + query
-    (good,) = await clients_on_shards(url, [shard], prefix=f"good{room}", source=source)
+    (good,) = await clients_on_shards(
+        url, [shard], prefix=f"good{room}", source=source, spread=spread
+    )
     publisher = await connect_client(url, user=f"pub{room}", source=source)
     await good.join(room)
     await publisher.join(room)

@@ -94,6 +94,14 @@ def test_status_lists_every_shard_with_a_live_pid(server: Server) -> None:
     assert lines[1].split()[:3] == ["shard", "pid", "alive"]
     for shard in status["shards"]:
         assert any(line.split()[:2] == [str(shard["id"]), str(shard["pid"])] for line in lines)
+    # host:port works as well as a URL.
+    plain = subprocess.run(
+        [SHARDCHAT, "status", "--admin", f"127.0.0.1:{server.admin_port}"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert plain.returncode == 0 and plain.stdout.splitlines()[1:][:1] == lines[1:2]
 
 
 async def test_debug_logs_follow_a_message_across_shards() -> None:
@@ -117,3 +125,43 @@ async def test_debug_logs_follow_a_message_across_shards() -> None:
         opens = [e for e in events if e.get("event") == "conn_open"]
         assert opens and {"conn", "user", "peer"} <= set(opens[0])
         await asyncio.sleep(0)
+
+
+def test_metrics_follow_prometheus_conventions(server: Server) -> None:
+    """Every counter sample ends in _total, units come last, and there are build info
+    and process metrics for the supervisor and each shard."""
+    url = f"http://127.0.0.1:{server.admin_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        families = list(text_string_to_metric_families(response.read().decode()))
+    counters = [f for f in families if f.type == "counter"]
+    assert len(counters) >= 20
+    for family in counters:
+        for sample in family.samples:
+            assert sample.name.endswith(("_total", "_created")), sample.name
+    names = {s.name for f in families for s in f.samples}
+    assert "shardchat_delivered_bytes_total" in names and "shardchat_bytes_out_total" not in names
+    build = next(f for f in families if f.name.startswith("shardchat_build"))
+    # (the text format writes an info metric as a gauge of 1 with the labels)
+    assert build.samples[0].name == "shardchat_build_info" and build.samples[0].value == 1
+    assert build.samples[0].labels["version"]
+    by_name = {f.name: f for f in families}
+    expected = {"supervisor", "shard-0", "shard-1", "shard-2"}
+    for name in ("process_resident_memory_bytes", "process_open_fds", "process_cpu_seconds"):
+        samples = by_name[name].samples
+        assert {s.labels["process"] for s in samples} == expected, name
+        assert all(s.value > 0 for s in samples if name != "process_cpu_seconds"), name
+    rss = {s.labels["process"]: s.value for s in by_name["process_resident_memory_bytes"].samples}
+    assert all(value > 1 << 20 for value in rss.values())  # at least a MiB: a real reading
+
+
+def test_log_lines_have_a_message_and_one_type_of_shard(server: Server) -> None:
+    events = server.log_events()
+    assert {e["process"] for e in events} == {"supervisor", "shard"}
+    for event in events:
+        assert isinstance(event["message"], str) and event["message"].startswith(event["event"])
+        if event["process"] == "shard":
+            assert type(event["shard"]) is int
+        else:
+            assert "shard" not in event
+    start = next(e for e in events if e["event"] == "supervisor_start")
+    assert f"pid={start['pid']}" in start["message"]

@@ -19,16 +19,17 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from shardchat.core.auth import make_token
+from shardchat.auth import make_token
 from tests.helpers import (
     Client,
-    RawClient,
     Server,
     check_neighbour,
     clients_on_shards,
+    closed_with,
     closing,
     connect_client,
     good_neighbour,
+    raw_on_shard,
     running_server,
     scaled,
 )
@@ -40,25 +41,6 @@ LIMITS = ["limits.max_errors=5", "limits.max_frame=16384", "limits.max_content=1
 def srv() -> Iterator[Server]:
     with running_server(workers=3, settings=LIMITS) as server:
         yield server
-
-
-async def raw_on_shard(server: Server, shard: int, path: str = "/ws?user=raw") -> RawClient:
-    """A raw client that landed on ``shard`` (others are closed)."""
-    for _ in range(300):
-        raw = await asyncio.to_thread(RawClient, server.port, path)
-        opcode, payload = await asyncio.to_thread(raw.recv_frame)
-        welcome = json.loads(payload)
-        if welcome["shard"] == shard:
-            return raw
-        raw.close()
-    raise AssertionError(f"no raw client on shard {shard}")
-
-
-async def closed_with(raw: RawClient) -> int:
-    try:
-        return await asyncio.to_thread(raw.close_code)
-    finally:
-        raw.close()
 
 
 async def test_binary_frame_closes_1003(srv: Server) -> None:
@@ -216,37 +198,48 @@ def raw_upgrade_status(port: int, source: str) -> bytes:
         sock.close()
 
 
-async def test_max_connections_and_max_per_ip_503() -> None:
-    """max_per_ip (4 per shard) from one address, then the whole server's
-    max_connections (15): HTTP 503 before the upgrade, a neighbour unharmed."""
-    settings = ["server.max_connections=15", "server.max_per_ip=4"]
-    with running_server(workers=3, settings=settings) as server:
-        # Two well-behaved connections from another address, on shard 0.
-        good, pub, task = await good_neighbour(server.url, 0, "full", source="127.0.0.3")
-        clients: list[Client] = []
-        per_shard = {0: 0, 1: 0, 2: 0}
+async def _connect_once_counted(url: str) -> Client:
+    """Connect from 127.0.0.1 once the server has counted the last close from it:
+    until then it is over max_per_ip and answers 503 (the close is an event on
+    the server's side that the client cannot see, so a 503 is waited out)."""
+    deadline = time.monotonic() + scaled(10)
+    while True:
         try:
-            # Fill every shard with 4 connections from 127.0.0.1; attempts that land on a
-            # full shard are refused by max_per_ip.
-            for _ in range(300):
-                if min(per_shard.values()) == 4:
+            return await connect_client(url, user="ip")
+        except InvalidStatus as exc:
+            assert exc.response.status_code == 503
+            assert time.monotonic() < deadline, "a closed connection was never uncounted"
+            await asyncio.sleep(0.02)
+
+
+async def test_max_connections_and_max_per_ip_503() -> None:
+    """max_per_ip (3) holds for the whole server, whichever shards one address's
+    connections land on; then max_connections (10): HTTP 503 before the upgrade, a
+    neighbour unharmed."""
+    settings = ["server.max_connections=10", "server.max_per_ip=3"]
+    with running_server(workers=3, settings=settings) as server:
+        # Two well-behaved connections from other addresses, one on shard 0 (placed
+        # from addresses of its own: max_per_ip holds for every address).
+        good, pub, task = await good_neighbour(
+            server.url, 0, "full", source="127.0.0.3", spread=True
+        )
+        clients: list[Client] = []
+        try:
+            # Three from 127.0.0.1 on at least two shards (closed and retried until so).
+            for _ in range(100):
+                shards = {c.shard for c in clients}
+                if len(clients) == 3 and len(shards) >= 2:
                     break
-                try:
-                    client = await connect_client(server.url, user="ip")
-                except InvalidStatus as exc:
-                    assert exc.response.status_code == 503
-                    continue
-                clients.append(client)
-                per_shard[client.shard] += 1
-            assert per_shard == {0: 4, 1: 4, 2: 4}
-            # Whichever shard the kernel picks, 127.0.0.1 is over max_per_ip there.
-            for _ in range(3):
-                assert (
-                    raw_upgrade_status(server.port, "127.0.0.1")
-                    == b"HTTP/1.1 503 Service Unavailable"
-                )
-            # 12 + 2 = 14 of 15: one more from another address, then the server is full.
-            clients.append(await connect_client(server.url, user="last", source="127.0.0.2"))
+                if len(clients) == 3:
+                    await clients.pop().close()
+                clients.append(await _connect_once_counted(server.url))
+            assert len({c.shard for c in clients}) >= 2
+            # Per shard the address has at most 2 of its 3: every shard refuses a 4th.
+            refused = [raw_upgrade_status(server.port, "127.0.0.1") for _ in range(12)]
+            assert set(refused) == {b"HTTP/1.1 503 Service Unavailable"}
+            # 3 + 2 = 5 of 10: five more from other addresses, then the server is full.
+            for i in range(5):
+                clients.append(await connect_client(server.url, user="more", source=f"127.0.1.{i}"))
             for _ in range(3):
                 assert (
                     raw_upgrade_status(server.port, "127.0.0.4")
@@ -320,14 +313,14 @@ async def test_history_replays_held_messages(srv: Server) -> None:
 async def test_auth_tokens() -> None:
     """With auth.secret set: no token or a bad one is HTTP 401; the token's sub is the
     user; a rooms claim limits joins (unauthorized)."""
-    secret = "s3cret"
+    secret = "s3cret-of-at-least-32-bytes-long!"
     with running_server(workers=2, settings=[f'auth.secret="{secret}"']) as server:
         query = "?token=" + make_token(secret, {"sub": "neighbour"})
         good, pub, task = await good_neighbour(server.url + query, 1, "authed")
         for suffix in (
             "?user=mallory",
             "?token=abc.def.ghi",
-            "?token=" + make_token("wrong", {"sub": "eve"}),
+            "?token=" + make_token("wrong-secret-also-32-bytes-long!!", {"sub": "eve"}),
             "?token=" + make_token(secret, {"sub": "old", "exp": time.time() - 100}),
         ):
             with pytest.raises(InvalidStatus) as info:

@@ -19,7 +19,7 @@ from shardchat.logs import log_event
 from shardchat.ring.layout import segment_size
 from shardchat.ring.ring import init_ring, ring_heartbeat_ns
 from shardchat.ring.seqtable import SLOT_SIZE
-from shardchat.stats import BLOCK_SLOTS
+from shardchat.stats import StatsView
 
 __all__ = [
     "PREFIX",
@@ -196,14 +196,23 @@ class Fabric:
     headers, and unlinks everything at exit. Shards attach by name.
     """
 
-    def __init__(self, owner_pid: int, workers: int, ring_bytes: int, table_slots: int) -> None:
+    def __init__(
+        self,
+        owner_pid: int,
+        workers: int,
+        ring_bytes: int,
+        table_slots: int,
+        addr_capacity: int = 0,
+    ) -> None:
         self.owner_pid = owner_pid
         self.segments: list[Segment] = []
         self.bells: list[Doorbell] = []
         self.stats: Segment | None = None
         size = segment_size(ring_bytes, table_slots, SLOT_SIZE)
         try:
-            self.stats = Segment.create(stats_name(owner_pid), workers * BLOCK_SLOTS * 8)
+            self.stats = Segment.create(
+                stats_name(owner_pid), StatsView.segment_size(workers, addr_capacity)
+            )
             for shard in range(workers):
                 segment = Segment.create(ring_name(owner_pid, shard), size)
                 self.segments.append(segment)

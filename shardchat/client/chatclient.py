@@ -3,17 +3,25 @@
 Built on ``websockets``. It acks what it receives, cumulatively and at most
 every ``ack_delay`` (so the server resends what it lost), drops duplicates by
 ``seq``, and when the connection drops or its shard restarts it reconnects
-with backoff and rejoins every room with ``since`` = the last seq it saw and
-that room's ``epoch``, so the application sees each message once and in
-order::
+with exponential backoff and jitter and rejoins every room with ``since`` =
+the last seq it saw and that room's ``epoch``, so the application sees each
+message once and in order::
 
     async with ChatClient("ws://127.0.0.1:8080/ws", user="ada", rooms=["lobby"]) as chat:
         seq = await chat.send("lobby", "hello")      # the seq the server gave it
         async for message in chat.messages():        # every message, once, in order
             print(message.room, message.seq, message.sender, message.content)
 
+Failures are of two kinds. Permanent ones raise at once, with the server's
+status or code and reason: :class:`Refused` (HTTP 4xx at the upgrade),
+:class:`ChatError` (a refused ``join`` or ``send``), :class:`Closed` (a close
+that says the client broke the protocol). Transient ones (connection refused,
+HTTP 503, close 1001, 1006, 4408, 4409, 4429) are retried, bounded by
+``timeout`` and ``attempts`` when given, then raise :class:`Unavailable`.
+
 Publishing is at least once: a ``send`` whose ack was lost with the
-connection is sent again after the reconnect.
+connection is sent again after the reconnect, with the same ``id``, so that a
+server that deduplicates publishes by (user, ``id``) sequences it once.
 """
 
 from __future__ import annotations
@@ -24,6 +32,8 @@ import itertools
 import json
 import logging
 import random
+import secrets
+import ssl as ssl_
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -31,15 +41,30 @@ from typing import Any
 from urllib.parse import urlencode
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from shardchat.core.errors import ShardchatError
+from shardchat.core.errors import ChatError, ClientError, Closed, Refused, Unavailable
 
-__all__ = ["ACK_DELAY", "ChatClient", "ChatError", "Message"]
+__all__ = [
+    "ACK_DELAY",
+    "ChatClient",
+    "ChatError",
+    "ClientError",
+    "ClientEvent",
+    "Closed",
+    "Message",
+    "Refused",
+    "Unavailable",
+]
 
 log = logging.getLogger(__name__)
 
 ACK_DELAY = 0.05  # seconds between acks at most: 20 a second per connection in a busy room
+
+# Close codes that say the client broke the protocol: reconnecting would do it again.
+PERMANENT_CLOSES = frozenset({1002, 1003, 1007, 1008, 1009, 1010})
+# HTTP statuses at the upgrade that a later attempt may not get (4xx otherwise is final).
+TRANSIENT_STATUSES = frozenset({408, 429})
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,31 +77,57 @@ class Message:
     id: str
 
 
-class ChatError(ShardchatError):
-    """The server refused a request (an ``error`` frame); ``code`` is the protocol's."""
+@dataclass(frozen=True, slots=True)
+class ClientEvent:
+    """What happened to the connection or a room, for ``on_event``.
 
-    def __init__(self, code: str, reason: str) -> None:
-        super().__init__(f"{code}: {reason}")
-        self.code = code
-        self.reason = reason
+    ``kind`` is one of: ``connected`` (first connection), ``disconnected``
+    (``detail`` says why; a retry follows in ``delay`` seconds),
+    ``reconnected`` (``recovered`` is False when some messages could not be
+    recovered), ``joined`` (``room``, ``users`` there now), and the presence
+    events ``join`` / ``leave`` (``room``, ``user``).
+    """
+
+    kind: str
+    room: str = ""
+    user: str = ""
+    users: tuple[str, ...] = ()
+    detail: str = ""
+    delay: float = 0.0
+    recovered: bool | None = None
 
 
 class ChatClient:
     """A reconnecting, acking client for rooms over one WebSocket connection.
 
     Args:
-        url: ``ws://host:port/ws``.
+        url: ``ws://host:port/ws``, or ``wss://`` for a server with TLS.
         user: the user name (when the server does not use tokens).
         rooms: rooms to join at once.
         token: a signed token, when the server requires one.
-        backoff: first and largest delay between reconnects, in seconds.
+        backoff: first and largest delay between reconnects, in seconds; each
+            failed attempt doubles the delay, with up to 25% jitter.
+        timeout: give up (raise :class:`Unavailable`) when the server could not
+            be reached for this many seconds in a row; None retries for ever.
+        attempts: give up after this many failed attempts in a row; None: no limit.
         ack_delay: seconds between acks at most, per connection. Acks are
             cumulative, so one ack covers everything that came since the last
             one (TCP's delayed ack): in a busy room the server reads one ack per
             interval instead of one per read. Keep it well under the server's
             ``delivery.ack_timeout`` (2 s by default); 0 acks once per loop turn.
+        on_event: called with a :class:`ClientEvent` for connection changes and
+            presence events (on the event loop: keep it quick).
         drop_ack: a test hook called with (room, seq): when it returns True, that
             ack is not sent (to show that the server resends).
+        ssl: the TLS context of a ``wss://`` URL (e.g. one that trusts a private
+            CA); None verifies against the system's CAs.
+
+    Raises (from :meth:`start`, :meth:`send`, :meth:`join` and :meth:`messages`):
+        Refused: the upgrade got an HTTP 4xx (``status``, ``reason``): at once.
+        ChatError: a ``join`` or ``send`` was refused (``code``, ``reason``): at once.
+        Closed: the server closed with a code a reconnect would not mend, or the
+            client was closed while a call waited.
+        Unavailable: ``timeout`` or ``attempts`` ran out while retrying.
     """
 
     def __init__(
@@ -87,14 +138,22 @@ class ChatClient:
         rooms: Sequence[str] = (),
         token: str | None = None,
         backoff: tuple[float, float] = (0.05, 5.0),
+        timeout: float | None = None,
+        attempts: int | None = None,
         ack_delay: float = ACK_DELAY,
+        on_event: Callable[[ClientEvent], None] | None = None,
         drop_ack: Callable[[str, int], bool] | None = None,
+        ssl: ssl_.SSLContext | None = None,
     ) -> None:
         self.url = url
+        self.ssl = ssl
         self.user = user
         self.token = token
         self.backoff = backoff
+        self.timeout = timeout
+        self.attempts = attempts
         self.ack_delay = ack_delay
+        self.on_event = on_event
         self.drop_ack = drop_ack
         self.rooms: dict[str, None] = dict.fromkeys(rooms)
         self.last_seq: dict[str, int] = {}  # the last seq delivered per room
@@ -102,17 +161,24 @@ class ChatClient:
         self.reconnects = 0
         self.gaps = 0  # rejoins where the server no longer held what was missed
         self.shard: int | None = None
+        self.name: str | None = None  # the user name the server gave us (welcome)
         self._ws: ClientConnection | None = None
-        self._connected = asyncio.Event()
+        self._reader: asyncio.Task[None] | None = None
+        self._started: asyncio.Future[None] | None = None
+        self._failure: ClientError | None = None
         self._closing = False
-        self._queue: asyncio.Queue[Message] = asyncio.Queue()
+        self._queue: asyncio.Queue[Message | None] = asyncio.Queue()
         self._acks: dict[str, asyncio.Future[int]] = {}
         self._unsent: dict[str, tuple[str, str]] = {}  # request id -> (room, content)
+        # Request ids are unique to this client, not just to this connection: the
+        # server may deduplicate publishes by (user, id), and another program of the
+        # same user must not collide with ours.
+        self._id_prefix = secrets.token_hex(4)
         self._ids = itertools.count(1)
+        self._pending_joins: dict[str, tuple[str, asyncio.Future[dict[str, Any]]]] = {}
         self._ack_due: dict[str, int] = {}
         self._ack_scheduled = False
         self._runner: asyncio.Task[None] | None = None
-        self._joined: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def __aenter__(self) -> ChatClient:
@@ -128,44 +194,109 @@ class ChatClient:
         await self.close()
 
     async def start(self) -> None:
-        """Connect (and keep reconnecting) in the background; return once connected."""
+        """Connect and join ``rooms``, then keep the connection up in the background.
+
+        Returns once connected; raises at once for a permanent refusal
+        (:class:`Refused`, :class:`ChatError`) and :class:`Unavailable` when
+        ``timeout`` or ``attempts`` run out first.
+        """
+        self._started = asyncio.get_running_loop().create_future()
         self._runner = asyncio.create_task(self._run())
-        await self._connected.wait()
+        try:
+            await self._started
+        except BaseException:
+            await self.close()
+            raise
 
     async def close(self) -> None:
+        """Leave with a normal close (1000); pending calls raise :class:`Closed`."""
         self._closing = True
-        if self._ws is not None:
-            await self._ws.close()
+        ws = self._ws
+        if ws is not None:
+            await ws.close(1000)
         if self._runner is not None:
             self._runner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._runner
+        self._fail(Closed(1000, "client closed"), ended=True)
 
     async def join(self, room: str) -> None:
+        """Join ``room`` (now when connected, else at the next connection).
+
+        Raises :class:`ChatError` when the server refuses it (``unauthorized``,
+        ``room_full``); the room is then forgotten.
+        """
+        self._check()
         self.rooms[room] = None
-        if self._ws is not None:
-            await self._join(self._ws, room)
+        ws, reader = self._ws, self._reader
+        if ws is not None and reader is not None:
+            try:
+                await self._join(ws, room, reader)
+            except ChatError:
+                self.rooms.pop(room, None)
+                raise
 
     async def send(self, room: str, content: str) -> int:
-        """Publish and wait for the ack; returns the message's seq."""
-        request_id = f"c{next(self._ids)}"
+        """Publish and wait for the ack; returns the message's seq.
+
+        Raises :class:`ChatError` when the server refuses it (``rate_limited``,
+        ``not_member``, ``too_large``, ``rejected`` ...), or the client's failure.
+        """
+        self._check()
+        request_id = f"{self._id_prefix}-{next(self._ids)}"
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._acks[request_id] = future
         self._unsent[request_id] = (room, content)
         try:
             if self._ws is not None:
-                await self._send_publish(self._ws, request_id, room, content)
+                with contextlib.suppress(ConnectionClosed):  # resent after the reconnect
+                    await self._send_publish(self._ws, request_id, room, content)
             return await future
         finally:
             self._acks.pop(request_id, None)
             self._unsent.pop(request_id, None)
 
     async def messages(self) -> AsyncIterator[Message]:
-        """Every room message, once, in seq order per room."""
+        """Every room message, once, in seq order per room.
+
+        Ends after :meth:`close`; raises the client's failure when it has one.
+        """
         while True:
-            yield await self._queue.get()
+            item = await self._queue.get()
+            if item is None:
+                self._queue.put_nowait(None)  # for any other reader of the stream
+                if self._failure is not None and not (
+                    isinstance(self._failure, Closed) and self._failure.code == 1000
+                ):
+                    raise self._failure
+                return
+            yield item
 
     # Connection loop
+
+    def _check(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+        if self._closing:
+            raise Closed(1000, "client closed")
+
+    def _emit(self, event: ClientEvent) -> None:
+        if self.on_event is not None:
+            self.on_event(event)
+
+    def _fail(self, error: ClientError, ended: bool = False) -> None:
+        """Stop for good: every waiting call raises ``error``, the stream ends."""
+        if self._failure is None and not ended:
+            self._failure = error
+        failure = self._failure or error
+        if self._started is not None and not self._started.done():
+            self._started.set_exception(failure)
+        futures: list[asyncio.Future[Any]] = [*self._acks.values()]
+        futures += [future for _, future in self._pending_joins.values()]
+        for future in futures:
+            if not future.done():
+                future.set_exception(failure)
+        self._queue.put_nowait(None)
 
     def _connect_url(self) -> str:
         params: list[tuple[str, str]] = []
@@ -176,51 +307,121 @@ class ChatClient:
         return self.url + ("?" + urlencode(params) if params else "")
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         delay = self.backoff[0]
-        while not self._closing:
-            try:
-                async with connect(
-                    self._connect_url(), compression=None, max_size=None, max_queue=None
-                ) as ws:
-                    delay = self.backoff[0]
-                    await self._session(ws)
-            except (TimeoutError, OSError, ConnectionClosed, InvalidHandshake) as exc:
+        failures = 0
+        outage_start = loop.time()
+        try:
+            while not self._closing:
+                remaining = None
+                if self.timeout is not None:
+                    remaining = self.timeout - (loop.time() - outage_start)
+                try:
+                    tls: dict[str, Any] = {} if self.ssl is None else {"ssl": self.ssl}
+                    ws = await connect(
+                        self._connect_url(),
+                        compression=None,
+                        max_size=None,
+                        max_queue=None,
+                        open_timeout=max(0.05, min(10.0, remaining or 10.0)),
+                        close_timeout=2,
+                        **tls,
+                    )
+                except InvalidStatus as exc:
+                    status = exc.response.status_code
+                    reason = exc.response.body.decode(errors="replace").strip()
+                    if 400 <= status < 500 and status not in TRANSIENT_STATUSES:
+                        raise Refused(status, reason) from None
+                    last = f"HTTP {status}: {reason}"
+                except (TimeoutError, OSError, InvalidHandshake) as exc:
+                    last = str(exc) or type(exc).__name__
+                else:
+                    try:
+                        last = await self._session(ws)
+                        # The session was up: a new outage starts now.
+                        delay, failures, outage_start = self.backoff[0], 0, loop.time()
+                    finally:
+                        self._ws = self._reader = None
+                        await ws.close(1000)
                 if self._closing:
                     return
-                log.info("shardchat client reconnecting in %.2fs: %r", delay, exc)
-            finally:
-                self._ws = None
-                self._connected.clear()
-            if self._closing:
-                return
-            await asyncio.sleep(delay * (1 + random.random() / 4))
-            delay = min(self.backoff[1], delay * 2)
-            self.reconnects += 1
+                failures += 1
+                if self.attempts is not None and failures >= self.attempts:
+                    raise Unavailable(failures, last)
+                wait = delay * (1 + random.random() / 4)
+                if self.timeout is not None:
+                    left = self.timeout - (loop.time() - outage_start)
+                    if left <= 0:
+                        raise Unavailable(failures, last)
+                    wait = min(wait, left)
+                log.debug("shardchat client: %s; reconnecting in %.2fs", last, wait)
+                self._emit(ClientEvent("disconnected", detail=last, delay=wait))
+                await asyncio.sleep(wait)
+                delay = min(self.backoff[1], delay * 2)
+                self.reconnects += 1
+        except ClientError as exc:
+            self._fail(exc)
 
-    async def _session(self, ws: ClientConnection) -> None:
-        welcome = json.loads(await ws.recv())
+    async def _session(self, ws: ClientConnection) -> str:
+        """One connection, from the welcome until it drops: why it dropped.
+
+        Raises :class:`ClientError` for a permanent failure.
+        """
+        try:
+            welcome = json.loads(await ws.recv())
+        except ConnectionClosed:
+            return f"closed ({ws.close_code or 1006}) before the welcome"
         self.shard = welcome.get("shard")
+        self.name = welcome.get("user")
         reader = asyncio.create_task(self._read(ws))
         try:
+            first = self._started is not None and not self._started.done()
+            recovered = True
             for room in list(self.rooms):
-                await self._join(ws, room)
-            self._ws = ws
+                joined = await self._join(ws, room, reader)
+                recovered = recovered and joined.get("recovered", True) is not False
+            self._ws, self._reader = ws, reader
             for request_id, (room, content) in list(self._unsent.items()):
                 await self._send_publish(ws, request_id, room, content)
-            self._connected.set()
+            if first:
+                assert self._started is not None
+                self._started.set_result(None)
+                self._emit(ClientEvent("connected"))
+            else:
+                self._emit(ClientEvent("reconnected", recovered=recovered))
             await reader
+        except ConnectionClosed:
+            pass  # why is in the close frame, read below
         finally:
             reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
+                await reader
+        code, reason = ws.close_code, ws.close_reason
+        if code in PERMANENT_CLOSES:
+            raise Closed(code, reason or "")
+        return f"closed ({code or 1006}{' ' + reason if reason else ''})"
 
-    async def _join(self, ws: ClientConnection, room: str) -> None:
-        request: dict[str, Any] = {"type": "join", "room": room}
+    async def _join(
+        self, ws: ClientConnection, room: str, reader: asyncio.Task[None]
+    ) -> dict[str, Any]:
+        request_id = f"{self._id_prefix}-j{next(self._ids)}"
+        request: dict[str, Any] = {"type": "join", "room": room, "id": request_id}
         if room in self.last_seq and room in self.epochs:
             request["since"] = self.last_seq[room]
             request["epoch"] = self.epochs[room]
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._joined[room] = future
-        await ws.send(json.dumps(request))
-        await future
+        self._pending_joins[request_id] = (room, future)
+        try:
+            await ws.send(json.dumps(request))
+            # The reader ends first when the connection drops: its error is ours.
+            waiting: set[asyncio.Future[Any]] = {future, reader}
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if not future.done():
+                reader.result()  # raises the ConnectionClosed, if any
+                raise ConnectionClosed(None, None)  # ended without one: closed all the same
+            return future.result()
+        finally:
+            self._pending_joins.pop(request_id, None)
 
     async def _send_publish(
         self, ws: ClientConnection, request_id: str, room: str, content: str
@@ -242,10 +443,24 @@ class ChatClient:
                     self._unsent.pop(frame["id"], None)
             elif kind == "joined":
                 self._on_joined(frame)
+            elif kind in ("join", "leave"):
+                self._emit(ClientEvent(kind, room=frame["room"], user=frame["sender"]))
             elif kind == "error":
-                future = self._acks.get(frame.get("id", ""))
-                if future is not None and not future.done():
-                    future.set_exception(ChatError(frame["code"], frame["reason"]))
+                self._on_error(frame)
+
+    def _on_error(self, frame: dict[str, Any]) -> None:
+        request_id = frame.get("id", "")
+        error = ChatError(frame["code"], frame["reason"])
+        future = self._acks.get(request_id)
+        if future is not None and not future.done():
+            self._unsent.pop(request_id, None)  # refused, not lost: never resent
+            future.set_exception(error)
+            return
+        pending = self._pending_joins.get(request_id)
+        if pending is not None and not pending[1].done():
+            pending[1].set_exception(error)
+            return
+        log.debug("shardchat client: error frame %s", frame)
 
     def _on_joined(self, frame: dict[str, Any]) -> None:
         # Handled here, before the replay that follows it is read.
@@ -253,15 +468,17 @@ class ChatClient:
         epoch = frame["epoch"]
         if "recovered" in frame and not frame["recovered"]:
             self.gaps += 1
-            log.warning("shardchat client: room %s lost messages while disconnected", room)
+            log.debug("shardchat client: room %s lost messages while disconnected", room)
         if room not in self.epochs:
             self.last_seq.setdefault(room, frame["seq"])  # live from here
         elif epoch != self.epochs[room]:
             self.last_seq[room] = 0  # a new run of the room's sequence: take it all
         self.epochs[room] = epoch
-        joined = self._joined.pop(room, None)
-        if joined is not None and not joined.done():
-            joined.set_result(frame)
+        for pending_room, future in list(self._pending_joins.values()):
+            if pending_room == room and not future.done():
+                future.set_result(frame)
+                break
+        self._emit(ClientEvent("joined", room=room, users=tuple(frame.get("users", ()))))
 
     def _on_message(self, ws: ClientConnection, frame: dict[str, Any]) -> None:
         room = frame["room"]

@@ -2,8 +2,10 @@
 
 The connection adapter hands over the request as an :class:`Upgrade` (path,
 query, a dict of headers, the peer's address); the engine adds what only it
-knows (connections open over the server and from this address, draining) and
-gets back either an :class:`Admitted` or a :class:`Refusal` to answer with.
+knows (connections open over the server and from this address, draining, the
+token verifier) and gets back either an :class:`Admitted` or a
+:class:`Refusal` to answer with. The verifier (PyJWT, keys read from files
+at start) is handed in, so that this module imports neither.
 The order of the checks is the order of PROTOCOL.md: draining (503), Origin
 (403), ``user``/``room`` names (400), ``server.max_connections`` (503),
 ``server.max_per_ip`` (503), the token when ``auth.secret`` is set (401), the
@@ -13,17 +15,21 @@ The order of the checks is the order of PROTOCOL.md: draining (503), Origin
 from __future__ import annotations
 
 import secrets
-from collections.abc import Mapping
-from typing import NamedTuple
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, NamedTuple
 from urllib.parse import parse_qsl
 
 from shardchat.core import wire
-from shardchat.core.auth import verify_token
 from shardchat.core.config import Config
 from shardchat.core.errors import AuthError
 from shardchat.hooks import ConnectInfo, Hooks
 
-__all__ = ["Admitted", "Refusal", "Upgrade", "admit", "header"]
+if TYPE_CHECKING:
+    from shardchat.auth import Identity
+
+Verify = Callable[[str], "Identity"]  # a token -> who it is; raises AuthError
+
+__all__ = ["Admitted", "Refusal", "Upgrade", "Verify", "admit", "header"]
 
 
 class Upgrade(NamedTuple):
@@ -40,6 +46,7 @@ class Admitted(NamedTuple):
     user: str
     allowed_rooms: frozenset[str] | None  # the token's `rooms` claim; None = any room
     rooms: tuple[str, ...]  # the rooms the query asks to join at once
+    expires: float | None  # the token's exp (Unix seconds, leeway included); None: never
 
 
 class Refusal(NamedTuple):
@@ -65,15 +72,16 @@ def admit(
     draining: bool,
     connections: int,
     from_peer: int,
-    wall: float,
+    verify: Verify | None,
 ) -> Admitted | Refusal:
     """Admit or refuse ``upgrade``.
 
     Args:
-        connections: connections open over the whole server, handshakes under
-            way on this shard included.
-        from_peer: connections open on this shard from ``upgrade.peer``.
-        wall: the time (Unix seconds), for the token's ``exp`` and ``nbf``.
+        connections: upgraded connections open over the whole server. Handshakes
+            under way do not count: half-open ones (slow-loris) must not lock real
+            clients out; the handshake deadline bounds them instead.
+        from_peer: connections open over the whole server from ``upgrade.peer``.
+        verify: the token verifier when ``auth`` is on, else None.
     """
     server = config.server
     if draining:
@@ -82,31 +90,34 @@ def admit(
         # Browsers always send Origin on a WebSocket upgrade; the allow-list guards
         # against other sites' pages (CSWSH). Clients that are not browsers send none.
         origin = header(upgrade.headers, "Origin")
-        if origin is not None and origin not in server.origins:
+        # RFC 6454 4: an origin's scheme and host compare case-insensitively.
+        if origin is not None and origin.lower() not in {o.lower() for o in server.origins}:
             return Refusal(403, "origin not allowed\n")
     params = parse_qsl(upgrade.query, keep_blank_values=True)
     for key, value in params:
         if key in ("user", "room") and not wire.is_valid_name(value):
             return Refusal(400, f"{key} must be 1-64 characters of [A-Za-z0-9_.:-]\n")
-    if connections > server.max_connections:
+    if connections >= server.max_connections:
         return Refusal(503, "server is full\n")
     if server.max_per_ip and from_peer >= server.max_per_ip:
         return Refusal(503, "too many connections from this address\n")
     allowed: frozenset[str] | None = None
-    auth = config.auth
-    if auth.secret:
+    expires: float | None = None
+    if verify is not None:
         token = next((v for k, v in params if k == "token"), None)
-        bearer = header(upgrade.headers, "Authorization") or ""
-        if token is None and bearer.startswith("Bearer "):
-            token = bearer[len("Bearer ") :].strip()
+        scheme, _, credentials = (header(upgrade.headers, "Authorization") or "").partition(" ")
+        # RFC 7235 2.1: the auth scheme is case-insensitive.
+        if token is None and scheme.lower() == "bearer":
+            token = credentials.strip()
         if not token:
             return Refusal(401, "a token is required (?token= or Authorization: Bearer)\n")
         try:
-            identity = verify_token(token, auth.secret, wall, auth.issuer, auth.audience)
+            identity = verify(token)
         except AuthError as exc:
             return Refusal(401, f"{exc}\n")
         user = identity.user
         allowed = identity.rooms
+        expires = identity.expires
     else:
         named = next((v for k, v in params if k == "user"), None)
         user = named or f"guest-{secrets.token_hex(2)}"
@@ -116,4 +127,4 @@ def admit(
         reason = hooks.on_connect(info)
         if reason is not None:
             return Refusal(403, f"{reason}\n")
-    return Admitted(user, allowed, rooms)
+    return Admitted(user, allowed, rooms, expires)

@@ -11,6 +11,7 @@ the value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import re
@@ -40,6 +41,7 @@ __all__ = [
 ]
 
 ENV_PREFIX = "SHARDCHAT_"
+REDACTED = "<redacted>"
 DEFAULT_CONFIG_FILE = "config.toml"
 
 
@@ -48,11 +50,17 @@ class ServerConfig:
     host: str = "127.0.0.1"  # listen address of the WebSocket/HTTP port
     port: int = 8080  # WebSocket + HTTP port, shared by every shard (SO_REUSEPORT)
     admin_port: int = 9090  # metrics/status port served by the supervisor; 0 = off
+    admin_host: str = "127.0.0.1"  # listen address of the admin port, not server.host's
+    admin_token: str = ""  # bearer token /status and /metrics require; empty = none
+    tls_cert: str = ""  # PEM certificate chain: serve wss:// and https:// on server.port
+    tls_key: str = ""  # PEM private key of tls_cert
+    tls_client_ca: str = ""  # PEM CA bundle: require client certificates signed by it
     workers: int | str = "auto"  # shards; "auto" = CPU count
     graceful_timeout: float = 10.0  # seconds a drain may take before shards are killed
     shard_timeout: float = 30.0  # a shard whose loop is stuck this long is killed; 0 = off
+    shard_unlisten: float = 2.0  # ... this long, leaves the port's accept group; 0 = off
     max_connections: int = 100_000  # whole server; over it, HTTP 503
-    max_per_ip: int = 0  # per client address, per shard's view; 0 = off
+    max_per_ip: int = 0  # per client address, whole server; 0 = off
     origins: tuple[str, ...] = ()  # allowed Origin values; empty = any
     backlog: int = 4096  # listen backlog of each shard's socket
     app: str = ""  # lifecycle hooks to load, "module:object"; empty = none
@@ -117,9 +125,17 @@ class RedisConfig:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AuthConfig:
-    secret: str = ""  # HS256 key for JWTs; empty = auth off (the `user` parameter names)
+    secret: str = ""  # HS256 key for JWTs (at least 32 bytes)
+    public_key_file: str = ""  # PEM public key: RS256 (RSA) or ES256/384/512 (EC)
+    jwks_file: str = ""  # a JWKS file (JSON): the token's kid picks the key
     issuer: str = ""  # required `iss` claim; empty = not checked
     audience: str = ""  # required `aud` claim; empty = not checked
+    leeway: float = 30.0  # seconds of clock skew allowed on exp and nbf
+
+    @property
+    def enabled(self) -> bool:
+        """Tokens are required once any key is configured; else `user` names people."""
+        return bool(self.secret or self.public_key_file or self.jwks_file)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -231,6 +247,18 @@ def _origins(key: str, value: object) -> object:
     return tuple(value)
 
 
+def _secret(key: str, value: object) -> object:
+    if not isinstance(value, str) or (value and len(value.encode()) < 32):
+        raise ConfigError(key, REDACTED, "must be empty or at least 32 bytes (RFC 7518 3.2)")
+    return value
+
+
+def _file(key: str, value: object) -> object:
+    if not isinstance(value, str) or (value and not Path(value).is_file()):
+        raise ConfigError(key, value, "must be empty or the path of a readable file")
+    return value
+
+
 def _string(key: str, value: object) -> object:
     if not isinstance(value, str):
         raise ConfigError(key, value, "must be a string")
@@ -278,9 +306,15 @@ _CHECKS: dict[str, Check] = {
     "server.host": _host,
     "server.port": _int(1, 65535),
     "server.admin_port": _int(0, 65535),
+    "server.admin_host": _host,
+    "server.admin_token": _string,
+    "server.tls_cert": _file,
+    "server.tls_key": _file,
+    "server.tls_client_ca": _file,
     "server.workers": _workers,
     "server.graceful_timeout": _number(0, strict=True),
     "server.shard_timeout": _number(0, strict=False),
+    "server.shard_unlisten": _number(0, strict=False),
     "server.max_connections": _int(1),
     "server.max_per_ip": _int(0),
     "server.origins": _origins,
@@ -313,9 +347,12 @@ _CHECKS: dict[str, Check] = {
     "redis.connect_timeout": _number(0, strict=True),
     "redis.timeout": _number(0, strict=True),
     "redis.history_ttl": _number(0, strict=False),
-    "auth.secret": _string,
+    "auth.secret": _secret,
+    "auth.public_key_file": _file,
+    "auth.jwks_file": _file,
     "auth.issuer": _string,
     "auth.audience": _string,
+    "auth.leeway": _number(0, strict=False),
     "log.level": _choice("debug", "info", "warning", "error"),
     "log.format": _choice("json", "console"),
 }
@@ -349,8 +386,9 @@ def _parse_scalar(raw: str) -> object:
         return raw
 
 
-def _env_overrides(environ: Mapping[str, str]) -> dict[str, object]:
-    out: dict[str, object] = {}
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, tuple[str, object]]:
+    """``section.key`` -> (the variable that set it, its value)."""
+    out: dict[str, tuple[str, object]] = {}
     for name, raw in environ.items():
         if not name.startswith(ENV_PREFIX):
             continue
@@ -358,8 +396,23 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, object]:
         if section not in _SECTIONS:
             # SHARDCHAT_* variables of other tools (e.g. SHARDCHAT_TEST_*) are not ours.
             continue
-        out[f"{section}.{key}"] = _parse_scalar(raw)
+        out[f"{section}.{key}"] = (name, _parse_scalar(raw))
     return out
+
+
+def env_name(key: str) -> str:
+    """The environment variable of ``section.key``."""
+    return ENV_PREFIX + key.replace(".", "_").upper()
+
+
+def _unknown(key: str, source: str | None) -> str:
+    close = difflib.get_close_matches(key, _CHECKS, n=3, cutoff=0.6)
+    if close:
+        names = [env_name(k) if source else k for k in close]
+        return "unknown key; did you mean " + " or ".join(names) + "?"
+    return (
+        "unknown key; sections: " + ", ".join(_SECTIONS) + " (`shardchat config` lists every key)"
+    )
 
 
 def _file_values(path: Path) -> dict[str, object]:
@@ -399,22 +452,46 @@ def load_config(
         values.update(_file_values(Path(path)))
     elif Path(DEFAULT_CONFIG_FILE).is_file():
         values.update(_file_values(Path(DEFAULT_CONFIG_FILE)))
-    values.update(_env_overrides(os.environ if environ is None else environ))
-    values.update(overrides or {})
+    sources: dict[str, str] = {}  # keys set by an environment variable: its name
+    for key, (variable, value) in _env_overrides(
+        os.environ if environ is None else environ
+    ).items():
+        values[key] = value
+        sources[key] = variable
+    for key, value in (overrides or {}).items():
+        values[key] = value
+        sources.pop(key, None)
 
     sections: dict[str, dict[str, object]] = {name: {} for name in _SECTIONS}
     for key, value in values.items():
+        source = sources.get(key)
         check = _CHECKS.get(key)
         if check is None:
-            raise ConfigError(key, value, "unknown key; known keys: " + ", ".join(sorted(_CHECKS)))
+            raise ConfigError(key, value, _unknown(key, source), source)
         section, _, name = key.partition(".")
-        sections[section][name] = check(key, value)
+        try:
+            sections[section][name] = check(key, value)
+        except ConfigError as exc:
+            if source is None:
+                raise
+            raise ConfigError(exc.key, exc.value, exc.allowed, source) from None
     config = Config(**{name: _SECTIONS[name](**kw) for name, kw in sections.items()})
     if config.limits.max_content + 1024 > config.limits.max_frame:
         raise ConfigError(
             "limits.max_content",
             config.limits.max_content,
             f"must leave 1024 bytes of room under limits.max_frame ({config.limits.max_frame})",
+        )
+    server = config.server
+    if bool(server.tls_cert) != bool(server.tls_key):
+        raise ConfigError(
+            "server.tls_key" if server.tls_cert else "server.tls_cert",
+            "",
+            "server.tls_cert and server.tls_key must be set together",
+        )
+    if server.tls_client_ca and not server.tls_cert:
+        raise ConfigError(
+            "server.tls_client_ca", server.tls_client_ca, "needs server.tls_cert and tls_key"
         )
     if config.limits.max_frame > config.ring.bytes // 8:
         raise ConfigError(
@@ -435,10 +512,9 @@ def _toml_value(value: object) -> str:
     return repr(value)
 
 
-SECRET_KEYS = frozenset({"auth.secret"})
+SECRET_KEYS = frozenset({"auth.secret", "server.admin_token"})
 # A Redis URL may hold a password (redis://:secret@host): printed without it.
 _URL_PASSWORD = re.compile(r"(?<=://)([^@/]*:)?[^@/:]+@")
-REDACTED = "<redacted>"
 
 
 def redact_url(url: str) -> str:

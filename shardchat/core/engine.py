@@ -25,14 +25,16 @@ the caller's per-member work is one transport write.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import secrets
 from collections.abc import Callable
 from typing import Any, Generic
 
 from shardchat import stats
+from shardchat.addrtable import AddrTable, addr_key
 from shardchat.core import wire
-from shardchat.core.admission import Admitted, Refusal, Upgrade, admit
+from shardchat.core.admission import Admitted, Refusal, Upgrade, Verify, admit
 from shardchat.core.broker import Broker, Publication, idempotency_key
 from shardchat.core.config import Config
 from shardchat.core.errors import ErrorCode, ProtocolError
@@ -49,7 +51,7 @@ from shardchat.core.messages import (
     Publish,
     RoomId,
 )
-from shardchat.core.outputs import C, Close, Output
+from shardchat.core.outputs import C, Close, Output, Paced
 from shardchat.core.presence import PresenceView
 from shardchat.core.ratelimit import TokenBucket
 from shardchat.core.reliable import ReliableRooms
@@ -118,8 +120,13 @@ class RoomEngine(Generic[C]):
         counters: Counters,
         hooks: Hooks | None = None,
         *,
+        verify: Verify | None = None,
+        addrs: AddrTable | None = None,
         id_prefix: str | None = None,
     ) -> None:
+        """``verify``: the token verifier when ``auth`` is on; ``addrs``: the
+        whole server's connections per address when ``server.max_per_ip`` is on;
+        ``id_prefix``: the message ids' random part (tests fix it)."""
         self.config = config
         self.shard_id = shard_id
         self.epoch = epoch  # this run of the rooms' sequences (PROTOCOL.md, epoch)
@@ -133,7 +140,10 @@ class RoomEngine(Generic[C]):
         self.draining = False
         self.conns: dict[C, ConnState] = {}  # admitted connections
         self.open_count = 0
-        self.per_ip: dict[str, int] = {}  # open connections per client address
+        self.verify = verify
+        self.addrs = addrs  # open connections per client address, on every shard
+        # (token exp, conn id, connection), soonest first: closed with 4401 then.
+        self._expiries: list[tuple[float, int, C]] = []
         self.logs: dict[str, RoomLog] = {}
         self.presence = PresenceView()
         self.reliable: ReliableRooms[C] = ReliableRooms(config.delivery, counters)
@@ -176,8 +186,8 @@ class RoomEngine(Generic[C]):
             upgrade,
             draining=self.draining,
             connections=connections,
-            from_peer=self.per_ip.get(upgrade.peer, 0),
-            wall=self.wall,
+            from_peer=0 if self.addrs is None else self.addrs.total(addr_key(upgrade.peer)),
+            verify=self.verify,
         )
         self._count_hook_errors()
         if type(result) is Refusal:
@@ -187,6 +197,8 @@ class RoomEngine(Generic[C]):
         bucket = TokenBucket(self.config.limits.burst, self.now)
         self.conns[conn] = ConnState(upgrade.conn_id, upgrade.peer, result, bucket)
         self._join_at_open[conn] = result.rooms
+        if result.expires is not None:
+            heapq.heappush(self._expiries, (result.expires, upgrade.conn_id, conn))
         return None
 
     def open(self, conn: C) -> None:
@@ -195,7 +207,8 @@ class RoomEngine(Generic[C]):
         state = self.conns[conn]
         rooms = self._join_at_open.pop(conn, ())
         state.opened = True
-        self.per_ip[state.peer] = self.per_ip.get(state.peer, 0) + 1
+        if self.addrs is not None:
+            self.addrs.add(addr_key(state.peer))
         self.open_count += 1
         self.stats[_S_CONNECTIONS] = self.open_count
         self.stats[_S_OPENED] += 1
@@ -229,6 +242,9 @@ class RoomEngine(Generic[C]):
         state = self.conns[conn]
         try:
             request = wire.decode(data, self.config.limits.max_content)
+            # The token's rooms claim covers every request that names a room.
+            if state.allowed_rooms is not None and not isinstance(request, Ping):
+                self._check_allowed(state, request.room, request.id)
             self._requests[type(request)](conn, state, request)
         except ProtocolError as exc:
             if exc.code is ErrorCode.BAD_JSON and not _is_utf8(data):
@@ -247,11 +263,8 @@ class RoomEngine(Generic[C]):
         for room in state.rooms:
             self._leave_room(conn, state, room)
         state.rooms.clear()
-        count = self.per_ip.get(state.peer, 1) - 1
-        if count > 0:
-            self.per_ip[state.peer] = count
-        else:
-            self.per_ip.pop(state.peer, None)
+        if self.addrs is not None:
+            self.addrs.remove(addr_key(state.peer))
         self.open_count -= 1
         counters = self.stats
         counters[_S_CONNECTIONS] = self.open_count
@@ -283,6 +296,13 @@ class RoomEngine(Generic[C]):
         state.errors += 1
         if state.errors >= self.config.limits.max_errors:
             self.out.append(((conn,), Close(1008, "too many errors", fail=True)))
+
+    @staticmethod
+    def _check_allowed(state: ConnState, room: RoomId, request_id: str | None) -> None:
+        if state.allowed_rooms is not None and room not in state.allowed_rooms:
+            raise ProtocolError(
+                ErrorCode.UNAUTHORIZED, f"your token does not allow room {room}", request_id
+            )
 
     @staticmethod
     def _require_member(state: ConnState, room: RoomId, request_id: str | None) -> None:
@@ -327,10 +347,7 @@ class RoomEngine(Generic[C]):
 
     def _join(self, conn: C, state: ConnState, request: Join) -> None:
         room = request.room
-        if state.allowed_rooms is not None and room not in state.allowed_rooms:
-            raise ProtocolError(
-                ErrorCode.UNAUTHORIZED, f"your token does not allow room {room}", request.id
-            )
+        self._check_allowed(state, room, request.id)
         # A broker that carries only the rooms it is asked for (Redis) subscribes
         # and loads the room's state at its first join here, and again after it
         # lost Redis for a while: the join waits for that.
@@ -360,9 +377,11 @@ class RoomEngine(Generic[C]):
                     ErrorCode.ROOM_FULL, f"room {room} has {room_size} users", request.id
                 )
         # A room this engine dropped (idle, no members here) is fetched back first,
-        # so that `since` is answered from everything the server holds.
+        # so that `since`, and a later `history`, are answered from everything the
+        # server holds (a join without `since` asks from 0).
+        since = 0 if request.since is None else request.since
         if self.gaps.ensure_history(
-            room, request.since, self.now, lambda: self._finish_join(conn, request)
+            room, since, self.now, lambda: self._finish_join(conn, request)
         ):
             self._finish_join(conn, request)
 
@@ -402,8 +421,8 @@ class RoomEngine(Generic[C]):
         replay = log_.replay(request.since, request.epoch)
         joined["recovered"] = replay.recovered
         self._reply(conn, joined)
-        for held in replay.messages:
-            self._send(conn, held.payload)
+        if replay.messages:
+            self.out.append(((conn,), Paced([held.payload for held in replay.messages])))
 
     def _leave(self, conn: C, state: ConnState, request: Leave) -> None:
         room = request.room
@@ -429,7 +448,7 @@ class RoomEngine(Generic[C]):
                 self._presence_event(room, user, "leave")
 
     def _ping(self, conn: C, state: ConnState, request: Ping) -> None:
-        self._reply(conn, {"type": "pong", **request.echo})
+        self._send(conn, wire.pong_payload(request.echo, request.id))
 
     def _presence(self, conn: C, state: ConnState, request: PresenceQuery) -> None:
         room = request.room
@@ -449,7 +468,7 @@ class RoomEngine(Generic[C]):
         # As for a join with `since`: a room this engine dropped is fetched back
         # first, so that `history` answers from everything the server holds.
         if self.gaps.ensure_history(
-            request.room, request.since, self.now, lambda: self._finish_history(conn, request)
+            request.room, 0, self.now, lambda: self._finish_history(conn, request)
         ):
             self._finish_history(conn, request)
 
@@ -460,10 +479,10 @@ class RoomEngine(Generic[C]):
         self.broker.catch_up()
         self.out += self.fanout.flush(self.now, snapshot=True)
         log_ = self.logs.get(room)
-        held = [] if log_ is None else log_.after(request.since, request.limit)
-        for message in held:
-            self._send(conn, message.payload)
-        last = held[-1].seq if held else request.since
+        held = [] if log_ is None else log_.page(request.since, request.before, request.limit)
+        if held:
+            self.out.append(((conn,), Paced([message.payload for message in held])))
+        last = held[-1].seq if held else request.since or 0
         self._reply(conn, {"type": "history_end", "room": room, "seq": last})
 
     def _ack(self, conn: C, state: ConnState, request: Ack) -> None:
@@ -564,6 +583,18 @@ class RoomEngine(Generic[C]):
         if self.reliable.rooms:
             out, deadline = self.reliable.resend_due(now, self.logs)
             self.out += out
+        expiries = self._expiries
+        if len(expiries) > 2 * self.open_count + 1024:
+            # Closed connections wait in the heap until their exp: drop them now and then.
+            conns = self.conns
+            expiries[:] = [entry for entry in expiries if entry[2] in conns]
+            heapq.heapify(expiries)
+        while expiries and expiries[0][0] <= self.wall:
+            _, _, conn = heapq.heappop(expiries)
+            state = self.conns.get(conn)
+            if state is not None and state.opened:
+                # An extension of PROTOCOL.md: reconnect with a fresh token.
+                self.out.append(((conn,), Close(AppCloseCode.TOKEN_EXPIRED, "token expired")))
         idle = self.config.delivery.room_idle
         if idle and now >= self._next_evict:
             if self._next_evict:

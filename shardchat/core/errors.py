@@ -13,6 +13,11 @@
     │   └── SeqTableError      a seq table too small, or a room name it cannot hold
     ├── SequenceError      a room's messages out of seq order (a bug, never a client's doing)
     ├── ShardError         a shard or the supervisor cannot run (e.g. port in use)
+    ├── ClientError        ChatClient cannot go on
+    │   ├── Refused            the upgrade was refused for good (HTTP 4xx)
+    │   ├── ChatError          a request was refused (an ``error`` frame)
+    │   ├── Closed             a close a reconnect would not mend, or close()
+    │   └── Unavailable        not reachable within the timeout / attempts
     └── hooks.Reject       raised by an on_message hook to refuse a message
 
 Only ``cli.py`` turns these into exit codes; a shard that meets a
@@ -27,16 +32,21 @@ import enum
 __all__ = [
     "AuthError",
     "ErrorCode",
+    "ChatError",
+    "ClientError",
+    "Closed",
     "ConfigError",
     "HookError",
     "MessageTooLarge",
     "ProtocolError",
+    "Refused",
     "RingError",
     "RingLayoutError",
     "SeqTableError",
     "SequenceError",
     "ShardError",
     "ShardchatError",
+    "Unavailable",
 ]
 
 
@@ -84,11 +94,13 @@ class ShardchatError(Exception):
 class ConfigError(ShardchatError):
     """A configuration value is wrong; the message names the key and what is allowed."""
 
-    def __init__(self, key: str, value: object, allowed: str) -> None:
+    def __init__(self, key: str, value: object, allowed: str, source: str | None = None) -> None:
         self.key = key
         self.value = value
         self.allowed = allowed
-        super().__init__(f"config: {key} = {value!r}: {allowed}")
+        self.source = source  # where the user set it, when not a file or flag: an env variable
+        where = key if source is None else f"{source} ({key})"
+        super().__init__(f"config: {where} = {value!r}: {allowed}")
 
 
 class ProtocolError(ShardchatError):
@@ -141,3 +153,52 @@ class SequenceError(ShardchatError):
 
 class ShardError(ShardchatError):
     """The server cannot run: the port is taken, a shard cannot boot, ..."""
+
+
+class ClientError(ShardchatError):
+    """:class:`~shardchat.client.ChatClient` cannot go on; the subclass says why."""
+
+
+class Refused(ClientError):
+    """The server refused the WebSocket upgrade for good (an HTTP 4xx other than
+    408/429: a bad user or room name 400, a missing or bad token 401, a refused
+    origin or a hook's refusal 403). ``status`` is the HTTP status, ``reason``
+    the server's text."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        self.status = status
+        self.reason = reason
+        super().__init__(f"refused: HTTP {status}: {reason}")
+
+
+class ChatError(ClientError):
+    """The server refused a request with an ``error`` frame (a ``join`` refused as
+    ``unauthorized`` or ``room_full``, a ``send`` refused as ``rate_limited`` ...);
+    ``code`` is the protocol's error code, ``reason`` the server's text."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        self.code = code
+        self.reason = reason
+        super().__init__(f"{code}: {reason}")
+
+
+class Closed(ClientError):
+    """The connection ended in a way a reconnect would not mend: the server
+    closed it with a code that says the client broke the protocol (1002, 1003,
+    1007, 1008, 1009, 1010), or the client itself was closed (``code`` 1000)."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        self.code = code
+        self.reason = reason
+        super().__init__(f"closed: {code}" + (f" {reason}" if reason else ""))
+
+
+class Unavailable(ClientError):
+    """The server could not be reached within the client's ``timeout`` or
+    ``attempts`` (connection refused, HTTP 503, dropped connections ...);
+    ``last`` describes the last failure."""
+
+    def __init__(self, attempts: int, last: str) -> None:
+        self.attempts = attempts
+        self.last = last
+        super().__init__(f"unavailable after {attempts} attempts: {last}")

@@ -30,6 +30,7 @@ RoomId = NewType("RoomId", str)
 class AppCloseCode(enum.IntEnum):
     """shardchat's own WebSocket close codes (PROTOCOL.md, 4000-4999 range)."""
 
+    TOKEN_EXPIRED = 4401  # the token's exp passed: reconnect with a fresh one
     HEARTBEAT_TIMEOUT = 4408
     ACK_TIMEOUT = 4409
     SLOW_CONSUMER = 4429
@@ -78,8 +79,9 @@ class PresenceQuery:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HistoryQuery:
     room: RoomId
-    since: int = 0
+    since: int | None = None  # the oldest `limit` after it; without: the latest `limit`
     limit: int | None = None
+    before: int | None = None  # only messages with seq < before ("load older")
     id: str | None = None
 
 

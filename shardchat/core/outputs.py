@@ -2,7 +2,8 @@
 
 The engine's output is a list of ``(connections, item)`` pairs, in order: the
 caller writes ``item`` (a ready WebSocket frame, or several joined) to each of
-``connections``, or closes them when ``item`` is a :class:`Close`.
+``connections``, sends a :class:`Paced` replay as fast as the client reads it,
+or closes them when ``item`` is a :class:`Close`.
 Connections are the caller's own handles; the engine only keeps them as keys.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Hashable, Iterable
 from typing import NamedTuple, TypeVar
 
-__all__ = ["C", "Close", "Output"]
+__all__ = ["C", "Close", "Output", "Paced"]
 
 C = TypeVar("C", bound=Hashable)  # the caller's connection handle
 
@@ -25,4 +26,12 @@ class Close(NamedTuple):
     fail: bool = False
 
 
-Output = tuple[Iterable[C], bytes | Close]
+class Paced(NamedTuple):
+    """A replay (``join`` with ``since``, ``history``): messages' JSON, framed and
+    written as the client reads them, so that a long replay is not cut as a slow
+    consumer (the server holds these messages anyway)."""
+
+    payloads: list[bytes]
+
+
+Output = tuple[Iterable[C], bytes | Close | Paced]

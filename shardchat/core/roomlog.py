@@ -66,11 +66,24 @@ class RoomLog:
 
     def after(self, since: int, limit: int | None = None) -> list[HeldMessage]:
         """The held messages with ``seq > since``, oldest first, at most ``limit``."""
-        if since >= self.seq or not self._held:
+        return self.page(since, None, limit)
+
+    def page(self, since: int | None, before: int | None, limit: int | None) -> list[HeldMessage]:
+        """``history`` paging: the held messages with ``since < seq < before``, oldest
+        first. With ``since``, the first ``limit`` of them (catching up); without, the
+        last ``limit`` (the latest messages, or the ones just before ``before``)."""
+        held = self._held
+        if not held:
             return []
-        start = max(0, since + 1 - self._held[0].seq)
-        end = len(self._held) if limit is None else min(len(self._held), start + limit)
-        return [self._held[i] for i in range(start, end)]
+        first = held[0].seq
+        start = 0 if since is None else max(0, since + 1 - first)
+        end = len(held) if before is None else max(0, min(len(held), before - first))
+        if limit is not None:
+            if since is None:
+                start = max(start, end - limit)
+            else:
+                end = min(end, start + limit)
+        return [held[i] for i in range(start, end)]
 
     def replay(self, since: int, epoch: str | None) -> Replay:
         """PROTOCOL.md, Reliable delivery: what a rejoin with ``since`` gets.

@@ -34,6 +34,7 @@ __all__ = [
     "error_payload",
     "is_valid_name",
     "message_json",
+    "pong_payload",
     "text_frame",
 ]
 
@@ -121,9 +122,10 @@ def _decode_presence(obj: dict[str, object], rid: str | None, max_content: int) 
 
 def _decode_history(obj: dict[str, object], rid: str | None, max_content: int) -> ClientMessage:
     room = _room(obj, rid)
-    since = _seq(obj, "since", rid, required=False) or 0
+    since = _seq(obj, "since", rid, required=False)
     limit = _seq(obj, "limit", rid, required=False)
-    return HistoryQuery(room=room, since=since, limit=limit, id=rid)
+    before = _seq(obj, "before", rid, required=False)
+    return HistoryQuery(room=room, since=since, limit=limit, before=before, id=rid)
 
 
 _DECODERS: dict[str, Callable[[dict[str, object], str | None, int], ClientMessage]] = {
@@ -185,6 +187,21 @@ def message_json(
             "id": msg_id,
         }
     )
+
+
+def pong_payload(echo: dict[str, object], request_id: str | None) -> bytes:
+    """The JSON of the ``pong`` that echoes a ``ping``.
+
+    Raises:
+        ProtocolError: ``bad_request`` when the echo cannot be encoded (orjson
+            decodes 1024 levels of nesting but encodes only about 255).
+    """
+    try:
+        return orjson.dumps({"type": "pong", **echo})
+    except orjson.JSONEncodeError:
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST, "ping nested too deeply to echo", request_id
+        ) from None
 
 
 def error_payload(code: ErrorCode, reason: str, request_id: str | None = None) -> bytes:

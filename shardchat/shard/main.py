@@ -32,9 +32,12 @@ supervisor that disappears (``os.getppid()`` changes) is treated as SIGTERM.
 from __future__ import annotations
 
 import asyncio
+import base64
 import gc
+import hashlib
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -47,6 +50,8 @@ from typing import Protocol
 import uvloop
 
 from shardchat import stats
+from shardchat.addrtable import table_capacity
+from shardchat.auth import verifier_from_config
 from shardchat.brokers import segments
 from shardchat.brokers.shm import Bell, ShmBroker
 from shardchat.core.admission import Upgrade
@@ -54,11 +59,12 @@ from shardchat.core.broker import Broker, BrokerListener
 from shardchat.core.config import Config
 from shardchat.core.engine import RoomEngine
 from shardchat.core.errors import RingError
-from shardchat.core.messages import AppCloseCode
-from shardchat.core.outputs import Close
+from shardchat.core.outputs import Close, Paced
+from shardchat.core.wire import text_frame
 from shardchat.hooks import Hooks
 from shardchat.logs import configure_logging, log_event, set_process_role
-from shardchat.shard.connection import Connection
+from shardchat.shard.connection import HANDSHAKE_TIMEOUT, Connection
+from shardchat.tls import server_context
 
 __all__ = ["EXIT_BOOT_ERROR", "SWEEP_SLICES", "Shard", "ShardSpec", "run_shard"]
 
@@ -75,6 +81,7 @@ SWEEP_SLICES = 50
 BELL_WAIT = 0.2  # seconds; the bell thread checks for shutdown this often
 _CHAT_PAGE = Path(__file__).parent.parent / "static" / "index.html"
 _S_CONNECTIONS = int(stats.Slot.CONNECTIONS)
+_S_UNLISTENED = int(stats.Slot.UNLISTENED)
 _TEXT = "text/plain; charset=utf-8"
 
 _monotonic = time.monotonic
@@ -110,6 +117,7 @@ class ShardSpec:
     supervisor_pid: int
     incarnation: int  # 0 at first start, +1 at every restart
     app: object | None = None  # the lifecycle hooks object, loaded by the supervisor
+    close_fds: tuple[int, ...] = ()  # the supervisor's descriptors (admin port, wakeup)
 
 
 class Shard:
@@ -140,6 +148,7 @@ class Shard:
         self.accepted_total = 0
         self.all_closed = asyncio.Event()
         self._chat_page = _CHAT_PAGE.read_bytes()
+        self.page_csp = _page_csp(self._chat_page)
         self._next_conn_id = 0
         self._turn_due = False
         self._drain_due = False
@@ -196,9 +205,8 @@ class Shard:
     ) -> tuple[int, str] | None:
         engine = self.engine
         engine.advance(_monotonic(), _time())
-        # Upgraded connections on every shard, and this shard's handshakes under way.
-        handshaking = len(self.connections) - engine.open_count
-        connections = self.counters.total(_S_CONNECTIONS) + handshaking
+        # Upgraded connections on every shard (handshakes under way do not count).
+        connections = self.counters.total(_S_CONNECTIONS)
         upgrade = Upgrade(conn.conn_id, conn.peer, path, query, headers)
         refusal = engine.admit(conn, upgrade, connections)
         return None if refusal is None else (refusal.status, refusal.text)
@@ -231,7 +239,13 @@ class Shard:
     def slow_consumer(self, conn: Connection) -> None:
         # PROTOCOL.md: close 4429, from the next turn, outside the write() that
         # found the client slow.
-        self.loop.call_soon(conn.close, AppCloseCode.SLOW_CONSUMER, "slow consumer")
+        self.loop.call_soon(self._close_slow, conn)
+
+    def _close_slow(self, conn: Connection) -> None:
+        if conn.close_slow():
+            state = self.engine.conns.get(conn)
+            user = state.user if state is not None else None
+            log_event(log, logging.INFO, "slow_consumer", conn=conn.conn_id, user=user)
 
     # The doorbell
 
@@ -320,11 +334,12 @@ class Shard:
                 conn.abort()
 
 
-def _write(out: Iterable[tuple[Iterable[Connection], bytes | Close]]) -> None:
+def _write(out: Iterable[tuple[Iterable[Connection], bytes | Close | Paced]]) -> None:
     """The engine's output onto the transports: the fan-out's hot loop.
 
     A frame goes to ``conn.out``, which the adapter sets exactly while frames may
-    be written beside the Sans-I/O protocol; closes go through the adapter.
+    be written beside the Sans-I/O protocol (the transport, or the connection's
+    own queue); replays are paced by the adapter; closes go through it.
     """
     for conns, item in out:
         if type(item) is bytes:
@@ -332,6 +347,10 @@ def _write(out: Iterable[tuple[Iterable[Connection], bytes | Close]]) -> None:
                 transport = conn.out
                 if transport is not None:
                     transport.write(item)
+        elif type(item) is Paced:
+            payloads = item.payloads
+            for conn in conns:
+                conn.send_paced(text_frame(payload) for payload in payloads)
         else:
             assert isinstance(item, Close)
             for conn in conns:
@@ -341,12 +360,30 @@ def _write(out: Iterable[tuple[Iterable[Connection], bytes | Close]]) -> None:
                     conn.close(item.code, item.reason)
 
 
+def _page_csp(page: bytes) -> str:
+    """The chat page's Content-Security-Policy: its own inline script and style by
+    hash, WebSockets to this origin, nothing else (no framing, no other origins)."""
+    hashes = {
+        kind: " ".join(
+            "'sha256-" + base64.b64encode(hashlib.sha256(body).digest()).decode() + "'"
+            for body in re.findall(rb"<" + kind.encode() + rb">(.*?)</" + kind.encode(), page, re.S)
+        )
+        for kind in ("script", "style")
+    }
+    return (
+        f"default-src 'none'; script-src {hashes['script']}; style-src {hashes['style']}; "
+        "connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; "
+        "frame-ancestors 'none'"
+    )
+
+
 def run_shard(spec: ShardSpec) -> None:
     """Process entry point of a shard (the target of the supervisor's fork)."""
     # The child inherits the supervisor's signal setup: undo it before the loop exists.
     signal.set_wakeup_fd(-1)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
+    _drop_inherited(spec.close_fds)
     set_process_role(spec.shard_id)
     configure_logging(spec.config.log.level, spec.config.log.format)
     try:
@@ -359,9 +396,32 @@ def run_shard(spec: ShardSpec) -> None:
         sys.exit(EXIT_BOOT_ERROR)
 
 
+def _drop_inherited(fds: tuple[int, ...]) -> None:
+    """Let go of the supervisor's descriptors, the admin listening socket first:
+    a shard holding it would keep the port open after the supervisor is gone.
+    Each number is pointed at /dev/null rather than closed, so that the
+    supervisor's socket objects copied by the fork never close a reused number."""
+    if not fds:
+        return
+    null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        for fd in fds:
+            try:
+                os.dup2(null, fd)
+            except OSError:
+                pass
+    finally:
+        os.close(null)
+
+
 def _attach_stats(spec: ShardSpec) -> tuple[segments.Segment, stats.StatsView]:
     segment = segments.Segment.attach(segments.stats_name(spec.supervisor_pid))
-    view = stats.StatsView(memoryview(segment.buf), spec.config.workers, spec.shard_id)
+    server = spec.config.server
+    workers = spec.config.workers
+    addr_capacity = table_capacity(server.max_per_ip, server.max_connections, workers)
+    view = stats.StatsView(memoryview(segment.buf), workers, spec.shard_id, addr_capacity)
+    if view.addrs is not None:
+        view.addrs.clear(spec.shard_id)
     mine = view.mine
     assert mine is not None
     # Gauges describe this incarnation; counters carry on across restarts.
@@ -369,6 +429,8 @@ def _attach_stats(spec: ShardSpec) -> tuple[segments.Segment, stats.StatsView]:
     mine[stats.Slot.STARTED_NS] = time.time_ns()
     mine[stats.Slot.CONNECTIONS] = 0
     mine[stats.Slot.ROOMS] = 0
+    mine[stats.Slot.UNLISTENED] = 0
+    mine[stats.Slot.LISTEN_FD] = 0  # not listening yet
     for peer in range(spec.config.workers):
         mine[stats.LAG_BASE + peer] = 0
     return segment, view
@@ -395,9 +457,7 @@ async def _serve(spec: ShardSpec) -> None:
     )
     shard: Shard | None = None
     try:
-        engine: RoomEngine[Connection] = RoomEngine(
-            config, spec.shard_id, spec.epoch, broker, mine, Hooks(spec.app)
-        )
+        engine = _engine(spec, broker, counters, mine)
         now = time.monotonic()
         engine.advance(now, time.time())
         broker.recover(engine, now)
@@ -413,6 +473,22 @@ async def _serve(spec: ShardSpec) -> None:
         broker.close()
         counters.release()
         stats_segment.close()
+
+
+def _engine(
+    spec: ShardSpec, broker: Broker, counters: stats.StatsView, mine: stats.Counters
+) -> RoomEngine[Connection]:
+    verifier = verifier_from_config(spec.config.auth)
+    return RoomEngine(
+        spec.config,
+        spec.shard_id,
+        spec.epoch,
+        broker,
+        mine,
+        Hooks(spec.app),
+        verify=None if verifier is None else verifier.verify,
+        addrs=counters.addrs,
+    )
 
 
 async def _serve_redis(
@@ -445,9 +521,7 @@ async def _serve_redis(
     )
     broker.stamp = rings.heartbeat
     try:
-        engine: RoomEngine[Connection] = RoomEngine(
-            config, spec.shard_id, spec.epoch, broker, mine, Hooks(spec.app)
-        )
+        engine = _engine(spec, broker, counters, mine)
         engine.advance(time.monotonic(), time.time())
         shard = Shard(config, spec.shard_id, engine, broker, counters, loop)
         # Connected (or trying, in the background) and beating before we accept.
@@ -461,13 +535,36 @@ async def _serve_redis(
 
 async def _run(spec: ShardSpec, loop: asyncio.AbstractEventLoop, shard: Shard) -> None:
     config = spec.config
-    server = await loop.create_server(
-        shard.new_connection,
-        config.server.host,
-        config.server.port,
-        reuse_port=True,
-        backlog=config.server.backlog,
-    )
+    mine = shard.counters.mine
+    assert mine is not None
+
+    async def listen() -> asyncio.Server:
+        listening = await loop.create_server(
+            shard.new_connection,
+            config.server.host,
+            config.server.port,
+            reuse_port=True,
+            backlog=config.server.backlog,
+            ssl=server_context(config.server),
+            ssl_handshake_timeout=HANDSHAKE_TIMEOUT if config.server.tls_cert else None,
+        )
+        # The supervisor takes it out of the accept group when our loop stops beating.
+        mine[stats.Slot.LISTEN_FD] = listening.sockets[0].fileno()
+        return listening
+
+    server = await listen()
+    relistening = False
+
+    async def relisten() -> None:
+        # The supervisor shut our socket down while the loop was stuck: a fresh one
+        # joins the port's SO_REUSEPORT group again.
+        nonlocal server, relistening
+        old, server = server, await listen()
+        old.close()
+        mine[_S_UNLISTENED] = 0
+        relistening = False
+        log_event(log, logging.WARNING, "shard_relisten")
+
     stop = asyncio.Event()
     quick = False
 
@@ -488,7 +585,10 @@ async def _run(spec: ShardSpec, loop: asyncio.AbstractEventLoop, shard: Shard) -
     broker = shard.broker
 
     def sweep() -> None:
-        nonlocal frozen_at
+        nonlocal frozen_at, relistening
+        if mine[_S_UNLISTENED] and not relistening and not stop.is_set():
+            relistening = True
+            loop.create_task(relisten())
         shard.sweep(loop.time())
         broker.heartbeat(time.monotonic_ns())
         # A safety net under the doorbells: a drain costs little when idle.

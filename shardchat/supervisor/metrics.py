@@ -8,18 +8,24 @@ are summed over the shards.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import os
+import platform
+from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
+    InfoMetricFamily,
     Metric,
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from shardchat import stats
+from shardchat import __version__, stats
 from shardchat.stats import Slot, StatsView
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
 
 __all__ = ["ShardchatCollector", "make_registry"]
 
@@ -30,7 +36,7 @@ _COUNTERS: tuple[tuple[Slot, str, str], ...] = (
     (Slot.MESSAGES_PUBLISHED, "messages_published", "Messages accepted from clients"),
     (Slot.MESSAGES_SEQUENCED, "messages_sequenced", "Messages sequenced by their room's owner"),
     (Slot.FRAMES_DELIVERED, "frames_delivered", "Room message frames written to members"),
-    (Slot.BYTES_OUT, "bytes_out", "Bytes of room message frames written to members"),
+    (Slot.BYTES_OUT, "delivered_bytes", "Bytes of room message frames written to members"),
     (Slot.RATE_LIMITED, "rate_limited", "Messages refused by the rate limit"),
     (Slot.SLOW_CONSUMER_CLOSES, "slow_consumer_closes", "Connections closed with 4429"),
     (Slot.RESENDS, "resends", "Messages resent to reliable clients"),
@@ -52,10 +58,29 @@ _COUNTERS: tuple[tuple[Slot, str, str], ...] = (
 )
 
 
+Processes = Callable[[], Sequence[tuple[str, int]]]
+
+
+def process_sample(pid: int) -> tuple[float, float, int] | None:
+    """(CPU seconds, resident bytes, open fds) of a live process, from /proc."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            # Fields after the command name (which may hold spaces) in parentheses.
+            fields = f.read().rsplit(b")", 1)[1].split()
+        fds = len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return None  # gone between the listing and the read
+    cpu = (int(fields[11]) + int(fields[12])) / _TICKS  # utime + stime
+    return cpu, int(fields[21]) * _PAGE, fds
+
+
 class ShardchatCollector(Collector):
-    def __init__(self, view: StatsView, restarts: Callable[[], list[int]]) -> None:
+    def __init__(
+        self, view: StatsView, restarts: Callable[[], list[int]], processes: Processes
+    ) -> None:
         self.view = view
         self.restarts = restarts  # per shard, from the supervisor
+        self.processes = processes  # ("supervisor" | "shard-N", pid) of the live ones
 
     def collect(self) -> Iterator[Metric]:
         view = self.view
@@ -115,6 +140,31 @@ class ShardchatCollector(Collector):
                     lag.add_metric([shard, peer], block[stats.LAG_BASE + int(peer)])
         yield lag
         yield self._latency()
+        yield InfoMetricFamily(
+            "shardchat_build",
+            "The running shardchat",
+            value={"version": __version__, "python": platform.python_version()},
+        )
+        yield from self._process_metrics()
+
+    def _process_metrics(self) -> Iterator[Metric]:
+        """process_* of the supervisor and of each shard, labelled by process."""
+        cpu = CounterMetricFamily(
+            "process_cpu_seconds", "User and system CPU time", labels=["process"]
+        )
+        rss = GaugeMetricFamily(
+            "process_resident_memory_bytes", "Resident memory size", labels=["process"]
+        )
+        fds = GaugeMetricFamily("process_open_fds", "Open file descriptors", labels=["process"])
+        for name, pid in self.processes():
+            sample = process_sample(pid)
+            if sample is not None:
+                cpu.add_metric([name], sample[0])
+                rss.add_metric([name], sample[1])
+                fds.add_metric([name], sample[2])
+        yield cpu
+        yield rss
+        yield fds
 
     def _latency(self) -> Metric:
         view = self.view
@@ -133,7 +183,9 @@ class ShardchatCollector(Collector):
         )
 
 
-def make_registry(view: StatsView, restarts: Callable[[], list[int]]) -> CollectorRegistry:
+def make_registry(
+    view: StatsView, restarts: Callable[[], list[int]], processes: Processes
+) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ShardchatCollector(view, restarts))
+    registry.register(ShardchatCollector(view, restarts, processes))
     return registry

@@ -10,6 +10,7 @@ its polling).
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
@@ -26,8 +27,10 @@ from typing import Any
 import multiprocess
 from prometheus_client.exposition import generate_latest
 
+from shardchat.addrtable import table_capacity
+from shardchat.auth import verifier_from_config
 from shardchat.brokers import segments as shm
-from shardchat.core.config import Config, redact_url, to_toml
+from shardchat.core.config import Config, ServerConfig, redact_url, to_toml
 from shardchat.core.errors import ShardError
 from shardchat.hooks import load_app
 from shardchat.logs import log_event
@@ -35,6 +38,7 @@ from shardchat.shard.main import EXIT_BOOT_ERROR, ShardSpec, run_shard
 from shardchat.stats import Slot, StatsView
 from shardchat.supervisor.admin import AdminServer
 from shardchat.supervisor.metrics import make_registry
+from shardchat.tls import server_context
 
 __all__ = ["Supervisor"]
 
@@ -55,6 +59,7 @@ class ShardSlot:
     started_at: float = 0.0  # monotonic
     started_ns: int = 0  # monotonic ns, against the ring's heartbeat
     killed_stuck: bool = False  # SIGKILLed for a stuck loop; the exit restarts it
+    unlistened: bool = False  # its listening socket was shut down for a silent loop
     started_wall: float = 0.0  # time.time(), for status
     incarnation: int = -1
     restarts: int = 0
@@ -87,33 +92,48 @@ class Supervisor:
         self._fabric: shm.Fabric
         self._app: object | None = None
         self._stats: StatsView | None = None
+        self._child_closes: list[int] = []
 
     # Start-up
 
     def run(self) -> int:
         """Serve until SIGTERM or SIGINT; return the process exit code."""
         self._app = load_app(self.config.server.app)
+        # Fail the start (exit 2) on a key, certificate or CA file that does not load,
+        # before any shard is forked; each shard builds its own after the fork.
+        server_context(self.config.server)
+        verifier_from_config(self.config.auth)
         self._raise_nofile()
         shm.sweep_stale()
         _check_port_free(self.config.server.host, self.config.server.port)
+        server = self.config.server
+        addr_capacity = table_capacity(server.max_per_ip, server.max_connections, len(self.slots))
         self._fabric = shm.Fabric(
-            self.pid, len(self.slots), self.config.ring.bytes, self.config.ring.rooms
+            self.pid, len(self.slots), self.config.ring.bytes, self.config.ring.rooms, addr_capacity
         )
         wake_r, wake_w = socket.socketpair()
         wake_r.setblocking(False)
         wake_w.setblocking(False)
         try:
             assert self._fabric.stats is not None
-            self._stats = StatsView(memoryview(self._fabric.stats.buf), len(self.slots), None)
-            registry = make_registry(self._stats, lambda: [s.restarts for s in self.slots])
+            self._stats = StatsView(
+                memoryview(self._fabric.stats.buf), len(self.slots), None, addr_capacity
+            )
+            registry = make_registry(
+                self._stats, lambda: [s.restarts for s in self.slots], self._processes
+            )
             if self.config.server.admin_port:
                 self._admin = AdminServer(
                     self._selector,
-                    self.config.server.host,
+                    self.config.server.admin_host,
                     self.config.server.admin_port,
                     self.status,
                     lambda: generate_latest(registry),
+                    self.config.server.admin_token,
                 )
+            # Descriptors a shard must not keep (it is forked, not exec'd, so
+            # O_CLOEXEC does not apply): the admin port above all.
+            self._child_closes = [wake_r.fileno(), wake_w.fileno(), self._selector_fd()]
             signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
                 signal.signal(sig, _noop)
@@ -126,7 +146,9 @@ class Supervisor:
                 workers=len(self.slots),
                 host=self.config.server.host,
                 port=self.config.server.port,
+                admin_host=self.config.server.admin_host,
                 admin_port=self.config.server.admin_port,
+                tls=bool(self.config.server.tls_cert),
                 epoch=self.epoch,
             )
             log_event(log, logging.INFO, "config", toml=to_toml(self.config))
@@ -146,16 +168,30 @@ class Supervisor:
         log_event(log, logging.INFO, "supervisor_exit", code=self.exit_code)
         return self.exit_code
 
+    def _processes(self) -> list[tuple[str, int]]:
+        """The supervisor and each live shard, for the process_* metrics."""
+        live = [(f"shard-{s.shard_id}", s.pid) for s in self.slots if s.pid is not None]
+        return [("supervisor", self.pid), *((name, pid) for name, pid in live if pid)]
+
+    def _selector_fd(self) -> int:
+        fileno = getattr(self._selector, "fileno", None)
+        return int(fileno()) if fileno is not None else -1
+
     def _raise_nofile(self) -> None:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft < hard:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         # Each shard keeps some descriptors for itself: its socket, rings, logs.
         capacity = len(self.slots) * max(0, hard - 64)
-        if self.config.server.max_connections > capacity:
+        wanted = self.config.server.max_connections
+        if wanted > capacity:
+            # The default max_connections is a ceiling, not a promise: on a default
+            # setup this is only worth a debug line. A value the user chose that the
+            # open-files limit cannot hold is a real warning.
+            chosen = wanted != ServerConfig().max_connections
             log_event(
                 log,
-                logging.WARNING,
+                logging.WARNING if chosen else logging.DEBUG,
                 "nofile_limit",
                 max_connections=self.config.server.max_connections,
                 capacity=capacity,
@@ -179,6 +215,8 @@ class Supervisor:
                     if slot.restart_at is not None and now >= slot.restart_at:
                         self._spawn(slot)
                 self._kill_stuck()
+            if self._admin is not None:
+                self._admin.expire(now)
             timeout = self._next_timeout(now)
             for key, _ in self._selector.select(timeout):
                 callback: Callable[[], None] = key.data
@@ -186,9 +224,12 @@ class Supervisor:
 
     def _kill_stuck(self) -> None:
         """SIGKILL a shard whose loop has not beaten for ``shard_timeout`` (gunicorn's
-        worker timeout): a blocked loop serves nobody, and a restart does."""
+        worker timeout): a blocked loop serves nobody, and a restart does. Long before
+        that (``shard_unlisten``), take its listening socket out of the port's accept
+        group, so that the kernel stops queueing new clients where nobody accepts."""
         limit = self.config.server.shard_timeout
-        if not limit:
+        unlisten = self.config.server.shard_unlisten
+        if not limit and not unlisten:
             return
         now_ns = time.monotonic_ns()
         for slot in self.slots:
@@ -196,7 +237,13 @@ class Supervisor:
                 continue
             # A new incarnation counts from its start until its first beat.
             last = max(self._fabric.heartbeat_ns(slot.shard_id), slot.started_ns)
-            if now_ns - last > limit * 1e9:
+            silent = now_ns - last
+            if unlisten and silent > unlisten * 1e9 and not slot.unlistened:
+                slot.unlistened = True
+                self._unlisten(slot, silent)
+            elif slot.unlistened and silent < unlisten * 1e9:
+                slot.unlistened = False  # it beats again (and listens again by itself)
+            if limit and silent > limit * 1e9:
                 log_event(
                     log,
                     logging.ERROR,
@@ -208,12 +255,64 @@ class Supervisor:
                 slot.killed_stuck = True
                 os.kill(slot.process.pid, signal.SIGKILL)
 
+    def _unlisten(self, slot: ShardSlot, silent_ns: int) -> None:
+        """Shut down a silent shard's listening socket (through a duplicate taken with
+        pidfd_getfd): Linux then drops it from the SO_REUSEPORT group, resets the
+        connections queued on it, and sends new ones to the other shards."""
+        if self._stats is None or slot.process is None:
+            return
+        block = self._stats.blocks[slot.shard_id]
+        fd = int(block[Slot.LISTEN_FD])
+        if not fd:
+            slot.unlistened = False  # not listening yet (still recovering): later
+            return
+        try:
+            dup = _pidfd_getfd(int(slot.process.pid), fd)
+        except OSError as exc:
+            log_event(
+                log,
+                logging.WARNING,
+                "shard_unlisten_failed",
+                shard_id=slot.shard_id,
+                error=str(exc),
+            )
+            return
+        try:
+            sock = socket.socket(fileno=dup)
+        except OSError:
+            os.close(dup)  # not a socket: the shard has moved on
+            return
+        with sock:
+            try:
+                # The descriptor must still be that shard's listener on our port.
+                if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                    return
+                if sock.getsockname()[1] != self.config.server.port:
+                    return
+                sock.shutdown(socket.SHUT_RD)
+            except OSError:
+                return
+        block[Slot.UNLISTENED] = 1
+        log_event(
+            log,
+            logging.ERROR,
+            "shard_unlisten",
+            shard_id=slot.shard_id,
+            pid=slot.pid,
+            silent_s=round(silent_ns / 1e9, 1),
+        )
+
     def _next_timeout(self, now: float) -> float | None:
         deadlines = [slot.restart_at for slot in self.slots if slot.restart_at is not None]
-        if self.config.server.shard_timeout and not self.stopping:
-            deadlines.append(now + min(1.0, self.config.server.shard_timeout / 4))
+        server = self.config.server
+        checks = [t for t in (server.shard_timeout, server.shard_unlisten) if t]
+        if checks and not self.stopping:
+            deadlines.append(now + min(1.0, min(checks) / 4))
         if self.stopping:
             deadlines.append(self.stop_deadline)
+        admin_deadline = self._admin.next_deadline() if self._admin is not None else None
+        if admin_deadline is not None:
+            deadlines.append(admin_deadline)
         if not deadlines:
             return None
         return max(0.0, min(deadlines) - now)
@@ -265,6 +364,11 @@ class Supervisor:
             supervisor_pid=self.pid,
             incarnation=slot.incarnation,
             app=self._app,
+            close_fds=tuple(
+                fd
+                for fd in (*self._child_closes, *(self._admin.fds() if self._admin else ()))
+                if fd >= 0
+            ),
         )
         process = self._ctx.Process(
             target=run_shard, args=(spec,), name=f"shardchat-shard-{slot.shard_id}"
@@ -274,6 +378,7 @@ class Supervisor:
         slot.started_at = time.monotonic()
         slot.started_ns = time.monotonic_ns()
         slot.killed_stuck = False
+        slot.unlistened = False
         slot.started_wall = time.time()
         self._selector.register(process.sentinel, selectors.EVENT_READ, lambda: self._on_exit(slot))
         if slot.incarnation:
@@ -287,6 +392,8 @@ class Supervisor:
             # Its connections went with it; the restarted shard counts anew.
             self._stats.blocks[slot.shard_id][Slot.CONNECTIONS] = 0
             self._stats.blocks[slot.shard_id][Slot.ROOMS] = 0
+            if self._stats.addrs is not None:
+                self._stats.addrs.clear(slot.shard_id)
         process = slot.process
         self._selector.unregister(process.sentinel)
         code = int(process.exitcode)
@@ -389,6 +496,24 @@ def _broker_status_of(config: Config, blocks: list[Any], alive: list[bool]) -> d
         "errors": total(Slot.REDIS_ERRORS),
         "reconnects": total(Slot.REDIS_RECONNECTS),
     }
+
+
+_SYS_PIDFD_GETFD = 438  # the same number on x86-64 and aarch64 (Linux 5.6)
+
+
+def _pidfd_getfd(pid: int, fd: int) -> int:
+    """A duplicate of process ``pid``'s descriptor ``fd`` (pidfd_getfd(2); Python has
+    no wrapper). Needs ptrace rights over the child, which its parent has."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        dup = int(libc.syscall(_SYS_PIDFD_GETFD, pidfd, fd, 0))
+        if dup < 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
+        return dup
+    finally:
+        os.close(pidfd)
 
 
 def _check_port_free(host: str, port: int) -> None:

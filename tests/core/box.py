@@ -18,12 +18,14 @@ from typing import Any
 
 import orjson
 
+from shardchat.addrtable import AddrTable, table_capacity
+from shardchat.auth import verifier_from_config
 from shardchat.brokers.sequencer import owner_of
 from shardchat.brokers.shm import ShmBroker
 from shardchat.core.admission import Refusal, Upgrade
 from shardchat.core.config import Config, load_config
 from shardchat.core.engine import RoomEngine
-from shardchat.core.outputs import Close, Output
+from shardchat.core.outputs import Close, Output, Paced
 from shardchat.hooks import Hooks
 from shardchat.ring.layout import segment_size
 from shardchat.ring.ring import init_ring
@@ -120,6 +122,15 @@ class Box:
             init_ring(view, RING, TABLE)
         self.bells = [Bell() for _ in range(workers)]
         self.stats = [[0] * BLOCK_SLOTS for _ in range(workers)]
+        # The whole server's connections per address, as in the stats segment.
+        server = self.config.server
+        capacity = table_capacity(server.max_per_ip, server.max_connections, workers)
+        self._addr_slots = (
+            memoryview(bytearray(8 * AddrTable.slots_needed(workers, capacity))).cast("Q")
+            if capacity
+            else None
+        )
+        self._capacity = capacity
         self.engines: list[RoomEngine[Client]] = []
         self.brokers: list[ShmBroker] = []
         self.stopped: set[int] = set()
@@ -142,6 +153,9 @@ class Box:
             self.stats[shard],
             self.config.delivery.publish_timeout,
         )
+        slots = self._addr_slots
+        addrs = None if slots is None else AddrTable(slots, self.workers, self._capacity, shard)
+        verifier = verifier_from_config(self.config.auth)
         return RoomEngine(
             self.config,
             shard,
@@ -149,6 +163,8 @@ class Box:
             broker,
             self.stats[shard],
             Hooks(self.app),
+            verify=None if verifier is None else verifier.verify,
+            addrs=addrs,
             id_prefix=f"i{next(self._ids)}",
         ), broker
 
@@ -290,5 +306,7 @@ class Box:
                     if client in engine.conns:
                         # The adapter's close completes: the engine hears of it.
                         engine.closed(client, item.code, item.reason)
+                elif isinstance(item, Paced):
+                    client.frames += [orjson.loads(payload) for payload in item.payloads]
                 else:
                     client.frames += frames_of(item)

@@ -12,11 +12,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import orjson
+
 from shardchat.core import wire
 from shardchat.core.admission import Upgrade
 from shardchat.core.broker import BrokerListener, Publication
 from shardchat.core.engine import RoomEngine
-from shardchat.core.outputs import Close, Output
+from shardchat.core.outputs import Close, Output, Paced
 from shardchat.stats import BLOCK_SLOTS
 from tests.core.box import config, frames_of
 
@@ -119,6 +121,8 @@ def collect(out: list[Output[Conn]]) -> None:
         for conn in conns:
             if isinstance(item, Close):
                 conn.closed = item
+            elif isinstance(item, Paced):
+                conn.frames += [orjson.loads(payload) for payload in item.payloads]
             else:
                 conn.frames += frames_of(item)
 

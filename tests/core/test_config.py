@@ -157,3 +157,23 @@ def test_broker_and_redis_settings() -> None:
         with pytest.raises(ConfigError) as info:
             load_config(environ={}, overrides={key: value})
         assert key in str(info.value) and words in str(info.value)
+
+
+def test_env_errors_name_the_variable_the_user_set() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(environ={"SHARDCHAT_HEARTBEAT_INTERVAL": "soon"})
+    message = str(caught.value)
+    assert "SHARDCHAT_HEARTBEAT_INTERVAL (heartbeat.interval)" in message
+    assert caught.value.source == "SHARDCHAT_HEARTBEAT_INTERVAL"
+    with pytest.raises(ConfigError, match="did you mean SHARDCHAT_HEARTBEAT_INTERVAL"):
+        load_config(environ={"SHARDCHAT_HEARTBEAT_INTERVL": "5"})
+
+
+def test_unknown_keys_get_a_did_you_mean_not_every_key() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(environ={}, overrides={"heartbeat.intervall": 5})
+    message = str(caught.value)
+    assert "did you mean heartbeat.interval" in message and len(message) < 200
+    with pytest.raises(ConfigError) as caught:
+        load_config(environ={}, overrides={"zzz.qqq": 5})
+    assert "shardchat config" in str(caught.value) and len(str(caught.value)) < 200

@@ -4,12 +4,13 @@ box (tests/core/box.py), in the manner of websockets' tests/test_protocol.py."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from shardchat import stats
+from shardchat.auth import make_token
 from shardchat.brokers.forwarding import FORWARD_RETRY
 from shardchat.core.admission import Refusal
-from shardchat.core.auth import make_token
 from shardchat.core.engine import EVICT_EVERY
 from shardchat.core.errors import ErrorCode
 from shardchat.core.gapfill import GAP_GIVE_UP, GAP_TIMEOUT
@@ -503,13 +504,42 @@ class TestErrors:
         assert c.closed == Close(1007, "invalid UTF-8", fail=True)
 
     def test_unauthorized_room_of_the_token(self) -> None:
-        box = Box(1, config(auth__secret="s3cret"))
-        token = make_token("s3cret", {"sub": "ann", "rooms": ["allowed"]})
+        box = Box(1, config(auth__secret="s3cret-s3cret-s3cret-s3cret-s3cret"))
+        token = make_token(
+            "s3cret-s3cret-s3cret-s3cret-s3cret", {"sub": "ann", "rooms": ["allowed"]}
+        )
         c = box.connect(0, "", query=f"token={token}")
         assert box.join(c, "allowed")["room"] == "allowed"
         box.send(c, type="join", room="other", id="j")
         (error,) = c.take("error")
         assert (error["code"], error["id"]) == ("unauthorized", "j")
+
+    def test_the_rooms_claim_covers_every_request_naming_a_room(self) -> None:
+        secret = "s3cret-s3cret-s3cret-s3cret-s3cret"
+        box = Box(1, config(auth__secret=secret))
+        token = make_token(secret, {"sub": "ann", "rooms": ["allowed"]})
+        c = box.connect(0, "", query=f"token={token}")
+        for kind, extra in [("presence", {}), ("history", {}), ("message", {"content": "x"})]:
+            box.send(c, type=kind, room="other", id=kind, **extra)
+        assert [(e["code"], e["id"]) for e in c.take("error")] == [
+            ("unauthorized", "presence"),
+            ("unauthorized", "history"),
+            ("unauthorized", "message"),
+        ]
+        box.send(c, type="ping", id="p")  # names no room
+        assert c.take("pong")
+
+    def test_a_token_that_expires_closes_4401(self) -> None:
+        secret = "s3cret-s3cret-s3cret-s3cret-s3cret"
+        box = Box(1, config(auth__secret=secret, auth__leeway=0.0))
+        # PyJWT checks exp against the real clock: the box's wall clock follows it.
+        box.wall = float(int(time.time()))
+        token = make_token(secret, {"sub": "ann", "exp": int(box.wall) + 10})
+        c = box.connect(0, "", query=f"token={token}")
+        box.advance(5.0)
+        assert c.closed is None
+        box.advance(6.0)
+        assert c.closed == Close(4401, "token expired")
 
     def test_rejected_by_the_on_message_hook(self) -> None:
         class App:
@@ -558,10 +588,10 @@ class TestAdmission:
         assert box.stats[0][stats.Slot.HTTP_REFUSED] == 4
 
     def test_a_token_is_required_when_auth_is_on(self) -> None:
-        box = Box(1, config(auth__secret="k"))
+        box = Box(1, config(auth__secret="k" * 32))
         assert self.refusal(box, user="")[0] == 401
         assert self.refusal(box, user="", headers={"Authorization": "Bearer junk"})[0] == 401
-        token = make_token("k", {"sub": "zed"})
+        token = make_token("k" * 32, {"sub": "zed"})
         c = box.connect(0, "", headers={"Authorization": f"Bearer {token}"})
         assert c in box.engines[0].conns and box.engines[0].conns[c].user == "zed"
 
@@ -614,6 +644,22 @@ class TestFanout:
         box.send(pub, type="message", room=room, content="after")
         box.turn()
         assert joiner.seqs(room) == [2]
+
+    def test_history_pages_the_latest_and_before(self) -> None:
+        box = Box(2)
+        room = room_owned_by(0, 2)
+        c = box.connect(1, "c")
+        box.join(c, room)
+        for i in range(10):
+            box.send(c, type="message", room=room, content=str(i))
+        box.turn()
+        c.frames = []
+        box.send(c, type="history", room=room, limit=3)
+        assert [m["seq"] for m in messages(c)] == [8, 9, 10]
+        c.frames = []
+        box.send(c, type="history", room=room, limit=3, before=8)
+        assert [m["seq"] for m in messages(c)] == [5, 6, 7]
+        assert c.take("history_end")[0]["seq"] == 7
 
     def test_history_replays_held_messages(self) -> None:
         box = Box(2)

@@ -76,3 +76,25 @@ def test_after_matches_a_model(count: int, capacity: int, since: int, limit: int
     replay = log.replay(since, "e1")
     if since <= count:
         assert replay.recovered == (since + 1 >= (held[0] if held else count + 1))
+
+
+@given(
+    count=st.integers(0, 60),
+    capacity=st.integers(0, 20),
+    since=st.none() | st.integers(0, 70),
+    before=st.none() | st.integers(0, 70),
+    limit=st.none() | st.integers(0, 30),
+)
+def test_page_matches_a_model(
+    count: int, capacity: int, since: int | None, before: int | None, limit: int | None
+) -> None:
+    """history paging: since < seq < before; with since the oldest `limit` of those,
+    without it the latest `limit`; always oldest first."""
+    log = filled(count, capacity)
+    held = list(range(max(1, count - capacity + 1), count + 1)) if capacity else []
+    expected = [s for s in held if (since is None or s > since) and (before is None or s < before)]
+    if limit is not None:
+        expected = (
+            expected[:limit] if since is not None else expected[max(0, len(expected) - limit) :]
+        )
+    assert [m.seq for m in log.page(since, before, limit)] == expected

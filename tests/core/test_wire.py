@@ -43,6 +43,9 @@ def test_each_request_type() -> None:
     assert decode({"type": "history", "room": "r", "since": 2, "limit": 10}) == HistoryQuery(
         room="r", since=2, limit=10
     )
+    assert decode({"type": "history", "room": "r", "limit": 5, "before": 9}) == HistoryQuery(
+        room="r", limit=5, before=9
+    )
 
 
 def test_unknown_fields_are_ignored() -> None:

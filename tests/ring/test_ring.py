@@ -302,3 +302,23 @@ def test_two_process_stress_every_record_checked() -> None:
             proc.kill()
         view.release()
         shared.close()
+
+
+def test_restarted_writer_keeps_every_committed_record() -> None:
+    """Issue 15: a writer killed after a commit and in the middle of the next turn's
+    appends. The restart pads only what was never committed; every committed record
+    (all that anyone could have been acked or shown) is still read back."""
+    buf = new_ring()
+    writer = RingWriter(buf)
+    committed = [f"kept{i}".encode() for i in range(20)]
+    for payload in committed:
+        writer.append(1, 0, payload)
+    writer.commit()
+    for i in range(5):
+        writer.append(1, 0, f"lost{i}".encode())  # appended, never committed: killed
+    restarted = RingWriter(buf)
+    reader = RingReader(buf, from_oldest=True)
+    assert payloads(reader.poll(100)) == committed
+    restarted.publish(1, 0, b"after")
+    assert payloads(reader.poll(100)) == [b"after"]
+    assert reader.lapped == 0
