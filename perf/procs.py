@@ -21,8 +21,11 @@ RESULTS = ROOT / "perf" / "results"
 
 
 def free_port() -> int:
+    # The wildcard address: the port is then free on every address, not only on
+    # 127.0.0.1 (a client socket from 127.0.0.5, or its TIME_WAIT, can hold the same
+    # number, and a server started with --host 0.0.0.0 could not bind it).
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind(("", 0))
         return int(sock.getsockname()[1])
 
 

@@ -37,8 +37,11 @@ def scaled(seconds: float) -> float:
 
 def free_port() -> int:
     """A port free right now; :func:`start_server` retries if it is taken before use."""
+    # The wildcard address: the port is then free on every address, not only on
+    # 127.0.0.1 (a client socket from 127.0.0.5, or its TIME_WAIT, can hold the same
+    # number, and a server started with --host 0.0.0.0 could not bind it).
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind(("", 0))
         return int(sock.getsockname()[1])
 
 
