@@ -17,6 +17,10 @@ server's CPU time per delivery, its cost whoever the limit.
     python -m perf.load fanout --port 8080 --receivers 5000 --senders 10 --rates 2000,5000
     python -m perf.load rooms  --port 8080 --clients 10000 --room-size 10 --interval-ms 1000
 
+Several boxes (broker.kind = "redis"): ``--port 8080,8081 --admin URL1,URL2``;
+load process i connects to port i mod the number of ports (so ``--workers``
+at least the number of ports), and a room's clients are spread over them.
+
 Each run prints a table and writes one JSON file in perf/results/.
 """
 
@@ -96,7 +100,8 @@ class Worker:
     async def connect(self, paths: list[tuple[str, bool, bool, bool]], rate: float) -> None:
         """Open connections (path, sampled, sender, reliable), ``rate`` per second at most."""
         loop = asyncio.get_running_loop()
-        host, port = "127.0.0.1", self.args["port"]
+        ports = self.args["ports"]
+        host, port = "127.0.0.1", ports[self.index % len(ports)]
         ack_every_read = self.args["ack_ms"] <= 0
         gate = asyncio.Semaphore(200)
         start = time.monotonic()
@@ -293,7 +298,7 @@ def _worker_main(index: int, args: dict[str, Any], pipe: Connection) -> None:
 class Load:
     """Forks the workers and speaks to them."""
 
-    def __init__(self, port: int, room: str, workers: int, ack_ms: float = 0) -> None:
+    def __init__(self, port: list[int], room: str, workers: int, ack_ms: float = 0) -> None:
         ctx = multiprocessing.get_context("fork")
         self.pipes: list[Connection] = []
         self.procs = []
@@ -301,7 +306,7 @@ class Load:
             parent, child = ctx.Pipe()
             proc = ctx.Process(
                 target=_worker_main,
-                args=(index, {"port": port, "room": room, "ack_ms": ack_ms}, child),
+                args=(index, {"ports": port, "room": room, "ack_ms": ack_ms}, child),
                 daemon=True,
             )
             proc.start()
@@ -358,7 +363,7 @@ def merge(reports: list[dict[str, Any]]) -> dict[str, Any]:
 def server_pids(admin: str | None, pid: int | None) -> list[int]:
     """The server's processes: shardchat's shards (from its admin URL), or one pid."""
     if admin:
-        return procs.shard_pids(admin)
+        return [p for url in admin.split(",") for p in procs.shard_pids(url)]
     return [pid] if pid else []
 
 
@@ -556,10 +561,13 @@ def run_rooms(a: argparse.Namespace) -> dict[str, Any]:
     try:
         payloads = []
         index = 0
-        for count in split(n, workers):
+        for w, count in enumerate(split(n, workers)):
             paths = []
             for i in range(count):
-                room = rooms[index // size]
+                # Several boxes: worker w talks to box w mod boxes, so a room's
+                # clients are interleaved over the workers to span the boxes.
+                position = index if len(a.port) == 1 else i * workers + w
+                room = rooms[min(len(rooms) - 1, position // size)]
                 sampled = i < max(1, a.sample // workers)
                 paths.append((f"/ws?user=c{index}&room={room}", sampled, True, False))
                 index += 1
@@ -614,7 +622,12 @@ def parser() -> argparse.ArgumentParser:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("scenario", choices=["hold", "fanout", "rooms"])
-    p.add_argument("--port", type=int, required=True)
+    p.add_argument(
+        "--port",
+        type=lambda s: [int(x) for x in s.split(",")],
+        required=True,
+        help="the server's port; several boxes: a comma-separated list",
+    )
     p.add_argument("--admin", help="shardchat's admin URL, to read the shards' pids")
     p.add_argument("--pid", type=int, help="the server's pid (the baseline)")
     p.add_argument("--target", default="shardchat", help="a name for the report")

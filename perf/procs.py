@@ -137,10 +137,10 @@ def shardchat(
     args += ["--set", f"server.admin_port={admin}", "--set", "log.level=warning"]
     for setting in settings:
         args += ["--set", setting]
-    # Another checkout's server reads its own config.toml (from its working directory):
-    # ours may name keys it does not know.
-    cwd = ROOT if program == SHARDCHAT else Path(program).resolve().parents[2]
-    proc = subprocess.Popen(args, cwd=cwd)
+    # In the program's own checkout, so that it reads its own config.toml (another
+    # version's file may name keys this one does not know).
+    root = Path(program).parent.parent.parent if program != SHARDCHAT else ROOT
+    proc = subprocess.Popen(args, cwd=root)
     admin_off = "server.admin_port=0" in settings
     try:
         wait_port(port)

@@ -6,7 +6,7 @@
 set -eu
 
 # command  package
-NEEDED="chromium chromium"
+NEEDED="chromium chromium redis-server redis-server redis-cli redis-tools"
 
 missing=""
 set -- $NEEDED

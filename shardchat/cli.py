@@ -177,6 +177,17 @@ def status(admin_url: str | None, as_json: bool, flags: ConfigFlags) -> None:
         f"total: {totals['connections']} connections, {totals['messages_published']} messages "
         f"published, {totals['frames_delivered']} frames delivered, {totals['restarts']} restarts"
     )
+    broker = data.get("broker", {"kind": "shm", "healthy": True})
+    if broker["kind"] == "redis":
+        click.echo(
+            f"broker redis {broker['redis']}  {'healthy' if broker['healthy'] else 'UNHEALTHY'}"
+            f" ({broker['shards_connected']} shards connected)  rooms subscribed"
+            f" {broker['subscribed_rooms']}  round trips {broker['round_trips']}  batch size"
+            f" {broker['batch_size']}  errors {broker['errors']}  reconnects"
+            f" {broker['reconnects']}"
+        )
+    else:
+        click.echo(f"broker {broker['kind']}")
 
 
 @main.command()

@@ -64,6 +64,16 @@ class Slot(enum.IntEnum):
     HTTP_REFUSED = 23  # upgrades refused before the handshake (403/400/401/503)
     LISTEN_FD = 24  # gauge: the shard's listening socket's descriptor (for the supervisor)
     UNLISTENED = 25  # set by the supervisor: it shut that socket down; the shard re-listens
+    # broker.kind = "redis" (brokers/redis_broker.py)
+    REDIS_UP = 26  # gauge: 1 while the shard's Redis connection works
+    REDIS_ROUND_TRIPS = 27  # pipelines and commands sent
+    REDIS_BATCHES = 28  # publish pipelines
+    REDIS_BATCHED_MESSAGES = 29  # publishes they carried (batch size = this / batches)
+    REDIS_ERRORS = 30  # failed calls (connection lost, timeout, script error)
+    REDIS_SUBSCRIBED_ROOMS = 31  # gauge: rooms whose channel the shard subscribes to
+    REDIS_MESSAGES_RECEIVED = 32  # room messages that came from Redis pub/sub
+    REDIS_STREAM_READS = 33  # stream reads (room open, gap fill, resume)
+    REDIS_RECONNECTS = 34
 
 
 ERROR_CODES = tuple(ErrorCode)  # one counter slot per code, in the enum's order

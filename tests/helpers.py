@@ -155,7 +155,11 @@ def _start_server(
     admin_port: int | None,
 ) -> Server:
     port = port or free_port()
-    admin_port = admin_port or free_port()
+    # Bound to the wildcard address and closed at once, two calls can return the
+    # same port (seen here: the server and its admin port on one number, five
+    # starts in a row): the admin port is drawn again until it differs.
+    while not admin_port or admin_port == port:
+        admin_port = free_port()
     log_file = tempfile.NamedTemporaryFile(prefix="shardchat-test-", suffix=".log", delete=False)
     args = [
         SHARDCHAT,

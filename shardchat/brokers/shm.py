@@ -274,6 +274,15 @@ class ShmBroker:
     def serves_history(self, room: str) -> bool:
         return owner_of(room, self.workers) == self.shard_id
 
+    def open_room(self, room: str, then: Callable[[], None]) -> bool:
+        return True  # every shard reads every ring: every room is open
+
+    def close_room(self, room: str) -> None:
+        pass
+
+    def epoch_of(self, room: str) -> str | None:
+        return None  # the supervisor's one epoch for every room
+
     def catch_up(self) -> None:
         """Commit what we wrote (a join must not see a frame before its record is
         in the ring), then read every ring to its end."""

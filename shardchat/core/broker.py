@@ -87,6 +87,22 @@ class Broker(Protocol):
         """Deliver everything already available before returning, so that the
         engine answers a ``join`` or ``history`` from the latest state."""
 
+    def open_room(self, room: str, then: Callable[[], None]) -> bool:
+        """A local member is joining ``room``: deliver its messages and presence
+        from now on. True when the broker does so already (one box: every ring
+        is read anyway); otherwise ``then`` is called once the broker is ready
+        (subscribed, the room's state and held history delivered: at the
+        room's first join here, or while it reloads the state after losing its
+        store for a while), or has given up trying (the join then goes on with
+        what is known)."""
+
+    def close_room(self, room: str) -> None:
+        """The engine's last local member of ``room`` left: its traffic may stop."""
+
+    def epoch_of(self, room: str) -> str | None:
+        """The room's epoch when the broker keeps one per room (Redis); None: the
+        engine's own epoch applies."""
+
 
 class BrokerListener(Protocol):
     """What a broker tells its engine (implemented by :class:`RoomEngine`)."""
@@ -120,6 +136,11 @@ class BrokerListener(Protocol):
         """The broker may have lost records it should have delivered, or answers to
         fills (a lapped reader, a restarted peer); ``latest(room)`` says where each
         affected room is now (0: unknown), None for a room not affected."""
+
+    def on_room_state(self, room: str, epoch: str, seq: int) -> None:
+        """The room's epoch is ``epoch`` and it reached at least ``seq`` (a broker
+        that keeps a room's state in a store, after a reconnect or a new epoch):
+        a log of another epoch starts again, a log behind is filled."""
 
     def held(self, room: str, first: int) -> list[HeldMessage]:
         """The engine's held messages of ``room`` from ``first`` on (to answer a

@@ -25,12 +25,14 @@ from shardchat.core.errors import ConfigError
 
 __all__ = [
     "AuthConfig",
+    "BrokerConfig",
     "Config",
     "DeliveryConfig",
     "HeartbeatConfig",
     "LimitsConfig",
     "LogConfig",
     "PresenceConfig",
+    "RedisConfig",
     "RingConfig",
     "ServerConfig",
     "load_config",
@@ -101,6 +103,24 @@ class RingConfig:
 class PresenceConfig:
     list_limit: int = 1000  # users listed in joined/presence at most
     events_limit: int = 200  # join/leave events only in rooms up to this size
+    ttl: float = 10.0  # broker.kind = "redis": seconds before a silent box's users leave everywhere
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BrokerConfig:
+    kind: str = "shm"  # "shm": one box, shared-memory rings; "redis": several boxes through Redis
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RedisConfig:
+    url: str = (
+        "redis://127.0.0.1:6379/0"  # redis://, rediss:// (TLS) or unix:// (ignored with cluster)
+    )
+    cluster: tuple[str, ...] = ()  # Redis Cluster seed nodes, "host:port"; empty = one Redis at url
+    prefix: str = "shardchat:"  # put before every key and channel, so services can share a Redis
+    connect_timeout: float = 2.0  # seconds to connect to Redis
+    timeout: float = 2.0  # seconds a command or a pipeline may take before it counts as failed
+    history_ttl: float = 0.0  # seconds an unused room's stream and seq live on; 0 = for ever
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -134,6 +154,8 @@ class Config:
     presence: PresenceConfig = field(default_factory=PresenceConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    redis: RedisConfig = field(default_factory=RedisConfig)
 
     @property
     def workers(self) -> int:
@@ -153,6 +175,8 @@ _SECTIONS: dict[str, type[Any]] = {
     "presence": PresenceConfig,
     "auth": AuthConfig,
     "log": LogConfig,
+    "broker": BrokerConfig,
+    "redis": RedisConfig,
 }
 
 Check = Callable[[str, object], object]
@@ -254,6 +278,30 @@ def _power_of_two(key: str, value: object) -> object:
     return value
 
 
+def _redis_url(key: str, value: object) -> object:
+    if not isinstance(value, str) or not re.match(r"(redis|rediss|unix)://.", value):
+        raise ConfigError(
+            key,
+            value,
+            'must be a redis://, rediss:// or unix:// URL, e.g. "redis://10.0.0.5:6379/0"',
+        )
+    return value
+
+
+def _seed_nodes(key: str, value: object) -> object:
+    if not isinstance(value, list | tuple) or not all(
+        isinstance(v, str) and re.fullmatch(r"[A-Za-z0-9.\-]+:[0-9]{1,5}", v) for v in value
+    ):
+        raise ConfigError(key, value, 'must be a list of "host:port", e.g. ["10.0.0.5:7000"]')
+    return tuple(value)
+
+
+def _prefix(key: str, value: object) -> object:
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_.:\-]{0,64}", value):
+        raise ConfigError(key, value, "must be up to 64 of A-Z a-z 0-9 _ . : - (no braces)")
+    return value
+
+
 _CHECKS: dict[str, Check] = {
     "server.host": _host,
     "server.port": _int(1, 65535),
@@ -291,6 +339,14 @@ _CHECKS: dict[str, Check] = {
     "ring.rooms": _int(16, 1 << 24),
     "presence.list_limit": _int(1),
     "presence.events_limit": _int(0),
+    "presence.ttl": _number(0.5, strict=False),
+    "broker.kind": _choice("shm", "redis"),
+    "redis.url": _redis_url,
+    "redis.cluster": _seed_nodes,
+    "redis.prefix": _prefix,
+    "redis.connect_timeout": _number(0, strict=True),
+    "redis.timeout": _number(0, strict=True),
+    "redis.history_ttl": _number(0, strict=False),
     "auth.secret": _secret,
     "auth.public_key_file": _file,
     "auth.jwks_file": _file,
@@ -457,6 +513,13 @@ def _toml_value(value: object) -> str:
 
 
 SECRET_KEYS = frozenset({"auth.secret", "server.admin_token"})
+# A Redis URL may hold a password (redis://:secret@host): printed without it.
+_URL_PASSWORD = re.compile(r"(?<=://)([^@/]*:)?[^@/:]+@")
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its credentials replaced, for logs, status and ``shardchat config``."""
+    return _URL_PASSWORD.sub(REDACTED + "@", url)
 
 
 def to_toml(config: Config, *, redact: bool = True) -> str:
@@ -474,5 +537,7 @@ def to_toml(config: Config, *, redact: bool = True) -> str:
             value = getattr(table, f.name)
             if redact and value and f"{section}.{f.name}" in SECRET_KEYS:
                 value = REDACTED
+            if redact and f"{section}.{f.name}" == "redis.url":
+                value = redact_url(value)
             lines.append(f"{f.name} = {_toml_value(value)}")
     return "\n".join(lines) + "\n"

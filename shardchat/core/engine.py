@@ -348,6 +348,24 @@ class RoomEngine(Generic[C]):
     def _join(self, conn: C, state: ConnState, request: Join) -> None:
         room = request.room
         self._check_allowed(state, room, request.id)
+        # A broker that carries only the rooms it is asked for (Redis) subscribes
+        # and loads the room's state at its first join here, and again after it
+        # lost Redis for a while: the join waits for that.
+        if not self.broker.open_room(room, lambda: self._join_opened(conn, request)):
+            return
+        self._join_open(conn, state, request)
+
+    def _join_opened(self, conn: C, request: Join) -> None:
+        state = self.conns.get(conn)
+        if state is None:
+            return  # gone while the broker opened the room
+        try:
+            self._join_open(conn, state, request)
+        except ProtocolError as exc:
+            self._refuse(conn, state, exc)
+
+    def _join_open(self, conn: C, state: ConnState, request: Join) -> None:
+        room = request.room
         room_size = self.config.limits.room_size
         if room_size and room not in state.rooms:
             # The presence view is as fresh as the broker: catch up first. Joins on
@@ -420,6 +438,7 @@ class RoomEngine(Generic[C]):
             del members[conn]
             if not members:
                 del self.members[room]
+                self.broker.close_room(room)
             self.stats[_S_LEAVES] += 1
             self.stats[_S_ROOMS] = len(self.members)
         user = state.user
@@ -497,9 +516,12 @@ class RoomEngine(Generic[C]):
         log_ = self.logs.get(room)
         if log_ is None:
             seq = self.broker.latest_seq(room) or 0
-            log_ = self.logs[room] = RoomLog(self.epoch, self.history, seq)
+            log_ = self.logs[room] = RoomLog(self._epoch(room), self.history, seq)
         log_.touched = self.now
         return log_
+
+    def _epoch(self, room: str) -> str:
+        return self.broker.epoch_of(room) or self.epoch
 
     def _presence_event(self, room: str, user: str, kind: str, skip: C | None = None) -> None:
         members = self.members.get(room)
@@ -592,7 +614,7 @@ class RoomEngine(Generic[C]):
     def on_message(self, room: str, seq: int, msg_id: str, json: bytes, publish_ns: int) -> None:
         log_ = self.logs.get(room)
         if log_ is None:
-            log_ = self.logs[room] = RoomLog(self.epoch, self.history, seq - 1)
+            log_ = self.logs[room] = RoomLog(self._epoch(room), self.history, seq - 1)
         if seq == log_.seq + 1 and room not in self.gaps.held_back:
             log_.append(seq, json)
             log_.touched = self.now
@@ -621,8 +643,8 @@ class RoomEngine(Generic[C]):
         state = self.conns.get(conn)
         if state is not None:
             reason = (
-                f"the owner of room {room} did not answer: not known to be published;"
-                " retrying with the same id is safe"
+                f"room {room}: the message is not known to be published (its broker did"
+                " not confirm it); retrying with the same id is safe"
             )
             self._refuse(conn, state, ProtocolError(ErrorCode.UNAVAILABLE, reason, request_id))
 
@@ -648,6 +670,24 @@ class RoomEngine(Generic[C]):
     def on_resync(self, latest: Callable[[str], int | None]) -> None:
         self.gaps.resync(latest, self.now)
 
+    def on_room_state(self, room: str, epoch: str, seq: int) -> None:
+        log_ = self.logs.get(room)
+        if log_ is None:
+            return  # made when needed, with the broker's epoch and seq
+        if log_.epoch != epoch:
+            # The store lost the room (Redis restarted without its data): its seqs
+            # start again under a new epoch. Members here hold seqs of the old one,
+            # so they are closed to rejoin (ChatClient resumes with since/epoch and
+            # gets recovered: false), and the log starts again.
+            log_event(log, logging.WARNING, "room_epoch_changed", room=room, epoch=epoch)
+            self.gaps.held_back.pop(room, None)
+            log_ = self.logs[room] = RoomLog(epoch, self.history, 0, self.now)
+            members = self.members.get(room)
+            if members:
+                self.out.append((list(members), Close(1012, "room history was reset")))
+        if seq > log_.seq:
+            self.gaps.request(room, log_.seq + 1, seq, self.now, "resync")
+
     def held(self, room: str, first: int) -> list[HeldMessage]:
         log_ = self.logs.get(room)
         return [] if log_ is None else log_.after(first - 1)
@@ -656,12 +696,12 @@ class RoomEngine(Generic[C]):
         log_ = self.logs.get(room)
         if json is None:
             if log_ is None:
-                self.logs[room] = RoomLog(self.epoch, self.history, seq, self.now)
+                self.logs[room] = RoomLog(self._epoch(room), self.history, seq, self.now)
             else:
                 log_.skip_to(seq)
             return
         if log_ is None:
-            log_ = self.logs[room] = RoomLog(self.epoch, self.history, seq - 1, self.now)
+            log_ = self.logs[room] = RoomLog(self._epoch(room), self.history, seq - 1, self.now)
         if seq > log_.seq + 1:
             log_.skip_to(seq - 1)  # a part of the ring already overwritten
         if seq == log_.seq + 1:

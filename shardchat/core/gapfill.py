@@ -167,13 +167,29 @@ class GapFill:
         """True when a join with ``since`` can be answered now; otherwise fetch the
         room's held history (this engine has no log of it: dropped as idle, or a
         restart) and call ``then`` once it is here."""
+        if since is not None and room in self.held_back:
+            # A gap being filled: answered once it is, so that `since` is judged
+            # against everything the server holds (a resume after a reconnect).
+            self._waiting.setdefault(room, []).append(then)
+            return False
+        log_ = self.logs.get(room)
+        if since is not None and log_ is not None and since > log_.seq:
+            # The client has seen more than this engine has yet (it published or
+            # read on another engine an instant ago): fetch up to the latest seq
+            # the broker knows first, so that the resume is judged on it.
+            latest = self.broker.latest_seq(room) or 0
+            if latest > log_.seq:
+                self._waiting.setdefault(room, []).append(then)
+                self.request(room, log_.seq + 1, latest, now, "resume_fetch")
+                return False
         if since is None or room in self.logs or not self.history:
             return True
         latest = self.broker.latest_seq(room) or 0
         if latest <= since:
             return True
         first = max(1, latest - self.history + 1)
-        self.logs[room] = RoomLog(self.epoch, self.history, first - 1, now)
+        epoch = self.broker.epoch_of(room) or self.epoch
+        self.logs[room] = RoomLog(epoch, self.history, first - 1, now)
         self._waiting.setdefault(room, []).append(then)
         if room not in self.held_back:
             self.request(room, first, latest, now, "history_fetch")

@@ -20,6 +20,10 @@ the engine's output after every input and writes it, and owns
 - the sweep: heartbeats and timeouts of a slice of the connections per call,
   and once per pass the engine's and the broker's timers.
 
+With ``broker.kind = "redis"`` the broker is a
+:class:`~shardchat.brokers.redis_broker.RedisBroker` instead: no doorbell, and
+what it hears from Redis comes in through :meth:`Shard.broker_input`.
+
 SIGTERM and SIGINT drain: stop accepting, close every connection with 1001
 ``shutdown``, exit within ``graceful_timeout``. SIGQUIT exits at once. A
 supervisor that disappears (``os.getppid()`` changes) is treated as SIGTERM.
@@ -38,9 +42,10 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import uvloop
 
@@ -48,8 +53,9 @@ from shardchat import stats
 from shardchat.addrtable import table_capacity
 from shardchat.auth import verifier_from_config
 from shardchat.brokers import segments
-from shardchat.brokers.shm import ShmBroker
+from shardchat.brokers.shm import Bell, ShmBroker
 from shardchat.core.admission import Upgrade
+from shardchat.core.broker import Broker, BrokerListener
 from shardchat.core.config import Config
 from shardchat.core.engine import RoomEngine
 from shardchat.core.errors import RingError
@@ -82,6 +88,25 @@ _monotonic = time.monotonic
 _time = time.time
 
 
+class LoopBroker(Broker, Protocol):
+    """What the shard's loop calls on its broker, besides the engine's calls."""
+
+    listener: BrokerListener | None
+
+    @property
+    def commit_due(self) -> bool: ...
+
+    def commit(self) -> None: ...
+
+    def drain(self, now: float | None = None) -> bool: ...
+
+    def tick(self, now: float) -> float | None: ...
+
+    def heartbeat(self, now_ns: int) -> None: ...
+
+    def record_lag(self) -> None: ...
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ShardSpec:
     """What the supervisor hands a shard at fork."""
@@ -103,14 +128,16 @@ class Shard:
         config: Config,
         shard_id: int,
         engine: RoomEngine[Connection],
-        broker: ShmBroker,
+        broker: LoopBroker,
         counters: stats.StatsView,
         loop: asyncio.AbstractEventLoop,
+        bell: Bell | None = None,
     ) -> None:
         self.config = config
         self.shard_id = shard_id
         self.engine = engine
         self.broker = broker
+        self.bell = bell  # our doorbell (the shared-memory broker); None: none to wait on
         self.counters = counters
         self.loop = loop
         self.clock = loop.time()  # the connections' coarse clock, refreshed by the sweep
@@ -200,6 +227,14 @@ class Shard:
         engine.receive(conn, data)
         self._emit()
 
+    def broker_input(self, step: Callable[[], None]) -> None:
+        """Something the broker heard (from Redis) for the engine: the time first,
+        the engine's output after."""
+        engine = self.engine
+        engine.advance(_monotonic(), _time())
+        step()
+        self._emit()
+
     def closed(self, conn: Connection) -> None:
         self.connections.discard(conn)
         if self.engine.draining and not self.connections:
@@ -222,6 +257,8 @@ class Shard:
 
     def start_bell(self) -> None:
         """Deliver the peers' records from now on: wake on our doorbell."""
+        if self.bell is None:
+            return
         self._bell_thread = threading.Thread(
             target=self._bell_loop, name="shardchat-bell", daemon=True
         )
@@ -229,7 +266,8 @@ class Shard:
         self.drain()
 
     def _bell_loop(self) -> None:
-        bell = self.broker.bells[self.shard_id]
+        bell = self.bell
+        assert bell is not None
         loop = self.loop
         while not self._stopping.is_set():
             if bell.wait(BELL_WAIT) and not self._wake_pending:
@@ -245,7 +283,8 @@ class Shard:
             return  # closed
         # Absorb the posts that arrived meanwhile, then read: in that order no
         # post is lost between a drain and the next wait (STYLE.md section 4).
-        self.broker.bells[self.shard_id].drain()
+        assert self.bell is not None
+        self.bell.drain()
         self.drain()
 
     def drain(self) -> None:
@@ -445,6 +484,10 @@ async def _serve(spec: ShardSpec) -> None:
     stats_segment, counters = _attach_stats(spec)
     mine = counters.mine
     assert mine is not None
+    if config.broker.kind == "redis":
+        await _serve_redis(spec, loop, counters, mine)
+        stats_segment.close()
+        return
     broker = ShmBroker.attach(
         spec.supervisor_pid,
         spec.shard_id,
@@ -456,23 +499,14 @@ async def _serve(spec: ShardSpec) -> None:
     )
     shard: Shard | None = None
     try:
-        engine: RoomEngine[Connection] = RoomEngine(
-            config,
-            spec.shard_id,
-            spec.epoch,
-            broker,
-            mine,
-            Hooks(spec.app),
-            verify=None
-            if (verifier := verifier_from_config(config.auth)) is None
-            else verifier.verify,
-            addrs=counters.addrs,
-        )
+        engine = _engine(spec, broker, counters, mine)
         now = time.monotonic()
         engine.advance(now, time.time())
         broker.recover(engine, now)
         broker.commit()
-        shard = Shard(config, spec.shard_id, engine, broker, counters, loop)
+        shard = Shard(
+            config, spec.shard_id, engine, broker, counters, loop, broker.bells[spec.shard_id]
+        )
         shard.start_bell()
         await _run(spec, loop, shard)
     finally:
@@ -481,6 +515,64 @@ async def _serve(spec: ShardSpec) -> None:
         broker.close()
         counters.release()
         stats_segment.close()
+
+
+def _engine(
+    spec: ShardSpec, broker: Broker, counters: stats.StatsView, mine: stats.Counters
+) -> RoomEngine[Connection]:
+    verifier = verifier_from_config(spec.config.auth)
+    return RoomEngine(
+        spec.config,
+        spec.shard_id,
+        spec.epoch,
+        broker,
+        mine,
+        Hooks(spec.app),
+        verify=None if verifier is None else verifier.verify,
+        addrs=counters.addrs,
+    )
+
+
+async def _serve_redis(
+    spec: ShardSpec,
+    loop: asyncio.AbstractEventLoop,
+    counters: stats.StatsView,
+    mine: stats.Counters,
+) -> None:
+    """A shard whose rooms go through Redis (DESIGN.md, Beyond one box)."""
+    from shardchat.brokers.redis_broker import RedisBroker  # the optional extra
+
+    config = spec.config
+    shard: Shard | None = None
+
+    def deliver(step: Callable[[], None]) -> None:
+        assert shard is not None
+        shard.broker_input(step)
+
+    broker = RedisBroker(config, spec.shard_id, mine, deliver)
+    # The rings carry no rooms here, but our ring's header still carries the
+    # heartbeat the supervisor watches (server.shard_timeout).
+    rings = ShmBroker.attach(
+        spec.supervisor_pid,
+        spec.shard_id,
+        config.workers,
+        config.ring.bytes,
+        config.ring.rooms,
+        mine,
+        config.delivery.publish_timeout,
+    )
+    broker.stamp = rings.heartbeat
+    try:
+        engine = _engine(spec, broker, counters, mine)
+        engine.advance(time.monotonic(), time.time())
+        shard = Shard(config, spec.shard_id, engine, broker, counters, loop)
+        # Connected (or trying, in the background) and beating before we accept.
+        await broker.start(engine)
+        await _run(spec, loop, shard)
+    finally:
+        await broker.close()
+        rings.close()
+        counters.release()
 
 
 async def _run(spec: ShardSpec, loop: asyncio.AbstractEventLoop, shard: Shard) -> None:

@@ -48,6 +48,13 @@ _COUNTERS: tuple[tuple[Slot, str, str], ...] = (
     (Slot.FORWARDS_RETRIED, "forwards_retried", "Publishes forwarded to an owner again"),
     (Slot.HOOK_ERRORS, "hook_errors", "Lifecycle hooks that raised"),
     (Slot.HTTP_REFUSED, "upgrades_refused", "Upgrades refused before the handshake"),
+    (Slot.REDIS_ROUND_TRIPS, "redis_round_trips", "Redis pipelines and commands sent"),
+    (Slot.REDIS_BATCHES, "redis_publish_batches", "Publish pipelines sent to Redis"),
+    (Slot.REDIS_BATCHED_MESSAGES, "redis_batched_messages", "Publishes those pipelines carried"),
+    (Slot.REDIS_ERRORS, "redis_errors", "Redis calls that failed"),
+    (Slot.REDIS_MESSAGES_RECEIVED, "redis_messages_received", "Room messages from Redis pub/sub"),
+    (Slot.REDIS_STREAM_READS, "redis_stream_reads", "Reads of rooms' Redis streams"),
+    (Slot.REDIS_RECONNECTS, "redis_reconnects", "Reconnections to Redis"),
 )
 
 
@@ -88,6 +95,19 @@ class ShardchatCollector(Collector):
             rooms.add_metric([shard], block[Slot.ROOMS])
         yield gauge
         yield rooms
+        redis_up = GaugeMetricFamily(
+            "shardchat_redis_up", "1 while the shard's Redis connection works", labels=["shard"]
+        )
+        subscribed = GaugeMetricFamily(
+            "shardchat_redis_subscribed_rooms",
+            "Rooms whose Redis channel the shard subscribes to",
+            labels=["shard"],
+        )
+        for shard, block in zip(shards, blocks, strict=True):
+            redis_up.add_metric([shard], block[Slot.REDIS_UP])
+            subscribed.add_metric([shard], block[Slot.REDIS_SUBSCRIBED_ROOMS])
+        yield redis_up
+        yield subscribed
         for slot, name, doc in _COUNTERS:
             yield CounterMetricFamily(f"shardchat_{name}", doc, value=view.total(slot))
         closed = CounterMetricFamily(

@@ -31,7 +31,7 @@ from prometheus_client.exposition import generate_latest
 from shardchat.addrtable import table_capacity
 from shardchat.auth import verifier_from_config
 from shardchat.brokers import segments as shm
-from shardchat.core.config import Config, ServerConfig, to_toml
+from shardchat.core.config import Config, ServerConfig, redact_url, to_toml
 from shardchat.core.errors import ShardError
 from shardchat.hooks import load_app
 from shardchat.logs import log_event
@@ -432,6 +432,11 @@ class Supervisor:
 
     # Status
 
+    def _broker_status(self) -> dict[str, object]:
+        assert self._stats is not None
+        alive = [slot.process is not None for slot in self.slots]
+        return _broker_status_of(self.config, self._stats.blocks, alive)
+
     def status(self) -> dict[str, object]:
         now = time.time()
         assert self._stats is not None
@@ -458,6 +463,7 @@ class Supervisor:
             "epoch": self.epoch,
             "uptime": round(now - self.started_wall, 3),
             "stopping": self.stopping,
+            "broker": self._broker_status(),
             "shards": shards,
             "totals": {
                 "connections": connections,
@@ -466,6 +472,36 @@ class Supervisor:
                 "restarts": sum(slot.restarts for slot in self.slots),
             },
         }
+
+
+def _broker_status_of(config: Config, blocks: list[Any], alive: list[bool]) -> dict[str, object]:
+    """The broker and its health: for Redis, where, whether every live shard's
+    connection works, and its counters over the box."""
+    kind = config.broker.kind
+    if kind != "redis":
+        return {"kind": kind, "healthy": True}
+    live = [block for block, up in zip(blocks, alive, strict=True) if up]
+    up = [bool(block[Slot.REDIS_UP]) for block in live]
+    redis = config.redis
+    where = "cluster " + ",".join(redis.cluster) if redis.cluster else redact_url(redis.url)
+
+    def total(slot: Slot) -> int:
+        return sum(block[slot] for block in blocks)
+
+    batches = total(Slot.REDIS_BATCHES)
+    return {
+        "kind": kind,
+        "redis": where,
+        "healthy": bool(live) and all(up),
+        "shards_connected": sum(up),
+        "subscribed_rooms": sum(block[Slot.REDIS_SUBSCRIBED_ROOMS] for block in live),
+        "round_trips": total(Slot.REDIS_ROUND_TRIPS),
+        "batch_size": round(total(Slot.REDIS_BATCHED_MESSAGES) / batches, 2) if batches else 0,
+        "messages_received": total(Slot.REDIS_MESSAGES_RECEIVED),
+        "stream_reads": total(Slot.REDIS_STREAM_READS),
+        "errors": total(Slot.REDIS_ERRORS),
+        "reconnects": total(Slot.REDIS_RECONNECTS),
+    }
 
 
 _SYS_PIDFD_GETFD = 438  # the same number on x86-64 and aarch64 (Linux 5.6)

@@ -92,6 +92,15 @@ class StoreBroker:
     def catch_up(self) -> None:
         """Deliveries are synchronous here: nothing waits."""
 
+    def open_room(self, room: str, then: Callable[[], None]) -> bool:
+        return True
+
+    def close_room(self, room: str) -> None:
+        pass
+
+    def epoch_of(self, room: str) -> str | None:
+        return None
+
 
 class Conn:
     def __init__(self, name: str) -> None:
@@ -174,3 +183,64 @@ def test_a_store_sequenced_broker_serves_the_same_engine() -> None:
     joined = [f for f in c.frames if f["type"] == "joined"][0]
     assert joined["recovered"] and joined["seq"] == 6
     assert [f["seq"] for f in c.frames if f["type"] == "message"] == [3, 4, 5, 6]
+
+
+class OpeningBroker(StoreBroker):
+    """A broker that carries only the rooms it is asked for, with a room epoch of
+    its own (the Redis broker's shape): a room opens later, not at once."""
+
+    def __init__(self, store: Store, engine_id: int) -> None:
+        super().__init__(store, engine_id)
+        self.opening: dict[str, list[Callable[[], None]]] = {}
+        self.open: set[str] = set()
+        self.closed: list[str] = []
+        self.epochs: dict[str, str] = {}
+
+    def open_room(self, room: str, then: Callable[[], None]) -> bool:
+        if room in self.open:
+            return True
+        self.opening.setdefault(room, []).append(then)
+        return False
+
+    def opened(self, room: str) -> None:
+        self.open.add(room)
+        for then in self.opening.pop(room):
+            then()
+
+    def close_room(self, room: str) -> None:
+        self.open.discard(room)
+        self.closed.append(room)
+
+    def epoch_of(self, room: str) -> str | None:
+        return self.epochs.get(room)
+
+
+def test_a_join_waits_for_its_broker_to_open_the_room_and_a_new_epoch_restarts_it() -> None:
+    store = Store()
+    broker = OpeningBroker(store, 0)
+    broker.epochs["r"] = "e1"
+    engine: RoomEngine[Conn] = RoomEngine(
+        config(), 0, "engine-epoch", broker, [0] * BLOCK_SLOTS, id_prefix="o"
+    )
+    broker.listener = engine
+    a = connect(engine, "a", 1)
+    send(engine, a, type="join", room="r", id="j1")
+    assert not [f for f in a.frames if f["type"] == "joined"]  # not before the room is open
+    run(engine, lambda: broker.opened("r"))
+    (joined,) = [f for f in a.frames if f["type"] == "joined"]
+    assert joined["epoch"] == "e1"  # the broker's epoch of the room, not the engine's
+    send(engine, a, type="message", room="r", content="x")
+    end_turn([engine], [broker])
+    assert [f["seq"] for f in a.frames if f["type"] == "message"] == [1]
+
+    # The store lost the room: a new epoch. The member is closed to rejoin.
+    broker.epochs["r"] = "e2"
+    run(engine, lambda: engine.on_room_state("r", "e2", 0))
+    assert a.closed is not None and a.closed.code == 1012
+    run(engine, lambda: engine.closed(a, 1012, ""))
+    assert broker.closed == ["r"]  # its last member left
+    b = connect(engine, "b", 2)
+    send(engine, b, type="join", room="r", since=1, epoch="e1")
+    run(engine, lambda: broker.opened("r"))
+    (joined,) = [f for f in b.frames if f["type"] == "joined"]
+    assert joined["epoch"] == "e2" and joined["recovered"] is False

@@ -131,6 +131,34 @@ def test_cli_config_command_and_exit_code() -> None:
     assert result.exit_code == 2
 
 
+def test_broker_and_redis_settings() -> None:
+    assert load_config(environ={}).broker.kind == "shm"
+    config = load_config(
+        environ={},
+        overrides={
+            "broker.kind": "redis",
+            "redis.url": "rediss://:hunter2@10.0.0.5:6380/1",
+            "redis.cluster": ["10.0.0.5:7000", "redis-b:7001"],
+            "presence.ttl": 5,
+        },
+    )
+    assert config.broker.kind == "redis"
+    assert config.redis.cluster == ("10.0.0.5:7000", "redis-b:7001")
+    assert config.presence.ttl == 5.0
+    printed = to_toml(config)
+    assert "hunter2" not in printed and "10.0.0.5:6380/1" in printed
+    for key, value, words in [
+        ("broker.kind", "kafka", "'shm', 'redis'"),
+        ("redis.url", "http://x", "redis://"),
+        ("redis.cluster", ["nohost"], "host:port"),
+        ("redis.prefix", "a{b}", "no braces"),
+        ("presence.ttl", 0, ">= 0.5"),
+    ]:
+        with pytest.raises(ConfigError) as info:
+            load_config(environ={}, overrides={key: value})
+        assert key in str(info.value) and words in str(info.value)
+
+
 def test_env_errors_name_the_variable_the_user_set() -> None:
     with pytest.raises(ConfigError) as caught:
         load_config(environ={"SHARDCHAT_HEARTBEAT_INTERVAL": "soon"})
