@@ -90,3 +90,18 @@ def test_a_remote_user_costs_a_dict_slot_not_a_set() -> None:
     assert view.drop_shard(5) == []
     assert sorted(view.drop_shard(6)) == sorted(names)
     assert view.present == {}
+
+
+def test_engine_ids_far_apart_still_make_small_masks_and_dropped_bits_are_reused() -> None:
+    """The Redis broker numbers other nodes' engines from 2**16: a mask must not
+    become a 65,536-bit int."""
+    view = PresenceView()
+    for peer in (0, 1 << 16, (1 << 16) + 1):
+        assert view.change("r", f"u{peer}", peer, True)
+    assert view.change("r", "both", 1 << 16, True) and not view.change("r", "both", 3, True)
+    assert max(view.present["r"].values()).bit_length() <= 4
+    assert sorted(view.drop_shard(1 << 16)) == [("r", f"u{1 << 16}")]  # "both" stays, on 3
+    assert view.change("r", "new", 1 << 20, True)  # takes the dropped bit
+    assert max(view.present["r"].values()).bit_length() <= 4
+    assert view.change("r", "both", 3, False) and "both" not in view.present["r"]
+    assert view.change("r", "gone", 1 << 16, False) is False  # a dropped engine
