@@ -94,7 +94,7 @@ class Worker:
         # A fresh /16 of 127.0.0.0/8 for each run (the server's port is part of it):
         # the ports a run's closed connections leave in TIME_WAIT (60 s, some
         # 10,000 per address) must not exhaust the next run's, one after the other.
-        net = 1 + args["port"] % 250
+        net = 1 + args["ports"][0] % 250
         self.source = f"127.{net}.{index // 200}.{2 + index % 200}"
 
     async def connect(self, paths: list[tuple[str, bool, bool, bool]], rate: float) -> None:
