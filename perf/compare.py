@@ -1,7 +1,8 @@
 """This checkout's server against another checkout's, in one run, rounds interleaved.
 
 For a change that must not regress: fan-out (best sustained deliveries/s, its
-p99, the server's CPU per delivery), rooms (p99 and server CPU), and idle
+p99, the server's CPU per delivery), rooms (p99 and server CPU), reliable
+(the best rate with half the receivers acking over the best with none), and idle
 memory per connection, each measured on this checkout and on the other one
 (e.g. the previous main, checked out with its own ``.venv``) in alternating
 rounds, so that drift of the shared machine hits both alike. The server under
@@ -53,29 +54,25 @@ def _fanout(program: str, name: str) -> dict[str, float]:
 
 def _rooms(program: str, name: str) -> dict[str, float]:
     with procs.shardchat(1, settings=run.FAST, cpus=SERVER_CPU, program=program) as server:
-        result = run.load(
-            [
-                "rooms",
-                "--port",
-                str(server.port),
-                "--admin",
-                f"http://127.0.0.1:{server.admin_port}",
-                "--target",
-                name,
-                "--clients",
-                "10000",
-                "--room-size",
-                "10",
-                "--interval-ms",
-                "1000",
-                "--seconds",
-                "20",
-            ]
-        )
+        result = run.rooms_against(server, name, 10000, 1000, 20)
     return {
         "p99_ms": result["run"]["latency_ms"]["p99"],
         "server_cpu_cores": result["server_cpu_cores"],
         "delivered_share": result["delivered_share"],
+    }
+
+
+def _reliable(program: str, name: str) -> dict[str, float]:
+    """perf.run reliable's ratio: best rate with half the receivers acking (every
+    50 ms, as ChatClient does) over the best rate with none, 2,000 receivers."""
+    with procs.shardchat(1, settings=run.FAST, cpus=SERVER_CPU, program=program) as server:
+        rates = run.SMALL_FANOUT_RATES
+        none = run.fanout_against(server, f"{name}-0", 2000, [], rates)
+        half = run.fanout_against(server, f"{name}-50", 2000, ["--reliable", "0.5"], rates)
+    return {
+        "best_none": run.best_rate(none),
+        "best_half": run.best_rate(half),
+        "ratio": run.best_rate(half) / max(1.0, run.best_rate(none)),
     }
 
 
@@ -89,6 +86,7 @@ def _idle(program: str, name: str) -> dict[str, float]:
 SCENARIOS: dict[str, Callable[[str, str], dict[str, float]]] = {
     "fanout": _fanout,
     "rooms": _rooms,
+    "reliable": _reliable,
     "idle": _idle,
 }
 

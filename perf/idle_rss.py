@@ -24,7 +24,11 @@ PER_PROCESS = 5000
 CONCURRENT_HANDSHAKES = 200
 
 
-def _client(port: int, count: int, local_addr: str, pipe: Connection) -> None:
+# A connection's request target: {p} is the client process, {i} the connection in it.
+IDLE_PATH = "/ws?user=idle{i}"
+
+
+def _client(port: int, count: int, local_addr: str, pipe: Connection, path: str) -> None:
     async def run() -> None:
         gate = asyncio.Semaphore(CONCURRENT_HANDSHAKES)
         held = []
@@ -34,8 +38,9 @@ def _client(port: int, count: int, local_addr: str, pipe: Connection) -> None:
             nonlocal failures
             async with gate:
                 try:
-                    held.append(await open_idle("127.0.0.1", port, f"/ws?user=idle{i}", local_addr))
-                except (OSError, ConnectionError):
+                    target = path.format(p=local_addr.rsplit(".", 1)[1], i=i, r=i // 10)
+                    held.append(await open_idle("127.0.0.1", port, target, local_addr))
+                except (OSError, ConnectionError, asyncio.IncompleteReadError):
                     failures += 1
 
         await asyncio.gather(*(one(i) for i in range(count)))
@@ -48,15 +53,17 @@ def _client(port: int, count: int, local_addr: str, pipe: Connection) -> None:
 
 
 def hold(
-    port: int, connections: int
+    port: int, connections: int, path: str = IDLE_PATH
 ) -> tuple[int, int, list[tuple[Connection, multiprocessing.Process]]]:
     ctx = multiprocessing.get_context("fork")
     clients = []
     for n in range(0, connections, PER_PROCESS):
         parent, child = ctx.Pipe()
-        addr = f"127.0.0.{2 + len(clients)}"
+        # A fresh /16 per server port, as perf.load does: TIME_WAIT of one run's
+        # ports must not exhaust the next run's.
+        addr = f"127.{1 + port % 250}.0.{2 + len(clients)}"
         proc = ctx.Process(
-            target=_client, args=(port, min(PER_PROCESS, connections - n), addr, child)
+            target=_client, args=(port, min(PER_PROCESS, connections - n), addr, child, path)
         )
         proc.start()
         clients.append((parent, proc))

@@ -91,7 +91,11 @@ class Worker:
         self.pingers: list[LoadConn] = []
         self.ackers: list[LoadConn] = []  # reliable connections that ack on the tick
         self.acking: asyncio.Task[None] | None = None
-        self.source = f"127.0.0.{2 + index % 200}"
+        # A fresh /16 of 127.0.0.0/8 for each run (the server's port is part of it):
+        # the ports a run's closed connections leave in TIME_WAIT (60 s, some
+        # 10,000 per address) must not exhaust the next run's, one after the other.
+        net = 1 + args["ports"][0] % 250
+        self.source = f"127.{net}.{index // 200}.{2 + index % 200}"
 
     async def connect(self, paths: list[tuple[str, bool, bool, bool]], rate: float) -> None:
         """Open connections (path, sampled, sender, reliable), ``rate`` per second at most."""
@@ -184,12 +188,16 @@ class Worker:
         start_ns = time.monotonic_ns()
         interval_ns = 1e9 / len(pingers)
         total = int(seconds * len(pingers))
+        # A ping's lateness is send lag too: the RTT counts from when it was due.
+        lags = self.stats["send_lag_ms"]
         n = 0
         while n < total:
-            due = min(total, int((time.monotonic_ns() - start_ns) / interval_ns) + 1)
+            now_ns = time.monotonic_ns()
+            due = min(total, int((now_ns - start_ns) / interval_ns) + 1)
             while n < due:
                 scheduled_ns = start_ns + int(n * interval_ns)
                 pingers[n % len(pingers)].send({"type": "ping", "t": scheduled_ns})
+                lags.append((now_ns - scheduled_ns) / 1e6)
                 n += 1
             next_ns = start_ns + n * interval_ns
             await asyncio.sleep(max(TICK, (next_ns - time.monotonic_ns()) / 1e9))

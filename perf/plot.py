@@ -1,4 +1,5 @@
-"""Charts from result files: fan-out latency against offered load, hold RSS over time.
+"""Charts from result files: fan-out latency against offered load, hold RSS over time,
+memory per connection against the number of shards, rooms p99 against offered msg/s.
 
     python -m perf.plot                 # every perf/results/*.json it knows how to draw
     python -m perf.plot FILE.json ...   # just these
@@ -72,6 +73,52 @@ def plot_hold(result: dict[str, Any], out: Path) -> None:
     plt.close(fig)
 
 
+def plot_pss_shards(result: dict[str, Any], out: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for side, rows in result["rows"].items():
+        label = "after (this checkout)" if side == "new" else "before (previous main)"
+        ax.plot(
+            [r["shards"] for r in rows],
+            [r["pss_per_connection"] / 1000 for r in rows],
+            "o-",
+            label=label,
+        )
+    what = "in rooms of 10" if result.get("rooms_of_10") else "idle, no room"
+    ax.axhline(5, color="grey", lw=0.8, ls=":")
+    ax.set(
+        xlabel="shards",
+        ylabel="server PSS per connection (KB)",
+        ylim=(0, None),
+        title=f"memory per connection, {result['connections']} connections ({what})",
+    )
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def plot_rooms_curve(result: dict[str, Any], out: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for side, rows in result["rows"].items():
+        label = "after (this checkout)" if side == "new" else "before (previous main)"
+        ax.plot(
+            [r["offered_msgs_per_s"] for r in rows], [r["p99_ms"] for r in rows], "o-", label=label
+        )
+    ax.axhline(15, color="grey", lw=0.8, ls=":")
+    ax.set(
+        yscale="log",
+        xlabel="offered messages/s (x10 deliveries)",
+        ylabel="publish-to-delivery p99 (ms)",
+        title=f"rooms of 10, {result['clients']} clients, one shard on one core",
+    )
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -92,6 +139,11 @@ def main(argv: list[str]) -> None:
             if data["target"] == "smoke":
                 group = "smoke"
             fanouts.setdefault(group, []).append(data)
+        elif data.get("scenario") in ("pss_shards", "rooms_curve"):
+            out = path.with_suffix(".png")
+            draw = plot_pss_shards if data["scenario"] == "pss_shards" else plot_rooms_curve
+            draw(data, out)
+            print(f"wrote {out}")
         elif data.get("scenario") == "hold" and data.get("series"):
             out = path.with_suffix(".png")
             plot_hold(data, out)

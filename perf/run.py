@@ -59,6 +59,28 @@ def fanout_against(
     return load(args + extra)
 
 
+def rooms_against(
+    server: procs.Running, name: str, clients: int, interval_ms: float, seconds: float
+) -> dict[str, Any]:
+    """The rooms scenario (rooms of 10) against a running shardchat."""
+    args = ["rooms", "--port", str(server.port), "--target", name, "--clients", str(clients)]
+    args += ["--room-size", "10", "--interval-ms", str(interval_ms), "--seconds", str(seconds)]
+    return load([*args, "--admin", f"http://127.0.0.1:{server.admin_port}"])
+
+
+def hold_against(
+    server: procs.Running, name: str, connections: int, seconds: float, **extra: object
+) -> dict[str, Any]:
+    """The hold scenario against a running shardchat; ``extra``: more options
+    (``connect_rate=2500`` is ``--connect-rate 2500``)."""
+    args = ["hold", "--port", str(server.port), "--target", name]
+    args += ["--admin", f"http://127.0.0.1:{server.admin_port}"]
+    args += ["--connections", str(connections), "--seconds", str(seconds)]
+    for key, value in extra.items():
+        args += ["--" + key.replace("_", "-"), str(value)]
+    return load(args)
+
+
 def best_rate(result: dict[str, Any], bound: float = 250.0) -> float:
     """Deliveries/s of the best step with p99 under the bound and nothing lost."""
     ok = [
@@ -167,26 +189,8 @@ def run_rooms(clients: int = 10000) -> dict[str, Any]:
 def run_hold(connections: int = 50000, seconds: float = 300) -> dict[str, Any]:
     settings = [*FAST, "heartbeat.interval=30"]
     with procs.shardchat(4, settings=settings) as server:
-        return load(
-            [
-                "hold",
-                "--port",
-                str(server.port),
-                "--admin",
-                f"http://127.0.0.1:{server.admin_port}",
-                "--target",
-                "shardchat-w4",
-                "--connections",
-                str(connections),
-                "--seconds",
-                str(seconds),
-                "--connect-rate",
-                "2500",
-                "--sample",
-                "200",
-                "--workers",
-                "5",
-            ]
+        return hold_against(
+            server, "shardchat-w4", connections, seconds, connect_rate=2500, sample=200, workers=5
         )
 
 

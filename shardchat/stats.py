@@ -13,6 +13,7 @@ syscall; hot paths count once per batch (a flush, a ring drain).
 from __future__ import annotations
 
 import enum
+from bisect import bisect_left
 from typing import Protocol
 
 from shardchat.addrtable import AddrTable
@@ -109,10 +110,10 @@ def close_code_slot(code: int | None) -> int:
 
 
 def latency_slot(ms: float) -> int:
-    for i, bound in enumerate(LATENCY_BUCKETS_MS):
-        if ms <= bound:
-            return LATENCY_BASE + i
-    return LATENCY_BASE + len(LATENCY_BUCKETS_MS)
+    """The slot of the first bucket whose bound is >= ``ms`` (+Inf past the last).
+
+    Once per delivered message: a binary search, not a walk of the buckets."""
+    return LATENCY_BASE + bisect_left(LATENCY_BUCKETS_MS, ms)
 
 
 class StatsView:

@@ -5,6 +5,16 @@ one; every shard applies those announcements to the same view, so presence
 is answered locally and reads the same everywhere. A user is present while
 any shard has a connection of theirs in the room. Methods return whether a
 user just became present or absent, and the engine turns that into events.
+
+Every shard holds every room's users, so this view is the one part of a
+connection's memory that is paid once per shard. Which shards a user is
+present on is a bit mask in an int, not a set: a set of one shard is a 216-byte
+object per user per room per shard, where a mask below 2**8 is one of
+CPython's preallocated small ints, stored as a reference in the user's dict
+slot (docs/ARCHITECTURE.md, Presence, has the measurement). Engine ids are
+not bit positions (the Redis broker numbers other nodes' engines from 2**16):
+each engine gets the lowest free bit when first heard of, and gives it back
+when it is dropped, so that masks stay small ints.
 """
 
 from __future__ import annotations
@@ -15,7 +25,9 @@ __all__ = ["PresenceView"]
 class PresenceView:
     def __init__(self) -> None:
         self.local: dict[str, dict[str, int]] = {}  # room -> user -> our connections
-        self.present: dict[str, dict[str, set[int]]] = {}  # room -> user -> shards
+        self.present: dict[str, dict[str, int]] = {}  # room -> user -> mask of shards
+        self._bits: dict[int, int] = {}  # engine id -> its bit in the masks
+        self._free: list[int] = []  # bit positions of dropped engines, to reuse
 
     def users(self, room: str) -> list[str]:
         return list(self.present.get(room, ()))
@@ -30,20 +42,26 @@ class PresenceView:
         """Apply one shard's announcement; True when the user became present
         (``joined``) or absent (not ``joined``) in the room."""
         users = self.present.get(room)
+        bit = self._bits.get(shard, 0)
+        if not bit:
+            if not joined:
+                return False
+            position = self._free.pop() if self._free else len(self._bits)
+            bit = self._bits[shard] = 1 << position
         if joined:
             if users is None:
                 users = self.present[room] = {}
-            shards = users.get(user)
-            if shards is None:
-                users[user] = {shard}
-                return True
-            shards.add(shard)
+            shards = users.get(user, 0)
+            users[user] = shards | bit
+            return not shards
+        if users is None:
             return False
-        if users is None or user not in users:
+        shards = users.get(user, 0)
+        if not shards & bit:
             return False
-        shards = users[user]
-        shards.discard(shard)
+        shards &= ~bit
         if shards:
+            users[user] = shards
             return False
         del users[user]
         if not users:
@@ -75,10 +93,15 @@ class PresenceView:
     def drop_shard(self, shard: int) -> list[tuple[str, str]]:
         """A shard restarted: its users are gone. The (room, user) that became absent."""
         gone = []
-        for room in list(self.present):
-            for user in [u for u, shards in self.present[room].items() if shard in shards]:
-                if self.change(room, user, shard, False):
-                    gone.append((room, user))
+        bit = self._bits.get(shard, 0)
+        if bit:
+            for room in list(self.present):
+                for user in [u for u, shards in self.present[room].items() if shards & bit]:
+                    if self.change(room, user, shard, False):
+                        gone.append((room, user))
+            # No mask has the bit any more: another engine may take it.
+            del self._bits[shard]
+            self._free.append(bit.bit_length() - 1)
         return gone
 
     def local_pairs(self) -> list[tuple[str, str]]:

@@ -32,6 +32,7 @@ import email.utils
 import http
 import logging
 import traceback
+import uuid
 from collections import deque
 from collections.abc import Iterator
 from typing import Protocol as TypingProtocol
@@ -41,8 +42,14 @@ from websockets.datastructures import Headers
 from websockets.exceptions import InvalidMessage
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
-from websockets.protocol import State
+from websockets.protocol import Protocol, State
 from websockets.server import ServerProtocol
+
+try:  # websockets' C unmasking, as its own frame parser uses it
+    from websockets.speedups import apply_mask
+except ImportError:  # pragma: no cover - a build without the C extension
+    from websockets.utils import apply_mask
+from websockets.streams import StreamReader
 
 from shardchat.core.messages import AppCloseCode
 from shardchat.logs import log_event
@@ -77,6 +84,13 @@ SLOW_CLOSE_TIMEOUT = 60.0
 # connection's own queue (up to limits.send_queue), which can be dropped at once
 # when the client is cut, so that the close frame is not stuck behind it.
 TRANSPORT_HIGH = 65536
+
+
+# What a connection keeps of websockets' state after the handshake: see
+# _drop_handshake. The protocol's id (a fresh UUID each) is read by nothing.
+_AT_EOF = StreamReader.at_eof.__code__
+_FRAME_PARSER = Protocol.parse
+_NO_ID = uuid.UUID(int=0)
 
 
 class Writer(TypingProtocol):
@@ -186,6 +200,37 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.last_recv = self.handler.clock
         proto = self.proto
+        # The hot path: the chunk is exactly one whole, small, masked, final text
+        # frame with no reserved bits (no extension is ever negotiated), arriving
+        # between frames (the frame parser waits at its loop's top on an empty
+        # buffer), on an open connection with no fragmented message in flight.
+        # websockets would do nothing with it but unmask it and hand it over: do
+        # that here, and skip its generators. Anything else goes to websockets.
+        if (
+            data[:1] == b"\x81"
+            and self.out is not None
+            and self.fragments is None
+            and proto.current_size is None
+            and not proto.reader.buffer
+            and getattr(proto.parser.gi_yieldfrom, "gi_code", None) is _AT_EOF  # type: ignore[attr-defined]
+        ):
+            size = len(data)
+            n = data[1] - 0x80 if size > 1 else -1  # the mask bit must be set
+            payload = None
+            if 0 <= n < 126 and size == n + 6:
+                payload = apply_mask(data[6:], data[2:6])
+            elif (
+                n == 126
+                and size > 8
+                and size == (data[2] << 8 | data[3]) + 8 <= self.handler.max_frame + 8
+            ):
+                payload = apply_mask(data[8:], data[4:8])
+            if payload is not None:
+                try:
+                    self.handler.text_received(self, payload)
+                except Exception as exc:
+                    self._internal_error(exc)
+                return
         proto.receive_data(data)
         events = proto.events_received()
         if proto.state is _CONNECTING and type(proto.handshake_exc) is InvalidMessage:
@@ -201,25 +246,28 @@ class Connection(asyncio.Protocol):
                 elif type(event) is Request:
                     self._handshake(event)
         except Exception as exc:
-            # A bug, not the client's fault, but the client must not be able to
-            # make the server write tracebacks: one line, and close with 1011.
-            where = traceback.extract_tb(exc.__traceback__)[-1]
-            log_event(
-                log,
-                logging.ERROR,
-                "conn_internal_error",
-                conn=self.conn_id,
-                peer=self.peer,
-                error=f"{type(exc).__name__}: {str(exc)[:200]}",
-                where=f"{where.filename.rsplit('/', 1)[-1]}:{where.lineno}",
-            )
-            if proto.state is _CONNECTING:
-                self._answer(500, "internal error\n")
-            else:
-                self.fail(1011, "internal error")
+            self._internal_error(exc)
         if self.out is not None and proto.state is not _OPEN:
             self.out = None
             self._queue = None
+
+    def _internal_error(self, exc: Exception) -> None:
+        # A bug, not the client's fault, but the client must not be able to
+        # make the server write tracebacks: one line, and close with 1011.
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        log_event(
+            log,
+            logging.ERROR,
+            "conn_internal_error",
+            conn=self.conn_id,
+            peer=self.peer,
+            error=f"{type(exc).__name__}: {str(exc)[:200]}",
+            where=f"{where.filename.rsplit('/', 1)[-1]}:{where.lineno}",
+        )
+        if self.proto.state is _CONNECTING:
+            self._answer(500, "internal error\n")
+        else:
+            self.fail(1011, "internal error")
 
     def _frame(self, frame: Frame) -> None:
         opcode = frame.opcode
@@ -550,6 +598,7 @@ class Connection(asyncio.Protocol):
         proto.send_response(response)
         self._write_protocol_data()
         if proto.state is _OPEN:
+            _drop_handshake(proto)
             self.out = self.transport
             self.next_ping = handler.clock + handler.heartbeat_interval
             handler.opened(self)
@@ -563,6 +612,33 @@ class Connection(asyncio.Protocol):
 
 
 _PLAIN = "text/plain; charset=utf-8"
+
+
+def _drop_handshake(proto: ServerProtocol) -> None:
+    """Let go of the HTTP request once the connection is open.
+
+    ``ServerProtocol.parse`` is a generator that parses the request, then runs
+    the frame parser (``Protocol.parse``) for the rest of the connection: its
+    suspended frame keeps the request (headers, path, their strings) alive,
+    about 1.8 KB of every idle connection's 6 KB. Between frames the frame
+    parser holds no state of its own (it waits in ``StreamReader.at_eof`` at the
+    top of its loop, on an empty buffer), so a fresh one started there is the
+    same parser without the request. Anything else (bytes of a frame already
+    read, another websockets version's layout) leaves the parser as it is.
+    """
+    outer = proto.parser
+    frames = getattr(outer, "gi_yieldfrom", None)
+    waiting = getattr(frames, "gi_yieldfrom", None)
+    if (
+        proto.reader.buffer
+        or getattr(frames, "gi_code", None) is not _FRAME_PARSER.__code__
+        or getattr(waiting, "gi_code", None) is not _AT_EOF
+    ):
+        return
+    outer.close()
+    proto.parser = _FRAME_PARSER(proto)
+    next(proto.parser)
+    proto.id = _NO_ID
 
 
 def _response(

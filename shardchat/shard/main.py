@@ -176,11 +176,17 @@ class Shard:
         self._turn_due = False
         engine = self.engine
         self.broker.commit()
-        if engine.out:
-            out, engine.out = engine.out, []
-            _write(out)
+        out = engine.out
+        if out:
+            engine.out = []
         if engine.flush_due:
-            _write(engine.flush())
+            rooms = engine.flush()
+            if out:
+                _write_turn(out, rooms)
+            else:
+                _write(rooms)
+        elif out:
+            _write(out)
 
     # ConnectionHandler
 
@@ -332,6 +338,42 @@ class Shard:
                 conn.close(1001, "shutdown")
             elif conn.close_deadline == 0.0:
                 conn.abort()
+
+
+def _write_turn(
+    out: list[tuple[Iterable[Connection], bytes | Close | Paced]],
+    rooms: list[tuple[Iterable[Connection], bytes | Close | Paced]],
+) -> None:
+    """The end of a turn: the replies (acks above all), then the rooms' frames.
+
+    A sender is usually a member of the room it published to, so its ack and
+    the room's frames of the turn go out in one write instead of two (a tenth
+    of the writes of small rooms). Each connection still gets its replies
+    before its room frames; only the order between different connections
+    changes, which nobody can see. A close or a paced replay among the replies
+    keeps the plain order.
+    """
+    held: dict[Connection, bytes] = {}
+    for conns, item in out:
+        if type(item) is not bytes:
+            _write(out)
+            _write(rooms)
+            return
+        for conn in conns:
+            before = held.get(conn)
+            held[conn] = item if before is None else before + item
+    take = held.pop
+    for conns, item in rooms:
+        assert type(item) is bytes  # flush() returns frames only
+        for conn in conns:
+            transport = conn.out
+            if transport is not None:
+                first = take(conn, None)
+                transport.write(item if first is None else first + item)
+    for conn, item in held.items():
+        transport = conn.out
+        if transport is not None:
+            transport.write(item)
 
 
 def _write(out: Iterable[tuple[Iterable[Connection], bytes | Close | Paced]]) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import gc
 import logging
 import os
 import resource
@@ -373,6 +374,11 @@ class Supervisor:
         process = self._ctx.Process(
             target=run_shard, args=(spec,), name=f"shardchat-shard-{slot.shard_id}"
         )
+        # What the shards inherit (the modules, the configuration) leaves the
+        # collector's walk here, before the fork: a shard's collections would
+        # otherwise write to every inherited object's header and turn every page
+        # it shares with us and its siblings into a private copy, once per shard.
+        gc.freeze()
         process.start()
         slot.process = process
         slot.started_at = time.monotonic()

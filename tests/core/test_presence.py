@@ -3,6 +3,8 @@ connections, and a restarted shard's users gone at once."""
 
 from __future__ import annotations
 
+import tracemalloc
+
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -66,3 +68,40 @@ def test_matches_a_model_of_connection_counts(ops: list[tuple[str, str, int, boo
         expected = sorted(u for u in "uv" if any(counts.get((room, u, s), 0) for s in range(3)))
         for view in views.values():
             assert sorted(view.users(room)) == expected
+
+
+def test_a_remote_user_costs_a_dict_slot_not_a_set() -> None:
+    """Every shard holds every room's users: that view is what grows with the
+    number of shards, so an entry must stay a dict slot (a set per entry was
+    about 246 bytes)."""
+    view = PresenceView()
+    names = [(f"room{i // 10}", f"user{i}") for i in range(5000)]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for room, user in names:
+            assert view.change(room, user, 5, True)
+        per_entry = (tracemalloc.get_traced_memory()[0] - before) / len(names)
+    finally:
+        tracemalloc.stop()
+    assert per_entry < 80, per_entry
+    for room, user in names:
+        assert view.change(room, user, 6, True) is False
+    assert view.drop_shard(5) == []
+    assert sorted(view.drop_shard(6)) == sorted(names)
+    assert view.present == {}
+
+
+def test_engine_ids_far_apart_still_make_small_masks_and_dropped_bits_are_reused() -> None:
+    """The Redis broker numbers other nodes' engines from 2**16: a mask must not
+    become a 65,536-bit int."""
+    view = PresenceView()
+    for peer in (0, 1 << 16, (1 << 16) + 1):
+        assert view.change("r", f"u{peer}", peer, True)
+    assert view.change("r", "both", 1 << 16, True) and not view.change("r", "both", 3, True)
+    assert max(view.present["r"].values()).bit_length() <= 4
+    assert sorted(view.drop_shard(1 << 16)) == [("r", f"u{1 << 16}")]  # "both" stays, on 3
+    assert view.change("r", "new", 1 << 20, True)  # takes the dropped bit
+    assert max(view.present["r"].values()).bit_length() <= 4
+    assert view.change("r", "both", 3, False) and "both" not in view.present["r"]
+    assert view.change("r", "gone", 1 << 16, False) is False  # a dropped engine
