@@ -33,15 +33,10 @@ from pathlib import Path
 from typing import Any
 
 from perf import load
+from perf.procs import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARDCHAT = str(Path(sys.executable).with_name("shardchat"))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def cpu_seconds(pid: int) -> float:

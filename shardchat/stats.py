@@ -79,11 +79,28 @@ class Slot(enum.IntEnum):
 ERROR_CODES = tuple(ErrorCode)  # one counter slot per code, in the enum's order
 ERRORS_BASE = 64
 
-CLOSE_CODES = (1000, 1001, 1003, 1006, 1007, 1008, 1009, 1011, 4401, 4408, 4409, 4429, 0)
+CLOSE_CODES = (
+    1000,
+    1001,
+    1002,
+    1003,
+    1006,
+    1007,
+    1008,
+    1009,
+    1011,
+    1012,
+    4401,
+    4408,
+    4409,
+    4429,
+    0,
+)
 CLOSES_BASE = 96  # the last, 0, counts every other code
 
 LATENCY_BUCKETS_MS = (0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
 LATENCY_BASE = 128  # cumulative-free counts per bucket, then one for +Inf
+assert CLOSES_BASE + len(CLOSE_CODES) <= LATENCY_BASE, "close-code slots overlap the latency ones"
 
 LAG_BASE = 192  # ring lag in bytes behind each peer (gauge), slot per peer shard
 assert LAG_BASE + 256 <= BLOCK_SLOTS, "a lag slot for each of server.workers' 256 shards"

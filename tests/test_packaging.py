@@ -29,3 +29,16 @@ def test_python_m_shardchat_and_the_shim_run_the_same_command_line() -> None:
         )
         assert out.returncode == 0, out.stderr
         assert out.stdout.startswith("Usage: shardchat ")
+
+
+def test_the_readme_imports_work() -> None:
+    """The names the README imports are where it says, in a fresh interpreter."""
+    code = (
+        "from shardchat.client import ChatClient, ChatError, Closed, Refused, Unavailable\n"
+        "from shardchat.auth import make_token\n"
+        "from shardchat.hooks import ConnectInfo, ConnInfo, Reject\n"
+    )
+    readme = (ROOT / "README.md").read_text()
+    assert "from shardchat.client import ChatClient" in readme
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr

@@ -1,7 +1,7 @@
 """Client requests and the small enums every layer shares.
 
 Frozen, slotted, keyword-only dataclasses: one per client request type of
-PROTOCOL.md. The decoder in :mod:`shardchat.wire` builds them; the shard
+PROTOCOL.md. The decoder in :mod:`shardchat.core.wire` builds them; the shard
 dispatches on their class.
 """
 

@@ -1,7 +1,7 @@
 """Byte layout of a shard's ring segment (STYLE.md section 4). Layout only, no logic.
 
 A segment is a 256-byte header, the ring's data area (``capacity`` bytes, a
-power of two), then the owner's room table (see :mod:`shardchat.roomtable`).
+power of two), then the owner's room table (see :mod:`shardchat.ring.seqtable`).
 Little-endian; every u64 is 8-byte aligned, so each counter is written with
 one native 8-byte store.
 

@@ -326,7 +326,7 @@ class Connection(asyncio.Protocol):
     # Sending
 
     def send(self, payload_frame: bytes) -> None:
-        """Write one ready WebSocket frame (see :func:`shardchat.wire.text_frame`)."""
+        """Write one ready WebSocket frame (see :func:`shardchat.core.wire.text_frame`)."""
         out = self.out
         if out is not None:
             out.write(payload_frame)
