@@ -428,9 +428,7 @@ async def closed_with(raw: RawClient) -> int:
         raw.close()
 
 
-def raw_http(
-    port: int, request: bytes, source: str = "127.0.0.1"
-) -> tuple[int, dict[str, str], bytes]:
+def raw_http(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
     """Send raw request bytes; the answer's status, headers (lower-case names) and body,
     read until the server closes (or, for a 101, to the end of the head)."""
     with socket.create_connection(("127.0.0.1", port), timeout=scaled(10)) as sock:

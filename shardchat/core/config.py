@@ -132,11 +132,6 @@ class AuthConfig:
     audience: str = ""  # required `aud` claim; empty = not checked
     leeway: float = 30.0  # seconds of clock skew allowed on exp and nbf
 
-    @property
-    def enabled(self) -> bool:
-        """Tokens are required once any key is configured; else `user` names people."""
-        return bool(self.secret or self.public_key_file or self.jwks_file)
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LogConfig:

@@ -488,15 +488,7 @@ async def _serve(spec: ShardSpec) -> None:
         await _serve_redis(spec, loop, counters, mine)
         stats_segment.close()
         return
-    broker = ShmBroker.attach(
-        spec.supervisor_pid,
-        spec.shard_id,
-        config.workers,
-        config.ring.bytes,
-        config.ring.rooms,
-        mine,
-        config.delivery.publish_timeout,
-    )
+    broker = _attach_rings(spec, mine)
     shard: Shard | None = None
     try:
         engine = _engine(spec, broker, counters, mine)
@@ -515,6 +507,20 @@ async def _serve(spec: ShardSpec) -> None:
         broker.close()
         counters.release()
         stats_segment.close()
+
+
+def _attach_rings(spec: ShardSpec, mine: stats.Counters) -> ShmBroker:
+    """This shard's view of the box's rings: its own to write, every ring to read."""
+    config = spec.config
+    return ShmBroker.attach(
+        spec.supervisor_pid,
+        spec.shard_id,
+        config.workers,
+        config.ring.bytes,
+        config.ring.rooms,
+        mine,
+        config.delivery.publish_timeout,
+    )
 
 
 def _engine(
@@ -552,15 +558,7 @@ async def _serve_redis(
     broker = RedisBroker(config, spec.shard_id, mine, deliver)
     # The rings carry no rooms here, but our ring's header still carries the
     # heartbeat the supervisor watches (server.shard_timeout).
-    rings = ShmBroker.attach(
-        spec.supervisor_pid,
-        spec.shard_id,
-        config.workers,
-        config.ring.bytes,
-        config.ring.rooms,
-        mine,
-        config.delivery.publish_timeout,
-    )
+    rings = _attach_rings(spec, mine)
     broker.stamp = rings.heartbeat
     try:
         engine = _engine(spec, broker, counters, mine)
