@@ -26,6 +26,7 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection, connect
 
 from shardchat.brokers import segments as shm
+from shardchat.brokers.sequencer import owner_of
 
 FACTOR = float(os.environ.get("SHARDCHAT_TEST_TIMEOUT_FACTOR", "1"))
 SHARDCHAT = str(Path(sys.executable).with_name("shardchat"))
@@ -33,6 +34,11 @@ SHARDCHAT = str(Path(sys.executable).with_name("shardchat"))
 
 def scaled(seconds: float) -> float:
     return seconds * FACTOR
+
+
+def room_owned_by(shard: int, workers: int = 3, prefix: str = "room") -> str:
+    """A room name whose owner (crc32 % workers) is ``shard``."""
+    return next(f"{prefix}{i}" for i in range(1000) if owner_of(f"{prefix}{i}", workers) == shard)
 
 
 def free_port() -> int:

@@ -23,10 +23,11 @@ from tests.helpers import (
     clients_on_shards,
     closing,
     connect_client,
+    room_owned_by,
     running_server,
     scaled,
 )
-from tests.test_cross_shard import FAST, collect, publish, room_owned_by
+from tests.test_cross_shard import FAST, collect, publish
 
 
 def masked_frame(payload: bytes, opcode: int = 0x1) -> bytes:

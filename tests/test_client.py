@@ -16,7 +16,6 @@ import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
 from shardchat.auth import make_token
-from shardchat.brokers.sequencer import owner_of
 from shardchat.client.chatclient import (
     ChatClient,
     ChatError,
@@ -32,6 +31,7 @@ from tests.helpers import (
     closing,
     connect_client,
     free_port,
+    room_owned_by,
     running_server,
     scaled,
     start_server,
@@ -268,7 +268,7 @@ async def test_killing_the_shard_mid_stream_loses_nothing_both_ways() -> None:
             home = client.shard
             assert home is not None
             others = [s for s in range(3) if s != home]
-            room = next(f"ks{i}" for i in range(100) if owner_of(f"ks{i}", 3) == others[0])
+            room = room_owned_by(others[0], prefix="ks")
             await client.join(room)
             (watcher,) = await clients_on_shards(srv.url, [others[1]], prefix="w")
             async with closing([watcher]):

@@ -8,7 +8,6 @@ import signal
 import zlib
 from typing import Any
 
-from shardchat.brokers.sequencer import owner_of
 from tests.helpers import (
     Client,
     RawClient,
@@ -16,14 +15,11 @@ from tests.helpers import (
     clients_on_shards,
     closing,
     connect_client,
+    room_owned_by,
     running_server,
 )
 
 FAST = ["limits.rate=100000", "limits.burst=100000"]
-
-
-def room_owned_by(shard: int, workers: int = 3, prefix: str = "room") -> str:
-    return next(f"{prefix}{i}" for i in range(1000) if owner_of(f"{prefix}{i}", workers) == shard)
 
 
 async def collect(

@@ -8,8 +8,8 @@ import os
 import signal
 from typing import Any
 
-from tests.helpers import Client, clients_on_shards, closing, running_server
-from tests.test_cross_shard import FAST, publish, room_owned_by
+from tests.helpers import Client, clients_on_shards, closing, room_owned_by, running_server
+from tests.test_cross_shard import FAST, publish
 
 
 async def page(client: Client, room: str, **query: Any) -> tuple[list[int], list[str], int]:

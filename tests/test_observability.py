@@ -11,8 +11,14 @@ import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from shardchat.brokers.sequencer import owner_of
-from tests.helpers import SHARDCHAT, Server, clients_on_shards, closing, running_server
+from tests.helpers import (
+    SHARDCHAT,
+    Server,
+    clients_on_shards,
+    closing,
+    room_owned_by,
+    running_server,
+)
 
 
 def scrape(srv: Server) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
@@ -108,7 +114,7 @@ async def test_debug_logs_follow_a_message_across_shards() -> None:
     """Published on a shard that does not own the room: the same message id appears in
     the log lines of the publishing shard and of the owner."""
     with running_server(workers=3, settings=["log.level=debug"]) as srv:
-        room = next(f"trace{i}" for i in range(100) if owner_of(f"trace{i}", 3) == 2)
+        room = room_owned_by(2, prefix="trace")
         (sender,) = await clients_on_shards(srv.url, [0], prefix="t")
         async with closing([sender]):
             await sender.join(room)

@@ -12,7 +12,6 @@ import subprocess
 import time
 import urllib.request
 
-from shardchat.brokers.sequencer import owner_of
 from shardchat.client.chatclient import ChatClient, Message
 from tests.helpers import (
     SHARDCHAT,
@@ -21,6 +20,7 @@ from tests.helpers import (
     clients_on_shards,
     closing,
     connect_client,
+    room_owned_by,
     running_server,
     scaled,
 )
@@ -191,7 +191,7 @@ async def test_client_library_survives_a_killed_shard() -> None:
             home = client.shard
             assert home is not None
             others = [s for s in range(3) if s != home]
-            room = next(f"sv{i}" for i in range(100) if owner_of(f"sv{i}", 3) == others[0])
+            room = room_owned_by(others[0], prefix="sv")
             await client.join(room)
             (publisher,) = await clients_on_shards(srv.url, [others[1]], prefix="p")
             async with closing([publisher]):
