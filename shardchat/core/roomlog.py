@@ -33,13 +33,17 @@ class Replay:
 class RoomLog:
     """One room's sequence and its last ``capacity`` messages, in seq order."""
 
-    __slots__ = ("_held", "epoch", "seq", "touched")
+    __slots__ = ("_capacity", "_held", "epoch", "seq", "touched")
 
     def __init__(self, epoch: str, capacity: int, seq: int = 0, touched: float = 0.0) -> None:
         self.epoch = epoch  # names this run of the room's sequence
         self.seq = seq  # the latest seq this log has seen (0: none yet)
         self.touched = touched  # when the log was last used (the caller's clock)
-        self._held: deque[HeldMessage] = deque(maxlen=capacity)
+        self._capacity = capacity
+        # The deque is made at the first message: an empty deque is 624 bytes, and
+        # every shard with a member of a room keeps the room's log, so a box of
+        # quiet small rooms would pay that once per room per shard.
+        self._held: deque[HeldMessage] | tuple[()] = ()
 
     def __len__(self) -> int:
         return len(self._held)
@@ -54,14 +58,17 @@ class RoomLog:
         if seq != self.seq + 1:
             raise SequenceError(f"seq {seq} does not follow {self.seq}")
         self.seq = seq
-        if self._held.maxlen:
-            self._held.append(HeldMessage(seq, payload))
+        if self._capacity:
+            held = self._held
+            if isinstance(held, tuple):
+                held = self._held = deque(maxlen=self._capacity)
+            held.append(HeldMessage(seq, payload))
 
     def skip_to(self, seq: int) -> None:
         """Accept that the messages up to ``seq`` are lost here: the held ones no
         longer run without a gap into what comes next, so they are dropped too."""
         if seq > self.seq:
-            self._held.clear()
+            self._held = ()
             self.seq = seq
 
     def after(self, since: int, limit: int | None = None) -> list[HeldMessage]:

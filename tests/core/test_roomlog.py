@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tracemalloc
 import zlib
 
 import pytest
@@ -98,3 +99,24 @@ def test_page_matches_a_model(
             expected[:limit] if since is not None else expected[max(0, len(expected) - limit) :]
         )
     assert [m.seq for m in log.page(since, before, limit)] == expected
+
+
+def test_a_quiet_room_log_is_small_and_skip_frees_what_it_held() -> None:
+    # Every shard with a member of a room keeps its log: a quiet room must not
+    # cost a preallocated deque (624 bytes) on each of them.
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        logs = [RoomLog("e", 100, 5) for _ in range(1000)]
+        per_log = (tracemalloc.get_traced_memory()[0] - before) / len(logs)
+        assert per_log < 200, per_log
+        log_ = logs[0]
+        for seq in range(6, 300):
+            log_.append(seq, b"m")
+        assert [m.seq for m in log_.after(0)] == list(range(200, 300))
+        log_.skip_to(400)
+        assert len(log_) == 0 and log_.oldest_seq == 401
+        log_.append(401, b"n")
+        assert [m.seq for m in log_.after(0)] == [401]
+    finally:
+        tracemalloc.stop()
