@@ -212,7 +212,11 @@ class HolderState:
     def snapshot(self, peer: int, pairs: list[tuple[str, str]]) -> list[Event]:
         """A chunk of ``peer``'s local pairs for us; an empty one ends it."""
         if self.ready or peer not in self.waiting:
-            return []
+            # Late (we gave up waiting): as announcements, which they are by then.
+            events = []
+            for room, user in pairs:
+                events += self.announce(peer, room, user, True)
+            return events
         for room, user in pairs:
             if self.holds(room):
                 self.view.change(room, user, peer, True)
@@ -223,7 +227,12 @@ class HolderState:
     def told_chunk(self, peer: int, pairs: list[tuple[str, str]]) -> list[Event]:
         """A chunk of what a co-holder says members were told; an empty one ends it."""
         if self.ready or peer not in self.waiting_told:
-            return []
+            # Late (we gave up waiting): members still believe these users present.
+            return [
+                Event(room, user, False, self.view.count(room))
+                for room, user in pairs
+                if self.owns(room) and not self.view.has(room, user)
+            ]
         for room, user in pairs:
             self._rebuild_told.setdefault(room, set()).add(user)
         if not pairs:

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from shardchat.brokers.presence_holders import (
     QUERY_RETRY,
+    REBUILD_TIMEOUT,
     HolderState,
     Queries,
     answer_of,
@@ -210,6 +211,24 @@ class TestKills:
         assert sorted(events(ann)) == [("join", "x"), ("join", "y"), ("leave", "x"), ("leave", "y")]
         assert_beliefs(box, room)
 
+    def test_a_rebuild_goes_on_without_a_silent_peer_and_takes_it_late(self) -> None:
+        box = Box(W)
+        room = room_owned_by(0, W)
+        ann = box.connect(2, "ann")
+        join(box, ann, room)
+        join(box, box.connect(3, "stuck"), room)
+        box.stopped.add(3)  # a non-holder that reads nothing for a while
+        box.restart(0)
+        assert not box.brokers[0].holders.ready  # 3's snapshot is missing
+        bob = box.connect(2, "bob")  # answered by the replica meanwhile
+        assert sorted(join(box, bob, room)["users"]) == ["ann", "bob", "stuck"]
+        box.advance(REBUILD_TIMEOUT)
+        assert box.brokers[0].holders.ready
+        box.stopped.discard(3)  # back: its snapshot comes late, as announcements
+        box.turn()
+        assert_beliefs(box, room)
+        assert truth(box, room) == {"ann", "bob", "stuck"}
+
     def test_no_holder_answers_then_unavailable(self) -> None:
         box = Box(W)
         room = room_owned_by(0, W)
@@ -323,6 +342,16 @@ def test_a_restarted_owner_emits_what_members_missed_once_rebuilt() -> None:
     assert owner.ready
     assert sorted(events) == [(room, "left", False, 2), (room, "new", True, 2)]
     assert owner.announce(2, room, "later", True) == [(room, "later", True, 3)]
+
+
+def test_what_comes_after_a_rebuild_gave_up_is_applied_late() -> None:
+    workers = 3
+    room = room_owned_by(0, workers)
+    owner = HolderState(0, workers)
+    owner.begin_rebuild([1, 2])
+    assert owner.give_up() == [] and owner.ready
+    assert owner.snapshot(2, [(room, "there")]) == [(room, "there", True, 1)]
+    assert owner.told_chunk(1, [(room, "there"), (room, "gone")]) == [(room, "gone", False, 1)]
 
 
 def test_queries_go_to_the_owner_then_the_replica_then_fail() -> None:
