@@ -5,6 +5,8 @@ kills and restarts of the owner, the replica and any other shard."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -50,7 +52,7 @@ def events(client: Client) -> list[tuple[str, str]]:
     return [(f["type"], f["sender"]) for f in client.frames if f["type"] in ("join", "leave")]
 
 
-def join(box: Box, client: Client, room: str) -> dict[str, object]:
+def join(box: Box, client: Client, room: str) -> dict[str, Any]:
     """Join and wait (moving the clock, as a shard's timer would) for the answer."""
     box.send(client, type="join", room=room)
     box.turn()
@@ -267,15 +269,15 @@ def test_every_client_believes_the_truth_through_kills(ops: list[tuple[object, .
     clients: list[Client] = []
     for op in ops:
         if op[0] != "join":
-            for shard in list(box.stopped):
-                box.restart(shard)  # back before another shard goes down
+            for down in list(box.stopped):
+                box.restart(down)  # back before another shard goes down
             box.turn()
         if op[0] == "join":
-            _, shard, user, r = op
-            assert isinstance(shard, int) and isinstance(user, str) and isinstance(r, int)
-            if shard in box.stopped:
+            _, on, user, r = op
+            assert isinstance(on, int) and isinstance(user, str) and isinstance(r, int)
+            if on in box.stopped:
                 continue
-            client = box.connect(shard, user)
+            client = box.connect(on, user)
             join(box, client, rooms[r])
             clients.append(client)
         elif op[0] == "close":
@@ -293,8 +295,8 @@ def test_every_client_believes_the_truth_through_kills(ops: list[tuple[object, .
         if not box.stopped:
             for room in rooms:
                 assert_beliefs(box, room)
-    for shard in list(box.stopped):
-        box.restart(shard)
+    for down in list(box.stopped):
+        box.restart(down)
     box.turn()
     for room in rooms:
         assert_beliefs(box, room)
