@@ -8,7 +8,15 @@ import os
 import signal
 from typing import Any
 
-from tests.helpers import Client, Server, clients_on_shards, closing, connect_client, running_server
+from tests.helpers import (
+    Client,
+    Server,
+    clients_on_shards,
+    closing,
+    connect_client,
+    room_owned_by,
+    running_server,
+)
 
 
 async def presence_of(client: Client, room: str) -> dict[str, Any]:
@@ -131,3 +139,47 @@ async def test_no_presence_events_in_rooms_over_events_limit() -> None:
                 frames.append(frame)
             kinds = [(f["type"], f.get("sender")) for f in frames if f["type"] in ("join", "leave")]
             assert ("join", "ec") not in kinds and ("leave", "ec") not in kinds
+
+
+async def test_owner_held_presence_is_exact_on_non_holders_and_survives_an_owner_kill() -> None:
+    """4 shards: a room's presence is held by its owner (0) and its replica (1) only;
+    members on shards 2 and 3 ask for it. Their joined.users and the events after it
+    equal the presence reply, each event comes once and never about oneself, and
+    after kill -9 of the owner its users leave everywhere."""
+    workers = 4
+    room = room_owned_by(0, workers, "held")
+    with running_server(workers=workers) as srv:
+        watcher, other = await clients_on_shards(srv.url, [2, 3], prefix="hw")
+        doomed = await clients_on_shards(srv.url, [0, 0], prefix="hd")
+        members = [watcher, other, *doomed]
+        async with closing(members):
+            beliefs: dict[str, set[str]] = {}
+            for client in members:
+                joined = await client.join(room)
+                assert client.user in joined["users"] and joined["count"] == len(joined["users"])
+                beliefs[client.user] = set(joined["users"])
+            everyone = {c.user for c in members}
+            for client in (watcher, other):
+                reply = await presence_of(client, room)  # after the events before it
+                seen = [f for f in client.dropped if f["type"] in ("join", "leave")]
+                client.dropped.clear()
+                senders = [f["sender"] for f in seen]
+                assert len(senders) == len(set(senders)) and client.user not in senders
+                assert all(f["type"] == "join" for f in seen)
+                assert beliefs[client.user] | set(senders) == set(reply["users"]) == everyone
+            os.kill(srv.shard_pids()[0], signal.SIGKILL)
+            # The restarted owner learns from its replica what members were told,
+            # and emits the dead shard's users' leaves.
+            for client in (watcher, other):
+                left = await events(client, ("leave",), 2)
+                assert sorted(e["sender"] for e in left) == sorted(d.user for d in doomed)
+            srv.wait_started(workers + 1)
+            (fresh,) = await clients_on_shards(srv.url, [0], prefix="hf")
+            async with closing([fresh]):
+                joined = await fresh.join(room)
+                assert set(joined["users"]) == {watcher.user, other.user, fresh.user}
+                for client in (watcher, other):
+                    (event,) = await events(client, ("join",), 1)
+                    assert event["sender"] == fresh.user
+                    reply = await presence_of(client, room)
+                    assert set(reply["users"]) == {watcher.user, other.user, fresh.user}

@@ -45,8 +45,10 @@ from redis.exceptions import NoScriptError, RedisError
 
 from shardchat import stats
 from shardchat.brokers import redis_wire as rw
-from shardchat.core.broker import BrokerListener, Publication
+from shardchat.brokers.presence_holders import answer_of
+from shardchat.core.broker import BrokerListener, PresenceAnswer, Publication
 from shardchat.core.config import Config, redact_url
+from shardchat.core.presence import PresenceView
 from shardchat.logs import log_event
 from shardchat.stats import Counters
 
@@ -58,6 +60,7 @@ BACKOFF_MIN = 0.05  # seconds before the first reconnect attempt
 BACKOFF_MAX = 2.0  # the longest wait between two attempts (with full jitter under it)
 POOL_SIZE = 8  # connections of a shard's pool (one Redis), its pub/sub connection included
 PEER_BASE = 1 << 16  # engine peer ids of other nodes start here (our shards are < 256)
+_NO_BUDGET = 1 << 62  # answers are not records here: only presence.list_limit cuts them
 
 _S_UP = int(stats.Slot.REDIS_UP)
 _S_TRIPS = int(stats.Slot.REDIS_ROUND_TRIPS)
@@ -209,6 +212,9 @@ class RedisBroker:
         self._peers: dict[str, int] = {}  # other nodes -> engine peer ids
         self._live: set[str] = set()
         self._local: dict[str, dict[str, None]] = {}  # room -> our users there
+        # The presence of our open rooms (ours and other nodes' users): every node
+        # holds it for the rooms it has members of, and computes the events itself.
+        self.view = PresenceView()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._subscribers: dict[str, _Subscriber] = {}
         self._reconnecting = False
@@ -451,7 +457,10 @@ class RedisBroker:
                 if users:
                     for user in users:
                         self._presence_remove(state, node, user)
-            listener.on_peer_reset(self._peer(node))
+            peer = self._peer(node)
+            for room, user in self.view.drop_shard(peer):
+                listener.on_presence_event(room, user, False, self.view.count(room))
+            listener.on_peer_reset(peer)
             del self._peers[node]  # back from a pause, it comes as a new peer
 
     def _presence_remove(self, state: Room, node: str, user: str) -> None:
@@ -493,6 +502,24 @@ class RedisBroker:
         if self.up:
             self._presence.append((room, user, joined, False))
             self._kick()
+        self._change(self.shard_id, room, user, joined)
+
+    def _change(self, peer: int, room: str, user: str, joined: bool) -> None:
+        if self.view.change(room, user, peer, joined):
+            listener = self.listener
+            assert listener is not None
+            listener.on_presence_event(room, user, joined, self.view.count(room))
+
+    def presence(
+        self,
+        room: str,
+        user: str,
+        limit: int,
+        then: Callable[[PresenceAnswer | None], None],
+    ) -> PresenceAnswer | None:
+        """From our view: the join waited for open_room, which delivered the room's
+        presence; a room with no members here is not followed (empty)."""
+        return answer_of(self.view.present.get(room, {}), user, limit, _NO_BUDGET)
 
     def snapshot(self, peer: int, pairs: list[tuple[str, str]]) -> None:
         """Nothing to do: a peer that restarts reads our presence from Redis."""
@@ -761,7 +788,7 @@ class RedisBroker:
         # Remote users of the room are no longer followed here: forget them.
         for node, users in state.remote.items():
             for user in users:
-                listener.on_presence(self._peer(node), room, user, False)
+                self._change(self._peer(node), room, user, False)
         state.remote.clear()
         self._spawn(self._unsubscribe(state.keys.channel))
         for then in state.waiting:
@@ -881,9 +908,7 @@ class RedisBroker:
             users.add(user)
         else:
             users.discard(user)
-        listener = self.listener
-        assert listener is not None
-        listener.on_presence(self._peer(node), room, user, joined)
+        self._change(self._peer(node), room, user, joined)
 
     # What the shard's loop calls (the shared-memory broker's hooks)
 

@@ -26,9 +26,10 @@ from typing import Protocol
 from shardchat import stats
 from shardchat.brokers import segments
 from shardchat.brokers.forwarding import Forwarder
+from shardchat.brokers.presence_holders import REBUILD_TIMEOUT, Event, HolderState, Queries
 from shardchat.brokers.sequencer import Sequencer, owner_of, plan_resend
 from shardchat.core import wire
-from shardchat.core.broker import BrokerListener, Publication
+from shardchat.core.broker import BrokerListener, PresenceAnswer, Publication
 from shardchat.logs import log_event
 from shardchat.ring import records
 from shardchat.ring.layout import HEADER_SIZE, RecordKind, max_payload
@@ -51,6 +52,10 @@ _FORWARD_SEEN = int(RecordKind.FORWARD_SEEN)
 _HISTORY_REQ = int(RecordKind.HISTORY_REQ)
 _REPLAY = int(RecordKind.REPLAY)
 _SNAPSHOT = int(RecordKind.SNAPSHOT)
+_EVENT = int(RecordKind.PRESENCE_EVENT)
+_TOLD = int(RecordKind.TOLD)
+_QUERY = int(RecordKind.PRESENCE_QUERY)
+_ANSWER = int(RecordKind.PRESENCE_ANSWER)
 _S_WRITTEN = int(stats.Slot.RING_RECORDS_WRITTEN)
 _S_READ = int(stats.Slot.RING_RECORDS_READ)
 _S_LAPS = int(stats.Slot.RING_LAPS)
@@ -111,6 +116,18 @@ class ShmBroker:
         self.listener: BrokerListener | None = None
         self.sequencer = Sequencer(self.tables[shard_id].lookup)
         self.forwarder = Forwarder(publish_timeout)
+        # The presence of the rooms we hold (owner or replica), our queries for
+        # the others, and what waits for our view while it is rebuilt.
+        self.holders = HolderState(shard_id, workers)
+        self.queries = Queries(workers, publish_timeout)
+        self._asked: dict[int, Callable[[PresenceAnswer | None], None]] = {}
+        self._waiting_view: list[
+            tuple[int, int, str, str, int]
+        ] = []  # peer, qid, room, user, limit
+        self._local_waiting: list[
+            tuple[str, str, int, Callable[[PresenceAnswer | None], None]]
+        ] = []
+        self._rebuild_until = 0.0
         self._now_ns = 0  # monotonic ns, as of the last call that gave the time
         self._max_payload = max_payload(ring_bytes)
         self._table_slots: dict[str, int | None] = {}
@@ -129,6 +146,10 @@ class ShmBroker:
             _HISTORY_REQ: self._on_history_request,
             _REPLAY: self._on_replay,
             _SNAPSHOT: self._on_snapshot,
+            _EVENT: self._on_presence_event,
+            _TOLD: self._on_told,
+            _QUERY: self._on_query,
+            _ANSWER: self._on_answer,
         }
 
     @classmethod
@@ -208,6 +229,10 @@ class ShmBroker:
             publication = records.decode_forward(payload)
             if publication.publish_ns >= oldest_forward_ns:
                 self._on_forward(peer, self.shard_id, payload)
+        # Our view of the rooms we hold comes back from the peers' snapshots (and
+        # what members were told, from our co-holders), sent on our RESET.
+        self.holders.begin_rebuild(self.peers)
+        self._rebuild_until = now + REBUILD_TIMEOUT
         self.writer.append(_RESET, 0, b"")
         self._written += 1
         self.readers = readers
@@ -245,18 +270,105 @@ class ShmBroker:
 
     def announce(self, room: str, user: str, joined: bool) -> None:
         self._write(_PRESENCE, 0, records.encode_presence(records.Presence(room, user, joined)))
+        self._emit(self.holders.announce(self.shard_id, room, user, joined))
+
+    def presence(
+        self,
+        room: str,
+        user: str,
+        limit: int,
+        then: Callable[[PresenceAnswer | None], None],
+    ) -> PresenceAnswer | None:
+        holders = self.holders
+        if holders.holds(room):
+            answer = holders.answer(room, user, limit, self._answer_budget(room))
+            if answer is None:  # our view is being rebuilt: answered once it is
+                self._local_waiting.append((room, user, limit, then))
+            return answer
+        qid, target = self.queries.ask(room, user, limit, self._now_ns / 1e9)
+        self._asked[qid] = then
+        self._write(
+            _QUERY,
+            target,
+            records.encode_presence_query(records.PresenceQuery(qid, room, user, limit)),
+        )
+        return None
+
+    def _answer_budget(self, room: str) -> int:
+        """Bytes of names an answer may carry: the record must fit the ring."""
+        return self._max_payload - 128 - len(room.encode())
 
     def snapshot(self, peer: int, pairs: list[tuple[str, str]]) -> None:
+        self._pairs(_SNAPSHOT, peer, pairs)
+
+    def _pairs(self, kind: int, peer: int, pairs: list[tuple[str, str]]) -> None:
+        """(room, user) pairs for ``peer`` in chunks that fit a record, then an
+        empty chunk: the end."""
         chunk: list[tuple[str, str]] = []
         size = 0
         for pair in pairs:
             chunk.append(pair)
             size += len(pair[0]) + len(pair[1]) + 8
             if size > self._max_payload // 2:
-                self._write(_SNAPSHOT, peer, records.encode_snapshot(chunk))
+                self._write(kind, peer, records.encode_snapshot(chunk))
                 chunk, size = [], 0
         if chunk:
-            self._write(_SNAPSHOT, peer, records.encode_snapshot(chunk))
+            self._write(kind, peer, records.encode_snapshot(chunk))
+        self._write(kind, peer, records.encode_snapshot([]))
+
+    # Presence (the holders)
+
+    def _emit(self, events: list[Event]) -> None:
+        """Our view's events (we own the rooms): in our ring for every peer, and to
+        our engine now. Then what waited for a rebuilt view is answered."""
+        if events:
+            listener = self.listener
+            assert listener is not None
+            for e in events:
+                record = records.PresenceEvent(e.room, e.user, e.joined, e.total)
+                self._write(_EVENT, 0, records.encode_presence_event(record))
+                listener.on_presence_event(e.room, e.user, e.joined, e.total)
+        if self.holders.ready and (self._waiting_view or self._local_waiting):
+            waiting, self._waiting_view = self._waiting_view, []
+            for peer, qid, room, user, limit in waiting:
+                self._answer(peer, qid, room, user, limit)
+            local, self._local_waiting = self._local_waiting, []
+            for room, user, limit, then in local:
+                then(self.holders.answer(room, user, limit, self._answer_budget(room)))
+
+    def _answer(self, peer: int, qid: int, room: str, user: str, limit: int) -> None:
+        answer = self.holders.answer(room, user, limit, self._answer_budget(room))
+        if answer is None:
+            self._waiting_view.append((peer, qid, room, user, limit))
+            return
+        self._write(_ANSWER, peer, records.encode_presence_answer(qid, answer))
+
+    def _on_presence_event(self, peer: int, aux: int, payload: bytes) -> None:
+        e = records.decode_presence_event(payload)
+        self.holders.event(peer, e.room, e.user, e.joined)
+        assert self.listener is not None
+        self.listener.on_presence_event(e.room, e.user, e.joined, e.count)
+
+    def _on_told(self, peer: int, aux: int, payload: bytes) -> None:
+        if aux == self.shard_id:
+            self._emit(self.holders.told_chunk(peer, records.decode_snapshot(payload)))
+
+    def _on_query(self, peer: int, aux: int, payload: bytes) -> None:
+        if aux == self.shard_id:
+            q = records.decode_presence_query(payload)
+            self._answer(peer, q.qid, q.room, q.user, q.limit)
+
+    def _on_answer(self, peer: int, aux: int, payload: bytes) -> None:
+        if aux != self.shard_id:
+            return
+        qid, answer = records.decode_presence_answer(payload)
+        if self.queries.answered(qid):  # the first answer; a second holder's is dropped
+            self._asked.pop(qid)(answer)
+
+    def _ask_again(self, asks: list[tuple[int, int, str, str, int]]) -> None:
+        for qid, target, room, user, limit in asks:
+            query = records.PresenceQuery(qid, room, user, limit)
+            self._write(_QUERY, target, records.encode_presence_query(query))
 
     def fill(self, room: str, first: int, last: int) -> None:
         owner = owner_of(room, self.workers)
@@ -439,20 +551,32 @@ class ShmBroker:
 
     def _on_presence(self, peer: int, aux: int, payload: bytes) -> None:
         p = records.decode_presence(payload)
-        assert self.listener is not None
-        self.listener.on_presence(peer, p.room, p.user, p.joined)
+        self._emit(self.holders.announce(peer, p.room, p.user, p.joined))
 
     def _on_reset(self, peer: int, aux: int, payload: bytes) -> None:
-        """``peer`` (re)started: its users are gone, and requests to its previous
-        incarnation may be lost: the engine asks again for the rooms it owns."""
-        assert self.listener is not None
-        self.listener.on_peer_reset(peer)
-        self.listener.on_resync(self._latest_of(peer))
+        """``peer`` (re)started: its users are gone (the rooms we own get their
+        leaves), it gets what members were told of the rooms we hold with it
+        and our local pairs, and requests to its previous incarnation may be
+        lost: the engine asks again for the rooms it owns, we ask again what
+        we asked of it."""
+        listener = self.listener
+        assert listener is not None
+        holders = self.holders
+        self._emit(holders.drop_shard(peer))
+        if peer in holders.co_holders():
+            self._pairs(_TOLD, peer, holders.told_for(peer))
+        self._ask_again(
+            [
+                (q, p.target, p.room, p.user, p.limit)
+                for q, p in self.queries.reset(peer, self._now_ns / 1e9)
+            ]
+        )
+        listener.on_peer_reset(peer)
+        listener.on_resync(self._latest_of(peer))
 
     def _on_snapshot(self, peer: int, aux: int, payload: bytes) -> None:
-        assert self.listener is not None
-        for room, user in records.decode_snapshot(payload):
-            self.listener.on_presence(peer, room, user, True)
+        if aux == self.shard_id:
+            self._emit(self.holders.snapshot(peer, records.decode_snapshot(payload)))
 
     def _on_history_request(self, peer: int, aux: int, payload: bytes) -> None:
         """Resend one chunk of the asked range: at most 1/8 of a ring, so that a
@@ -495,10 +619,11 @@ class ShmBroker:
     def tick(self, now: float) -> float | None:
         """Forward again what the owner has not sequenced yet, give up on what it
         never will; returns the next time this is needed."""
-        forwarder = self.forwarder
         self._now_ns = int(now * 1e9)
+        presence = self._tick_presence(now)
+        forwarder = self.forwarder
         if not forwarder.pending:
-            return None
+            return presence
         again, failed = forwarder.due(now)
         for pending in again:
             self.stats[_S_RETRIED] += 1
@@ -511,7 +636,32 @@ class ShmBroker:
                     log, logging.ERROR, "forward_failed", msg=pending.msg_id, owner=pending.owner
                 )
                 listener.on_publish_failed(pending.msg_id, pending.room)
-        return forwarder.next_deadline()
+        deadline = forwarder.next_deadline()
+        if presence is not None and (deadline is None or presence < deadline):
+            return presence
+        return deadline
+
+    def _tick_presence(self, now: float) -> float | None:
+        """Queries the owner did not answer go to the replica, and fail after
+        ``delivery.publish_timeout``; a rebuild waits for silent peers only so long."""
+        holders = self.holders
+        if not holders.ready and now >= self._rebuild_until:
+            log_event(
+                log, logging.WARNING, "presence_rebuild_timeout",
+                peers=sorted(holders.waiting | holders.waiting_told),
+            )  # fmt: skip
+            self._emit(holders.give_up())
+        queries = self.queries
+        if queries.pending:
+            again, failed = queries.due(now)
+            self._ask_again([(q, p.target, p.room, p.user, p.limit) for q, p in again])
+            for qid in failed:
+                log_event(log, logging.WARNING, "presence_query_failed", query=qid)
+                self._asked.pop(qid)(None)
+        deadline = queries.next_deadline()
+        if not holders.ready and (deadline is None or self._rebuild_until < deadline):
+            return self._rebuild_until
+        return deadline
 
     def record_lag(self) -> None:
         """Set the gauges of how many bytes of each peer's ring we have not read yet."""

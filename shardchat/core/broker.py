@@ -30,7 +30,14 @@ from typing import NamedTuple, Protocol
 
 from shardchat.core.roomlog import HeldMessage
 
-__all__ = ["KEY_WINDOW", "Broker", "BrokerListener", "Publication", "idempotency_key"]
+__all__ = [
+    "KEY_WINDOW",
+    "Broker",
+    "BrokerListener",
+    "PresenceAnswer",
+    "Publication",
+    "idempotency_key",
+]
 
 KEY_WINDOW = 600.0  # seconds a broker remembers a publish's idempotency key (PROTOCOL.md)
 
@@ -45,6 +52,15 @@ class Publication(NamedTuple):
     timestamp: int  # ms since the Unix epoch, when the engine accepted it
     publish_ns: int  # monotonic ns at publish, for the publish-to-delivery histogram
     key: str = ""  # idempotency key (see idempotency_key); "" when the client sent no id
+
+
+class PresenceAnswer(NamedTuple):
+    """A room's users, as the broker's holder of the room's presence answers."""
+
+    total: int  # the room's users
+    users: list[str]  # at most the asked limit
+    truncated: bool  # users is shorter than total
+    has: bool  # the asking user is present already
 
 
 def idempotency_key(user: str, client_id: str | None) -> str:
@@ -65,7 +81,22 @@ class Broker(Protocol):
 
     def announce(self, room: str, user: str, joined: bool) -> None:
         """``user``'s first connection on this engine joined ``room`` (``joined``),
-        or its last one left."""
+        or its last one left. Whoever holds the room's presence applies it and,
+        when the user became present or absent, every engine hears
+        :meth:`BrokerListener.on_presence_event` once."""
+
+    def presence(
+        self,
+        room: str,
+        user: str,
+        limit: int,
+        then: Callable[[PresenceAnswer | None], None],
+    ) -> PresenceAnswer | None:
+        """The room's users (at most ``limit`` listed) and whether ``user`` is one.
+        Returned at once where this engine holds them; otherwise None, and
+        ``then`` is called once with the answer, ordered after every
+        ``on_presence_event`` it reflects and before the later ones, or with
+        None when no holder answered within ``delivery.publish_timeout``."""
 
     def snapshot(self, peer: int, pairs: list[tuple[str, str]]) -> None:
         """Tell ``peer`` (which just reset) every (room, user) present on this engine."""
@@ -117,11 +148,13 @@ class BrokerListener(Protocol):
     def on_publish_failed(self, msg_id: str, room: str) -> None:
         """A publication of this engine could not be confirmed as sequenced."""
 
-    def on_presence(self, peer: int, room: str, user: str, joined: bool) -> None:
-        """A peer engine announced a join or a leave."""
+    def on_presence_event(self, room: str, user: str, joined: bool, count: int) -> None:
+        """``user`` became present in ``room`` (``joined``) or absent; ``count``: the
+        room's users now. Heard once per change by every engine, in one order."""
 
     def on_peer_reset(self, peer: int) -> None:
-        """A peer engine (re)started: its users are gone."""
+        """A peer engine (re)started: the broker dropped its users; tell it ours
+        (:meth:`Broker.snapshot`)."""
 
     def on_replay(self, room: str, seq: int, json: bytes) -> None:
         """A message resent for a ``fill``."""

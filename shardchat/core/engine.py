@@ -35,7 +35,7 @@ from shardchat import stats
 from shardchat.addrtable import AddrTable, addr_key
 from shardchat.core import wire
 from shardchat.core.admission import Admitted, Refusal, Upgrade, Verify, admit
-from shardchat.core.broker import Broker, Publication, idempotency_key
+from shardchat.core.broker import Broker, PresenceAnswer, Publication, idempotency_key
 from shardchat.core.config import Config
 from shardchat.core.errors import ErrorCode, ProtocolError
 from shardchat.core.fanout import Fanout
@@ -52,7 +52,7 @@ from shardchat.core.messages import (
     RoomId,
 )
 from shardchat.core.outputs import C, Close, Output, Paced
-from shardchat.core.presence import PresenceView
+from shardchat.core.presence import LocalPresence
 from shardchat.core.ratelimit import TokenBucket
 from shardchat.core.reliable import ReliableRooms
 from shardchat.core.roomlog import HeldMessage, RoomLog
@@ -145,7 +145,7 @@ class RoomEngine(Generic[C]):
         # (token exp, conn id, connection), soonest first: closed with 4401 then.
         self._expiries: list[tuple[float, int, C]] = []
         self.logs: dict[str, RoomLog] = {}
-        self.presence = PresenceView()
+        self.presence = LocalPresence()  # our own connections per (room, user)
         self.reliable: ReliableRooms[C] = ReliableRooms(config.delivery, counters)
         self.fanout: Fanout[C] = Fanout(self.logs, self.reliable, counters)
         self.members = self.fanout.members  # room -> local members
@@ -365,36 +365,59 @@ class RoomEngine(Generic[C]):
             self._refuse(conn, state, exc)
 
     def _join_open(self, conn: C, state: ConnState, request: Join) -> None:
-        room = request.room
-        room_size = self.config.limits.room_size
-        if room_size and room not in state.rooms:
-            # The presence view is as fresh as the broker: catch up first. Joins on
-            # several shards at the same instant can still overshoot by a few.
-            self.broker.catch_up()
-            presence = self.presence
-            if not presence.has(room, state.user) and presence.count(room) >= room_size:
-                raise ProtocolError(
-                    ErrorCode.ROOM_FULL, f"room {room} has {room_size} users", request.id
-                )
         # A room this engine dropped (idle, no members here) is fetched back first,
         # so that `since`, and a later `history`, are answered from everything the
         # server holds (a join without `since` asks from 0).
         since = 0 if request.since is None else request.since
         if self.gaps.ensure_history(
-            room, since, self.now, lambda: self._finish_join(conn, request)
+            request.room, since, self.now, lambda: self._join_ready(conn, request)
         ):
-            self._finish_join(conn, request)
+            self._join_ready(conn, request)
 
-    def _finish_join(self, conn: C, request: Join) -> None:
+    def _join_ready(self, conn: C, request: Join) -> None:
+        """The room's history is here: ask who is in it (for ``limits.room_size``
+        and ``joined.users``), from the latest state."""
         state = self.conns.get(conn)
         if state is None:
             return  # gone while the room's history was being fetched
+        # Catch up and deliver what is queued: the joiner's live frames start
+        # right after the log's current seq, and a holder answers from the latest.
+        self.broker.catch_up()
+        answer = self.broker.presence(
+            request.room,
+            state.user,
+            self.config.presence.list_limit,
+            lambda answer: self._join_answered(conn, request, answer),
+        )
+        if answer is not None:
+            self._join_answered(conn, request, answer)
+
+    def _join_answered(self, conn: C, request: Join, answer: PresenceAnswer | None) -> None:
+        """The room's users, as its presence holder knows them: the joiner becomes a
+        member now, with nothing read in between, so that it hears every event
+        after the answer and none before."""
+        state = self.conns.get(conn)
+        if state is None:
+            return  # gone while its broker asked
+        room = request.room
+        room_size = self.config.limits.room_size
+        if answer is None:
+            self._refuse(conn, state, _unavailable(room, request.id))
+        elif room_size and room not in state.rooms and not answer.has and answer.total >= room_size:
+            # Joins on several shards at the same instant can still overshoot by a few.
+            error = ProtocolError(
+                ErrorCode.ROOM_FULL, f"room {room} has {room_size} users", request.id
+            )
+            self._refuse(conn, state, error)
+        else:
+            self._finish_join(conn, state, request, answer)
+
+    def _finish_join(
+        self, conn: C, state: ConnState, request: Join, answer: PresenceAnswer
+    ) -> None:
         room = request.room
         if room in state.rooms:
             self._leave_room(conn, state, room)
-        # Catch up and deliver what is queued: the joiner's live frames start
-        # right after the log's current seq.
-        self.broker.catch_up()
         self.out += self.fanout.flush(self.now, snapshot=True)
         log_ = self._log(room)
         self.members.setdefault(room, {})[conn] = None
@@ -404,16 +427,19 @@ class RoomEngine(Generic[C]):
         user = state.user
         if self.presence.local_join(room, user):
             self.broker.announce(room, user, True)
-            if self.presence.change(room, user, self.shard_id, True):
-                self._presence_event(room, user, "join", skip=conn)
-        users = self.presence.users(room)
+        users, count = answer.users, answer.total
+        if not answer.has:
+            # The answer predates our announcement: the joiner is one of them.
+            count += 1
+            if len(users) < self.config.presence.list_limit:
+                users = [*users, user]
         joined: dict[str, object] = {
             "type": "joined",
             "room": room,
             "seq": log_.seq,
             "epoch": log_.epoch,
-            "count": len(users),
-            "users": users[: self.config.presence.list_limit],
+            "count": count,
+            "users": users,
         }
         if request.since is None:
             self._reply(conn, joined)
@@ -444,23 +470,37 @@ class RoomEngine(Generic[C]):
         user = state.user
         if self.presence.local_leave(room, user):
             self.broker.announce(room, user, False)
-            if self.presence.change(room, user, self.shard_id, False):
-                self._presence_event(room, user, "leave")
 
     def _ping(self, conn: C, state: ConnState, request: Ping) -> None:
         self._send(conn, wire.pong_payload(request.echo, request.id))
 
     def _presence(self, conn: C, state: ConnState, request: PresenceQuery) -> None:
+        answer = self.broker.presence(
+            request.room,
+            state.user,
+            self.config.presence.list_limit,
+            lambda answer: self._presence_answered(conn, request, answer),
+        )
+        if answer is not None:
+            self._presence_answered(conn, request, answer)
+
+    def _presence_answered(
+        self, conn: C, request: PresenceQuery, answer: PresenceAnswer | None
+    ) -> None:
+        state = self.conns.get(conn)
+        if state is None:
+            return  # gone while its broker asked
         room = request.room
-        users = self.presence.users(room)
-        limit = self.config.presence.list_limit
+        if answer is None:
+            self._refuse(conn, state, _unavailable(room, request.id))
+            return
         reply: dict[str, object] = {
             "type": "presence",
             "room": room,
-            "count": len(users),
-            "users": users[:limit],
+            "count": answer.total,
+            "users": answer.users,
         }
-        if len(users) > limit:
+        if answer.truncated:
             reply["truncated"] = True
         self._reply(conn, reply)
 
@@ -522,17 +562,6 @@ class RoomEngine(Generic[C]):
 
     def _epoch(self, room: str) -> str:
         return self.broker.epoch_of(room) or self.epoch
-
-    def _presence_event(self, room: str, user: str, kind: str, skip: C | None = None) -> None:
-        members = self.members.get(room)
-        if not members or self.presence.count(room) > self.config.presence.events_limit:
-            return
-        frame = wire.text_frame(
-            wire.encode(
-                {"type": kind, "room": room, "sender": user, "timestamp": int(self.wall * 1000)}
-            )
-        )
-        self.out.append(([c for c in members if c is not skip], frame))
 
     def _latency(self, ns: int) -> None:
         """Publish-to-delivery time of one message, into the histogram."""
@@ -648,14 +677,26 @@ class RoomEngine(Generic[C]):
             )
             self._refuse(conn, state, ProtocolError(ErrorCode.UNAVAILABLE, reason, request_id))
 
-    def on_presence(self, peer: int, room: str, user: str, joined: bool) -> None:
-        if self.presence.change(room, user, peer, joined):
-            self._presence_event(room, user, "join" if joined else "leave")
+    def on_presence_event(self, room: str, user: str, joined: bool, count: int) -> None:
+        """A join or leave event, for our members of the room but that user's own
+        connections; none in rooms over ``presence.events_limit``."""
+        members = self.members.get(room)
+        if not members or count > self.config.presence.events_limit:
+            return
+        conns = self.conns
+        targets = [c for c in members if conns[c].user != user]
+        if not targets:
+            return
+        kind = "join" if joined else "leave"
+        frame = wire.text_frame(
+            wire.encode(
+                {"type": kind, "room": room, "sender": user, "timestamp": int(self.wall * 1000)}
+            )
+        )
+        self.out.append((targets, frame))
 
     def on_peer_reset(self, peer: int) -> None:
-        """A peer (re)started: its users are gone; tell it who is here."""
-        for room, user in self.presence.drop_shard(peer):
-            self._presence_event(room, user, "leave")
+        """A peer (re)started (its broker dropped its users): tell it who is here."""
         self.broker.snapshot(peer, self.presence.local_pairs())
 
     def on_replay(self, room: str, seq: int, json: bytes) -> None:
@@ -706,6 +747,14 @@ class RoomEngine(Generic[C]):
             log_.skip_to(seq - 1)  # a part of the ring already overwritten
         if seq == log_.seq + 1:
             log_.append(seq, json)
+
+
+def _unavailable(room: str, request_id: str | None) -> ProtocolError:
+    return ProtocolError(
+        ErrorCode.UNAVAILABLE,
+        f"room {room}: its presence did not answer (a shard is restarting); try again",
+        request_id,
+    )
 
 
 def _is_utf8(data: bytes | bytearray | memoryview) -> bool:

@@ -1,13 +1,16 @@
 """Who is in which room, across shards (DESIGN.md, Presence). Pure: no I/O.
 
-Each shard announces a user's first connection in a room on it and its last
-one; every shard applies those announcements to the same view, so presence
-is answered locally and reads the same everywhere. A user is present while
-any shard has a connection of theirs in the room. Methods return whether a
-user just became present or absent, and the engine turns that into events.
+Each engine counts its own connections per (room, user)
+(:class:`LocalPresence`) and announces, through its broker, a user's first
+connection in a room and its last one. A broker's holders of a room apply
+those announcements to a :class:`PresenceView` (on one box: the room's owner
+and one replica, :mod:`shardchat.brokers.presence_holders`; with Redis: every
+node for its open rooms). A user is present while any engine has a
+connection of theirs in the room. :meth:`PresenceView.change` returns
+whether a user just became present or absent, which the holder turns into
+events.
 
-Every shard holds every room's users, so this view is the one part of a
-connection's memory that is paid once per shard. Which shards a user is
+Which shards a user is
 present on is a bit mask in an int, not a set: a set of one shard is a 216-byte
 object per user per room per shard, where a mask below 2**8 is one of
 CPython's preallocated small ints, stored as a reference in the user's dict
@@ -19,12 +22,11 @@ when it is dropped, so that masks stay small ints.
 
 from __future__ import annotations
 
-__all__ = ["PresenceView"]
+__all__ = ["LocalPresence", "PresenceView"]
 
 
 class PresenceView:
     def __init__(self) -> None:
-        self.local: dict[str, dict[str, int]] = {}  # room -> user -> our connections
         self.present: dict[str, dict[str, int]] = {}  # room -> user -> mask of shards
         self._bits: dict[int, int] = {}  # engine id -> its bit in the masks
         self._free: list[int] = []  # bit positions of dropped engines, to reuse
@@ -68,6 +70,28 @@ class PresenceView:
             del self.present[room]
         return True
 
+    def drop_shard(self, shard: int) -> list[tuple[str, str]]:
+        """A shard restarted: its users are gone. The (room, user) that became absent."""
+        gone = []
+        bit = self._bits.get(shard, 0)
+        if bit:
+            for room in list(self.present):
+                for user in [u for u, shards in self.present[room].items() if shards & bit]:
+                    if self.change(room, user, shard, False):
+                        gone.append((room, user))
+            # No mask has the bit any more: another engine may take it.
+            del self._bits[shard]
+            self._free.append(bit.bit_length() - 1)
+        return gone
+
+
+class LocalPresence:
+    """An engine's own connections per (room, user): per connection, flat in the
+    number of shards."""
+
+    def __init__(self) -> None:
+        self.local: dict[str, dict[str, int]] = {}  # room -> user -> our connections
+
     def local_join(self, room: str, user: str) -> bool:
         """One more of our connections of ``user`` in ``room``; True on the first,
         which is to be announced to the other shards."""
@@ -89,20 +113,6 @@ class PresenceView:
         if not local:
             del self.local[room]
         return True
-
-    def drop_shard(self, shard: int) -> list[tuple[str, str]]:
-        """A shard restarted: its users are gone. The (room, user) that became absent."""
-        gone = []
-        bit = self._bits.get(shard, 0)
-        if bit:
-            for room in list(self.present):
-                for user in [u for u, shards in self.present[room].items() if shards & bit]:
-                    if self.change(room, user, shard, False):
-                        gone.append((room, user))
-            # No mask has the bit any more: another engine may take it.
-            del self._bits[shard]
-            self._free.append(bit.bit_length() - 1)
-        return gone
 
     def local_pairs(self) -> list[tuple[str, str]]:
         """Our own (room, user) pairs, for a snapshot to a restarted peer."""

@@ -94,7 +94,11 @@ class RecordKind(enum.IntEnum):
     FORWARD_SEEN = 5  # the owner had already sequenced a re-forwarded publish (aux = origin)
     HISTORY_REQ = 6  # a shard asks a room's owner to resend a range (aux = owner)
     REPLAY = 7  # the owner resends held messages to one shard (aux = that shard)
-    SNAPSHOT = 8  # a shard's whole local presence, after a peer's RESET
+    SNAPSHOT = 8  # a shard's whole local presence, after a peer's RESET (aux = that peer)
+    PRESENCE_EVENT = 9  # a room's owner: a user became present or absent
+    TOLD = 10  # what members were told of the rooms a restarted co-holder holds (aux = it)
+    PRESENCE_QUERY = 11  # a shard asks a room's holder for its users (aux = the holder)
+    PRESENCE_ANSWER = 12  # the holder's answer (aux = the shard that asked)
 
 
 def segment_size(capacity: int, table_slots: int, slot_size: int) -> int:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from shardchat.core.broker import Publication
+from shardchat.core.broker import PresenceAnswer, Publication
 
 __all__ = [
     "REPLAY_END",
@@ -36,17 +36,25 @@ __all__ = [
     "ForwardSeen",
     "HistoryRequest",
     "Presence",
+    "PresenceEvent",
+    "PresenceQuery",
     "RoomMessage",
     "decode_forward",
     "decode_forward_seen",
     "decode_history_request",
     "decode_presence",
+    "decode_presence_answer",
+    "decode_presence_event",
+    "decode_presence_query",
     "decode_room_message",
     "decode_snapshot",
     "encode_forward",
     "encode_forward_seen",
     "encode_history_request",
     "encode_presence",
+    "encode_presence_answer",
+    "encode_presence_event",
+    "encode_presence_query",
     "encode_room_message",
     "encode_snapshot",
 ]
@@ -164,8 +172,59 @@ def decode_presence(payload: bytes) -> Presence:
     return Presence(o["r"], o["u"], o["j"])
 
 
+@dataclass(frozen=True, slots=True)
+class PresenceEvent:
+    """The room's owner: ``user`` became present (``joined``) or absent."""
+
+    room: str
+    user: str
+    joined: bool
+    count: int  # the room's users after the change
+
+
+def encode_presence_event(e: PresenceEvent) -> bytes:
+    return orjson.dumps({"r": e.room, "u": e.user, "j": e.joined, "c": e.count})
+
+
+def decode_presence_event(payload: bytes) -> PresenceEvent:
+    o = orjson.loads(payload)
+    return PresenceEvent(o["r"], o["u"], o["j"], o["c"])
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceQuery:
+    """Who is in ``room`` (at most ``limit`` names), and is ``user``: query ``qid``."""
+
+    qid: int
+    room: str
+    user: str
+    limit: int
+
+
+def encode_presence_query(q: PresenceQuery) -> bytes:
+    return orjson.dumps({"q": q.qid, "r": q.room, "u": q.user, "l": q.limit})
+
+
+def decode_presence_query(payload: bytes) -> PresenceQuery:
+    o = orjson.loads(payload)
+    return PresenceQuery(o["q"], o["r"], o["u"], o["l"])
+
+
+def encode_presence_answer(qid: int, answer: PresenceAnswer) -> bytes:
+    """At most the query's limit of names, cut to fit a record by the holder."""
+    return orjson.dumps(
+        {"q": qid, "c": answer.total, "u": answer.users, "t": answer.truncated, "h": answer.has}
+    )
+
+
+def decode_presence_answer(payload: bytes) -> tuple[int, PresenceAnswer]:
+    o = orjson.loads(payload)
+    return o["q"], PresenceAnswer(o["c"], o["u"], o["t"], o["h"])
+
+
 def encode_snapshot(pairs: list[tuple[str, str]]) -> bytes:
-    """A shard's whole local presence: (room, user) pairs."""
+    """(room, user) pairs: a shard's whole local presence (SNAPSHOT), or what
+    members were told (TOLD), in chunks; an empty chunk ends either."""
     return orjson.dumps(pairs)
 
 

@@ -14,11 +14,13 @@ from typing import Any
 
 import orjson
 
+from shardchat.brokers.presence_holders import answer_of
 from shardchat.core import wire
 from shardchat.core.admission import Upgrade
-from shardchat.core.broker import BrokerListener, Publication
+from shardchat.core.broker import BrokerListener, PresenceAnswer, Publication
 from shardchat.core.engine import RoomEngine
 from shardchat.core.outputs import Close, Output, Paced
+from shardchat.core.presence import PresenceView
 from shardchat.stats import BLOCK_SLOTS
 from tests.core.box import config, frames_of
 
@@ -31,6 +33,7 @@ class Store:
         self.streams: dict[str, list[tuple[int, bytes]]] = {}
         self.brokers: list[StoreBroker] = []
         self.round_trips = 0
+        self.presence = PresenceView()  # the service's one view, as a store would hold it
 
     def sequence(self, batch: list[Publication]) -> list[tuple[Publication, int, bytes]]:
         """Increment and append, atomically, for a whole batch: one round trip."""
@@ -67,9 +70,17 @@ class StoreBroker:
             self.listener.on_published(p.msg_id, p.room, seq)
 
     def announce(self, room: str, user: str, joined: bool) -> None:
-        for broker in self.store.brokers:
-            if broker is not self and broker.listener is not None:
-                broker.listener.on_presence(self.engine_id, room, user, joined)
+        view = self.store.presence
+        if view.change(room, user, self.engine_id, joined):
+            for broker in self.store.brokers:
+                if broker.listener is not None:
+                    broker.listener.on_presence_event(room, user, joined, view.count(room))
+
+    def presence(
+        self, room: str, user: str, limit: int, then: Callable[[PresenceAnswer | None], None]
+    ) -> PresenceAnswer | None:
+        """The store holds every room's presence: answered at once."""
+        return answer_of(self.store.presence.present.get(room, {}), user, limit, 1 << 20)
 
     def snapshot(self, peer: int, pairs: list[tuple[str, str]]) -> None:
         raise AssertionError("no engine resets in these tests")

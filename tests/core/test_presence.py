@@ -8,7 +8,7 @@ import tracemalloc
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shardchat.core.presence import PresenceView
+from shardchat.core.presence import LocalPresence, PresenceView
 
 
 def test_a_user_on_two_shards_joins_once_and_leaves_once() -> None:
@@ -22,7 +22,7 @@ def test_a_user_on_two_shards_joins_once_and_leaves_once() -> None:
 
 
 def test_local_connections_announce_first_and_last_only() -> None:
-    view = PresenceView()
+    view = LocalPresence()
     assert view.local_join("r", "ada") is True
     assert view.local_join("r", "ada") is False
     assert view.local_leave("r", "ada") is False
@@ -52,6 +52,7 @@ def test_matches_a_model_of_connection_counts(ops: list[tuple[str, str, int, boo
     """Driven as shards drive it (announce only first/last), the view says a user is
     present exactly while some shard has a connection of theirs."""
     views = {shard: PresenceView() for shard in range(3)}
+    locals_ = {shard: LocalPresence() for shard in range(3)}
     counts: dict[tuple[str, str, int], int] = {}
     for room, user, shard, joining in ops:
         key = (room, user, shard)
@@ -59,7 +60,9 @@ def test_matches_a_model_of_connection_counts(ops: list[tuple[str, str, int, boo
             continue
         counts[key] = counts.get(key, 0) + (1 if joining else -1)
         announce = (
-            views[shard].local_join(room, user) if joining else views[shard].local_leave(room, user)
+            locals_[shard].local_join(room, user)
+            if joining
+            else locals_[shard].local_leave(room, user)
         )
         if announce:
             for view in views.values():
@@ -71,9 +74,8 @@ def test_matches_a_model_of_connection_counts(ops: list[tuple[str, str, int, boo
 
 
 def test_a_remote_user_costs_a_dict_slot_not_a_set() -> None:
-    """Every shard holds every room's users: that view is what grows with the
-    number of shards, so an entry must stay a dict slot (a set per entry was
-    about 246 bytes)."""
+    """A room's holders keep its users: an entry must stay a dict slot (a set per
+    entry was about 246 bytes)."""
     view = PresenceView()
     names = [(f"room{i // 10}", f"user{i}") for i in range(5000)]
     tracemalloc.start()
