@@ -15,7 +15,8 @@ from typing import Any
 import click
 
 from shardchat import __version__
-from shardchat.core.config import Config, load_config, parse_override, to_toml
+from shardchat.configload import load_config, parse_override
+from shardchat.core.config import Config, to_toml
 from shardchat.core.errors import ConfigError, HookError, ShardchatError
 
 __all__ = ["main"]

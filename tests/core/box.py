@@ -22,8 +22,9 @@ from shardchat.addrtable import AddrTable, table_capacity
 from shardchat.auth import verifier_from_config
 from shardchat.brokers.sequencer import owner_of
 from shardchat.brokers.shm import ShmBroker
+from shardchat.configload import load_config
 from shardchat.core.admission import Refusal, Upgrade
-from shardchat.core.config import Config, load_config
+from shardchat.core.config import Config
 from shardchat.core.engine import RoomEngine
 from shardchat.core.outputs import Close, Output, Paced
 from shardchat.hooks import Hooks
