@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import signal
 import socket
@@ -34,14 +33,10 @@ from typing import Any
 
 from perf import load
 from perf.procs import free_port
+from shardchat.procstat import cpu_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARDCHAT = str(Path(sys.executable).with_name("shardchat"))
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def status(admin: int) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from perf import procs
+from shardchat.procstat import cpu_seconds
 from tests.test_tls import make_pki
 
 FAST = [
@@ -40,11 +41,6 @@ FAST = [
     "server.max_connections=1000000",
 ]
 MESSAGE = b'{"type":"message"'
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def masked_text(payload: bytes) -> bytes:

@@ -15,7 +15,8 @@ from typing import Any
 import click
 
 from shardchat import __version__
-from shardchat.core.config import Config, load_config, parse_override, to_toml
+from shardchat.configload import load_config, parse_override
+from shardchat.core.config import Config, to_toml
 from shardchat.core.errors import ConfigError, HookError, ShardchatError
 
 __all__ = ["main"]
@@ -138,7 +139,8 @@ def show_config(flags: ConfigFlags) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON.")
 @_config_options
 def status(admin_url: str | None, as_json: bool, flags: ConfigFlags) -> None:
-    """Show each shard's pid, uptime, restarts and connections."""
+    """Show each shard's pid, uptime, restarts, connections, rooms and mean delivery
+    latency."""
     import json
     import urllib.error
     import urllib.request
@@ -164,13 +166,13 @@ def status(admin_url: str | None, as_json: bool, flags: ConfigFlags) -> None:
     click.echo(f"supervisor pid {data['pid']}  epoch {data['epoch']}  up {data['uptime']:.0f} s")
     click.echo(
         f"{'shard':>5} {'pid':>8} {'alive':>5} {'uptime s':>9} {'restarts':>8} "
-        f"{'conns':>7} {'rooms':>6}"
+        f"{'conns':>7} {'rooms':>6} {'latency ms':>10}"
     )
     for shard in data["shards"]:
         click.echo(
             f"{shard['id']:>5} {shard['pid'] or '-':>8} {'yes' if shard['alive'] else 'no':>5} "
             f"{shard['uptime']:>9.0f} {shard['restarts']:>8} {shard['connections']:>7} "
-            f"{shard['rooms']:>6}"
+            f"{shard['rooms']:>6} {shard['latency_ms']:>10.3f}"
         )
     totals = data["totals"]
     click.echo(

@@ -28,15 +28,16 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import secrets
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from shardchat.core.errors import HookError, ShardchatError
 from shardchat.logs import log_event
 
-__all__ = ["ConnInfo", "ConnectInfo", "Hooks", "Reject", "load_app"]
+__all__ = ["ConnInfo", "ConnectInfo", "Hooks", "Reject", "load_app", "random_guest_name"]
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +72,23 @@ class ConnInfo:
     peer: str
 
 
-class Hooks:
-    """The loaded hooks, each called through a guard that logs and counts failures."""
+def random_guest_name() -> str:
+    """``guest-XXXX`` (PROTOCOL.md, ``user``): four random hex digits."""
+    return f"guest-{secrets.token_hex(2)}"
 
-    def __init__(self, app: object | None) -> None:
+
+class Hooks:
+    """The loaded hooks, each called through a guard that logs and counts failures.
+
+    ``guest_name`` names a user who gave no name (auth off): admission, in the pure
+    core, takes it from here instead of drawing random numbers itself; the core's
+    tests hand in a deterministic one."""
+
+    def __init__(
+        self, app: object | None, guest_name: Callable[[], str] = random_guest_name
+    ) -> None:
         self.app = app
+        self.guest_name = guest_name
         self.errors = 0
         self.has_connect = callable(getattr(app, "on_connect", None))
         self.has_open = callable(getattr(app, "on_open", None))

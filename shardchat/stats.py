@@ -38,6 +38,7 @@ BLOCK_SLOTS = 512  # u64 slots per shard: 4 KiB
 class Slot(enum.IntEnum):
     """Fixed slots of a shard's block. Gauges are set, the rest only grow."""
 
+    # /status: the pid says the block is the live incarnation's, the time its uptime
     PID = 0  # gauge
     STARTED_NS = 1  # gauge: CLOCK_REALTIME ns of this incarnation's start
     CONNECTIONS = 2  # gauge: open WebSocket connections
@@ -59,7 +60,7 @@ class Slot(enum.IntEnum):
     GAPS_LOST = 18
     FORWARDS_RETRIED = 19
     HOOK_ERRORS = 20
-    LATENCY_COUNT = 21
+    LATENCY_COUNT = 21  # with the sum: /status's per-shard mean delivery latency
     LATENCY_SUM_US = 22
     HTTP_REFUSED = 23  # upgrades refused before the handshake (403/400/401/503)
     LISTEN_FD = 24  # gauge: the shard's listening socket's descriptor (for the supervisor)

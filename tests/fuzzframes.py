@@ -12,14 +12,13 @@ answer a final ping.
 
 from __future__ import annotations
 
-import base64
 import json
-import os
-import socket
 import struct
 from dataclasses import dataclass
 
 from hypothesis import strategies as st
+
+from tests.helpers import RawClient, frame_bytes
 
 # What the server may close a fuzzed connection with (PROTOCOL.md, RFC 6455 7.4.1):
 # protocol error, binary, bad UTF-8, too many errors, too big, and the echo of a
@@ -129,23 +128,7 @@ examples = st.lists(st.one_of(_message, _message, _others), min_size=1, max_size
 
 
 def encode(frame: Frame) -> bytes:
-    head = bytes([(0x80 if frame.fin else 0) | frame.rsv | frame.opcode])
-    n = len(frame.payload)
-    bit = 0x80 if frame.masked else 0
-    if n < 126:
-        head += bytes([bit | n])
-    elif n < 65536:
-        head += bytes([bit | 126]) + struct.pack("!H", n)
-    else:
-        head += bytes([bit | 127]) + struct.pack("!Q", n)
-    if not frame.masked:
-        return head + frame.payload
-    mask = os.urandom(4)
-    whole = (mask * (n // 4 + 1))[:n]
-    masked = (int.from_bytes(frame.payload, "big") ^ int.from_bytes(whole, "big")).to_bytes(
-        n, "big"
-    )
-    return head + mask + masked
+    return frame_bytes(frame.opcode, frame.payload, frame.fin, frame.rsv, frame.masked)
 
 
 @dataclass(frozen=True)
@@ -161,27 +144,22 @@ def run_example(port: int, frames: list[Frame], timeout: float) -> Outcome:
         AssertionError: the connection ended without a close frame (1006), or with
             a code that is not a protocol close code.
     """
-    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    raw = RawClient(port, "/ws?user=fuzz", timeout=timeout)
     try:
-        key = base64.b64encode(os.urandom(16)).decode()
-        sock.sendall(
-            f"GET /ws?user=fuzz HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-            "Sec-WebSocket-Version: 13\r\n\r\n".encode()
-        )
-        reader = _Reader(sock)
-        head = reader.until(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 101 "), head
+        assert raw.status == 101, raw.status
         sent = 0
         try:
             for frame in frames:
-                sock.sendall(encode(frame))
+                raw.sock.sendall(encode(frame))
                 sent += 1
-            sock.sendall(encode(Frame(0x9, b"probe")))
+            raw.sock.sendall(encode(Frame(0x9, b"probe")))
         except OSError:
             pass  # the server stopped reading after closing; its close frame is below
         while True:
-            opcode, payload = reader.frame()
+            try:
+                opcode, payload = raw.recv_frame()
+            except ConnectionError as exc:  # an end or a reset before a close frame
+                raise AssertionError("connection ended without a close frame (1006)") from exc
             if opcode == 0x8:
                 code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else 1005
                 assert code in CLOSE_CODES, (code, payload)
@@ -189,40 +167,4 @@ def run_example(port: int, frames: list[Frame], timeout: float) -> Outcome:
             if opcode == 0xA and payload == b"probe":
                 return Outcome(None, sent)
     finally:
-        sock.close()
-
-
-class _Reader:
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.buf = b""
-
-    def _fill(self) -> None:
-        try:
-            chunk = self.sock.recv(65536)
-        except ConnectionResetError:
-            chunk = b""
-        if not chunk:
-            raise AssertionError("connection ended without a close frame (1006)")
-        self.buf += chunk
-
-    def until(self, marker: bytes) -> bytes:
-        while marker not in self.buf:
-            self._fill()
-        head, _, self.buf = self.buf.partition(marker)
-        return head
-
-    def need(self, n: int) -> bytes:
-        while len(self.buf) < n:
-            self._fill()
-        out, self.buf = self.buf[:n], self.buf[n:]
-        return out
-
-    def frame(self) -> tuple[int, bytes]:
-        b0, b1 = self.need(2)
-        n = b1 & 0x7F
-        if n == 126:
-            n = struct.unpack("!H", self.need(2))[0]
-        elif n == 127:
-            n = struct.unpack("!Q", self.need(8))[0]
-        return b0 & 0x0F, self.need(n)
+        raw.close()

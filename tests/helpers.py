@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -30,6 +31,8 @@ from shardchat.brokers.sequencer import owner_of
 
 FACTOR = float(os.environ.get("SHARDCHAT_TEST_TIMEOUT_FACTOR", "1"))
 SHARDCHAT = str(Path(sys.executable).with_name("shardchat"))
+# Limits high enough that a test's bursts are never rate limited.
+FAST = ["limits.rate=100000", "limits.burst=100000"]
 
 
 def scaled(seconds: float) -> float:
@@ -331,18 +334,103 @@ async def closing(clients: Sequence[Client]) -> AsyncIterator[Sequence[Client]]:
         await asyncio.gather(*(c.ws.close() for c in clients), return_exceptions=True)
 
 
+async def collect(
+    client: Client, room: str, count: int, timeout: float = 60
+) -> list[dict[str, Any]]:
+    """The next ``count`` messages of ``room`` that ``client`` receives (other frames are
+    passed over)."""
+    got: list[dict[str, Any]] = []
+    while len(got) < count:
+        frame = await client.recv(timeout)
+        if frame["type"] == "message" and frame["room"] == room:
+            got.append(frame)
+    return got
+
+
+async def publish(
+    client: Client, room: str, count: int, tag: str, body: str = ""
+) -> list[dict[str, Any]]:
+    """Send ``count`` messages without waiting, then gather every ack."""
+    for i in range(count):
+        content = f"{tag}:{i}{body}"
+        await client.send(type="message", room=room, content=content, id=f"{tag}-{i}")
+    acks: list[dict[str, Any]] = []
+    while len(acks) < count:
+        frame = await client.recv(60)
+        if frame["type"] == "ack":
+            acks.append(frame)
+        assert frame["type"] != "error", frame
+    return acks
+
+
+@dataclass
+class DroppedRoom:
+    """A room owned by shard 0 whose copy shard 1 has dropped (see :func:`dropped_room`)."""
+
+    server: Server
+    room: str
+    publisher: Client  # on shard 0, still a member
+    late: Client  # on shard 1, not a member
+    epoch: int  # the room's epoch, from the publisher's ``joined``
+
+
+@contextlib.asynccontextmanager
+async def dropped_room(prefix: str, count: int = 20, tag: str = "x") -> AsyncIterator[DroppedRoom]:
+    """Three shards with ``delivery.room_idle=1``: a client on shard 0 (the owner)
+    publishes ``count`` messages ``{tag}:{i}`` to a room, shard 1 drops its idle copy
+    (waited for in the log), then a client connects to shard 1 without joining."""
+    with running_server(workers=3, settings=[*FAST, "delivery.room_idle=1"]) as srv:
+        room = room_owned_by(0, prefix=prefix)
+        (pub,) = await clients_on_shards(srv.url, [0], prefix=f"{prefix}pub")
+        async with closing([pub]):
+            joined = await pub.join(room)
+            await publish(pub, room, count, tag)
+            srv.wait_for_log(
+                lambda ev: any(e.get("event") == "rooms_dropped" and e["shard"] == 1 for e in ev)
+            )
+            (late,) = await clients_on_shards(srv.url, [1], prefix=f"{prefix}late")
+            async with closing([late]):
+                yield DroppedRoom(srv, room, pub, late, joined["epoch"])
+
+
+def frame_bytes(
+    opcode: int, payload: bytes, fin: bool = True, rsv: int = 0, masked: bool = True
+) -> bytes:
+    """One client frame (RFC 6455 5.2): masked unless a test wants the bad unmasked one;
+    ``rsv`` is the three RSV bits, shifted into place."""
+    head = bytes([(0x80 if fin else 0) | rsv | opcode])
+    n = len(payload)
+    bit = 0x80 if masked else 0
+    if n < 126:
+        head += bytes([bit | n])
+    elif n < 65536:
+        head += bytes([bit | 126]) + struct.pack("!H", n)
+    else:
+        head += bytes([bit | 127]) + struct.pack("!Q", n)
+    if not masked:
+        return head + payload
+    mask = os.urandom(4)
+    whole = (mask * (n // 4 + 1))[:n]
+    body = (int.from_bytes(payload, "big") ^ int.from_bytes(whole, "big")).to_bytes(n, "big")
+    return head + mask + body
+
+
 class RawClient:
     """A WebSocket client on a bare socket: it sends whatever frames a test builds
-    (bad UTF-8, binary, unanswered pings) and reads the server's frames one by one."""
+    (bad UTF-8, binary, unanswered pings) and reads the server's frames one by one.
 
-    def __init__(self, port: int, path: str, rcvbuf: int | None = None) -> None:
+    Raises ConnectionError when the server ends the connection in the middle of what
+    is being read."""
+
+    def __init__(
+        self, port: int, path: str, rcvbuf: int | None = None, timeout: float | None = None
+    ) -> None:
         import base64
-        import socket as socket_
 
-        self.sock = socket_.socket()
+        self.sock = socket.socket()
         if rcvbuf is not None:
-            self.sock.setsockopt(socket_.SOL_SOCKET, socket_.SO_RCVBUF, rcvbuf)
-        self.sock.settimeout(scaled(10))
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.settimeout(scaled(10) if timeout is None else timeout)
         self.sock.connect(("127.0.0.1", port))
         key = base64.b64encode(os.urandom(16)).decode()
         self.sock.sendall(
@@ -354,46 +442,32 @@ class RawClient:
         head = self._until(b"\r\n\r\n")
         self.status = int(head.split(b" ", 2)[1])
 
+    def _fill(self) -> None:
+        chunk = self.sock.recv(65536)  # a reset raises ConnectionResetError
+        if not chunk:
+            raise ConnectionError("closed before a whole frame")
+        self.buf += chunk
+
     def _until(self, marker: bytes) -> bytes:
         while marker not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("closed")
-            self.buf += chunk
+            self._fill()
         head, _, self.buf = self.buf.partition(marker)
         return head
 
     def _need(self, n: int) -> bytes:
         while len(self.buf) < n:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("closed before a whole frame")
-            self.buf += chunk
+            self._fill()
         out, self.buf = self.buf[:n], self.buf[n:]
         return out
 
     def send_frame(self, opcode: int, payload: bytes, fin: bool = True) -> None:
         """A masked client frame (RFC 6455 5.3)."""
-        import struct
-
-        mask = os.urandom(4)
-        head = bytes([(0x80 if fin else 0) | opcode])
-        n = len(payload)
-        if n < 126:
-            head += bytes([0x80 | n])
-        elif n < 65536:
-            head += bytes([0x80 | 126]) + struct.pack("!H", n)
-        else:
-            head += bytes([0x80 | 127]) + struct.pack("!Q", n)
-        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-        self.sock.sendall(head + mask + masked)
+        self.sock.sendall(frame_bytes(opcode, payload, fin))
 
     def send_json(self, obj: dict[str, Any]) -> None:
         self.send_frame(0x1, json.dumps(obj).encode())
 
     def recv_frame(self) -> tuple[int, bytes]:
-        import struct
-
         b0, b1 = self._need(2)
         n = b1 & 0x7F
         if n == 126:
@@ -404,8 +478,6 @@ class RawClient:
 
     def close_code(self) -> int:
         """Read frames until the server's close frame; its code."""
-        import struct
-
         while True:
             opcode, payload = self.recv_frame()
             if opcode == 0x8:

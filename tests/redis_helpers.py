@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tests.helpers import free_port, scaled
 
-__all__ = ["RedisCluster", "RedisServer", "delete_prefix"]
+__all__ = ["RedisCluster", "RedisServer", "delete_prefix", "redis_server"]
 
 
 def cluster_port() -> int:
@@ -157,6 +157,7 @@ def delete_prefix(servers: Sequence[RedisServer], prefix: str) -> None:
 
 @contextlib.contextmanager
 def redis_server() -> Iterator[RedisServer]:
+    """A started server, stopped (its directory removed) however the block ends."""
     server = RedisServer()
     try:
         server.start()

@@ -17,31 +17,21 @@ from typing import Any
 from websockets.exceptions import WebSocketException
 
 from tests.helpers import (
+    FAST,
     Client,
     RawClient,
     Server,
     clients_on_shards,
     closing,
+    collect,
     connect_client,
+    dropped_room,
+    frame_bytes,
+    publish,
     room_owned_by,
     running_server,
     scaled,
 )
-from tests.test_cross_shard import FAST, collect, publish
-
-
-def masked_frame(payload: bytes, opcode: int = 0x1) -> bytes:
-    """One masked client frame (RFC 6455 5.3)."""
-    mask = os.urandom(4)
-    n = len(payload)
-    if n < 126:
-        head = bytes([0x80 | opcode, 0x80 | n])
-    elif n < 65536:
-        head = bytes([0x80 | opcode, 0x80 | 126]) + struct.pack("!H", n)
-    else:
-        head = bytes([0x80 | opcode, 0x80 | 127]) + struct.pack("!Q", n)
-    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    return head + mask + masked
 
 
 class StreamClient:
@@ -69,7 +59,7 @@ class StreamClient:
         return client
 
     def send_all(self, objs: list[dict[str, Any]]) -> None:
-        self.writer.write(b"".join(masked_frame(json.dumps(o).encode()) for o in objs))
+        self.writer.write(b"".join(frame_bytes(0x1, json.dumps(o).encode()) for o in objs))
 
     async def recv(self, timeout: float = 10) -> dict[str, Any]:
         while True:
@@ -380,24 +370,15 @@ async def test_lapped_reader_fills_every_gap_under_load() -> None:
 async def test_history_on_a_shard_that_dropped_the_room_fetches_from_the_owner() -> None:
     """Issue 12.6: a shard drops its idle copy of a room; a ``history`` there (no join)
     gets the room's messages back from the owner, as a ``join`` with ``since`` does."""
-    with running_server(workers=3, settings=[*FAST, "delivery.room_idle=1"]) as srv:
-        room = room_owned_by(0, prefix="hist")
-        (pub,) = await clients_on_shards(srv.url, [0], prefix="hpub")
-        async with closing([pub]):
-            await pub.join(room)
-            await publish(pub, room, 20, "h")
-            srv.wait_for_log(
-                lambda ev: any(e.get("event") == "rooms_dropped" and e["shard"] == 1 for e in ev)
-            )
-            (late,) = await clients_on_shards(srv.url, [1], prefix="hlate")
-            async with closing([late]):
-                held = await history(late, room)
-                assert held == {i + 1: f"h:{i}" for i in range(20)}
-                await late.send(type="history", room=room, since=15)
-                got = await collect(late, room, 5)
-                assert [m["seq"] for m in got] == [16, 17, 18, 19, 20]
-                end = await late.recv_type("history_end")
-                assert end["seq"] == 20
+    async with dropped_room("hist", tag="h") as dropped:
+        room, late = dropped.room, dropped.late
+        held = await history(late, room)
+        assert held == {i + 1: f"h:{i}" for i in range(20)}
+        await late.send(type="history", room=room, since=15)
+        got = await collect(late, room, 5)
+        assert [m["seq"] for m in got] == [16, 17, 18, 19, 20]
+        end = await late.recv_type("history_end")
+        assert end["seq"] == 20
 
 
 async def test_large_replay_is_paced_not_cut() -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from shardchat.procstat import stat_fields
 from tests.helpers import Server, check_neighbour, good_neighbour, running_server, scaled
 
 TOKEN = "admin-token-for-tests"
@@ -82,10 +83,9 @@ async def test_admin_host_token_and_shards_without_the_admin_socket() -> None:
 
 def _parent(pid: int) -> int:
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat_fields(pid)[1])
     except OSError:
         return -1
-    return int(stat.rsplit(")", 1)[1].split()[1])
 
 
 def test_idle_admin_connections_time_out() -> None:

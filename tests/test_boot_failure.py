@@ -8,7 +8,7 @@ import multiprocessing
 import os
 
 from shardchat.brokers.segments import Fabric
-from shardchat.core.config import load_config
+from shardchat.configload import load_config
 from shardchat.ring.layout import OFF_MAGIC, U64
 from shardchat.shard.main import EXIT_BOOT_ERROR, ShardSpec, run_shard
 

@@ -8,8 +8,16 @@ import os
 import signal
 from typing import Any
 
-from tests.helpers import Client, clients_on_shards, closing, room_owned_by, running_server
-from tests.test_cross_shard import FAST, publish
+from tests.helpers import (
+    FAST,
+    Client,
+    clients_on_shards,
+    closing,
+    dropped_room,
+    publish,
+    room_owned_by,
+    running_server,
+)
 
 
 async def page(client: Client, room: str, **query: Any) -> tuple[list[int], list[str], int]:
@@ -78,21 +86,12 @@ async def test_latest_from_a_shard_that_dropped_the_room() -> None:
     """A shard that dropped its idle copy of the room fetches it back from the owner
     before a join without `since` (or a `history`) is answered: a late joiner there
     sees the latest messages."""
-    with running_server(workers=3, settings=[*FAST, "delivery.room_idle=1"]) as srv:
-        room = room_owned_by(0, prefix="dropped")
-        (pub,) = await clients_on_shards(srv.url, [0], prefix="dp")
-        async with closing([pub]):
-            await pub.join(room)
-            await publish(pub, room, 20, "x")
-            srv.wait_for_log(
-                lambda ev: any(e.get("event") == "rooms_dropped" and e["shard"] == 1 for e in ev)
-            )
-            (late,) = await clients_on_shards(srv.url, [1], prefix="late")
-            async with closing([late]):
-                joined = await late.join(room)
-                assert joined["seq"] == 20
-                seqs, got, end = await page(late, room, limit=5)
-                assert seqs == list(range(16, 21))
-                assert got == [f"x:{i}" for i in range(15, 20)] and end == 20
-                seqs, _, _ = await page(late, room, limit=5, before=16)
-                assert seqs == list(range(11, 16))
+    async with dropped_room("dropped") as dropped:
+        room, late = dropped.room, dropped.late
+        joined = await late.join(room)
+        assert joined["seq"] == 20
+        seqs, got, end = await page(late, room, limit=5)
+        assert seqs == list(range(16, 21))
+        assert got == [f"x:{i}" for i in range(15, 20)] and end == 20
+        seqs, _, _ = await page(late, room, limit=5, before=16)
+        assert seqs == list(range(11, 16))

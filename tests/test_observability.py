@@ -61,6 +61,12 @@ async def test_metrics_count_a_known_workload() -> None:
             assert {dict(k)["shard"]: v for k, v in per_shard.items()} == {"0": 4, "1": 3, "2": 3}
             assert total(metrics, "shardchat_joins_total") == 10
             assert metrics["shardchat_delivery_latency_seconds_count"][()] >= 100
+            # /status's per-shard means: the summed histogram's mean lies between them.
+            means = [shard["latency_ms"] for shard in srv.status()["shards"]]
+            mean = metrics["shardchat_delivery_latency_seconds_sum"][()] * 1000
+            mean /= metrics["shardchat_delivery_latency_seconds_count"][()]
+            assert all(m > 0 for m in means), means
+            assert min(means) - 0.001 <= mean <= max(means) + 0.001, (means, mean)
             assert total(metrics, "shardchat_ring_records_read_total") > 0
             os.kill(srv.shard_pids()[1], signal.SIGKILL)
             srv.wait_started(4)
@@ -88,7 +94,8 @@ def test_status_lists_every_shard_with_a_live_pid(server: Server) -> None:
     for shard in status["shards"]:
         assert shard["alive"] and shard["pid"] > 0
         os.kill(shard["pid"], 0)  # a live process
-        assert shard["uptime"] >= 0 and shard["restarts"] == 0
+        # Read from the shard's own stats block: it started after the supervisor.
+        assert 0 < shard["uptime"] <= status["uptime"] and shard["restarts"] == 0
     result = subprocess.run(
         [SHARDCHAT, "status", "--admin", f"http://127.0.0.1:{server.admin_port}"],
         capture_output=True,
@@ -98,6 +105,7 @@ def test_status_lists_every_shard_with_a_live_pid(server: Server) -> None:
     assert result.returncode == 0
     lines = result.stdout.splitlines()
     assert lines[1].split()[:3] == ["shard", "pid", "alive"]
+    assert lines[1].split()[-2:] == ["latency", "ms"]
     for shard in status["shards"]:
         assert any(line.split()[:2] == [str(shard["id"]), str(shard["pid"])] for line in lines)
     # host:port works as well as a URL.

@@ -11,10 +11,9 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import Server, running_server, scaled
+from tests.helpers import FAST, Server, running_server, scaled
 
 ROOT = Path(__file__).resolve().parent.parent
-FAST = ["limits.rate=100000", "limits.burst=100000"]
 
 
 def load(server: Server, tmp_path: Path, *args: str) -> dict[str, Any]:

@@ -31,19 +31,15 @@ from tests.helpers import (
     running_server,
     scaled,
 )
-from tests.redis_helpers import RedisCluster, RedisServer, delete_prefix
+from tests.redis_helpers import RedisCluster, RedisServer, delete_prefix, redis_server
 
 _names = itertools.count()
 
 
 @pytest.fixture(scope="module")
 def redis() -> Iterator[RedisServer]:
-    server = RedisServer()
-    try:
-        server.start()
+    with redis_server() as server:
         yield server
-    finally:
-        server.close()
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ import urllib.request
 
 from shardchat.client.chatclient import ChatClient, Message
 from tests.helpers import (
+    FAST,
     SHARDCHAT,
     RawClient,
     Server,
@@ -24,8 +25,6 @@ from tests.helpers import (
     running_server,
     scaled,
 )
-
-FAST = ["limits.rate=100000", "limits.burst=100000"]
 
 
 async def take(

@@ -5,7 +5,8 @@ query, a dict of headers, the peer's address); the engine adds what only it
 knows (connections open over the server and from this address, draining, the
 token verifier) and gets back either an :class:`Admitted` or a
 :class:`Refusal` to answer with. The verifier (PyJWT, keys read from files
-at start) is handed in, so that this module imports neither.
+at start) and the source of guest names (random, ``Hooks.guest_name``) are
+handed in, so that this module imports neither PyJWT nor a random source.
 The order of the checks is the order of PROTOCOL.md: draining (503), Origin
 (403), ``user``/``room`` names (400), ``server.max_connections`` (503),
 ``server.max_per_ip`` (503), the token when ``auth.secret`` is set (401), the
@@ -14,7 +15,6 @@ The order of the checks is the order of PROTOCOL.md: draining (503), Origin
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, NamedTuple
 from urllib.parse import parse_qsl
@@ -120,7 +120,7 @@ def admit(
         expires = identity.expires
     else:
         named = next((v for k, v in params if k == "user"), None)
-        user = named or f"guest-{secrets.token_hex(2)}"
+        user = named or hooks.guest_name()
     rooms = tuple(v for k, v in params if k == "room")
     if hooks.has_connect:
         info = ConnectInfo(shard_id, upgrade.peer, user, upgrade.path, upgrade.headers, rooms)

@@ -1,11 +1,11 @@
-"""The only configuration loader.
+"""The configuration: its dataclasses, and the validation of its values. Pure.
 
-Precedence, lowest first: built-in defaults < config file (``--config PATH``,
-else ``./config.toml`` when present) < ``SHARDCHAT_<SECTION>_<KEY>``
-environment variables < command-line overrides. The result is a frozen
-:class:`Config`, resolved once in the supervisor and inherited by the shards
-through fork. Every wrong value raises :class:`ConfigError` naming the key,
-the value and what is allowed.
+:func:`resolve` turns ``section.key`` values into a frozen :class:`Config`;
+every wrong value raises :class:`ConfigError` naming the key, the value and
+what is allowed. What it needs of the machine is handed in: the CPU count
+(for ``server.workers = "auto"``) and a test of whether a path is a file.
+The loader that reads the config file, the environment and the CPU count is
+:mod:`shardchat.configload`.
 """
 
 from __future__ import annotations
@@ -13,12 +13,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-import os
 import re
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from shardchat.core.errors import ConfigError
@@ -34,15 +31,16 @@ __all__ = [
     "PresenceConfig",
     "RedisConfig",
     "RingConfig",
+    "SECTIONS",
     "ServerConfig",
-    "load_config",
-    "parse_override",
+    "env_name",
+    "redact_url",
+    "resolve",
     "to_toml",
 ]
 
 ENV_PREFIX = "SHARDCHAT_"
 REDACTED = "<redacted>"
-DEFAULT_CONFIG_FILE = "config.toml"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -151,17 +149,18 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)
+    cpu_count: int = 1  # the machine's, read by the loader: server.workers = "auto"
 
     @property
     def workers(self) -> int:
         """The number of shards, with "auto" resolved to the CPU count."""
         if self.server.workers == "auto":
-            return os.cpu_count() or 1
+            return self.cpu_count
         assert isinstance(self.server.workers, int)
         return self.server.workers
 
 
-_SECTIONS: dict[str, type[Any]] = {
+SECTIONS: dict[str, type[Any]] = {
     "server": ServerConfig,
     "limits": LimitsConfig,
     "heartbeat": HeartbeatConfig,
@@ -248,9 +247,13 @@ def _secret(key: str, value: object) -> object:
     return value
 
 
+_NOT_A_FILE = "must be empty or the path of a readable file"
+
+
 def _file(key: str, value: object) -> object:
-    if not isinstance(value, str) or (value and not Path(value).is_file()):
-        raise ConfigError(key, value, "must be empty or the path of a readable file")
+    """The type only: :func:`resolve` asks its ``is_file`` whether the file is there."""
+    if not isinstance(value, str):
+        raise ConfigError(key, value, _NOT_A_FILE)
     return value
 
 
@@ -354,45 +357,11 @@ _CHECKS: dict[str, Check] = {
 
 
 def _check_complete() -> None:
-    keys = {f"{s}.{f.name}" for s, cls in _SECTIONS.items() for f in dataclasses.fields(cls)}
+    keys = {f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
     assert keys == set(_CHECKS), keys ^ set(_CHECKS)
 
 
 _check_complete()
-
-
-def parse_override(text: str) -> tuple[str, object]:
-    """Parse ``section.key=value`` (a ``--set`` flag) into the key and its value.
-
-    The value is read as a TOML value when it is one (``3``, ``1.5``,
-    ``["a", "b"]``, ``true``) and taken as a plain string otherwise, so that
-    ``--set log.level=debug`` needs no quotes.
-    """
-    key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(text, text, "--set takes section.key=value")
-    return key.strip(), _parse_scalar(raw.strip())
-
-
-def _parse_scalar(raw: str) -> object:
-    try:
-        return tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        return raw
-
-
-def _env_overrides(environ: Mapping[str, str]) -> dict[str, tuple[str, object]]:
-    """``section.key`` -> (the variable that set it, its value)."""
-    out: dict[str, tuple[str, object]] = {}
-    for name, raw in environ.items():
-        if not name.startswith(ENV_PREFIX):
-            continue
-        section, _, key = name[len(ENV_PREFIX) :].lower().partition("_")
-        if section not in _SECTIONS:
-            # SHARDCHAT_* variables of other tools (e.g. SHARDCHAT_TEST_*) are not ours.
-            continue
-        out[f"{section}.{key}"] = (name, _parse_scalar(raw))
-    return out
 
 
 def env_name(key: str) -> str:
@@ -405,59 +374,28 @@ def _unknown(key: str, source: str | None) -> str:
     if close:
         names = [env_name(k) if source else k for k in close]
         return "unknown key; did you mean " + " or ".join(names) + "?"
-    return (
-        "unknown key; sections: " + ", ".join(_SECTIONS) + " (`shardchat config` lists every key)"
-    )
+    return "unknown key; sections: " + ", ".join(SECTIONS) + " (`shardchat config` lists every key)"
 
 
-def _file_values(path: Path) -> dict[str, object]:
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError("--config", str(path), f"cannot be read ({exc.strerror})") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError("--config", str(path), f"is not valid TOML ({exc})") from exc
-    out: dict[str, object] = {}
-    for section, table in data.items():
-        if not isinstance(table, dict):
-            raise ConfigError(section, table, "must be a [section] table")
-        for key, value in table.items():
-            out[f"{section}.{key}"] = value
-    return out
-
-
-def load_config(
-    path: str | Path | None = None,
+def resolve(
+    values: Mapping[str, object],
     *,
-    overrides: Mapping[str, object] | None = None,
-    environ: Mapping[str, str] | None = None,
+    sources: Mapping[str, str] | None = None,
+    cpu_count: int,
+    is_file: Callable[[str], bool],
 ) -> Config:
-    """Resolve the effective configuration.
+    """The configuration of ``values`` (``section.key`` -> value) over the defaults.
 
     Args:
-        path: the config file; ``None`` reads ``./config.toml`` when it exists.
-        overrides: ``section.key`` values from command-line flags.
-        environ: the environment to read ``SHARDCHAT_*`` from (``os.environ``).
+        sources: the environment variable that set a key, for the error message.
+        cpu_count: the machine's CPUs, the number of shards ``"auto"`` means.
+        is_file: whether a path names a readable file (the TLS and key files).
 
     Raises:
         ConfigError: an unknown key, a wrong type or an out-of-range value.
     """
-    values: dict[str, object] = {}
-    if path is not None:
-        values.update(_file_values(Path(path)))
-    elif Path(DEFAULT_CONFIG_FILE).is_file():
-        values.update(_file_values(Path(DEFAULT_CONFIG_FILE)))
-    sources: dict[str, str] = {}  # keys set by an environment variable: its name
-    for key, (variable, value) in _env_overrides(
-        os.environ if environ is None else environ
-    ).items():
-        values[key] = value
-        sources[key] = variable
-    for key, value in (overrides or {}).items():
-        values[key] = value
-        sources.pop(key, None)
-
-    sections: dict[str, dict[str, object]] = {name: {} for name in _SECTIONS}
+    sources = sources or {}
+    sections: dict[str, dict[str, object]] = {name: {} for name in SECTIONS}
     for key, value in values.items():
         source = sources.get(key)
         check = _CHECKS.get(key)
@@ -465,12 +403,17 @@ def load_config(
             raise ConfigError(key, value, _unknown(key, source), source)
         section, _, name = key.partition(".")
         try:
-            sections[section][name] = check(key, value)
+            checked = check(key, value)
+            if check is _file and checked and not is_file(str(checked)):
+                raise ConfigError(key, value, _NOT_A_FILE)
+            sections[section][name] = checked
         except ConfigError as exc:
             if source is None:
                 raise
             raise ConfigError(exc.key, exc.value, exc.allowed, source) from None
-    config = Config(**{name: _SECTIONS[name](**kw) for name, kw in sections.items()})
+    config = Config(
+        **{name: SECTIONS[name](**kw) for name, kw in sections.items()}, cpu_count=cpu_count
+    )
     if config.limits.max_content + 1024 > config.limits.max_frame:
         raise ConfigError(
             "limits.max_content",
@@ -523,7 +466,7 @@ def to_toml(config: Config, *, redact: bool = True) -> str:
     Secrets that are set print as ``<redacted>``, unless ``redact`` is False.
     """
     lines: list[str] = []
-    for section in _SECTIONS:
+    for section in SECTIONS:
         if lines:
             lines.append("")
         lines.append(f"[{section}]")

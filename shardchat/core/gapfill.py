@@ -161,19 +161,17 @@ class GapFill:
             self.request(room, log_.seq + 1, held.last, now)
         self.release(room)
 
-    def ensure_history(
-        self, room: str, since: int | None, now: float, then: Callable[[], None]
-    ) -> bool:
-        """True when a join with ``since`` can be answered now; otherwise fetch the
-        room's held history (this engine has no log of it: dropped as idle, or a
-        restart) and call ``then`` once it is here."""
-        if since is not None and room in self.held_back:
+    def ensure_history(self, room: str, since: int, now: float, then: Callable[[], None]) -> bool:
+        """True when a join with ``since`` (0 without one) or a ``history`` (0) can be
+        answered now; otherwise fetch the room's held history (this engine has no log
+        of it: dropped as idle, or a restart) and call ``then`` once it is here."""
+        if room in self.held_back:
             # A gap being filled: answered once it is, so that `since` is judged
             # against everything the server holds (a resume after a reconnect).
             self._waiting.setdefault(room, []).append(then)
             return False
         log_ = self.logs.get(room)
-        if since is not None and log_ is not None and since > log_.seq:
+        if log_ is not None and since > log_.seq:
             # The client has seen more than this engine has yet (it published or
             # read on another engine an instant ago): fetch up to the latest seq
             # the broker knows first, so that the resume is judged on it.
@@ -182,7 +180,7 @@ class GapFill:
                 self._waiting.setdefault(room, []).append(then)
                 self.request(room, log_.seq + 1, latest, now, "resume_fetch")
                 return False
-        if since is None or room in self.logs or not self.history:
+        if room in self.logs or not self.history:
             return True
         latest = self.broker.latest_seq(room) or 0
         if latest <= since:

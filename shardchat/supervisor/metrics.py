@@ -22,10 +22,8 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from shardchat import __version__, stats
+from shardchat.procstat import cpu_and_rss
 from shardchat.stats import Slot, StatsView
-
-_TICKS = os.sysconf("SC_CLK_TCK")
-_PAGE = os.sysconf("SC_PAGE_SIZE")
 
 __all__ = ["ShardchatCollector", "make_registry"]
 
@@ -64,14 +62,11 @@ Processes = Callable[[], Sequence[tuple[str, int]]]
 def process_sample(pid: int) -> tuple[float, float, int] | None:
     """(CPU seconds, resident bytes, open fds) of a live process, from /proc."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            # Fields after the command name (which may hold spaces) in parentheses.
-            fields = f.read().rsplit(b")", 1)[1].split()
+        cpu, rss = cpu_and_rss(pid)
         fds = len(os.listdir(f"/proc/{pid}/fd"))
     except OSError:
         return None  # gone between the listing and the read
-    cpu = (int(fields[11]) + int(fields[12])) / _TICKS  # utime + stime
-    return cpu, int(fields[21]) * _PAGE, fds
+    return cpu, rss, fds
 
 
 class ShardchatCollector(Collector):

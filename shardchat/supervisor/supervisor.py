@@ -61,7 +61,6 @@ class ShardSlot:
     started_ns: int = 0  # monotonic ns, against the ring's heartbeat
     killed_stuck: bool = False  # SIGKILLed for a stuck loop; the exit restarts it
     unlistened: bool = False  # its listening socket was shut down for a silent loop
-    started_wall: float = 0.0  # time.time(), for status
     incarnation: int = -1
     restarts: int = 0
     backoff: float = 0.0
@@ -385,7 +384,6 @@ class Supervisor:
         slot.started_ns = time.monotonic_ns()
         slot.killed_stuck = False
         slot.unlistened = False
-        slot.started_wall = time.time()
         self._selector.register(process.sentinel, selectors.EVENT_READ, lambda: self._on_exit(slot))
         if slot.incarnation:
             slot.restarts += 1
@@ -445,16 +443,26 @@ class Supervisor:
         connections = 0
         for slot, block in zip(self.slots, blocks, strict=True):
             alive = slot.process is not None
+            # The shard writes its pid and start time into its block once it has
+            # attached: until then (and after it died) the block's gauges are not
+            # this process's, and it has no uptime yet.
+            attached = alive and block[Slot.PID] == slot.pid
             connections += block[Slot.CONNECTIONS] if alive else 0
+            delivered = block[Slot.LATENCY_COUNT]
             shards.append(
                 {
                     "id": slot.shard_id,
                     "pid": slot.pid,
                     "alive": alive,
-                    "uptime": round(now - slot.started_wall, 3) if alive else 0,
+                    "uptime": round(now - block[Slot.STARTED_NS] / 1e9, 3) if attached else 0,
                     "restarts": slot.restarts,
                     "connections": block[Slot.CONNECTIONS] if alive else 0,
                     "rooms": block[Slot.ROOMS] if alive else 0,
+                    # Mean publish-to-delivery time of the messages this shard id
+                    # delivered since the server started (/metrics sums the shards).
+                    "latency_ms": (
+                        round(block[Slot.LATENCY_SUM_US] / delivered / 1000, 3) if delivered else 0
+                    ),
                 }
             )
         total = self._stats.total

@@ -22,8 +22,9 @@ from shardchat.addrtable import AddrTable, table_capacity
 from shardchat.auth import verifier_from_config
 from shardchat.brokers.sequencer import owner_of
 from shardchat.brokers.shm import ShmBroker
+from shardchat.configload import load_config
 from shardchat.core.admission import Refusal, Upgrade
-from shardchat.core.config import Config, load_config
+from shardchat.core.config import Config
 from shardchat.core.engine import RoomEngine
 from shardchat.core.outputs import Close, Output, Paced
 from shardchat.hooks import Hooks
@@ -135,6 +136,7 @@ class Box:
         self.brokers: list[ShmBroker] = []
         self.stopped: set[int] = set()
         self._ids = itertools.count(1)
+        self._guests = itertools.count(1)  # guest names in order, not random
         for shard in range(workers):
             engine, broker = self._engine(shard)
             self.engines.append(engine)
@@ -162,7 +164,7 @@ class Box:
             "epoch-1",
             broker,
             self.stats[shard],
-            Hooks(self.app),
+            Hooks(self.app, guest_name=lambda: f"guest-{next(self._guests):04x}"),
             verify=None if verifier is None else verifier.verify,
             addrs=addrs,
             id_prefix=f"i{next(self._ids)}",

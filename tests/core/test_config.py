@@ -1,7 +1,10 @@
-"""The config loader: defaults, precedence, and a clear error for each kind of mistake."""
+"""The configuration: the loader (shardchat.configload: defaults, precedence) and the
+pure validation (shardchat.core.config.resolve), with a clear error for each kind of
+mistake."""
 
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 
@@ -11,7 +14,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from shardchat.cli import main
-from shardchat.core.config import Config, load_config, parse_override, to_toml
+from shardchat.configload import load_config, parse_override
+from shardchat.core.config import Config, resolve, to_toml
 from shardchat.core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -19,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 
 def test_config_toml_holds_every_default() -> None:
     """config.toml at the repo root is exactly the built-in defaults, key for key."""
-    assert load_config(ROOT / "config.toml", environ={}) == Config()
+    assert load_config(ROOT / "config.toml", environ={}) == Config(cpu_count=os.cpu_count() or 1)
     in_file = tomllib.loads((ROOT / "config.toml").read_text())
     in_code = tomllib.loads(to_toml(Config()))
     assert {s: set(t) for s, t in in_file.items()} == {s: set(t) for s, t in in_code.items()}
@@ -38,10 +42,35 @@ def test_precedence_file_env_flags(tmp_path: Path) -> None:
 
 
 def test_auto_workers_is_the_cpu_count() -> None:
-    import os
-
     assert load_config(environ={}).workers == (os.cpu_count() or 1)
     assert load_config(environ={}, overrides={"server.workers": 3}).workers == 3
+
+
+def test_resolve_reads_nothing_of_the_machine(tmp_path: Path) -> None:
+    """The pure half: the CPU count and the file test are what it is given, not the
+    machine's (the loader hands in os.cpu_count() and Path.is_file)."""
+    real = tmp_path / "cert.pem"
+    real.write_text("x")
+    asked: list[str] = []
+
+    def is_file(path: str) -> bool:
+        asked.append(path)
+        return path == "/given/cert.pem"
+
+    tls = {"server.tls_cert": "/given/cert.pem", "server.tls_key": "/given/cert.pem"}
+    config = resolve(tls, cpu_count=37, is_file=is_file)
+    assert config.workers == 37 and config.server.tls_cert == "/given/cert.pem"
+    assert asked == ["/given/cert.pem", "/given/cert.pem"]
+    with pytest.raises(ConfigError, match="path of a readable file"):
+        resolve({"server.tls_cert": str(real)}, cpu_count=1, is_file=is_file)
+    # The loader's own file test: a file there is one, a missing one is not.
+    assert load_config(environ={}, overrides={"auth.jwks_file": str(real)})
+    with pytest.raises(ConfigError, match="path of a readable file"):
+        load_config(environ={}, overrides={"auth.jwks_file": str(tmp_path / "gone")})
+    env = {"SHARDCHAT_AUTH_JWKS_FILE": str(tmp_path / "gone")}
+    with pytest.raises(ConfigError) as caught:
+        load_config(environ=env)
+    assert caught.value.source == "SHARDCHAT_AUTH_JWKS_FILE"
 
 
 @pytest.mark.parametrize(

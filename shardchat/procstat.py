@@ -1,0 +1,36 @@
+"""A process's /proc/PID/stat (Linux): the fields the metrics and the perf tools read.
+
+One parser, because the command name (field 2) is in parentheses and may hold
+spaces and parentheses itself: the fields are counted after its last ``)``.
+"""
+
+from __future__ import annotations
+
+import os
+
+__all__ = ["cpu_and_rss", "cpu_seconds", "stat_fields"]
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def stat_fields(pid: int) -> list[bytes]:
+    """The fields after the command name: ``[0]`` is the state (field 3 of proc(5)),
+    ``[1]`` the parent pid, ``[11]``/``[12]`` utime/stime, ``[21]`` rss in pages.
+
+    Raises:
+        OSError: the process is gone (or was never there).
+    """
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        return f.read().rsplit(b")", 1)[1].split()
+
+
+def cpu_and_rss(pid: int) -> tuple[float, int]:
+    """User plus system CPU seconds, and resident bytes, from one read."""
+    fields = stat_fields(pid)
+    return (int(fields[11]) + int(fields[12])) / _TICKS, int(fields[21]) * _PAGE
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU seconds used so far."""
+    return cpu_and_rss(pid)[0]
