@@ -9,44 +9,19 @@ import zlib
 from typing import Any
 
 from tests.helpers import (
+    FAST,
     Client,
     RawClient,
     Server,
     clients_on_shards,
     closing,
+    collect,
     connect_client,
+    dropped_room,
+    publish,
     room_owned_by,
     running_server,
 )
-
-FAST = ["limits.rate=100000", "limits.burst=100000"]
-
-
-async def collect(
-    client: Client, room: str, count: int, timeout: float = 60
-) -> list[dict[str, Any]]:
-    got: list[dict[str, Any]] = []
-    while len(got) < count:
-        frame = await client.recv(timeout)
-        if frame["type"] == "message" and frame["room"] == room:
-            got.append(frame)
-    return got
-
-
-async def publish(
-    client: Client, room: str, count: int, tag: str, body: str = ""
-) -> list[dict[str, Any]]:
-    """Send ``count`` messages without waiting, then gather every ack."""
-    for i in range(count):
-        content = f"{tag}:{i}{body}"
-        await client.send(type="message", room=room, content=content, id=f"{tag}-{i}")
-    acks: list[dict[str, Any]] = []
-    while len(acks) < count:
-        frame = await client.recv(60)
-        if frame["type"] == "ack":
-            acks.append(frame)
-        assert frame["type"] != "error", frame
-    return acks
 
 
 async def test_six_senders_thirty_receivers_one_order() -> None:
@@ -269,24 +244,14 @@ async def test_lapped_shard_fills_the_gap_from_the_owner() -> None:
 async def test_idle_room_dropped_then_fetched_back_from_its_owner() -> None:
     """A shard drops its copy of an idle room it neither owns nor has members of; a later
     join with since there gets the history back from the owner, recovered, in order."""
-    with running_server(workers=3, settings=[*FAST, "delivery.room_idle=1"]) as srv:
-        room = room_owned_by(0)
-        (pub,) = await clients_on_shards(srv.url, [0], prefix="idle")
-        async with closing([pub]):
-            joined = await pub.join(room)
-            await publish(pub, room, 20, "x")
-            srv.wait_for_log(
-                lambda ev: any(e.get("event") == "rooms_dropped" and e["shard"] == 1 for e in ev)
-            )
-            (late,) = await clients_on_shards(srv.url, [1], prefix="late")
-            async with closing([late]):
-                rejoined = await late.join(room, since=5, epoch=joined["epoch"])
-                assert rejoined["seq"] == 20 and rejoined["recovered"] is True
-                got = await collect(late, room, 15)
-                assert [m["content"] for m in got] == [f"x:{i}" for i in range(5, 20)]
-                # Live messages follow the fetched history without a gap.
-                await publish(pub, room, 3, "y")
-                more = await collect(late, room, 3)
-                assert [m["seq"] for m in more] == [21, 22, 23]
-        fetches = [e for e in srv.log_events() if e.get("event") == "history_fetch"]
+    async with dropped_room("idle") as d:
+        rejoined = await d.late.join(d.room, since=5, epoch=d.epoch)
+        assert rejoined["seq"] == 20 and rejoined["recovered"] is True
+        got = await collect(d.late, d.room, 15)
+        assert [m["content"] for m in got] == [f"x:{i}" for i in range(5, 20)]
+        # Live messages follow the fetched history without a gap.
+        await publish(d.publisher, d.room, 3, "y")
+        more = await collect(d.late, d.room, 3)
+        assert [m["seq"] for m in more] == [21, 22, 23]
+        fetches = [e for e in d.server.log_events() if e.get("event") == "history_fetch"]
         assert fetches and fetches[0]["shard"] == 1
