@@ -19,14 +19,18 @@ visible part of the RTTs.
     python -m perf.prober --port 8080 --connections 1000 --seconds 30 --cpu 1
     python -m perf.prober --floor --connections 100 --seconds 10   # its floor
 
-Prints one JSON object (``rtt_ms``, ``send_lag_ms``, ``client_limited``, the
-slowest pings with their times) on stdout.
+Its connections are opened the same way, each connect (non-blocking, in the
+same loop) at its exact due time at ``--connect-rate``, and timed from then
+to the handshake's 101. Prints one JSON object (``rtt_ms``, ``send_lag_ms``,
+``client_limited``, the slowest pings with their times, and ``connect`` with
+the same for the connects) on stdout.
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import errno
 import gc
 import json
 import os
@@ -36,6 +40,7 @@ import select
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +57,7 @@ WORST = 20  # the slowest pings reported with their times
 # Either spacing: shardchat's orjson writes "t":1, the baseline's json.dumps "t": 1.
 _T = re.compile(rb'"t": ?(\d+)')
 _C = re.compile(rb'"c": ?(\d+)')
+clock = time.monotonic_ns  # the timerfd's clock (CLOCK_MONOTONIC)
 _PONG = re.compile(rb'^\{"type": ?"pong"')
 
 
@@ -124,11 +130,13 @@ class Samples:
     closed: int = 0
 
 
-def summarise(s: Samples, cpu_share: float, seconds: float) -> dict[str, Any]:
-    def pcts(values: list[float]) -> dict[str, float]:
-        qs = (("p50", 50), ("p90", 90), ("p99", 99), ("p999", 99.9), ("max", 100))
-        return {name: round(percentile(values, q), 4) for name, q in qs} if values else {}
+def pcts(values: list[float]) -> dict[str, float]:
+    """p50, p90, p99, p99.9 and max; empty for no values."""
+    qs = (("p50", 50), ("p90", 90), ("p99", 99), ("p999", 99.9), ("max", 100))
+    return {name: round(percentile(values, q), 4) for name, q in qs} if values else {}
 
+
+def summarise(s: Samples, cpu_share: float, seconds: float) -> dict[str, Any]:
     lag_p99 = percentile(s.lags_ms, 99) if s.lags_ms else 0.0
     return {
         "pings": s.sent,
@@ -184,24 +192,177 @@ class Alarm:
         os.close(self.fd)
 
 
-def _connect(host: str, port: int, path: str, source: str, timeout: float) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.bind((source, 0))
-    sock.settimeout(timeout)
-    sock.connect((host, port))
-    sock.sendall(upgrade_request(host, port, path))
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = sock.recv(4096)
-        if not chunk:
-            raise ConnectionError("closed during the handshake")
-        head += chunk
-    if not head.startswith(b"HTTP/1.1 101"):
+class Prober:
+    """The prober's connections and its one epoll loop: timed connects, then timed pings."""
+
+    def __init__(self, host: str, port: int, source: str, path: str) -> None:
+        self.addr = (host, port)
+        self.source = source
+        self.request = upgrade_request(host, port, path)
+        self.poller = select.epoll()
+        self.alarm = Alarm()
+        self.poller.register(self.alarm.fd, select.EPOLLIN)
+        self.socks: list[socket.socket] = []
+        self.bufs: list[bytearray] = []
+        self.due: list[int] = []  # when each connection's connect was due
+        self.upgraded: list[bool] = []
+        self.by_fd: dict[int, int] = {}
+        self.samples = Samples()
+        self.connect_ms: list[float] = []
+        self.connect_lag_ms: list[float] = []
+        self.failures: dict[str, int] = {}
+        self.ping_start = 0
+
+    def wait_until(self, due: int) -> None:
+        """Read until ``due``: epoll woken by the alarm ``SPIN_NS`` before, then a spin."""
+        if due - clock() > SPIN_NS:
+            self.alarm.at(due - SPIN_NS)
+            while due - clock() > SPIN_NS:
+                self.read(-1)
+        while clock() < due:
+            self.read(0)
+
+    def open(self, due: int) -> None:
+        """Start a non-blocking connect; the handshake goes on in ``read``."""
+        self.connect_lag_ms.append((clock() - due) / 1e6)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind((self.source, 0))
+        err = sock.connect_ex(self.addr)
+        if err not in (0, errno.EINPROGRESS):
+            self._fail(sock, os.strerror(err))
+            return
+        i = len(self.socks)
+        self.socks.append(sock)
+        self.bufs.append(bytearray())
+        self.due.append(due)
+        self.upgraded.append(False)
+        self.by_fd[sock.fileno()] = i
+        self.poller.register(sock.fileno(), select.EPOLLOUT)
+
+    def connect(self, count: int, rate: float, timeout: float = 30.0) -> None:
+        """Open ``count`` connections, connect ``k`` due at ``k / rate`` s from now."""
+        start = clock()
+        for k in range(count):
+            due = start + round(k * 1e9 / rate)
+            self.wait_until(due)
+            self.open(due)
+        deadline = clock() + int(timeout * 1e9)
+        while self.pending() and clock() < deadline:
+            self.read(0.1)
+        for i, sock in enumerate(self.socks):
+            if not self.upgraded[i] and sock.fileno() >= 0:
+                self.poller.unregister(sock.fileno())
+                self._fail(sock, "timeout")
+
+    def pending(self) -> int:
+        return sum(1 for i, s in enumerate(self.socks) if not self.upgraded[i] and s.fileno() >= 0)
+
+    def _fail(self, sock: socket.socket, why: str) -> None:
+        self.failures[why] = self.failures.get(why, 0) + 1
         sock.close()
-        raise ConnectionError(head.split(b"\r\n", 1)[0].decode(errors="replace"))
-    sock.setblocking(False)
-    return sock
+
+    def read(self, timeout: float) -> None:
+        events = self.poller.poll(timeout)
+        if not events:
+            return
+        now = clock()  # the arrivals: before the reads, not after them
+        for fd, mask in events:
+            if fd == self.alarm.fd:
+                self.alarm.clear()
+                continue
+            i = self.by_fd[fd]
+            sock = self.socks[i]
+            if mask & select.EPOLLOUT:  # the TCP connect is done (or failed)
+                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                self.poller.unregister(fd)
+                if err:
+                    self._fail(sock, os.strerror(err))
+                    continue
+                sock.send(self.request)
+                self.poller.register(fd, select.EPOLLIN)
+                continue
+            try:
+                data = sock.recv(65536)
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                data, why = b"", type(exc).__name__
+            else:
+                why = "closed"
+            if not data:
+                self.poller.unregister(fd)
+                if self.upgraded[i]:
+                    self.samples.closed += 1
+                    sock.close()
+                else:
+                    self._fail(sock, why)
+                continue
+            buf = self.bufs[i]
+            buf += data
+            if not self.upgraded[i]:
+                end = buf.find(b"\r\n\r\n")
+                if end < 0:
+                    continue
+                if not buf.startswith(b"HTTP/1.1 101"):
+                    self.poller.unregister(fd)
+                    self._fail(sock, "HTTP " + bytes(buf[9:12]).decode(errors="replace"))
+                    continue
+                self.upgraded[i] = True
+                self.connect_ms.append((now - self.due[i]) / 1e6)
+                del buf[: end + 4]
+            frames, used = parse_frames(buf)
+            del buf[:used]
+            for opcode, payload in frames:
+                if opcode == 0x9:  # the server's heartbeat: answer as a browser does
+                    sock.send(client_frame(payload, 0xA))
+                elif opcode == 0x1 and (stamp := pong_stamp(payload)) is not None:
+                    self._pong((now - stamp[0]) / 1e6, (stamp[0] - self.ping_start) / 1e9, stamp[1])
+
+    def _pong(self, rtt: float, at_s: float, conn: int) -> None:
+        samples = self.samples
+        samples.rtts_ms.append(rtt)
+        if len(samples.worst) < WORST or rtt > samples.worst[0][0]:
+            samples.worst.append((rtt, at_s, conn))
+            samples.worst.sort()
+            del samples.worst[:-WORST]
+
+    def ping(self, seconds: float, period: float) -> None:
+        """Each open connection pings once per ``period`` for ``seconds``, open-loop."""
+        live = [i for i, up in enumerate(self.upgraded) if up]
+        if not live:
+            return
+        schedule = Schedule(clock() + 200_000_000, len(live), period)  # welcomes first
+        self.ping_start = schedule.start_ns
+        samples = self.samples
+        for k in range(schedule.total(seconds)):
+            due = schedule.due(k)
+            self.wait_until(due)
+            i = live[schedule.conn(k)]
+            frame = ping_frame(due, i)
+            # How late the send began (the send itself, loopback's TCP path into
+            # the server's socket, is part of the RTT as for any client).
+            samples.lags_ms.append((clock() - due) / 1e6)
+            try:
+                self.socks[i].send(frame)
+            except OSError:
+                samples.closed += 1
+            samples.sent += 1
+        end = clock() + int(DRAIN_S * 1e9)
+        while len(samples.rtts_ms) < samples.sent and (left := end - clock()) > 0:
+            self.read(left / 1e9)
+
+    def close(self) -> None:
+        for sock in self.socks:
+            sock.close()
+        self.poller.close()
+        self.alarm.close()
+
+
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def probe(
@@ -212,87 +373,39 @@ def probe(
     source: str = "127.0.0.1",
     path: str = "/ws?user=probe",
     period: float = 1.0,
+    connect_rate: float = 1000.0,
+    go: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
-    socks = [_connect(host, port, path, source, 10.0) for _ in range(connections)]
-    by_fd = {s.fileno(): i for i, s in enumerate(socks)}
-    bufs = [bytearray() for _ in socks]
-    poller = select.epoll()
-    for s in socks:
-        poller.register(s.fileno(), select.EPOLLIN)
-    alarm = Alarm()
-    poller.register(alarm.fd, select.EPOLLIN)
-    samples = Samples()
-    clock = time.monotonic_ns
-    schedule = Schedule(clock() + 200_000_000, connections, period)  # the welcomes come first
-    total = schedule.total(seconds)
-
-    def read(timeout: float) -> None:
-        events = poller.poll(timeout)
-        if not events:
-            return
-        now = clock()  # the pongs' arrival: before the reads, not after them
-        for fd, _ in events:
-            if fd == alarm.fd:
-                alarm.clear()
-                continue
-            i = by_fd[fd]
-            try:
-                data = socks[i].recv(65536)
-            except BlockingIOError:
-                continue
-            if not data:
-                poller.unregister(fd)
-                samples.closed += 1
-                continue
-            buf = bufs[i]
-            buf += data
-            frames, used = parse_frames(buf)
-            del buf[:used]
-            for opcode, payload in frames:
-                if opcode == 0x9:  # the server's heartbeat: answer as a browser does
-                    socks[i].send(client_frame(payload, 0xA))
-                elif opcode == 0x1 and (stamp := pong_stamp(payload)) is not None:
-                    rtt = (now - stamp[0]) / 1e6
-                    samples.rtts_ms.append(rtt)
-                    if len(samples.worst) < WORST or rtt > samples.worst[0][0]:
-                        samples.worst.append((rtt, (stamp[0] - schedule.start_ns) / 1e9, stamp[1]))
-                        samples.worst.sort()
-                        del samples.worst[:-WORST]
-
+    """Open ``connections`` at ``connect_rate``/s, then (after ``go()`` returns, if
+    given) ping from each once per ``period`` for ``seconds``."""
+    prober = Prober(host, port, source, path)
     # Nothing the prober allocates lives long; a collection mid-run would be its own stall.
     gc.collect()
     gc.freeze()
     gc.disable()
-    usage0, wall0 = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
-    for k in range(total):
-        due = schedule.due(k)
-        if due - clock() > SPIN_NS:
-            alarm.at(due - SPIN_NS)
-            while due - clock() > SPIN_NS:
-                read(-1)
-        while clock() < due:
-            read(0)
-        i = schedule.conn(k)
-        frame = ping_frame(due, i)
-        # How late the send began (the send itself, loopback's TCP path into the
-        # server's socket, is part of the RTT as for any client).
-        samples.lags_ms.append((clock() - due) / 1e6)
-        try:
-            socks[i].send(frame)
-        except OSError:
-            samples.closed += 1
-        samples.sent += 1
-    end = clock() + int(DRAIN_S * 1e9)
-    while len(samples.rtts_ms) < samples.sent and (left := end - clock()) > 0:
-        read(left / 1e9)
-    usage1, wall1 = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
-    gc.enable()
-    cpu = (usage1.ru_utime + usage1.ru_stime) - (usage0.ru_utime + usage0.ru_stime)
-    for s in socks:
-        s.close()
-    poller.close()
-    alarm.close()
-    return summarise(samples, cpu / max(1e-9, wall1 - wall0 - DRAIN_S), seconds)
+    try:
+        prober.connect(connections, connect_rate)
+        if go is not None:
+            go()
+        cpu0, wall0 = _cpu(), time.monotonic()
+        prober.ping(seconds, period)
+        cpu = _cpu() - cpu0
+        wall = time.monotonic() - wall0 - DRAIN_S
+    finally:
+        gc.enable()
+        prober.close()
+    out = summarise(prober.samples, cpu / max(1e-9, wall), seconds)
+    lag_p99 = percentile(prober.connect_lag_ms, 99) if prober.connect_lag_ms else 0.0
+    out["connect"] = {
+        "connections": connections,
+        "rate": connect_rate,
+        "up": len(prober.connect_ms),
+        "failures": prober.failures,
+        "connect_ms": pcts(prober.connect_ms),
+        "send_lag_ms": pcts(prober.connect_lag_ms),
+        "client_limited": lag_p99 > LAGGING_MS,
+    }
+    return out
 
 
 def realtime() -> None:
@@ -327,6 +440,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--seconds", type=float, default=30)
     p.add_argument("--period", type=float, default=1.0, help="seconds between a connection's pings")
     p.add_argument("--source", default="127.0.0.1", help="the source address to bind")
+    p.add_argument(
+        "--connect-rate", type=float, default=1000, help="connects/s, each at its exact time"
+    )
+    p.add_argument("--wait-go", action="store_true", help="ping only once a line comes on stdin")
     p.add_argument("--path", default="/ws?user=probe")
     p.add_argument("--cpu", type=int, help="pin the prober to this CPU")
     p.add_argument(
@@ -348,11 +465,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return out
     if a.cpu is not None and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {a.cpu})
-    result = probe(a.host, a.port, a.connections, a.seconds, a.source, a.path, a.period)
+    go = (lambda: sys.stdin.readline() and None) if a.wait_go else None
+    result = probe(
+        a.host, a.port, a.connections, a.seconds, a.source, a.path, a.period, a.connect_rate, go
+    )
     print(json.dumps(result))
     lag = result["send_lag_ms"].get("p99", 0.0)
+    c = result["connect"]
     print(
-        f"prober: rtt p50 {result['rtt_ms'].get('p50')} p99 {result['rtt_ms'].get('p99')} ms, "
+        f"prober: {c['up']} up, connect p50 {c['connect_ms'].get('p50')} "
+        f"p99 {c['connect_ms'].get('p99')} ms (send lag p99 {c['send_lag_ms'].get('p99')} ms); "
+        f"rtt p50 {result['rtt_ms'].get('p50')} p99 {result['rtt_ms'].get('p99')} ms, "
         f"send lag p99 {lag} ms, cpu {result['cpu_share']}"
         + ("  PROBER IS THE LIMIT" if result["client_limited"] else ""),
         file=sys.stderr,

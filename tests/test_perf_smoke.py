@@ -65,6 +65,8 @@ def test_hold_smoke_with_the_prober(perf_server: Server, tmp_path: Path) -> None
     assert probe["pings"] == 40 and probe["pongs"] == 40 and probe["missing"] == 0
     assert probe["closed_by_server"] == 0
     assert result["hold"]["rtt_ms"] == probe["rtt_ms"]
+    assert probe["connect"]["up"] == 20 and probe["connect"]["failures"] == {}
+    assert result["connect"]["connect_ms"] == probe["connect"]["connect_ms"]
     assert set(result["connect"]["tcp"]) >= {"ListenOverflows", "TCPSynRetrans"}
 
 
