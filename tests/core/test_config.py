@@ -61,6 +61,9 @@ def test_auto_workers_is_the_cpu_count() -> None:
         ("ring.bytes", 100_000, "power of two"),
         ("log.level", "loud", "one of"),
         ("server.origins", "https://x", "list of origin strings"),
+        ("server.backlog", 0, "integer from 1 to 65535"),
+        ("server.backlog", 65536, "integer from 1 to 65535"),
+        ("server.backlog", "deep", "integer from 1 to 65535"),
     ],
 )
 def test_each_mistake_names_key_value_and_allowed(key: str, value: object, words: str) -> None:
