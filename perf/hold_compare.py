@@ -60,6 +60,19 @@ def one(program: str, a: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _retried(program: str, a: argparse.Namespace, attempts: int = 3) -> dict[str, Any]:
+    """``one``, again on a fresh port if the server did not come up: on a shared
+    machine a port that was free when picked can be taken before the server binds."""
+    for attempt in range(attempts):
+        try:
+            return one(program, a)
+        except (RuntimeError, OSError) as exc:
+            if attempt == attempts - 1:
+                raise
+            print(f"retrying ({exc!r})", file=sys.stderr)
+    raise AssertionError("unreachable")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -85,7 +98,7 @@ def main() -> None:
     rows: dict[str, list[dict[str, Any]]] = {"new": [], "old": []}
     for r in range(args.rounds):
         for side in ["new", "old"] if r % 2 == 0 else ["old", "new"]:
-            row = one(sides[side], args)
+            row = _retried(sides[side], args)
             rows[side].append(row)
             print(f"{side} {json.dumps(row)}", file=sys.stderr)
     out = {"scenario": "hold_compare", "args": vars(args), "rows": rows}

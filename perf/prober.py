@@ -40,7 +40,6 @@ import select
 import socket
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -212,6 +211,16 @@ class Prober:
         self.connect_lag_ms: list[float] = []
         self.failures: dict[str, int] = {}
         self.ping_start = 0
+        self.go_fd = -1  # see wait_for
+        self.go_seen = False
+
+    def wait_for(self, fd: int) -> None:
+        """Until ``fd`` is readable, reading meanwhile: a prober that stopped reading
+        would not answer the server's heartbeat pings, and be closed (4408)."""
+        self.go_fd = fd
+        self.poller.register(fd, select.EPOLLIN)
+        while not self.go_seen:
+            self.read(-1)
 
     def wait_until(self, due: int) -> None:
         """Read until ``due``: epoll woken by the alarm ``SPIN_NS`` before, then a spin."""
@@ -271,6 +280,10 @@ class Prober:
         for fd, mask in events:
             if fd == self.alarm.fd:
                 self.alarm.clear()
+                continue
+            if fd == self.go_fd:
+                self.go_seen = True
+                self.poller.unregister(fd)
                 continue
             i = self.by_fd[fd]
             sock = self.socks[i]
@@ -374,10 +387,10 @@ def probe(
     path: str = "/ws?user=probe",
     period: float = 1.0,
     connect_rate: float = 1000.0,
-    go: Callable[[], None] | None = None,
+    go_fd: int | None = None,
 ) -> dict[str, Any]:
-    """Open ``connections`` at ``connect_rate``/s, then (after ``go()`` returns, if
-    given) ping from each once per ``period`` for ``seconds``."""
+    """Open ``connections`` at ``connect_rate``/s, then (once ``go_fd`` is readable,
+    if given) ping from each once per ``period`` for ``seconds``."""
     prober = Prober(host, port, source, path)
     # Nothing the prober allocates lives long; a collection mid-run would be its own stall.
     gc.collect()
@@ -385,8 +398,8 @@ def probe(
     gc.disable()
     try:
         prober.connect(connections, connect_rate)
-        if go is not None:
-            go()
+        if go_fd is not None:
+            prober.wait_for(go_fd)
         cpu0, wall0 = _cpu(), time.monotonic()
         prober.ping(seconds, period)
         cpu = _cpu() - cpu0
@@ -395,6 +408,8 @@ def probe(
         gc.enable()
         prober.close()
     out = summarise(prober.samples, cpu / max(1e-9, wall), seconds)
+    # CLOCK_MONOTONIC is the box's: a server-side log of the same clock lines up.
+    out["ping_start_ns"] = prober.ping_start
     lag_p99 = percentile(prober.connect_lag_ms, 99) if prober.connect_lag_ms else 0.0
     out["connect"] = {
         "connections": connections,
@@ -465,9 +480,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return out
     if a.cpu is not None and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {a.cpu})
-    go = (lambda: sys.stdin.readline() and None) if a.wait_go else None
+    go_fd = sys.stdin.fileno() if a.wait_go else None
     result = probe(
-        a.host, a.port, a.connections, a.seconds, a.source, a.path, a.period, a.connect_rate, go
+        a.host, a.port, a.connections, a.seconds, a.source, a.path, a.period, a.connect_rate, go_fd
     )
     print(json.dumps(result))
     lag = result["send_lag_ms"].get("p99", 0.0)
