@@ -11,9 +11,12 @@ went, so a server that queues cannot hide it by slowing the sender; each
 worker reports its own send lag (how late its sends went) and its CPU share
 while it sends, and a step where the load client was near a full core or
 sent late is marked ``client_limited``; a fan-out step also reports the
-server's CPU time per delivery, its cost whoever the limit.
+server's CPU time per delivery, its cost whoever the limit. ``hold --prober
+N``: N of the connections are perf.prober's, which times its connects and
+pings at 0.1 ms (the workers' uvloop timers tick in milliseconds), and the
+hold's figures are its.
 
-    python -m perf.load hold   --port 8080 --connections 50000 --seconds 300
+    python -m perf.load hold   --port 8080 --connections 50000 --seconds 300 --prober 1000
     python -m perf.load fanout --port 8080 --receivers 5000 --senders 10 --rates 2000,5000
     python -m perf.load rooms  --port 8080 --clients 10000 --room-size 10 --interval-ms 1000
 
