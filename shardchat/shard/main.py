@@ -159,8 +159,14 @@ class Shard:
         self._turn_due = False
         self._drain_due = False
         self._wake_pending = False
-        self._sweep_list: list[Connection] = []  # this pass's connections
-        self._sweep_at = 0  # the next of them to tick
+        # The sweep's pass: its connections, and the next pass's as they come (the
+        # live ones this pass ticked, then the ones added meanwhile), so that a
+        # pass starts without copying the whole set (0.3-0.5 ms at 15,000: an
+        # incref, a cache miss, per connection, once a pass).
+        self._sweep_list: list[Connection] = []
+        self._sweep_next: list[Connection] = []
+        self._sweep_new: list[Connection] = []
+        self._sweep_at = 0  # the next of this pass's connections to tick
         self._sweep_end = 0  # where this slice ends (its chunks go on until there)
         self._sweep_now = 0.0  # the slice's loop time
         self._stopping = threading.Event()
@@ -201,9 +207,14 @@ class Shard:
     def new_connection(self) -> Connection:
         self._next_conn_id += 1
         conn = Connection(self, self._next_conn_id)
-        self.connections.add(conn)
+        self.add(conn)
         self.accepted_total += 1
         return conn
+
+    def add(self, conn: Connection) -> None:
+        """Hold ``conn``: the sweep ticks it from its next pass on."""
+        self.connections.add(conn)
+        self._sweep_new.append(conn)
 
     def http_get(self, path: str) -> tuple[int, str, bytes]:
         if path == "/healthz":
@@ -319,7 +330,9 @@ class Shard:
         with all of them; the engine's and the broker's timers once per pass."""
         self.clock = now
         if self._sweep_at >= len(self._sweep_list):
-            self._sweep_list = list(self.connections)
+            self._sweep_list = self._sweep_next
+            self._sweep_list += self._sweep_new
+            self._sweep_next, self._sweep_new = [], []
             self._sweep_at = self._sweep_end = 0  # no chunk is pending: the pass is done
             engine = self.engine
             mono = _monotonic()
@@ -344,8 +357,11 @@ class Shard:
         now = self._sweep_now
         start = self._sweep_at
         end = min(self._sweep_end, start + SWEEP_CHUNK)
+        held, carried = self.connections, self._sweep_next
         for conn in self._sweep_list[start:end]:
-            conn.tick(now, interval, timeout, idle)
+            if conn in held:  # not closed since it was listed
+                conn.tick(now, interval, timeout, idle)
+                carried.append(conn)
         self._sweep_at = end
         if end < self._sweep_end:
             self.loop.call_soon(self._sweep_chunk)

@@ -50,8 +50,15 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
 def shard_with(loop: asyncio.AbstractEventLoop, n: int) -> tuple[Shard, list[Ticked]]:
     shard = Shard(Config(), 0, Engine(), Broker(), None, loop)  # type: ignore[arg-type]
     conns = [Ticked() for _ in range(n)]
-    shard.connections = conns  # type: ignore[assignment]
+    for conn in conns:
+        shard.add(conn)  # type: ignore[arg-type]
     return shard, conns
+
+
+def a_pass(shard: Shard, loop: asyncio.AbstractEventLoop, now: float) -> None:
+    for _ in range(SWEEP_SLICES):
+        shard.sweep(now)
+        run_turns(loop, 5)
 
 
 def run_turns(loop: asyncio.AbstractEventLoop, turns: int) -> None:
@@ -72,13 +79,31 @@ def test_a_slice_ticks_one_chunk_now_and_the_rest_on_later_turns(
 
 def test_a_pass_ticks_every_connection_once(loop: asyncio.AbstractEventLoop) -> None:
     shard, conns = shard_with(loop, 5003)  # not a multiple of anything
-    for _ in range(SWEEP_SLICES):
-        shard.sweep(1.0)
-        run_turns(loop, 5)
+    a_pass(shard, loop, 1.0)
     assert [c.ticks for c in conns] == [1] * len(conns)
     shard.sweep(2.0)  # the next pass starts from the first again
     run_turns(loop, 5)
     assert conns[0].ticks == 2 and conns[-1].ticks == 1
+
+
+def test_a_connection_added_mid_pass_is_ticked_from_the_next_and_a_closed_one_no_more(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    shard, conns = shard_with(loop, 2000)
+    shard.sweep(1.0)  # the first pass starts
+    run_turns(loop, 5)
+    late, gone = Ticked(), conns[-1]
+    shard.add(late)  # type: ignore[arg-type]
+    shard.connections.discard(gone)  # type: ignore[arg-type]  # as Shard.closed does
+    for _ in range(SWEEP_SLICES - 1):
+        shard.sweep(1.0)
+        run_turns(loop, 5)
+    assert late.ticks == 0 and gone.ticks == 0
+    assert [c.ticks for c in conns[:-1]] == [1] * (len(conns) - 1)
+    a_pass(shard, loop, 2.0)
+    assert late.ticks == 1 and gone.ticks == 0
+    assert [c.ticks for c in conns[:-1]] == [2] * (len(conns) - 1)
+    assert len(shard._sweep_list) == len(conns)  # the closed one is not carried
 
 
 def test_a_sweep_while_chunks_are_pending_extends_the_slice(
