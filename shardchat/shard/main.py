@@ -85,6 +85,7 @@ SWEEP_SLICES = 50
 # slice: the slice showed in the ping RTT p99 (perf/RESULTS.md, issue 14).
 SWEEP_CHUNK = 32
 BELL_WAIT = 0.2  # seconds; the bell thread checks for shutdown this often
+_NONES: list[None] = [None] * SWEEP_CHUNK
 _CHAT_PAGE = Path(__file__).parent.parent / "static" / "index.html"
 _S_CONNECTIONS = int(stats.Slot.CONNECTIONS)
 _S_UNLISTENED = int(stats.Slot.UNLISTENED)
@@ -163,8 +164,8 @@ class Shard:
         # live ones this pass ticked, then the ones added meanwhile), so that a
         # pass starts without copying the whole set (0.3-0.5 ms at 15,000: an
         # incref, a cache miss, per connection, once a pass).
-        self._sweep_list: list[Connection] = []
-        self._sweep_next: list[Connection] = []
+        self._sweep_list: list[Connection | None] = []  # None: ticked, let go
+        self._sweep_next: list[Connection | None] = []
         self._sweep_new: list[Connection] = []
         self._sweep_at = 0  # the next of this pass's connections to tick
         self._sweep_end = 0  # where this slice ends (its chunks go on until there)
@@ -330,6 +331,8 @@ class Shard:
         with all of them; the engine's and the broker's timers once per pass."""
         self.clock = now
         if self._sweep_at >= len(self._sweep_list):
+            # No copy: the next list was built as the last pass went (a copy would
+            # incref every connection at once).
             self._sweep_list = self._sweep_next
             self._sweep_list += self._sweep_new
             self._sweep_next, self._sweep_new = [], []
@@ -357,11 +360,14 @@ class Shard:
         now = self._sweep_now
         start = self._sweep_at
         end = min(self._sweep_end, start + SWEEP_CHUNK)
-        held, carried = self.connections, self._sweep_next
-        for conn in self._sweep_list[start:end]:
+        held, carried, listed = self.connections, self._sweep_next, self._sweep_list
+        for conn in listed[start:end]:
             if conn in held:  # not closed since it was listed
                 conn.tick(now, interval, timeout, idle)
                 carried.append(conn)
+        # Let go of them chunk by chunk: dropping the whole list at the next pass
+        # start would be a decref, a cache miss, per connection at once.
+        listed[start:end] = _NONES[: end - start]
         self._sweep_at = end
         if end < self._sweep_end:
             self.loop.call_soon(self._sweep_chunk)
