@@ -1,8 +1,10 @@
 """Hold N connections on W shards: ping RTT p99 and PSS per connection, two checkouts.
 
-The load client (this checkout's perf.load, open-loop pings from sampled
-connections, several processes and source addresses) connects at
-``--connect-rate`` and then pings for ``--seconds``; the server's PSS (the
+The load client (this checkout's perf.load, several processes and source
+addresses) connects at ``--connect-rate`` (open-loop: a connect's time counts
+from when it was due), then perf.prober opens ``--sample`` more and pings
+from them for ``--seconds`` (open-loop, each ping sent at its exact due
+time); the server's PSS (the
 supervisor and every shard, /proc/PID/smaps_rollup) is read before and after.
 Sides alternate round by round.
 
@@ -34,22 +36,41 @@ def one(program: str, a: argparse.Namespace) -> dict[str, Any]:
             a.connections,
             a.seconds,
             connect_rate=a.connect_rate,
-            sample=a.sample,
+            prober=a.sample,
             workers=max(1, -(-a.connections // 19000)),
+            **({"prober_cpu": run.CLIENT_CPU} if a.cpus else {}),
+            **({"prober_rt": True} if a.rt else {}),
         )
         after = server_pss(server)
     up = result["up"]
     return {
         "up": up,
         "open_after_hold": result["open_after_hold"],
-        "connect_p99_ms": result["connect"]["connect_ms"]["p99"],
+        "connect_ms": result["connect"]["connect_ms"],
+        "connect_send_lag_ms": result["connect"]["send_lag_ms"],
+        "connect_tcp": result["connect"]["tcp"],
         "ping_rtt_ms": result["hold"]["rtt_ms"],
         # Open-loop: an RTT counts from when the ping was due, so how late the
-        # client sent it (its timers tick in milliseconds) is inside the RTT.
+        # prober sent it is inside the RTT.
         "ping_send_lag_ms": result["hold"]["send_lag_ms"],
+        "prober_limited": result["hold"]["client_limited"],
+        "slowest_pings": result["probe"]["worst"][:5],
         "pss_per_connection": round((after - before) / up) if up else None,
         "rss_per_connection": result["rss_per_connection"],
     }
+
+
+def _retried(program: str, a: argparse.Namespace, attempts: int = 3) -> dict[str, Any]:
+    """``one``, again on a fresh port if the server did not come up: on a shared
+    machine a port that was free when picked can be taken before the server binds."""
+    for attempt in range(attempts):
+        try:
+            return one(program, a)
+        except (RuntimeError, OSError) as exc:
+            if attempt == attempts - 1:
+                raise
+            print(f"retrying ({exc!r})", file=sys.stderr)
+    raise AssertionError("unreachable")
 
 
 def main() -> None:
@@ -62,7 +83,12 @@ def main() -> None:
     parser.add_argument("--cpus", help="pin the server (e.g. 0); the load client goes to 1")
     parser.add_argument("--connect-rate", type=float, default=2000)
     parser.add_argument("--seconds", type=float, default=30)
-    parser.add_argument("--sample", type=int, default=1000, help="connections that ping")
+    parser.add_argument(
+        "--sample", type=int, default=1000, help="connections that ping (perf.prober's)"
+    )
+    parser.add_argument(
+        "--rt", action="store_true", help="the prober at SCHED_FIFO (root; a shared machine)"
+    )
     parser.add_argument("--rounds", type=int, default=1)
     args = parser.parse_args()
     if args.cpus:
@@ -72,7 +98,7 @@ def main() -> None:
     rows: dict[str, list[dict[str, Any]]] = {"new": [], "old": []}
     for r in range(args.rounds):
         for side in ["new", "old"] if r % 2 == 0 else ["old", "new"]:
-            row = one(sides[side], args)
+            row = _retried(sides[side], args)
             rows[side].append(row)
             print(f"{side} {json.dumps(row)}", file=sys.stderr)
     out = {"scenario": "hold_compare", "args": vars(args), "rows": rows}

@@ -11,9 +11,12 @@ went, so a server that queues cannot hide it by slowing the sender; each
 worker reports its own send lag (how late its sends went) and its CPU share
 while it sends, and a step where the load client was near a full core or
 sent late is marked ``client_limited``; a fan-out step also reports the
-server's CPU time per delivery, its cost whoever the limit.
+server's CPU time per delivery, its cost whoever the limit. ``hold --prober
+N``: N of the connections are perf.prober's, which times its connects and
+pings at 0.1 ms (the workers' uvloop timers tick in milliseconds), and the
+hold's figures are its.
 
-    python -m perf.load hold   --port 8080 --connections 50000 --seconds 300
+    python -m perf.load hold   --port 8080 --connections 50000 --seconds 300 --prober 1000
     python -m perf.load fanout --port 8080 --receivers 5000 --senders 10 --rates 2000,5000
     python -m perf.load rooms  --port 8080 --clients 10000 --room-size 10 --interval-ms 1000
 
@@ -33,6 +36,7 @@ import json
 import multiprocessing
 import os
 import resource
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -107,12 +111,17 @@ class Worker:
         start = time.monotonic()
 
         async def one(i: int, path: str, sampled: bool, sender: bool, reliable: bool) -> None:
-            delay = start + i / rate - time.monotonic()
+            # Open-loop: a connect's time counts from when it was due, so the time
+            # it waited for the client (its timers, the gate) is in the figure too,
+            # and how late it began is its send lag.
+            due = start + i / rate
+            delay = due - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
             async with gate:
                 opened: asyncio.Future[None] = loop.create_future()
                 t0 = time.monotonic()
+                self.stats["send_lag_ms"].append((t0 - due) * 1000)
                 try:
                     _, conn = await loop.create_connection(
                         lambda: LoadConn(
@@ -126,7 +135,7 @@ class Worker:
                 except (TimeoutError, OSError, ConnectionError) as exc:
                     self.stats["failed_" + type(exc).__name__] += 1
                     return
-                self.stats["connect_ms"].append((time.monotonic() - t0) * 1000)
+                self.stats["connect_ms"].append((time.monotonic() - due) * 1000)
                 self.conns.append(conn)
                 if sender:
                     self.senders.append(conn)
@@ -411,20 +420,80 @@ def summary(merged: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+TCP_COUNTERS = (
+    "ListenOverflows",
+    "ListenDrops",
+    "TCPReqQFullDrop",
+    "TCPReqQFullDoCookies",
+    "SyncookiesSent",
+    "TCPSynRetrans",
+)
+
+
+def tcp_counters() -> dict[str, int]:
+    """The kernel's TcpExt counters that tell a full accept or SYN queue and the SYN
+    retransmissions it causes (/proc/net/netstat: the whole network namespace, so
+    on a shared machine other programs' connections count too)."""
+    lines = Path("/proc/net/netstat").read_text().splitlines()
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        if names.startswith("TcpExt:"):
+            table = dict(zip(names.split()[1:], values.split()[1:], strict=True))
+            return {k: int(table.get(k, 0)) for k in TCP_COUNTERS}
+    return {}
+
+
+def _prober(a: argparse.Namespace) -> subprocess.Popen[bytes]:
+    """perf.prober as its own process (on ``--prober-cpu``) against the first port:
+    it opens its connections alongside the workers' (at its share of the connect
+    rate, so that its connect times sample the whole connect phase), then waits
+    for a line on stdin to ping."""
+    net = 1 + a.port[0] % 250
+    cmd = [sys.executable, "-m", "perf.prober", "--port", str(a.port[0]), "--wait-go"]
+    cmd += ["--connections", str(a.prober), "--seconds", str(a.seconds)]
+    cmd += ["--connect-rate", str(a.connect_rate * a.prober / a.connections)]
+    cmd += ["--source", f"127.{net}.250.2"]  # apart from the workers' addresses
+    if a.prober_cpu is not None:
+        cmd += ["--cpu", str(a.prober_cpu)]
+    if a.prober_rt:
+        cmd += ["--rt"]
+    return subprocess.Popen(
+        cmd,
+        cwd=Path(__file__).resolve().parent.parent,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+
+
+def _probe_result(prober: subprocess.Popen[bytes]) -> dict[str, Any]:
+    assert prober.stdin is not None
+    prober.stdin.write(b"go\n")
+    prober.stdin.flush()
+    out, _ = prober.communicate()
+    if prober.returncode != 0:
+        raise RuntimeError(f"perf.prober exited {prober.returncode}")
+    result: dict[str, Any] = json.loads(out)
+    return result
+
+
 def run_hold(a: argparse.Namespace) -> dict[str, Any]:
-    n = a.connections
+    # With the prober, it holds and pings its own connections (part of the total)
+    # and the workers' connections only stay open.
+    n = a.connections - a.prober
     workers = workers_for(n, a.workers)
     load = Load(a.port, "hold", workers)
+    prober: subprocess.Popen[bytes] | None = None
     try:
         series: list[tuple[float, int, int]] = []
         rss_before = server_rss(a.admin, a.pid)
+        tcp_before = tcp_counters()
         start = time.monotonic()
+        sample = 0 if a.prober else max(1, a.sample // workers)
         payloads = []
         for count in split(n, workers):
-            paths = [
-                ("/ws?user=h", i < max(1, a.sample // workers), False, False) for i in range(count)
-            ]
-            payloads.append({"paths": paths, "rate": a.connect_rate / workers})
+            paths = [("/ws?user=h", i < sample, False, False) for i in range(count)]
+            payloads.append({"paths": paths, "rate": a.connect_rate * n / a.connections / workers})
+        if a.prober:
+            prober = _prober(a)
         for pipe, payload in zip(load.pipes, payloads, strict=True):
             pipe.send(("connect", payload))
         reports = []
@@ -443,19 +512,28 @@ def run_hold(a: argparse.Namespace) -> dict[str, Any]:
                 file=sys.stderr,
             )
         connected = merge(reports)
+        tcp_after = tcp_counters()
         up = sum(r["open"] for r in reports)
         print(f"\n  {up} connections up in {time.monotonic() - start:.1f} s", file=sys.stderr)
         rss_up = server_rss(a.admin, a.pid)
-        hold = merge(
-            load.ask(
-                "step", [{"rate": 0, "seconds": a.seconds, "ping": True, "drain": 0}] * workers
+        probe = None
+        if prober is not None:
+            probe = _probe_result(prober)
+            up += probe["connect"]["up"]
+            hold = merge([])
+        else:
+            hold = merge(
+                load.ask(
+                    "step", [{"rate": 0, "seconds": a.seconds, "ping": True, "drain": 0}] * workers
+                )
             )
-        )
-        open_after = sum(1 for _ in range(0))  # filled below
         rss_after = server_rss(a.admin, a.pid)
         series.append((round(time.monotonic() - start, 1), up, rss_after))
         open_after = sum(r["open"] for r in load.ask("step", [{"rate": 0, "seconds": 0}] * workers))
     finally:
+        if prober is not None and prober.poll() is None:
+            prober.kill()
+            prober.wait()
         load.close()
     result = {
         "scenario": "hold",
@@ -468,10 +546,26 @@ def run_hold(a: argparse.Namespace) -> dict[str, Any]:
         "rss_connected": rss_up,
         "rss_after": rss_after,
         "rss_per_connection": round((rss_after - rss_before) / up) if up else None,
-        "connect": summary(connected),
+        "connect": {
+            **summary(connected),
+            "tcp": {k: tcp_after[k] - tcp_before.get(k, 0) for k in tcp_after},
+        },
         "hold": summary(hold),
         "series": series,
     }
+    if probe is not None:
+        # The hold's ping figures are the prober's (its RTTs resolve 0.1 ms).
+        result["probe"] = probe
+        for key in ("rtt_ms", "send_lag_ms", "client_limited"):
+            result["hold"][key] = probe[key]
+        result["open_after_hold"] += probe["connect"]["up"] - probe["closed_by_server"]
+        # The connect figures too: its connects are timed at 0.1 ms, the
+        # workers' (their share of the same connect phase) on uvloop's 1 ms timers.
+        result["connect"]["workers"] = {
+            k: result["connect"][k] for k in ("connect_ms", "send_lag_ms")
+        }
+        for key in ("connect_ms", "send_lag_ms"):
+            result["connect"][key] = probe["connect"][key]
     return result
 
 
@@ -637,6 +731,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=5, help="length of a step or of the hold")
     p.add_argument("--drain", type=float, default=2, help="seconds to wait after sending")
     p.add_argument("--connections", type=int, default=1000)
+    p.add_argument(
+        "--prober",
+        type=int,
+        default=0,
+        help="hold: this many of the connections ping from perf.prober (0: the workers ping)",
+    )
+    p.add_argument("--prober-cpu", type=int, help="hold: pin the prober to this CPU")
+    p.add_argument("--prober-rt", action="store_true", help="hold: the prober at SCHED_FIFO")
     p.add_argument("--receivers", type=int, default=1000)
     p.add_argument("--senders", type=int, default=10)
     p.add_argument("--room", default="fan")

@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-__all__ = ["LoadConn", "client_frame"]
+__all__ = ["LoadConn", "client_frame", "frame_at"]
 
 _MASK = b"\x00\x00\x00\x00"
 _SEQ = re.compile(rb"\d+")
@@ -35,6 +35,26 @@ def client_frame(payload: bytes, opcode: int = 0x1) -> bytes:
     else:
         head = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, n)
     return head + _MASK + payload
+
+
+def frame_at(buf: bytearray, pos: int, end: int) -> tuple[int, int] | None:
+    """(header length, payload length) of the server frame (unmasked) at ``pos``,
+    or None if ``buf[pos:end]`` does not hold all of it yet."""
+    if end - pos < 2:
+        return None
+    n = buf[pos + 1] & 0x7F
+    head = 2
+    if n == 126:
+        if end - pos < 4:
+            return None
+        n = (buf[pos + 2] << 8) | buf[pos + 3]
+        head = 4
+    elif n == 127:
+        if end - pos < 10:
+            return None
+        n = struct.unpack_from("!Q", buf, pos + 2)[0]
+        head = 10
+    return (head, n) if end - pos >= head + n else None
 
 
 class LoadConn(asyncio.Protocol):
@@ -107,23 +127,9 @@ class LoadConn(asyncio.Protocol):
         end = len(buf)
         frames = 0
         last_text = -1
-        while end - pos >= 2:
-            b0 = buf[pos]
-            n = buf[pos + 1] & 0x7F
-            head = 2
-            if n == 126:
-                if end - pos < 4:
-                    break
-                n = (buf[pos + 2] << 8) | buf[pos + 3]
-                head = 4
-            elif n == 127:
-                if end - pos < 10:
-                    break
-                n = struct.unpack_from("!Q", buf, pos + 2)[0]
-                head = 10
-            if end - pos < head + n:
-                break
-            opcode = b0 & 0x0F
+        while (at := frame_at(buf, pos, end)) is not None:
+            head, n = at
+            opcode = buf[pos] & 0x0F
             if opcode == 0x1:
                 frames += 1
                 if self.reliable and buf[pos + head : pos + head + 17] == _MESSAGE:

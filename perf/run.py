@@ -72,12 +72,14 @@ def hold_against(
     server: procs.Running, name: str, connections: int, seconds: float, **extra: object
 ) -> dict[str, Any]:
     """The hold scenario against a running shardchat; ``extra``: more options
-    (``connect_rate=2500`` is ``--connect-rate 2500``)."""
+    (``connect_rate=2500`` is ``--connect-rate 2500``, ``prober_rt=True`` is
+    ``--prober-rt``)."""
     args = ["hold", "--port", str(server.port), "--target", name]
     args += ["--admin", f"http://127.0.0.1:{server.admin_port}"]
     args += ["--connections", str(connections), "--seconds", str(seconds)]
     for key, value in extra.items():
-        args += ["--" + key.replace("_", "-"), str(value)]
+        flag = "--" + key.replace("_", "-")
+        args += [flag] if value is True else [flag, str(value)]
     return load(args)
 
 
@@ -190,7 +192,7 @@ def run_hold(connections: int = 50000, seconds: float = 300) -> dict[str, Any]:
     settings = [*FAST, "heartbeat.interval=30"]
     with procs.shardchat(4, settings=settings) as server:
         return hold_against(
-            server, "shardchat-w4", connections, seconds, connect_rate=2500, sample=200, workers=5
+            server, "shardchat-w4", connections, seconds, connect_rate=2500, prober=200, workers=5
         )
 
 

@@ -53,6 +53,22 @@ def test_hold_smoke(perf_server: Server, tmp_path: Path) -> None:
     assert result["rss_per_connection"] is not None
 
 
+def test_hold_smoke_with_the_prober(perf_server: Server, tmp_path: Path) -> None:
+    """The prober's connections are part of the total; every ping gets its pong;
+    the connect phase reports the kernel's queue counters."""
+    result = load(
+        perf_server, tmp_path, "hold", "--connections", "200", "--prober", "20", "--seconds", "2"
+    )
+    assert result["up"] == 200 and result["open_after_hold"] == 200
+    probe = result["probe"]
+    assert probe["pings"] == 40 and probe["pongs"] == 40 and probe["missing"] == 0
+    assert probe["closed_by_server"] == 0
+    assert result["hold"]["rtt_ms"] == probe["rtt_ms"]
+    assert probe["connect"]["up"] == 20 and probe["connect"]["failures"] == {}
+    assert result["connect"]["connect_ms"] == probe["connect"]["connect_ms"]
+    assert set(result["connect"]["tcp"]) >= {"ListenOverflows", "TCPSynRetrans"}
+
+
 def test_fanout_smoke(perf_server: Server, tmp_path: Path) -> None:
     result = load(
         perf_server,

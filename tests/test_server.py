@@ -117,6 +117,24 @@ async def test_sigterm_drains_with_1001_and_leaves_no_shm() -> None:
             assert shm.leftover_names(srv.proc.pid) == []
 
 
+def _listen_backlogs(port: int) -> list[int]:
+    """The backlog of each socket listening on ``port`` (``ss``: a listening
+    socket's Send-Q is its backlog, capped by net.core.somaxconn)."""
+    out = subprocess.run(
+        ["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True, check=True
+    ).stdout
+    return [int(line.split()[2]) for line in out.splitlines() if line.strip()]
+
+
+def test_every_shard_listens_with_the_configured_backlog() -> None:
+    """server.backlog reaches each shard's socket (asyncio's default of 100 made
+    SYNs wait for retransmission when an accept burst filled it)."""
+    with open("/proc/sys/net/core/somaxconn") as f:
+        backlog = min(123, int(f.read()))
+    with running_server(workers=2, settings=[f"server.backlog={backlog}"]) as server:
+        assert _listen_backlogs(server.port) == [backlog, backlog]
+
+
 def test_port_in_use_is_a_clear_error() -> None:
     """A port someone listens on: exit 1, one line naming the port, no traceback."""
     with socket.socket() as holder:

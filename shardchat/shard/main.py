@@ -66,19 +66,26 @@ from shardchat.logs import configure_logging, log_event, set_process_role
 from shardchat.shard.connection import HANDSHAKE_TIMEOUT, Connection
 from shardchat.tls import server_context
 
-__all__ = ["EXIT_BOOT_ERROR", "SWEEP_SLICES", "Shard", "ShardSpec", "run_shard"]
+__all__ = ["EXIT_BOOT_ERROR", "SWEEP_CHUNK", "SWEEP_SLICES", "Shard", "ShardSpec", "run_shard"]
 
 log = logging.getLogger(__name__)
 
 EXIT_BOOT_ERROR = 3  # the supervisor stops instead of restarting a shard that cannot boot
 # Accepts between two gc.collect(); gc.freeze() calls: long-lived connection objects
 # leave the GC's walk (closed ones are freed by reference counting: see
-# Connection.connection_lost).
-FREEZE_EVERY = 1000
-# A pass over every connection takes this many sweep calls: with 12,500
-# connections a call ticks 250 of them, a pause of well under a millisecond.
+# Connection.connection_lost). The collection walks what was not frozen yet, so
+# its pause grows with this: 1,000 accepts made a 1.5-2.5 ms pause once a
+# second at 1,000 conn/s (in the connect p99); 200 make it a fifth.
+FREEZE_EVERY = 200
+# A pass over every connection takes this many sweep calls: with 15,000
+# connections a call ticks 300 of them (some 150 us)...
 SWEEP_SLICES = 50
+# ...in chunks of this many, one per loop turn, so that the I/O that came
+# meanwhile (a ping, an accept) waits for one chunk (some 20 us) and not the
+# slice: the slice showed in the ping RTT p99 (perf/RESULTS.md, issue 14).
+SWEEP_CHUNK = 32
 BELL_WAIT = 0.2  # seconds; the bell thread checks for shutdown this often
+_NONES: list[None] = [None] * SWEEP_CHUNK
 _CHAT_PAGE = Path(__file__).parent.parent / "static" / "index.html"
 _S_CONNECTIONS = int(stats.Slot.CONNECTIONS)
 _S_UNLISTENED = int(stats.Slot.UNLISTENED)
@@ -153,8 +160,16 @@ class Shard:
         self._turn_due = False
         self._drain_due = False
         self._wake_pending = False
-        self._sweep_list: list[Connection] = []  # this pass's connections
-        self._sweep_at = 0  # the next of them to tick
+        # The sweep's pass: its connections, and the next pass's as they come (the
+        # live ones this pass ticked, then the ones added meanwhile), so that a
+        # pass starts without copying the whole set (0.3-0.5 ms at 15,000: an
+        # incref, a cache miss, per connection, once a pass).
+        self._sweep_list: list[Connection | None] = []  # None: ticked, let go
+        self._sweep_next: list[Connection | None] = []
+        self._sweep_new: list[Connection] = []
+        self._sweep_at = 0  # the next of this pass's connections to tick
+        self._sweep_end = 0  # where this slice ends (its chunks go on until there)
+        self._sweep_now = 0.0  # the slice's loop time
         self._stopping = threading.Event()
         self._bell_thread: threading.Thread | None = None
 
@@ -193,9 +208,14 @@ class Shard:
     def new_connection(self) -> Connection:
         self._next_conn_id += 1
         conn = Connection(self, self._next_conn_id)
-        self.connections.add(conn)
+        self.add(conn)
         self.accepted_total += 1
         return conn
+
+    def add(self, conn: Connection) -> None:
+        """Hold ``conn``: the sweep ticks it from its next pass on."""
+        self.connections.add(conn)
+        self._sweep_new.append(conn)
 
     def http_get(self, path: str) -> tuple[int, str, bytes]:
         if path == "/healthz":
@@ -311,21 +331,46 @@ class Shard:
         with all of them; the engine's and the broker's timers once per pass."""
         self.clock = now
         if self._sweep_at >= len(self._sweep_list):
-            self._sweep_list = list(self.connections)
-            self._sweep_at = 0
+            # No copy: the next list was built as the last pass went (a copy would
+            # incref every connection at once).
+            self._sweep_list = self._sweep_next
+            self._sweep_list += self._sweep_new
+            self._sweep_next, self._sweep_new = [], []
+            self._sweep_at = self._sweep_end = 0  # no chunk is pending: the pass is done
             engine = self.engine
             mono = _monotonic()
             engine.advance(mono, _time())
             engine.tick()
             self.broker.tick(mono)
             self._emit()
+        chunking = self._sweep_at < self._sweep_end  # the last slice's chunks go on
+        self._sweep_now = now
+        self._sweep_end = min(
+            len(self._sweep_list),
+            max(self._sweep_end, self._sweep_at) + -(-len(self._sweep_list) // SWEEP_SLICES),
+        )
+        if not chunking:
+            self._sweep_chunk()
+
+    def _sweep_chunk(self) -> None:
+        """``SWEEP_CHUNK`` connections of the slice, then the rest on the loop's next
+        turn: a pong that arrives meanwhile waits for one chunk, not the slice."""
         hb = self.config.heartbeat
         interval, timeout, idle = hb.interval, hb.timeout, hb.idle_timeout
+        now = self._sweep_now
         start = self._sweep_at
-        end = start + -(-len(self._sweep_list) // SWEEP_SLICES)
-        for conn in self._sweep_list[start:end]:
-            conn.tick(now, interval, timeout, idle)
+        end = min(self._sweep_end, start + SWEEP_CHUNK)
+        held, carried, listed = self.connections, self._sweep_next, self._sweep_list
+        for conn in listed[start:end]:
+            if conn in held:  # not closed since it was listed
+                conn.tick(now, interval, timeout, idle)
+                carried.append(conn)
+        # Let go of them chunk by chunk: dropping the whole list at the next pass
+        # start would be a decref, a cache miss, per connection at once.
+        listed[start:end] = _NONES[: end - start]
         self._sweep_at = end
+        if end < self._sweep_end:
+            self.loop.call_soon(self._sweep_chunk)
 
     def drain_connections(self) -> None:
         """Stop taking connections and close every open one with 1001 ``shutdown``."""

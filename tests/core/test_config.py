@@ -90,6 +90,9 @@ def test_resolve_reads_nothing_of_the_machine(tmp_path: Path) -> None:
         ("ring.bytes", 100_000, "power of two"),
         ("log.level", "loud", "one of"),
         ("server.origins", "https://x", "list of origin strings"),
+        ("server.backlog", 0, "integer from 1 to 65535"),
+        ("server.backlog", 65536, "integer from 1 to 65535"),
+        ("server.backlog", "deep", "integer from 1 to 65535"),
     ],
 )
 def test_each_mistake_names_key_value_and_allowed(key: str, value: object, words: str) -> None:
