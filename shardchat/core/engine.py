@@ -431,12 +431,7 @@ class RoomEngine(Generic[C]):
         user = state.user
         if self.presence.local_join(room, user):
             self.broker.announce(room, user, True)
-        users, count = answer.users, answer.total
-        if not answer.has:
-            # The answer predates our announcement: the joiner is one of them.
-            count += 1
-            if len(users) < self.config.presence.list_limit:
-                users = [*users, user]
+        count, users = self._with_local(room, answer, user)
         joined: dict[str, object] = {
             "type": "joined",
             "room": room,
@@ -498,15 +493,38 @@ class RoomEngine(Generic[C]):
         if answer is None:
             self._refuse(conn, state, _unavailable(room, request.id))
             return
+        count, users = self._with_local(room, answer, state.user)
         reply: dict[str, object] = {
             "type": "presence",
             "room": room,
-            "count": answer.total,
-            "users": answer.users,
+            "count": count,
+            "users": users,
         }
         if answer.truncated:
             reply["truncated"] = True
         self._reply(conn, reply)
+
+    def _with_local(self, room: str, answer: PresenceAnswer, asker: str) -> tuple[int, list[str]]:
+        """The answer's count and users, with this shard's own users of the room
+        that it lacks. An answer can predate their announcements: a replica answers
+        with what members were told, which follows the owner's events, and an
+        owner's answer can cross an announcement on its way. So a client always
+        sees itself, and the users of its shard, in ``joined`` and ``presence``."""
+        count, users = answer.total, answer.users
+        local = self.presence.local.get(room)
+        if not local:
+            return count, users
+        limit = self.config.presence.list_limit
+        if answer.truncated:
+            # Not every name is listed, so only the asker can be told apart.
+            missing = [] if answer.has or asker not in local else [asker]
+        else:
+            listed = set(users)
+            missing = [name for name in local if name not in listed]
+        if missing:
+            count += len(missing)
+            users = [*users, *missing[: max(0, limit - len(users))]]
+        return count, users
 
     def _history(self, conn: C, state: ConnState, request: HistoryQuery) -> None:
         # As for a join with `since`: a room this engine dropped is fetched back

@@ -366,3 +366,26 @@ def test_queries_go_to_the_owner_then_the_replica_then_fail() -> None:
     assert [q for q, _ in queries.reset(3, now=1.0)] == [qid]
     assert queries.due(2.0) == ([], [qid])
     assert not queries.answered(qid)
+
+
+def test_a_client_sees_itself_and_its_shard_before_the_owners_events_arrive() -> None:
+    """On the replica, answers follow what members were told (the owner's events):
+    a `presence` asked right after joining, before the owner's event came back,
+    still lists the asker and the other users of its shard."""
+    box = Box(W)
+    room = room_owned_by(0, W)
+    ada, bob = box.connect(1, "ada"), box.connect(1, "bob")  # shard 1: the replica
+    carol = box.connect(2, "carol")
+    assert join(box, carol, room)["users"] == ["carol"]
+    box.send(ada, type="join", room=room)
+    box.send(bob, type="join", room=room)
+    box.send(bob, type="presence", room=room)  # no turn: the owner has not answered
+    # Read, not taken: the beliefs below start from these frames.
+    (joined_ada,) = [f for f in ada.frames if f["type"] == "joined"]
+    (joined_bob,) = [f for f in bob.frames if f["type"] == "joined"]
+    (reply,) = [f for f in bob.frames if f["type"] == "presence"]
+    assert sorted(joined_ada["users"]) == ["ada", "carol"]
+    assert sorted(joined_bob["users"]) == ["ada", "bob", "carol"]
+    assert sorted(reply["users"]) == ["ada", "bob", "carol"] and reply["count"] == 3
+    box.turn()
+    assert_beliefs(box, room)

@@ -1,0 +1,173 @@
+"""Issue 14's table in one run: each row for the single-process baseline server,
+the previous main and this checkout, sides interleaved.
+
+    git worktree add /tmp/before 93224fe && make -C /tmp/before .venv/.installed
+    python -m perf.issue14 --before /tmp/before [--rows rooms,hold15k,hold100k]
+
+Rows (the server under test pinned to CPU 0 and the load client and the ping
+prober to CPU 1, except at 6 shards, where the shards and the load processes
+share both cores):
+
+- ``rooms``: 10,000 clients in rooms of 10, each 1 msg/s (10,000 msg/s in,
+  100,000 deliveries/s), one shard: p99 (open-loop: a message carries the
+  time it was due) and the server's CPU share of its core.
+- ``hold15k``: 15,000 idle connections on one shard, opened at 1,000 conn/s:
+  ping RTT p99 from perf.prober's 1,000 connections (open-loop, 0.1 ms
+  resolution), connect p99 (open-loop, the prober's and the load workers'),
+  RSS per connection.
+- ``hold100k``: 100,000 on 6 shards, opened at 2,000 conn/s: ping RTT p99 and
+  PSS per connection (the baseline is one process and cannot hold 100,000 under
+  this box's 20,000 open files per process: not run).
+
+Every row is one server start per side; ``--rounds`` repeats them (sides
+alternating). Writes perf/results/issue14.json and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any
+
+from perf import procs, run
+from perf.pss_shards import server_pss
+
+HOLD_SETTINGS = [*run.FAST, "heartbeat.interval=30", "server.max_connections=1000000"]
+PROBER = 1000  # the prober's connections, each pinged once a second
+
+
+def _server(
+    side: str, programs: dict[str, str], workers: int, settings: list[str], cpus: str | None
+) -> AbstractContextManager[procs.Running]:
+    if side == "baseline":
+        return procs.baseline(cpus=cpus)
+    return procs.shardchat(workers, settings=settings, cpus=cpus, program=programs[side])
+
+
+def _target(server: procs.Running) -> list[str]:
+    """How perf.load finds the server's processes (shardchat's admin, or the pid)."""
+    if server.admin_port:
+        return ["--admin", f"http://127.0.0.1:{server.admin_port}"]
+    return ["--pid", str(server.proc.pid)]
+
+
+def rooms(side: str, programs: dict[str, str]) -> dict[str, Any]:
+    with _server(side, programs, 1, run.FAST, run.SERVER_CPU) as server:
+        args = ["rooms", "--port", str(server.port), "--target", f"rooms-{side}"]
+        args += ["--clients", "10000", "--room-size", "10", "--interval-ms", "1000"]
+        result = run.load([*args, "--seconds", "20", *_target(server)])
+    r = result["run"]
+    return {
+        "p50_ms": r["latency_ms"]["p50"],
+        "p99_ms": r["latency_ms"]["p99"],
+        "delivered_share": result["delivered_share"],
+        "server_cpu_cores": result["server_cpu_cores"],
+        "send_lag_p99_ms": r["send_lag_ms"]["p99"],
+        "client_limited": r["client_limited"],
+    }
+
+
+def _hold(
+    side: str,
+    programs: dict[str, str],
+    workers: int,
+    connections: int,
+    connect_rate: int,
+    cpus: str | None,
+) -> dict[str, Any]:
+    with _server(side, programs, workers, HOLD_SETTINGS, cpus) as server:
+        before = server_pss(server) if server.admin_port else procs.rss_bytes(server.proc.pid)
+        args = ["hold", "--port", str(server.port), "--target", f"hold-{side}-w{workers}"]
+        args += ["--connections", str(connections), "--seconds", "30"]
+        args += ["--connect-rate", str(connect_rate), "--prober", str(PROBER)]
+        args += ["--workers", str(max(1, -(-connections // 19000))), "--prober-rt"]
+        if cpus is not None:
+            args += ["--prober-cpu", run.CLIENT_CPU]
+        result = run.load([*args, *_target(server)])
+        after = server_pss(server) if server.admin_port else procs.rss_bytes(server.proc.pid)
+    up = result["up"]
+    probe = result["probe"]
+    return {
+        "up": up,
+        "open_after_hold": result["open_after_hold"],
+        "ping_rtt_ms": result["hold"]["rtt_ms"],
+        "ping_send_lag_ms": result["hold"]["send_lag_ms"],
+        "prober_limited": result["hold"]["client_limited"],
+        "connect_ms_prober": probe["connect"]["connect_ms"],
+        "connect_ms_workers": result["connect"]["connect_ms"],
+        "connect_tcp": result["connect"]["tcp"],
+        "rss_per_connection": result["rss_per_connection"],
+        "pss_per_connection": round((after - before) / up) if up else None,
+    }
+
+
+def hold15k(side: str, programs: dict[str, str]) -> dict[str, Any]:
+    return _hold(side, programs, 1, 15000, 1000, run.SERVER_CPU)
+
+
+def hold100k(side: str, programs: dict[str, str]) -> dict[str, Any]:
+    return _hold(side, programs, 6, 100000, 2000, None)
+
+
+ROWS: dict[str, tuple[Callable[[str, dict[str, str]], dict[str, Any]], list[str]]] = {
+    "rooms": (rooms, ["baseline", "before", "after"]),
+    "hold15k": (hold15k, ["baseline", "before", "after"]),
+    "hold100k": (hold100k, ["before", "after"]),
+}
+
+
+def _retried(
+    measure: Callable[[str, dict[str, str]], dict[str, Any]], side: str, programs: dict[str, str]
+) -> dict[str, Any]:
+    """On a shared machine a port that was free when picked can be taken before
+    the server binds it: such a side is started again, twice at most."""
+    for attempt in range(3):
+        try:
+            return measure(side, programs)
+        except (RuntimeError, OSError) as exc:
+            if attempt == 2:
+                raise
+            print(f"retrying {side} ({exc!r})", file=sys.stderr)
+    raise AssertionError("unreachable")
+
+
+def _order(sides: list[str], round_: int) -> Iterator[str]:
+    return iter(sides if round_ % 2 == 0 else list(reversed(sides)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--before", required=True, help="the previous main (with its .venv)")
+    parser.add_argument("--rows", default=",".join(ROWS))
+    parser.add_argument("--rounds", type=int, default=1)
+    args = parser.parse_args()
+    programs = {
+        "after": procs.SHARDCHAT,
+        "before": str(Path(args.before).resolve() / ".venv" / "bin" / "shardchat"),
+    }
+    out: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for name in args.rows.split(","):
+        measure, sides = ROWS[name]
+        # Pinned rows: the load client on CPU 1. At 6 shards everything shares both.
+        cpus = {int(run.CLIENT_CPU)} if name != "hold100k" else set(range(procs.cpu_count()))
+        os.sched_setaffinity(0, cpus)
+        out[name] = {side: [] for side in sides}
+        for r in range(args.rounds):
+            for side in _order(sides, r):
+                row = _retried(measure, side, programs)
+                out[name][side].append(row)
+                print(f"{name} {side} {json.dumps(row)}", file=sys.stderr)
+    path = procs.write_result("issue14", {"args": vars(args), "rows": out})
+    print(json.dumps(out, indent=1))
+    print(f"wrote {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
