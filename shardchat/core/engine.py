@@ -66,6 +66,7 @@ log = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 1
 EVICT_EVERY = 30.0  # seconds between scans for idle rooms to drop
+MAX_DEFERRED = 256  # requests a connection may send while its join waits
 
 _S_CONNECTIONS = int(stats.Slot.CONNECTIONS)
 _S_OPENED = int(stats.Slot.CONNECTIONS_OPENED)
@@ -88,8 +89,10 @@ class ConnState:
         "allowed_rooms",
         "bucket",
         "conn_id",
+        "deferred",
         "errors",
         "info",
+        "joining",
         "opened",
         "peer",
         "rooms",
@@ -109,6 +112,12 @@ class ConnState:
         self.bucket = bucket
         self.info: ConnInfo | None = None  # what hooks see, once open; None without hooks
         self.opened = False  # the upgrade completed
+        # A join can wait for its broker (a presence answer from the room's owner,
+        # history fetched back, a Redis subscription): the connection's requests
+        # that come meanwhile wait behind it, so that a message sent right after a
+        # join (or after the welcome of a join at open) is taken as a member's.
+        self.joining = 0  # this connection's joins in flight
+        self.deferred: list[bytes] | None = None  # what came meanwhile, in order
 
 
 class RoomEngine(Generic[C]):
@@ -243,6 +252,9 @@ class RoomEngine(Generic[C]):
     def receive(self, conn: C, data: bytes | bytearray | memoryview) -> None:
         """A complete text message from ``conn`` (UTF-8 not yet validated)."""
         state = self.conns[conn]
+        if state.joining:
+            self._defer(conn, state, data)
+            return
         try:
             request = wire.decode(data, self.config.limits.max_content)
             # The token's rooms claim covers every request that names a room.
@@ -351,12 +363,16 @@ class RoomEngine(Generic[C]):
     def _join(self, conn: C, state: ConnState, request: Join) -> None:
         room = request.room
         self._check_allowed(state, room, request.id)
-        # A broker that carries only the rooms it is asked for (Redis) subscribes
-        # and loads the room's state at its first join here, and again after it
-        # lost Redis for a while: the join waits for that.
-        if not self.broker.open_room(room, lambda: self._join_opened(conn, request)):
-            return
-        self._join_open(conn, state, request)
+        state.joining += 1  # until _join_answered, or a refusal on the way
+        try:
+            # A broker that carries only the rooms it is asked for (Redis) subscribes
+            # and loads the room's state at its first join here, and again after it
+            # lost Redis for a while: the join waits for that.
+            if self.broker.open_room(room, lambda: self._join_opened(conn, request)):
+                self._join_open(conn, state, request)
+        except ProtocolError as exc:
+            self._refuse(conn, state, exc)
+            self._join_done(conn, state)
 
     def _join_opened(self, conn: C, request: Join) -> None:
         state = self.conns.get(conn)
@@ -366,6 +382,28 @@ class RoomEngine(Generic[C]):
             self._join_open(conn, state, request)
         except ProtocolError as exc:
             self._refuse(conn, state, exc)
+            self._join_done(conn, state)
+
+    def _defer(self, conn: C, state: ConnState, data: bytes | bytearray | memoryview) -> None:
+        deferred = state.deferred
+        if deferred is None:
+            deferred = state.deferred = []
+        if len(deferred) >= MAX_DEFERRED:
+            # Bounded: a client that floods while its join waits is refused, as the
+            # rate limit would refuse it.
+            reason = "too many requests while a join is in progress"
+            self._refuse(conn, state, ProtocolError(ErrorCode.RATE_LIMITED, reason))
+            return
+        deferred.append(bytes(data))
+
+    def _join_done(self, conn: C, state: ConnState) -> None:
+        """One of the connection's joins ended (answered or refused): once none is
+        in flight, what the connection sent meanwhile is taken, in order."""
+        state.joining -= 1
+        while not state.joining and state.deferred and self.conns.get(conn) is state:
+            self.receive(conn, state.deferred.pop(0))
+        if not state.joining:
+            state.deferred = None
 
     def _join_open(self, conn: C, state: ConnState, request: Join) -> None:
         # A room this engine dropped (idle, no members here) is fetched back first,
@@ -414,6 +452,7 @@ class RoomEngine(Generic[C]):
             self._refuse(conn, state, error)
         else:
             self._finish_join(conn, state, request, answer)
+        self._join_done(conn, state)
 
     def _finish_join(
         self, conn: C, state: ConnState, request: Join, answer: PresenceAnswer

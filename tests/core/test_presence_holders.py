@@ -18,6 +18,7 @@ from shardchat.brokers.presence_holders import (
     answer_of,
     holders_of,
 )
+from shardchat.core.engine import MAX_DEFERRED
 from tests.core.box import Box, Client, config, room_owned_by
 
 W = 4
@@ -389,3 +390,49 @@ def test_a_client_sees_itself_and_its_shard_before_the_owners_events_arrive() ->
     assert sorted(reply["users"]) == ["ada", "bob", "carol"] and reply["count"] == 3
     box.turn()
     assert_beliefs(box, room)
+
+
+def test_requests_sent_while_a_join_waits_are_taken_after_it_in_order() -> None:
+    """A join on a shard that holds no presence waits for the owner's answer; a
+    message sent right behind it is a member's (acked, delivered), not refused as
+    `not_member`, and replies keep the order of the requests."""
+    box = Box(W)
+    room = room_owned_by(0, W)
+    reader = box.connect(0, "reader")
+    join(box, reader, room)
+    writer = box.connect(3, "writer")  # shard 3: neither the owner nor the replica
+    box.send(writer, type="join", room=room)
+    box.send(writer, type="message", room=room, content="hi", id="m1")
+    box.send(writer, type="ping", id="p1")
+    assert not writer.frames  # everything waits for the owner's answer
+    box.send(writer, type="ping", id="p2")
+    box.turn()
+    kinds = [f["type"] for f in writer.take() if f["type"] != "message"]
+    # The ack waits for the owner's commit at its turn's end; the pong does not.
+    assert kinds[0] == "joined" and sorted(kinds[1:]) == ["ack", "pong", "pong"]
+    assert [m["content"] for m in reader.take("message")] == ["hi"]
+
+
+def test_a_client_flooding_while_its_join_waits_is_refused_beyond_the_bound() -> None:
+    box = Box(W)
+    room = room_owned_by(0, W)
+    box.stopped.add(0)  # the owner stops answering: the join waits for the replica
+    client = box.connect(3, "flood")
+    box.send(client, type="join", room=room)
+    for i in range(MAX_DEFERRED + 10):
+        box.send(client, type="ping", id=f"p{i}")
+    refused = client.take("error")
+    assert len(refused) == 10 and {e["code"] for e in refused} == {"rate_limited"}
+    joined = join_answer(box, client)
+    assert joined["type"] == "joined"
+    assert [f["id"] for f in client.take("pong")] == [f"p{i}" for i in range(MAX_DEFERRED)]
+
+
+def join_answer(box: Box, client: Client) -> dict[str, Any]:
+    """Move the clock until the join in flight is answered."""
+    for _ in range(100):
+        got = [f for f in client.frames if f["type"] in ("joined", "error")]
+        if got:
+            return got[-1]
+        box.advance(QUERY_RETRY)
+    raise AssertionError("no answer to the join")
