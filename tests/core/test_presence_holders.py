@@ -57,12 +57,7 @@ def join(box: Box, client: Client, room: str) -> dict[str, Any]:
     """Join and wait (moving the clock, as a shard's timer would) for the answer."""
     box.send(client, type="join", room=room)
     box.turn()
-    for _ in range(100):
-        got = [f for f in client.frames if f["type"] in ("joined", "error")]
-        if got:
-            return got[-1]
-        box.advance(QUERY_RETRY)
-    raise AssertionError("no answer to the join")
+    return join_answer(box, client)
 
 
 def in_room(box: Box, room: str) -> list[Client]:
