@@ -20,7 +20,9 @@ share both cores):
   this box's 20,000 open files per process: not run).
 
 Every row is one server start per side; ``--rounds`` repeats them (sides
-alternating). Writes perf/results/issue14.json and prints the table.
+alternating). ``--client-nice 19`` runs the load client (not the prober, which
+is SCHED_FIFO) below the server's priority, for the 6-shard row where they
+share the two cores. Writes perf/results/issue14.json (``--name``).
 """
 
 from __future__ import annotations
@@ -44,9 +46,14 @@ PROBER = 1000  # the prober's connections, each pinged once a second
 def _server(
     side: str, programs: dict[str, str], workers: int, settings: list[str], cpus: str | None
 ) -> AbstractContextManager[procs.Running]:
+    # The server runs at nice 0 whatever this process (the load client) runs at.
+    nice = os.nice(0)
+    prefix = ["nice", "-n", str(-nice)] if nice else []
     if side == "baseline":
-        return procs.baseline(cpus=cpus)
-    return procs.shardchat(workers, settings=settings, cpus=cpus, program=programs[side])
+        return procs.baseline(cpus=cpus, prefix=prefix)
+    return procs.shardchat(
+        workers, settings=settings, cpus=cpus, prefix=prefix, program=programs[side]
+    )
 
 
 def _target(server: procs.Running) -> list[str]:
@@ -147,7 +154,17 @@ def main() -> None:
     parser.add_argument("--before", required=True, help="the previous main (with its .venv)")
     parser.add_argument("--rows", default=",".join(ROWS))
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument(
+        "--client-nice",
+        type=int,
+        default=0,
+        help="run the load client at this nice value (the prober stays SCHED_FIFO): at 6"
+        " shards it shares both cores with the server, where a real one has its own box",
+    )
+    parser.add_argument("--name", default="issue14", help="the result's file name")
     args = parser.parse_args()
+    if args.client_nice:
+        os.nice(args.client_nice)
     programs = {
         "after": procs.SHARDCHAT,
         "before": str(Path(args.before).resolve() / ".venv" / "bin" / "shardchat"),
@@ -164,7 +181,7 @@ def main() -> None:
                 row = _retried(measure, side, programs)
                 out[name][side].append(row)
                 print(f"{name} {side} {json.dumps(row)}", file=sys.stderr)
-    path = procs.write_result("issue14", {"args": vars(args), "rows": out})
+    path = procs.write_result(args.name, {"args": vars(args), "rows": out})
     print(json.dumps(out, indent=1))
     print(f"wrote {path}", file=sys.stderr)
 

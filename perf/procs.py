@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -21,12 +22,24 @@ RESULTS = ROOT / "perf" / "results"
 
 
 def free_port() -> int:
-    # The wildcard address: the port is then free on every address, not only on
-    # 127.0.0.1 (a client socket from 127.0.0.5, or its TIME_WAIT, can hold the same
-    # number, and a server started with --host 0.0.0.0 could not bind it).
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        return int(sock.getsockname()[1])
+    """A port free on every address, from below the kernel's ephemeral range.
+
+    The load clients open tens of thousands of connections, each from an
+    ephemeral port: a port picked from that range (``bind(0)``) was seen taken
+    by one of them between the pick and the server's bind, or still held (a
+    server's shard then failed with EADDRINUSE). Ports below the range are
+    never handed to a connecting socket. The wildcard address: the port is then
+    free on every address, not only on 127.0.0.1."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(1000):
+        port = random.randrange(10000, max(10001, low))
+        with socket.socket() as sock:
+            try:
+                sock.bind(("", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in 10000-{low}")
 
 
 def rss_bytes(pid: int) -> int:
