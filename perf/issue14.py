@@ -2,7 +2,7 @@
 the previous main and this checkout, sides interleaved.
 
     git worktree add /tmp/before 93224fe && make -C /tmp/before .venv/.installed
-    python -m perf.issue14 --before /tmp/before [--rows rooms,hold15k,hold100k]
+    python -m perf.issue14 --before /tmp/before [--rows rooms,hold15k,hold50k,hold100k]
 
 Rows (the server under test pinned to CPU 0 and the load client and the ping
 prober to CPU 1, except at 6 shards, where the shards and the load processes
@@ -15,9 +15,10 @@ share both cores):
   ping RTT p99 from perf.prober's 1,000 connections (open-loop, 0.1 ms
   resolution), connect p99 (open-loop, the prober's and the load workers'),
   RSS per connection.
-- ``hold100k``: 100,000 on 6 shards, opened at 2,000 conn/s: ping RTT p99 and
-  PSS per connection (the baseline is one process and cannot hold 100,000 under
-  this box's 20,000 open files per process: not run).
+- ``hold50k`` and ``hold100k``: 50,000 on 4 shards and 100,000 on 6, opened at
+  2,000 conn/s: ping RTT p99 and PSS per connection (the baseline is one
+  process and cannot hold them under this box's 20,000 open files per
+  process: not run).
 
 Every row is one server start per side; ``--rounds`` repeats them (sides
 alternating). ``--client-nice 19`` runs the load client (not the prober, which
@@ -117,6 +118,10 @@ def hold15k(side: str, programs: dict[str, str]) -> dict[str, Any]:
     return _hold(side, programs, 1, 15000, 1000, run.SERVER_CPU)
 
 
+def hold50k(side: str, programs: dict[str, str]) -> dict[str, Any]:
+    return _hold(side, programs, 4, 50000, 2000, None)
+
+
 def hold100k(side: str, programs: dict[str, str]) -> dict[str, Any]:
     return _hold(side, programs, 6, 100000, 2000, None)
 
@@ -124,6 +129,7 @@ def hold100k(side: str, programs: dict[str, str]) -> dict[str, Any]:
 ROWS: dict[str, tuple[Callable[[str, dict[str, str]], dict[str, Any]], list[str]]] = {
     "rooms": (rooms, ["baseline", "before", "after"]),
     "hold15k": (hold15k, ["baseline", "before", "after"]),
+    "hold50k": (hold50k, ["before", "after"]),
     "hold100k": (hold100k, ["before", "after"]),
 }
 
@@ -173,7 +179,8 @@ def main() -> None:
     for name in args.rows.split(","):
         measure, sides = ROWS[name]
         # Pinned rows: the load client on CPU 1. At 6 shards everything shares both.
-        cpus = {int(run.CLIENT_CPU)} if name != "hold100k" else set(range(procs.cpu_count()))
+        pinned = name in ("rooms", "hold15k")
+        cpus = {int(run.CLIENT_CPU)} if pinned else set(range(procs.cpu_count()))
         os.sched_setaffinity(0, cpus)
         out[name] = {side: [] for side in sides}
         for r in range(args.rounds):
