@@ -42,6 +42,12 @@ def one(program: str, a: argparse.Namespace) -> dict[str, Any]:
             **({"prober_rt": True} if a.rt else {}),
         )
         after = server_pss(server)
+    return hold_row(result, before, after)
+
+
+def hold_row(result: dict[str, Any], pss_before: int, pss_after: int) -> dict[str, Any]:
+    """A hold's figures (``perf.load hold --prober``), with the server's memory
+    growth per connection from ``pss_before`` to ``pss_after``."""
     up = result["up"]
     return {
         "up": up,
@@ -55,22 +61,9 @@ def one(program: str, a: argparse.Namespace) -> dict[str, Any]:
         "ping_send_lag_ms": result["hold"]["send_lag_ms"],
         "prober_limited": result["hold"]["client_limited"],
         "slowest_pings": result["probe"]["worst"][:5],
-        "pss_per_connection": round((after - before) / up) if up else None,
+        "pss_per_connection": round((pss_after - pss_before) / up) if up else None,
         "rss_per_connection": result["rss_per_connection"],
     }
-
-
-def _retried(program: str, a: argparse.Namespace, attempts: int = 3) -> dict[str, Any]:
-    """``one``, again on a fresh port if the server did not come up: on a shared
-    machine a port that was free when picked can be taken before the server binds."""
-    for attempt in range(attempts):
-        try:
-            return one(program, a)
-        except (RuntimeError, OSError) as exc:
-            if attempt == attempts - 1:
-                raise
-            print(f"retrying ({exc!r})", file=sys.stderr)
-    raise AssertionError("unreachable")
 
 
 def main() -> None:
@@ -98,7 +91,7 @@ def main() -> None:
     rows: dict[str, list[dict[str, Any]]] = {"new": [], "old": []}
     for r in range(args.rounds):
         for side in ["new", "old"] if r % 2 == 0 else ["old", "new"]:
-            row = _retried(sides[side], args)
+            row = procs.retried(one, sides[side], args)
             rows[side].append(row)
             print(f"{side} {json.dumps(row)}", file=sys.stderr)
     out = {"scenario": "hold_compare", "args": vars(args), "rows": rows}

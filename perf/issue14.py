@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from perf import procs, run
+from perf.hold_compare import hold_row
 from perf.pss_shards import server_pss
 
 HOLD_SETTINGS = [*run.FAST, "heartbeat.interval=30", "server.max_connections=1000000"]
@@ -98,20 +99,7 @@ def _hold(
             args += ["--prober-cpu", run.CLIENT_CPU]
         result = run.load([*args, *_target(server)])
         after = server_pss(server) if server.admin_port else procs.rss_bytes(server.proc.pid)
-    up = result["up"]
-    probe = result["probe"]
-    return {
-        "up": up,
-        "open_after_hold": result["open_after_hold"],
-        "ping_rtt_ms": result["hold"]["rtt_ms"],
-        "ping_send_lag_ms": result["hold"]["send_lag_ms"],
-        "prober_limited": result["hold"]["client_limited"],
-        "connect_ms_prober": probe["connect"]["connect_ms"],
-        "connect_ms_workers": result["connect"]["connect_ms"],
-        "connect_tcp": result["connect"]["tcp"],
-        "rss_per_connection": result["rss_per_connection"],
-        "pss_per_connection": round((after - before) / up) if up else None,
-    }
+    return hold_row(result, before, after)
 
 
 def hold15k(side: str, programs: dict[str, str]) -> dict[str, Any]:
@@ -132,21 +120,6 @@ ROWS: dict[str, tuple[Callable[[str, dict[str, str]], dict[str, Any]], list[str]
     "hold50k": (hold50k, ["before", "after"]),
     "hold100k": (hold100k, ["before", "after"]),
 }
-
-
-def _retried(
-    measure: Callable[[str, dict[str, str]], dict[str, Any]], side: str, programs: dict[str, str]
-) -> dict[str, Any]:
-    """On a shared machine a port that was free when picked can be taken before
-    the server binds it: such a side is started again, twice at most."""
-    for attempt in range(3):
-        try:
-            return measure(side, programs)
-        except (RuntimeError, OSError) as exc:
-            if attempt == 2:
-                raise
-            print(f"retrying {side} ({exc!r})", file=sys.stderr)
-    raise AssertionError("unreachable")
 
 
 def _order(sides: list[str], round_: int) -> Iterator[str]:
@@ -185,7 +158,7 @@ def main() -> None:
         out[name] = {side: [] for side in sides}
         for r in range(args.rounds):
             for side in _order(sides, r):
-                row = _retried(measure, side, programs)
+                row = procs.retried(measure, side, programs)
                 out[name][side].append(row)
                 print(f"{name} {side} {json.dumps(row)}", file=sys.stderr)
     path = procs.write_result(args.name, {"args": vars(args), "rows": out})

@@ -12,9 +12,12 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARDCHAT = str(Path(sys.executable).with_name("shardchat"))
@@ -192,3 +195,16 @@ def write_result(name: str, data: object) -> Path:
 
 def cpu_count() -> int:
     return os.cpu_count() or 1
+
+
+def retried(measure: Callable[..., T], *args: Any, attempts: int = 3) -> T:
+    """``measure(*args)``, again if its server did not come up (a port taken
+    between the pick and the bind, on a shared machine)."""
+    for attempt in range(attempts):
+        try:
+            return measure(*args)
+        except (RuntimeError, OSError) as exc:
+            if attempt == attempts - 1:
+                raise
+            print(f"retrying ({exc!r})", file=sys.stderr)
+    raise AssertionError("unreachable")
