@@ -43,6 +43,7 @@ from shardchat.core.gapfill import GapFill
 from shardchat.core.messages import (
     Ack,
     AppCloseCode,
+    ClientMessage,
     HistoryQuery,
     Join,
     Leave,
@@ -117,7 +118,7 @@ class ConnState:
         # that come meanwhile wait behind it, so that a message sent right after a
         # join (or after the welcome of a join at open) is taken as a member's.
         self.joining = 0  # this connection's joins in flight
-        self.deferred: list[bytes] | None = None  # what came meanwhile, in order
+        self.deferred: list[ClientMessage] | None = None  # what came meanwhile, in order
 
 
 class RoomEngine(Generic[C]):
@@ -151,6 +152,7 @@ class RoomEngine(Generic[C]):
         self.out: list[Output[C]] = []  # taken by the caller after every input
         self.draining = False
         self.conns: dict[C, ConnState] = {}  # admitted connections
+        self._replays: list[C] = []  # connections whose deferred requests are due
         self.open_count = 0
         self.verify = verify
         self.addrs = addrs  # open connections per client address, on every shard
@@ -252,19 +254,27 @@ class RoomEngine(Generic[C]):
     def receive(self, conn: C, data: bytes | bytearray | memoryview) -> None:
         """A complete text message from ``conn`` (UTF-8 not yet validated)."""
         state = self.conns[conn]
-        if state.joining:
-            self._defer(conn, state, data)
-            return
         try:
             request = wire.decode(data, self.config.limits.max_content)
+        except ProtocolError as exc:
+            if exc.code is ErrorCode.BAD_JSON and not _is_utf8(data):
+                self.out.append(((conn,), Close(1007, "invalid UTF-8", fail=True)))
+                state.deferred = None  # closing: what waited is not taken
+                return
+            self._refuse(conn, state, exc)
+            return
+        if state.joining and type(request) is not Ping:
+            self._defer(conn, state, request)
+            return
+        self._take(conn, state, request)
+
+    def _take(self, conn: C, state: ConnState, request: ClientMessage) -> None:
+        try:
             # The token's rooms claim covers every request that names a room.
             if state.allowed_rooms is not None and not isinstance(request, Ping):
                 self._check_allowed(state, request.room, request.id)
             self._requests[type(request)](conn, state, request)
         except ProtocolError as exc:
-            if exc.code is ErrorCode.BAD_JSON and not _is_utf8(data):
-                self.out.append(((conn,), Close(1007, "invalid UTF-8", fail=True)))
-                return
             self._refuse(conn, state, exc)
         else:
             state.errors = 0
@@ -311,6 +321,7 @@ class RoomEngine(Generic[C]):
         state.errors += 1
         if state.errors >= self.config.limits.max_errors:
             self.out.append(((conn,), Close(1008, "too many errors", fail=True)))
+            state.deferred = None  # closing: what waited is not taken
 
     @staticmethod
     def _check_allowed(state: ConnState, room: RoomId, request_id: str | None) -> None:
@@ -384,7 +395,7 @@ class RoomEngine(Generic[C]):
             self._refuse(conn, state, exc)
             self._join_done(conn, state)
 
-    def _defer(self, conn: C, state: ConnState, data: bytes | bytearray | memoryview) -> None:
+    def _defer(self, conn: C, state: ConnState, request: ClientMessage) -> None:
         deferred = state.deferred
         if deferred is None:
             deferred = state.deferred = []
@@ -392,18 +403,32 @@ class RoomEngine(Generic[C]):
             # Bounded: a client that floods while its join waits is refused, as the
             # rate limit would refuse it.
             reason = "too many requests while a join is in progress"
-            self._refuse(conn, state, ProtocolError(ErrorCode.RATE_LIMITED, reason))
+            self._refuse(conn, state, ProtocolError(ErrorCode.RATE_LIMITED, reason, request.id))
             return
-        deferred.append(bytes(data))
+        deferred.append(request)
 
     def _join_done(self, conn: C, state: ConnState) -> None:
-        """One of the connection's joins ended (answered or refused): once none is
-        in flight, what the connection sent meanwhile is taken, in order."""
+        """One of the connection's joins ended (answered or refused). Once none is
+        in flight, what the connection sent meanwhile is taken at the end of the
+        turn (:meth:`take_deferred`): not here, which may be inside the broker's
+        reading of a ring, and not by recursion (a replayed join can end at once)."""
         state.joining -= 1
-        while not state.joining and state.deferred and self.conns.get(conn) is state:
-            self.receive(conn, state.deferred.pop(0))
-        if not state.joining:
-            state.deferred = None
+        if not state.joining and state.deferred:
+            self._replays.append(conn)
+
+    def take_deferred(self) -> None:
+        """At the end of the turn, before the broker commits: the requests that
+        waited for their connection's joins, in order, until a join waits again
+        (the rest then waits for it). Their publishes are committed with the turn,
+        so that no frame or ack of theirs leaves before its record is kept."""
+        replays, self._replays = self._replays, []
+        for conn in replays:
+            state = self.conns.get(conn)
+            while state is not None and not state.joining and state.deferred:
+                self._take(conn, state, state.deferred.pop(0))
+                state = self.conns.get(conn)
+            if state is not None and not state.joining:
+                state.deferred = None
 
     def _join_open(self, conn: C, state: ConnState, request: Join) -> None:
         # A room this engine dropped (idle, no members here) is fetched back first,
@@ -653,8 +678,9 @@ class RoomEngine(Generic[C]):
 
     @property
     def flush_due(self) -> bool:
-        """Frames are queued for the end of the turn."""
-        return self.fanout.due
+        """Frames are queued for the end of the turn (or requests that waited for a
+        join are to be taken there: :meth:`take_deferred`)."""
+        return self.fanout.due or bool(self._replays)
 
     def flush(self) -> list[Output[C]]:
         """The end of the caller's loop turn: each room's queued frames, joined once,
@@ -776,19 +802,24 @@ class RoomEngine(Generic[C]):
         log_ = self.logs.get(room)
         if log_ is None:
             return  # made when needed, with the broker's epoch and seq
+        waiting: list[Callable[[], None]] = []
         if log_.epoch != epoch:
             # The store lost the room (Redis restarted without its data): its seqs
             # start again under a new epoch. Members here hold seqs of the old one,
             # so they are closed to rejoin (ChatClient resumes with since/epoch and
             # gets recovered: false), and the log starts again.
             log_event(log, logging.WARNING, "room_epoch_changed", room=room, epoch=epoch)
-            self.gaps.held_back.pop(room, None)
+            waiting = self.gaps.restart(room)
             log_ = self.logs[room] = RoomLog(epoch, self.history, 0, self.now)
             members = self.members.get(room)
             if members:
                 self.out.append((list(members), Close(1012, "room history was reset")))
         if seq > log_.seq:
             self.gaps.request(room, log_.seq + 1, seq, self.now, "resync")
+        # Joins that waited for the old epoch's fill ask again: they wait for the
+        # new one, or go on with the new log.
+        for then in waiting:
+            then()
 
     def held(self, room: str, first: int) -> list[HeldMessage]:
         log_ = self.logs.get(room)

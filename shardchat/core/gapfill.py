@@ -134,6 +134,12 @@ class GapFill:
             for then in self._waiting.pop(room, ()):
                 then()
 
+    def restart(self, room: str) -> list[Callable[[], None]]:
+        """The room's sequence started again (a new epoch): what was held back is
+        of the old one. Returns the joins that waited for it, to be asked again."""
+        self.held_back.pop(room, None)
+        return self._waiting.pop(room, [])
+
     def on_replay(self, room: str, seq: int, json: bytes) -> None:
         log_ = self.logs.get(room)
         if log_ is None or room not in self.held_back:

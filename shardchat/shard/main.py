@@ -190,6 +190,7 @@ class Shard:
         """Commit the turn's records (acks follow), then write each room's frames."""
         self._turn_due = False
         engine = self.engine
+        engine.take_deferred()
         self.broker.commit()
         out = engine.out
         if out:

@@ -264,6 +264,8 @@ class Box:
                 if shard in self.stopped:
                     continue
                 engine.advance(self.now, self.wall)
+                if engine.flush_due:
+                    engine.take_deferred()  # as the shard's turn end does, first
                 if broker.commit_due:
                     broker.commit()
                     moved = True
