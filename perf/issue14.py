@@ -58,18 +58,11 @@ def _server(
     )
 
 
-def _target(server: procs.Running) -> list[str]:
-    """How perf.load finds the server's processes (shardchat's admin, or the pid)."""
-    if server.admin_port:
-        return ["--admin", f"http://127.0.0.1:{server.admin_port}"]
-    return ["--pid", str(server.proc.pid)]
-
-
 def rooms(side: str, programs: dict[str, str]) -> dict[str, Any]:
     with _server(side, programs, 1, run.FAST, run.SERVER_CPU) as server:
         args = ["rooms", "--port", str(server.port), "--target", f"rooms-{side}"]
         args += ["--clients", "10000", "--room-size", "10", "--interval-ms", "1000"]
-        result = run.load([*args, "--seconds", "20", *_target(server)])
+        result = run.load([*args, "--seconds", "20", *run.target_args(server)])
     r = result["run"]
     return {
         "p50_ms": r["latency_ms"]["p50"],
@@ -90,15 +83,15 @@ def _hold(
     cpus: str | None,
 ) -> dict[str, Any]:
     with _server(side, programs, workers, HOLD_SETTINGS, cpus) as server:
-        before = server_pss(server) if server.admin_port else procs.rss_bytes(server.proc.pid)
+        before = server_pss(server)
         args = ["hold", "--port", str(server.port), "--target", f"hold-{side}-w{workers}"]
         args += ["--connections", str(connections), "--seconds", "30"]
         args += ["--connect-rate", str(connect_rate), "--prober", str(PROBER)]
         args += ["--workers", str(max(1, -(-connections // 19000))), "--prober-rt"]
         if cpus is not None:
             args += ["--prober-cpu", run.CLIENT_CPU]
-        result = run.load([*args, *_target(server)])
-        after = server_pss(server) if server.admin_port else procs.rss_bytes(server.proc.pid)
+        result = run.load([*args, *run.target_args(server)])
+        after = server_pss(server)
     return hold_row(result, before, after)
 
 

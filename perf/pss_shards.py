@@ -33,7 +33,8 @@ def pss_bytes(pid: int) -> int:
 
 
 def server_pss(server: procs.Running) -> int:
-    return pss_bytes(server.proc.pid) + sum(pss_bytes(p) for p in server.server_pids())
+    # A set: the baseline is its own server process (server_pids() is [proc.pid]).
+    return sum(pss_bytes(p) for p in {server.proc.pid, *server.server_pids()})
 
 
 # --rooms: each connection joins a room of 10 at open ({r} is i // 10): presence.

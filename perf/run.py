@@ -47,16 +47,19 @@ def load(args: list[str]) -> dict[str, Any]:
     return load_main(args)
 
 
+def target_args(server: procs.Running) -> list[str]:
+    """How perf.load finds the server's processes: shardchat's admin, or the pid."""
+    if server.admin_port:
+        return ["--admin", f"http://127.0.0.1:{server.admin_port}"]
+    return ["--pid", str(server.server_pids()[0])]
+
+
 def fanout_against(
     server: procs.Running, name: str, receivers: int, extra: list[str], rates: str = FANOUT_RATES
 ) -> dict[str, Any]:
     args = ["fanout", "--port", str(server.port), "--target", name, "--receivers", str(receivers)]
     args += ["--senders", "10", "--rates", rates, "--seconds", "5", "--drain", "2"]
-    if server.admin_port:
-        args += ["--admin", f"http://127.0.0.1:{server.admin_port}"]
-    else:
-        args += ["--pid", str(server.server_pids()[0])]
-    return load(args + extra)
+    return load(args + target_args(server) + extra)
 
 
 def rooms_against(

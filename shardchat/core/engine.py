@@ -424,10 +424,11 @@ class RoomEngine(Generic[C]):
         replays, self._replays = self._replays, []
         for conn in replays:
             state = self.conns.get(conn)
-            while state is not None and not state.joining and state.deferred:
+            if state is None:
+                continue  # closed since its join ended
+            while not state.joining and state.deferred:
                 self._take(conn, state, state.deferred.pop(0))
-                state = self.conns.get(conn)
-            if state is not None and not state.joining:
+            if not state.joining:
                 state.deferred = None
 
     def _join_open(self, conn: C, state: ConnState, request: Join) -> None:
