@@ -10,7 +10,7 @@ import os
 from shardchat.brokers.segments import Fabric
 from shardchat.configload import load_config
 from shardchat.ring.layout import OFF_MAGIC, U64
-from shardchat.shard.main import EXIT_BOOT_ERROR, ShardSpec, run_shard
+from shardchat.shard.process import EXIT_BOOT_ERROR, ShardSpec, run_shard
 
 
 def test_a_ring_with_a_bad_header_is_a_boot_failure() -> None:

@@ -35,7 +35,7 @@ from shardchat.core.config import Config, ServerConfig, redact_url, to_toml
 from shardchat.core.errors import ShardError
 from shardchat.hooks import load_app
 from shardchat.logs import log_event
-from shardchat.shard.main import EXIT_BOOT_ERROR, ShardSpec, run_shard
+from shardchat.shard.process import EXIT_BOOT_ERROR, ShardSpec, run_shard
 from shardchat.stats import Slot, StatsView
 from shardchat.supervisor.admin import AdminServer
 from shardchat.supervisor.metrics import make_registry

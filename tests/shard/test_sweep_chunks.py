@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from shardchat.core.config import Config
-from shardchat.shard.main import SWEEP_CHUNK, SWEEP_SLICES, Shard
+from shardchat.shard.handler import Shard
+from shardchat.shard.sweep import SWEEP_CHUNK, SWEEP_SLICES
 
 
 class Ticked:
@@ -103,7 +104,7 @@ def test_a_connection_added_mid_pass_is_ticked_from_the_next_and_a_closed_one_no
     a_pass(shard, loop, 2.0)
     assert late.ticks == 1 and gone.ticks == 0
     assert [c.ticks for c in conns[:-1]] == [2] * (len(conns) - 1)
-    assert len(shard._sweep_list) == len(conns)  # the closed one is not carried
+    assert len(shard.sweeper.listed) == len(conns)  # the closed one is not carried
 
 
 def test_a_sweep_while_chunks_are_pending_extends_the_slice(

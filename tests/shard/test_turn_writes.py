@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from shardchat.core.outputs import Close
-from shardchat.shard.main import _write_turn
+from shardchat.shard.writer import write_turn
 
 
 class Conn:
@@ -29,7 +29,7 @@ def test_a_senders_ack_and_its_rooms_frames_go_in_one_write_ack_first() -> None:
     gone.out = None  # type: ignore[assignment]
     out: list[Any] = [((a,), b"ack1"), ((c,), b"err"), ((a,), b"ack2"), ((gone,), b"x")]
     rooms: list[Any] = [({a: 1, b: 1, gone: 1}, b"room-r"), ({a: 1}, b"room-s")]
-    _write_turn(out, rooms)
+    write_turn(out, rooms)
     assert a.writes == [b"ack1ack2room-r", b"room-s"]
     assert b.writes == [b"room-r"]
     assert c.writes == [b"err"]  # in no room: its reply still goes
@@ -39,5 +39,5 @@ def test_a_senders_ack_and_its_rooms_frames_go_in_one_write_ack_first() -> None:
 def test_a_close_among_the_replies_keeps_the_plain_order() -> None:
     a = Conn()
     out: list[Any] = [((a,), b"ack"), ((a,), Close(4000, "bye"))]
-    _write_turn(out, [({a: 1}, b"room")])
+    write_turn(out, [({a: 1}, b"room")])
     assert a.writes == [b"ack", b"room"] and a.closed == [4000]

@@ -1,0 +1,150 @@
+"""A shard's boot: attach the shared memory, build the broker and the engine, run.
+
+The shard attaches to the box's stats segment and rings, has its broker
+rebuild the rooms from them (``broker.kind = "shm"``) or connect to Redis
+(``"redis"``, where our ring still carries the heartbeat the supervisor
+watches), builds the room engine and hands everything to the lifecycle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from shardchat import stats
+from shardchat.addrtable import table_capacity
+from shardchat.auth import verifier_from_config
+from shardchat.brokers import segments
+from shardchat.brokers.shm import ShmBroker
+from shardchat.core.broker import Broker
+from shardchat.core.engine import RoomEngine
+from shardchat.hooks import Hooks
+from shardchat.shard.connection import Connection
+from shardchat.shard.handler import Shard
+from shardchat.shard.lifecycle import run
+
+if TYPE_CHECKING:
+    from shardchat.shard.process import ShardSpec
+
+__all__ = ["serve"]
+
+
+async def serve(spec: ShardSpec) -> None:
+    """The shard's whole life on its loop: boot, serve, drain, let go."""
+    config = spec.config
+    loop = asyncio.get_running_loop()
+    stats_segment, counters = _attach_stats(spec)
+    mine = counters.mine
+    assert mine is not None
+    if config.broker.kind == "redis":
+        await _serve_redis(spec, loop, counters, mine)
+        stats_segment.close()
+        return
+    broker = _attach_rings(spec, mine)
+    shard: Shard | None = None
+    try:
+        engine = _engine(spec, broker, counters, mine)
+        now = time.monotonic()
+        engine.advance(now, time.time())
+        broker.recover(engine, now)
+        broker.commit()
+        shard = Shard(
+            config, spec.shard_id, engine, broker, counters, loop, broker.bells[spec.shard_id]
+        )
+        shard.start_bell()
+        await run(spec, loop, shard)
+    finally:
+        if shard is not None:
+            shard.stop_bell()
+        broker.close()
+        counters.release()
+        stats_segment.close()
+
+
+def _attach_stats(spec: ShardSpec) -> tuple[segments.Segment, stats.StatsView]:
+    segment = segments.Segment.attach(segments.stats_name(spec.supervisor_pid))
+    server = spec.config.server
+    workers = spec.config.workers
+    addr_capacity = table_capacity(server.max_per_ip, server.max_connections, workers)
+    view = stats.StatsView(memoryview(segment.buf), workers, spec.shard_id, addr_capacity)
+    if view.addrs is not None:
+        view.addrs.clear(spec.shard_id)
+    mine = view.mine
+    assert mine is not None
+    # Gauges describe this incarnation; counters carry on across restarts.
+    mine[stats.Slot.PID] = os.getpid()
+    mine[stats.Slot.STARTED_NS] = time.time_ns()
+    mine[stats.Slot.CONNECTIONS] = 0
+    mine[stats.Slot.ROOMS] = 0
+    mine[stats.Slot.UNLISTENED] = 0
+    mine[stats.Slot.LISTEN_FD] = 0  # not listening yet
+    for peer in range(spec.config.workers):
+        mine[stats.LAG_BASE + peer] = 0
+    return segment, view
+
+
+def _attach_rings(spec: ShardSpec, mine: stats.Counters) -> ShmBroker:
+    """This shard's view of the box's rings: its own to write, every ring to read."""
+    config = spec.config
+    return ShmBroker.attach(
+        spec.supervisor_pid,
+        spec.shard_id,
+        config.workers,
+        config.ring.bytes,
+        config.ring.rooms,
+        mine,
+        config.delivery.publish_timeout,
+    )
+
+
+def _engine(
+    spec: ShardSpec, broker: Broker, counters: stats.StatsView, mine: stats.Counters
+) -> RoomEngine[Connection]:
+    verifier = verifier_from_config(spec.config.auth)
+    return RoomEngine(
+        spec.config,
+        spec.shard_id,
+        spec.epoch,
+        broker,
+        mine,
+        Hooks(spec.app),
+        verify=None if verifier is None else verifier.verify,
+        addrs=counters.addrs,
+    )
+
+
+async def _serve_redis(
+    spec: ShardSpec,
+    loop: asyncio.AbstractEventLoop,
+    counters: stats.StatsView,
+    mine: stats.Counters,
+) -> None:
+    """A shard whose rooms go through Redis (several boxes)."""
+    from shardchat.brokers.redis_broker import RedisBroker  # the optional extra
+
+    config = spec.config
+    shard: Shard | None = None
+
+    def deliver(step: Callable[[], None]) -> None:
+        assert shard is not None
+        shard.broker_input(step)
+
+    broker = RedisBroker(config, spec.shard_id, mine, deliver)
+    # The rings carry no rooms here, but our ring's header still carries the
+    # heartbeat the supervisor watches (server.shard_timeout).
+    rings = _attach_rings(spec, mine)
+    broker.stamp = rings.heartbeat
+    try:
+        engine = _engine(spec, broker, counters, mine)
+        engine.advance(time.monotonic(), time.time())
+        shard = Shard(config, spec.shard_id, engine, broker, counters, loop)
+        # Connected (or trying, in the background) and beating before we accept.
+        await broker.start(engine)
+        await run(spec, loop, shard)
+    finally:
+        await broker.close()
+        rings.close()
+        counters.release()

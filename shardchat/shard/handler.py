@@ -1,0 +1,244 @@
+"""The shard's handler of its connections: engine inputs in, the engine's output written.
+
+:class:`Shard` hands the engine plain values, takes the engine's output after
+every input and writes it, and owns the end of each loop turn (one
+``call_soon``): the broker commits the turn's records (then acks what they
+hold) and the engine's per-room frames are written, each room's joined once,
+once to each member.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from shardchat import stats
+from shardchat.brokers.shm import Bell
+from shardchat.core.admission import Upgrade
+from shardchat.core.broker import Broker, BrokerListener
+from shardchat.core.config import Config
+from shardchat.core.engine import RoomEngine
+from shardchat.logs import log_event
+from shardchat.shard.bell import Doorbell
+from shardchat.shard.connection import Connection
+from shardchat.shard.pages import Pages
+from shardchat.shard.sweep import Sweep
+from shardchat.shard.writer import write, write_turn
+
+__all__ = ["LoopBroker", "Shard"]
+
+log = logging.getLogger(__name__)
+
+_S_CONNECTIONS = int(stats.Slot.CONNECTIONS)
+
+_monotonic = time.monotonic
+_time = time.time
+
+
+class LoopBroker(Broker, Protocol):
+    """What the shard's loop calls on its broker, besides the engine's calls."""
+
+    listener: BrokerListener | None
+
+    @property
+    def commit_due(self) -> bool: ...
+
+    def commit(self) -> None: ...
+
+    def drain(self, now: float | None = None) -> bool: ...
+
+    def tick(self, now: float) -> float | None: ...
+
+    def heartbeat(self, now_ns: int) -> None: ...
+
+    def record_lag(self) -> None: ...
+
+
+class Shard:
+    """One shard's loop around its engine and broker (the connections' handler)."""
+
+    def __init__(
+        self,
+        config: Config,
+        shard_id: int,
+        engine: RoomEngine[Connection],
+        broker: LoopBroker,
+        counters: stats.StatsView,
+        loop: asyncio.AbstractEventLoop,
+        bell: Bell | None = None,
+    ) -> None:
+        self.config = config
+        self.shard_id = shard_id
+        self.engine = engine
+        self.broker = broker
+        self.counters = counters
+        self.loop = loop
+        self.clock = loop.time()  # the connections' coarse clock, refreshed by the sweep
+        self.heartbeat_interval = config.heartbeat.interval
+        self.max_frame = config.limits.max_frame
+        self.send_queue = config.limits.send_queue
+        self.connections: set[Connection] = set()
+        self.accepted_total = 0
+        self.all_closed = asyncio.Event()
+        self.pages = Pages()
+        self.page_csp = self.pages.csp
+        self.sweeper = Sweep(self.connections, loop, config.heartbeat, self._pass)
+        # Our doorbell (the shared-memory broker); None: none to wait on.
+        self.doorbell = None if bell is None else Doorbell(bell, loop, self._rung)
+        self._next_conn_id = 0
+        self._turn_due = False
+        self._drain_due = False
+
+    # Output
+
+    def _emit(self) -> None:
+        """Write what the engine produced, in its order, and end the turn later."""
+        engine = self.engine
+        out = engine.out
+        if out:
+            engine.out = []
+            write(out)
+        if not self._turn_due and (engine.flush_due or self.broker.commit_due):
+            self._turn_due = True
+            self.loop.call_soon(self._end_turn)
+
+    def _end_turn(self) -> None:
+        """Commit the turn's records (acks follow), then write each room's frames."""
+        self._turn_due = False
+        engine = self.engine
+        engine.take_deferred()
+        self.broker.commit()
+        out = engine.out
+        if out:
+            engine.out = []
+        if engine.flush_due:
+            rooms = engine.flush()
+            if out:
+                write_turn(out, rooms)
+            else:
+                write(rooms)
+        elif out:
+            write(out)
+
+    # ConnectionHandler
+
+    def new_connection(self) -> Connection:
+        self._next_conn_id += 1
+        conn = Connection(self, self._next_conn_id)
+        self.add(conn)
+        self.accepted_total += 1
+        return conn
+
+    def add(self, conn: Connection) -> None:
+        """Hold ``conn``: the sweep ticks it from its next pass on."""
+        self.connections.add(conn)
+        self.sweeper.add(conn)
+
+    def http_get(self, path: str) -> tuple[int, str, bytes]:
+        return self.pages.get(path, self.engine.draining)
+
+    def refuse_upgrade(
+        self, conn: Connection, path: str, query: str, headers: dict[str, str]
+    ) -> tuple[int, str] | None:
+        engine = self.engine
+        engine.advance(_monotonic(), _time())
+        # Upgraded connections on every shard (handshakes under way do not count).
+        connections = self.counters.total(_S_CONNECTIONS)
+        upgrade = Upgrade(conn.conn_id, conn.peer, path, query, headers)
+        refusal = engine.admit(conn, upgrade, connections)
+        return None if refusal is None else (refusal.status, refusal.text)
+
+    def opened(self, conn: Connection) -> None:
+        self.engine.open(conn)
+        self._emit()
+
+    def text_received(self, conn: Connection, data: bytes | bytearray | memoryview) -> None:
+        engine = self.engine
+        engine.advance(_monotonic(), _time())
+        engine.receive(conn, data)
+        self._emit()
+
+    def broker_input(self, step: Callable[[], None]) -> None:
+        """Something the broker heard (from Redis) for the engine: the time first,
+        the engine's output after."""
+        engine = self.engine
+        engine.advance(_monotonic(), _time())
+        step()
+        self._emit()
+
+    def closed(self, conn: Connection) -> None:
+        self.connections.discard(conn)
+        if self.engine.draining and not self.connections:
+            self.all_closed.set()
+        self.engine.closed(conn, conn.close_code, conn.close_reason)
+        self._emit()
+
+    def slow_consumer(self, conn: Connection) -> None:
+        # PROTOCOL.md: close 4429, from the next turn, outside the write() that
+        # found the client slow.
+        self.loop.call_soon(self._close_slow, conn)
+
+    def _close_slow(self, conn: Connection) -> None:
+        if conn.close_slow():
+            state = self.engine.conns.get(conn)
+            user = state.user if state is not None else None
+            log_event(log, logging.INFO, "slow_consumer", conn=conn.conn_id, user=user)
+
+    # The peers' records (shared-memory broker)
+
+    def start_bell(self) -> None:
+        """Deliver the peers' records from now on: wake on our doorbell."""
+        if self.doorbell is None:
+            return
+        self.doorbell.start()
+        self.drain()
+
+    def stop_bell(self) -> None:
+        if self.doorbell is not None:
+            self.doorbell.stop()
+
+    def _rung(self) -> None:
+        if self.broker.listener is not None:  # else closed
+            self.drain()
+
+    def drain(self) -> None:
+        """Hand the peers' new records to the engine; again next turn if there is more."""
+        self._drain_due = False
+        now = _monotonic()
+        self.engine.advance(now, _time())
+        more = self.broker.drain(now)
+        self._emit()
+        if more and not self._drain_due:
+            self._drain_due = True
+            self.loop.call_soon(self.drain)
+
+    # Time
+
+    def sweep(self, now: float) -> None:
+        """One slice of the sweep (see :mod:`shardchat.shard.sweep`)."""
+        self.clock = now
+        self.sweeper.run(now)
+
+    def _pass(self) -> None:
+        """The start of a sweep pass: the engine's and the broker's timers."""
+        engine = self.engine
+        mono = _monotonic()
+        engine.advance(mono, _time())
+        engine.tick()
+        self.broker.tick(mono)
+        self._emit()
+
+    def drain_connections(self) -> None:
+        """Stop taking connections and close every open one with 1001 ``shutdown``."""
+        self.broker.commit()
+        write(self.engine.drain())
+        if not self.connections:
+            self.all_closed.set()
+        for conn in list(self.connections):
+            if conn.is_open:
+                conn.close(1001, "shutdown")
+            elif conn.close_deadline == 0.0:
+                conn.abort()
