@@ -75,6 +75,13 @@ class Slot(enum.IntEnum):
     REDIS_MESSAGES_RECEIVED = 32  # room messages that came from Redis pub/sub
     REDIS_STREAM_READS = 33  # stream reads (room open, gap fill, resume)
     REDIS_RECONNECTS = 34
+    # The application's backend over HTTP (shardchat/backend/)
+    WEBHOOK_QUEUED = 56  # gauge: events waiting for delivery
+    WEBHOOK_EVENTS_SENT = 57  # events the receiver took (2xx)
+    WEBHOOK_EVENTS_DROPPED = 58  # events given up: queue full or older than webhooks.max_age
+    WEBHOOK_POSTS_FAILED = 59  # POSTs that failed (timeout, no connection, not 2xx)
+    PROXY_CALLS = 60  # connect and publish proxy requests
+    PROXY_FAILURES = 61  # ... that timed out or failed (503 / unavailable)
 
 
 ERROR_CODES = tuple(ErrorCode)  # one counter slot per code, in the enum's order

@@ -10,6 +10,8 @@ The loader that reads the config file, the environment and the CPU count is
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import difflib
 import math
@@ -29,10 +31,12 @@ __all__ = [
     "LimitsConfig",
     "LogConfig",
     "PresenceConfig",
+    "ProxyConfig",
     "RedisConfig",
     "RingConfig",
     "SECTIONS",
     "ServerConfig",
+    "WebhooksConfig",
     "env_name",
     "redact_url",
     "resolve",
@@ -132,6 +136,37 @@ class AuthConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ProxyConfig:
+    connect_url: str = ""  # the backend admits upgrades (POST, cookie and all); empty = off
+    publish_url: str = ""  # the backend sees client publishes before sequencing; empty = off
+    timeout: float = 1.0  # seconds a proxy call may take (then 503, or `unavailable`)
+    connections: int = 8  # keep-alive connections to each backend URL, per shard
+
+
+WEBHOOK_EVENTS = (
+    "connect",
+    "disconnect",
+    "join",
+    "leave",
+    "room_occupied",
+    "room_vacated",
+    "message",
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WebhooksConfig:
+    url: str = ""  # where signed event batches are POSTed; empty = off
+    secret: str = ""  # Standard Webhooks secret, "whsec_" + base64 of 24-64 random bytes
+    events: tuple[str, ...] = WEBHOOK_EVENTS[:-1]  # which to send ("message" too if listed)
+    max_age: float = 60.0  # seconds an event is retried for before it is dropped
+    queue: int = 10000  # events a shard holds for delivery at most (then dropped, counted)
+    batch: int = 100  # events per POST at most
+    timeout: float = 5.0  # seconds a POST may take
+    vacated_grace: float = 2.0  # seconds a room stays empty before room_vacated is sent
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class LogConfig:
     level: str = "info"  # debug, info, warning, error
     format: str = "json"  # json (one object per line) or console
@@ -149,6 +184,8 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
     cpu_count: int = 1  # the machine's, read by the loader: server.workers = "auto"
 
     @property
@@ -171,6 +208,8 @@ SECTIONS: dict[str, type[Any]] = {
     "log": LogConfig,
     "broker": BrokerConfig,
     "redis": RedisConfig,
+    "proxy": ProxyConfig,
+    "webhooks": WebhooksConfig,
 }
 
 Check = Callable[[str, object], object]
@@ -300,6 +339,36 @@ def _prefix(key: str, value: object) -> object:
     return value
 
 
+def _http_url(key: str, value: object) -> object:
+    if not isinstance(value, str) or (value and not re.fullmatch(r"https?://[^\s/?#]+\S*", value)):
+        raise ConfigError(
+            key, value, 'must be empty or an http:// or https:// URL, e.g. "http://app:8000/ws"'
+        )
+    return value
+
+
+def _webhook_secret(key: str, value: object) -> object:
+    if not isinstance(value, str):
+        raise ConfigError(key, REDACTED, 'must be "whsec_" followed by base64')
+    if value:
+        body = value.removeprefix("whsec_")
+        try:
+            raw = base64.b64decode(body + "=" * (-len(body) % 4), validate=True)
+        except (ValueError, binascii.Error):
+            raw = b""
+        if not value.startswith("whsec_") or not 24 <= len(raw) <= 64:
+            raise ConfigError(
+                key, REDACTED, 'must be "whsec_" followed by base64 of 24 to 64 bytes'
+            )
+    return value
+
+
+def _webhook_events(key: str, value: object) -> object:
+    if not isinstance(value, list | tuple) or not all(v in WEBHOOK_EVENTS for v in value):
+        raise ConfigError(key, value, "must be a list of " + ", ".join(WEBHOOK_EVENTS))
+    return tuple(value)
+
+
 _CHECKS: dict[str, Check] = {
     "server.host": _host,
     "server.port": _int(1, 65535),
@@ -351,6 +420,18 @@ _CHECKS: dict[str, Check] = {
     "auth.issuer": _string,
     "auth.audience": _string,
     "auth.leeway": _number(0, strict=False),
+    "proxy.connect_url": _http_url,
+    "proxy.publish_url": _http_url,
+    "proxy.timeout": _number(0, strict=True),
+    "proxy.connections": _int(1, 1024),
+    "webhooks.url": _http_url,
+    "webhooks.secret": _webhook_secret,
+    "webhooks.events": _webhook_events,
+    "webhooks.max_age": _number(0, strict=True),
+    "webhooks.queue": _int(1),
+    "webhooks.batch": _int(1, 10000),
+    "webhooks.timeout": _number(0, strict=True),
+    "webhooks.vacated_grace": _number(0, strict=False),
     "log.level": _choice("debug", "info", "warning", "error"),
     "log.format": _choice("json", "console"),
 }
@@ -431,6 +512,8 @@ def resolve(
         raise ConfigError(
             "server.tls_client_ca", server.tls_client_ca, "needs server.tls_cert and tls_key"
         )
+    if config.webhooks.url and not config.webhooks.secret:
+        raise ConfigError("webhooks.secret", "", "must be set when webhooks.url is (signatures)")
     if config.limits.max_frame > config.ring.bytes // 8:
         raise ConfigError(
             "limits.max_frame",
@@ -450,7 +533,7 @@ def _toml_value(value: object) -> str:
     return repr(value)
 
 
-SECRET_KEYS = frozenset({"auth.secret", "server.admin_token"})
+SECRET_KEYS = frozenset({"auth.secret", "server.admin_token", "webhooks.secret"})
 # A Redis URL may hold a password (redis://:secret@host): printed without it.
 _URL_PASSWORD = re.compile(r"(?<=://)([^@/]*:)?[^@/:]+@")
 

@@ -40,6 +40,7 @@ from shardchat.core.config import Config
 from shardchat.core.errors import ErrorCode, ProtocolError
 from shardchat.core.fanout import Fanout
 from shardchat.core.gapfill import GapFill
+from shardchat.core.hookevents import HookEvent
 from shardchat.core.messages import (
     Ack,
     AppCloseCode,
@@ -165,6 +166,11 @@ class RoomEngine(Generic[C]):
         self.members = self.fanout.members  # room -> local members
         self.gaps = GapFill(broker, self.logs, self.fanout.queue, counters, epoch, self.history)
         self._pending: dict[str, tuple[C, str | None]] = {}  # msg id -> sender, request id
+        # Webhook events (core/hookevents.py), taken by the caller like `out`: only
+        # the kinds it asks for are made.
+        self.hook_kinds: frozenset[str] = frozenset()
+        self.events: list[HookEvent] = []
+        self._pending_messages: dict[str, tuple[int, str, str]] = {}  # conn id, user, content
         self._join_at_open: dict[C, tuple[str, ...]] = {}  # rooms the query named
         self._next_evict = 0.0
         prefix = id_prefix if id_prefix is not None else secrets.token_hex(3)
@@ -240,6 +246,8 @@ class RoomEngine(Generic[C]):
         log_event(
             log, logging.INFO, "conn_open", conn=state.conn_id, user=state.user, peer=state.peer
         )
+        if "connect" in self.hook_kinds:
+            self._event("connect", state, None, {"peer": state.peer})
         if self.hooks.app is not None:
             state.info = ConnInfo(self.shard_id, state.conn_id, state.user, state.peer)
             if self.hooks.has_open:
@@ -287,7 +295,11 @@ class RoomEngine(Generic[C]):
             return
         for room in state.rooms:
             self._leave_room(conn, state, room)
+            if "leave" in self.hook_kinds:
+                self._event("leave", state, room, {"reason": "disconnect"})
         state.rooms = ()
+        if "disconnect" in self.hook_kinds:
+            self._event("disconnect", state, None, {"code": code, "reason": reason})
         if self.addrs is not None:
             self.addrs.remove(addr_key(state.peer))
         self.open_count -= 1
@@ -358,6 +370,8 @@ class RoomEngine(Generic[C]):
         self._msg_counter += 1
         msg_id = self._msg_prefix + str(self._msg_counter)
         self._pending[msg_id] = (conn, request.id)
+        if "message" in self.hook_kinds:
+            self._pending_messages[msg_id] = (state.conn_id, state.user, content)
         now = self.now
         publication = Publication(
             msg_id,
@@ -488,6 +502,8 @@ class RoomEngine(Generic[C]):
             self._leave_room(conn, state, room)
         else:
             state.rooms += (room,)
+            if "join" in self.hook_kinds:
+                self._event("join", state, room, None)
         self.out += self.fanout.flush(self.now, snapshot=True)
         log_ = self._log(room)
         self.members.setdefault(room, {})[conn] = None
@@ -519,6 +535,8 @@ class RoomEngine(Generic[C]):
         self._require_member(state, room, request.id)
         state.rooms = tuple(r for r in state.rooms if r != room)
         self._leave_room(conn, state, room)
+        if "leave" in self.hook_kinds:
+            self._event("leave", state, room, {"reason": "leave"})
         self._reply(conn, {"type": "left", "room": room})
 
     def _leave_room(self, conn: C, state: ConnState, room: str) -> None:
@@ -624,6 +642,11 @@ class RoomEngine(Generic[C]):
         log_ = self.logs.get(room)
         latest = log_.seq if log_ is not None else 0
         self.reliable.ack(conn, room, request.seq, latest, self.now)
+
+    def _event(
+        self, kind: str, state: ConnState, room: str | None, fields: dict[str, object] | None
+    ) -> None:
+        self.events.append(HookEvent(kind, state.user, room, state.conn_id, self.wall, fields))
 
     def _reply(self, conn: C, obj: dict[str, object]) -> None:
         self.out.append(((conn,), wire.text_frame(wire.encode(obj))))
@@ -742,6 +765,12 @@ class RoomEngine(Generic[C]):
             self.gaps.hold_back(log_, room, seq, json, self.now)
 
     def on_published(self, msg_id: str, room: str, seq: int) -> None:
+        if self._pending_messages:
+            message = self._pending_messages.pop(msg_id, None)
+            if message is not None:
+                conn_id, user, content = message
+                fields = {"seq": seq, "msg_id": msg_id, "content": content}
+                self.events.append(HookEvent("message", user, room, conn_id, self.wall, fields))
         pending = self._pending.pop(msg_id, None)
         if pending is None or pending[0] not in self.conns:
             return
@@ -752,6 +781,7 @@ class RoomEngine(Generic[C]):
         self._reply(conn, ack)
 
     def on_publish_failed(self, msg_id: str, room: str) -> None:
+        self._pending_messages.pop(msg_id, None)
         pending = self._pending.pop(msg_id, None)
         log_event(log, logging.ERROR, "publish_failed", msg=msg_id, room=room)
         if pending is None:

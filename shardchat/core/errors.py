@@ -7,6 +7,7 @@
     ├── ProtocolError      a client request PROTOCOL.md refuses (carries an ErrorCode)
     ├── AuthError          a token that is missing, malformed, expired or badly signed
     ├── HookError          the --app object cannot be loaded
+    ├── BackendError       the application's backend (proxy, webhooks) did not answer
     ├── RingError          the shared-memory ring refused an operation
     │   ├── MessageTooLarge    a record larger than the ring allows
     │   ├── RingLayoutError    a segment whose header is not a shardchat ring
@@ -31,6 +32,7 @@ import enum
 
 __all__ = [
     "AuthError",
+    "BackendError",
     "ErrorCode",
     "ChatError",
     "ClientError",
@@ -124,6 +126,11 @@ class AuthError(ShardchatError):
 
 class HookError(ShardchatError):
     """The lifecycle hooks named by ``--app`` cannot be loaded."""
+
+
+class BackendError(ShardchatError):
+    """The application's backend (connect or publish proxy, webhook receiver) did not
+    answer in time, or not in HTTP; the message is a short reason for logs and clients."""
 
 
 class RingError(ShardchatError):

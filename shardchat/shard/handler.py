@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from shardchat import stats
+from shardchat.backend.webhooks import WebhookSender
 from shardchat.brokers.shm import Bell
 from shardchat.core.admission import Upgrade
 from shardchat.core.broker import Broker, BrokerListener
@@ -91,6 +92,7 @@ class Shard:
         self._next_conn_id = 0
         self._turn_due = False
         self._drain_due = False
+        self.webhooks: WebhookSender | None = None  # webhooks.url set: the event sender
 
     # Output
 
@@ -101,6 +103,8 @@ class Shard:
         if out:
             engine.out = []
             write(out)
+        if engine.events:
+            self._take_events()
         if not self._turn_due and (engine.flush_due or self.broker.commit_due):
             self._turn_due = True
             self.loop.call_soon(self._end_turn)
@@ -122,6 +126,21 @@ class Shard:
                 write(rooms)
         elif out:
             write(out)
+        if engine.events:
+            self._take_events()
+
+    def _take_events(self) -> None:
+        """The engine's webhook events, to the sender (stamped with id, shard, box)."""
+        events, self.engine.events = self.engine.events, []
+        sender = self.webhooks
+        if sender is None:
+            return
+        emit = sender.emit
+        for event in events:
+            fields = event.fields or {}
+            if event.conn is not None:
+                fields = {"conn": event.conn, **fields}
+            emit(event.kind, event.user, event.room, fields, when=event.time)
 
     # ConnectionHandler
 

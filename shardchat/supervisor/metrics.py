@@ -53,6 +53,11 @@ _COUNTERS: tuple[tuple[Slot, str, str], ...] = (
     (Slot.REDIS_MESSAGES_RECEIVED, "redis_messages_received", "Room messages from Redis pub/sub"),
     (Slot.REDIS_STREAM_READS, "redis_stream_reads", "Reads of rooms' Redis streams"),
     (Slot.REDIS_RECONNECTS, "redis_reconnects", "Reconnections to Redis"),
+    (Slot.WEBHOOK_EVENTS_SENT, "webhook_events_sent", "Webhook events the receiver took"),
+    (Slot.WEBHOOK_EVENTS_DROPPED, "webhook_events_dropped", "Webhook events given up"),
+    (Slot.WEBHOOK_POSTS_FAILED, "webhook_posts_failed", "Webhook POSTs that failed"),
+    (Slot.PROXY_CALLS, "proxy_calls", "Connect and publish proxy requests"),
+    (Slot.PROXY_FAILURES, "proxy_failures", "Proxy requests that timed out or failed"),
 )
 
 
@@ -103,6 +108,12 @@ class ShardchatCollector(Collector):
             subscribed.add_metric([shard], block[Slot.REDIS_SUBSCRIBED_ROOMS])
         yield redis_up
         yield subscribed
+        queued = GaugeMetricFamily(
+            "shardchat_webhook_queued", "Webhook events waiting for delivery", labels=["shard"]
+        )
+        for shard, block in zip(shards, blocks, strict=True):
+            queued.add_metric([shard], block[Slot.WEBHOOK_QUEUED])
+        yield queued
         for slot, name, doc in _COUNTERS:
             yield CounterMetricFamily(f"shardchat_{name}", doc, value=view.total(slot))
         closed = CounterMetricFamily(

@@ -1,0 +1,1 @@
+"""The application's backend over HTTP: connect and publish proxies, signed webhooks."""
