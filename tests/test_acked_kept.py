@@ -243,10 +243,10 @@ async def _stream_client_on(srv: Server, shard: int, user: str) -> StreamClient:
     raise AssertionError(f"no connection landed on shard {shard}")
 
 
-async def test_publish_retried_with_its_id_after_unavailable_is_delivered_once() -> None:
+async def test_publish_retried_with_its_key_after_unavailable_is_delivered_once() -> None:
     """The owner is stopped: a forwarded publish gets ``unavailable`` (counted in
     shardchat_errors_total) and is sequenced anyway once the owner runs again. The
-    same publish retried with the same id, on the same shard and on another one, is
+    same publish retried with the same key, on the same shard and on another one, is
     acked with the original seq, and the room's members receive it once."""
     settings = [*FAST, "delivery.publish_timeout=1"]
     with running_server(workers=3, settings=settings) as srv:
@@ -258,20 +258,20 @@ async def test_publish_retried_with_its_id_after_unavailable_is_delivered_once()
             owner = srv.shard_pids()[0]
             os.kill(owner, signal.SIGSTOP)
             try:
-                await sender.send(type="message", room=room, content="once", id="m-1")
+                await sender.send(type="message", room=room, content="once", id="m-1", key="m-1")
                 error = await sender.recv_type("error", timeout=10)
                 assert error["code"] == "unavailable" and error["id"] == "m-1"
             finally:
                 os.kill(owner, signal.SIGCONT)
             assert errors_total(srv, "unavailable") >= 1
-            # The retry, with the same id: the original seq, not a new message.
-            await sender.send(type="message", room=room, content="once", id="m-1")
+            # The retry, with the same key: the original seq, not a new message.
+            await sender.send(type="message", room=room, content="once", id="m-1", key="m-1")
             ack = await sender.recv_type("ack", timeout=10)
             # The same user from another connection on another shard.
             again = await connect_client(srv.url, user=sender.user)
             async with closing([again]):
                 await again.join(room)
-                await again.send(type="message", room=room, content="once", id="m-1")
+                await again.send(type="message", room=room, content="once", id="m-1", key="m-1")
                 ack2 = await again.recv_type("ack", timeout=10)
                 assert ack2["seq"] == ack["seq"]
                 # A marker after the retries: everything before it has arrived.

@@ -89,7 +89,7 @@ async def spread(boxes: Sequence[Server], count: int, prefix: str) -> list[Clien
     for (b, shard), n in sorted(per.items()):
         for k in range(n):
             # A name of its own (box, shard, index): two senders with one name would
-            # be one user, whose ids the broker rightly deduplicates.
+            # be one user, whose keys the broker rightly deduplicates.
             name = f"{prefix}{b}s{shard}n{k}x"
             (client,) = await clients_on_shards(boxes[b].url, [shard], prefix=name)
             clients.append(client)
@@ -159,6 +159,32 @@ async def ordering(boxes: Sequence[Server], senders: int = 6, per_sender: int = 
 async def test_two_boxes_one_order_per_room(redis: RedisServer, prefix: str) -> None:
     with two_boxes(box_settings(redis.url, prefix)) as boxes:
         await ordering(boxes)
+
+
+async def test_a_key_is_deduplicated_across_boxes_and_an_id_never_is(
+    redis: RedisServer, prefix: str
+) -> None:
+    """The same user retries a publish with its `key` on the other box: acked with
+    the original seq, delivered once. Reused `id`s without a key are new messages,
+    each acked in its own room."""
+    with two_boxes(box_settings(redis.url, prefix)) as (one, two):
+        first = await connect_client(one.url, user="keyed")
+        again = await connect_client(two.url, user="keyed")
+        watcher = await connect_client(two.url, user="watcher")
+        async with closing([first, again, watcher]):
+            for client in (first, again, watcher):
+                await client.join("dedupe")
+            await again.join("other")
+            await first.send(type="message", room="dedupe", content="once", id="1", key="k")
+            ack = await first.recv_type("ack")
+            await again.send(type="message", room="dedupe", content="once", id="2", key="k")
+            assert (await again.recv_type("ack"))["seq"] == ack["seq"]
+            await again.send(type="message", room="other", content="new", id="1")
+            assert (await again.recv_type("ack"))["room"] == "other"
+            await again.send(type="message", room="dedupe", content="new", id="1")
+            assert (await again.recv_type("ack"))["seq"] == ack["seq"] + 1
+            got = [await watcher.recv_type("message") for _ in range(2)]
+            assert [m["content"] for m in got] == ["once", "new"]
 
 
 async def test_a_box_without_members_gets_none_of_a_rooms_traffic(

@@ -20,8 +20,9 @@ HTTP 503, close 1001, 1006, 4408, 4409, 4429) are retried, bounded by
 ``timeout`` and ``attempts`` when given, then raise :class:`Unavailable`.
 
 Publishing is at least once: a ``send`` whose ack was lost with the
-connection is sent again after the reconnect, with the same ``id``, so that a
-server that deduplicates publishes by (user, ``id``) sequences it once.
+connection is sent again after the reconnect, with the same ``key``
+(PROTOCOL.md, Extensions: the server deduplicates by user, room and ``key``),
+so that it is sequenced once.
 """
 
 from __future__ import annotations
@@ -170,9 +171,10 @@ class ChatClient:
         self._queue: asyncio.Queue[Message | None] = asyncio.Queue()
         self._acks: dict[str, asyncio.Future[int]] = {}
         self._unsent: dict[str, tuple[str, str]] = {}  # request id -> (room, content)
-        # Request ids are unique to this client, not just to this connection: the
-        # server may deduplicate publishes by (user, id), and another program of the
-        # same user must not collide with ours.
+        # A publish's request id doubles as its idempotency key (sent as `key`), so
+        # ids are unique to this client, not just to this connection: the server
+        # deduplicates by (user, room, key), and another program of the same user
+        # must not collide with ours.
         self._id_prefix = secrets.token_hex(4)
         self._ids = itertools.count(1)
         self._pending_joins: dict[str, tuple[str, asyncio.Future[dict[str, Any]]]] = {}
@@ -427,7 +429,15 @@ class ChatClient:
         self, ws: ClientConnection, request_id: str, room: str, content: str
     ) -> None:
         await ws.send(
-            json.dumps({"type": "message", "room": room, "content": content, "id": request_id})
+            json.dumps(
+                {
+                    "type": "message",
+                    "room": room,
+                    "content": content,
+                    "id": request_id,
+                    "key": request_id,
+                }
+            )
         )
 
     async def _read(self, ws: ClientConnection) -> None:

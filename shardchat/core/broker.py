@@ -51,7 +51,7 @@ class Publication(NamedTuple):
     content: str
     timestamp: int  # ms since the Unix epoch, when the engine accepted it
     publish_ns: int  # monotonic ns at publish, for the publish-to-delivery histogram
-    key: str = ""  # idempotency key (see idempotency_key); "" when the client sent no id
+    key: str = ""  # idempotency key (see idempotency_key); "" when the client sent no key
 
 
 class PresenceAnswer(NamedTuple):
@@ -63,11 +63,12 @@ class PresenceAnswer(NamedTuple):
     has: bool  # the asking user is present already
 
 
-def idempotency_key(user: str, client_id: str | None) -> str:
-    """PROTOCOL.md, Extensions: a publish's ``id`` is deduplicated per user, for
-    ``KEY_WINDOW``. A user name never holds a newline, so the pair is one
-    unambiguous string."""
-    return "" if client_id is None else f"{user}\n{client_id}"
+def idempotency_key(user: str, room: str, client_key: str | None) -> str:
+    """PROTOCOL.md, Extensions: a publish's ``key`` is deduplicated per user and
+    room, for ``KEY_WINDOW``; its ``id`` never is (a request id, echoed). Names
+    never hold a newline, so the triple is one unambiguous string, and a retry
+    can only ever be answered with a seq of its own room."""
+    return "" if client_key is None else f"{user}\n{room}\n{client_key}"
 
 
 class Broker(Protocol):

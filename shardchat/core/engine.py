@@ -380,7 +380,7 @@ class RoomEngine(Generic[C]):
             content,
             int(self.wall * 1000),
             int(now * 1e9),
-            idempotency_key(state.user, request.id),
+            idempotency_key(state.user, room, request.key),
         )
         log_event(log, logging.DEBUG, "publish", conn=state.conn_id, room=room, msg=msg_id)
         self.broker.publish(publication, now)
@@ -791,7 +791,7 @@ class RoomEngine(Generic[C]):
         if state is not None:
             reason = (
                 f"room {room}: the message is not known to be published (its broker did"
-                " not confirm it); retrying with the same id is safe"
+                " not confirm it); retrying with the same key is safe"
             )
             self._refuse(conn, state, ProtocolError(ErrorCode.UNAVAILABLE, reason, request_id))
 

@@ -54,7 +54,8 @@ class Leave:
 class Publish:
     room: RoomId
     content: str
-    id: str | None = None  # client's request id, echoed in the ack
+    id: str | None = None  # client's request id, echoed in the ack; never a dedupe key
+    key: str | None = None  # client's idempotency key (PROTOCOL.md, Extensions)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

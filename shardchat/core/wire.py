@@ -102,7 +102,19 @@ def _decode_message(obj: dict[str, object], rid: str | None, max_content: int) -
     # A str of n code points is at most 4n UTF-8 bytes: encode only when it might be over.
     if len(content) * 4 > max_content and len(content.encode()) > max_content:
         raise ProtocolError(ErrorCode.TOO_LARGE, f"content is over {max_content} bytes", rid)
-    return Publish(room=room, content=content, id=rid)
+    return Publish(room=room, content=content, id=rid, key=_idempotency_key(obj, rid))
+
+
+def _idempotency_key(obj: dict[str, object], rid: str | None) -> str | None:
+    """A ``message``'s optional ``key`` (PROTOCOL.md, Extensions): 1-64 characters,
+    like an ``id``; unlike a bad ``id`` (which is only not echoed), a bad ``key`` is
+    refused, since taking it for no key would deliver a retry twice."""
+    key = obj.get("key")
+    if key is None:
+        return None
+    if not isinstance(key, str) or not 1 <= len(key) <= MAX_ID:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "key must be a string of 1-64 characters", rid)
+    return key
 
 
 def _decode_ack(obj: dict[str, object], rid: str | None, max_content: int) -> ClientMessage:

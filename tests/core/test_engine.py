@@ -170,34 +170,71 @@ class TestForwarding:
         box.turn()
         assert [m["content"] for m in messages(watcher, room)] == ["bye"]
 
-    def test_a_publish_retried_with_its_id_is_sequenced_once(self) -> None:
+    def test_a_publish_retried_with_its_key_is_sequenced_once(self) -> None:
         box = Box(2)
         room = room_owned_by(0, 2)
         for shard in (0, 1):  # on the owner, and forwarded
             client = box.connect(shard, f"retry{shard}")
             box.join(client, room)
-            box.send(client, type="message", room=room, content="once", id=f"k{shard}")
+            box.send(client, type="message", room=room, content="once", key=f"k{shard}")
             box.turn()
-            box.send(client, type="message", room=room, content="once", id=f"k{shard}")
+            box.send(client, type="message", room=room, content="once", key=f"k{shard}")
             box.turn()
             acks = [a["seq"] for a in client.take("ack")]
             assert len(acks) == 2 and acks[0] == acks[1]
             assert [m["seq"] for m in messages(client)].count(acks[0]) == 1
-        other = box.connect(1, "other")  # the key is per user: the same id is new
+        other = box.connect(1, "other")  # the key is per user: the same key is new
         box.join(other, room)
-        box.send(other, type="message", room=room, content="mine", id="k1")
+        box.send(other, type="message", room=room, content="mine", key="k1")
         box.turn()
         assert [a["seq"] for a in other.take("ack")] == [3]
+
+    def test_a_reused_request_id_is_never_taken_for_a_retry(self) -> None:
+        """``id`` is a request id: a client numbering its requests per connection
+        reuses "1" in another room and on a new connection, and every message is
+        delivered, each ack naming the room of its own request."""
+        box = Box(2)
+        room_a, room_b = room_owned_by(0, 2), room_owned_by(1, 2)
+        ada = box.connect(0, "ada")
+        box.join(ada, room_a)
+        box.send(ada, type="message", room=room_a, content="first in A", id="1")
+        box.turn()
+        assert ada.take("ack") == [{"type": "ack", "room": room_a, "seq": 1, "id": "1"}]
+        for shard in (0, 1):
+            again = box.connect(shard, "ada")
+            bob = box.connect(1 - shard, "bob")
+            box.join(again, room_b)
+            box.join(bob, room_b)
+            box.send(again, type="message", room=room_b, content=f"hello B{shard}", id="1")
+            box.turn()
+            (ack,) = again.take("ack")
+            assert ack["room"] == room_b and ack["id"] == "1"
+            assert [m["content"] for m in messages(bob, room_b)][-1] == f"hello B{shard}"
+            box.close(bob)
+        box.send(ada, type="message", room=room_a, content="again in A", id="1")
+        box.turn()
+        assert [a["seq"] for a in ada.take("ack")] == [2]
+
+    def test_the_same_key_in_another_room_is_a_new_message(self) -> None:
+        box = Box(2)
+        rooms = [room_owned_by(0, 2), room_owned_by(1, 2)]
+        ada = box.connect(0, "ada")
+        for room in rooms:
+            box.join(ada, room)
+            box.send(ada, type="message", room=room, content="x", key="k")
+            box.turn()
+        acks = ada.take("ack")
+        assert [(a["room"], a["seq"]) for a in acks] == [(rooms[0], 1), (rooms[1], 1)]
 
     def test_a_retry_after_unavailable_is_delivered_once(self) -> None:
         box = Box(2)
         room, watcher, bob = owner_and_peer(box)
         box.stopped.add(0)
-        box.send(bob, type="message", room=room, content="x", id="p1")
+        box.send(bob, type="message", room=room, content="x", id="p1", key="p1")
         box.advance(box.config.delivery.publish_timeout)
         assert [e["code"] for e in bob.take("error")] == ["unavailable"]
         box.stopped.discard(0)  # the owner reads the forwards after all
-        box.send(bob, type="message", room=room, content="x", id="p1")
+        box.send(bob, type="message", room=room, content="x", id="p1", key="p1")
         box.turn()
         assert [m["content"] for m in messages(watcher, room)] == ["x"]
         assert [a["seq"] for a in bob.take("ack")] == [1]

@@ -37,6 +37,9 @@ def test_each_request_type() -> None:
     assert decode({"type": "message", "room": "r", "content": "hé", "id": "7"}) == Publish(
         room="r", content="hé", id="7"
     )
+    assert decode({"type": "message", "room": "r", "content": "x", "key": "k-1"}) == Publish(
+        room="r", content="x", key="k-1"
+    )
     assert decode({"type": "ack", "room": "r", "seq": 3}) == Ack(room="r", seq=3)
     assert decode({"type": "ping", "id": 5, "x": [1]}) == Ping(echo={"id": 5, "x": [1]})
     assert decode({"type": "presence", "room": "r"}) == PresenceQuery(room="r")
@@ -72,6 +75,12 @@ def test_unknown_fields_are_ignored() -> None:
         (b'{"type": "message", "room": "r", "content": 5}', "bad_request"),
         (b'{"type": "message", "room": "r", "content": "x", "id": ""}', "bad_request"),
         (b'{"type": "message", "room": "r", "content": "x", "id": 12}', "bad_request"),
+        (b'{"type": "message", "room": "r", "content": "x", "key": ""}', "bad_request"),
+        (b'{"type": "message", "room": "r", "content": "x", "key": 7}', "bad_request"),
+        (
+            b'{"type": "message", "room": "r", "content": "x", "key": "' + b"k" * 65 + b'"}',
+            "bad_request",
+        ),
         (b'{"type": "ack", "room": "r"}', "bad_request"),
         (b'{"type": "ack", "room": "r", "seq": 1.5}', "bad_request"),
     ],
