@@ -170,8 +170,8 @@ async def fake_server(
 
 async def test_a_resent_publish_keeps_its_id() -> None:
     """The first connection takes the publish and drops without an ack; after the
-    reconnect the client sends it again with the same key (the server deduplicates
-    by (user, id)); the second connection acks it."""
+    reconnect the client sends it again with the same id and key (the server deduplicates
+    by user, room and key); the second connection acks it."""
     publishes: list[dict[str, Any]] = []
 
     async def handler(ws: ServerConnection) -> None:
