@@ -6,7 +6,8 @@
 set -eu
 
 # command  package
-NEEDED="chromium chromium redis-server redis-server redis-cli redis-tools"
+# node and npm: the JavaScript client's tests (npm installs their ws from tests/js).
+NEEDED="chromium chromium redis-server redis-server redis-cli redis-tools node nodejs npm npm"
 
 missing=""
 set -- $NEEDED

@@ -244,14 +244,15 @@ async def test_origin_compares_case_insensitively(srv: Server) -> None:
 
 
 async def test_page_security_headers(srv: Server) -> None:
-    """The page carries a CSP (its inline script and style by hash), nosniff and a
-    referrer policy; every answer carries the last two."""
+    """The page carries a CSP (its inline script and style by hash, scripts of its own
+    origin: /shardchat.js), nosniff and a referrer policy; every answer carries the
+    last two. /shardchat.js is served as JavaScript."""
     status, headers, _ = await asyncio.to_thread(
         raw_http, srv.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
     )
     assert status == 200
     csp = headers["content-security-policy"]
-    assert "default-src 'none'" in csp and "script-src 'sha256-" in csp
+    assert "default-src 'none'" in csp and "script-src 'self' 'sha256-" in csp
     assert "frame-ancestors 'none'" in csp and "connect-src 'self'" in csp
     assert headers["x-content-type-options"] == "nosniff"
     assert headers["referrer-policy"] == "no-referrer"
@@ -259,3 +260,8 @@ async def test_page_security_headers(srv: Server) -> None:
         raw_http, srv.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
     )
     assert status == 200 and headers["x-content-type-options"] == "nosniff"
+    status, headers, body = await asyncio.to_thread(
+        raw_http, srv.port, b"GET /shardchat.js HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    assert status == 200 and headers["content-type"] == "text/javascript; charset=utf-8"
+    assert headers["x-content-type-options"] == "nosniff" and b"export class ChatClient" in body

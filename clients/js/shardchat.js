@@ -1,0 +1,1 @@
+../../shardchat/static/shardchat.js

@@ -1,0 +1,92 @@
+// What the node tests share: the servers pytest started, their control port, the
+// client module as the server serves it, and deadlines that scale like pytest's.
+import WebSocket from "ws";
+
+export const FACTOR = Number(process.env.SHARDCHAT_TEST_TIMEOUT_FACTOR || "1");
+const CONTROL = process.env.SHARDCHAT_CONTROL;
+let servers = JSON.parse(process.env.SHARDCHAT_SERVERS || "{}");
+
+export function server(name = "main") {
+  const s = servers[name];
+  if (!s) throw new Error(`no server ${name}: run these tests through pytest (tests/js/test_node_client.py)`);
+  return s;
+}
+
+/** Ask pytest's control port to act on a server (kill, wait_started, restart). */
+export async function control(action, body = {}) {
+  const answer = await fetch(`${CONTROL}/${action}`, { method: "POST", body: JSON.stringify(body) });
+  const data = await answer.json();
+  if (answer.status !== 200) throw new Error(`control ${action}: ${data.error}`);
+  if (action === "restart") servers = data;
+  return data;
+}
+
+export async function status(name = "main") {
+  return (await fetch(`${server(name).admin}/status`)).json();
+}
+
+// The module exactly as the server serves it at /shardchat.js.
+export async function load(name = "main") {
+  const source = await (await fetch(`${server(name).http}/shardchat.js`)).text();
+  return import("data:text/javascript;base64," + Buffer.from(source).toString("base64"));
+}
+
+export const ms = (seconds) => seconds * 1000 * FACTOR;
+
+/** Wait until `predicate()` is true, or fail after `seconds` (scaled). */
+export async function waitUntil(predicate, seconds = 10, what = "a condition") {
+  const deadline = Date.now() + ms(seconds);
+  while (!(await predicate())) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+/** A WebSocket class that records its instances, so that a test can pause one. */
+export class TrackedWebSocket extends WebSocket {
+  static instances = [];
+  constructor(...args) {
+    super(...args);
+    TrackedWebSocket.instances.push(this);
+  }
+}
+
+/** Options every client of the tests takes. */
+export function opts(extra = {}) {
+  return { WebSocket, backoff: [20, 500], ...extra };
+}
+
+/** Connect clients until each listed shard has one (the kernel picks the shard). */
+export async function clientsOnShards(ChatClient, shards, make) {
+  const found = new Map();
+  const spare = [];
+  for (let attempt = 0; attempt < 200 && found.size < shards.length; attempt++) {
+    const client = await make(attempt);
+    if (shards.includes(client.shard) && !found.has(client.shard)) found.set(client.shard, client);
+    else spare.push(client);
+  }
+  for (const c of spare) c.close();
+  if (found.size < shards.length) throw new Error(`no clients on shards ${shards}`);
+  return shards.map((s) => found.get(s));
+}
+
+/** The next `count` messages from a client's iterator (kept open for more). */
+export async function take(iterator, count, seconds = 30) {
+  const got = [];
+  const deadline = Date.now() + ms(seconds);
+  while (got.length < count) {
+    let timer;
+    const timeout = new Promise((_, reject) => {
+      timer = setTimeout(() => reject(new Error(`got ${got.length} of ${count} messages`)),
+                         Math.max(0, deadline - Date.now()));
+    });
+    try {
+      const next = await Promise.race([iterator.next(), timeout]);
+      if (next.done) throw new Error(`the stream ended after ${got.length} of ${count}`);
+      got.push(next.value);
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+  return got;
+}
