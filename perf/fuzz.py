@@ -2,7 +2,7 @@
 
     python -m perf.fuzz --seed 12 --frames 20000
 
-The frames of tests/test_fuzz.py (tests/fuzzframes.py: fragmented, nested,
+The frames of tests/integration/test_fuzz.py (tests/support/fuzzframes.py: fragmented, nested,
 oversized, bad UTF-8, control frames between fragments, reserved opcodes and
 bits, unmasked and oversized control frames, close frames), sent by hypothesis
 from a fixed seed to a live one-shard server until ``--frames`` have gone, with
@@ -22,9 +22,9 @@ import time
 
 from hypothesis import HealthCheck, given, seed, settings
 
-from tests.fuzzframes import Frame, examples, run_example
-from tests.helpers import running_server
-from tests.test_fuzz import FUZZ_SETTINGS, Neighbour
+from tests.integration.test_fuzz import FUZZ_SETTINGS, Neighbour
+from tests.support.fuzzframes import Frame, examples, run_example
+from tests.support.helpers import running_server
 
 
 class Done(BaseException):

@@ -30,7 +30,7 @@ from typing import Any
 
 from perf import procs
 from shardchat.procstat import cpu_seconds
-from tests.test_tls import make_pki
+from tests.integration.test_tls import make_pki
 
 FAST = [
     "limits.rate=1000000",

@@ -4,7 +4,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.helpers import Server, running_server
+from tests.support.helpers import Server, running_server
 
 
 @pytest.fixture(scope="module")

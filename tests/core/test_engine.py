@@ -1,6 +1,6 @@
 """The room engine, Sans-I/O: requests, records and times in; frames, records and
 closes out. Several engines wired by in-memory rings stand for the shards of one
-box (tests/core/box.py), in the manner of websockets' tests/test_protocol.py."""
+box (tests/core/box.py), in the manner of websockets' tests/integration/test_protocol.py."""
 
 from __future__ import annotations
 

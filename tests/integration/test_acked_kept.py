@@ -1,0 +1,432 @@
+"""Acked means kept (issue 15): an owner killed in the turn that acks loses nothing
+acked, a publish retried with its id after `unavailable` is delivered once, a
+lapped reader fills every gap the owner can fill, replays are paced, and a slow
+consumer finds its close 4429."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import signal
+import struct
+import urllib.request
+from typing import Any
+
+from websockets.exceptions import WebSocketException
+
+from tests.support.helpers import (
+    FAST,
+    Client,
+    RawClient,
+    Server,
+    clients_on_shards,
+    closing,
+    collect,
+    connect_client,
+    dropped_room,
+    frame_bytes,
+    publish,
+    room_owned_by,
+    running_server,
+    scaled,
+)
+
+
+class StreamClient:
+    """A WebSocket client on asyncio streams: a burst of frames goes out in one write,
+    so that the server handles it in one loop turn."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.welcome: dict[str, Any] = {}
+
+    @classmethod
+    async def connect(cls, port: int, query: str) -> StreamClient:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        key = base64.b64encode(os.urandom(16)).decode()
+        writer.write(
+            f"GET /ws?{query} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), scaled(10))
+        assert b" 101 " in head.split(b"\r\n")[0], head
+        client = cls(reader, writer)
+        client.welcome = await client.recv()
+        return client
+
+    def send_all(self, objs: list[dict[str, Any]]) -> None:
+        self.writer.write(b"".join(frame_bytes(0x1, json.dumps(o).encode()) for o in objs))
+
+    async def recv(self, timeout: float = 10) -> dict[str, Any]:
+        while True:
+            b0, b1 = await asyncio.wait_for(self.reader.readexactly(2), scaled(timeout))
+            n = b1 & 0x7F
+            if n == 126:
+                n = struct.unpack("!H", await self.reader.readexactly(2))[0]
+            elif n == 127:
+                n = struct.unpack("!Q", await self.reader.readexactly(8))[0]
+            payload = await self.reader.readexactly(n)
+            if b0 & 0x0F == 0x1:
+                data: dict[str, Any] = json.loads(payload)
+                return data
+            if b0 & 0x0F == 0x8:
+                raise ConnectionError("closed")
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def errors_total(srv: Server, code: str) -> float:
+    url = f"http://127.0.0.1:{srv.admin_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(f'shardchat_errors_total{{code="{code}"}}'):
+                return float(line.split()[1])
+    raise AssertionError(f"no shardchat_errors_total for {code}")
+
+
+async def history(client: Client, room: str) -> dict[int, str]:
+    await client.send(type="history", room=room, since=0, limit=100000)
+    got: dict[int, str] = {}
+    while True:
+        frame = await client.recv(30)
+        if frame["type"] == "history_end":
+            return got
+        if frame["type"] == "message" and frame["room"] == room:
+            got[frame["seq"]] = frame["content"]
+
+
+async def test_owner_killed_in_the_acking_turn_loses_no_acked_message() -> None:
+    """A burst of publishes arrives in one write on a room's owner, which is killed
+    with SIGKILL the moment its first ack reaches the client: 21 times, the three
+    shards in turn (each owns one room), so that restart backoff does not stretch
+    the test. Every acked message is in every shard's history and in the live view
+    of a watcher on every shard (those on a killed shard rejoin with ``since``, and
+    every rejoin is recovered), and the shards agree on each room's seq."""
+    settings = [*FAST, "delivery.history=10000"]
+    kills, burst = 21, 100
+    with running_server(workers=3, settings=settings) as srv:
+        rooms = [room_owned_by(shard, prefix="kept") for shard in range(3)]
+        views: list[dict[str, dict[int, str]]] = [{r: {} for r in rooms} for _ in range(3)]
+        rejoins: list[bool] = []
+        epochs: set[str] = set()
+        stop = asyncio.Event()
+        watchers = [
+            asyncio.create_task(_watch(srv, shard, rooms, views[shard], rejoins, epochs, stop))
+            for shard in range(3)
+        ]
+        await asyncio.wait_for(_until(lambda: len(epochs) == 1), scaled(30))
+        acked: dict[str, dict[int, str]] = {r: {} for r in rooms}
+        for k in range(kills):
+            shard = k % 3
+            room = rooms[shard]
+            pub = await _stream_client_on(srv, shard, f"pub{k}")
+            pub.send_all([{"type": "join", "room": room}])
+            assert (await pub.recv())["type"] == "joined"
+            pub.send_all(
+                [
+                    {"type": "message", "room": room, "content": f"{k}:{i}", "id": f"{k}:{i}"}
+                    for i in range(burst)
+                ]
+            )
+            first = True
+            try:
+                while True:
+                    frame = await pub.recv()
+                    if frame["type"] == "ack":
+                        if first:
+                            # On receipt of the first ack: the kill lands in (or right
+                            # after) the loop turn that sent it.
+                            os.kill(srv.shard_pids()[shard], signal.SIGKILL)
+                            first = False
+                        acked[room][frame["seq"]] = frame["id"]
+            except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
+                pass
+            finally:
+                pub.close()
+            srv.wait_started(3 + k + 1)
+
+        def seen_all() -> bool:
+            return all(acked[r].keys() <= v[r].keys() for v in views for r in rooms)
+
+        try:
+            await asyncio.wait_for(_until(seen_all), scaled(60))
+        finally:
+            stop.set()
+            await asyncio.gather(*watchers)
+        assert len(epochs) == 1, epochs
+        assert rejoins and all(rejoins), rejoins
+        for view in views:
+            for room in rooms:
+                assert {seq: view[room][seq] for seq in acked[room]} == acked[room]
+        checkers = await clients_on_shards(srv.url, [0, 1, 2], prefix="check")
+        async with closing(checkers):
+            for room in rooms:
+                for checker in checkers:
+                    held = await history(checker, room)
+                    assert {seq: held.get(seq) for seq in acked[room]} == acked[room]
+                assert len({(await c.join(room))["seq"] for c in checkers}) == 1
+        assert sum(len(a) for a in acked.values()) >= kills
+
+
+async def _watch(
+    srv: Server,
+    shard: int,
+    rooms: list[str],
+    view: dict[str, dict[int, str]],
+    rejoins: list[bool],
+    epochs: set[str],
+    stop: asyncio.Event,
+) -> None:
+    """A watcher on ``shard`` of every room; when its shard dies it reconnects there
+    and rejoins each room with ``since`` (noting whether the rejoin was recovered)."""
+    attempt = 0
+    while not stop.is_set():
+        attempt += 1
+        try:
+            (client,) = await clients_on_shards(srv.url, [shard], prefix=f"w{shard}-{attempt}-")
+        except (OSError, AssertionError, WebSocketException, TimeoutError):
+            continue
+        try:
+            for room in rooms:
+                since = max(view[room], default=0)
+                if epochs:
+                    (epoch,) = epochs
+                    await client.send(type="join", room=room, since=since, epoch=epoch)
+                else:
+                    await client.send(type="join", room=room)
+                while True:
+                    frame = await client.recv(10)
+                    if frame["type"] == "joined":
+                        epochs.add(frame["epoch"])
+                        if "recovered" in frame:
+                            rejoins.append(frame["recovered"])
+                        break
+                    _record(view, frame)
+            while not stop.is_set():
+                try:
+                    _record(view, await client.recv(0.5))
+                except TimeoutError:
+                    continue
+        except (OSError, WebSocketException, TimeoutError):
+            continue
+        finally:
+            await client.close()
+
+
+def _record(view: dict[str, dict[int, str]], frame: dict[str, Any]) -> None:
+    if frame["type"] == "message":
+        seen = view[frame["room"]]
+        # A replay after a rejoin may repeat; the content of one seq never changes.
+        assert seen.setdefault(frame["seq"], frame["content"]) == frame["content"]
+
+
+async def _until(check: Any) -> None:
+    while not check():
+        await asyncio.sleep(0.05)
+
+
+async def _stream_client_on(srv: Server, shard: int, user: str) -> StreamClient:
+    for attempt in range(400):
+        try:
+            client = await StreamClient.connect(srv.port, f"user={user}-{attempt}")
+        except (OSError, asyncio.IncompleteReadError, AssertionError):
+            await asyncio.sleep(0.05)  # the shard is restarting
+            continue
+        if client.welcome["shard"] == shard:
+            return client
+        client.close()
+    raise AssertionError(f"no connection landed on shard {shard}")
+
+
+async def test_publish_retried_with_its_key_after_unavailable_is_delivered_once() -> None:
+    """The owner is stopped: a forwarded publish gets ``unavailable`` (counted in
+    shardchat_errors_total) and is sequenced anyway once the owner runs again. The
+    same publish retried with the same key, on the same shard and on another one, is
+    acked with the original seq, and the room's members receive it once."""
+    settings = [*FAST, "delivery.publish_timeout=1"]
+    with running_server(workers=3, settings=settings) as srv:
+        room = room_owned_by(0, prefix="idem")
+        sender, other, member = await clients_on_shards(srv.url, [1, 2, 1], prefix="idem")
+        async with closing([sender, other, member]):
+            for client in (sender, other, member):
+                await client.join(room)
+            owner = srv.shard_pids()[0]
+            os.kill(owner, signal.SIGSTOP)
+            try:
+                await sender.send(type="message", room=room, content="once", id="m-1", key="m-1")
+                error = await sender.recv_type("error", timeout=10)
+                assert error["code"] == "unavailable" and error["id"] == "m-1"
+            finally:
+                os.kill(owner, signal.SIGCONT)
+            assert errors_total(srv, "unavailable") >= 1
+            # The retry, with the same key: the original seq, not a new message.
+            await sender.send(type="message", room=room, content="once", id="m-1", key="m-1")
+            ack = await sender.recv_type("ack", timeout=10)
+            # The same user from another connection on another shard.
+            again = await connect_client(srv.url, user=sender.user)
+            async with closing([again]):
+                await again.join(room)
+                await again.send(type="message", room=room, content="once", id="m-1", key="m-1")
+                ack2 = await again.recv_type("ack", timeout=10)
+                assert ack2["seq"] == ack["seq"]
+                # A marker after the retries: everything before it has arrived.
+                await publish(again, room, 1, "marker")
+            got = await collect(member, room, 2)
+            assert [m["content"] for m in got] == ["once", "marker:0"]
+            assert got[0]["seq"] == ack["seq"]
+
+
+async def test_lapped_reader_fills_every_gap_under_load() -> None:
+    """A 64 KiB ring under 2,000 msg/s; the shard of the live subscribers is stopped
+    for 1 s, 10 times, so that its reader of the owner's ring is lapped each time.
+    The subscribers miss nothing: every seq arrives once, in order."""
+    settings = [
+        *FAST,
+        "ring.bytes=65536",
+        "limits.max_frame=8192",
+        "delivery.history=20000",
+    ]
+    with running_server(workers=2, settings=settings) as srv:
+        rooms = [room_owned_by(0, workers=2, prefix=f"lapped{i}-") for i in range(4)]
+        subs = await clients_on_shards(srv.url, [1, 1], prefix="sub")
+        pub = await _stream_client_on(srv, 0, "lappub")
+        views: list[dict[str, list[int]]] = [{r: [] for r in rooms} for _ in subs]
+        done = asyncio.Event()
+
+        async def read(n: int, client: Client) -> None:
+            while not done.is_set():
+                try:
+                    frame = await client.recv(0.5)
+                except TimeoutError:
+                    continue
+                if frame["type"] == "message":
+                    views[n][frame["room"]].append(frame["seq"])
+
+        async with closing(subs):
+            for sub in subs:
+                for room in rooms:
+                    await sub.join(room)
+            pub.send_all([{"type": "join", "room": room} for room in rooms])
+            acks: dict[str, int] = {}
+
+            async def read_acks() -> None:
+                while True:
+                    frame = await pub.recv(30)
+                    if frame["type"] == "ack":
+                        acks[frame["room"]] = max(acks.get(frame["room"], 0), frame["seq"])
+
+            readers = [asyncio.create_task(read(n, s)) for n, s in enumerate(subs)]
+            ack_reader = asyncio.create_task(read_acks())
+            stopped = srv.shard_pids()[1]
+            body = "x" * 200
+            sent = 0
+            loop = asyncio.get_running_loop()
+            for cycle in range(10):
+                # 2,000 msg/s: 20 every 10 ms, for 2 s; the subscribers' shard is
+                # stopped for the second of them.
+                start = loop.time()
+                for tick in range(200):
+                    if tick == 50:
+                        os.kill(stopped, signal.SIGSTOP)
+                    elif tick == 150:
+                        os.kill(stopped, signal.SIGCONT)
+                    pub.send_all(
+                        [
+                            {
+                                "type": "message",
+                                "room": rooms[i % 4],
+                                "content": f"{sent + i}{body}",
+                            }
+                            for i in range(20)
+                        ]
+                    )
+                    sent += 20
+                    await asyncio.sleep(max(0.0, start + (tick + 1) * 0.01 - loop.time()))
+                os.kill(stopped, signal.SIGCONT)
+                del cycle
+            expected = sent // 4
+            await asyncio.wait_for(_until(lambda: all(acks.get(r) == expected for r in rooms)), 60)
+            await asyncio.wait_for(
+                _until(lambda: all(len(v[r]) >= expected for v in views for r in rooms)), 120
+            )
+            done.set()
+            ack_reader.cancel()
+            await asyncio.gather(*readers)
+            pub.close()
+            for view in views:
+                for room in rooms:
+                    assert view[room] == list(range(1, expected + 1))
+        laps = [e for e in srv.log_events() if e.get("event") == "ring_lapped"]
+        lost = [e for e in srv.log_events() if e.get("event") == "gap_lost"]
+        assert laps, "the reader was never lapped: the test did not test"
+        assert not lost
+
+
+async def test_history_on_a_shard_that_dropped_the_room_fetches_from_the_owner() -> None:
+    """Issue 12.6: a shard drops its idle copy of a room; a ``history`` there (no join)
+    gets the room's messages back from the owner, as a ``join`` with ``since`` does."""
+    async with dropped_room("hist", tag="h") as dropped:
+        room, late = dropped.room, dropped.late
+        held = await history(late, room)
+        assert held == {i + 1: f"h:{i}" for i in range(20)}
+        await late.send(type="history", room=room, since=15)
+        got = await collect(late, room, 5)
+        assert [m["seq"] for m in got] == [16, 17, 18, 19, 20]
+        end = await late.recv_type("history_end")
+        assert end["seq"] == 20
+
+
+async def test_large_replay_is_paced_not_cut() -> None:
+    """A ``history`` and a rejoin with ``since`` that need far more than ``send_queue``
+    bytes arrive whole, paced by the client's reading, instead of closing it 4429."""
+    settings = [*FAST, "limits.send_queue=65536", "delivery.history=5000"]
+    with running_server(workers=3, settings=settings) as srv:
+        room = room_owned_by(0, prefix="big")
+        (pub,) = await clients_on_shards(srv.url, [0], prefix="bpub")
+        async with closing([pub]):
+            joined = await pub.join(room)
+            for start in range(0, 3000, 500):
+                await publish(pub, room, 500, f"b{start}", body="y" * 1000)  # 3 MB in all
+            reader = await connect_client(srv.url, user="reader")
+            async with closing([reader]):
+                held = await history(reader, room)
+                assert sorted(held) == list(range(1, 3001))
+                rejoined = await reader.join(room, since=0, epoch=joined["epoch"])
+                assert rejoined["recovered"] is True
+                got = await collect(reader, room, 3000)
+                assert [m["seq"] for m in got] == list(range(1, 3001))
+                # Live messages follow the replay, and the connection is still open.
+                await publish(pub, room, 1, "after")
+                (last,) = await collect(reader, room, 1)
+                assert last["seq"] == 3001
+
+
+async def test_slow_consumer_that_stops_reading_receives_close_4429() -> None:
+    """A client stops reading; the server cuts it (4429) and drops what was queued for
+    it, so the close frame is not stuck behind the queue. The client reads again
+    only after the old abort deadline (5 s) and still finds the close 4429."""
+    settings = [*FAST, "limits.send_queue=65536"]
+    with running_server(workers=3, settings=settings) as srv:
+        room = room_owned_by(0, prefix="slowc")
+        (pub,) = await clients_on_shards(srv.url, [0], prefix="spub")
+        slow = RawClient(srv.port, f"/ws?user=slowpoke&room={room}", rcvbuf=4096)
+        try:
+            async with closing([pub]):
+                await pub.join(room)
+                body = "z" * 4000
+                sent = 0
+                while not any(e.get("event") == "slow_consumer" for e in srv.log_events()):
+                    await publish(pub, room, 50, f"s{sent}", body=body)
+                    sent += 50
+                    assert sent < 20000, "never cut"
+                # Longer than CLOSE_TIMEOUT, the old abort: the client is still there.
+                await asyncio.sleep(6)
+                code = await asyncio.to_thread(slow.close_code)
+                assert code == 4429
+        finally:
+            slow.close()

@@ -1,0 +1,268 @@
+"""wss:// end to end with a certificate the test makes itself: ChatClient, the
+websockets client, `shardchat chat`, the page in Chromium over https://, and
+client certificates (server.tls_client_ca)."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+import json
+import os
+import ssl
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidHandshake
+
+from shardchat.client.chatclient import ChatClient
+from tests.browser.test_browser import ARGS, CHROMIUM
+from tests.support.helpers import SHARDCHAT, Server, assert_no_traceback, running_server, scaled
+
+
+@dataclass
+class Pki:
+    ca: Path
+    cert: Path
+    key: Path
+    client_cert: Path
+    client_key: Path
+
+
+def _name(common: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+
+
+def make_pki(directory: Path) -> Pki:
+    """A CA, a server certificate for 127.0.0.1/localhost and a client certificate."""
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(_name("shardchat test CA"))
+        .issuer_name(_name("shardchat test CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = {}
+    for role, usage, names in (
+        (
+            "server",
+            ExtendedKeyUsageOID.SERVER_AUTH,
+            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
+        ),
+        ("client", ExtendedKeyUsageOID.CLIENT_AUTH, [x509.DNSName("client")]),
+    ):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(_name(role))
+            .issuer_name(ca.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(names), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                critical=False,
+            )
+            .sign(ca_key, hashes.SHA256())
+        )
+        paths[role] = directory / f"{role}.pem"
+        paths[role].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        _write_key(directory / f"{role}.key", key)
+    (directory / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    return Pki(
+        directory / "ca.pem",
+        paths["server"],
+        directory / "server.key",
+        paths["client"],
+        directory / "client.key",
+    )
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def tls_server(pki: Pki) -> Iterator[Server]:
+    settings = [f'server.tls_cert="{pki.cert}"', f'server.tls_key="{pki.key}"']
+    with running_server(workers=2, settings=settings) as server:
+        yield server
+
+
+def wss(server: Server) -> str:
+    return f"wss://127.0.0.1:{server.port}/ws"
+
+
+def client_context(pki: Pki, with_cert: bool = False) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    if with_cert:
+        context.load_cert_chain(pki.client_cert, pki.client_key)
+    return context
+
+
+async def test_chat_client_over_wss(tls_server: Server, pki: Pki) -> None:
+    """ChatClient and the websockets client chat over wss://; ws:// to the TLS port
+    gets no WebSocket."""
+    context = client_context(pki)
+    async with (
+        ChatClient(wss(tls_server), user="ada", rooms=["tls"], ssl=context) as ada,
+        connect(wss(tls_server) + "?user=grace&room=tls", ssl=context) as grace,
+    ):
+        assert json.loads(await grace.recv())["type"] == "welcome"
+        assert json.loads(await grace.recv())["type"] == "joined"
+        seq = await ada.send("tls", "over tls")
+        while (frame := json.loads(await grace.recv()))["type"] != "message":
+            pass
+        assert (frame["content"], frame["seq"], frame["sender"]) == ("over tls", seq, "ada")
+        await grace.send(json.dumps({"type": "message", "room": "tls", "content": "back"}))
+        async for message in ada.messages():
+            if message.content == "back":
+                break
+    with pytest.raises(Exception):  # noqa: B017 - a TLS port does not speak plain HTTP
+        async with connect(f"ws://127.0.0.1:{tls_server.port}/ws", open_timeout=scaled(5)):
+            pass
+
+
+async def test_shardchat_chat_over_wss(tls_server: Server, pki: Pki) -> None:
+    """`shardchat chat --cafile CA wss://...` sends the lines typed."""
+    context = client_context(pki)
+    async with connect(wss(tls_server) + "?user=reader&room=term", ssl=context) as reader:
+        json.loads(await reader.recv())
+        json.loads(await reader.recv())
+        proc = await asyncio.create_subprocess_exec(
+            SHARDCHAT,
+            "chat",
+            "--user",
+            "typist",
+            "--room",
+            "term",
+            "--cafile",
+            str(pki.ca),
+            wss(tls_server),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        assert proc.stdin is not None
+        try:
+            while True:
+                frame = json.loads(await asyncio.wait_for(reader.recv(), scaled(20)))
+                if frame["type"] == "join" and frame["sender"] == "typist":
+                    break
+            proc.stdin.write(b"typed over tls\n")
+            await proc.stdin.drain()
+            while (frame := json.loads(await asyncio.wait_for(reader.recv(), scaled(20))))[
+                "type"
+            ] != "message":
+                pass
+            assert (frame["sender"], frame["content"]) == ("typist", "typed over tls")
+            proc.stdin.write(b"/quit\n")
+            await proc.stdin.drain()
+            assert await asyncio.wait_for(proc.wait(), scaled(20)) == 0
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+
+
+async def test_page_over_https(tls_server: Server, pki: Pki) -> None:
+    """The chat page over https:// connects with wss:// and chats (Chromium trusts
+    the test's certificate through ignore_https_errors)."""
+    from playwright.async_api import async_playwright
+
+    assert os.path.exists(CHROMIUM)
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            context = await browser.new_context(ignore_https_errors=True)
+            page = await context.new_page()
+            await page.goto(f"https://127.0.0.1:{tls_server.port}/")
+            await page.fill("#user", "webby")
+            await page.fill("#room", "tlsweb")
+            await page.click("#connect")
+            await page.wait_for_selector('#status[data-state="connected"]')
+            await page.fill("#text", "hello over wss")
+            await page.press("#text", "Enter")
+            await page.wait_for_selector("#log li.msg .content >> text=hello over wss")
+            assert await page.locator("#log li.msg .who").all_inner_texts() == ["webby"]
+        finally:
+            await browser.close()
+
+
+async def test_client_certificates(pki: Pki) -> None:
+    """server.tls_client_ca: a client without a certificate is refused in the TLS
+    handshake; one with a certificate the CA signed connects."""
+    settings = [
+        f'server.tls_cert="{pki.cert}"',
+        f'server.tls_key="{pki.key}"',
+        f'server.tls_client_ca="{pki.ca}"',
+    ]
+    with running_server(workers=1, settings=settings) as server:
+        async with connect(wss(server) + "?user=mutual", ssl=client_context(pki, True)) as ws:
+            assert json.loads(await ws.recv())["user"] == "mutual"
+        # TLS 1.3: the client's handshake ends before the server's alert arrives, so the
+        # refusal shows as a connection lost before the HTTP response.
+        with pytest.raises((ssl.SSLError, OSError, InvalidHandshake)):
+            async with connect(wss(server), ssl=client_context(pki), open_timeout=scaled(5)) as ws:
+                await ws.recv()
+        # Garbage instead of a TLS ClientHello: dropped, with no traceback logged.
+        answer = await asyncio.to_thread(raw_garbage, server.port)
+        assert not answer.startswith(b"HTTP")  # nothing, or a TLS alert
+        # Connections whose TLS handshake failed are forgotten at the handshake
+        # deadline (5 s), so a drain (10 s) does not wait for them.
+        server.stop()
+        assert not [e for e in server.log_events() if e.get("event") == "drain_timeout"]
+        assert_no_traceback(server)
+
+
+def raw_garbage(port: int) -> bytes:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=scaled(10)) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        return sock.recv(100)
