@@ -18,6 +18,7 @@ from typing import Protocol
 
 from shardchat.addrtable import AddrTable
 from shardchat.core.errors import ErrorCode
+from shardchat.core.overload import Queue
 
 __all__ = [
     "BLOCK_SLOTS",
@@ -25,11 +26,13 @@ __all__ = [
     "CLOSE_CODES",
     "ERROR_CODES",
     "LATENCY_BUCKETS_MS",
+    "OVERLOAD_QUEUES",
     "Slot",
     "StatsView",
     "close_code_slot",
     "error_slot",
     "latency_slot",
+    "overload_slot",
 ]
 
 BLOCK_SLOTS = 512  # u64 slots per shard: 4 KiB
@@ -84,8 +87,15 @@ class Slot(enum.IntEnum):
     PROXY_FAILURES = 61  # ... that timed out or failed (503 / unavailable)
 
 
+OVERLOAD_QUEUES = tuple(Queue)  # publishes refused `overloaded`, one slot per full queue
+OVERLOAD_BASE = 40
+assert not {int(s) for s in Slot} & set(
+    range(OVERLOAD_BASE, OVERLOAD_BASE + len(OVERLOAD_QUEUES))
+), "fixed slots overlap the overload ones"
+
 ERROR_CODES = tuple(ErrorCode)  # one counter slot per code, in the enum's order
 ERRORS_BASE = 64
+assert OVERLOAD_BASE + len(OVERLOAD_QUEUES) <= ERRORS_BASE, "overload slots overlap the error ones"
 
 CLOSE_CODES = (
     1000,
@@ -125,6 +135,10 @@ class Counters(Protocol):
 
 def error_slot(code: ErrorCode) -> int:
     return ERRORS_BASE + ERROR_CODES.index(code)
+
+
+def overload_slot(queue: Queue) -> int:
+    return OVERLOAD_BASE + OVERLOAD_QUEUES.index(queue)
 
 
 def close_code_slot(code: int | None) -> int:

@@ -11,6 +11,11 @@ published" (it may still be sequenced later). The owner deduplicates by
 message id and idempotency key
 (:class:`~shardchat.brokers.sequencer.Sequencer`), so forwarding again, and
 a client's retry with the same ``id``, are safe.
+
+The forwards in flight to each owner are counted: admission control refuses
+a publish to an owner that has ``overload.forwards`` of ours unanswered
+(PROTOCOL.md, Extensions, Overload), so that a busy or stopped owner makes
+the excess fail at once instead of after ``publish_timeout``.
 """
 
 from __future__ import annotations
@@ -42,15 +47,25 @@ class Forwarder:
     def __init__(self, give_up: float) -> None:
         self.give_up = give_up  # delivery.publish_timeout
         self.pending: dict[str, PendingForward] = {}
+        self._in_flight: dict[int, int] = {}  # owner -> its entries in pending
 
     def add(self, msg_id: str, room: str, owner: int, payload: bytes, now: float) -> None:
         self.pending[msg_id] = PendingForward(
             msg_id, room, owner, payload, now, now + FORWARD_RETRY, FORWARD_RETRY
         )
+        self._in_flight[owner] = self._in_flight.get(owner, 0) + 1
+
+    def in_flight(self, owner: int) -> int:
+        """Our forwards ``owner`` has not answered yet."""
+        return self._in_flight.get(owner, 0)
 
     def answered(self, msg_id: str) -> bool:
         """The owner sequenced ``msg_id``: True the first time, if it was ours."""
-        return self.pending.pop(msg_id, None) is not None
+        pending = self.pending.pop(msg_id, None)
+        if pending is None:
+            return False
+        self._in_flight[pending.owner] -= 1
+        return True
 
     def due(self, now: float) -> tuple[list[PendingForward], list[PendingForward]]:
         """(forwards to send again now, forwards given up). Both leave or renew
@@ -60,6 +75,7 @@ class Forwarder:
         for pending in list(self.pending.values()):
             if now - pending.first_sent >= self.give_up:
                 del self.pending[pending.msg_id]
+                self._in_flight[pending.owner] -= 1
                 failed.append(pending)
             elif now >= pending.next_send:
                 pending.wait = min(FORWARD_RETRY_MAX, pending.wait * 2)

@@ -48,6 +48,7 @@ from shardchat.brokers import redis_wire as rw
 from shardchat.brokers.presence_holders import answer_of
 from shardchat.core.broker import BrokerListener, PresenceAnswer, Publication
 from shardchat.core.config import Config, redact_url
+from shardchat.core.overload import Queue
 from shardchat.core.presence import PresenceView
 from shardchat.logs import log_event
 from shardchat.stats import Counters
@@ -207,6 +208,7 @@ class RedisBroker:
         self.up = False
         self.commit_due = False  # never: the shard's end of turn is not needed
         self._batch: list[Publication] = []
+        self._sending = 0  # publishes in the pipeline in flight
         self._presence: list[tuple[str, str, bool, bool]] = []  # room, user, joined, force
         self._flushing = False
         self._peers: dict[str, int] = {}  # other nodes -> engine peer ids
@@ -491,6 +493,13 @@ class RedisBroker:
         self._batch.append(publication)
         self._kick()
 
+    def full(self, room: str) -> Queue | None:
+        """Publishes waiting for the next pipeline and in the one in flight at
+        ``overload.pipeline``: Redis (or the path to it) is behind."""
+        if len(self._batch) + self._sending >= self.config.overload.pipeline:
+            return Queue.PIPELINE
+        return None
+
     def announce(self, room: str, user: str, joined: bool) -> None:
         local = self._local.setdefault(room, {})
         if joined:
@@ -587,14 +596,17 @@ class RedisBroker:
                     args,
                 )
             )
+        self._sending = len(batch)
         try:
             results = await asyncio.wait_for(self._pipeline(calls), self.config.redis.timeout)
         except _FAILURES as exc:
+            self._sending = 0
             self.failed("publish", exc)
             self._presence = ops + self._presence
             if batch:
                 self.deliver(lambda: self._fail(batch))
             return
+        self._sending = 0
         if batch:
             self.stats[_S_BATCHES] += 1
             self.stats[_S_BATCHED] += len(batch)

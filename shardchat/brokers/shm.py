@@ -30,6 +30,8 @@ from shardchat.brokers.presence_holders import REBUILD_TIMEOUT, Event, HolderSta
 from shardchat.brokers.sequencer import Sequencer, owner_of, plan_resend
 from shardchat.core import wire
 from shardchat.core.broker import BrokerListener, PresenceAnswer, Publication
+from shardchat.core.config import OverloadConfig
+from shardchat.core.overload import Queue
 from shardchat.logs import log_event
 from shardchat.ring import records
 from shardchat.ring.layout import HEADER_SIZE, RecordKind, max_payload
@@ -42,6 +44,7 @@ __all__ = ["POLL_LIMIT", "Bell", "ShmBroker"]
 
 log = logging.getLogger(__name__)
 
+_OVERLOAD_DEFAULTS = OverloadConfig()  # the configuration's defaults
 POLL_LIMIT = 4096  # records per ring per drain: one busy peer cannot starve our clients
 
 _ROOM_MSG = int(RecordKind.ROOM_MSG)
@@ -91,6 +94,7 @@ class ShmBroker:
         *,
         writer_pid: int = 0,
         closing: Callable[[], None] = lambda: None,
+        overload: OverloadConfig = _OVERLOAD_DEFAULTS,
     ) -> None:
         """A broker over every shard's segment (``views``: header, ring, seq table).
 
@@ -116,6 +120,9 @@ class ShmBroker:
         self.listener: BrokerListener | None = None
         self.sequencer = Sequencer(self.tables[shard_id].lookup)
         self.forwarder = Forwarder(publish_timeout)
+        self._max_forwards = overload.forwards
+        self._max_backlog = overload.backlog
+        self.backlog = 0  # bytes of the peers' rings unread when the last drain began
         # The presence of the rooms we hold (owner or replica), our queries for
         # the others, and what waits for our view while it is rebuilt.
         self.holders = HolderState(shard_id, workers)
@@ -162,6 +169,7 @@ class ShmBroker:
         table_slots: int,
         counters: Counters,
         publish_timeout: float,
+        overload: OverloadConfig = _OVERLOAD_DEFAULTS,
     ) -> ShmBroker:
         """The broker of shard ``shard_id`` over the supervisor's named segments."""
         attached = [
@@ -186,6 +194,7 @@ class ShmBroker:
             publish_timeout,
             writer_pid=os.getpid(),
             closing=closing,
+            overload=overload,
         )
 
     # Start-up
@@ -267,6 +276,18 @@ class ShmBroker:
         payload = records.encode_forward(publication)
         self._write(_FORWARD, owner, payload)
         self.forwarder.add(publication.msg_id, room, owner, payload, now)
+
+    def full(self, room: str) -> Queue | None:
+        """Forwards in flight to the room's owner at their bound; or, for a room we
+        own, the peers' records we have not read yet (the forwards waiting for us
+        to sequence them are among them) over theirs."""
+        owner = owner_of(room, self.workers)
+        if owner != self.shard_id:
+            if self.forwarder.in_flight(owner) >= self._max_forwards:
+                return Queue.FORWARDS
+        elif self.backlog > self._max_backlog:
+            return Queue.BACKLOG
+        return None
 
     def announce(self, room: str, user: str, joined: bool) -> None:
         self._write(_PRESENCE, 0, records.encode_presence(records.Presence(room, user, joined)))
@@ -490,6 +511,9 @@ class ShmBroker:
         more = False
         counters = self.stats
         handlers = self._handlers
+        # What waited for us when we came to read: the forwards we are to sequence
+        # are among it (admission control, full()).
+        self.backlog = sum(reader.backlog() for reader in self.readers.values())
         for peer, reader in self.readers.items():
             laps = reader.lapped
             batch = reader.poll(POLL_LIMIT)

@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
+from shardchat.core.overload import Queue
 from shardchat.core.roomlog import HeldMessage
 
 __all__ = [
@@ -79,6 +80,10 @@ class Broker(Protocol):
     def publish(self, publication: Publication, now: float) -> None:
         """Have ``publication`` sequenced: exactly one ``on_published`` or
         ``on_publish_failed`` follows, and ``on_message`` on every engine."""
+
+    def full(self, room: str) -> Queue | None:
+        """The bounded queue a publish to ``room`` would wait in, when it is full
+        (the engine then refuses the publish ``overloaded``); None: publish it."""
 
     def announce(self, room: str, user: str, joined: bool) -> None:
         """``user``'s first connection on this engine joined ``room`` (``joined``),

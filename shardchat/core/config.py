@@ -30,6 +30,7 @@ __all__ = [
     "HeartbeatConfig",
     "LimitsConfig",
     "LogConfig",
+    "OverloadConfig",
     "PresenceConfig",
     "ProxyConfig",
     "RedisConfig",
@@ -93,6 +94,17 @@ class DeliveryConfig:
     history: int = 1000  # messages held per room for resume and history
     room_idle: float = 600.0  # seconds before a non-owner shard drops an idle room's log
     publish_timeout: float = 30.0  # seconds before a forwarded publish is answered `unavailable`
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OverloadConfig:
+    # Admission control (PROTOCOL.md, Extensions, Overload): past any of these
+    # bounds a publish is refused at once with `overloaded`, never queued.
+    forwards: int = 1000  # publishes in flight from one shard to one room's owner
+    backlog: int = 1_048_576  # bytes of the peers' rings an owner found unread at its last read
+    pipeline: int = 2000  # broker.kind = "redis": publishes waiting for or in a Redis pipeline
+    turn_bytes: int = 8_388_608  # bytes of room frames one loop turn of a shard may queue
+    retry_after: float = 1.0  # seconds an `overloaded` client is told to wait before retrying
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -178,6 +190,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    overload: OverloadConfig = field(default_factory=OverloadConfig)
     ring: RingConfig = field(default_factory=RingConfig)
     presence: PresenceConfig = field(default_factory=PresenceConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
@@ -202,6 +215,7 @@ SECTIONS: dict[str, type[Any]] = {
     "limits": LimitsConfig,
     "heartbeat": HeartbeatConfig,
     "delivery": DeliveryConfig,
+    "overload": OverloadConfig,
     "ring": RingConfig,
     "presence": PresenceConfig,
     "auth": AuthConfig,
@@ -402,6 +416,11 @@ _CHECKS: dict[str, Check] = {
     "delivery.history": _int(0, 1_000_000),
     "delivery.room_idle": _number(0, strict=False),
     "delivery.publish_timeout": _number(0, strict=True),
+    "overload.forwards": _int(1),
+    "overload.backlog": _int(4096),
+    "overload.pipeline": _int(1),
+    "overload.turn_bytes": _int(4096),
+    "overload.retry_after": _number(0, strict=True),
     "ring.bytes": _power_of_two,
     "ring.rooms": _int(16, 1 << 24),
     "presence.list_limit": _int(1),

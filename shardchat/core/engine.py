@@ -54,6 +54,7 @@ from shardchat.core.messages import (
     RoomId,
 )
 from shardchat.core.outputs import C, Close, Output, Paced
+from shardchat.core.overload import Queue, overloaded
 from shardchat.core.presence import LocalPresence
 from shardchat.core.ratelimit import TokenBucket
 from shardchat.core.reliable import ReliableRooms
@@ -326,7 +327,7 @@ class RoomEngine(Generic[C]):
 
     def _refuse(self, conn: C, state: ConnState, exc: ProtocolError) -> None:
         """Every error frame goes out here, so that each is counted once by code."""
-        self._send(conn, wire.error_payload(exc.code, exc.reason, exc.request_id))
+        self._send(conn, wire.error_payload(exc.code, exc.reason, exc.request_id, exc.retry_after))
         self.stats[stats.error_slot(exc.code)] += 1
         if not exc.code.malformed:
             return
@@ -350,6 +351,14 @@ class RoomEngine(Generic[C]):
     def _publish(self, conn: C, state: ConnState, request: Publish) -> None:
         room = request.room
         self._require_member(state, room, request.id)
+        # Admission control before anything is spent on it (a rate token, a hook).
+        overload = self.config.overload
+        full = self.broker.full(room)
+        if full is None and self.fanout.turn_bytes > overload.turn_bytes:
+            full = Queue.TURN
+        if full is not None:
+            self.stats[stats.overload_slot(full)] += 1
+            raise overloaded(full, overload.retry_after, request.id)
         limits = self.config.limits
         if not state.bucket.take(self.now, limits.rate, limits.burst):
             self.stats[_S_RATE_LIMITED] += 1

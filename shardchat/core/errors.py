@@ -69,6 +69,7 @@ class ErrorCode(enum.StrEnum):
     ROOM_FULL = "room_full"
     UNAVAILABLE = "unavailable"
     REJECTED = "rejected"
+    OVERLOADED = "overloaded"  # a bounded queue is full: not sequenced, retry after retry_after
 
     @property
     def malformed(self) -> bool:
@@ -110,13 +111,20 @@ class ProtocolError(ShardchatError):
 
     ``code`` is one of PROTOCOL.md's error codes; ``request_id`` is the
     client's ``id`` when the request carried a usable one, so the error can
-    echo it.
+    echo it; ``retry_after`` (seconds) goes in the frame when set (``overloaded``).
     """
 
-    def __init__(self, code: ErrorCode, reason: str, request_id: str | None = None) -> None:
+    def __init__(
+        self,
+        code: ErrorCode,
+        reason: str,
+        request_id: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
         self.code = code
         self.reason = reason
         self.request_id = request_id
+        self.retry_after = retry_after
         super().__init__(f"{code}: {reason}")
 
 

@@ -37,16 +37,22 @@ class Fanout(Generic[C]):
         self.reliable = reliable
         self.stats = counters
         self._outbox: dict[str, list[bytes]] = {}
+        # Bytes this turn's frames make, once per member: the shard's outgoing
+        # bytes of the turn, which admission control bounds (overload.turn_bytes).
+        self.turn_bytes = 0
 
     def queue(self, room: str, json: bytes) -> None:
         """Frame a message for the room's members; written at the next flush."""
-        if room not in self.members:
+        members = self.members.get(room)
+        if members is None:
             return
+        frame = wire.text_frame(json)
+        self.turn_bytes += len(frame) * len(members)
         frames = self._outbox.get(room)
         if frames is None:
-            self._outbox[room] = [wire.text_frame(json)]
+            self._outbox[room] = [frame]
         else:
-            frames.append(wire.text_frame(json))
+            frames.append(frame)
 
     @property
     def due(self) -> bool:
@@ -59,6 +65,7 @@ class Fanout(Generic[C]):
         ``snapshot``: inside a request, members may change before the caller
         writes, so they are copied.
         """
+        self.turn_bytes = 0
         if not self._outbox:
             return []
         outbox, self._outbox = self._outbox, {}

@@ -216,11 +216,15 @@ def pong_payload(echo: dict[str, object], request_id: str | None) -> bytes:
         ) from None
 
 
-def error_payload(code: ErrorCode, reason: str, request_id: str | None = None) -> bytes:
+def error_payload(
+    code: ErrorCode, reason: str, request_id: str | None = None, retry_after: float | None = None
+) -> bytes:
     """The JSON of an ``error`` frame."""
     obj: dict[str, object] = {"type": "error", "code": code, "reason": reason}
     if request_id is not None:
         obj["id"] = request_id
+    if retry_after is not None:
+        obj["retry_after"] = retry_after
     return orjson.dumps(obj)
 
 

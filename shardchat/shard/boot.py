@@ -97,6 +97,7 @@ def _attach_rings(spec: ShardSpec, mine: stats.Counters) -> ShmBroker:
         config.ring.rooms,
         mine,
         config.delivery.publish_timeout,
+        config.overload,
     )
 
 

@@ -129,6 +129,14 @@ class ShardchatCollector(Collector):
         for error_code in stats.ERROR_CODES:
             errors.add_metric([error_code], view.total(stats.error_slot(error_code)))
         yield errors
+        overloaded = CounterMetricFamily(
+            "shardchat_overloaded",
+            "Publishes refused `overloaded`, by the bounded queue that was full",
+            labels=["queue"],
+        )
+        for queue in stats.OVERLOAD_QUEUES:
+            overloaded.add_metric([queue], view.total(stats.overload_slot(queue)))
+        yield overloaded
         restarts = CounterMetricFamily(
             "shardchat_shard_restarts", "Shard restarts", labels=["shard"]
         )

@@ -154,6 +154,7 @@ class Box:
             self.bells,
             self.stats[shard],
             self.config.delivery.publish_timeout,
+            overload=self.config.overload,
         )
         slots = self._addr_slots
         addrs = None if slots is None else AddrTable(slots, self.workers, self._capacity, shard)

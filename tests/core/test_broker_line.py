@@ -58,6 +58,9 @@ class StoreBroker:
     def publish(self, publication: Publication, now: float) -> None:
         self.batch.append(publication)  # one pipeline per turn
 
+    def full(self, room: str) -> None:
+        return None  # unbounded here
+
     def end_turn(self) -> None:
         batch, self.batch = self.batch, []
         if not batch:

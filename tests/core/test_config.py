@@ -93,6 +93,14 @@ def test_resolve_reads_nothing_of_the_machine(tmp_path: Path) -> None:
         ("server.backlog", 0, "integer from 1 to 65535"),
         ("server.backlog", 65536, "integer from 1 to 65535"),
         ("server.backlog", "deep", "integer from 1 to 65535"),
+        ("overload.forwards", 0, "integer >= 1"),
+        ("overload.forwards", "many", "integer >= 1"),
+        ("overload.backlog", 100, "integer >= 4096"),
+        ("overload.pipeline", 0, "integer >= 1"),
+        ("overload.pipeline", 1.5, "integer >= 1"),
+        ("overload.turn_bytes", 4095, "integer >= 4096"),
+        ("overload.retry_after", 0, "a number > 0"),
+        ("overload.retry_after", "soon", "a number > 0"),
     ],
 )
 def test_each_mistake_names_key_value_and_allowed(key: str, value: object, words: str) -> None:

@@ -1,0 +1,82 @@
+"""The shm broker's bounded queues, through engines over one box's rings (no I/O).
+
+Forwards in flight to a room's owner and the owner's unread backlog: past
+their bound a publish is refused ``overloaded`` at once, and every publish
+accepted before is acked and delivered once the owner reads again.
+"""
+
+from __future__ import annotations
+
+from shardchat.brokers.forwarding import Forwarder
+from shardchat.core.overload import Queue
+from shardchat.stats import overload_slot
+from tests.core.box import Box, Client, config, room_owned_by
+
+
+def test_forwarder_counts_what_each_owner_has_not_answered() -> None:
+    forwarder = Forwarder(give_up=5.0)
+    forwarder.add("a", "r", 1, b"", 0.0)
+    forwarder.add("b", "r", 1, b"", 0.0)
+    forwarder.add("c", "s", 2, b"", 3.0)
+    assert (forwarder.in_flight(1), forwarder.in_flight(2), forwarder.in_flight(0)) == (2, 1, 0)
+    assert forwarder.answered("a") and not forwarder.answered("a")
+    assert forwarder.in_flight(1) == 1
+    _, failed = forwarder.due(5.0)  # "b" is given up, "c" not yet
+    assert [p.msg_id for p in failed] == ["b"]
+    assert (forwarder.in_flight(1), forwarder.in_flight(2)) == (0, 1)
+
+
+def owner_stopped(**settings: object) -> tuple[Box, str, Client, Client]:
+    """Two shards, a member of a room on its owner (0) and one on shard 1; the owner
+    stopped (it reads nothing)."""
+    box = Box(2, config(limits__rate=1000, limits__burst=1000, **settings))
+    room = room_owned_by(0, 2, "over")
+    on_owner = box.connect(0, "owner-side")
+    on_peer = box.connect(1, "peer-side")
+    box.join(on_owner, room)
+    box.join(on_peer, room)
+    box.stopped.add(0)
+    return box, room, on_owner, on_peer
+
+
+def test_forwards_past_the_bound_are_refused_until_the_owner_answers() -> None:
+    box, room, member, sender = owner_stopped(overload__forwards=3)
+    for i in range(5):
+        box.send(sender, type="message", room=room, content=f"m{i}", id=f"m{i}")
+    box.turn()
+    errors = sender.take("error")
+    assert [(e["id"], e["code"]) for e in errors] == [("m3", "overloaded"), ("m4", "overloaded")]
+    assert all(e["retry_after"] == box.config.overload.retry_after for e in errors)
+    assert not sender.take("ack")
+    assert box.stats[1][overload_slot(Queue.FORWARDS)] == 2
+    box.stopped.discard(0)
+    box.turn()
+    assert [a["id"] for a in sender.take("ack")] == ["m0", "m1", "m2"]
+    assert [m["content"] for m in member.take("message")] == ["m0", "m1", "m2"]
+    # Answered: the next publish goes through.
+    box.send(sender, type="message", room=room, content="m5", id="m5")
+    box.turn()
+    assert [a["id"] for a in sender.take("ack")] == ["m5"]
+
+
+def test_an_owner_behind_on_its_peers_rings_refuses_its_own_publishes() -> None:
+    """The owner was stopped while a peer forwarded about 10 KB to it: at its next
+    read it finds more than ``overload.backlog`` (4 KiB) waiting, so a publish on
+    its own connections is refused; the forwards are sequenced, and once a read
+    finds the rings caught up, publishing works again."""
+    box, room, local, remote = owner_stopped(overload__backlog=4096)
+    for i in range(40):
+        box.send(remote, type="message", room=room, content="x" * 200, id=f"r{i}")
+    box.turn()
+    box.stopped.discard(0)
+    box.brokers[0].drain(box.now)  # finds the forwards waiting, reads them
+    box.send(local, type="message", room=room, content="mine", id="l0")
+    (error,) = local.take("error")
+    assert (error["id"], error["code"]) == ("l0", "overloaded")
+    box.turn()  # the reads after find nothing waiting
+    assert len(remote.take("ack")) == 40
+    box.send(local, type="message", room=room, content="mine", id="l1")
+    box.turn()
+    assert [a["id"] for a in local.take("ack")] == ["l1"]
+    assert [m["content"] for m in remote.take("message")][-1] == "mine"
+    assert box.stats[0][overload_slot(Queue.BACKLOG)] == 1
