@@ -19,7 +19,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import ClientConnection, connect
 
-from tests.helpers import (
+from tests.support.helpers import (
     FAST,
     Client,
     RawClient,
