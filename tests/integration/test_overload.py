@@ -32,6 +32,7 @@ from tests.support.helpers import (
     running_server,
     scaled,
 )
+from tests.support.redis_helpers import redis_server
 
 BURST = 60  # past limits.max_errors (20): a refusal is not a client's error
 
@@ -209,3 +210,51 @@ async def test_a_turn_past_its_outgoing_bytes_is_refused() -> None:
                 assert overloaded_total(srv, "turn") == len(errors)
             finally:
                 raw.close()
+
+
+async def test_publishes_past_the_redis_pipeline_are_refused() -> None:
+    """``broker.kind = "redis"``: Redis is stopped (SIGSTOP), so the pipeline in
+    flight cannot return. A raw client sends 40: ``overload.pipeline`` (10) wait
+    for or ride in the pipeline, the other 30 are answered ``overloaded`` while
+    Redis is still stopped. Once it runs, the 10 are acked and a member on the
+    other shard receives exactly them, in seq order, then a later message."""
+    count = 40
+    with redis_server() as redis:
+        settings = [
+            *FAST,
+            "broker.kind=redis",
+            f"redis.url={redis.url}",
+            "redis.timeout=30",
+            "overload.pipeline=10",
+        ]
+        with running_server(workers=2, settings=settings) as srv:
+            room = "piped"
+            (sub,) = await clients_on_shards(srv.url, [1], prefix="pipesub")
+            pub, shard = await ws_on_shard(srv, 0, "pipepub")
+            async with closing([sub]):
+                try:
+                    assert sub.shard == 1 and shard == 0
+                    await sub.join(room)
+                    await join(pub, room)
+                    assert redis.proc is not None
+                    redis.proc.send_signal(signal.SIGSTOP)
+                    try:
+                        await burst(pub, room, "p", count)
+                        _, errors = await answers(pub, count - 10)
+                    finally:
+                        redis.proc.send_signal(signal.SIGCONT)
+                    assert sorted(errors) == sorted(f"p{i}" for i in range(10, count))
+                    for error in errors.values():
+                        assert_overloaded(error)
+                    acks, late = await answers(pub, 10)
+                    assert not late and sorted(acks) == sorted(f"p{i}" for i in range(10))
+                    await pub.send(json.dumps(publish_request(room, "end", 0)))
+                    more, _ = await answers(pub, 1)
+                    got = await delivered_until(sub, room, "end:0")
+                    assert [m["content"] for m in got] == [f"p:{i}" for i in range(10)] + ["end:0"]
+                    assert [m["seq"] for m in got] == sorted(a["seq"] for a in acks.values()) + [
+                        more["end0"]["seq"]
+                    ]
+                    assert overloaded_total(srv, "pipeline") == count - 10
+                finally:
+                    await pub.close()
