@@ -29,6 +29,7 @@ from shardchat.core.messages import (
 __all__ = [
     "MAX_SEQ",
     "NAME_RE",
+    "compact",
     "decode",
     "encode",
     "error_payload",
@@ -43,6 +44,7 @@ MAX_ID = 64
 MAX_SEQ = (1 << 63) - 1
 
 _fullmatch = NAME_RE.fullmatch
+_EMPTY = b""
 
 
 def is_valid_name(name: object) -> bool:
@@ -187,18 +189,34 @@ def encode(obj: dict[str, object]) -> bytes:
 def message_json(
     room: str, sender: str, content: str, seq: int, timestamp: int, msg_id: str
 ) -> bytes:
-    """The JSON of a sequenced ``message`` frame, exactly as every member receives it."""
-    return orjson.dumps(
-        {
-            "type": "message",
-            "room": room,
-            "sender": sender,
-            "content": content,
-            "seq": seq,
-            "timestamp": timestamp,
-            "id": msg_id,
-        }
+    """The JSON of a sequenced ``message`` frame, exactly as every member receives it.
+
+    Held in rooms' history for as long as the room keeps it, so it is returned
+    right-sized: orjson's ``bytes`` sit in an allocation of at least 4 KB that it
+    does not shrink (``sys.getsizeof`` shows 219 B for a 4,097 B block), which
+    made a held 100-character message cost 4.3 KB. The copy costs about 0.1 us
+    (perf/history_memory.py measures the memory).
+    """
+    return compact(
+        orjson.dumps(
+            {
+                "type": "message",
+                "room": room,
+                "sender": sender,
+                "content": content,
+                "seq": seq,
+                "timestamp": timestamp,
+                "id": msg_id,
+            }
+        )
     )
+
+
+def compact(data: bytes) -> bytes:
+    """A right-sized copy of orjson's output, for bytes that are kept long (history,
+    queues): ``join`` allocates exactly the length; ``bytes(memoryview(...))``
+    does too but costs several times as much here."""
+    return _EMPTY.join((data, _EMPTY))
 
 
 def pong_payload(echo: dict[str, object], request_id: str | None) -> bytes:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import tracemalloc
 from typing import Any
 
+import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -159,3 +161,27 @@ def test_text_frame_parses_as_one_unmasked_text_frame(size: int) -> None:
     payload = b"a" * size
     frame = parse_frame(wire.text_frame(payload))
     assert frame.opcode is Opcode.TEXT and frame.fin and frame.data == payload
+
+
+def test_held_message_json_is_right_sized() -> None:
+    """History holds message_json's bytes for long: each must cost about its length,
+    not orjson's 4 KB output buffer."""
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        held = [wire.message_json("lobby", "ada", "x" * 100, i, 1, f"m{i}") for i in range(2000)]
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    grown = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
+    per_message = grown / len(held)
+    assert per_message < 2 * len(held[0]), per_message
+    assert orjson.loads(held[7]) == {
+        "type": "message",
+        "room": "lobby",
+        "sender": "ada",
+        "content": "x" * 100,
+        "seq": 7,
+        "timestamp": 1,
+        "id": "m7",
+    }
