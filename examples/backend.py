@@ -17,7 +17,7 @@
 
 The tests start :class:`Backend` in a thread and read what it kept; ``fail_for``
 answers webhooks with 500 for that many seconds, ``hang`` never answers them,
-``connect_delay`` holds connect answers (a slow backend).
+``connect_delay`` and ``publish_delay`` hold those answers (a slow backend).
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ class Backend:
         self.fail_until = time.monotonic() + fail_for if fail_for else 0.0
         self.hang = False  # webhooks: never answer
         self.connect_delay = 0.0  # seconds before a connect answer
+        self.publish_delay = 0.0  # seconds before a publish answer
         self.lock = threading.Lock()
         self.events: dict[str, dict[str, Any]] = {}  # id -> event, the first copy
         self.duplicates = 0  # events received again (a retried batch)
@@ -124,6 +125,8 @@ class Backend:
         return 200, {"user": user, "info": {"via": "cookie"}}
 
     def publish(self, request: dict[str, Any]) -> tuple[int, object]:
+        if self.publish_delay:
+            time.sleep(self.publish_delay)
         self.publishes.append(request)
         results = []
         for message in request["messages"]:
@@ -155,11 +158,14 @@ def _handler(backend: Backend) -> type[BaseHTTPRequestHandler]:
             else:
                 status, answer = 404, {"error": "not found"}
             data = b"" if answer is None else json.dumps(answer).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            try:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+            except OSError:
+                self.close_connection = True  # the caller gave up waiting (its timeout)
 
         def log_message(self, format: str, *args: object) -> None:
             pass  # quiet: events are printed instead

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 Verify = Callable[[str], "Identity"]  # a token -> who it is; raises AuthError
 
-__all__ = ["Admitted", "Refusal", "Upgrade", "Verify", "admit", "header"]
+__all__ = ["Admitted", "Refusal", "Upgrade", "Verify", "admit", "header", "token_of"]
 
 
 class Upgrade(NamedTuple):
@@ -63,6 +63,16 @@ def header(headers: Mapping[str, str], name: str) -> str | None:
     return None
 
 
+def token_of(params: list[tuple[str, str]], headers: Mapping[str, str]) -> str | None:
+    """The request's token: ``?token=``, else ``Authorization: Bearer``."""
+    token = next((v for k, v in params if k == "token"), None)
+    scheme, _, credentials = (header(headers, "Authorization") or "").partition(" ")
+    # RFC 7235 2.1: the auth scheme is case-insensitive.
+    if token is None and scheme.lower() == "bearer":
+        token = credentials.strip()
+    return token or None
+
+
 def admit(
     config: Config,
     hooks: Hooks,
@@ -73,6 +83,7 @@ def admit(
     connections: int,
     from_peer: int,
     verify: Verify | None,
+    proxied: Identity | None = None,
 ) -> Admitted | Refusal:
     """Admit or refuse ``upgrade``.
 
@@ -82,6 +93,8 @@ def admit(
             clients out; the handshake deadline bounds them instead.
         from_peer: connections open over the whole server from ``upgrade.peer``.
         verify: the token verifier when ``auth`` is on, else None.
+        proxied: who the connect proxy's backend said the client is; a token,
+            when the request carries one and ``auth`` is on, wins over it.
     """
     server = config.server
     if draining:
@@ -103,12 +116,9 @@ def admit(
         return Refusal(503, "too many connections from this address\n")
     allowed: frozenset[str] | None = None
     expires: float | None = None
-    if verify is not None:
-        token = next((v for k, v in params if k == "token"), None)
-        scheme, _, credentials = (header(upgrade.headers, "Authorization") or "").partition(" ")
-        # RFC 7235 2.1: the auth scheme is case-insensitive.
-        if token is None and scheme.lower() == "bearer":
-            token = credentials.strip()
+    token = token_of(params, upgrade.headers) if verify is not None else None
+    if verify is not None and (token or proxied is None):
+        # A token, when sent, wins over the connect proxy's answer.
         if not token:
             return Refusal(401, "a token is required (?token= or Authorization: Bearer)\n")
         try:
@@ -118,6 +128,10 @@ def admit(
         user = identity.user
         allowed = identity.rooms
         expires = identity.expires
+    elif proxied is not None:
+        # The connect proxy's answer (proxy.connect_url): the backend named the user.
+        user = proxied.user
+        allowed = proxied.rooms
     else:
         named = next((v for k, v in params if k == "user"), None)
         user = named or hooks.guest_name()

@@ -29,7 +29,7 @@ import heapq
 import logging
 import secrets
 from collections.abc import Callable
-from typing import Any, Generic
+from typing import TYPE_CHECKING, Any, Generic
 
 from shardchat import stats
 from shardchat.addrtable import AddrTable, addr_key
@@ -40,7 +40,7 @@ from shardchat.core.config import Config
 from shardchat.core.errors import ErrorCode, ProtocolError
 from shardchat.core.fanout import Fanout
 from shardchat.core.gapfill import GapFill
-from shardchat.core.hookevents import HookEvent
+from shardchat.core.hookevents import HookEvent, ProxiedPublish, Verdict
 from shardchat.core.messages import (
     Ack,
     AppCloseCode,
@@ -62,6 +62,9 @@ from shardchat.core.roomlog import HeldMessage, RoomLog
 from shardchat.hooks import ConnInfo, Hooks, Reject
 from shardchat.logs import log_event
 from shardchat.stats import Counters
+
+if TYPE_CHECKING:
+    from shardchat.auth import Identity
 
 __all__ = ["EVICT_EVERY", "PROTOCOL_VERSION", "ConnState", "RoomEngine"]
 
@@ -172,6 +175,9 @@ class RoomEngine(Generic[C]):
         self.hook_kinds: frozenset[str] = frozenset()
         self.events: list[HookEvent] = []
         self._pending_messages: dict[str, tuple[int, str, str]] = {}  # conn id, user, content
+        # proxy.publish_url: publishes wait for the backend's verdict (taken by the caller).
+        self.publish_proxy = False
+        self.proxied: list[ProxiedPublish[C]] = []
         self._join_at_open: dict[C, tuple[str, ...]] = {}  # rooms the query named
         self._next_evict = 0.0
         prefix = id_prefix if id_prefix is not None else secrets.token_hex(3)
@@ -194,11 +200,14 @@ class RoomEngine(Generic[C]):
 
     # Connections
 
-    def admit(self, conn: C, upgrade: Upgrade, connections: int) -> Refusal | None:
+    def admit(
+        self, conn: C, upgrade: Upgrade, connections: int, proxied: Identity | None = None
+    ) -> Refusal | None:
         """PROTOCOL.md's checks before the upgrade: None admits ``conn``.
 
         ``connections``: open over the whole server, handshakes under way here
-        included.
+        included. ``proxied``: the connect proxy's answer (who the backend says
+        the client is).
         """
         result = admit(
             self.config,
@@ -209,6 +218,7 @@ class RoomEngine(Generic[C]):
             connections=connections,
             from_peer=0 if self.addrs is None else self.addrs.total(addr_key(upgrade.peer)),
             verify=self.verify,
+            proxied=proxied,
         )
         self._count_hook_errors()
         if type(result) is Refusal:
@@ -375,10 +385,56 @@ class RoomEngine(Generic[C]):
                 raise ProtocolError(
                     ErrorCode.TOO_LARGE, f"content is over {limits.max_content} bytes", request.id
                 )
+        if self.publish_proxy:
+            # The backend sees it first (proxy.publish_url): the caller sends the
+            # turn's publishes in one request and hands the verdicts back.
+            self.proxied.append(
+                ProxiedPublish(conn, request.id, request.key, room, state.user, content)
+            )
+            return
+        self._sequence(conn, state, room, content, request.id, request.key)
+
+    def publish_answered(
+        self, items: list[ProxiedPublish[C]], verdicts: list[Verdict] | None, reason: str = ""
+    ) -> None:
+        """The publish proxy's verdicts on ``items``, in order; None: it did not answer
+        (each sender gets ``unavailable`` with ``reason``, nothing is sequenced)."""
+        max_content = self.config.limits.max_content
+        for i, item in enumerate(items):
+            conn = item.conn
+            state = self.conns.get(conn)
+            if state is None:
+                continue  # gone meanwhile
+            try:
+                if verdicts is None:
+                    raise ProtocolError(ErrorCode.UNAVAILABLE, reason, item.request_id)
+                verdict = verdicts[i]
+                if verdict.reject is not None:
+                    raise ProtocolError(ErrorCode.REJECTED, verdict.reject, item.request_id)
+                content = item.content if verdict.content is None else verdict.content
+                if len(content.encode()) > max_content:
+                    raise ProtocolError(
+                        ErrorCode.TOO_LARGE,
+                        f"content is over {max_content} bytes",
+                        item.request_id,
+                    )
+                self._sequence(conn, state, RoomId(item.room), content, item.request_id, item.key)
+            except ProtocolError as exc:
+                self._refuse(conn, state, exc)
+
+    def _sequence(
+        self,
+        conn: C,
+        state: ConnState,
+        room: RoomId,
+        content: str,
+        request_id: str | None,
+        key: str | None,
+    ) -> None:
         self.stats[_S_PUBLISHED] += 1
         self._msg_counter += 1
         msg_id = self._msg_prefix + str(self._msg_counter)
-        self._pending[msg_id] = (conn, request.id)
+        self._pending[msg_id] = (conn, request_id)
         if "message" in self.hook_kinds:
             self._pending_messages[msg_id] = (state.conn_id, state.user, content)
         now = self.now
@@ -389,7 +445,7 @@ class RoomEngine(Generic[C]):
             content,
             int(self.wall * 1000),
             int(now * 1e9),
-            idempotency_key(state.user, room, request.key),
+            idempotency_key(state.user, room, key),
         )
         log_event(log, logging.DEBUG, "publish", conn=state.conn_id, room=room, msg=msg_id)
         self.broker.publish(publication, now)

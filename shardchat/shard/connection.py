@@ -37,7 +37,7 @@ except ImportError:  # pragma: no cover - a build without the C extension
 
 from shardchat.core.messages import AppCloseCode
 from shardchat.logs import log_event
-from shardchat.shard.handshake import AT_EOF, answer, handshake, unparsable_request
+from shardchat.shard.handshake import AT_EOF, Later, answer, handshake, unparsable_request
 from shardchat.shard.sendqueue import TRANSPORT_HIGH, SendQueue, Writer
 
 __all__ = [
@@ -86,8 +86,9 @@ class ConnectionHandler(TypingProtocol):
 
     def refuse_upgrade(
         self, conn: Connection, path: str, query: str, headers: dict[str, str]
-    ) -> tuple[int, str] | None:
-        """An HTTP status and text to refuse a WebSocket upgrade with, or None to accept.
+    ) -> tuple[int, str] | Later | None:
+        """An HTTP status and text to refuse a WebSocket upgrade with, or None to accept,
+        or a :class:`~shardchat.shard.handshake.Later` to answer in a later turn.
 
         ``path`` is the request target with its query; ``headers`` as sent."""
 

@@ -14,17 +14,21 @@ import logging
 import time
 from collections.abc import Callable
 from typing import Protocol
+from urllib.parse import parse_qsl
 
 from shardchat import stats
+from shardchat.backend.proxy import ConnectProxy, PublishProxy
 from shardchat.backend.webhooks import WebhookSender
 from shardchat.brokers.shm import Bell
-from shardchat.core.admission import Upgrade
+from shardchat.core.admission import Refusal, Upgrade, token_of
 from shardchat.core.broker import Broker, BrokerListener
 from shardchat.core.config import Config
 from shardchat.core.engine import RoomEngine
+from shardchat.core.hookevents import ProxiedPublish, Verdict
 from shardchat.logs import log_event
 from shardchat.shard.bell import Doorbell
 from shardchat.shard.connection import Connection
+from shardchat.shard.handshake import Later
 from shardchat.shard.pages import Pages
 from shardchat.shard.sweep import Sweep
 from shardchat.shard.writer import write, write_turn
@@ -34,6 +38,7 @@ __all__ = ["LoopBroker", "Shard"]
 log = logging.getLogger(__name__)
 
 _S_CONNECTIONS = int(stats.Slot.CONNECTIONS)
+_S_REFUSED = int(stats.Slot.HTTP_REFUSED)
 
 _monotonic = time.monotonic
 _time = time.time
@@ -93,6 +98,8 @@ class Shard:
         self._turn_due = False
         self._drain_due = False
         self.webhooks: WebhookSender | None = None  # webhooks.url set: the event sender
+        self.connect_proxy: ConnectProxy | None = None  # proxy.connect_url set
+        self.publish_proxy: PublishProxy[Connection] | None = None  # proxy.publish_url set
 
     # Output
 
@@ -105,7 +112,7 @@ class Shard:
             write(out)
         if engine.events:
             self._take_events()
-        if not self._turn_due and (engine.flush_due or self.broker.commit_due):
+        if not self._turn_due and (engine.flush_due or self.broker.commit_due or engine.proxied):
             self._turn_due = True
             self.loop.call_soon(self._end_turn)
 
@@ -114,6 +121,11 @@ class Shard:
         self._turn_due = False
         engine = self.engine
         engine.take_deferred()
+        if engine.proxied:
+            # The turn's publishes, in one request to the publish proxy.
+            assert self.publish_proxy is not None
+            self.publish_proxy.send(engine.proxied)
+            engine.proxied = []
         self.broker.commit()
         out = engine.out
         if out:
@@ -161,14 +173,50 @@ class Shard:
 
     def refuse_upgrade(
         self, conn: Connection, path: str, query: str, headers: dict[str, str]
-    ) -> tuple[int, str] | None:
+    ) -> tuple[int, str] | Later | None:
         engine = self.engine
+        proxy = self.connect_proxy
+        if proxy is not None and not engine.draining:
+            upgrade = Upgrade(conn.conn_id, conn.peer, path, query, headers)
+            # A token, when auth is on and the client sent one, wins: no call.
+            if engine.verify is None or not token_of(parse_qsl(query), headers):
+                later = Later()
+                self.loop.create_task(self._proxied_upgrade(proxy, conn, upgrade, later))
+                return later
         engine.advance(_monotonic(), _time())
         # Upgraded connections on every shard (handshakes under way do not count).
         connections = self.counters.total(_S_CONNECTIONS)
         upgrade = Upgrade(conn.conn_id, conn.peer, path, query, headers)
         refusal = engine.admit(conn, upgrade, connections)
         return None if refusal is None else (refusal.status, refusal.text)
+
+    async def _proxied_upgrade(
+        self, proxy: ConnectProxy, conn: Connection, upgrade: Upgrade, later: Later
+    ) -> None:
+        """The connect proxy's answer, then the engine's checks: the upgrade's answer."""
+        answer = await proxy.ask(upgrade)
+        if later.then is None or conn.transport is None or conn.close_deadline:
+            return  # gone meanwhile (the handshake deadline, or the client left)
+        engine = self.engine
+        engine.advance(_monotonic(), _time())
+        if type(answer) is Refusal:
+            mine = self.counters.mine
+            if mine is not None:
+                mine[_S_REFUSED] += 1
+            later.then((answer.status, answer.text))
+            return
+        assert not isinstance(answer, Refusal)
+        refusal = engine.admit(conn, upgrade, self.counters.total(_S_CONNECTIONS), answer)
+        later.then(None if refusal is None else (refusal.status, refusal.text))
+
+    def publish_answered(
+        self, items: list[ProxiedPublish[Connection]], verdicts: list[Verdict] | None, reason: str
+    ) -> None:
+        """The publish proxy's verdicts: an engine input."""
+        engine = self.engine
+        engine.advance(_monotonic(), _time())
+        engine.publish_answered(items, verdicts, reason)
+        self._emit()
 
     def opened(self, conn: Connection) -> None:
         self.engine.open(conn)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from websockets.exceptions import InvalidMessage
@@ -27,7 +28,15 @@ from shardchat.logs import log_event
 if TYPE_CHECKING:
     from shardchat.shard.connection import Connection
 
-__all__ = ["AT_EOF", "PLAIN", "answer", "handshake", "unparsable_request"]
+__all__ = [
+    "AT_EOF",
+    "PLAIN",
+    "Later",
+    "answer",
+    "finish_upgrade",
+    "handshake",
+    "unparsable_request",
+]
 
 log = logging.getLogger("shardchat.shard.connection")
 
@@ -84,7 +93,6 @@ def answer(
 
 
 def handshake(conn: Connection, request: Request) -> None:
-    proto = conn.proto
     handler = conn.handler
     headers = request.headers
     path, _, query = request.path.partition("?")
@@ -128,6 +136,32 @@ def handshake(conn: Connection, request: Request) -> None:
         return
     sent = {name: value for name, value in request.headers.raw_items()}
     refusal = handler.refuse_upgrade(conn, request.path, query, sent)
+    if type(refusal) is Later:
+        # The handler answers in a later turn (the connect proxy asks the backend).
+        refusal.then = lambda answer: finish_upgrade(conn, request, method, answer)
+        return
+    assert not isinstance(refusal, Later)
+    finish_upgrade(conn, request, method, refusal)
+
+
+class Later:
+    """What ``refuse_upgrade`` returns to answer later: the handler calls ``then``
+    with the refusal (or None to accept) from a later loop turn."""
+
+    __slots__ = ("then",)
+
+    def __init__(self) -> None:
+        self.then: Callable[[tuple[int, str] | None], None] | None = None
+
+
+def finish_upgrade(
+    conn: Connection, request: Request, method: str, refusal: tuple[int, str] | None
+) -> None:
+    """Refuse the upgrade with ``refusal``'s status and text, or accept it."""
+    if conn.transport is None or conn.close_deadline:
+        return  # gone, or cut by the handshake deadline, while the answer was awaited
+    proto = conn.proto
+    handler = conn.handler
     if refusal is not None:
         status, text = refusal
         _send(conn, _response(conn.proto, status, PLAIN, text.encode()), method)

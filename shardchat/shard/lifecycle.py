@@ -17,13 +17,12 @@ import gc
 import logging
 import os
 import signal
-import socket
 import time
 from typing import TYPE_CHECKING
 
 from shardchat import stats
-from shardchat.backend.webhooks import WebhookSender
 from shardchat.logs import log_event
+from shardchat.shard.backend import BackendLinks
 from shardchat.shard.connection import HANDSHAKE_TIMEOUT
 from shardchat.shard.handler import Shard
 from shardchat.shard.sweep import SWEEP_SLICES
@@ -43,13 +42,6 @@ log = logging.getLogger(__name__)
 # second at 1,000 conn/s (in the connect p99); 200 make it a fifth.
 FREEZE_EVERY = 200
 _S_UNLISTENED = int(stats.Slot.UNLISTENED)
-# Webhook events the engine makes (the others come from presence holders and deaths).
-ENGINE_EVENTS = frozenset({"connect", "disconnect", "join", "leave", "message"})
-
-
-def box_name(supervisor_pid: int) -> str:
-    """This server's name in webhook events: the host and the supervisor's pid."""
-    return f"{socket.gethostname()}:{supervisor_pid}"
 
 
 async def run(spec: ShardSpec, loop: asyncio.AbstractEventLoop, shard: Shard) -> None:
@@ -57,12 +49,7 @@ async def run(spec: ShardSpec, loop: asyncio.AbstractEventLoop, shard: Shard) ->
     config = spec.config
     mine = shard.counters.mine
     assert mine is not None
-    sender: WebhookSender | None = None
-    if config.webhooks.url:
-        sender = WebhookSender(config.webhooks, spec.shard_id, box_name(spec.supervisor_pid), mine)
-        shard.webhooks = sender
-        shard.engine.hook_kinds = sender.kinds & ENGINE_EVENTS
-        sender.start()
+    links = BackendLinks(spec, shard)
 
     async def listen() -> asyncio.Server:
         listening = await loop.create_server(
@@ -157,7 +144,5 @@ async def run(spec: ShardSpec, loop: asyncio.AbstractEventLoop, shard: Shard) ->
             log_event(log, logging.WARNING, "drain_timeout", connections=len(shard.connections))
     for conn in list(shard.connections):
         conn.abort()
-    if sender is not None:
-        # The drain's disconnects, if the receiver takes them quickly.
-        await sender.close(0.0 if quick else min(2.0, config.server.graceful_timeout / 2))
+    await links.close(quick)
     log_event(log, logging.INFO, "shard_exit", connections_left=len(shard.connections))

@@ -14,7 +14,7 @@ from typing import Any
 import standardwebhooks
 
 from examples.backend import Backend
-from tests.helpers import (
+from tests.support.helpers import (
     assert_no_traceback,
     clients_on_shards,
     closing,

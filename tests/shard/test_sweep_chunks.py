@@ -25,6 +25,8 @@ class Ticked:
 
 class Engine:
     out: list[Any] = []
+    events: list[Any] = []
+    proxied: list[Any] = []
     flush_due = False
 
     def advance(self, mono: float, wall: float) -> None:

@@ -1,0 +1,66 @@
+"""The shard's links to the application's backend: webhook sender and proxies.
+
+Made at the shard's start from ``webhooks.*`` and ``proxy.*`` and handed to
+its :class:`~shardchat.shard.handler.Shard`; closed when the shard exits,
+after the drain, giving the webhook queue a moment to go out.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import TYPE_CHECKING
+
+from shardchat.backend.proxy import ConnectProxy, PublishProxy
+from shardchat.backend.webhooks import WebhookSender
+from shardchat.shard.connection import Connection
+
+if TYPE_CHECKING:
+    from shardchat.shard.handler import Shard
+    from shardchat.shard.process import ShardSpec
+
+__all__ = ["ENGINE_EVENTS", "BackendLinks", "box_name"]
+
+# Webhook events the engine makes (the others come from presence holders and deaths).
+ENGINE_EVENTS = frozenset({"connect", "disconnect", "join", "leave", "message"})
+
+
+def box_name(supervisor_pid: int) -> str:
+    """This server's name in webhook events and proxy calls: host and supervisor pid."""
+    return f"{socket.gethostname()}:{supervisor_pid}"
+
+
+class BackendLinks:
+    """What the shard talks to over HTTP, by its configuration."""
+
+    def __init__(self, spec: ShardSpec, shard: Shard) -> None:
+        config = spec.config
+        mine = shard.counters.mine
+        assert mine is not None
+        box = box_name(spec.supervisor_pid)
+        self.drain_wait = min(2.0, config.server.graceful_timeout / 2)
+        self.sender: WebhookSender | None = None
+        self.connect: ConnectProxy | None = None
+        self.publish: PublishProxy[Connection] | None = None
+        if config.webhooks.url:
+            self.sender = WebhookSender(config.webhooks, spec.shard_id, box, mine)
+            shard.webhooks = self.sender
+            shard.engine.hook_kinds = self.sender.kinds & ENGINE_EVENTS
+            self.sender.start()
+        if config.proxy.connect_url:
+            self.connect = shard.connect_proxy = ConnectProxy(
+                config.proxy, spec.shard_id, box, mine
+            )
+        if config.proxy.publish_url:
+            self.publish = shard.publish_proxy = PublishProxy(
+                config.proxy, spec.shard_id, box, mine, shard.publish_answered
+            )
+            shard.engine.publish_proxy = True
+
+    async def close(self, quick: bool) -> None:
+        if self.connect is not None:
+            self.connect.close()
+        if self.publish is not None:
+            self.publish.close()
+        if self.sender is not None:
+            # The drain's disconnects, if the receiver takes them quickly.
+            await self.sender.close(0.0 if quick else self.drain_wait)
