@@ -7,7 +7,7 @@ deduplicate (PROTOCOL.md, Extensions, Idempotent publishes).
 
 from __future__ import annotations
 
-from tests.helpers import (
+from tests.support.helpers import (
     Server,
     clients_on_shards,
     closing,
