@@ -25,8 +25,8 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import FAST, Server, cleanup_server, scaled, start_server
 from tests.js.nodetools import install_ws
+from tests.support.helpers import FAST, Server, cleanup_server, scaled, start_server
 
 HERE = Path(__file__).parent
 NODE_TIMEOUT = 240  # seconds for the whole node run (pytest's own timeout is above it)
