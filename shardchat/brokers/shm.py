@@ -431,13 +431,17 @@ class ShmBroker:
         json = wire.message_json(room, p.sender, p.content, seq, p.timestamp, p.msg_id)
         # Ring first, table second, and the table only once the ring's tail is
         # committed (commit): a restart takes the larger of the two, so the table must
-        # never name a seq whose record a restarted writer pads over.
+        # never name a seq whose record a restarted writer pads over. Due before the
+        # write: a burst's commit inside it makes this record visible, and the table
+        # must name it in that same commit. A reader lapped in between jumps past the
+        # record and asks for the range up to the table's seq; one short of it, the
+        # last message of a burst was never asked for, and the room waited for it.
+        self._seqs_due[room] = seq
         self._write(
             _ROOM_MSG,
             0,
             records.encode_room_message(room, seq, p.publish_ns, p.msg_id, json, p.key),
         )
-        self._seqs_due[room] = seq
         self.stats[_S_SEQUENCED] += 1
         log_event(log, logging.DEBUG, "sequenced", room=room, msg=p.msg_id, seq=seq)
         assert self.listener is not None

@@ -83,6 +83,11 @@ class GapFill:
         held = self.held_back.get(room)
         if held is None:
             held = self.request(room, log_.seq + 1, seq - 1, now)
+        elif seq - 1 > held.last:
+            # Past the range asked for: what lies between is wanted too (asked for at
+            # the current chunk's end). Left out, the room waited on that hole until
+            # it was given up, although its holder had it.
+            held.last = seq - 1
         held.messages[seq] = json
         self.release(room)
 
@@ -163,9 +168,9 @@ class GapFill:
         held = self.held_back.get(room)
         if log_ is None or held is None:
             return
-        if log_.seq < held.last:
+        self.release(room)  # first: what was held behind the chunk is not asked again
+        if room in self.held_back and log_.seq < held.last:
             self.request(room, log_.seq + 1, held.last, now)
-        self.release(room)
 
     def ensure_history(self, room: str, since: int, now: float, then: Callable[[], None]) -> bool:
         """True when a join with ``since`` (0 without one) or a ``history`` (0) can be
