@@ -31,6 +31,7 @@ from shardchat.backend.http import HttpClient
 from shardchat.backend.signing import secret_key, signed_headers
 from shardchat.core.config import WebhooksConfig
 from shardchat.core.errors import BackendError
+from shardchat.core.wire import compact
 from shardchat.logs import log_event
 
 __all__ = ["BACKOFF_CAP", "BACKOFF_FIRST", "WebhookSender"]
@@ -112,7 +113,8 @@ class WebhookSender:
         event["box"] = self.box
         if fields:
             event.update(fields)  # a death's report names the dead shard and box here
-        self.queue.append(_Queued(self.clock(), orjson.dumps(event)))
+        # Queued for up to webhooks.max_age: right-sized, not orjson's 4 KB buffer.
+        self.queue.append(_Queued(self.clock(), compact(orjson.dumps(event))))
         self.counters[_S_QUEUED] = len(self.queue)
         self._wake.set()
 

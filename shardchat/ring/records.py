@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import orjson
 
 from shardchat.core.broker import PresenceAnswer, Publication
+from shardchat.core.wire import compact
 
 __all__ = [
     "REPLAY_END",
@@ -102,16 +103,20 @@ def decode_room_message(payload: bytes) -> RoomMessage:
 
 
 def encode_forward(f: Publication) -> bytes:
-    return orjson.dumps(
-        {
-            "m": f.msg_id,
-            "r": f.room,
-            "s": f.sender,
-            "c": f.content,
-            "t": f.timestamp,
-            "n": f.publish_ns,
-            "k": f.key,
-        }
+    """Kept by the publishing shard until the owner sequences it (resent meanwhile):
+    right-sized, not in orjson's 4 KB buffer (wire.compact)."""
+    return compact(
+        orjson.dumps(
+            {
+                "m": f.msg_id,
+                "r": f.room,
+                "s": f.sender,
+                "c": f.content,
+                "t": f.timestamp,
+                "n": f.publish_ns,
+                "k": f.key,
+            }
+        )
     )
 
 
