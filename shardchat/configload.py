@@ -96,10 +96,11 @@ def load_config(
         ConfigError: an unknown key, a wrong type or an out-of-range value.
     """
     values: dict[str, object] = {}
+    if path is None and Path(DEFAULT_CONFIG_FILE).is_file():
+        path = DEFAULT_CONFIG_FILE
     if path is not None:
         values.update(_file_values(Path(path)))
-    elif Path(DEFAULT_CONFIG_FILE).is_file():
-        values.update(_file_values(Path(DEFAULT_CONFIG_FILE)))
+    in_file = values.get("storage.dir")
     sources: dict[str, str] = {}  # keys set by an environment variable: its name
     for key, (variable, value) in _env_overrides(
         os.environ if environ is None else environ
@@ -109,4 +110,12 @@ def load_config(
     for key, value in (overrides or {}).items():
         values[key] = value
         sources.pop(key, None)
+    # storage.dir: "" is data/ beside the configuration file (the working
+    # directory without one); a relative one is taken from the file's directory
+    # when the file set it, else from the working directory.
+    storage_dir = values.get("storage.dir", "")
+    if isinstance(storage_dir, str):
+        beside = path is not None and (not storage_dir or storage_dir == in_file)
+        base = Path(path).resolve().parent if beside and path is not None else Path.cwd()
+        values["storage.dir"] = str(base / (storage_dir or "data"))
     return resolve(values, sources=sources, cpu_count=os.cpu_count() or 1, is_file=_is_file)

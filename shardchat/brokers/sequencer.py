@@ -75,9 +75,10 @@ class Sequencer:
     def remember(self, msg_id: str, room: str, seq: int, key: str, at_ns: int) -> None:
         """``msg_id`` (with idempotency ``key``) was sequenced as ``seq`` at ``at_ns``."""
         sequenced = self.sequenced
-        sequenced[msg_id] = (room, seq)
-        if len(sequenced) > self._limit:
-            sequenced.popitem(last=False)
+        if msg_id:  # "": a key restored from the store, whose message id is not kept
+            sequenced[msg_id] = (room, seq)
+            if len(sequenced) > self._limit:
+                sequenced.popitem(last=False)
         if key:
             keys = self.keys
             keys[key] = (room, seq, at_ns)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -39,6 +40,7 @@ from shardchat.ring.records import REPLAY_END, REPLAY_SKIP
 from shardchat.ring.ring import Record, RingReader, RingWriter
 from shardchat.ring.seqtable import SLOT_SIZE, RoomTable
 from shardchat.stats import Counters
+from shardchat.storage.durable import Durable
 
 __all__ = ["POLL_LIMIT", "Bell", "ShmBroker"]
 
@@ -141,6 +143,10 @@ class ShmBroker:
         self._acks_due: list[tuple[str, str, int]] = []  # (msg id, room, seq) once committed
         self._seqs_due: dict[str, int] = {}  # room -> seq, for the seq table once committed
         self._answers_due: list[tuple[str, int]] = []  # fills of our own rooms: (room, last)
+        # The room store (storage.kind = "sqlite"): acks wait for it, fills read it.
+        self.durable: Durable | None = None
+        self._fills_due: list[tuple[str, int, int]] = []  # our own rooms' fills from the store
+        self._failed_due: list[tuple[str, str]] = []  # publishes refused: the store is full
         self._uncommitted = 0  # payload bytes since the last commit
         self._written = 0  # records since the last commit
         self._commit_every = ring_bytes // 8
@@ -224,6 +230,10 @@ class ShmBroker:
         for room, seq in self.tables[self.shard_id].entries().items():
             self.sequencer.restore(room, seq)
             listener.restore(room, seq, None)
+        if self.durable is not None:
+            # After the table's rooms: the store's are not handed to the engine,
+            # which fetches a room's history when it needs it.
+            self._restore_stored(own, now)
         readers: dict[int, RingReader] = {}
         forwards: list[tuple[int, bytes]] = []
         for peer in self.peers:
@@ -247,6 +257,28 @@ class ShmBroker:
         self.readers = readers
         self.bells[self.shard_id].drain()
 
+    def _restore_stored(self, own: list[Record], now: float) -> None:
+        """Our rooms' seqs and recent idempotency keys from the store (into our seq
+        table, which every shard reads); what our ring holds that the store lacks
+        (this shard died before its writer wrote it) is stored again."""
+        durable = self.durable
+        assert durable is not None
+        restored = durable.restore()
+        sequencer = self.sequencer
+        for room, seq in restored.seqs.items():
+            sequencer.restore(room, seq)
+            self._store_seq(room, seq)
+        wall_ns = int(now * 1e9) - time.time_ns()  # monotonic = wall + this
+        for key, room, seq, at in restored.keys:
+            sequencer.remember("", room, seq, key, int(at * 1e9) + wall_ns)
+        workers, me, seqs = self.workers, self.shard_id, restored.seqs
+        for _, kind, _, payload in own:
+            if kind != _ROOM_MSG:
+                continue
+            msg = records.decode_room_message(payload)
+            if owner_of(msg.room, workers) == me and msg.seq > seqs.get(msg.room, 0):
+                durable.sequenced(msg.room, msg.seq, time.time(), msg.key, msg.json)
+
     def _restore(self, listener: BrokerListener, held: list[Record]) -> None:
         workers, me = self.workers, self.shard_id
         for _, kind, _, payload in held:
@@ -266,6 +298,11 @@ class ShmBroker:
         owner = owner_of(room, self.workers)
         if owner == self.shard_id:
             seen = self.sequencer.seen_key(publication.key, self._now_ns)
+            if seen is None and self.durable is not None and self.durable.full:
+                # The store cannot write: refused before it is sequenced (at the
+                # commit, outside the engine's call), so nothing is seen unstored.
+                self._failed_due.append((publication.msg_id, room))
+                return
             if seen is None:
                 seq = self._sequence(publication)
             else:
@@ -394,9 +431,12 @@ class ShmBroker:
     def fill(self, room: str, first: int, last: int) -> None:
         owner = owner_of(room, self.workers)
         if owner == self.shard_id:
-            # We are the owner: nobody holds more than we do. Answered at the
-            # next drain, outside the engine's call.
-            self._answers_due.append((room, last))
+            # We are the owner: nobody holds more than we do (our store, if we
+            # have one). Answered at the next drain, outside the engine's call.
+            if self.durable is not None:
+                self._fills_due.append((room, first, last))
+            else:
+                self._answers_due.append((room, last))
             return
         request = records.HistoryRequest(room, first, last)
         self._write(_HISTORY_REQ, owner, records.encode_history_request(request))
@@ -405,7 +445,8 @@ class ShmBroker:
         return self.tables[owner_of(room, self.workers)].lookup(room)
 
     def serves_history(self, room: str) -> bool:
-        return owner_of(room, self.workers) == self.shard_id
+        # With a store, the store serves the owner's rooms' fills: its copy may go.
+        return self.durable is None and owner_of(room, self.workers) == self.shard_id
 
     def open_room(self, room: str, then: Callable[[], None]) -> bool:
         return True  # every shard reads every ring: every room is open
@@ -437,6 +478,8 @@ class ShmBroker:
         # record and asks for the range up to the table's seq; one short of it, the
         # last message of a burst was never asked for, and the room waited for it.
         self._seqs_due[room] = seq
+        if self.durable is not None:
+            self.durable.sequenced(room, seq, p.timestamp / 1000, p.key, json)
         self._write(
             _ROOM_MSG,
             0,
@@ -470,7 +513,7 @@ class ShmBroker:
 
     @property
     def commit_due(self) -> bool:
-        return self._written > 0 or bool(self._acks_due)
+        return self._written > 0 or bool(self._acks_due) or bool(self._failed_due)
 
     def commit(self) -> None:
         """Make the records written since the last commit visible, then store the
@@ -488,6 +531,18 @@ class ShmBroker:
             bells = self.bells
             for peer in self.peers:
                 bells[peer].ring()
+        if self._failed_due:
+            failed, self._failed_due = self._failed_due, []
+            assert self.listener is not None
+            for msg_id, room in failed:
+                self.listener.on_publish_failed(msg_id, room)
+        durable = self.durable
+        if durable is not None:
+            # Acked once stored: the writer hands the turn back (drain).
+            if self._acks_due or durable.due:
+                acks, self._acks_due = self._acks_due, []
+                durable.submit(acks)
+            return
         if self._acks_due:
             acks, self._acks_due = self._acks_due, []
             listener = self.listener
@@ -512,6 +567,8 @@ class ShmBroker:
             answers, self._answers_due = self._answers_due, []
             for room, last in answers:
                 listener.on_replay_lost(room, last)
+        if self.durable is not None:
+            self._stored(listener)
         more = False
         counters = self.stats
         handlers = self._handlers
@@ -535,6 +592,31 @@ class ShmBroker:
                 more = True
         return more
 
+    def _stored(self, listener: BrokerListener) -> None:
+        """The store's side of a drain: the acks of the turns it wrote (the peers'
+        as FORWARD_SEEN records; seq 0 says it failed), then our own fills."""
+        durable = self.durable
+        assert durable is not None
+        for turn, ok in durable.finished():
+            for msg_id, room, seq in turn.acks:
+                if ok:
+                    listener.on_published(msg_id, room, seq)
+                else:
+                    listener.on_publish_failed(msg_id, room)
+            for peer, msg_id, room, seq in turn.peer_acks:
+                answer = records.ForwardSeen(msg_id, room, seq if ok else 0)
+                self._write(_FORWARD_SEEN, peer, records.encode_forward_seen(answer))
+        if self._fills_due:
+            fills, self._fills_due = self._fills_due, []
+            for room, first, last in fills:
+                plan = plan_resend(durable.held(room, first, last), first, last, 1 << 30)
+                if plan.lost_to:
+                    listener.on_replay_lost(room, plan.lost_to)
+                for message in plan.messages:
+                    listener.on_replay(room, message.seq, message.payload)
+                if plan.end is not None:
+                    listener.on_replay_end(room, plan.end)
+
     def _latest_of(self, peer: int) -> Callable[[str], int | None]:
         """Where each room ``peer`` owns is now, by its seq table."""
         table, workers = self.tables[peer], self.workers
@@ -550,7 +632,9 @@ class ShmBroker:
         msg = records.decode_room_message(payload)
         listener = self.listener
         assert listener is not None
-        if self.forwarder.pending and self.forwarder.answered(msg.msg_id):
+        if self.durable is None and self.forwarder.pending and self.forwarder.answered(msg.msg_id):
+            # Without a store, sequenced is kept; with one, the owner says when
+            # it is stored (FORWARD_SEEN).
             listener.on_published(msg.msg_id, msg.room, msg.seq)
         listener.on_message(msg.room, msg.seq, msg.msg_id, msg.json, msg.publish_ns)
 
@@ -562,10 +646,20 @@ class ShmBroker:
         seen = sequencer.seen(publication.msg_id) or sequencer.seen_key(
             publication.key, self._now_ns
         )
+        durable = self.durable
+        if seen is None and durable is not None and durable.full:
+            answer = records.ForwardSeen(publication.msg_id, publication.room, 0)
+            self._write(_FORWARD_SEEN, peer, records.encode_forward_seen(answer))
+            return
         if seen is None:
-            self._sequence(publication)
+            seq = self._sequence(publication)
+            if durable is not None:
+                durable.ack_peer(peer, publication.msg_id, publication.room, seq)
             return
         room, seq = seen
+        if durable is not None:
+            durable.ack_peer(peer, publication.msg_id, room, seq)  # once stored
+            return
         answer = records.ForwardSeen(publication.msg_id, room, seq)
         self._write(_FORWARD_SEEN, peer, records.encode_forward_seen(answer))
 
@@ -575,7 +669,10 @@ class ShmBroker:
         seen = records.decode_forward_seen(payload)
         if self.forwarder.answered(seen.msg_id):
             assert self.listener is not None
-            self.listener.on_published(seen.msg_id, seen.room, seen.seq)
+            if seen.seq:
+                self.listener.on_published(seen.msg_id, seen.room, seen.seq)
+            else:  # the owner's store could not write it: not published
+                self.listener.on_publish_failed(seen.msg_id, seen.room)
 
     def _on_presence(self, peer: int, aux: int, payload: bytes) -> None:
         p = records.decode_presence(payload)
@@ -613,7 +710,10 @@ class ShmBroker:
             return
         req = records.decode_history_request(payload)
         assert self.listener is not None
-        held = self.listener.held(req.room, req.first)
+        if self.durable is not None:
+            held = self.durable.held(req.room, req.first, req.last)
+        else:
+            held = self.listener.held(req.room, req.first)
         plan = plan_resend(held, req.first, req.last, self._max_payload)
         room, write = req.room, self._write
         if plan.lost_to:
@@ -697,6 +797,9 @@ class ShmBroker:
             self.stats[stats.LAG_BASE + peer] = reader.backlog()
 
     def close(self) -> None:
+        if self.durable is not None:
+            self.durable.close()  # what was sequenced is written first
+            self.durable = None
         self.listener = None
         self.readers = {}
         self.tables = []

@@ -94,6 +94,7 @@ class DeliveryConfig:
     history: int = 1000  # messages held per room for resume and history
     room_idle: float = 600.0  # seconds before a non-owner shard drops an idle room's log
     publish_timeout: float = 30.0  # seconds before a forwarded publish is answered `unavailable`
+    history_ttl: float = 0.0  # seconds a stored message is kept at most; 0 = by count alone
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -135,6 +136,14 @@ class RedisConfig:
     connect_timeout: float = 2.0  # seconds to connect to Redis
     timeout: float = 2.0  # seconds a command or a pipeline may take before it counts as failed
     history_ttl: float = 0.0  # seconds an unused room's stream and seq live on; 0 = for ever
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StorageConfig:
+    kind: str = "sqlite"  # "sqlite": rooms outlive the processes, in dir; "memory": only the run's
+    dir: str = ""  # the stores' directory; "" = data/ beside the configuration file
+    fsync: str = "batch"  # "always" (acked = synced), "batch" (synced every second), "off"
+    max_bytes: int = 0  # the stores' size limit, all shards together; 0 = the disk's
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -199,6 +208,7 @@ class Config:
     redis: RedisConfig = field(default_factory=RedisConfig)
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
     webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     cpu_count: int = 1  # the machine's, read by the loader: server.workers = "auto"
 
     @property
@@ -224,6 +234,7 @@ SECTIONS: dict[str, type[Any]] = {
     "redis": RedisConfig,
     "proxy": ProxyConfig,
     "webhooks": WebhooksConfig,
+    "storage": StorageConfig,
 }
 
 Check = Callable[[str, object], object]
@@ -421,6 +432,7 @@ _CHECKS: dict[str, Check] = {
     "overload.pipeline": _int(1),
     "overload.turn_bytes": _int(4096),
     "overload.retry_after": _number(0, strict=True),
+    "delivery.history_ttl": _number(0, strict=False),
     "ring.bytes": _power_of_two,
     "ring.rooms": _int(16, 1 << 24),
     "presence.list_limit": _int(1),
@@ -433,6 +445,10 @@ _CHECKS: dict[str, Check] = {
     "redis.connect_timeout": _number(0, strict=True),
     "redis.timeout": _number(0, strict=True),
     "redis.history_ttl": _number(0, strict=False),
+    "storage.kind": _choice("sqlite", "memory"),
+    "storage.dir": _string,
+    "storage.fsync": _choice("always", "batch", "off"),
+    "storage.max_bytes": _int(0),
     "auth.secret": _secret,
     "auth.public_key_file": _file,
     "auth.jwks_file": _file,

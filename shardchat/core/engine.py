@@ -515,6 +515,7 @@ class RoomEngine(Generic[C]):
         # so that `since`, and a later `history`, are answered from everything the
         # server holds (a join without `since` asks from 0).
         since = 0 if request.since is None else request.since
+        self._drop_partial(request.room)
         if self.gaps.ensure_history(
             request.room, since, self.now, lambda: self._join_ready(conn, request)
         ):
@@ -677,6 +678,7 @@ class RoomEngine(Generic[C]):
     def _history(self, conn: C, state: ConnState, request: HistoryQuery) -> None:
         # As for a join with `since`: a room this engine dropped is fetched back
         # first, so that `history` answers from everything the server holds.
+        self._drop_partial(request.room)
         if self.gaps.ensure_history(
             request.room, 0, self.now, lambda: self._finish_history(conn, request)
         ):
@@ -734,6 +736,24 @@ class RoomEngine(Generic[C]):
             log_ = self.logs[room] = RoomLog(self._epoch(room), self.history, seq)
         log_.touched = self.now
         return log_
+
+    def _drop_partial(self, room: str) -> None:
+        """Drop a log made from live messages alone (the room had no members here
+        when they came: after a restart, or once dropped as idle), which lacks the
+        older history its broker holds, so that a join or ``history`` fetches it
+        whole. Never one with members, a gap or resends, nor the one its broker
+        fills from."""
+        log_ = self.logs.get(room)
+        if (
+            log_ is None
+            or len(log_) >= min(self.history, log_.seq)
+            or room in self.members
+            or room in self.gaps.held_back
+            or room in self.reliable.rooms
+            or self.broker.serves_history(room)
+        ):
+            return
+        del self.logs[room]
 
     def _epoch(self, room: str) -> str:
         return self.broker.epoch_of(room) or self.epoch

@@ -14,6 +14,7 @@
     │   └── SeqTableError      a seq table too small, or a room name it cannot hold
     ├── SequenceError      a room's messages out of seq order (a bug, never a client's doing)
     ├── ShardError         a shard or the supervisor cannot run (e.g. port in use)
+    ├── StorageError       the room store cannot be used (storage.dir locked or unwritable)
     ├── ClientError        ChatClient cannot go on
     │   ├── Refused            the upgrade was refused for good (HTTP 4xx)
     │   ├── ChatError          a request was refused (an ``error`` frame)
@@ -48,6 +49,7 @@ __all__ = [
     "SequenceError",
     "ShardError",
     "ShardchatError",
+    "StorageError",
     "Unavailable",
 ]
 
@@ -168,6 +170,11 @@ class SequenceError(ShardchatError):
 
 class ShardError(ShardchatError):
     """The server cannot run: the port is taken, a shard cannot boot, ..."""
+
+
+class StorageError(ShardchatError):
+    """The room store cannot be used: another server holds ``storage.dir``, or it
+    cannot be created or written."""
 
 
 class ClientError(ShardchatError):

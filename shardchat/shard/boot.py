@@ -12,6 +12,7 @@ import asyncio
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from shardchat import stats
@@ -25,6 +26,8 @@ from shardchat.hooks import Hooks
 from shardchat.shard.connection import Connection
 from shardchat.shard.handler import Shard
 from shardchat.shard.lifecycle import run
+from shardchat.storage.durable import Durable, Turn
+from shardchat.storage.store import RoomStore
 
 if TYPE_CHECKING:
     from shardchat.shard.process import ShardSpec
@@ -46,6 +49,8 @@ async def serve(spec: ShardSpec) -> None:
     broker = _attach_rings(spec, mine)
     shard: Shard | None = None
     try:
+        if spec.store:
+            broker.durable = _open_store(spec, broker.bells[spec.shard_id].ring)
         engine = _engine(spec, broker, counters, mine)
         now = time.monotonic()
         engine.advance(now, time.time())
@@ -84,6 +89,22 @@ def _attach_stats(spec: ShardSpec) -> tuple[segments.Segment, stats.StatsView]:
     for peer in range(spec.config.workers):
         mine[stats.LAG_BASE + peer] = 0
     return segment, view
+
+
+def _open_store(spec: ShardSpec, wake: Callable[[], None]) -> Durable:
+    """This shard's room store, its writer started; the writer wakes us (our own
+    doorbell) when a turn is stored."""
+    config = spec.config
+    store: RoomStore[Turn] = RoomStore(
+        Path(spec.store),
+        fsync=config.storage.fsync,
+        max_bytes=config.storage.max_bytes // config.workers,
+        history=config.delivery.history,
+        history_ttl=config.delivery.history_ttl,
+        wake=wake,
+    )
+    store.start()
+    return Durable(store)
 
 
 def _attach_rings(spec: ShardSpec, mine: stats.Counters) -> ShmBroker:

@@ -40,6 +40,7 @@ class ShardSpec:
     incarnation: int  # 0 at first start, +1 at every restart
     app: object | None = None  # the lifecycle hooks object, loaded by the supervisor
     close_fds: tuple[int, ...] = ()  # the supervisor's descriptors (admin port, wakeup)
+    store: str = ""  # this shard's room store file (storage.kind = "sqlite"); "": none
 
 
 def run_shard(spec: ShardSpec) -> None:

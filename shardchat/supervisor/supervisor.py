@@ -23,6 +23,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import multiprocess
@@ -37,6 +38,7 @@ from shardchat.hooks import load_app
 from shardchat.logs import log_event
 from shardchat.shard.process import EXIT_BOOT_ERROR, ShardSpec, run_shard
 from shardchat.stats import Slot, StatsView
+from shardchat.storage.boxdir import StorageDir
 from shardchat.supervisor.admin import AdminServer
 from shardchat.supervisor.metrics import make_registry
 from shardchat.tls import server_context
@@ -79,8 +81,10 @@ class Supervisor:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.pid = os.getpid()
-        # One epoch per supervisor run: room histories live as long as the run.
+        # storage.kind = "memory": one epoch per supervisor run, room histories live
+        # as long as the run. "sqlite": the storage directory's (run).
         self.epoch = f"{int(time.time()):x}-{secrets.token_hex(3)}"
+        self.storage: StorageDir | None = None
         self.slots = [ShardSlot(i) for i in range(config.workers)]
         self.stopping = False
         self.stop_deadline = 0.0
@@ -106,6 +110,10 @@ class Supervisor:
         self._raise_nofile()
         shm.sweep_stale()
         _check_port_free(self.config.server.host, self.config.server.port)
+        if self.config.storage.kind == "sqlite":
+            # Locked for the run (and by the shards, which inherit the lock).
+            self.storage = StorageDir.open(Path(self.config.storage.dir), len(self.slots))
+            self.epoch = self.storage.epoch
         server = self.config.server
         addr_capacity = table_capacity(server.max_per_ip, server.max_connections, len(self.slots))
         self._fabric = shm.Fabric(
@@ -165,6 +173,8 @@ class Supervisor:
             if self._stats is not None:
                 self._stats.release()
             self._fabric.close()
+            if self.storage is not None:
+                self.storage.close()
         log_event(log, logging.INFO, "supervisor_exit", code=self.exit_code)
         return self.exit_code
 
@@ -364,6 +374,7 @@ class Supervisor:
             supervisor_pid=self.pid,
             incarnation=slot.incarnation,
             app=self._app,
+            store="" if self.storage is None else str(self.storage.path(slot.shard_id)),
             close_fds=tuple(
                 fd
                 for fd in (*self._child_closes, *(self._admin.fds() if self._admin else ()))

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from shardchat.cli import main
 from shardchat.configload import load_config, parse_override
-from shardchat.core.config import Config, resolve, to_toml
+from shardchat.core.config import Config, StorageConfig, resolve, to_toml
 from shardchat.core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -23,7 +23,9 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 
 def test_config_toml_holds_every_default() -> None:
     """config.toml at the repo root is exactly the built-in defaults, key for key."""
-    assert load_config(ROOT / "config.toml", environ={}) == Config(cpu_count=os.cpu_count() or 1)
+    assert load_config(ROOT / "config.toml", environ={}) == Config(
+        cpu_count=os.cpu_count() or 1, storage=StorageConfig(dir=str(ROOT / "data"))
+    )
     in_file = tomllib.loads((ROOT / "config.toml").read_text())
     in_code = tomllib.loads(to_toml(Config()))
     assert {s: set(t) for s, t in in_file.items()} == {s: set(t) for s, t in in_code.items()}
@@ -39,6 +41,22 @@ def test_precedence_file_env_flags(tmp_path: Path) -> None:
     assert config.heartbeat.interval == 5.0  # file
     assert config.heartbeat.idle_timeout == 0.0  # env, a key with an underscore
     assert load_config(path, environ=env).server.port == 2000
+
+
+def test_storage_dir_is_beside_the_configuration(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """data/ beside the file by default, a relative dir from the file's directory
+    when the file sets it, from the working directory when a flag does."""
+    path = tmp_path / "etc" / "c.toml"
+    path.parent.mkdir()
+    path.write_text("")
+    assert load_config(path, environ={}).storage.dir == str(tmp_path / "etc" / "data")
+    path.write_text('[storage]\ndir = "rooms"\n')
+    assert load_config(path, environ={}).storage.dir == str(tmp_path / "etc" / "rooms")
+    monkeypatch.chdir(tmp_path)
+    flagged = load_config(path, environ={}, overrides={"storage.dir": "here"})
+    assert flagged.storage.dir == str(tmp_path / "here")
 
 
 def test_auto_workers_is_the_cpu_count() -> None:
@@ -101,6 +119,12 @@ def test_resolve_reads_nothing_of_the_machine(tmp_path: Path) -> None:
         ("overload.turn_bytes", 4095, "integer >= 4096"),
         ("overload.retry_after", 0, "a number > 0"),
         ("overload.retry_after", "soon", "a number > 0"),
+        ("storage.kind", "disk", "one of 'sqlite', 'memory'"),
+        ("storage.dir", 5, "a string"),
+        ("storage.fsync", "sometimes", "one of 'always', 'batch', 'off'"),
+        ("storage.max_bytes", -1, "integer >= 0"),
+        ("storage.max_bytes", "1G", "integer >= 0"),
+        ("delivery.history_ttl", -5, "a number >= 0"),
     ],
 )
 def test_each_mistake_names_key_value_and_allowed(key: str, value: object, words: str) -> None:

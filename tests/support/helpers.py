@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -33,6 +34,10 @@ FACTOR = float(os.environ.get("SHARDCHAT_TEST_TIMEOUT_FACTOR", "1"))
 SHARDCHAT = str(Path(sys.executable).with_name("shardchat"))
 # Limits high enough that a test's bursts are never rate limited.
 FAST = ["limits.rate=100000", "limits.burst=100000"]
+# The room store of a server whose settings name none: memory (durability is not
+# the subject), or with SHARDCHAT_TEST_STORAGE=sqlite a temporary storage.dir of
+# its own, removed with it. Never data/ in the working directory.
+TEST_STORAGE = os.environ.get("SHARDCHAT_TEST_STORAGE", "memory")
 
 
 def scaled(seconds: float) -> float:
@@ -64,6 +69,7 @@ class Server:
     workers: int
     log_path: Path
     _log_file: Any = field(repr=False)
+    own_storage: Path | None = None  # a storage.dir made for this server alone
 
     @property
     def url(self) -> str:
@@ -182,6 +188,13 @@ def _start_server(
         "--set",
         "log.format=json",
     ]
+    own_storage: Path | None = None
+    if not any(s.startswith("storage.") for s in settings):
+        if TEST_STORAGE == "sqlite":
+            own_storage = Path(tempfile.mkdtemp(prefix="shardchat-store-"))
+            args += ["--set", f"storage.dir={own_storage}"]
+        else:
+            args += ["--set", "storage.kind=memory"]
     for setting in settings:
         args += ["--set", setting]
     args += list(extra_args)
@@ -192,7 +205,7 @@ def _start_server(
         env={**os.environ, **(env or {})},
         cwd=tempfile.gettempdir(),  # no ./config.toml: the built-in defaults apply
     )
-    return Server(proc, port, admin_port, workers, Path(log_file.name), log_file)
+    return Server(proc, port, admin_port, workers, Path(log_file.name), log_file, own_storage)
 
 
 def cleanup_server(server: Server) -> None:
@@ -211,6 +224,8 @@ def cleanup_server(server: Server) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(pid), signal.SIGKILL)
     shm.unlink_all(server.proc.pid)
+    if server.own_storage is not None:
+        shutil.rmtree(server.own_storage, ignore_errors=True)
     server._log_file.close()
     with contextlib.suppress(OSError):
         server.log_path.unlink()

@@ -1,0 +1,276 @@
+"""The box's storage directory: its lock, its epoch, and the shards' store files.
+
+docs/ARCHITECTURE.md, The room store. The supervisor opens the directory
+before it forks (:meth:`StorageDir.open`): it takes the lock (one server
+per directory), cuts a torn tail off each store's write-ahead log, sets
+aside a store file SQLite cannot read, moves the rooms to their owners'
+files when ``server.workers`` changed, and reads or makes the epoch, which
+lives in ``meta.json`` and changes only when stored rooms were lost. Each
+shard then opens its own file, ``rooms-<shard>-of-<workers>.db``.
+
+Also the operators' view (``shardchat storage``): :func:`describe`,
+:func:`compact`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import secrets
+import sqlite3
+import time
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from shardchat.core.errors import StorageError
+from shardchat.logs import log_event
+from shardchat.storage.store import connect
+from shardchat.storage.wal import cut_damaged_tail
+
+__all__ = ["StorageDir", "StoreFile", "compact", "describe", "locked", "store_path"]
+
+log = logging.getLogger(__name__)
+
+LOCK = "lock"
+META = "meta.json"
+
+
+def store_path(directory: Path, shard: int, workers: int) -> Path:
+    """The store file of ``shard`` of ``workers``."""
+    return directory / f"rooms-{shard}-of-{workers}.db"
+
+
+def _store_files(directory: Path) -> list[Path]:
+    return sorted(directory.glob("rooms-*-of-*.db"))
+
+
+def new_epoch() -> str:
+    return f"{int(time.time()):x}-{secrets.token_hex(3)}"
+
+
+def _lock(directory: Path) -> int:
+    """Hold ``directory``'s lock file (flock, released when every holder exits)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(directory / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise StorageError(f"storage.dir {directory} cannot be used: {exc.strerror}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise StorageError(
+            f"storage.dir {directory} is in use by another shardchat server (pid {holder});"
+            " stop it first, or give this one another storage.dir"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+@contextlib.contextmanager
+def locked(directory: Path) -> Iterator[None]:
+    """Hold the directory's lock for a while (an operator's command)."""
+    fd = _lock(directory)
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+def _write_meta(directory: Path, meta: dict[str, object]) -> None:
+    tmp = directory / (META + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(meta, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, directory / META)
+    dirfd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dirfd)
+    finally:
+        os.close(dirfd)
+
+
+def _read_meta(directory: Path) -> dict[str, object]:
+    try:
+        meta = json.loads((directory / META).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        log_event(log, logging.ERROR, "storage_meta_unreadable", error=str(exc))
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+class StorageDir:
+    """The supervisor's hold on ``storage.dir`` for its run."""
+
+    def __init__(self, directory: Path, fd: int, epoch: str, workers: int) -> None:
+        self.directory = directory
+        self.epoch = epoch
+        self.workers = workers
+        self._fd = fd
+
+    @classmethod
+    def open(cls, directory: Path, workers: int) -> StorageDir:
+        """Lock ``directory`` (made if missing), mend what a crash left, and
+        read its epoch (a new one if none, or if stored rooms were lost).
+
+        Raises:
+            StorageError: another server holds the directory, or it cannot be made.
+        """
+        directory = directory.resolve()
+        fd = _lock(directory)
+        try:
+            meta = _read_meta(directory)
+            lost = False
+            for path in _store_files(directory):
+                lost |= not _mend(path)
+            old = meta.get("workers")
+            if isinstance(old, int) and old != workers:
+                _move_rooms(directory, old, workers)
+            epoch = meta.get("epoch")
+            if not isinstance(epoch, str) or lost:
+                if isinstance(epoch, str):
+                    log_event(log, logging.ERROR, "storage_new_epoch", old=epoch)
+                epoch = new_epoch()
+            _write_meta(directory, {"epoch": epoch, "workers": workers})
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(directory, fd, epoch, workers)
+
+    def path(self, shard: int) -> Path:
+        return store_path(self.directory, shard, self.workers)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def _mend(path: Path) -> bool:
+    """Cut a torn log tail; set the file aside when SQLite cannot read it. False
+    when stored rooms were lost that way."""
+    wal = path.with_name(path.name + "-wal")
+    cut = cut_damaged_tail(wal)
+    if cut:
+        log_event(
+            log, logging.WARNING, "storage_tail_cut", file=wal.name, bytes=cut,
+            remaining=wal.stat().st_size,
+        )  # fmt: skip
+    try:
+        db = connect(path)
+        try:
+            db.execute("SELECT count(*) FROM rooms").fetchone()
+            db.execute("SELECT room, seq FROM messages ORDER BY room DESC LIMIT 1").fetchone()
+        finally:
+            db.close()
+    except sqlite3.DatabaseError as exc:
+        aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+        for suffix in ("", "-wal", "-shm"):
+            source = path.with_name(path.name + suffix)
+            if source.exists():
+                source.rename(aside.with_name(aside.name + suffix))
+        log_event(
+            log, logging.ERROR, "storage_file_unreadable", file=path.name, error=str(exc),
+            moved_to=aside.name,
+        )  # fmt: skip
+        return False
+    return True
+
+
+def _move_rooms(directory: Path, old: int, new: int) -> None:
+    """``server.workers`` went from ``old`` to ``new``: each room's messages, seq and
+    keys move to its new owner's file (``owner_of``), then the old files go."""
+    sources = [store_path(directory, i, old) for i in range(old)]
+    moved = 0
+    for source in sources:
+        if not source.exists():
+            continue
+        db = connect(source)
+        try:
+            db.create_function(
+                "owner", 1, lambda room: zlib.crc32(room.encode()) % new, deterministic=True
+            )
+            for shard in range(new):
+                db.execute("ATTACH DATABASE ? AS dest", (str(store_path(directory, shard, new)),))
+                db.executescript(_DEST_SCHEMA)
+                db.execute("BEGIN")
+                for table in ("messages", "rooms", "keys"):
+                    db.execute(
+                        f"INSERT OR REPLACE INTO dest.{table} SELECT * FROM main.{table}"
+                        " WHERE owner(room) = ?",
+                        (shard,),
+                    )
+                db.execute("COMMIT")
+                db.execute("DETACH DATABASE dest")
+            moved += db.execute("SELECT count(*) FROM rooms").fetchone()[0]
+        finally:
+            db.close()
+    for source in sources:
+        for suffix in ("", "-wal", "-shm"):
+            source.with_name(source.name + suffix).unlink(missing_ok=True)
+    log_event(log, logging.WARNING, "storage_rooms_moved", rooms=moved, workers_from=old, to=new)
+
+
+_DEST_SCHEMA = """
+CREATE TABLE IF NOT EXISTS dest.messages (
+    room TEXT NOT NULL, seq INTEGER NOT NULL, at REAL NOT NULL, json BLOB NOT NULL,
+    PRIMARY KEY (room, seq)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS dest.rooms (
+    room TEXT PRIMARY KEY, seq INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS dest.keys (
+    key TEXT PRIMARY KEY, room TEXT NOT NULL, seq INTEGER NOT NULL, at REAL NOT NULL)
+    WITHOUT ROWID;
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class StoreFile:
+    """One store file, as ``shardchat storage`` shows it."""
+
+    name: str
+    bytes: int  # the file and its write-ahead log
+    rooms: int
+    messages: int
+    oldest: float | None  # wall seconds of the oldest message held
+
+
+def describe(directory: Path) -> tuple[dict[str, object], list[StoreFile]]:
+    """The directory's meta (epoch, workers) and each store file's figures."""
+    files: list[StoreFile] = []
+    for path in _store_files(directory):
+        size = sum(
+            p.stat().st_size for p in (path, path.with_name(path.name + "-wal")) if p.exists()
+        )
+        db = sqlite3.connect(path)
+        try:
+            rooms = db.execute("SELECT count(*) FROM rooms").fetchone()[0]
+            messages, oldest = db.execute("SELECT count(*), min(at) FROM messages").fetchone()
+        finally:
+            db.close()
+        files.append(StoreFile(path.name, size, rooms, messages, oldest))
+    return _read_meta(directory), files
+
+
+def compact(directory: Path) -> int:
+    """VACUUM every store file (the server must be stopped: the lock is taken);
+    the bytes freed."""
+    with locked(directory):
+        before = after = 0
+        for path in _store_files(directory):
+            before += path.stat().st_size
+            db = connect(path)
+            try:
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                db.execute("VACUUM")
+            finally:
+                db.close()
+            after += path.stat().st_size
+        return before - after
