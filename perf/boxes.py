@@ -49,7 +49,10 @@ class Box:
     def __init__(self, workers: int, settings: list[str]) -> None:
         self.port, self.admin = free_port(), free_port()
         args = [SHARDCHAT, "start", "--workers", str(workers), "--port", str(self.port)]
-        for setting in [f"server.admin_port={self.admin}", "log.level=warning", *settings]:
+        # Rooms live in Redis: no room store (two boxes on one machine would share
+        # the working directory's data/ and the second would refuse to start).
+        base = [f"server.admin_port={self.admin}", "log.level=warning", "storage.kind=memory"]
+        for setting in [*base, *settings]:
             args += ["--set", setting]
         self.proc = subprocess.Popen(args, cwd=tempfile.gettempdir())
         deadline = time.monotonic() + 30

@@ -6,10 +6,12 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
@@ -153,6 +155,12 @@ def shardchat(
     args += ["--set", f"server.admin_port={admin}", "--set", "log.level=warning"]
     for setting in settings:
         args += ["--set", setting]
+    store_dir: str | None = None
+    if program == SHARDCHAT and not any(s.startswith("storage.dir=") for s in settings):
+        if "storage.kind=memory" not in settings:
+            # The room store in a directory of this run's own, removed after it.
+            store_dir = tempfile.mkdtemp(prefix="shardchat-perf-store-")
+            args += ["--set", f"storage.dir={store_dir}"]
     # In the program's own checkout, so that it reads its own config.toml (another
     # version's file may name keys this one does not know).
     root = Path(program).parent.parent.parent if program != SHARDCHAT else ROOT
@@ -171,6 +179,8 @@ def shardchat(
         yield running
     finally:
         _stop(proc, 30)
+        if store_dir is not None:
+            shutil.rmtree(store_dir, ignore_errors=True)
 
 
 @contextlib.contextmanager
