@@ -59,6 +59,7 @@ class Backend:
         self.secret = secret
         self.fail_until = time.monotonic() + fail_for if fail_for else 0.0
         self.hang = False  # webhooks: never answer
+        self.echo = False  # print each new event (the command line does)
         self.connect_delay = 0.0  # seconds before a connect answer
         self.publish_delay = 0.0  # seconds before a publish answer
         self.lock = threading.Lock()
@@ -105,7 +106,8 @@ class Backend:
                     self.duplicates += 1
                 else:
                     self.events[event["id"]] = event
-                    print(json.dumps(event), flush=True)
+                    if self.echo:
+                        print(json.dumps(event), flush=True)
         return 204, None
 
     def connect(self, request: dict[str, Any]) -> tuple[int, object]:
@@ -180,6 +182,7 @@ def main() -> None:
     parser.add_argument("--fail-for", type=float, default=0.0, help="answer 500 this long")
     args = parser.parse_args()
     backend = Backend(args.secret, port=args.port, fail_for=args.fail_for)
+    backend.echo = True
     print(f"listening on http://127.0.0.1:{backend.port}", flush=True)
     backend.server.serve_forever()
 

@@ -85,6 +85,8 @@ class Slot(enum.IntEnum):
     WEBHOOK_POSTS_FAILED = 59  # POSTs that failed (timeout, no connection, not 2xx)
     PROXY_CALLS = 60  # connect and publish proxy requests
     PROXY_FAILURES = 61  # ... that timed out or failed (503 / unavailable)
+    WEBHOOK_HELD_PEAK = 62  # gauge: most events held at once (queued and in flight)
+    WEBHOOK_HELD_BYTES_PEAK = 63  # gauge: most bytes of events held at once
 
 
 OVERLOAD_QUEUES = tuple(Queue)  # publishes refused `overloaded`, one slot per full queue

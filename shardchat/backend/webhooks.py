@@ -44,6 +44,8 @@ _S_QUEUED = int(stats.Slot.WEBHOOK_QUEUED)
 _S_SENT = int(stats.Slot.WEBHOOK_EVENTS_SENT)
 _S_DROPPED = int(stats.Slot.WEBHOOK_EVENTS_DROPPED)
 _S_FAILED = int(stats.Slot.WEBHOOK_POSTS_FAILED)
+_S_HELD_PEAK = int(stats.Slot.WEBHOOK_HELD_PEAK)
+_S_HELD_BYTES_PEAK = int(stats.Slot.WEBHOOK_HELD_BYTES_PEAK)
 
 
 class _Queued(NamedTuple):
@@ -80,6 +82,10 @@ class WebhookSender:
         self._task: asyncio.Task[None] | None = None
         self._failing = False  # in a burst of failures: logged at its start and end only
         self._dropping = 0  # drops since the last drop log line
+        # Events held (queued and in the batch in flight) and their bytes: the
+        # queue's bound, webhooks.queue, counts both.
+        self.held = 0
+        self.held_bytes = 0
 
     def new_id(self) -> str:
         self._counter += 1
@@ -98,7 +104,7 @@ class WebhookSender:
         """Queue one event (if ``kind`` is among ``webhooks.events``)."""
         if kind not in self.kinds:
             return
-        if len(self.queue) >= self.config.queue:
+        if self.held >= self.config.queue:
             self._drop(1, "queue_full")
             return
         event: dict[str, object] = {
@@ -114,9 +120,20 @@ class WebhookSender:
         if fields:
             event.update(fields)  # a death's report names the dead shard and box here
         # Queued for up to webhooks.max_age: right-sized, not orjson's 4 KB buffer.
-        self.queue.append(_Queued(self.clock(), compact(orjson.dumps(event))))
-        self.counters[_S_QUEUED] = len(self.queue)
+        data = compact(orjson.dumps(event))
+        self.queue.append(_Queued(self.clock(), data))
+        self._hold(1, len(data))
         self._wake.set()
+
+    def _hold(self, count: int, size: int) -> None:
+        counters = self.counters
+        self.held += count
+        self.held_bytes += size
+        counters[_S_QUEUED] = len(self.queue)
+        if self.held > counters[_S_HELD_PEAK]:
+            counters[_S_HELD_PEAK] = self.held
+        if self.held_bytes > counters[_S_HELD_BYTES_PEAK]:
+            counters[_S_HELD_BYTES_PEAK] = self.held_bytes
 
     def _drop(self, count: int, why: str) -> None:
         self.counters[_S_DROPPED] += count
@@ -151,6 +168,15 @@ class WebhookSender:
     async def _deliver_batch(self) -> None:
         config = self.config
         queue = self.queue
+        limit = self.clock() - config.max_age
+        expired = 0
+        while queue and queue[0].at <= limit:  # waited behind a failing batch too long
+            expired += 1
+            self._hold(-1, -len(queue.popleft().json))
+        if expired:
+            self._drop(expired, "max_age")
+        if not queue:
+            return
         batch = [queue.popleft() for _ in range(min(config.batch, len(queue)))]
         self.counters[_S_QUEUED] = len(queue)
         batch_id = "msg_" + secrets.token_hex(12)
@@ -180,12 +206,15 @@ class WebhookSender:
             limit = self.clock() - config.max_age
             kept = [q for q in batch if q.at > limit]
             if len(kept) < len(batch):
-                self._drop(len(batch) - len(kept), "max_age")
+                gone = [q for q in batch if q.at <= limit]
+                self._drop(len(gone), "max_age")
+                self._hold(-len(gone), -sum(len(q.json) for q in gone))
                 if not kept:
                     return
                 batch = kept
                 batch_id = "msg_" + secrets.token_hex(12)
                 body = b"[" + b",".join(q.json for q in batch) + b"]"
+        self._hold(-len(batch), -sum(len(q.json) for q in batch))
         self.counters[_S_SENT] += len(batch)
         if self._failing or self._dropping:
             log_event(log, logging.WARNING, "webhook_recovered", dropped_meanwhile=self._dropping)

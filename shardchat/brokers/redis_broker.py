@@ -213,6 +213,9 @@ class RedisBroker:
         self._flushing = False
         self._peers: dict[str, int] = {}  # other nodes -> engine peer ids
         self._live: set[str] = set()
+        # Told when a room got its first member anywhere or lost its last, as the
+        # presence script found it (webhooks' room_occupied / room_vacated).
+        self.occupancy: Callable[[str, str, bool], None] | None = None
         self._local: dict[str, dict[str, None]] = {}  # room -> our users there
         # The presence of our open rooms (ours and other nodes' users): every node
         # holds it for the rooms it has members of, and computes the events itself.

@@ -130,6 +130,9 @@ class ShmBroker:
         self.holders = HolderState(shard_id, workers)
         self.queries = Queries(workers, publish_timeout)
         self._asked: dict[int, Callable[[PresenceAnswer | None], None]] = {}
+        # Told when a room we own got its first user or lost its last (webhooks'
+        # room_occupied / room_vacated): room, user, occupied.
+        self.occupancy: Callable[[str, str, bool], None] | None = None
         self._waiting_view: list[
             tuple[int, int, str, str, int]
         ] = []  # peer, qid, room, user, limit
@@ -382,10 +385,14 @@ class ShmBroker:
         if events:
             listener = self.listener
             assert listener is not None
+            occupancy = self.occupancy
             for e in events:
                 record = records.PresenceEvent(e.room, e.user, e.joined, e.total)
                 self._write(_EVENT, 0, records.encode_presence_event(record))
                 listener.on_presence_event(e.room, e.user, e.joined, e.total)
+                # The owner alone emits events: the room's first user in, its last out.
+                if occupancy is not None and (e.total == 0 or (e.joined and e.total == 1)):
+                    occupancy(e.room, e.user, e.joined)
         if self.holders.ready and (self._waiting_view or self._local_waiting):
             waiting, self._waiting_view = self._waiting_view, []
             for peer, qid, room, user, limit in waiting:

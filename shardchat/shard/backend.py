@@ -10,6 +10,7 @@ from __future__ import annotations
 import socket
 from typing import TYPE_CHECKING
 
+from shardchat.backend.occupancy import Occupancy
 from shardchat.backend.proxy import ConnectProxy, PublishProxy
 from shardchat.backend.webhooks import WebhookSender
 from shardchat.shard.connection import Connection
@@ -41,11 +42,15 @@ class BackendLinks:
         self.sender: WebhookSender | None = None
         self.connect: ConnectProxy | None = None
         self.publish: PublishProxy[Connection] | None = None
+        self.occupancy: Occupancy | None = None
         if config.webhooks.url:
             self.sender = WebhookSender(config.webhooks, spec.shard_id, box, mine)
             shard.webhooks = self.sender
             shard.engine.hook_kinds = self.sender.kinds & ENGINE_EVENTS
             self.sender.start()
+            if self.sender.kinds & {"room_occupied", "room_vacated"}:
+                self.occupancy = Occupancy(self.sender, config.webhooks.vacated_grace)
+                shard.broker.occupancy = self.occupancy.changed
         if config.proxy.connect_url:
             self.connect = shard.connect_proxy = ConnectProxy(
                 config.proxy, spec.shard_id, box, mine
@@ -57,6 +62,8 @@ class BackendLinks:
             shard.engine.publish_proxy = True
 
     async def close(self, quick: bool) -> None:
+        if self.occupancy is not None:
+            self.occupancy.close()
         if self.connect is not None:
             self.connect.close()
         if self.publish is not None:

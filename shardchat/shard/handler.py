@@ -48,6 +48,8 @@ class LoopBroker(Broker, Protocol):
     """What the shard's loop calls on its broker, besides the engine's calls."""
 
     listener: BrokerListener | None
+    # Told when a room's presence, held here, got its first user or lost its last.
+    occupancy: Callable[[str, str, bool], None] | None
 
     @property
     def commit_due(self) -> bool: ...

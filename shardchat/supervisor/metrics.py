@@ -111,9 +111,23 @@ class ShardchatCollector(Collector):
         queued = GaugeMetricFamily(
             "shardchat_webhook_queued", "Webhook events waiting for delivery", labels=["shard"]
         )
+        held = GaugeMetricFamily(
+            "shardchat_webhook_held_peak",
+            "Most webhook events a shard held at once (queued and in flight)",
+            labels=["shard"],
+        )
+        held_bytes = GaugeMetricFamily(
+            "shardchat_webhook_held_bytes_peak",
+            "Most bytes of webhook events a shard held at once",
+            labels=["shard"],
+        )
         for shard, block in zip(shards, blocks, strict=True):
             queued.add_metric([shard], block[Slot.WEBHOOK_QUEUED])
+            held.add_metric([shard], block[Slot.WEBHOOK_HELD_PEAK])
+            held_bytes.add_metric([shard], block[Slot.WEBHOOK_HELD_BYTES_PEAK])
         yield queued
+        yield held
+        yield held_bytes
         for slot, name, doc in _COUNTERS:
             yield CounterMetricFamily(f"shardchat_{name}", doc, value=view.total(slot))
         closed = CounterMetricFamily(

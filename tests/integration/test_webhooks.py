@@ -8,6 +8,7 @@ import asyncio
 import base64
 import contextlib
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -15,9 +16,11 @@ import standardwebhooks
 
 from examples.backend import Backend
 from tests.support.helpers import (
+    FAST,
     assert_no_traceback,
     clients_on_shards,
     closing,
+    connect_client,
     room_owned_by,
     running_server,
     scaled,
@@ -63,7 +66,11 @@ def hook_settings(receiver: Backend, *extra: str) -> list[str]:
 def kinds(receiver: Backend, user: str) -> list[tuple[str, str | None]]:
     with receiver.lock:
         events = sorted(receiver.events.values(), key=lambda e: (e["time"], e["id"]))
-    return [(e["type"], e.get("room")) for e in events if e["user"] == user]
+    return [
+        (e["type"], e.get("room"))
+        for e in events
+        if e["user"] == user and not e["type"].startswith("room_")
+    ]
 
 
 async def test_events_arrive_signed_and_verify_with_standardwebhooks() -> None:
@@ -107,3 +114,124 @@ async def test_events_arrive_signed_and_verify_with_standardwebhooks() -> None:
         connect = next(e for e in receiver.of_type("connect") if e["user"] == a.user)
         assert connect["peer"] == "127.0.0.1" and connect["shard"] == a.shard
         assert_no_traceback(srv)
+
+
+def metric(srv: Any, name: str) -> float:
+    """The sum of a metric's samples on the server's /metrics."""
+    url = f"http://127.0.0.1:{srv.admin_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name + " ") or line.startswith(name + "{")
+    )
+
+
+def occupancy(receiver: Backend, room: str) -> list[str]:
+    with receiver.lock:
+        events = sorted(receiver.events.values(), key=lambda e: (e["time"], e["id"]))
+    return [e["type"] for e in events if e.get("room") == room and e["type"].startswith("room_")]
+
+
+async def test_room_occupied_and_vacated_once_per_transition_at_the_owner() -> None:
+    settings = hook_settings(receiver := Backend(SECRET).start())
+    settings[-1] = "webhooks.vacated_grace=0.5"
+    try:
+        with running_server(3, settings) as srv:
+            # The room's owner is shard 2; its members are on shards 0 and 1.
+            room = room_owned_by(2, 3, "occ")
+            a, b = await clients_on_shards(srv.url, [0, 1], prefix="oc")
+            async with closing([a, b]):
+                await a.join(room)
+                await await_until(lambda: occupancy(receiver, room) == ["room_occupied"], 10, "occ")
+                await b.join(room)
+                await a.request("leave", "left", room=room)
+                await b.request("leave", "left", room=room)
+                await await_until(
+                    lambda: len(occupancy(receiver, room)) == 2, 10, "the room vacated"
+                )
+                # Back at once (within the grace) after leaving: no event either way.
+                await a.join(room)
+                await a.request("leave", "left", room=room)
+                await a.join(room)
+                await await_until(lambda: len(occupancy(receiver, room)) == 3, 10, "occupied")
+                await a.request("leave", "left", room=room)
+                await await_until(lambda: len(occupancy(receiver, room)) == 4, 10, "vacated")
+            assert occupancy(receiver, room) == ["room_occupied", "room_vacated"] * 2
+            events = [e for e in receiver.events.values() if e["type"].startswith("room_")]
+            assert {e["shard"] for e in events} == {2}  # told by the room's owner
+            assert {e["user"] for e in events} == {a.user, b.user}
+            assert_no_traceback(srv)
+    finally:
+        receiver.stop()
+
+
+async def test_a_receiver_failing_for_3_s_gets_every_event_once() -> None:
+    with (
+        backend(fail_for=3.0) as receiver,
+        running_server(2, hook_settings(receiver, "webhooks.max_age=30")) as srv,
+    ):
+        clients = [await connect_client(srv.url, user=f"r{i}", rooms=["retry"]) for i in range(4)]
+        for client in clients:
+            await client.recv_type("joined")
+        for client in clients:
+            await client.close()
+        expected = {(kind, f"r{i}") for i in range(4) for kind in ("connect", "join", "leave")}
+        expected |= {("disconnect", f"r{i}") for i in range(4)}
+
+        def got() -> list[tuple[str, str]]:
+            with receiver.lock:
+                return [
+                    (e["type"], e["user"])
+                    for e in receiver.events.values()
+                    if e["type"] not in ("room_occupied", "room_vacated")
+                ]
+
+        await await_until(lambda: set(got()) >= expected, 15, "every event after the failures")
+        assert receiver.failed_posts >= 1  # it did fail, and the sender retried
+        assert sorted(got()) == sorted(expected)  # each once: no event lost, none twice
+        assert receiver.duplicates == 0
+        assert metric(srv, "shardchat_webhook_posts_failed_total") >= 1
+        assert metric(srv, "shardchat_webhook_events_dropped_total") == 0
+        failing = [e for e in srv.log_events() if e.get("event") == "webhook_failing"]
+        assert 1 <= len(failing) <= 2  # once per shard's burst, not once per retry
+        assert_no_traceback(srv)
+
+
+async def test_a_receiver_that_never_answers_costs_at_most_the_queue() -> None:
+    with backend() as receiver:
+        receiver.hang = True
+        settings = hook_settings(
+            receiver,
+            *FAST,
+            "webhooks.queue=50",
+            "webhooks.timeout=0.3",
+            "webhooks.max_age=1",
+            "delivery.history=10",
+            'webhooks.events=["connect","message"]',
+        )
+        with running_server(1, settings) as srv:
+            client = await connect_client(srv.url, user="flood", rooms=["flood"])
+            await client.recv_type("joined")
+            content = "x" * 4000
+            count = 600  # 2.4 MB of message events if they were all kept
+            for i in range(count):
+                await client.send(type="message", room="flood", content=content, id=str(i))
+            acks = 0
+            while acks < count:
+                acks += (await client.recv())["type"] == "ack"
+            # The queue held at most its bound all along (the peak, in events and bytes:
+            # the shard's memory for webhooks); every event beyond was dropped, counted.
+            assert metric(srv, "shardchat_webhook_held_peak") == 50
+            assert metric(srv, "shardchat_webhook_held_bytes_peak") <= 50 * (len(content) + 400)
+            await await_until(
+                lambda: metric(srv, "shardchat_webhook_events_dropped_total") >= count + 1 - 50,
+                10,
+                "the drops",
+            )
+            dropped = [e for e in srv.log_events() if e.get("event") == "webhook_events_dropped"]
+            assert len(dropped) == 1  # logged once for the burst
+            assert (await client.request("ping", "pong", id="alive"))["id"] == "alive"
+            await client.close()
+            assert_no_traceback(srv)
