@@ -132,6 +132,9 @@ class StorageDir:
             meta = _read_meta(directory)
             lost = False
             for path in _store_files(directory):
+                # A cut tail lost messages whose seqs clients may have seen: the
+                # rooms start again under a new epoch (recovered: false), so that
+                # no client takes a new message for one it had.
                 lost |= not _mend(path)
             old = meta.get("workers")
             if isinstance(old, int) and old != workers:
@@ -156,14 +159,16 @@ class StorageDir:
 
 def _mend(path: Path) -> bool:
     """Cut a torn log tail; set the file aside when SQLite cannot read it. False
-    when stored rooms were lost that way."""
+    when stored messages were lost either way."""
     wal = path.with_name(path.name + "-wal")
+    intact = True
     cut = cut_damaged_tail(wal)
     if cut:
         log_event(
             log, logging.WARNING, "storage_tail_cut", file=wal.name, bytes=cut,
             remaining=wal.stat().st_size,
         )  # fmt: skip
+        intact = False
     try:
         db = connect(path)
         try:
@@ -182,7 +187,7 @@ def _mend(path: Path) -> bool:
             moved_to=aside.name,
         )  # fmt: skip
         return False
-    return True
+    return intact
 
 
 def _move_rooms(directory: Path, old: int, new: int) -> None:

@@ -9,6 +9,7 @@ import contextlib
 import os
 import shutil
 import signal
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -19,11 +20,14 @@ import pytest
 
 from tests.support.helpers import (
     FAST,
+    SHARDCHAT,
     Client,
     Server,
     cleanup_server,
     clients_on_shards,
     closing,
+    connect_client,
+    free_port,
     publish,
     room_owned_by,
     scaled,
@@ -130,3 +134,210 @@ def test_a_restart_keeps_every_rooms_epoch_seq_and_history(store_dir: Path) -> N
 
     with stored_server(store_dir) as server:
         asyncio.run(after())
+
+
+class Publisher:
+    """A client that publishes numbered messages to a room as fast as the server
+    takes them (a window of 50 unacked) and keeps every ack, until closed."""
+
+    def __init__(self, client: Client, room: str) -> None:
+        self.client = client
+        self.room = room
+        self.acked: dict[int, str] = {}  # seq -> content
+
+    async def run(self) -> None:
+        client, sent, window = self.client, 0, 50
+        pending: dict[str, str] = {}
+        with contextlib.suppress(Exception):
+            while True:
+                while len(pending) < window:
+                    content = f"{client.user}:{sent}"
+                    pending[f"p{sent}"] = content
+                    await client.send(
+                        type="message", room=self.room, content=content, id=f"p{sent}"
+                    )
+                    sent += 1
+                frame = await client.recv(30)
+                if frame["type"] == "ack":
+                    self.acked[frame["seq"]] = pending.pop(frame["id"])
+
+
+def test_kill_9_of_every_process_mid_publish_loses_nothing_acked(store_dir: Path) -> None:
+    """Publishers on 3 shards, to rooms owned by other shards; kill -9 of the
+    supervisor and every shard at once while they publish. The next start holds
+    every acked message at its seq, under the same epoch."""
+
+    async def before() -> tuple[str, list[Publisher]]:
+        rooms = [room_owned_by((shard + 1) % 3, prefix="kill") for shard in range(3)]
+        clients = await clients_on_shards(server.url, [0, 1, 2])
+        joins = [await c.join(room) for c, room in zip(clients, rooms, strict=True)]
+        publishers = [Publisher(c, room) for c, room in zip(clients, rooms, strict=True)]
+        tasks = [asyncio.create_task(p.run()) for p in publishers]
+        deadline = time.monotonic() + scaled(30)
+        while sum(len(p.acked) for p in publishers) < 600:
+            assert time.monotonic() < deadline, "the publishes were not acked"
+            await asyncio.sleep(0.01)
+        kill_everything(server)  # in the middle: each publisher has 50 in flight
+        await asyncio.gather(*tasks)
+        for client in clients:
+            await client.ws.close()
+        return joins[0]["epoch"], publishers
+
+    with stored_server(store_dir) as server:
+        epoch, publishers = asyncio.run(before())
+
+    async def after() -> None:
+        async with closing(await clients_on_shards(server.url, [0, 1, 2])) as clients:
+            for client, publisher in zip(clients, publishers, strict=True):
+                joined, messages = await replay(client, publisher.room, 0, epoch)
+                assert joined["epoch"] == epoch and joined["recovered"] is True
+                assert joined["seq"] >= max(publisher.acked)
+                kept = {m["seq"]: m["content"] for m in messages}
+                assert list(kept) == list(range(1, joined["seq"] + 1))
+                missing = {s: c for s, c in publisher.acked.items() if kept.get(s) != c}
+                assert not missing, f"acked and lost: {missing}"
+
+    with stored_server(store_dir) as server:
+        asyncio.run(after())
+
+
+def test_a_torn_store_file_is_cut_and_the_rest_served(store_dir: Path) -> None:
+    """kill -9 leaves the write-ahead log; cut in the middle of a record, the next
+    start cuts the torn tail (logged, with how much), serves every message before
+    it, under a new epoch (clients may have seen what was cut), and goes on."""
+    settings = ("storage.fsync=off",)  # no checkpoint: the messages stay in the log
+
+    async def before() -> str:
+        async with closing([await connect_client(server.url, user="a")]) as (client,):
+            joined = await client.join("torn")
+            for batch in range(10):  # acked batch by batch: ten transactions at least
+                await publish(client, "torn", 10, f"t{batch}")
+        return str(joined["epoch"])
+
+    with stored_server(store_dir, 1, settings) as server:
+        epoch = asyncio.run(before())
+        kill_everything(server)
+    wal = next(store_dir.glob("rooms-*.db-wal"))
+    size = wal.stat().st_size
+    assert size > 4096
+    with open(wal, "r+b") as f:
+        f.truncate(size - 1000)  # mid-frame: the last transaction is torn
+
+    async def after() -> None:
+        async with closing([await connect_client(server.url, user="b")]) as (client,):
+            joined, messages = await replay(client, "torn", 0, epoch)
+            assert joined["epoch"] != epoch and joined["recovered"] is False
+            kept = joined["seq"]
+            assert 0 < kept < 100
+            assert [m["seq"] for m in messages] == list(range(1, kept + 1))
+            sent = [f"t{batch}:{i}" for batch in range(10) for i in range(10)]
+            assert [m["content"] for m in messages] == sent[:kept]
+            await client.send(type="message", room="torn", content="after", id="after")
+            assert (await client.recv_type("ack"))["seq"] == kept + 1
+
+    with stored_server(store_dir, 1, settings) as server:
+        cut = [e for e in server.log_events() if e.get("event") == "storage_tail_cut"]
+        assert len(cut) == 1 and cut[0]["bytes"] > 0
+        asyncio.run(after())
+
+
+def test_a_second_server_on_the_same_storage_dir_refuses(store_dir: Path) -> None:
+    with stored_server(store_dir, 1) as server:
+        result = subprocess.run(
+            [
+                SHARDCHAT, "start", "--workers", "1", "--port", str(free_port()),
+                "--set", f"server.admin_port={free_port()}",
+                "--set", f"storage.dir={store_dir}",
+            ],
+            capture_output=True, text=True, timeout=scaled(20),
+        )  # fmt: skip
+        assert result.returncode == 1
+        assert f"storage.dir {store_dir} is in use by another shardchat server" in result.stderr
+        assert f"(pid {server.proc.pid})" in result.stderr
+        assert "Traceback" not in result.stderr
+        # The first one still serves.
+        assert server.proc.poll() is None
+
+
+@contextlib.contextmanager
+def small_disk(size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted for the test (the tests run as root), unmounted
+    after it."""
+    point = Path(tempfile.mkdtemp(prefix="shardchat-disk-"))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)], check=True)
+    try:
+        yield point
+    finally:
+        subprocess.run(["umount", "-l", str(point)], check=False)
+        point.rmdir()
+
+
+def test_a_full_disk_answers_unavailable_then_recovers(store_dir: Path) -> None:
+    """On a disk with no room left, publishes get `unavailable` (nothing acked is
+    lost); once room is made, the same publishes retried with their key are acked
+    once, and everything is there after a restart."""
+    with small_disk("2m") as disk:
+        directory = disk / "store"
+
+        async def fill() -> tuple[str, dict[int, str], list[int]]:
+            async with closing([await connect_client(server.url, user="f")]) as (client,):
+                joined = await client.join("full")
+                filler = disk / "filler"
+                fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+                with contextlib.suppress(OSError):
+                    while True:  # every block of the disk
+                        os.write(fd, b"\0" * 4096)
+                os.close(fd)
+                acked: dict[int, str] = {}
+                refused: list[int] = []
+                for i in range(3000):
+                    body = "x" * 500
+                    await client.send(
+                        type="message", room="full", content=f"{i}{body}", id=f"f{i}", key=f"f{i}"
+                    )
+                    frame = await client.recv(10)
+                    while frame["type"] not in ("ack", "error"):
+                        frame = await client.recv(10)
+                    if frame["type"] == "ack":
+                        acked[frame["seq"]] = f"{i}{body}"
+                    else:
+                        assert frame["code"] == "unavailable", frame
+                        refused.append(i)
+                        if len(refused) >= 5:
+                            break
+                assert len(refused) == 5, "the disk never filled"
+                filler.unlink()
+                # Room again: the refused ones, retried with their key, are taken.
+                for i in refused:
+                    deadline = time.monotonic() + scaled(10)
+                    while True:
+                        await client.send(
+                            type="message", room="full", content=f"{i}{'x' * 500}",
+                            id=f"r{i}", key=f"f{i}",
+                        )  # fmt: skip
+                        frame = await client.recv(10)
+                        while frame["type"] not in ("ack", "error"):
+                            frame = await client.recv(10)
+                        if frame["type"] == "ack":
+                            acked[frame["seq"]] = f"{i}{'x' * 500}"
+                            break
+                        assert time.monotonic() < deadline, "the store never resumed"
+                        await asyncio.sleep(0.1)
+                return str(joined["epoch"]), acked, refused
+
+        with stored_server(directory, 1) as server:
+            epoch, acked, refused = asyncio.run(fill())
+            assert any(e.get("event") == "storage_full" for e in server.log_events())
+            assert server.stop() == 0
+
+        async def after() -> None:
+            async with closing([await connect_client(server.url, user="g")]) as (client,):
+                joined, messages = await replay(client, "full", 0, epoch)
+                assert joined["epoch"] == epoch and joined["recovered"] is True
+                kept = {m["seq"]: m["content"] for m in messages}
+                assert all(kept.get(seq) == content for seq, content in acked.items())
+                contents = [m["content"] for m in messages]
+                assert len(contents) == len(set(contents))  # each once
+
+        with stored_server(directory, 1) as server:
+            asyncio.run(after())
