@@ -17,10 +17,18 @@ from bisect import bisect_left
 from typing import Protocol
 
 from shardchat.addrtable import AddrTable
-from shardchat.core.errors import ErrorCode
+from shardchat.core.apicalls import METHODS
+from shardchat.core.errors import API_ERRORS, ErrorCode
 from shardchat.core.overload import Queue
 
 __all__ = [
+    "API_CALLS_BASE",
+    "API_ERRORS_BASE",
+    "API_ERROR_CODES",
+    "API_LATENCY_BASE",
+    "API_LATENCY_COUNT",
+    "API_LATENCY_SUM_US",
+    "API_METHODS",
     "BLOCK_SLOTS",
     "Counters",
     "CLOSE_CODES",
@@ -110,7 +118,9 @@ CLOSE_CODES = (
     1009,
     1011,
     1012,
+    4400,
     4401,
+    4403,
     4408,
     4409,
     4429,
@@ -124,6 +134,17 @@ assert CLOSES_BASE + len(CLOSE_CODES) <= LATENCY_BASE, "close-code slots overlap
 
 LAG_BASE = 192  # ring lag in bytes behind each peer (gauge), slot per peer shard
 assert LAG_BASE + 256 <= BLOCK_SLOTS, "a lag slot for each of server.workers' 256 shards"
+
+# The server API: calls per method (an unknown one counts as "other"), ok then
+# refused; refusals per error code; the latency histogram, its count and sum.
+API_METHODS = (*METHODS, "other")
+API_ERROR_CODES = tuple(API_ERRORS)
+API_CALLS_BASE = LAG_BASE + 256
+API_ERRORS_BASE = API_CALLS_BASE + 2 * len(API_METHODS)
+API_LATENCY_BASE = API_ERRORS_BASE + len(API_ERROR_CODES)
+API_LATENCY_COUNT = API_LATENCY_BASE + len(LATENCY_BUCKETS_MS) + 1
+API_LATENCY_SUM_US = API_LATENCY_COUNT + 1
+assert API_LATENCY_SUM_US < BLOCK_SLOTS, "the API's slots overflow the block"
 
 
 class Counters(Protocol):

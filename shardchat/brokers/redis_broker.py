@@ -260,6 +260,11 @@ class RedisBroker:
             "nodes": rw.NODES_SCRIPT,
         }
         self._nodes_key = self.prefix + "nodes"
+        # The server API's control messages, heard by every node (shard/apiserver.py).
+        self.control_channel = self.prefix + "api"
+        self.on_control: Callable[[bytes], None] | None = None
+        self._control_subscribed = False
+        self._epochs: dict[str, str] = {}  # rooms not open here: the epoch a publish saw
 
     # Start and stop
 
@@ -277,8 +282,35 @@ class RedisBroker:
         if self.cluster:
             await self.client.initialize()
         await self._load_scripts()
+        if not self._control_subscribed:
+            # Once: the subscriber resubscribes its channels on every reconnect.
+            channel = self.control_channel
+            await asyncio.wait_for(
+                self._subscriber(channel).subscribe(channel), self.config.redis.timeout
+            )
+            self._control_subscribed = True
         self._set_up(True)
         await self._beat()
+
+    # The server API
+
+    def control_peers(self) -> int:
+        """The other nodes that hear a :meth:`control` message (the live ones)."""
+        return len(self._live - {self.node})
+
+    def control(self, payload: bytes) -> None:
+        """Tell every other node of the service (a failure is only counted: the
+        caller's gathering times out as ``unavailable``)."""
+        self._spawn(self._control(payload))
+
+    async def _control(self, payload: bytes) -> None:
+        try:
+            self._count_trip()
+            await asyncio.wait_for(
+                self.client.spublish(self.control_channel, payload), self.config.redis.timeout
+            )
+        except _FAILURES as exc:
+            self.failed("control", exc)
 
     async def _load_scripts(self) -> None:
         # On a Cluster, redis-py sends SCRIPT LOAD to every master.
@@ -641,6 +673,13 @@ class RedisBroker:
                     listener.on_publish_failed(p.msg_id, p.room)
                 continue
             state = self.rooms.get(room)
+            if state is None:
+                # A room with no members here (a server API publish): its epoch is
+                # remembered for the answer, for the most recent rooms only.
+                if len(self._epochs) >= 4096:
+                    self._epochs.clear()
+                epoch = result[0]
+                self._epochs[room] = epoch.decode() if isinstance(epoch, bytes) else str(epoch)
             for p, seq in zip(pubs, result[1:], strict=True):
                 seq = int(seq)
                 if seq > 0:
@@ -874,7 +913,7 @@ class RedisBroker:
 
     def epoch_of(self, room: str) -> str | None:
         state = self.rooms.get(room)
-        return None if state is None else state.epoch
+        return self._epochs.get(room) if state is None else state.epoch
 
     def catch_up(self) -> None:
         """Nothing waits here: what pub/sub delivered was handed over as it came."""
@@ -882,6 +921,11 @@ class RedisBroker:
     # Receiving
 
     def received(self, channel: str, data: bytes) -> None:
+        if channel == self.control_channel:
+            on_control = self.on_control
+            if on_control is not None:
+                self.deliver(lambda: on_control(data))
+            return
         room = _room_of(channel, self.prefix)
         state = self.rooms.get(room)
         if state is None:

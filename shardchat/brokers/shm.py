@@ -61,6 +61,7 @@ _EVENT = int(RecordKind.PRESENCE_EVENT)
 _TOLD = int(RecordKind.TOLD)
 _QUERY = int(RecordKind.PRESENCE_QUERY)
 _ANSWER = int(RecordKind.PRESENCE_ANSWER)
+_CONTROL = int(RecordKind.CONTROL)
 _S_WRITTEN = int(stats.Slot.RING_RECORDS_WRITTEN)
 _S_READ = int(stats.Slot.RING_RECORDS_READ)
 _S_LAPS = int(stats.Slot.RING_LAPS)
@@ -166,7 +167,10 @@ class ShmBroker:
             _TOLD: self._on_told,
             _QUERY: self._on_query,
             _ANSWER: self._on_answer,
+            _CONTROL: self._on_control,
         }
+        # The server API's control records from the peers (shard/apiserver.py).
+        self.on_control: Callable[[bytes], None] | None = None
 
     @classmethod
     def attach(
@@ -292,6 +296,25 @@ class ShmBroker:
             if owner_of(msg.room, workers) == me:
                 self.sequencer.remember(msg.msg_id, msg.room, msg.seq, msg.key, msg.publish_ns)
                 self.sequencer.restore(msg.room, msg.seq)
+
+    # The server API
+
+    @property
+    def node(self) -> str:
+        """This engine's name among those that hear :meth:`control`."""
+        return str(self.shard_id)
+
+    def control_peers(self) -> int:
+        """The other engines that hear a :meth:`control` record."""
+        return len(self.peers)
+
+    def control(self, payload: bytes) -> None:
+        """Tell every other shard of the box (committed with the turn)."""
+        self._write(_CONTROL, 0, payload)
+
+    def _on_control(self, peer: int, aux: int, payload: bytes) -> None:
+        if self.on_control is not None:
+            self.on_control(payload)
 
     # Broker
 

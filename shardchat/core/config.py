@@ -188,6 +188,14 @@ class WebhooksConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ApiConfig:
+    key: str = ""  # the server API's key (better: SHARDCHAT_API_KEY); empty = the API is off
+    host: str = ""  # a separate listener for the API only (e.g. an internal address)
+    port: int = 0  # ... and its port; 0 = the API is served on server.port under /api/
+    sender: str = "system"  # the sender of an API publish that names none
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class LogConfig:
     level: str = "info"  # debug, info, warning, error
     format: str = "json"  # json (one object per line) or console
@@ -209,6 +217,7 @@ class Config:
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
     webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
     cpu_count: int = 1  # the machine's, read by the loader: server.workers = "auto"
 
     @property
@@ -235,6 +244,7 @@ SECTIONS: dict[str, type[Any]] = {
     "proxy": ProxyConfig,
     "webhooks": WebhooksConfig,
     "storage": StorageConfig,
+    "api": ApiConfig,
 }
 
 Check = Callable[[str, object], object]
@@ -330,6 +340,22 @@ def _string(key: str, value: object) -> object:
 def _app(key: str, value: object) -> object:
     if not isinstance(value, str) or (value and not re.fullmatch(r"[\w.]+:[\w.]+", value)):
         raise ConfigError(key, value, 'must be "module:object" (e.g. "examples.moderation:app")')
+    return value
+
+
+def _api_key(key: str, value: object) -> object:
+    if not isinstance(value, str) or (value and not re.fullmatch(r"[\x21-\x7e]{16,256}", value)):
+        raise ConfigError(key, REDACTED, "must be empty or 16-256 printable ASCII characters")
+    return value
+
+
+def _api_host(key: str, value: object) -> object:
+    return value if value == "" else _host(key, value)
+
+
+def _user_name(key: str, value: object) -> object:
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_.:\-]{1,64}", value):
+        raise ConfigError(key, value, "must be 1-64 of A-Z a-z 0-9 _ . : - (a user name)")
     return value
 
 
@@ -467,6 +493,10 @@ _CHECKS: dict[str, Check] = {
     "webhooks.batch": _int(1, 10000),
     "webhooks.timeout": _number(0, strict=True),
     "webhooks.vacated_grace": _number(0, strict=False),
+    "api.key": _api_key,
+    "api.host": _api_host,
+    "api.port": _int(0, 65535),
+    "api.sender": _user_name,
     "log.level": _choice("debug", "info", "warning", "error"),
     "log.format": _choice("json", "console"),
 }
@@ -549,6 +579,15 @@ def resolve(
         )
     if config.webhooks.url and not config.webhooks.secret:
         raise ConfigError("webhooks.secret", "", "must be set when webhooks.url is (signatures)")
+    api = config.api
+    if bool(api.host) != bool(api.port):
+        raise ConfigError(
+            "api.port" if api.host else "api.host",
+            api.port if api.host else api.host,
+            "api.host and api.port must be set together (or neither: the main port)",
+        )
+    if api.port and api.port == server.port and api.host == server.host:
+        raise ConfigError("api.port", api.port, "must differ from server.port")
     if config.limits.max_frame > config.ring.bytes // 8:
         raise ConfigError(
             "limits.max_frame",
@@ -568,7 +607,7 @@ def _toml_value(value: object) -> str:
     return repr(value)
 
 
-SECRET_KEYS = frozenset({"auth.secret", "server.admin_token", "webhooks.secret"})
+SECRET_KEYS = frozenset({"auth.secret", "server.admin_token", "webhooks.secret", "api.key"})
 # A Redis URL may hold a password (redis://:secret@host): printed without it.
 _URL_PASSWORD = re.compile(r"(?<=://)([^@/]*:)?[^@/:]+@")
 

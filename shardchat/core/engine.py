@@ -178,6 +178,8 @@ class RoomEngine(Generic[C]):
         # proxy.publish_url: publishes wait for the backend's verdict (taken by the caller).
         self.publish_proxy = False
         self.proxied: list[ProxiedPublish[C]] = []
+        # The server API's publishes (core/apiinputs.py): msg id -> told the seq or None.
+        self.api_pending: dict[str, Callable[[int | None], None]] = {}
         self._join_at_open: dict[C, tuple[str, ...]] = {}  # rooms the query named
         self._next_evict = 0.0
         prefix = id_prefix if id_prefix is not None else secrets.token_hex(3)
@@ -856,6 +858,11 @@ class RoomEngine(Generic[C]):
                 conn_id, user, content = message
                 fields = {"seq": seq, "msg_id": msg_id, "content": content}
                 self.events.append(HookEvent("message", user, room, conn_id, self.wall, fields))
+        if self.api_pending:
+            api = self.api_pending.pop(msg_id, None)
+            if api is not None:
+                api(seq)
+                return
         pending = self._pending.pop(msg_id, None)
         if pending is None or pending[0] not in self.conns:
             return
@@ -867,6 +874,11 @@ class RoomEngine(Generic[C]):
 
     def on_publish_failed(self, msg_id: str, room: str) -> None:
         self._pending_messages.pop(msg_id, None)
+        if self.api_pending:
+            api = self.api_pending.pop(msg_id, None)
+            if api is not None:
+                api(None)
+                return
         pending = self._pending.pop(msg_id, None)
         log_event(log, logging.ERROR, "publish_failed", msg=msg_id, room=room)
         if pending is None:

@@ -15,6 +15,15 @@
     ├── SequenceError      a room's messages out of seq order (a bug, never a client's doing)
     ├── ShardError         a shard or the supervisor cannot run (e.g. port in use)
     ├── StorageError       the room store cannot be used (storage.dir locked or unwritable)
+    ├── ApiError           a server API call refused (code, HTTP status, message)
+    │   ├── ApiBadJson         400 bad_json: the body is not a JSON object
+    │   ├── ApiBadRequest      400 bad_request: a missing or wrong field (named)
+    │   ├── ApiUnauthorized    401 unauthorized: a missing or wrong API key
+    │   ├── ApiNotFound        404 not_found: no such method (or the API is off)
+    │   ├── ApiMethodNotAllowed 405 method_not_allowed: not a POST
+    │   ├── ApiTooLarge        413 too_large: a body over limits.max_frame
+    │   ├── ApiRoomFull        409 room_full: subscribe into a full room
+    │   └── ApiUnavailable     503 unavailable: the broker or a shard did not answer
     ├── ClientError        ChatClient cannot go on
     │   ├── Refused            the upgrade was refused for good (HTTP 4xx)
     │   ├── ChatError          a request was refused (an ``error`` frame)
@@ -32,6 +41,16 @@ from __future__ import annotations
 import enum
 
 __all__ = [
+    "API_ERRORS",
+    "ApiBadJson",
+    "ApiBadRequest",
+    "ApiError",
+    "ApiMethodNotAllowed",
+    "ApiNotFound",
+    "ApiRoomFull",
+    "ApiTooLarge",
+    "ApiUnauthorized",
+    "ApiUnavailable",
     "AuthError",
     "BackendError",
     "ErrorCode",
@@ -175,6 +194,67 @@ class ShardError(ShardchatError):
 class StorageError(ShardchatError):
     """The room store cannot be used: another server holds ``storage.dir``, or it
     cannot be created or written."""
+
+
+class ApiError(ShardchatError):
+    """A server API call refused: ``{"error": {"code": code, "message": message}}``
+    with the HTTP ``status`` (docs/api.yaml). Raised by the server's checks and,
+    with the same class per code, by the Python client (:mod:`shardchat.api`)."""
+
+    code = "internal"
+    status = 500
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+        super().__init__(f"{self.code}: {message}")
+
+
+class ApiBadJson(ApiError):
+    code, status = "bad_json", 400
+
+
+class ApiBadRequest(ApiError):
+    code, status = "bad_request", 400
+
+
+class ApiUnauthorized(ApiError):
+    code, status = "unauthorized", 401
+
+
+class ApiNotFound(ApiError):
+    code, status = "not_found", 404
+
+
+class ApiMethodNotAllowed(ApiError):
+    code, status = "method_not_allowed", 405
+
+
+class ApiTooLarge(ApiError):
+    code, status = "too_large", 413
+
+
+class ApiRoomFull(ApiError):
+    code, status = "room_full", 409
+
+
+class ApiUnavailable(ApiError):
+    code, status = "unavailable", 503
+
+
+# Every API error code and its class, in the order of the API's error counters.
+API_ERRORS: dict[str, type[ApiError]] = {
+    cls.code: cls
+    for cls in (
+        ApiBadJson,
+        ApiBadRequest,
+        ApiUnauthorized,
+        ApiNotFound,
+        ApiMethodNotAllowed,
+        ApiTooLarge,
+        ApiRoomFull,
+        ApiUnavailable,
+    )
+}
 
 
 class ClientError(ShardchatError):

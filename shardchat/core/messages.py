@@ -30,7 +30,9 @@ RoomId = NewType("RoomId", str)
 class AppCloseCode(enum.IntEnum):
     """shardchat's own WebSocket close codes (PROTOCOL.md, 4000-4999 range)."""
 
+    DISCONNECTED_RECONNECT = 4400  # the server API disconnected the user: may reconnect
     TOKEN_EXPIRED = 4401  # the token's exp passed: reconnect with a fresh one
+    DISCONNECTED = 4403  # the server API disconnected the user: do not reconnect
     HEARTBEAT_TIMEOUT = 4408
     ACK_TIMEOUT = 4409
     SLOW_CONSUMER = 4429

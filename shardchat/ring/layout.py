@@ -99,6 +99,7 @@ class RecordKind(enum.IntEnum):
     TOLD = 10  # what members were told of the rooms a restarted co-holder holds (aux = it)
     PRESENCE_QUERY = 11  # a shard asks a room's holder for its users (aux = the holder)
     PRESENCE_ANSWER = 12  # the holder's answer (aux = the shard that asked)
+    CONTROL = 13  # a server API call for every shard, or an answer to one (orjson)
 
 
 def segment_size(capacity: int, table_slots: int, slot_size: int) -> int:

@@ -23,6 +23,7 @@ from shardchat.brokers.shm import ShmBroker
 from shardchat.core.broker import Broker
 from shardchat.core.engine import RoomEngine
 from shardchat.hooks import Hooks
+from shardchat.shard.apiserver import ApiServer
 from shardchat.shard.connection import Connection
 from shardchat.shard.handler import Shard
 from shardchat.shard.lifecycle import run
@@ -59,6 +60,8 @@ async def serve(spec: ShardSpec) -> None:
         shard = Shard(
             config, spec.shard_id, engine, broker, counters, loop, broker.bells[spec.shard_id]
         )
+        if config.api.key:
+            shard.api = ApiServer(config, engine, broker, mine, spec.shard_id)
         shard.start_bell()
         await run(spec, loop, shard)
     finally:
@@ -163,6 +166,8 @@ async def _serve_redis(
         engine = _engine(spec, broker, counters, mine)
         engine.advance(time.monotonic(), time.time())
         shard = Shard(config, spec.shard_id, engine, broker, counters, loop)
+        if config.api.key:
+            shard.api = ApiServer(config, engine, broker, mine, spec.shard_id)
         # Connected (or trying, in the background) and beating before we accept.
         await broker.start(engine)
         await run(spec, loop, shard)

@@ -37,6 +37,7 @@ except ImportError:  # pragma: no cover - a build without the C extension
 
 from shardchat.core.messages import AppCloseCode
 from shardchat.logs import log_event
+from shardchat.shard.apiconn import is_api_request
 from shardchat.shard.handshake import AT_EOF, Later, answer, handshake, unparsable_request
 from shardchat.shard.sendqueue import TRANSPORT_HIGH, SendQueue, Writer
 
@@ -80,6 +81,10 @@ class ConnectionHandler(TypingProtocol):
     max_frame: int  # largest incoming frame (close 1009 over it)
     send_queue: int  # bytes buffered for a client before close 4429
     page_csp: str  # Content-Security-Policy of the HTML answers of http_get
+    api_on_main: bool  # requests for /api/ on this port go to the server API
+
+    def api_takeover(self, conn: Connection, head: bytes) -> None:
+        """``conn``'s first bytes (``head``) ask for /api/: hand its transport over."""
 
     def http_get(self, path: str) -> tuple[int, str, bytes]:
         """Answer a plain HTTP GET: status, content type and body."""
@@ -119,6 +124,7 @@ class Connection(SendQueue, asyncio.Protocol):
         "peer",
         "ping_sent",
         "proto",
+        "routing",
         "transport",
     )
 
@@ -128,6 +134,8 @@ class Connection(SendQueue, asyncio.Protocol):
         self.proto = ServerProtocol(max_size=handler.max_frame, logger=_quiet_logger)
         self.transport: asyncio.Transport | None = None
         SendQueue.__init__(self)
+        # Until the request line tells: a request for /api/ goes to the server API.
+        self.routing = handler.api_on_main
         self.peer = ""  # client IP address
         # A fragmented text message being reassembled (RFC 6455 5.4); None between messages.
         self.fragments: bytearray | None = None
@@ -184,6 +192,15 @@ class Connection(SendQueue, asyncio.Protocol):
                 except Exception as exc:
                     self._internal_error(exc)
                 return
+        if self.routing:
+            # websockets holds the request line's bytes until it is whole.
+            head = bytes(proto.reader.buffer) + data
+            to_api = is_api_request(head)
+            if to_api is not None:
+                self.routing = False
+                if to_api:
+                    self.handler.api_takeover(self, head)
+                    return
         proto.receive_data(data)
         events = proto.events_received()
         if proto.state is _CONNECTING and type(proto.handshake_exc) is InvalidMessage:
@@ -243,6 +260,15 @@ class Connection(SendQueue, asyncio.Protocol):
             self.fail(1003, "binary frames are not supported")
         elif opcode is _PONG:
             self.ping_sent = 0.0
+
+    def handed_over(self) -> None:
+        """The server API took the transport: let go of websockets' state."""
+        self.transport = None
+        self.out = None
+        self._queue = None
+        proto = self.proto
+        proto.parser.close()  # the generator's reference cycle (see connection_lost)
+        proto.parser_exc = None
 
     def eof_received(self) -> bool | None:
         self.out = None

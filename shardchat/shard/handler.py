@@ -24,8 +24,11 @@ from shardchat.core.admission import Refusal, Upgrade, token_of
 from shardchat.core.broker import Broker, BrokerListener
 from shardchat.core.config import Config
 from shardchat.core.engine import RoomEngine
+from shardchat.core.errors import ApiError
 from shardchat.core.hookevents import ProxiedPublish, Verdict
 from shardchat.logs import log_event
+from shardchat.shard.apiconn import ApiConnection
+from shardchat.shard.apiserver import ApiServer
 from shardchat.shard.bell import Doorbell
 from shardchat.shard.connection import Connection
 from shardchat.shard.handshake import Later
@@ -102,6 +105,12 @@ class Shard:
         self.webhooks: WebhookSender | None = None  # webhooks.url set: the event sender
         self.connect_proxy: ConnectProxy | None = None  # proxy.connect_url set
         self.publish_proxy: PublishProxy[Connection] | None = None  # proxy.publish_url set
+        # The server API (shard/apiserver.py): None while api.key is empty. On the
+        # main port unless it has a listener of its own (api.port).
+        self.api: ApiServer | None = None
+        self.api_key = config.api.key.encode()
+        self.api_on_main = bool(config.api.key) and not config.api.port
+        self.api_conns: set[ApiConnection] = set()
 
     # Output
 
@@ -240,7 +249,7 @@ class Shard:
 
     def closed(self, conn: Connection) -> None:
         self.connections.discard(conn)
-        if self.engine.draining and not self.connections:
+        if self.engine.draining and not self.connections and not self.api_conns:
             self.all_closed.set()
         self.engine.closed(conn, conn.close_code, conn.close_reason)
         self._emit()
@@ -255,6 +264,43 @@ class Shard:
             state = self.engine.conns.get(conn)
             user = state.user if state is not None else None
             log_event(log, logging.INFO, "slow_consumer", conn=conn.conn_id, user=user)
+
+    # ApiHandler: the server API's HTTP connections
+
+    def new_api_connection(self) -> ApiConnection:
+        """A connection of the API's own listener (api.port)."""
+        self._next_conn_id += 1
+        conn = ApiConnection(self, self._next_conn_id)
+        self.api_conns.add(conn)
+        return conn
+
+    def api_takeover(self, conn: Connection, head: bytes) -> None:
+        """``conn``'s first bytes ask for /api/: an API connection takes its transport."""
+        transport = conn.transport
+        self.connections.discard(conn)
+        conn.handed_over()
+        if transport is None:
+            return
+        api = ApiConnection(self, conn.conn_id)
+        self.api_conns.add(api)
+        transport.set_protocol(api)
+        api.connection_made(transport)
+        api.data_received(head)
+
+    def api_call(self, conn: ApiConnection, method: str, body: bytes) -> None:
+        api = self.api
+        assert api is not None  # no API connection is made without it
+        api.call(method, body, conn.peer, conn.respond)
+        self._emit()
+
+    def api_refused(self, conn: ApiConnection, method: str, exc: ApiError) -> None:
+        if self.api is not None:
+            self.api.refused(method, exc, conn.peer)
+
+    def api_closed(self, conn: ApiConnection) -> None:
+        self.api_conns.discard(conn)
+        if self.engine.draining and not self.connections and not self.api_conns:
+            self.all_closed.set()
 
     # The peers' records (shared-memory broker)
 
@@ -298,14 +344,22 @@ class Shard:
         engine.advance(mono, _time())
         engine.tick()
         self.broker.tick(mono)
+        if self.api is not None:
+            self.api.tick(mono)
+            if self.api_conns:
+                hb = self.config.heartbeat
+                for api in list(self.api_conns):
+                    api.tick(self.clock, hb.interval, hb.timeout, hb.idle_timeout)
         self._emit()
 
     def drain_connections(self) -> None:
         """Stop taking connections and close every open one with 1001 ``shutdown``."""
         self.broker.commit()
         write(self.engine.drain())
-        if not self.connections:
+        if not self.connections and not self.api_conns:
             self.all_closed.set()
+        for api in list(self.api_conns):
+            api.drain()
         for conn in list(self.connections):
             if conn.is_open:
                 conn.close(1001, "shutdown")

@@ -67,6 +67,19 @@ async def run(spec: ShardSpec, loop: asyncio.AbstractEventLoop, shard: Shard) ->
 
     server = await listen()
     relistening = False
+    api_server: asyncio.Server | None = None
+    api = config.api
+    if api.key and api.port:
+        # The server API's own listener (e.g. an internal address), shared by the
+        # shards like the main port.
+        api_server = await loop.create_server(
+            shard.new_api_connection,
+            api.host,
+            api.port,
+            reuse_port=True,
+            backlog=config.server.backlog,
+            ssl=server_context(config.server),
+        )
 
     async def relisten() -> None:
         # The supervisor shut our socket down while the loop was stuck: a fresh one
@@ -117,7 +130,7 @@ async def run(spec: ShardSpec, loop: asyncio.AbstractEventLoop, shard: Shard) ->
             # connections' objects), so the pause stays short.
             gc.collect()
             gc.freeze()
-        if not stop.is_set() or shard.connections:
+        if not stop.is_set() or shard.connections or shard.api_conns:
             loop.call_later(tick, sweep)
 
     gc.collect()
@@ -134,6 +147,8 @@ async def run(spec: ShardSpec, loop: asyncio.AbstractEventLoop, shard: Shard) ->
     await stop.wait()
 
     server.close()
+    if api_server is not None:
+        api_server.close()
     if not quick:
         shard.drain_connections()
         try:
@@ -145,4 +160,6 @@ async def run(spec: ShardSpec, loop: asyncio.AbstractEventLoop, shard: Shard) ->
     for conn in list(shard.connections):
         conn.abort()
     await links.close(quick)
+    for api_conn in list(shard.api_conns):
+        api_conn.abort()
     log_event(log, logging.INFO, "shard_exit", connections_left=len(shard.connections))

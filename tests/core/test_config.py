@@ -125,6 +125,10 @@ def test_resolve_reads_nothing_of_the_machine(tmp_path: Path) -> None:
         ("storage.max_bytes", -1, "integer >= 0"),
         ("storage.max_bytes", "1G", "integer >= 0"),
         ("delivery.history_ttl", -5, "a number >= 0"),
+        ("api.host", "not a host!", "host name or an IP address"),
+        ("api.port", 70000, "integer from 0 to 65535"),
+        ("api.sender", "two words", "a user name"),
+        ("api.sender", "", "a user name"),
     ],
 )
 def test_each_mistake_names_key_value_and_allowed(key: str, value: object, words: str) -> None:
@@ -145,6 +149,23 @@ def test_bad_value_in_file_and_env_are_reported(tmp_path: Path) -> None:
     path.write_text("[limits\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(path, environ={})
+
+
+def test_api_key_is_checked_and_never_printed() -> None:
+    for bad in ("short", "x" * 257, "sixteen chars ok but spaces"):
+        with pytest.raises(ConfigError) as info:
+            load_config(environ={}, overrides={"api.key": bad})
+        assert "api.key" in str(info.value) and bad not in str(info.value)
+    env = {"SHARDCHAT_API_KEY": "k" * 20}
+    config = load_config(environ=env)
+    assert config.api.key == "k" * 20
+    assert "k" * 20 not in to_toml(config)
+    with pytest.raises(ConfigError, match="set together"):
+        load_config(environ={}, overrides={"api.host": "127.0.0.1"})
+    with pytest.raises(ConfigError, match="set together"):
+        load_config(environ={}, overrides={"api.port": 9000})
+    with pytest.raises(ConfigError, match="must differ"):
+        load_config(environ={}, overrides={"api.host": "127.0.0.1", "api.port": 8080})
 
 
 def test_max_frame_must_fit_the_ring() -> None:

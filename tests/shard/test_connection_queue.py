@@ -15,6 +15,7 @@ class FakeHandler:
     max_frame = 65536
     send_queue = 4 * TRANSPORT_HIGH
     page_csp = ""
+    api_on_main = False
 
     def http_get(self, path: str) -> tuple[int, str, bytes]:
         raise AssertionError

@@ -57,6 +57,7 @@ class Handler:
     max_frame = 65536
     send_queue = 1 << 20
     page_csp = ""
+    api_on_main = False
 
     def __init__(self) -> None:
         self.texts: list[bytes] = []
