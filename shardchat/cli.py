@@ -243,6 +243,86 @@ def server_url(config: Config) -> str:
     return f"{scheme}://{host}:{config.server.port}/ws"
 
 
+# Fields a `key=value` argument of `shardchat api` gives as a number, a flag or a list.
+_API_INTS = frozenset({"limit", "since", "before"})
+_API_FLAGS = frozenset({"reconnect"})
+_API_LISTS = frozenset({"rooms"})
+
+
+def api_params(args: tuple[str, ...]) -> dict[str, object]:
+    """``key=value`` (a string; a number for limit/since/before, true/false for
+    reconnect, comma-separated for rooms) and ``key:=JSON`` (any JSON value)."""
+    import orjson
+
+    params: dict[str, object] = {}
+    for arg in args:
+        if ":=" in arg and arg.index(":=") < arg.index("=") + 1:
+            key, _, raw = arg.partition(":=")
+            try:
+                params[key] = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                raise click.BadParameter(f"{arg!r}: not JSON after :=") from None
+            continue
+        key, eq, value = arg.partition("=")
+        if not eq or not key:
+            raise click.BadParameter(f"{arg!r}: expected key=value or key:=JSON")
+        if key in _API_INTS and value.lstrip("-").isdigit():
+            params[key] = int(value)
+        elif key in _API_FLAGS and value.lower() in ("true", "false"):
+            params[key] = value.lower() == "true"
+        elif key in _API_LISTS:
+            params[key] = [item for item in value.split(",") if item]
+        else:
+            params[key] = value
+    return params
+
+
+def api_url(config: Config) -> str:
+    """The server API's base URL as a local client reaches it."""
+    host, port = config.server.host, config.server.port
+    if config.api.port:
+        host, port = config.api.host, config.api.port
+    if host in ("0.0.0.0", "", "::"):
+        host = "127.0.0.1"
+    elif ":" in host:
+        host = f"[{host}]"
+    return f"{'https' if config.server.tls_cert else 'http'}://{host}:{port}"
+
+
+@main.command("api", context_settings={"ignore_unknown_options": True})
+@click.argument("method")
+@click.argument("params", nargs=-1)
+@click.option("--url", help="The server's base URL (default: from the configuration).")
+@_config_options
+def api_command(method: str, params: tuple[str, ...], url: str | None, flags: ConfigFlags) -> None:
+    """Call the server API: shardchat api METHOD key=value ... (key:=JSON for JSON).
+
+    The key comes from the configuration (api.key, or SHARDCHAT_API_KEY). E.g.
+    shardchat api publish room=lobby content="deploy at 5";
+    shardchat api disconnect user=mallory; shardchat api presence room=lobby.
+    Prints the result as JSON; a refusal prints its code and message and exits 1.
+    """
+    import orjson
+
+    from shardchat.api import ApiClient, ApiError
+
+    config = flags.load()
+    if not config.api.key:
+        click.echo("shardchat: api.key is not set (SHARDCHAT_API_KEY)", err=True)
+        sys.exit(2)
+    body = api_params(params)
+    try:
+        with ApiClient(url or api_url(config), config.api.key) as client:
+            result = client.call(method, body)
+    except ApiError as exc:
+        click.echo(f"shardchat: {exc}", err=True)
+        sys.exit(1)
+    except OSError as exc:
+        click.echo(f"shardchat: cannot reach the server: {exc}", err=True)
+        sys.exit(1)
+    click.echo(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
+
+
 @main.command()
 def cleanup() -> None:
     """Remove shared memory left in /dev/shm by supervisors that are gone."""
