@@ -32,6 +32,7 @@ from shardchat.shard.apiserver import ApiServer
 from shardchat.shard.bell import Doorbell
 from shardchat.shard.connection import Connection
 from shardchat.shard.handshake import Later
+from shardchat.shard.journal import Journal
 from shardchat.shard.pages import Pages
 from shardchat.shard.sweep import Sweep
 from shardchat.shard.writer import write, write_turn
@@ -104,6 +105,7 @@ class Shard:
         self._drain_due = False
         self.webhooks: WebhookSender | None = None  # webhooks.url set: the event sender
         self.connect_proxy: ConnectProxy | None = None  # proxy.connect_url set
+        self.journal: Journal | None = None  # webhooks on: open connections, for a successor
         self.publish_proxy: PublishProxy[Connection] | None = None  # proxy.publish_url set
         # The server API (shard/apiserver.py): None while api.key is empty. On the
         # main port unless it has a listener of its own (api.port).
@@ -153,17 +155,29 @@ class Shard:
             self._take_events()
 
     def _take_events(self) -> None:
-        """The engine's webhook events, to the sender (stamped with id, shard, box)."""
+        """The engine's webhook events: to the journal (for a successor, should this
+        shard be killed) and to the sender (which stamps them with id, shard, box)."""
         events, self.engine.events = self.engine.events, []
         sender = self.webhooks
         if sender is None:
             return
+        journal = self.journal
+        compact = False
         emit = sender.emit
         for event in events:
             fields = event.fields or {}
             if event.conn is not None:
+                if journal is not None:
+                    compact |= journal.record(event.kind, event.conn, event.user, event.room)
                 fields = {"conn": event.conn, **fields}
             emit(event.kind, event.user, event.room, fields, when=event.time)
+        if compact:
+            assert journal is not None
+            journal.compact(
+                (state.conn_id, state.user, state.rooms)
+                for state in self.engine.conns.values()
+                if state.opened
+            )
 
     # ConnectionHandler
 

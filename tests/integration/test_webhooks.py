@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import os
+import signal
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -235,3 +237,38 @@ async def test_a_receiver_that_never_answers_costs_at_most_the_queue() -> None:
             assert (await client.request("ping", "pong", id="alive"))["id"] == "alive"
             await client.close()
             assert_no_traceback(srv)
+
+
+async def test_kill_9_of_a_shard_reports_its_users_leave_and_disconnect() -> None:
+    with backend() as receiver, running_server(2, hook_settings(receiver)) as srv:
+        room = room_owned_by(0, 2, "dead")  # held by shard 0, members on shard 1 only
+        clients = await clients_on_shards(srv.url, [1, 1, 1, 0], prefix="kd")
+        victims, survivor = clients[:3], clients[3]
+        async with closing(clients):
+            for client in victims:
+                await client.join(room)
+                await client.join("other")
+            await survivor.join("other")
+            await await_until(lambda: len(receiver.of_type("join")) == 7, 10, "the joins reported")
+            os.kill(srv.shard_pids()[1], signal.SIGKILL)
+            users = {c.user for c in victims}
+
+            def reported() -> bool:
+                gone = {e["user"] for e in receiver.of_type("disconnect")}
+                left = {(e["user"], e["room"]) for e in receiver.of_type("leave")}
+                return gone >= users and left >= {(u, r) for u in users for r in (room, "other")}
+
+            await await_until(reported, 10, "the dead shard's users reported")
+            for event in [e for e in receiver.of_type("disconnect") if e["user"] in users]:
+                assert event["code"] == 1006 and event["reason"] == "shard died"
+                assert event["shard"] == 1
+            leaves = [e for e in receiver.of_type("leave") if e["user"] in users]
+            assert len(leaves) == 6 and {e["reason"] for e in leaves} == {"shard_died"}
+            # The room held by shard 0 lost its last member: vacated, once.
+            await await_until(lambda: "room_vacated" in occupancy(receiver, room), 10, "vacated")
+            assert occupancy(receiver, room) == ["room_occupied", "room_vacated"]
+            assert not [
+                e
+                for e in receiver.events.values()
+                if e["user"] == survivor.user and e["type"] in ("leave", "disconnect")
+            ]
