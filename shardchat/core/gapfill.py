@@ -14,6 +14,20 @@ when the broker resyncs (a lap, a peer's restart); it is given up only after
 The same path fetches a room's history for an engine that has no copy of it
 (dropped as idle, or just restarted) when a ``join`` with ``since`` needs it.
 
+Every hold ends, filled or announced: a range the broker says is gone, a range
+older than the last ``history`` messages (more than that many are held after
+it: no holder keeps it), or one that made no progress for ``GAP_GIVE_UP`` is
+given up, and the room's members get a ``gap`` frame naming it
+(PROTOCOL.md, Extensions) in the place of those messages. A join or
+``history`` that waits for a held room is answered after ``GAP_JOIN_WAIT`` at
+the latest, from what the log holds then; the fill goes on for it.
+
+One chunk at a time: a chunk's end asks for the next only when the log moved
+since the newest request. A lap asks again at once (its answer may be lost),
+and the answer to the request it replaced then ends with nothing new: without
+this, every lap added a request that asked again at each of its ends, and the
+resends of those requests lapped the readers again.
+
 Pure: the engine passes the time, and the broker does the I/O.
 """
 
@@ -24,18 +38,28 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from shardchat import stats
+from shardchat.core import wire
 from shardchat.core.broker import Broker
 from shardchat.core.roomlog import RoomLog
 from shardchat.logs import log_event
 from shardchat.stats import Counters
 
-__all__ = ["GAP_GIVE_UP", "GAP_TIMEOUT", "GAP_TIMEOUT_MAX", "GapFill", "HeldBack"]
+__all__ = [
+    "GAP_GIVE_UP",
+    "GAP_JOIN_WAIT",
+    "GAP_TIMEOUT",
+    "GAP_TIMEOUT_MAX",
+    "GapFill",
+    "HeldBack",
+    "gap_json",
+]
 
 log = logging.getLogger(__name__)
 
-GAP_TIMEOUT = 2.0  # seconds to wait for the broker to resend a missed range, then ask again
-GAP_TIMEOUT_MAX = 8.0  # the longest wait between two requests of one range
-GAP_GIVE_UP = 30.0  # seconds without progress before a range is given up as lost
+GAP_TIMEOUT = 1.0  # seconds to wait for the broker to resend a missed range, then ask again
+GAP_TIMEOUT_MAX = 4.0  # the longest wait between two requests of one range
+GAP_GIVE_UP = 10.0  # seconds without progress before a range is given up as lost
+GAP_JOIN_WAIT = 2.0  # the longest a join or history waits for a held room's fill
 
 _S_GAPS_LOST = int(stats.Slot.GAPS_LOST)
 
@@ -48,6 +72,7 @@ class HeldBack:
     last: int  # the last seq asked for
     give_up_at: float  # GAP_GIVE_UP after the last progress
     progress: int = 0  # the log's seq when progress was last seen
+    asked: int = 0  # the log's seq when the newest request was sent
     wait: float = GAP_TIMEOUT  # the current wait for an answer
     messages: dict[int, bytes] = field(default_factory=dict)  # seq -> JSON
 
@@ -76,7 +101,8 @@ class GapFill:
         self.epoch = epoch
         self.history = history
         self.held_back: dict[str, HeldBack] = {}
-        self._waiting: dict[str, list[Callable[[], None]]] = {}  # joins awaiting a fetch
+        # Joins and history awaiting a room's fill: (answer by then, continue).
+        self._waiting: dict[str, list[tuple[float, Callable[[], None]]]] = {}
 
     def hold_back(self, log_: RoomLog, room: str, seq: int, json: bytes, now: float) -> None:
         """Message ``seq`` came past a gap in ``log_``: keep it until the gap is filled."""
@@ -89,6 +115,11 @@ class GapFill:
             # it was given up, although its holder had it.
             held.last = seq - 1
         held.messages[seq] = json
+        if len(held.messages) > self.history:
+            # More messages after the gap than any holder keeps (the last
+            # `history`): what is missing is gone everywhere. Said now, not after
+            # the waits of a fill that cannot succeed.
+            self._give_up(room, min(held.messages) - 1)
         self.release(room)
 
     def request(self, room: str, first: int, last: int, now: float, why: str = "gap") -> HeldBack:
@@ -103,6 +134,7 @@ class GapFill:
         else:
             held.deadline = now + held.wait
             held.last = max(held.last, last)
+        held.asked = first - 1
         self.broker.fill(room, first, held.last)
         return held
 
@@ -136,14 +168,14 @@ class GapFill:
             del messages[seq]
         if not messages and log_.seq >= held.last:
             del self.held_back[room]
-            for then in self._waiting.pop(room, ()):
+            for _, then in self._waiting.pop(room, ()):
                 then()
 
     def restart(self, room: str) -> list[Callable[[], None]]:
         """The room's sequence started again (a new epoch): what was held back is
         of the old one. Returns the joins that waited for it, to be asked again."""
         self.held_back.pop(room, None)
-        return self._waiting.pop(room, [])
+        return [then for _, then in self._waiting.pop(room, [])]
 
     def on_replay(self, room: str, seq: int, json: bytes) -> None:
         log_ = self.logs.get(room)
@@ -163,23 +195,27 @@ class GapFill:
         self.release(room)
 
     def on_end(self, room: str, now: float) -> None:
-        """End of a resent chunk: ask for the next one, or release."""
+        """End of a resent chunk: ask for the next one, or release. Only when the log
+        moved since the newest request: otherwise this ends an older request, and
+        the newest is still out (its loss is the sweep's business)."""
         log_ = self.logs.get(room)
         held = self.held_back.get(room)
         if log_ is None or held is None:
             return
         self.release(room)  # first: what was held behind the chunk is not asked again
-        if room in self.held_back and log_.seq < held.last:
+        if room in self.held_back and held.asked < log_.seq < held.last:
             self.request(room, log_.seq + 1, held.last, now)
 
     def ensure_history(self, room: str, since: int, now: float, then: Callable[[], None]) -> bool:
         """True when a join with ``since`` (0 without one) or a ``history`` (0) can be
         answered now; otherwise fetch the room's held history (this engine has no log
-        of it: dropped as idle, or a restart) and call ``then`` once it is here."""
+        of it: dropped as idle, or a restart) and call ``then`` once it is here, or
+        after ``GAP_JOIN_WAIT`` with what is here by then."""
+        answer_by = now + GAP_JOIN_WAIT
         if room in self.held_back:
             # A gap being filled: answered once it is, so that `since` is judged
             # against everything the server holds (a resume after a reconnect).
-            self._waiting.setdefault(room, []).append(then)
+            self._waiting.setdefault(room, []).append((answer_by, then))
             return False
         log_ = self.logs.get(room)
         if log_ is not None and since > log_.seq:
@@ -188,7 +224,7 @@ class GapFill:
             # the broker knows first, so that the resume is judged on it.
             latest = self.broker.latest_seq(room) or 0
             if latest > log_.seq:
-                self._waiting.setdefault(room, []).append(then)
+                self._waiting.setdefault(room, []).append((answer_by, then))
                 self.request(room, log_.seq + 1, latest, now, "resume_fetch")
                 return False
         if room in self.logs or not self.history:
@@ -199,15 +235,26 @@ class GapFill:
         first = max(1, latest - self.history + 1)
         epoch = self.broker.epoch_of(room) or self.epoch
         self.logs[room] = RoomLog(epoch, self.history, first - 1, now)
-        self._waiting.setdefault(room, []).append(then)
+        self._waiting.setdefault(room, []).append((answer_by, then))
         if room not in self.held_back:
             self.request(room, first, latest, now, "history_fetch")
         return False
 
     def sweep(self, now: float) -> None:
-        """Ask again for the ranges whose answer did not come in time (the request or
-        the replay may have been lost); give up only on a range that made no
-        progress for ``GAP_GIVE_UP`` (whoever holds it is stopped or gone that long)."""
+        """Answer the joins that waited ``GAP_JOIN_WAIT``; ask again for the ranges
+        whose answer did not come in time (the request or the replay may have been
+        lost); give up only on a range that made no progress for ``GAP_GIVE_UP``
+        (whoever holds it is stopped or gone that long)."""
+        for room, waits in list(self._waiting.items()):
+            due = [then for answer_by, then in waits if answer_by <= now]
+            if due:
+                left = [(answer_by, then) for answer_by, then in waits if answer_by > now]
+                if left:
+                    self._waiting[room] = left
+                else:
+                    del self._waiting[room]
+                for then in due:
+                    then()
         for room, held in list(self.held_back.items()):
             if now < held.deadline:
                 continue
@@ -219,18 +266,36 @@ class GapFill:
             if now >= held.give_up_at:
                 last = min(held.messages) - 1 if held.messages else held.last
                 self._give_up(room, last)
-                held.last = 0
                 self.release(room)
+                if room in self.held_back:
+                    # Another hole after the messages just released: a range of its
+                    # own, with its own time to come.
+                    held.progress = log_.seq
+                    held.give_up_at = now + GAP_GIVE_UP
+                    held.wait = GAP_TIMEOUT
+                    self.request(room, log_.seq + 1, held.last, now)
             else:
                 held.wait = min(GAP_TIMEOUT_MAX, held.wait * 2)
                 self.request(room, log_.seq + 1, held.last, now)
 
     def next_deadline(self) -> float | None:
-        if not self.held_back:
-            return None
-        return min(held.deadline for held in self.held_back.values())
+        deadlines = [held.deadline for held in self.held_back.values()]
+        deadlines += [answer_by for waits in self._waiting.values() for answer_by, _ in waits]
+        return min(deadlines, default=None)
 
     def _give_up(self, room: str, last: int) -> None:
+        """Accept that ``log.seq + 1 .. last`` is lost here, and tell the members."""
+        log_ = self.logs[room]
+        first = log_.seq + 1
+        if last < first:
+            return
         self.stats[_S_GAPS_LOST] += 1
-        log_event(log, logging.WARNING, "gap_lost", room=room, last=last)
-        self.logs[room].skip_to(last)
+        log_event(log, logging.WARNING, "gap_lost", room=room, first=first, last=last)
+        log_.skip_to(last)
+        self.deliver(room, gap_json(room, first, last))
+
+
+def gap_json(room: str, first: int, last: int) -> bytes:
+    """PROTOCOL.md, Extensions: the ``gap`` frame that stands for messages
+    ``first..last`` of ``room`` that this server could not deliver."""
+    return wire.encode({"type": "gap", "room": room, "first": first, "last": last})

@@ -33,7 +33,7 @@ from shardchat.ring.ring import init_ring
 from shardchat.ring.seqtable import SLOT_SIZE
 from shardchat.stats import BLOCK_SLOTS
 
-__all__ = ["Box", "Client", "config", "frames_of", "room_owned_by"]
+__all__ = ["Box", "Client", "config", "covered", "frames_of", "room_owned_by"]
 
 RING = 1 << 16  # the smallest ring the config allows
 TABLE = 256  # seq table slots per shard
@@ -315,3 +315,17 @@ class Box:
                     client.frames += [orjson.loads(payload) for payload in item.payloads]
                 else:
                     client.frames += frames_of(item)
+
+
+def covered(client: Client, room: str) -> list[int]:
+    """The seqs of ``room`` that ``client``'s messages and ``gap`` frames account
+    for, in the order received."""
+    seqs: list[int] = []
+    for f in client.frames:
+        if f.get("room") != room:
+            continue
+        if f["type"] == "message":
+            seqs.append(f["seq"])
+        elif f["type"] == "gap":
+            seqs += range(f["first"], f["last"] + 1)
+    return seqs

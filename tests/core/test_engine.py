@@ -17,7 +17,7 @@ from shardchat.core.errors import ErrorCode
 from shardchat.core.gapfill import GAP_GIVE_UP, GAP_TIMEOUT
 from shardchat.core.outputs import Close
 from shardchat.hooks import Reject
-from tests.core.box import Box, Client, config, room_owned_by
+from tests.core.box import Box, Client, config, covered, room_owned_by
 
 FAST = {"limits__rate": 100_000.0, "limits__burst": 100_000}
 
@@ -307,6 +307,8 @@ class TestGapFill:
         assert seqs[-10:] == list(range(291, 301))
         assert seqs == sorted(set(seqs))  # in order, no duplicates
         assert box.stats[1][stats.Slot.GAPS_LOST] >= 1
+        # Each range given up is announced in its place: every seq accounted for.
+        assert covered(bob, room) == list(range(1, 301))
 
     def test_a_fill_is_asked_again_and_given_up_only_without_progress(self) -> None:
         box = Box(2)
