@@ -15,10 +15,11 @@ from pathlib import Path
 
 import posix_ipc
 
+from shardchat.core.errors import SeqTableError
 from shardchat.logs import log_event
-from shardchat.ring.layout import segment_size
+from shardchat.ring.layout import HEADER_SIZE, segment_size
 from shardchat.ring.ring import init_ring, ring_heartbeat_ns
-from shardchat.ring.seqtable import SLOT_SIZE
+from shardchat.ring.seqtable import SLOT_SIZE, RoomTable
 from shardchat.stats import StatsView
 
 __all__ = [
@@ -221,6 +222,25 @@ class Fabric:
         except BaseException:
             self.close()
             raise
+
+    def seed_table(self, shard: int, seqs: dict[str, int], ring_bytes: int, slots: int) -> int:
+        """Write ``seqs`` (room -> seq) into ``shard``'s seq table before it starts
+        (the room store's rooms, so that every shard knows where each room is from
+        its first request); the rooms that did not fit."""
+        buf = memoryview(self.segments[shard].buf)
+        start = HEADER_SIZE + ring_bytes
+        table = RoomTable(buf[start : start + slots * SLOT_SIZE], slots)
+        left = 0
+        for room, seq in seqs.items():
+            try:
+                offset = table.slot(room)
+            except SeqTableError:
+                offset = None
+            if offset is None:
+                left += 1
+            else:
+                table.set_seq(offset, seq)
+        return left  # the views go with this frame: the segment can be closed
 
     def heartbeat_ns(self, shard: int) -> int:
         """When the shard's loop last beat (CLOCK_MONOTONIC ns, one clock per box)."""

@@ -150,6 +150,17 @@ class StorageDir:
             raise
         return cls(directory, fd, epoch, workers)
 
+    def seqs(self, shard: int) -> dict[str, int]:
+        """Each room of ``shard``'s store with its seq."""
+        path = self.path(shard)
+        if not path.exists():
+            return {}
+        db = connect(path)
+        try:
+            return dict(db.execute("SELECT room, seq FROM rooms").fetchall())
+        finally:
+            db.close()
+
     def path(self, shard: int) -> Path:
         return store_path(self.directory, shard, self.workers)
 

@@ -119,6 +119,8 @@ class Supervisor:
         self._fabric = shm.Fabric(
             self.pid, len(self.slots), self.config.ring.bytes, self.config.ring.rooms, addr_capacity
         )
+        if self.storage is not None:
+            self._seed_tables(self.storage)
         wake_r, wake_w = socket.socketpair()
         wake_r.setblocking(False)
         wake_w.setblocking(False)
@@ -177,6 +179,17 @@ class Supervisor:
                 self.storage.close()
         log_event(log, logging.INFO, "supervisor_exit", code=self.exit_code)
         return self.exit_code
+
+    def _seed_tables(self, storage: StorageDir) -> None:
+        """Every stored room's seq in its owner's seq table before any shard starts:
+        a shard that serves a join before the room's owner has read its store
+        would take the room for a new one."""
+        ring = self.config.ring
+        for slot in self.slots:
+            seqs = storage.seqs(slot.shard_id)
+            left = self._fabric.seed_table(slot.shard_id, seqs, ring.bytes, ring.rooms)
+            if left:
+                log_event(log, logging.WARNING, "room_table_full", shard=slot.shard_id, rooms=left)
 
     def _processes(self) -> list[tuple[str, int]]:
         """The supervisor and each live shard, for the process_* metrics."""

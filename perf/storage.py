@@ -1,0 +1,319 @@
+"""The room store's costs, each against storage.kind = "memory" in the same run.
+
+    python -m perf.storage start [--messages 1000000 --rooms 10000 --workers 2]
+    python -m perf.storage ack [--count 400]
+    python -m perf.storage compare [--receivers 2000 --clients 2000]
+    python -m perf.storage memory [--rooms 100 --history 1000]
+
+- ``start``: a storage.dir holding ``--messages`` in ``--rooms`` (written
+  straight into the shards' files), then ``shardchat start``: seconds until a
+  client is welcomed, and until a rejoin with ``since`` is answered
+  ``recovered`` with the room's messages.
+- ``ack``: publish-to-ack latency of one client publishing one message at a
+  time, for memory and each ``storage.fsync``.
+- ``compare``: the fan-out's best rate and CPU per delivery, and the rooms
+  scenario's CPU per delivery and p99, memory against sqlite (fsync batch),
+  pinned as perf.run pins them.
+- ``memory``: RSS of the shards before and after a client on each shard
+  joined ``--rooms`` rooms of ``--history`` messages each: bytes per held
+  message and per room, at 1 and 6 shards, memory against sqlite.
+
+A benchmark, not a test: short and bounded; the figures go to perf/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import websockets
+
+from perf import procs
+from perf.run import (
+    CLIENT_CPU,
+    FAST,
+    SERVER_CPU,
+    SMALL_FANOUT_RATES,
+    best_rate,
+    cost_ratio,
+    fanout_against,
+    load,
+    pin_self,
+)
+from shardchat.storage.boxdir import store_path
+from shardchat.storage.store import connect
+
+CONTENT = "x" * 100
+
+
+def _json(room: str, seq: int) -> bytes:
+    return json.dumps(
+        {
+            "type": "message", "room": room, "sender": "bench", "content": CONTENT,
+            "seq": seq, "timestamp": 1_700_000_000_000, "id": f"b-{room}-{seq}",
+        },
+        separators=(",", ":"),
+    ).encode()  # fmt: skip
+
+
+def fill_store(directory: Path, workers: int, rooms: int, per_room: int) -> str:
+    """A storage.dir as a server of ``workers`` shards would leave it; its epoch."""
+    directory.mkdir(parents=True, exist_ok=True)
+    epoch = "bench-epoch"
+    (directory / "meta.json").write_text(json.dumps({"epoch": epoch, "workers": workers}))
+    dbs = [connect(store_path(directory, shard, workers), "OFF") for shard in range(workers)]
+    now = time.time()
+    for db in dbs:
+        db.execute("BEGIN")
+    for r in range(rooms):
+        room = f"room-{r}"
+        db = dbs[zlib.crc32(room.encode()) % workers]
+        db.executemany(
+            "INSERT INTO messages VALUES (?, ?, ?, ?)",
+            ((room, seq, now, _json(room, seq)) for seq in range(1, per_room + 1)),
+        )
+        db.execute("INSERT INTO rooms VALUES (?, ?)", (room, per_room))
+    for db in dbs:
+        db.execute("COMMIT")
+        db.close()
+    return epoch
+
+
+async def _welcome(port: int, deadline: float) -> Any:
+    while True:
+        try:
+            ws = await websockets.connect(f"ws://127.0.0.1:{port}/ws?user=probe", max_size=None)
+            await ws.recv()
+            return ws
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.005)
+
+
+def _welcome_time(args: list[str], port: int, cwd: Path) -> float:
+    """Seconds from ``shardchat start`` to a welcome (the same server, no store)."""
+    start = time.monotonic()
+    proc = subprocess.Popen(args, cwd=cwd)
+
+    async def welcome() -> float:
+        ws = await _welcome(port, start + 30)
+        took = time.monotonic() - start
+        await ws.close()
+        return took
+
+    try:
+        return asyncio.run(welcome())
+    finally:
+        procs._stop(proc, 30)
+
+
+def run_start(messages: int, rooms: int, workers: int) -> dict[str, Any]:
+    per_room = messages // rooms
+    tmp = Path(tempfile.mkdtemp(prefix="shardchat-bench-start-"))
+    try:
+        t = time.perf_counter()
+        epoch = fill_store(tmp / "store", workers, rooms, per_room)
+        fill_s = time.perf_counter() - t
+        size = sum(p.stat().st_size for p in (tmp / "store").iterdir())
+        port, admin = procs.free_port(), procs.free_port()
+        args = [procs.SHARDCHAT, "start", "--workers", str(workers), "--port", str(port)]
+        for s in (
+            f"server.admin_port={admin}",
+            "log.level=warning",
+            f"storage.dir={tmp / 'store'}",
+        ):
+            args += ["--set", s]
+        empty = _welcome_time([*args[:-2], "--set", "storage.kind=memory"], port, tmp)
+        start = time.monotonic()
+        proc = subprocess.Popen(args, cwd=tmp)
+        try:
+
+            async def probe() -> tuple[float, float, int]:
+                ws = await _welcome(port, start + 30)
+                welcomed = time.monotonic() - start
+                room = f"room-{rooms // 2}"
+                await ws.send(
+                    json.dumps({"type": "join", "room": room, "since": 0, "epoch": epoch})
+                )
+                got = 0
+                while True:
+                    frame = json.loads(await ws.recv())
+                    if frame["type"] == "joined":
+                        assert frame["recovered"] is True and frame["seq"] == per_room, frame
+                    elif frame["type"] == "message":
+                        got += 1
+                        if got == per_room:
+                            break
+                await ws.close()
+                return welcomed, time.monotonic() - start, got
+
+            welcomed, recovered, got = asyncio.run(probe())
+        finally:
+            procs._stop(proc, 30)
+        return {
+            "messages": per_room * rooms, "rooms": rooms, "workers": workers,
+            "store_bytes": size, "fill_s": round(fill_s, 2),
+            "welcome_s": round(welcomed, 3), "recovered_join_s": round(recovered, 3),
+            "memory_welcome_s": round(empty, 3),
+            "replayed": got,
+        }  # fmt: skip
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_ack(count: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, settings in (
+        ("memory", ["storage.kind=memory"]),
+        ("off", ["storage.fsync=off"]),
+        ("batch", ["storage.fsync=batch"]),
+        ("always", ["storage.fsync=always"]),
+    ):
+        with procs.shardchat(1, settings=[*FAST, *settings]) as server:
+
+            async def measure(port: int = server.port) -> list[float]:
+                ws = await websockets.connect(f"ws://127.0.0.1:{port}/ws?user=acker")
+                await ws.recv()
+                await ws.send(json.dumps({"type": "join", "room": "acks"}))
+                while json.loads(await ws.recv())["type"] != "joined":
+                    pass
+                times = []
+                for i in range(count):
+                    t = time.perf_counter()
+                    await ws.send(
+                        json.dumps(
+                            {"type": "message", "room": "acks", "content": CONTENT, "id": f"a{i}"}
+                        )
+                    )
+                    while json.loads(await ws.recv())["type"] != "ack":
+                        pass
+                    times.append((time.perf_counter() - t) * 1e3)
+                await ws.close()
+                return times
+
+            times = sorted(asyncio.run(measure()))
+        out[name] = {
+            "p50_ms": round(statistics.median(times), 3),
+            "p99_ms": round(times[int(len(times) * 0.99) - 1], 3),
+            "mean_ms": round(statistics.fmean(times), 3),
+        }
+    return out
+
+
+def run_compare(receivers: int, clients: int) -> dict[str, Any]:
+    pin_self(CLIENT_CPU)
+    out: dict[str, Any] = {}
+    runs: dict[str, dict[str, Any]] = {}
+    for name, settings in (("memory", ["storage.kind=memory"]), ("sqlite", [])):
+        with procs.shardchat(1, settings=[*FAST, *settings], cpus=SERVER_CPU) as server:
+            runs[f"fanout-{name}"] = fanout_against(
+                server, f"store-{name}", receivers, [], SMALL_FANOUT_RATES
+            )
+        with procs.shardchat(1, settings=[*FAST, *settings], cpus=SERVER_CPU) as server:
+            args = ["rooms", "--port", str(server.port), "--target", f"store-rooms-{name}"]
+            args += ["--clients", str(clients), "--room-size", "10", "--interval-ms", "1000"]
+            args += ["--seconds", "10", "--admin", f"http://127.0.0.1:{server.admin_port}"]
+            runs[f"rooms-{name}"] = load(args)
+    for name in ("memory", "sqlite"):
+        rooms = runs[f"rooms-{name}"]
+        out[name] = {
+            "fanout_best": best_rate(runs[f"fanout-{name}"]),
+            "rooms_us_per_delivery": rooms.get("server_us_per_delivery"),
+            "rooms_p99_ms": rooms.get("latency_ms", {}).get("p99"),
+        }
+    out.update(cost_ratio(runs["fanout-memory"], runs["fanout-sqlite"], "fanout_cost"))
+    out["raw"] = runs
+    return out
+
+
+def _rss(pids: list[int]) -> int:
+    return sum(procs.rss_bytes(pid) for pid in pids)
+
+
+def run_memory(rooms: int, history: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for workers in (1, 6):
+        for name, settings in (("memory", ["storage.kind=memory"]), ("sqlite", [])):
+            cfg = [*FAST, f"delivery.history={history}", *settings]
+            with procs.shardchat(workers, settings=cfg) as server:
+                pids = server.server_pids()
+
+                async def fill(port: int = server.port) -> None:
+                    ws = await websockets.connect(
+                        f"ws://127.0.0.1:{port}/ws?user=filler", max_size=None
+                    )
+                    await ws.recv()
+                    for r in range(rooms):
+                        await ws.send(json.dumps({"type": "join", "room": f"m{r}"}))
+                    body = [
+                        json.dumps({"type": "message", "room": f"m{r}", "content": CONTENT})
+                        for r in range(rooms)
+                    ]
+                    acks = 0
+                    for i in range(history):
+                        for frame in body:
+                            await ws.send(frame)
+                        while acks < (i + 1) * rooms - 200:
+                            if json.loads(await ws.recv())["type"] == "ack":
+                                acks += 1
+                    while acks < history * rooms:
+                        if json.loads(await ws.recv())["type"] == "ack":
+                            acks += 1
+                    await ws.close()
+
+                before = _rss(pids)
+                asyncio.run(fill())
+                time.sleep(1.0)
+                after = _rss(pids)
+                held = rooms * history
+                out[f"{name}-w{workers}"] = {
+                    "rss_before": before, "rss_after": after,
+                    "bytes_per_message": round((after - before) / held, 1),
+                    "bytes_per_room": round((after - before) / rooms),
+                }  # fmt: skip
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    start = sub.add_parser("start")
+    start.add_argument("--messages", type=int, default=1_000_000)
+    start.add_argument("--rooms", type=int, default=10_000)
+    start.add_argument("--workers", type=int, default=2)
+    ack = sub.add_parser("ack")
+    ack.add_argument("--count", type=int, default=400)
+    compare = sub.add_parser("compare")
+    compare.add_argument("--receivers", type=int, default=2000)
+    compare.add_argument("--clients", type=int, default=2000)
+    memory = sub.add_parser("memory")
+    memory.add_argument("--rooms", type=int, default=100)
+    memory.add_argument("--history", type=int, default=1000)
+    args = parser.parse_args()
+    if args.what == "start":
+        result = run_start(args.messages, args.rooms, args.workers)
+    elif args.what == "ack":
+        result = run_ack(args.count)
+    elif args.what == "compare":
+        result = run_compare(args.receivers, args.clients)
+    else:
+        result = run_memory(args.rooms, args.history)
+    path = procs.write_result(f"storage-{args.what}", result)
+    shown = {k: v for k, v in result.items() if k != "raw"}
+    print(json.dumps(shown, indent=2))
+    print(f"written to {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
