@@ -324,13 +324,72 @@ def api_command(method: str, params: tuple[str, ...], url: str | None, flags: Co
 
 
 @main.command()
-def cleanup() -> None:
-    """Remove shared memory left in /dev/shm by supervisors that are gone."""
-    from shardchat.brokers.segments import sweep_stale
+@click.option(
+    "--compact",
+    is_flag=True,
+    help="Rewrite every store file to give back the space of deleted messages "
+    "(VACUUM; the server must be stopped).",
+)
+@_config_options
+def storage(flags: ConfigFlags, compact: bool) -> None:
+    """Show the room store of storage.dir: its size, rooms, messages and oldest message."""
+    from datetime import UTC, datetime
+    from pathlib import Path
 
-    removed = sweep_stale()
+    from shardchat.storage.boxdir import compact as compact_dir
+    from shardchat.storage.boxdir import describe
+
+    config = flags.load()
+    directory = Path(config.storage.dir)
+    if config.storage.kind != "sqlite":
+        click.echo(f"storage.kind is {config.storage.kind!r}: nothing is stored")
+        return
+    if not directory.is_dir():
+        click.echo(f"{directory}: no store yet (made at the first start)")
+        return
+    if compact:
+        try:
+            freed = compact_dir(directory)
+        except ShardchatError as exc:
+            click.echo(f"shardchat: {exc}", err=True)
+            sys.exit(1)
+        click.echo(f"compacted: {freed:,} bytes given back")
+    meta, files = describe(directory)
+    click.echo(f"storage.dir {directory}  epoch {meta.get('epoch')}  workers {meta.get('workers')}")
+    for f in files:
+        oldest = (
+            "-"
+            if f.oldest is None
+            else datetime.fromtimestamp(f.oldest, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        )
+        click.echo(
+            f"{f.name}: {f.bytes:,} bytes, {f.rooms:,} rooms, {f.messages:,} messages,"
+            f" oldest {oldest}"
+        )
+    total = sum(f.bytes for f in files)
+    rooms = sum(f.rooms for f in files)
+    messages = sum(f.messages for f in files)
+    click.echo(f"total: {total:,} bytes, {rooms:,} rooms, {messages:,} messages")
+
+
+@main.command()
+@_config_options
+def cleanup(flags: ConfigFlags) -> None:
+    """Remove shared memory left in /dev/shm by supervisors that are gone, and the
+    store files a start set aside as unreadable (storage.dir)."""
+    from pathlib import Path
+
+    from shardchat.brokers.segments import sweep_stale
+    from shardchat.storage.boxdir import set_aside
+
+    removed = [f"/dev/shm/{name}" for name in sweep_stale()]
+    config = flags.load()
+    if config.storage.kind == "sqlite":
+        for path in set_aside(Path(config.storage.dir)):
+            path.unlink(missing_ok=True)
+            removed.append(str(path))
     for name in removed:
-        click.echo(f"removed /dev/shm/{name}")
+        click.echo(f"removed {name}")
     if not removed:
         click.echo("nothing to remove")
 

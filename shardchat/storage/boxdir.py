@@ -32,7 +32,15 @@ from shardchat.logs import log_event
 from shardchat.storage.store import connect
 from shardchat.storage.wal import cut_damaged_tail
 
-__all__ = ["StorageDir", "StoreFile", "compact", "describe", "locked", "store_path"]
+__all__ = [
+    "StorageDir",
+    "StoreFile",
+    "compact",
+    "describe",
+    "locked",
+    "set_aside",
+    "store_path",
+]
 
 log = logging.getLogger(__name__)
 
@@ -245,6 +253,11 @@ CREATE TABLE IF NOT EXISTS dest.keys (
     key TEXT PRIMARY KEY, room TEXT NOT NULL, seq INTEGER NOT NULL, at REAL NOT NULL)
     WITHOUT ROWID;
 """
+
+
+def set_aside(directory: Path) -> list[Path]:
+    """The store files a start set aside as unreadable (``*.corrupt-<time>*``)."""
+    return sorted(directory.glob("rooms-*.corrupt-*")) if directory.is_dir() else []
 
 
 @dataclass(frozen=True, slots=True)

@@ -56,6 +56,16 @@ def stored_server(
         cleanup_server(server)
 
 
+def storage_command(directory: Path, *args: str) -> str:
+    """``shardchat storage`` on ``directory``: its output (exit 0 asserted)."""
+    result = subprocess.run(
+        [SHARDCHAT, "storage", "--set", f"storage.dir={directory}", *args],
+        capture_output=True, text=True, timeout=scaled(30),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
 def kill_everything(server: Server) -> None:
     """kill -9 of the supervisor and of every shard at once, then wait until all
     are gone (the store's lock is free once the last one is)."""
@@ -118,6 +128,10 @@ def test_a_restart_keeps_every_rooms_epoch_seq_and_history(store_dir: Path) -> N
         state = asyncio.run(before())
         assert server.stop() == 0
     assert sum(s["seq"] for s in state.values()) == 1000
+    # What operators see, and a compaction while the server is stopped.
+    shown = storage_command(store_dir, "--compact")
+    assert "compacted:" in shown and "total:" in shown
+    assert "3 rooms, 1,000 messages" in shown.splitlines()[-1]
 
     async def after() -> None:
         async with closing(await clients_on_shards(server.url, [2, 0, 1])) as clients:
@@ -341,3 +355,40 @@ def test_a_full_disk_answers_unavailable_then_recovers(store_dir: Path) -> None:
 
         with stored_server(directory, 1) as server:
             asyncio.run(after())
+
+
+def test_an_unreadable_store_file_is_set_aside_and_the_server_starts(store_dir: Path) -> None:
+    """A store file that is not a database: the start sets it aside (logged), the
+    rooms start again under a new epoch, the server serves; `shardchat cleanup`
+    removes what was set aside."""
+
+    async def publish_some() -> str:
+        async with closing([await connect_client(server.url, user="a")]) as (client,):
+            joined = await client.join("gone")
+            await publish(client, "gone", 5, "g")
+        return str(joined["epoch"])
+
+    with stored_server(store_dir, 1) as server:
+        epoch = asyncio.run(publish_some())
+    (path,) = store_dir.glob("rooms-*.db")
+    path.write_bytes(b"not a database at all" * 500)
+
+    async def after() -> None:
+        async with closing([await connect_client(server.url, user="b")]) as (client,):
+            joined = await client.join("gone", since=5, epoch=epoch)
+            assert joined["epoch"] != epoch and joined["seq"] == 0
+            assert joined["recovered"] is False
+            await client.send(type="message", room="gone", content="again", id="x")
+            assert (await client.recv_type("ack"))["seq"] == 1
+
+    with stored_server(store_dir, 1) as server:
+        events = [e for e in server.log_events() if e.get("event") == "storage_file_unreadable"]
+        assert len(events) == 1 and events[0]["file"] == path.name
+        asyncio.run(after())
+    assert len(list(store_dir.glob("rooms-*.corrupt-*"))) == 1
+    result = subprocess.run(
+        [SHARDCHAT, "cleanup", "--set", f"storage.dir={store_dir}"],
+        capture_output=True, text=True, timeout=scaled(30),
+    )  # fmt: skip
+    assert result.returncode == 0 and "corrupt" in result.stdout
+    assert not list(store_dir.glob("rooms-*.corrupt-*"))
