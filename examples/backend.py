@@ -74,6 +74,10 @@ class Backend:
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
 
+    def fail_for(self, seconds: float) -> None:
+        """Answer webhooks with 500 from now on for ``seconds``."""
+        self.fail_until = time.monotonic() + seconds
+
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
 

@@ -44,6 +44,7 @@ from redis.crc import key_slot
 from redis.exceptions import NoScriptError, RedisError
 
 from shardchat import stats
+from shardchat.brokers import redis_hooks as rh
 from shardchat.brokers import redis_wire as rw
 from shardchat.brokers.presence_holders import answer_of
 from shardchat.core.broker import BrokerListener, PresenceAnswer, Publication
@@ -216,6 +217,9 @@ class RedisBroker:
         # Told when a room got its first member anywhere or lost its last, as the
         # presence script found it (webhooks' room_occupied / room_vacated).
         self.occupancy: Callable[[str, str, bool], None] | None = None
+        # Told of a dead node's user this node reports (webhooks, exactly once among
+        # the survivors): node, user, and the room it left (None: its disconnect).
+        self.dead_user: Callable[[str, str, str | None], None] | None = None
         self._local: dict[str, dict[str, None]] = {}  # room -> our users there
         # The presence of our open rooms (ours and other nodes' users): every node
         # holds it for the rooms it has members of, and computes the events itself.
@@ -258,6 +262,8 @@ class RedisBroker:
             "state": rw.STATE_SCRIPT,
             "presence": rw.PRESENCE_SCRIPT,
             "nodes": rw.NODES_SCRIPT,
+            "vacate": rh.VACATE_SCRIPT,
+            "remove": rh.REMOVE_SCRIPT,
         }
         self._nodes_key = self.prefix + "nodes"
         # The server API's control messages, heard by every node (shard/apiserver.py).
@@ -489,26 +495,58 @@ class RedisBroker:
         assert listener is not None
         for node in gone:
             log_event(log, logging.WARNING, "node_gone", node=node)
-            for state in self.rooms.values():
+            for room, state in self.rooms.items():
                 users = state.remote.pop(node, None)
                 if users:
                     for user in users:
-                        self._presence_remove(state, node, user)
+                        self._presence_remove(room, state, node, user)
             peer = self._peer(node)
             for room, user in self.view.drop_shard(peer):
                 listener.on_presence_event(room, user, False, self.view.count(room))
             listener.on_peer_reset(peer)
             del self._peers[node]  # back from a pause, it comes as a new peer
 
-    def _presence_remove(self, state: Room, node: str, user: str) -> None:
+    def _presence_remove(self, room: str, state: Room, node: str, user: str) -> None:
         """Remove a dead node's entry from the room's presence in Redis (whoever
         sees it first; HDEL is idempotent)."""
-        self._spawn(self._hdel(state.keys.presence, f"{node}\n{user}"))
+        if self.dead_user is None and self.occupancy is None:
+            self._spawn(self._hdel(state.keys.presence, f"{node}\n{user}"))
+        else:
+            self._spawn(self._remove(room, state.keys.presence, node, user))
 
     async def _hdel(self, key: str, fieldname: str) -> None:
         with contextlib.suppress(*_FAILURES):
             self._count_trip()
             await self.client.hdel(key, fieldname)
+
+    async def _remove(self, room: str, key: str, node: str, user: str) -> None:
+        """The same, reporting what this node removed (webhooks): the user's leave,
+        the room left empty, and the user's disconnect if no survivor claimed it."""
+        with contextlib.suppress(*_FAILURES):
+            self._count_trip()
+            removed = await self._script(self.client, "remove", [key], [f"{node}\n{user}"])
+            if not removed:
+                return  # another survivor removed it, and reports it
+            if self.dead_user is not None:
+                self.dead_user(node, user, room)
+            if removed == 2 and self.occupancy is not None:
+                self.occupancy(room, user, False)
+            if self.dead_user is not None:
+                self._count_trip()
+                claim = rh.gone_key(self.prefix, node, user)
+                if await self.client.set(claim, "1", nx=True, ex=rh.GONE_TTL):
+                    self.dead_user(node, user, None)
+
+    async def vacated(self, room: str) -> bool:
+        """Is ``room`` still empty after the grace, and ours to report (webhooks)?"""
+        keys = rw.Keys.of(self.prefix, room, time.time())
+        try:
+            self._count_trip()
+            flag = rh.occupied_key(self.prefix, room)
+            return bool(await self._script(self.client, "vacate", [keys.presence, flag], []))
+        except _FAILURES as exc:
+            self.failed("vacate", exc)
+            return False
 
     def _peer(self, node: str) -> int:
         peer = self._peers.get(node)
@@ -602,15 +640,13 @@ class RedisBroker:
         for p in batch:
             by_room.setdefault(p.room, []).append(p)
         calls: list[tuple[str, list[str], list[Any]]] = []
+        occupancy = self.occupancy
         for room, user, joined, force in ops:
             keys = rw.Keys.of(self.prefix, room, wall)
-            calls.append(
-                (
-                    "presence",
-                    [keys.presence, keys.channel],
-                    [self.node, user, int(joined), int(force)],
-                )
-            )
+            presence_keys = [keys.presence, keys.channel]
+            if occupancy is not None:
+                presence_keys.append(rh.occupied_key(self.prefix, room))
+            calls.append(("presence", presence_keys, [self.node, user, int(joined), int(force)]))
         ttl_ms = int(self.config.redis.history_ttl * 1000)
         rooms = list(by_room)
         for room in rooms:
@@ -645,6 +681,11 @@ class RedisBroker:
         if batch:
             self.stats[_S_BATCHES] += 1
             self.stats[_S_BATCHED] += len(batch)
+        if occupancy is not None:
+            for (room, user, _, _), result in zip(ops, results, strict=False):
+                # The script's [changed, occupancy]: we made the room occupied or empty.
+                if isinstance(result, list) and len(result) == 2 and result[1]:
+                    occupancy(room, user, result[1] == 1)
         publish_results = results[len(ops) :]
         self.deliver(lambda: self._published(rooms, by_room, publish_results))
 
@@ -828,7 +869,7 @@ class RedisBroker:
             if node == self.node:
                 continue
             if node not in self._live:
-                self._presence_remove(state, node, user)  # a dead node's leftover
+                self._presence_remove(room, state, node, user)  # a dead node's leftover
                 continue
             self._remote_presence(room, state, node, user, True)
 

@@ -173,8 +173,9 @@ end
 return {epoch, tonumber(redis.call('GET', KEYS[1]) or '0'), redis.call('HKEYS', KEYS[3])}
 """
 
-# KEYS: presence, channel. ARGV: node, user, 1 (joined) or 0 (left), 1 to publish
-# even when unchanged (a box that was taken for dead announces itself again).
+# KEYS: presence, channel, and with webhooks the room's occupied flag. ARGV: node,
+# user, 1 (joined) or 0 (left), 1 to publish even when unchanged (a box that was
+# taken for dead announces itself again).
 PRESENCE_SCRIPT = """
 local field = ARGV[1] .. '\\n' .. ARGV[2]
 local changed
@@ -185,6 +186,21 @@ else
 end
 if changed == 1 or ARGV[4] == '1' then
   redis.call('SPUBLISH', KEYS[2], 'p\\n' .. field .. '\\n' .. ARGV[3])
+end
+if KEYS[3] then
+  -- Webhooks (brokers/redis_hooks.py): 1 = we made the room occupied, 2 = we
+  -- left it empty.
+  local occ = 0
+  if changed == 1 then
+    if ARGV[3] == '1' then
+      if redis.call('SET', KEYS[3], '1', 'NX') then
+        occ = 1
+      end
+    elseif redis.call('HLEN', KEYS[1]) == 0 then
+      occ = 2
+    end
+  end
+  return {changed, occ}
 end
 return changed
 """

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from shardchat.backend.occupancy import Occupancy
 from shardchat.backend.proxy import ConnectProxy, PublishProxy
 from shardchat.backend.webhooks import WebhookSender
+from shardchat.brokers.redis_hooks import death_id
 from shardchat.logs import log_event
 from shardchat.shard.connection import Connection
 from shardchat.shard.journal import Journal, Leftover, journal_path, read_leftovers
@@ -57,12 +58,18 @@ class BackendLinks:
             if self.sender.kinds & {"leave", "disconnect"}:
                 path = journal_path(spec.supervisor_pid, spec.shard_id)
                 self.report_leftovers(*read_leftovers(path))
-                self.journal = shard.journal = Journal(path)
+                node = str(getattr(shard.broker, "node", ""))  # Redis: this shard's node
+                self.journal = shard.journal = Journal(path, node)
                 # The journal follows every connection and room, whatever is sent.
                 shard.engine.hook_kinds |= {"connect", "join", "leave", "disconnect"}
+            redis = config.broker.kind == "redis"
             if self.sender.kinds & {"room_occupied", "room_vacated"}:
-                self.occupancy = Occupancy(self.sender, config.webhooks.vacated_grace)
+                # Across boxes only Redis knows whether the room is still empty.
+                confirm = getattr(shard.broker, "vacated", None) if redis else None
+                self.occupancy = Occupancy(self.sender, config.webhooks.vacated_grace, confirm)
                 shard.broker.occupancy = self.occupancy.changed
+            if redis and self.sender.kinds & {"leave", "disconnect"}:
+                shard.broker.dead_user = self.report_dead_user  # type: ignore[attr-defined]
         if config.proxy.connect_url:
             self.connect = shard.connect_proxy = ConnectProxy(
                 config.proxy, spec.shard_id, box, mine
@@ -73,7 +80,7 @@ class BackendLinks:
             )
             shard.engine.publish_proxy = True
 
-    def report_leftovers(self, pid: int, leftovers: list[Leftover]) -> None:
+    def report_leftovers(self, pid: int, node: str, leftovers: list[Leftover]) -> None:
         """The predecessor (killed) left these connections open: their leaves and
         disconnects, with the ids any report of them carries."""
         sender = self.sender
@@ -87,14 +94,34 @@ class BackendLinks:
                     left.user,
                     room,
                     {"conn": left.conn, "reason": "shard_died"},
-                    event_id=left.event_id(pid, "leave", room),
+                    event_id=left.event_id(pid, node, "leave", room),
                 )
             sender.emit(
                 "disconnect",
                 left.user,
                 None,
                 {"conn": left.conn, "code": 1006, "reason": "shard died"},
-                event_id=left.event_id(pid, "disconnect"),
+                event_id=left.event_id(pid, node, "disconnect"),
+            )
+
+    def report_dead_user(self, node: str, user: str, room: str | None) -> None:
+        """A dead box's user (Redis broker): its leave of ``room``, or its disconnect;
+        this node is the one survivor that reports it."""
+        sender = self.sender
+        assert sender is not None
+        parts = node.split(":")
+        fields: dict[str, object] = {
+            "shard": int(parts[2]) if len(parts) == 4 and parts[2].isdigit() else -1,
+            "box": node,  # the dead node, host:pid:shard:nonce
+            "reported_by": sender.box,
+        }
+        if room is not None:
+            fields["reason"] = "box_died"
+            sender.emit("leave", user, room, fields, event_id=death_id(node, user, "leave", room))
+        else:
+            fields.update(code=1006, reason="box died")
+            sender.emit(
+                "disconnect", user, None, fields, event_id=death_id(node, user, "disconnect")
             )
 
     async def close(self, quick: bool) -> None:

@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 import orjson
 
+from shardchat.brokers.redis_hooks import death_id
 from shardchat.brokers.segments import PREFIX, SHM_DIR
 
 __all__ = ["Journal", "Leftover", "journal_path"]
@@ -38,19 +39,24 @@ class Leftover(NamedTuple):
     user: str
     rooms: tuple[str, ...]
 
-    def event_id(self, pid: int, kind: str, room: str | None = None) -> str:
-        """The same id whoever reports it, however many times."""
+    def event_id(self, pid: int, node: str, kind: str, room: str | None = None) -> str:
+        """The same id whoever reports it, however many times. With the Redis broker
+        (``node``: the dead shard's node name) the id other boxes would give the
+        same report when they find the node gone."""
+        if node:
+            return death_id(node, self.user, kind, room or "")
         key = f"{pid}:{self.conn}:{kind}:{room or ''}".encode()
         return "evt_d" + hashlib.sha256(key).hexdigest()[:24]
 
 
-def read_leftovers(path: Path) -> tuple[int, list[Leftover]]:
-    """The predecessor's pid and the connections it left open."""
+def read_leftovers(path: Path) -> tuple[int, str, list[Leftover]]:
+    """The predecessor's pid, its Redis node name (or ""), the connections it left open."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        return 0, []
+        return 0, "", []
     pid = 0
+    node = ""
     conns: dict[int, tuple[str, list[str]]] = {}
     for line in data.splitlines():
         try:
@@ -58,7 +64,7 @@ def read_leftovers(path: Path) -> tuple[int, list[Leftover]]:
         except (orjson.JSONDecodeError, ValueError, TypeError):
             continue  # a line cut by the kill
         if kind == "p":
-            pid = conn
+            pid, node = conn, user
         elif kind == "o":
             conns[conn] = (user, [])
         elif kind == "c":
@@ -69,7 +75,7 @@ def read_leftovers(path: Path) -> tuple[int, list[Leftover]]:
                 rooms.append(room)
             elif kind == "l" and room in rooms:
                 rooms.remove(room)
-    return pid, [Leftover(c, user, tuple(rooms)) for c, (user, rooms) in conns.items()]
+    return pid, node, [Leftover(c, user, tuple(rooms)) for c, (user, rooms) in conns.items()]
 
 
 _KINDS = {"connect": "o", "join": "j", "leave": "l", "disconnect": "c"}
@@ -78,8 +84,9 @@ _KINDS = {"connect": "o", "join": "j", "leave": "l", "disconnect": "c"}
 class Journal:
     """This shard's lines; :meth:`record` is called for each engine event."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, node: str = "") -> None:
         self.path = path
+        self.node = node  # the Redis broker's node name of this shard
         self.pid = os.getpid()
         self.size = 0
         self.compact_at = COMPACT_AT
@@ -87,7 +94,7 @@ class Journal:
         self._rewrite([])
 
     def _rewrite(self, live: Iterable[tuple[int, str, tuple[str, ...]]]) -> None:
-        lines = [orjson.dumps(["p", self.pid, "", ""])]
+        lines = [orjson.dumps(["p", self.pid, self.node, ""])]
         for conn, user, rooms in live:
             lines.append(orjson.dumps(["o", conn, user, ""]))
             lines += [orjson.dumps(["j", conn, user, room]) for room in rooms]

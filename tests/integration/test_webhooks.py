@@ -171,9 +171,10 @@ async def test_room_occupied_and_vacated_once_per_transition_at_the_owner() -> N
 
 async def test_a_receiver_failing_for_3_s_gets_every_event_once() -> None:
     with (
-        backend(fail_for=3.0) as receiver,
+        backend() as receiver,
         running_server(2, hook_settings(receiver, "webhooks.max_age=30")) as srv,
     ):
+        receiver.fail_for(3.0)
         clients = [await connect_client(srv.url, user=f"r{i}", rooms=["retry"]) for i in range(4)]
         for client in clients:
             await client.recv_type("joined")

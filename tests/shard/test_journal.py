@@ -25,15 +25,16 @@ def test_leftovers_are_the_connections_left_open_with_their_rooms(tmp_path: Path
     journal.record("message", 1, "ada", "lobby")  # not journaled
     with path.open("ab") as cut:
         cut.write(b'["o", 3, "cu')  # the kill came mid-line
-    pid, left = read_leftovers(path)
-    assert pid == journal.pid
+    pid, node, left = read_leftovers(path)
+    assert pid == journal.pid and node == ""
     assert left == [Leftover(1, "ada", ("lobby",))]
     # A report made twice (or by two readers) carries the same ids.
-    assert left[0].event_id(pid, "leave", "lobby") == left[0].event_id(pid, "leave", "lobby")
-    assert left[0].event_id(pid, "leave", "lobby") != left[0].event_id(pid, "disconnect")
+    first = left[0].event_id(pid, node, "leave", "lobby")
+    assert first == left[0].event_id(pid, node, "leave", "lobby")
+    assert first != left[0].event_id(pid, node, "disconnect")
     journal.close(remove=True)
     assert not path.exists()
-    assert read_leftovers(path) == (0, [])
+    assert read_leftovers(path) == (0, "", [])
 
 
 def test_compaction_rewrites_the_live_state(
@@ -50,5 +51,5 @@ def test_compaction_rewrites_the_live_state(
     journal.compact([(7, "live", ("r",))])
     assert path.stat().st_size < 200
     journal.record("join", 7, "live", "s")
-    assert read_leftovers(path)[1] == [Leftover(7, "live", ("r", "s"))]
+    assert read_leftovers(path)[2] == [Leftover(7, "live", ("r", "s"))]
     journal.close(remove=False)
