@@ -4,42 +4,27 @@ survivor, within presence.ttl + 1 s."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
 import time
-from collections.abc import Iterator
-
-import pytest
 
 from examples.backend import Backend
+from tests.integration import test_redis
 from tests.integration.test_webhooks import await_until, backend, hook_settings
 from tests.support.helpers import (
-    Server,
     clients_on_shards,
     closing,
     connect_client,
     running_server,
     scaled,
 )
-from tests.support.redis_helpers import RedisServer, delete_prefix, redis_server
+from tests.support.redis_helpers import RedisServer
 
 TTL = 1.0
 
 
-@pytest.fixture(scope="module")
-def redis() -> Iterator[RedisServer]:
-    with redis_server() as server:
-        yield server
-
-
-@pytest.fixture
-def prefix(redis: RedisServer) -> Iterator[str]:
-    name = f"wh{os.getpid()}x{time.monotonic_ns() % 10**6}:"
-    try:
-        yield name
-    finally:
-        delete_prefix([redis], name)
+# The Redis tests' server (one per module) and per-test key prefix.
+redis = test_redis.redis
+prefix = test_redis.prefix
+kill_box = test_redis.kill_box
 
 
 def settings(redis: RedisServer, prefix: str, receiver: Backend) -> list[str]:
@@ -50,13 +35,6 @@ def settings(redis: RedisServer, prefix: str, receiver: Backend) -> list[str]:
         f"presence.ttl={TTL}",
         *hook_settings(receiver),
     ]
-
-
-def kill_box(box: Server) -> None:
-    for pid in [*box.shard_pids().values(), box.proc.pid]:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    box.proc.wait()
 
 
 def of(receiver: Backend, kind: str, users: set[str]) -> list[tuple[str, str | None]]:
