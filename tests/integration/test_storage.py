@@ -408,3 +408,47 @@ def test_an_unreadable_store_file_is_set_aside_and_the_server_starts(store_dir: 
     )  # fmt: skip
     assert result.returncode == 0 and "corrupt" in result.stdout
     assert not list(store_dir.glob("rooms-*.corrupt-*"))
+
+
+def test_kill_9_of_the_owner_mid_publish_then_a_restart_loses_nothing_acked(
+    store_dir: Path,
+) -> None:
+    """The room's owner killed with kill -9 while a client on another shard
+    publishes to it: it restarts, stores again what its ring holds and its
+    store lacks; after a full restart every acked message is at its seq."""
+    room = room_owned_by(1, prefix="owner")
+
+    async def before() -> tuple[str, Publisher]:
+        (client,) = await clients_on_shards(server.url, [0])
+        epoch = str((await client.join(room))["epoch"])
+        publisher = Publisher(client, room)
+        task = asyncio.create_task(publisher.run())
+        deadline = time.monotonic() + scaled(30)
+        while len(publisher.acked) < 200:
+            assert time.monotonic() < deadline, "the publishes were not acked"
+            await asyncio.sleep(0.01)
+        os.kill(server.shard_pids()[1], signal.SIGKILL)
+        await asyncio.to_thread(server.wait_started, 4)  # the owner is back
+        count = len(publisher.acked)
+        while len(publisher.acked) < count + 200:  # and acks again
+            assert time.monotonic() < deadline + scaled(30), "no acks after the restart"
+            await asyncio.sleep(0.01)
+        await client.ws.close()
+        await task
+        return epoch, publisher
+
+    with stored_server(store_dir) as server:
+        epoch, publisher = asyncio.run(before())
+        assert server.stop() == 0
+
+    async def after() -> None:
+        async with closing([await connect_client(server.url, user="z")]) as (client,):
+            joined, messages = await replay(client, room, 0, epoch)
+            assert joined["epoch"] == epoch and joined["recovered"] is True
+            kept = {m["seq"]: m["content"] for m in messages}
+            assert list(kept) == list(range(1, joined["seq"] + 1))
+            missing = {s: c for s, c in publisher.acked.items() if kept.get(s) != c}
+            assert not missing, f"acked and lost: {missing}"
+
+    with stored_server(store_dir) as server:
+        asyncio.run(after())
