@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -170,7 +172,10 @@ async def test_room_switch_and_back_loses_nothing(server: Server, browser: Any) 
 
 
 async def test_kill_9_and_full_restart_reconnect_by_themselves(browser: Any) -> None:
-    srv = start_server(workers=2)
+    # The room store (the default kind) in a directory of the test's own.
+    store = Path(tempfile.mkdtemp(prefix="shardchat-browser-store-"))
+    stored = [f"storage.dir={store}"]
+    srv = start_server(workers=2, settings=stored)
     port = srv.port
     try:
         page = await open_page(browser, port, "steady", "resilient")
@@ -201,17 +206,21 @@ async def test_kill_9_and_full_restart_reconnect_by_themselves(browser: Any) -> 
         await wait_contents(page, expected)
         await shot(page, "kill9-recovered")
         await talker.close()
-        # A full restart: 1001 shutdown, then a new server (and epoch) on the same port.
+        # A full restart: 1001 shutdown, then a new server on the same port and
+        # storage.dir: the room keeps its epoch and seq, the page resumes.
         srv.stop()
         cleanup_server(srv)
         await page.wait_for_selector('#status[data-state="reconnecting"]', timeout=ms(10))
-        srv = start_server(workers=2, port=port)
+        srv = start_server(workers=2, port=port, settings=stored)
         await wait_connected(page, timeout=60)
-        await page.wait_for_selector("text=the server restarted", timeout=ms(10))
+        await page.wait_for_selector("text=recovered every message", timeout=ms(10))
+        assert await page.locator("text=the server restarted").count() == 0
+        assert await page.locator("text=could not be recovered").count() == 0
+        await wait_contents(page, expected)  # each once
         talker = await connect_client(srv.url, user="talker", rooms=["resilient"])
         await talker.recv_type("joined")
-        await talker.send(type="message", room="resilient", content="new epoch", id="n0")
-        expected.append("new epoch")
+        await talker.send(type="message", room="resilient", content="same epoch", id="n0")
+        expected.append("same epoch")
         await wait_contents(page, expected)
         await say(page, "after restart")
         expected.append("after restart")
@@ -220,6 +229,7 @@ async def test_kill_9_and_full_restart_reconnect_by_themselves(browser: Any) -> 
         await shot(page, "restart-recovered")
     finally:
         cleanup_server(srv)
+        shutil.rmtree(store, ignore_errors=True)
 
 
 async def test_a_refused_name_and_a_refused_token_show_their_reason(browser: Any) -> None:
