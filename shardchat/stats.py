@@ -76,7 +76,7 @@ class Slot(enum.IntEnum):
     HTTP_REFUSED = 23  # upgrades refused before the handshake (403/400/401/503)
     LISTEN_FD = 24  # gauge: the shard's listening socket's descriptor (for the supervisor)
     UNLISTENED = 25  # set by the supervisor: it shut that socket down; the shard re-listens
-    # broker.kind = "redis" (brokers/redis_broker.py)
+    # broker.kind = "redis" (brokers/redis/)
     REDIS_UP = 26  # gauge: 1 while the shard's Redis connection works
     REDIS_ROUND_TRIPS = 27  # pipelines and commands sent
     REDIS_BATCHES = 28  # publish pipelines

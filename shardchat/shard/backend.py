@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from shardchat.backend.occupancy import Occupancy
 from shardchat.backend.proxy import ConnectProxy, PublishProxy
 from shardchat.backend.webhooks import WebhookSender
-from shardchat.brokers.redis_hooks import death_id
+from shardchat.brokers.redis.hooks import death_id
 from shardchat.logs import log_event
 from shardchat.shard.connection import Connection
 from shardchat.shard.journal import Journal, Leftover, journal_path, read_leftovers

@@ -148,7 +148,7 @@ async def _serve_redis(
     mine: stats.Counters,
 ) -> None:
     """A shard whose rooms go through Redis (several boxes)."""
-    from shardchat.brokers.redis_broker import RedisBroker  # the optional extra
+    from shardchat.brokers.redis.broker import RedisBroker  # the optional extra
 
     config = spec.config
     shard: Shard | None = None

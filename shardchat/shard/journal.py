@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import orjson
 
-from shardchat.brokers.redis_hooks import death_id
+from shardchat.brokers.redis.hooks import death_id
 from shardchat.brokers.segments import PREFIX, SHM_DIR
 
 __all__ = ["Journal", "Leftover", "journal_path"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import orjson
 from redis.crc import key_slot
 
-from shardchat.brokers import redis_wire as rw
+from shardchat.brokers.redis import wire as rw
 from shardchat.core import wire
 from shardchat.core.broker import Publication
 

@@ -23,7 +23,7 @@ CORE = sorted(
         *(f"shardchat.ring.{m.name}" for m in pkgutil.iter_modules(shardchat.ring.__path__)),
         "shardchat.brokers.sequencer",
         "shardchat.brokers.forwarding",
-        "shardchat.brokers.redis_wire",
+        "shardchat.brokers.redis.wire",
         "shardchat.addrtable",
     ]
 )

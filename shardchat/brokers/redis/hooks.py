@@ -3,7 +3,7 @@
 docs/WEBHOOKS.md. ``room_occupied``/``room_vacated`` are decided in Redis,
 where every box's presence of a room is (its hash ``:p``): a flag ``:o`` in
 the room's slot says the backend was told the room is occupied. The presence
-script (``redis_wire.PRESENCE_SCRIPT``, given the flag as a third key) sets it
+script (``wire.PRESENCE_SCRIPT``, given the flag as a third key) sets it
 with the room's first member anywhere (the node whose script set it reports
 ``room_occupied``) and says when its change left the room empty; after
 ``webhooks.vacated_grace`` that node runs :data:`VACATE_SCRIPT`, which clears

@@ -188,7 +188,7 @@ if changed == 1 or ARGV[4] == '1' then
   redis.call('SPUBLISH', KEYS[2], 'p\\n' .. field .. '\\n' .. ARGV[3])
 end
 if KEYS[3] then
-  -- Webhooks (brokers/redis_hooks.py): 1 = we made the room occupied, 2 = we
+  -- Webhooks (brokers/redis/hooks.py): 1 = we made the room occupied, 2 = we
   -- left it empty.
   local occ = 0
   if changed == 1 then
