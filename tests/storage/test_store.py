@@ -1,0 +1,162 @@
+"""The room store's parts on their own: the writer thread's batches and acks,
+retention, a write that fails for want of room and is tried again, the
+write-ahead log's torn tail, the storage directory's lock and epoch."""
+
+from __future__ import annotations
+
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+
+from shardchat.core.errors import StorageError
+from shardchat.storage.boxdir import StorageDir, store_path
+from shardchat.storage.store import TRIM_EVERY, RoomStore, connect
+from shardchat.storage.wal import cut_damaged_tail, valid_length
+
+
+class Woken:
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+    def __call__(self) -> None:
+        self.event.set()
+
+
+def finished(store: RoomStore[str], woken: Woken, count: int) -> list[tuple[str, bool]]:
+    """The next ``count`` finished batches (the writer wakes us for each)."""
+    done: list[tuple[str, bool]] = []
+    deadline = time.monotonic() + 10
+    while len(done) < count:
+        assert woken.event.wait(max(0.0, deadline - time.monotonic())), done
+        woken.event.clear()
+        done += store.finished()
+    return done
+
+
+def open_store(path: Path, woken: Woken, **kw: object) -> RoomStore[str]:
+    options: dict[str, object] = {
+        "fsync": "off", "max_bytes": 0, "history": 1000, "history_ttl": 0.0, "wake": woken,
+    }  # fmt: skip
+    options.update(kw)
+    store: RoomStore[str] = RoomStore(path, **options)  # type: ignore[arg-type]
+    store.start()
+    return store
+
+
+@pytest.mark.parametrize("fsync", ["always", "batch", "off"])
+def test_batches_come_back_in_order_and_are_kept(tmp_path: Path, fsync: str) -> None:
+    woken = Woken()
+    store = open_store(tmp_path / "s.db", woken, fsync=fsync)
+    for turn in range(3):
+        for i in range(5):
+            seq = turn * 5 + i + 1
+            store.add("r", seq, time.time(), f"k{seq}", b'{"seq":%d}' % seq)
+        store.submit(f"turn{turn}")
+    assert finished(store, woken, 3) == [("turn0", True), ("turn1", True), ("turn2", True)]
+    assert [m.seq for m in store.read("r", 3, 7, 100)] == [3, 4, 5, 6, 7]
+    store.close()
+    again = open_store(tmp_path / "s.db", woken)
+    restored = again.restore()
+    assert restored.seqs == {"r": 15}
+    assert [k for k, *_ in restored.keys] == [f"k{seq}" for seq in range(1, 16)]
+    again.close()
+
+
+def test_retention_keeps_the_last_history_messages(tmp_path: Path) -> None:
+    woken = Woken()
+    store = open_store(tmp_path / "s.db", woken, history=10)
+    for seq in range(1, 101):
+        store.add("r", seq, time.time(), "", b"x")
+        store.submit(str(seq))
+    finished(store, woken, 100)
+    held = store.read("r", 1, 100, 1000)
+    assert held[-1].seq == 100
+    assert 10 <= len(held) < 10 + TRIM_EVERY  # trimmed TRIM_EVERY at a time
+    assert store.restore().seqs == {"r": 100}  # the seq is kept for ever
+    store.close()
+
+
+def test_a_write_past_max_bytes_fails_and_is_kept_for_a_retry(tmp_path: Path) -> None:
+    """The rows of a failed write are kept and written first in the next
+    transaction once there is room: nothing handed over is dropped."""
+    woken = Woken()
+    store = open_store(tmp_path / "s.db", woken, max_bytes=64 * 1024)
+    seq = 0
+    results: list[bool] = []
+    while True in results or not results:
+        seq += 1
+        store.add("r", seq, time.time(), "", b"y" * 2000)
+        store.submit(str(seq))
+        results.append(finished(store, woken, 1)[0][1])
+        if not results[-1]:
+            break
+        assert seq < 1000, "max_bytes was never reached"
+    assert store.full
+    stored = store.restore().seqs["r"]
+    assert stored == seq - 1  # the failed one is not in the store yet
+    # Room again (an operator raised the limit): the kept rows go in first.
+    db = connect(tmp_path / "s.db")
+    db.execute("DELETE FROM messages WHERE seq <= ?", (stored // 2,))
+    db.close()
+    deadline = time.monotonic() + 10
+    while store.full:
+        assert time.monotonic() < deadline, "the kept rows were never written"
+        time.sleep(0.05)
+    assert store.restore().seqs["r"] == seq
+    assert store.read("r", seq, seq, 1)[0].payload == b"y" * 2000
+    store.close()
+
+
+def test_a_torn_wal_is_cut_after_its_last_commit(tmp_path: Path) -> None:
+    db = connect(tmp_path / "w.db", "OFF")
+    for i in range(20):
+        db.execute("BEGIN")
+        db.execute("INSERT INTO rooms VALUES (?, ?)", (f"r{i}", i))
+        db.execute("COMMIT")
+    wal = tmp_path / "w.db-wal"
+    data = wal.read_bytes()
+    assert valid_length(data) == len(data)
+    assert cut_damaged_tail(wal) == 0  # whole frames: nothing to cut
+    db.close()
+    torn = tmp_path / "torn-wal"
+    torn.write_bytes(data[:-100])
+    cut = cut_damaged_tail(torn)
+    # The torn frame and the frames of its transaction before it: one commit less.
+    assert 0 < cut < len(data) - 32
+    assert valid_length(torn.read_bytes()) == torn.stat().st_size == len(data) - 100 - cut
+
+
+def test_a_second_hold_of_the_directory_is_refused(tmp_path: Path) -> None:
+    first = StorageDir.open(tmp_path / "d", 2)
+    try:
+        with pytest.raises(StorageError, match="in use by another shardchat server"):
+            StorageDir.open(tmp_path / "d", 2)
+        epoch = first.epoch
+    finally:
+        first.close()
+    again = StorageDir.open(tmp_path / "d", 2)
+    assert again.epoch == epoch  # the epoch outlives the run
+    again.close()
+
+
+def test_a_new_worker_count_moves_each_room_to_its_new_owner(tmp_path: Path) -> None:
+    directory = tmp_path / "d"
+    StorageDir.open(directory, 2).close()
+    for shard in range(2):
+        db = connect(store_path(directory, shard, 2))
+        db.executemany(
+            "INSERT INTO rooms VALUES (?, ?)", [(f"s{shard}r{i}", i + 1) for i in range(20)]
+        )
+        db.close()
+    moved = StorageDir.open(directory, 3)
+    try:
+        seqs = [moved.seqs(shard) for shard in range(3)]
+        assert sum(len(s) for s in seqs) == 40
+        assert not list(directory.glob("rooms-*-of-2.db"))
+        for shard, rooms in enumerate(seqs):
+            assert all(zlib.crc32(room.encode()) % 3 == shard for room in rooms)
+    finally:
+        moved.close()
