@@ -22,10 +22,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["FORWARD_RETRY", "FORWARD_RETRY_MAX", "Forwarder", "PendingForward"]
+__all__ = ["FORWARD_PACE", "FORWARD_RETRY", "FORWARD_RETRY_MAX", "Forwarder", "PendingForward"]
 
 FORWARD_RETRY = 1.0  # seconds before an unsequenced forward is sent again (then doubled)
 FORWARD_RETRY_MAX = 8.0  # the longest wait between two sends of one forward
+FORWARD_PACE = 0.02  # seconds between two batches of forwards sent again
 
 
 @dataclass(slots=True)
@@ -67,17 +68,28 @@ class Forwarder:
         self._in_flight[pending.owner] -= 1
         return True
 
-    def due(self, now: float) -> tuple[list[PendingForward], list[PendingForward]]:
+    def due(
+        self, now: float, budget: int | None = None
+    ) -> tuple[list[PendingForward], list[PendingForward]]:
         """(forwards to send again now, forwards given up). Both leave or renew
-        their timers here."""
+        their timers here. At most ``budget`` bytes are sent again at once, oldest
+        first; the rest ``FORWARD_PACE`` later. Forwards are lost when the owner's
+        reader is lapped; all of them sent again at once (up to overload.forwards
+        of them, several rings) lapped it again, every time, until they failed."""
         again: list[PendingForward] = []
         failed: list[PendingForward] = []
+        left = budget
         for pending in list(self.pending.values()):
             if now - pending.first_sent >= self.give_up:
                 del self.pending[pending.msg_id]
                 self._in_flight[pending.owner] -= 1
                 failed.append(pending)
             elif now >= pending.next_send:
+                if left is not None:
+                    if left < len(pending.payload) and again:
+                        pending.next_send = now + FORWARD_PACE
+                        continue
+                    left -= len(pending.payload)
                 pending.wait = min(FORWARD_RETRY_MAX, pending.wait * 2)
                 pending.next_send = now + pending.wait
                 again.append(pending)

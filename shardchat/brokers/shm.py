@@ -782,7 +782,7 @@ class ShmBroker:
         forwarder = self.forwarder
         if not forwarder.pending:
             return presence
-        again, failed = forwarder.due(now)
+        again, failed = forwarder.due(now, self._commit_every)  # an eighth of a ring
         for pending in again:
             self.stats[_S_RETRIED] += 1
             self._write(_FORWARD, pending.owner, pending.payload)

@@ -1,0 +1,142 @@
+"""A lapped shard's rooms: filled from the owner, or their missing ranges announced as
+``gap``; joins there answered in bounded time. Real processes, clients on every shard
+(``welcome.shard``)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+
+from tests.support.helpers import (
+    FAST,
+    Client,
+    Server,
+    clients_on_shards,
+    closing,
+    room_owned_by,
+    running_server,
+    scaled,
+)
+
+RATE = 2000  # messages per second into the room, from all publishers
+SECONDS = 3.5  # of publishing
+STOPS = ((1, 0.5), (2, 2.0))  # (shard, seconds into the run): SIGSTOP for 1 s each
+BODY = "x" * 1000  # about 1 KB per message: a 64 KiB ring wraps 30 times a second
+JOIN_ANSWERED = 5.0  # seconds a join on a lapped shard may take
+
+
+@dataclass
+class Seen:
+    """What one member received of the room."""
+
+    order: list[int] = field(default_factory=list)  # seqs of messages and gaps, as received
+    gaps: list[tuple[int, int]] = field(default_factory=list)
+    acks: dict[int, int] = field(default_factory=dict)  # message number -> seq
+    refused: list[str] = field(default_factory=list)  # error codes of refused publishes
+
+
+async def read(client: Client, room: str, seen: Seen) -> None:
+    async for raw in client.ws:
+        frame = json.loads(raw)
+        kind = frame["type"]
+        if kind == "message" and frame["room"] == room:
+            seen.order.append(frame["seq"])
+        elif kind == "gap" and frame["room"] == room:
+            seen.gaps.append((frame["first"], frame["last"]))
+            seen.order += range(frame["first"], frame["last"] + 1)
+        elif kind == "ack":
+            seen.acks[int(frame["id"])] = frame["seq"]
+        elif kind == "error":
+            seen.refused.append(frame["code"])
+
+
+async def publish_at_rate(clients: list[Client], room: str, start: float) -> int:
+    """``RATE`` messages a second for ``SECONDS``, spread over ``clients``; the count."""
+    sent = 0
+    while (elapsed := time.monotonic() - start) < SECONDS:
+        while sent < elapsed * RATE:
+            client = clients[sent % len(clients)]
+            await client.send(type="message", room=room, content=f"{sent}:{BODY}", id=str(sent))
+            sent += 1
+        await asyncio.sleep(0.005)
+    return sent
+
+
+async def stop_in_turn(srv: Server, start: float, joiners: list[Client], room: str) -> list[float]:
+    """SIGSTOP each listed shard for 1 s; right after each, a join on that shard
+    (its rooms are being filled then). How long each join took."""
+    pids = srv.shard_pids()
+    took: list[float] = []
+    for (shard, at), joiner in zip(STOPS, joiners, strict=True):
+        await asyncio.sleep(max(0.0, start + at - time.monotonic()))
+        os.kill(pids[shard], signal.SIGSTOP)
+        try:
+            await asyncio.sleep(1.0)
+        finally:
+            os.kill(pids[shard], signal.SIGCONT)
+        asked = time.monotonic()
+        await joiner.send(type="join", room=room, since=0)
+        await joiner.recv_type("joined", JOIN_ANSWERED)
+        took.append(time.monotonic() - asked)
+        await joiner.send(type="leave", room=room)
+    return took
+
+
+async def test_a_lapped_shards_members_miss_nothing_unannounced() -> None:
+    """64 KiB rings, about 2,000 msg/s of 1 KB into a room owned by shard 0 from
+    members on every shard, and each other shard stopped for 1 s in turn: every
+    member gets every seq, in order, or a ``gap`` frame for it that ``history`` on
+    the owner can fill; a join on a shard just lapped is answered within 5 s."""
+    settings = [*FAST, "ring.bytes=65536", "limits.max_frame=8192", "delivery.history=20000"]
+    with running_server(workers=3, settings=settings) as srv:
+        room = room_owned_by(0)
+        members = await clients_on_shards(srv.url, [0, 1, 2], prefix="mem")
+        joiners = await clients_on_shards(srv.url, [s for s, _ in STOPS], prefix="late")
+        assert [c.shard for c in members] == [0, 1, 2]
+        async with closing([*members, *joiners]):
+            for client in members:
+                await client.join(room)
+            seen = [Seen() for _ in members]
+            readers = [
+                asyncio.create_task(read(c, room, s)) for c, s in zip(members, seen, strict=True)
+            ]
+            start = time.monotonic()
+            stopping = asyncio.create_task(stop_in_turn(srv, start, joiners, room))
+            sent = await publish_at_rate(members, room, start)
+            took = await stopping
+            # Every publish answered: acked with its seq, or refused at once.
+            deadline = time.monotonic() + scaled(20)
+            while sum(len(s.acks) + len(s.refused) for s in seen) < sent:
+                assert time.monotonic() < deadline, "publishes left unanswered"
+                await asyncio.sleep(0.05)
+            # Refused at the door past the forwards bound, never left to time out.
+            assert all(code == "overloaded" for s in seen for code in s.refused)
+            acked = sorted(seq for s in seen for seq in s.acks.values())
+            last = acked[-1]
+            assert acked == list(range(1, last + 1))
+            while not all(len(s.order) >= last for s in seen):
+                assert time.monotonic() < deadline, [last - len(s.order) for s in seen]
+                await asyncio.sleep(0.05)
+            for task in readers:
+                task.cancel()
+            for member, s in zip(members, seen, strict=True):
+                # Every seq once, in order: its message, or a gap in its place.
+                assert s.order == acked, (member.shard, s.gaps)
+            # Each range announced is still held on the server: history fills it.
+            owner = members[0]
+            for first, gap_last in {g for s in seen for g in s.gaps}:
+                count = gap_last - first + 1
+                await owner.send(type="history", room=room, since=first - 1, limit=count)
+                got: list[int] = []
+                while (frame := json.loads(await owner.ws.recv()))["type"] != "history_end":
+                    if frame["type"] == "message" and frame["room"] == room:
+                        got.append(frame["seq"])
+                assert got == list(range(first, gap_last + 1))
+        assert all(t < scaled(JOIN_ANSWERED) for t in took), took
+        # The run did lap the stopped shards' readers of the owner's ring.
+        lapped = {e["shard"] for e in srv.log_events() if e.get("event") == "ring_lapped"}
+        assert {1, 2} <= lapped
