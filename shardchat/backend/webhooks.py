@@ -146,9 +146,10 @@ class WebhookSender:
 
     async def close(self, timeout: float = 0.0) -> None:
         """Stop; with ``timeout``, first try that long to deliver what is queued."""
-        if timeout and self.queue:
+        if timeout and self.held:
             deadline = self.clock() + timeout
-            while self.queue and self.clock() < deadline and not self._failing:
+            # Queued or in flight: the last batch may be on its way.
+            while self.held and self.clock() < deadline and not self._failing:
                 await asyncio.sleep(0.01)
         if self._task is not None:
             self._task.cancel()
