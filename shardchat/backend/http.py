@@ -104,7 +104,10 @@ class HttpClient:
             ],
         )
         for attempt in (0, 1):
-            conn, reused = await self._acquire()
+            try:
+                conn, reused = await self._acquire()
+            except OSError as exc:  # no connection: refused, unreachable, no such host
+                raise BackendError(_reason(exc)) from None
             try:
                 response = await self._exchange(conn, request, body)
             except (OSError, h11.ProtocolError, EOFError) as exc:
