@@ -125,6 +125,7 @@ class ShmBroker:
         self.forwarder = Forwarder(publish_timeout)
         self._max_forwards = overload.forwards
         self._max_backlog = overload.backlog
+        self._max_store = overload.store
         self.backlog = 0  # bytes of the peers' rings unread when the last drain began
         # The presence of the rooms we hold (owner or replica), our queries for
         # the others, and what waits for our view while it is rebuilt.
@@ -343,13 +344,16 @@ class ShmBroker:
     def full(self, room: str) -> Queue | None:
         """Forwards in flight to the room's owner at their bound; or, for a room we
         own, the peers' records we have not read yet (the forwards waiting for us
-        to sequence them are among them) over theirs."""
+        to sequence them are among them) over theirs, or what our room store has
+        not written yet (the acks wait for it) at its bound."""
         owner = owner_of(room, self.workers)
         if owner != self.shard_id:
             if self.forwarder.in_flight(owner) >= self._max_forwards:
                 return Queue.FORWARDS
         elif self.backlog > self._max_backlog:
             return Queue.BACKLOG
+        elif self.durable is not None and self.durable.waiting >= self._max_store:
+            return Queue.STORE
         return None
 
     def announce(self, room: str, user: str, joined: bool) -> None:

@@ -104,6 +104,7 @@ class OverloadConfig:
     forwards: int = 256  # publishes in flight from one shard to one room's owner
     backlog: int = 262_144  # bytes of the peers' rings an owner found unread at its last read
     pipeline: int = 1000  # broker.kind = "redis": publishes waiting for or in a Redis pipeline
+    store: int = 4096  # storage.kind = "sqlite": messages an owner sequenced and not yet stored
     turn_bytes: int = 33_554_432  # bytes of room frames one loop turn of a shard may queue
     retry_after: float = 1.0  # seconds an `overloaded` client is told to wait before retrying
 
@@ -456,6 +457,7 @@ _CHECKS: dict[str, Check] = {
     "overload.forwards": _int(1),
     "overload.backlog": _int(4096),
     "overload.pipeline": _int(1),
+    "overload.store": _int(1),
     "overload.turn_bytes": _int(4096),
     "overload.retry_after": _number(0, strict=True),
     "delivery.history_ttl": _number(0, strict=False),

@@ -26,6 +26,7 @@ class Queue(enum.StrEnum):
     BACKLOG = "backlog"  # the owner's unread peer records (forwards it has to sequence)
     PIPELINE = "pipeline"  # publishes waiting for or in a Redis pipeline
     TURN = "turn"  # room frames this loop turn of the shard has queued, in bytes
+    STORE = "store"  # messages the owner sequenced that its room store has not written yet
 
 
 _WHAT = {
@@ -33,6 +34,7 @@ _WHAT = {
     Queue.BACKLOG: "the room's owner is behind on sequencing",
     Queue.PIPELINE: "too many publishes wait for the broker",
     Queue.TURN: "the server is delivering as fast as it can",
+    Queue.STORE: "the room's store is behind on writing",
 }
 
 

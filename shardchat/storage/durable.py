@@ -43,6 +43,7 @@ class Durable:
         self._rows: list[tuple[str, int]] = []  # this turn's
         self._unstored: dict[str, dict[int, bytes]] = {}  # room -> seq -> JSON
         self._peer_acks: list[PeerAck] = []
+        self.waiting = 0  # messages sequenced and not stored yet (overload.store bounds it)
 
     @property
     def full(self) -> bool:
@@ -56,6 +57,7 @@ class Durable:
         self.store.add(room, seq, at, key, json)
         self._rows.append((room, seq))
         self._unstored.setdefault(room, {})[seq] = json
+        self.waiting += 1
 
     def ack_peer(self, peer: int, msg_id: str, room: str, seq: int) -> None:
         """Answer ``peer``'s forward once everything sequenced so far is stored."""
@@ -76,6 +78,7 @@ class Durable:
         done = self.store.finished()
         unstored = self._unstored
         for turn, ok in done:
+            self.waiting -= len(turn.rows)  # a failed write refuses publishes as full
             if not ok:
                 continue  # the writer keeps the rows and tries again
             for room, seq in turn.rows:

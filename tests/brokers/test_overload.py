@@ -7,9 +7,14 @@ accepted before is acked and delivered once the owner reads again.
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 from shardchat.brokers.forwarding import Forwarder
 from shardchat.core.overload import Queue
 from shardchat.stats import overload_slot
+from shardchat.storage.durable import Durable, Turn
+from shardchat.storage.store import RoomStore
 from tests.core.box import Box, Client, config, room_owned_by
 
 
@@ -80,3 +85,44 @@ def test_an_owner_behind_on_its_peers_rings_refuses_its_own_publishes() -> None:
     assert [a["id"] for a in local.take("ack")] == ["l1"]
     assert [m["content"] for m in remote.take("message")][-1] == "mine"
     assert box.stats[0][overload_slot(Queue.BACKLOG)] == 1
+
+
+def acks_until(box: Box, client: Client, count: int) -> None:
+    """Loop turns until ``client`` holds ``count`` acks (the store's writer is a thread)."""
+    deadline = time.monotonic() + 10
+    while sum(f["type"] == "ack" for f in client.frames) < count:
+        assert time.monotonic() < deadline, "the store never wrote"
+        box.turn()
+
+
+def test_an_owner_whose_store_is_behind_refuses_its_own_publishes(tmp_path: Path) -> None:
+    """The owner's room store writes nothing yet (its writer thread not started):
+    ``overload.store`` (3) messages wait for it unacked, the next publish is
+    refused ``overloaded``; once the store writes, the 3 are acked and publishing
+    works again."""
+    box = Box(2, config(overload__store=3, limits__rate=1000, limits__burst=1000))
+    store: RoomStore[Turn] = RoomStore(
+        tmp_path / "store.db", fsync="off", max_bytes=0, history=100, history_ttl=0.0,
+        wake=lambda: None,
+    )  # fmt: skip
+    box.brokers[0].durable = durable = Durable(store)
+    try:
+        room = room_owned_by(0, 2, "st")
+        client = box.connect(0, "writer")
+        box.join(client, room)
+        for i in range(4):
+            box.send(client, type="message", room=room, content=f"s{i}", id=f"s{i}")
+            box.turn()
+        (error,) = client.take("error")
+        assert (error["id"], error["code"]) == ("s3", "overloaded")
+        assert not client.take("ack") and durable.waiting == 3
+        assert box.stats[0][overload_slot(Queue.STORE)] == 1
+        store.start()
+        acks_until(box, client, 3)  # a drain takes what the store wrote
+        assert [a["id"] for a in client.take("ack")] == ["s0", "s1", "s2"]
+        box.send(client, type="message", room=room, content="s4", id="s4")
+        acks_until(box, client, 1)
+        assert [a["id"] for a in client.take("ack")] == ["s4"]
+    finally:
+        box.brokers[0].durable = None
+        durable.close()

@@ -117,6 +117,7 @@ def test_resolve_reads_nothing_of_the_machine(tmp_path: Path) -> None:
         ("overload.pipeline", 0, "integer >= 1"),
         ("overload.pipeline", 1.5, "integer >= 1"),
         ("overload.turn_bytes", 4095, "integer >= 4096"),
+        ("overload.store", 0, "integer >= 1"),
         ("overload.retry_after", 0, "a number > 0"),
         ("overload.retry_after", "soon", "a number > 0"),
         ("storage.kind", "disk", "one of 'sqlite', 'memory'"),
