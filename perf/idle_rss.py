@@ -18,7 +18,7 @@ import time
 from multiprocessing.connection import Connection
 
 from perf import procs
-from perf.rawclient import open_idle
+from shardchat.testing.rawws import open_upgraded
 
 PER_PROCESS = 5000
 CONCURRENT_HANDSHAKES = 200
@@ -39,7 +39,9 @@ def _client(port: int, count: int, local_addr: str, pipe: Connection, path: str)
             async with gate:
                 try:
                     target = path.format(p=local_addr.rsplit(".", 1)[1], i=i, r=i // 10)
-                    held.append(await open_idle("127.0.0.1", port, target, local_addr))
+                    held.append(
+                        await open_upgraded(port, target, local_addr=local_addr, limit=4096)
+                    )
                 except (OSError, ConnectionError, asyncio.IncompleteReadError):
                     failures += 1
 

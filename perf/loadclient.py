@@ -10,51 +10,18 @@ Every connection answers WebSocket pings with pongs, as a browser does.
 from __future__ import annotations
 
 import asyncio
-import base64
-import os
 import re
-import struct
 import time
 from typing import Any
 
 import orjson
 
-__all__ = ["LoadConn", "client_frame", "frame_at"]
+from shardchat.testing.rawws import OP_PONG, encode_frame, frame_at, upgrade_request
 
-_MASK = b"\x00\x00\x00\x00"
+__all__ = ["LoadConn"]
+
 _SEQ = re.compile(rb"\d+")
 _MESSAGE = b'{"type":"message"'  # how shardchat's message frames begin
-
-
-def client_frame(payload: bytes, opcode: int = 0x1) -> bytes:
-    n = len(payload)
-    if n < 126:
-        head = bytes((0x80 | opcode, 0x80 | n))
-    elif n < 65536:
-        head = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, n)
-    else:
-        head = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, n)
-    return head + _MASK + payload
-
-
-def frame_at(buf: bytearray, pos: int, end: int) -> tuple[int, int] | None:
-    """(header length, payload length) of the server frame (unmasked) at ``pos``,
-    or None if ``buf[pos:end]`` does not hold all of it yet."""
-    if end - pos < 2:
-        return None
-    n = buf[pos + 1] & 0x7F
-    head = 2
-    if n == 126:
-        if end - pos < 4:
-            return None
-        n = (buf[pos + 2] << 8) | buf[pos + 3]
-        head = 4
-    elif n == 127:
-        if end - pos < 10:
-            return None
-        n = struct.unpack_from("!Q", buf, pos + 2)[0]
-        head = 10
-    return (head, n) if end - pos >= head + n else None
 
 
 class LoadConn(asyncio.Protocol):
@@ -95,16 +62,11 @@ class LoadConn(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport) or hasattr(transport, "write")
         self.transport = transport  # type: ignore[assignment]
-        key = base64.b64encode(os.urandom(16)).decode()
-        self.transport.write(  # type: ignore[union-attr]
-            f"GET {self.path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-            "Sec-WebSocket-Version: 13\r\n\r\n".encode()
-        )
+        self.transport.write(upgrade_request(self.path))  # type: ignore[union-attr]
 
     def send(self, obj: dict[str, Any]) -> None:
         if self.transport is not None and not self.closed:
-            self.transport.write(client_frame(orjson.dumps(obj)))
+            self.transport.write(encode_frame(orjson.dumps(obj)))
 
     def data_received(self, data: bytes) -> None:
         buf = self.buf
@@ -140,7 +102,9 @@ class LoadConn(asyncio.Protocol):
                     stats["acks"] += 1
             elif opcode == 0x9:
                 if self.transport is not None:
-                    self.transport.write(client_frame(bytes(buf[pos + head : pos + head + n]), 0xA))
+                    self.transport.write(
+                        encode_frame(bytes(buf[pos + head : pos + head + n]), OP_PONG)
+                    )
             elif opcode == 0x8:
                 self.close_code = (buf[pos + head] << 8 | buf[pos + head + 1]) if n >= 2 else 1005
                 stats["closed_by_server"] += 1

@@ -3,7 +3,7 @@
 perf.load pings from uvloop timers, which tick in milliseconds, so a ping due
 between two ticks goes out up to a millisecond late and its RTT (counted from
 when it was due) says 0.66 ms on an idle server. This prober holds its own
-connections (the WebSocket handshake by hand, as perf.rawclient) on
+connections (the WebSocket handshake by hand, shardchat.testing.rawws) on
 non-blocking sockets and sends each ping at its exact due time: an
 ``epoll.poll`` woken by a timerfd armed ``SPIN_NS`` before it (epoll's own
 timeout counts in milliseconds), then a spin that keeps reading
@@ -43,10 +43,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from perf.loadclient import client_frame, frame_at
-from perf.rawclient import upgrade_request
+from shardchat.testing.rawws import (
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    encode_frame,
+    parse_frames,
+    upgrade_request,
+)
 
-__all__ = ["Schedule", "parse_frames", "percentile", "ping_frame", "probe", "summarise"]
+__all__ = ["Schedule", "percentile", "ping_frame", "probe", "summarise"]
 
 SPIN_NS = 100_000  # spin (reading) for the last 100 us before a ping is due
 LAGGING_MS = 0.05  # a send lag p99 over this (ms) is a visible part of 0.1 ms RTTs
@@ -71,7 +77,7 @@ def percentile(values: list[float], p: float) -> float:
 def ping_frame(due_ns: int, conn: int) -> bytes:
     """A masked text frame ``{"type":"ping","t":due_ns,"c":conn}``: the server's
     pong echoes both, so the RTT needs no table of what was sent."""
-    return client_frame(b'{"type":"ping","t":%d,"c":%d}' % (due_ns, conn))
+    return encode_frame(b'{"type":"ping","t":%d,"c":%d}' % (due_ns, conn))
 
 
 @dataclass(frozen=True)
@@ -96,18 +102,6 @@ class Schedule:
     def total(self, seconds: float) -> int:
         """How many pings fall due in ``seconds`` from the start."""
         return int(seconds * 1e9 / self.interval_ns)
-
-
-def parse_frames(buf: bytearray) -> tuple[list[tuple[int, bytes]], int]:
-    """The complete server frames (unmasked) at the start of ``buf``: a list of
-    (opcode, payload) and how many bytes they took; a partial frame is left."""
-    out: list[tuple[int, bytes]] = []
-    pos, end = 0, len(buf)
-    while (at := frame_at(buf, pos, end)) is not None:
-        head, n = at
-        out.append((buf[pos] & 0x0F, bytes(buf[pos + head : pos + head + n])))
-        pos += head + n
-    return out, pos
 
 
 def pong_stamp(payload: bytes) -> tuple[int, int] | None:
@@ -197,7 +191,7 @@ class Prober:
     def __init__(self, host: str, port: int, source: str, path: str) -> None:
         self.addr = (host, port)
         self.source = source
-        self.request = upgrade_request(host, port, path)
+        self.request = upgrade_request(path, f"{host}:{port}")
         self.poller = select.epoll()
         self.alarm = Alarm()
         self.poller.register(self.alarm.fd, select.EPOLLIN)
@@ -328,9 +322,9 @@ class Prober:
             frames, used = parse_frames(buf)
             del buf[:used]
             for opcode, payload in frames:
-                if opcode == 0x9:  # the server's heartbeat: answer as a browser does
-                    sock.send(client_frame(payload, 0xA))
-                elif opcode == 0x1 and (stamp := pong_stamp(payload)) is not None:
+                if opcode == OP_PING:  # the server's heartbeat: answer as a browser does
+                    sock.send(encode_frame(payload, OP_PONG))
+                elif opcode == OP_TEXT and (stamp := pong_stamp(payload)) is not None:
                     self._pong((now - stamp[0]) / 1e6, (stamp[0] - self.ping_start) / 1e9, stamp[1])
 
     def _pong(self, rtt: float, at_s: float, conn: int) -> None:

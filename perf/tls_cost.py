@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import json
 import os
 import ssl
-import struct
 import tempfile
 import time
 from pathlib import Path
@@ -30,7 +28,8 @@ from typing import Any
 
 from perf import procs
 from shardchat.procstat import cpu_seconds
-from tests.integration.test_tls import make_pki
+from shardchat.testing.pki import make_pki
+from shardchat.testing.rawws import encode_frame, frame_at, open_upgraded
 
 FAST = [
     "limits.rate=1000000",
@@ -44,12 +43,7 @@ MESSAGE = b'{"type":"message"'
 
 
 def masked_text(payload: bytes) -> bytes:
-    mask = os.urandom(4)
-    n = len(payload)
-    head = bytes([0x81, 0x80 | n]) if n < 126 else bytes([0x81, 0xFE]) + struct.pack("!H", n)
-    whole = (mask * (n // 4 + 1))[:n]
-    body = (int.from_bytes(payload, "big") ^ int.from_bytes(whole, "big")).to_bytes(n, "big")
-    return head + mask + body
+    return encode_frame(payload, mask=os.urandom(4))
 
 
 class Conn:
@@ -72,21 +66,8 @@ class Conn:
 
     def _parse(self) -> None:
         buf, at = self.buf, 0
-        while len(buf) - at >= 2:
-            n = buf[at + 1] & 0x7F
-            head = 2
-            if n == 126:
-                if len(buf) - at < 4:
-                    break
-                n = struct.unpack_from("!H", buf, at + 2)[0]
-                head = 4
-            elif n == 127:
-                if len(buf) - at < 10:
-                    break
-                n = struct.unpack_from("!Q", buf, at + 2)[0]
-                head = 10
-            if len(buf) - at < head + n:
-                break
+        while (found := frame_at(buf, at, len(buf))) is not None:
+            head, n = found
             if buf[at + head : at + head + len(MESSAGE)] == MESSAGE:
                 self.messages += 1
             at += head + n
@@ -94,16 +75,7 @@ class Conn:
 
 
 async def open_conn(port: int, context: ssl.SSLContext | None, path: str) -> Conn:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context)
-    key = base64.b64encode(os.urandom(16)).decode()
-    writer.write(
-        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade"
-        f"\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
-    )
-    head = await reader.readuntil(b"\r\n\r\n")
-    if not head.startswith(b"HTTP/1.1 101"):
-        raise ConnectionError(head[:40])
-    return Conn(reader, writer)
+    return Conn(*await open_upgraded(port, path, ssl=context))
 
 
 async def measure(

@@ -1,10 +1,9 @@
-"""perf.prober's pure parts: the ping frame, the server frames it reads, the pong's
+"""perf.prober's pure parts: the ping frame, the pong's
 stamp, the percentile, the schedule's arithmetic, and when it calls itself the limit."""
 
 from __future__ import annotations
 
 import math
-import struct
 
 import orjson
 
@@ -12,21 +11,11 @@ from perf.prober import (
     LAGGING_MS,
     Samples,
     Schedule,
-    parse_frames,
     percentile,
     ping_frame,
     pong_stamp,
     summarise,
 )
-
-
-def server_frame(payload: bytes, opcode: int = 0x1) -> bytes:
-    n = len(payload)
-    if n < 126:
-        return bytes((0x80 | opcode, n)) + payload
-    if n < 65536:
-        return struct.pack("!BBH", 0x80 | opcode, 126, n) + payload
-    return struct.pack("!BBQ", 0x80 | opcode, 127, n) + payload
 
 
 def test_ping_frame_is_a_masked_text_frame_carrying_its_due_time_and_connection() -> None:
@@ -38,22 +27,6 @@ def test_ping_frame_is_a_masked_text_frame_carrying_its_due_time_and_connection(
     assert len(payload) == n
     unmasked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
     assert orjson.loads(unmasked) == {"type": "ping", "t": 1_234_567_890_123, "c": 42}
-
-
-def test_parse_frames_returns_whole_frames_and_leaves_a_partial_one() -> None:
-    big = b"x" * 300  # a 16-bit length
-    data = server_frame(b'{"type":"pong","t":1,"c":2}') + server_frame(big) + server_frame(b"hb", 9)
-    partial = server_frame(b"more to come")[:5]
-    frames, used = parse_frames(bytearray(data + partial))
-    assert frames == [(1, b'{"type":"pong","t":1,"c":2}'), (1, big), (9, b"hb")]
-    assert used == len(data)
-
-
-def test_parse_frames_waits_for_an_extended_length() -> None:
-    frame = server_frame(b"y" * 70000)  # a 64-bit length
-    assert parse_frames(bytearray(frame[:6])) == ([], 0)
-    assert parse_frames(bytearray(frame[:-1])) == ([], 0)
-    assert parse_frames(bytearray(frame)) == ([(1, b"y" * 70000)], len(frame))
 
 
 def test_pong_stamp_reads_both_servers_spacing_and_ignores_other_frames() -> None:

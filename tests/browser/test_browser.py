@@ -9,7 +9,6 @@ look at."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import signal
@@ -20,6 +19,8 @@ from typing import Any
 
 import pytest
 
+from shardchat.testing.wait import await_until
+from tests.support.browser import ARGS, CHROMIUM
 from tests.support.helpers import (
     Server,
     cleanup_server,
@@ -29,17 +30,7 @@ from tests.support.helpers import (
     start_server,
 )
 
-CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).parent.parent / "artifacts"
-
-ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 
 
 def ms(seconds: float) -> float:
@@ -108,14 +99,13 @@ async def contents(page: Any) -> list[str]:
 
 async def wait_contents(page: Any, expected: list[str], timeout: float = 20) -> None:
     """Wait until the shown room's messages are exactly ``expected`` (each once)."""
-    deadline = asyncio.get_running_loop().time() + scaled(timeout)
-    while True:
-        got = await contents(page)
-        if got == expected:
-            return
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"page shows {got}, expected {expected}")
-        await page.wait_for_timeout(50)
+    got: list[str] = []
+
+    async def shown() -> bool:
+        got[:] = await contents(page)
+        return got == expected
+
+    await await_until(shown, timeout, lambda: f"page shows {got}, expected {expected}")
 
 
 async def test_two_people_on_two_shards_chat(server: Server, browser: Any) -> None:
@@ -155,11 +145,11 @@ async def test_room_switch_and_back_loses_nothing(server: Server, browser: Any) 
     await wait_contents(ada, ["in second"])
     badge = ada.locator('#rooms li[data-room="first"] .unread')
     await badge.wait_for(timeout=ms(10))
-    for _ in range(int(scaled(100))):
-        if await badge.inner_text() == "3":
-            break
-        await ada.wait_for_timeout(50)
-    assert await badge.inner_text() == "3"
+
+    async def three_unread() -> bool:
+        return await badge.inner_text() == "3"
+
+    await await_until(three_unread, 5, "3 unread on the first room's badge")
     await shot(ada, "room-switch-unread")
     await ada.click('#rooms li[data-room="first"] button.room')
     await say(ada, "back in first")

@@ -10,12 +10,12 @@ import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from websockets.frames import Frame, Opcode
-from websockets.streams import StreamReader
+from websockets.frames import Opcode
 
 from shardchat.core import wire
 from shardchat.core.errors import ProtocolError
 from shardchat.core.messages import Ack, HistoryQuery, Join, Leave, Ping, PresenceQuery, Publish
+from tests.support.wsframe import parse_frame
 
 MAX = 4096
 
@@ -141,19 +141,6 @@ def test_any_bytes_decode_or_raise_protocol_error(data: bytes) -> None:
         wire.decode(data, MAX)
     except ProtocolError:
         pass
-
-
-def parse_frame(data: bytes) -> Frame:
-    reader = StreamReader()
-    reader.feed_data(data)
-    reader.feed_eof()
-    parser = Frame.parse(reader.read_exact, mask=False)
-    try:
-        next(parser)
-    except StopIteration as stop:
-        frame: Frame = stop.value
-        return frame
-    raise AssertionError("incomplete frame")
 
 
 @pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536, 100_000])

@@ -1,24 +1,24 @@
-"""Acked means kept (issue 15): an owner killed in the turn that acks loses nothing
-acked, a publish retried with its id after `unavailable` is delivered once, a
+"""Acked means kept: an owner killed in the turn that acks loses nothing
+acked, a publish retried with its key after `unavailable` is delivered once, a
 lapped reader fills every gap the owner can fill, replays are paced, and a slow
 consumer finds its close 4429."""
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import os
 import signal
-import struct
-import urllib.request
 from typing import Any
 
 from websockets.exceptions import WebSocketException
 
+from shardchat.testing.rawws import OP_CLOSE, OP_TEXT, encode_frame, open_upgraded, read_frame
+from shardchat.testing.wait import await_until
 from tests.support.helpers import (
     FAST,
     Client,
+    NotPlaced,
     RawClient,
     Server,
     clients_on_shards,
@@ -26,7 +26,7 @@ from tests.support.helpers import (
     collect,
     connect_client,
     dropped_room,
-    frame_bytes,
+    metric,
     publish,
     room_owned_by,
     running_server,
@@ -45,48 +45,25 @@ class StreamClient:
 
     @classmethod
     async def connect(cls, port: int, query: str) -> StreamClient:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        key = base64.b64encode(os.urandom(16)).decode()
-        writer.write(
-            f"GET /ws?{query} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-            "Sec-WebSocket-Version: 13\r\n\r\n".encode()
-        )
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), scaled(10))
-        assert b" 101 " in head.split(b"\r\n")[0], head
+        reader, writer = await asyncio.wait_for(open_upgraded(port, f"/ws?{query}"), scaled(10))
         client = cls(reader, writer)
         client.welcome = await client.recv()
         return client
 
     def send_all(self, objs: list[dict[str, Any]]) -> None:
-        self.writer.write(b"".join(frame_bytes(0x1, json.dumps(o).encode()) for o in objs))
+        self.writer.write(b"".join(encode_frame(json.dumps(o).encode()) for o in objs))
 
     async def recv(self, timeout: float = 10) -> dict[str, Any]:
         while True:
-            b0, b1 = await asyncio.wait_for(self.reader.readexactly(2), scaled(timeout))
-            n = b1 & 0x7F
-            if n == 126:
-                n = struct.unpack("!H", await self.reader.readexactly(2))[0]
-            elif n == 127:
-                n = struct.unpack("!Q", await self.reader.readexactly(8))[0]
-            payload = await self.reader.readexactly(n)
-            if b0 & 0x0F == 0x1:
+            opcode, payload = await asyncio.wait_for(read_frame(self.reader), scaled(timeout))
+            if opcode == OP_TEXT:
                 data: dict[str, Any] = json.loads(payload)
                 return data
-            if b0 & 0x0F == 0x8:
+            if opcode == OP_CLOSE:
                 raise ConnectionError("closed")
 
     def close(self) -> None:
         self.writer.close()
-
-
-def errors_total(srv: Server, code: str) -> float:
-    url = f"http://127.0.0.1:{srv.admin_port}/metrics"
-    with urllib.request.urlopen(url, timeout=5) as response:
-        for line in response.read().decode().splitlines():
-            if line.startswith(f'shardchat_errors_total{{code="{code}"}}'):
-                return float(line.split()[1])
-    raise AssertionError(f"no shardchat_errors_total for {code}")
 
 
 async def history(client: Client, room: str) -> dict[int, str]:
@@ -119,7 +96,7 @@ async def test_owner_killed_in_the_acking_turn_loses_no_acked_message() -> None:
             asyncio.create_task(_watch(srv, shard, rooms, views[shard], rejoins, epochs, stop))
             for shard in range(3)
         ]
-        await asyncio.wait_for(_until(lambda: len(epochs) == 1), scaled(30))
+        await await_until(lambda: len(epochs) == 1, 30, "every watcher joined")
         acked: dict[str, dict[int, str]] = {r: {} for r in rooms}
         for k in range(kills):
             shard = k % 3
@@ -154,7 +131,7 @@ async def test_owner_killed_in_the_acking_turn_loses_no_acked_message() -> None:
             return all(acked[r].keys() <= v[r].keys() for v in views for r in rooms)
 
         try:
-            await asyncio.wait_for(_until(seen_all), scaled(60))
+            await await_until(seen_all, 60, "every acked message seen by every watcher")
         finally:
             stop.set()
             await asyncio.gather(*watchers)
@@ -189,7 +166,7 @@ async def _watch(
         attempt += 1
         try:
             (client,) = await clients_on_shards(srv.url, [shard], prefix=f"w{shard}-{attempt}-")
-        except (OSError, AssertionError, WebSocketException, TimeoutError):
+        except (OSError, NotPlaced, WebSocketException, TimeoutError):
             continue
         try:
             for room in rooms:
@@ -225,16 +202,11 @@ def _record(view: dict[str, dict[int, str]], frame: dict[str, Any]) -> None:
         assert seen.setdefault(frame["seq"], frame["content"]) == frame["content"]
 
 
-async def _until(check: Any) -> None:
-    while not check():
-        await asyncio.sleep(0.05)
-
-
 async def _stream_client_on(srv: Server, shard: int, user: str) -> StreamClient:
     for attempt in range(400):
         try:
             client = await StreamClient.connect(srv.port, f"user={user}-{attempt}")
-        except (OSError, asyncio.IncompleteReadError, AssertionError):
+        except (OSError, asyncio.IncompleteReadError):
             await asyncio.sleep(0.05)  # the shard is restarting
             continue
         if client.welcome["shard"] == shard:
@@ -263,7 +235,7 @@ async def test_publish_retried_with_its_key_after_unavailable_is_delivered_once(
                 assert error["code"] == "unavailable" and error["id"] == "m-1"
             finally:
                 os.kill(owner, signal.SIGCONT)
-            assert errors_total(srv, "unavailable") >= 1
+            assert metric(srv, "shardchat_errors_total", code="unavailable") >= 1
             # The retry, with the same key: the original seq, not a new message.
             await sender.send(type="message", room=room, content="once", id="m-1", key="m-1")
             ack = await sender.recv_type("ack", timeout=10)
@@ -350,9 +322,11 @@ async def test_lapped_reader_fills_every_gap_under_load() -> None:
                 os.kill(stopped, signal.SIGCONT)
                 del cycle
             expected = sent // 4
-            await asyncio.wait_for(_until(lambda: all(acks.get(r) == expected for r in rooms)), 60)
-            await asyncio.wait_for(
-                _until(lambda: all(len(v[r]) >= expected for v in views for r in rooms)), 120
+            await await_until(lambda: all(acks.get(r) == expected for r in rooms), 60, "every ack")
+            await await_until(
+                lambda: all(len(v[r]) >= expected for v in views for r in rooms),
+                120,
+                "every message in every reader's view",
             )
             done.set()
             ack_reader.cancel()

@@ -10,16 +10,15 @@ import pty
 import re
 import signal
 import tempfile
-import time
 from collections.abc import Iterator
 
+from shardchat.testing.wait import wait_until
 from tests.support.helpers import (
     SHARDCHAT,
     Server,
     connect_client,
     free_port,
     running_server,
-    scaled,
 )
 
 
@@ -43,29 +42,28 @@ class Terminal:
                 self.output += os.read(self.fd, 65536).decode(errors="replace")
 
     def expect(self, pattern: str, timeout: float = 20) -> re.Match[str]:
-        deadline = time.monotonic() + scaled(timeout)
-        while True:
-            found = re.search(pattern, self.output)
-            if found:
-                return found
-            if time.monotonic() > deadline:
-                raise AssertionError(f"never printed {pattern!r}:\n{self.output}")
+        def printed() -> re.Match[str] | None:
             self._read(0.05)
+            return re.search(pattern, self.output)
+
+        return wait_until(printed, timeout, lambda: f"never printed {pattern!r}:\n{self.output}", 0)
 
     def type(self, text: str) -> None:
         os.write(self.fd, text.encode())
 
     def wait(self, timeout: float = 10) -> int:
-        deadline = time.monotonic() + scaled(timeout)
-        while self.code is None:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
-                self.code = os.waitstatus_to_exitcode(status)
-                break
-            if time.monotonic() > deadline:
-                raise AssertionError(f"still running:\n{self.output}")
-            self._read(0.05)
+        def ended() -> bool:
+            if self.code is None:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+                if pid:
+                    self.code = os.waitstatus_to_exitcode(status)
+                else:
+                    self._read(0.05)
+            return self.code is not None
+
+        wait_until(ended, timeout, lambda: f"still running:\n{self.output}", 0)
         self._read(0)
+        assert self.code is not None
         return self.code
 
     def close(self) -> None:

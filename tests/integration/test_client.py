@@ -25,7 +25,7 @@ from shardchat.client.chatclient import (
     Refused,
     Unavailable,
 )
-from tests.integration.test_observability import scrape
+from shardchat.testing.wait import await_until
 from tests.support.helpers import (
     cleanup_server,
     clients_on_shards,
@@ -35,6 +35,7 @@ from tests.support.helpers import (
     room_owned_by,
     running_server,
     scaled,
+    scrape,
     start_server,
 )
 
@@ -111,11 +112,11 @@ async def test_503_is_retried_until_a_place_is_free() -> None:
         )
         starting = asyncio.create_task(client.start())
         try:
-            for _ in range(int(scaled(200))):
-                if any("HTTP 503" in e.detail for e in events):
-                    break
-                await asyncio.sleep(0.05)
-            assert any(e.kind == "disconnected" and "HTTP 503" in e.detail for e in events)
+            await await_until(
+                lambda: any(e.kind == "disconnected" and "HTTP 503" in e.detail for e in events),
+                10,
+                "a disconnect on HTTP 503",
+            )
             assert not starting.done()
             await filler.close()
             await asyncio.wait_for(starting, scaled(10))
@@ -136,10 +137,11 @@ async def test_close_and_cancel_send_1000() -> None:
 
         task = asyncio.create_task(forever())
         await asyncio.sleep(0)
-        for _ in range(int(scaled(200))):
-            if scrape(srv).get("shardchat_connections", {}).get((("shard", "0"),)) == 1:
-                break
-            await asyncio.sleep(0.05)
+        await await_until(
+            lambda: scrape(srv).get("shardchat_connections", {}).get((("shard", "0"),)) == 1,
+            10,
+            "the cancelled client connected",
+        )
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
@@ -245,10 +247,9 @@ async def test_full_restart_reconnects_and_reports_what_was_lost() -> None:
             srv.stop()
             cleanup_server(srv)
             srv = start_server(workers=2, port=port)
-            for _ in range(int(scaled(400))):
-                if any(e.kind == "reconnected" for e in events):
-                    break
-                await asyncio.sleep(0.05)
+            await await_until(
+                lambda: any(e.kind == "reconnected" for e in events), 20, "a reconnect"
+            )
             kinds = [e.kind for e in events]
             assert "disconnected" in kinds and "reconnected" in kinds
             assert any("1001" in e.detail for e in events if e.kind == "disconnected")

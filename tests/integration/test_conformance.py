@@ -8,9 +8,7 @@ the same shard unharmed, and that no input made the server write a traceback.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
-import os
 import socket
 import time
 from collections.abc import Iterator
@@ -18,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from shardchat.testing.rawws import upgrade_request
 from tests.support.helpers import (
     RawClient,
     Server,
@@ -43,15 +42,7 @@ def srv() -> Iterator[Server]:
 
 
 def upgrade(path: str = "/ws?user=h", *, extra: str = "", host: bool = True) -> bytes:
-    key = base64.b64encode(os.urandom(16)).decode()
-    head = f"GET {path} HTTP/1.1\r\n"
-    if host:
-        head += "Host: 127.0.0.1\r\n"
-    head += (
-        f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-        f"Sec-WebSocket-Version: 13\r\n{extra}\r\n"
-    )
-    return head.encode()
+    return upgrade_request(path, "127.0.0.1" if host else None, extra)
 
 
 def next_json(raw: RawClient) -> dict[str, object]:

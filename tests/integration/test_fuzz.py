@@ -4,71 +4,26 @@ reserved bits and opcodes) against a live shard. Every connection must end only
 with a protocol close code or stay open and answer a ping; no traceback may reach
 the log; and a neighbour on the same shard (the only one) keeps receiving its
 room's messages, every one, in order. Bounded: the examples stop after
-FUZZ_SECONDS. perf/fuzz.py runs the same frames much longer with a seed."""
+FUZZ_SECONDS. tests/support/longfuzz.py runs the same frames much longer with a seed."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.support.fuzzframes import MAX_FRAME, Frame, examples, run_example
+from tests.support.fuzzframes import FUZZ_SETTINGS, Frame, examples, run_example
+from tests.support.fuzzneighbour import Neighbour
 from tests.support.helpers import Server, assert_no_traceback, raw_http, running_server, scaled
 
 FUZZ_SECONDS = 25.0
-FUZZ_SETTINGS = [
-    f"limits.max_frame={MAX_FRAME}",
-    "limits.max_content=1024",
-    "limits.max_errors=5",
-    "limits.rate=1000",
-    "limits.burst=1000",
-]
 
 
 class TimeUp(BaseException):
     """Ends the hypothesis run at the time bound (or at the first failure)."""
-
-
-class Neighbour:
-    """tests/support/fuzzneighbour.py in its own process (hypothesis forbids the random module
-    being used while it generates, and a client library in a thread here would)."""
-
-    def __init__(self, url: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.support.fuzzneighbour", url],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            cwd=Path(__file__).parent.parent.parent,
-        )
-        assert self.proc.stdout is not None
-        assert self.proc.stdout.readline() == b"ready\n"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            assert self.proc.stdin is not None
-            self.proc.stdin.close()
-
-    def check(self) -> None:
-        self.stop()
-        assert self.proc.stdout is not None
-        try:
-            out = self.proc.stdout.read()
-            self.proc.wait(scaled(60))
-        finally:
-            self.proc.stdout.close()
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
-        result = json.loads(out)
-        assert result["sent"] > 10, result
-        assert result["got"] == result["sent"] and result["in_order"], result
 
 
 @pytest.fixture(scope="module")

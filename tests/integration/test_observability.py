@@ -18,18 +18,8 @@ from tests.support.helpers import (
     closing,
     room_owned_by,
     running_server,
+    scrape,
 )
-
-
-def scrape(srv: Server) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
-    url = f"http://127.0.0.1:{srv.admin_port}/metrics"
-    with urllib.request.urlopen(url, timeout=5) as response:
-        text = response.read().decode()
-    out: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            out.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
-    return out
 
 
 def total(metrics: dict[str, dict[tuple[tuple[str, str], ...], float]], name: str) -> float:

@@ -13,12 +13,11 @@ import asyncio
 import json
 import os
 import signal
-import urllib.request
 from typing import Any
 
-from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import ClientConnection, connect
 
+from shardchat.testing.rawws import encode_frame
 from tests.support.helpers import (
     FAST,
     Client,
@@ -26,7 +25,7 @@ from tests.support.helpers import (
     Server,
     clients_on_shards,
     closing,
-    frame_bytes,
+    metric,
     raw_on_shard,
     room_owned_by,
     running_server,
@@ -39,16 +38,7 @@ BURST = 60  # past limits.max_errors (20): a refusal is not a client's error
 
 def overloaded_total(srv: Server, queue: str) -> float:
     """``shardchat_overloaded_total{queue=...}``, and it equals the error counter's share."""
-    url = f"http://127.0.0.1:{srv.admin_port}/metrics"
-    with urllib.request.urlopen(url, timeout=5) as response:
-        text = response.read().decode()
-    found: dict[tuple[str, str], float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            for label in ("queue", "code"):
-                if label in sample.labels:
-                    found[(sample.name, sample.labels[label])] = sample.value
-    return found[("shardchat_overloaded_total", queue)]
+    return metric(srv, "shardchat_overloaded_total", queue=queue)
 
 
 async def ws_on_shard(srv: Server, shard: int, user: str) -> tuple[ClientConnection, int]:
@@ -190,7 +180,7 @@ async def test_a_turn_past_its_outgoing_bytes_is_refused() -> None:
                 assert sub.shard == 1
                 await sub.join(room)
                 frames = [
-                    frame_bytes(0x1, json.dumps(publish_request(room, "t", i)).encode())
+                    encode_frame(json.dumps(publish_request(room, "t", i)).encode())
                     for i in range(count)
                 ]
                 await asyncio.to_thread(raw.sock.sendall, b"".join(frames))

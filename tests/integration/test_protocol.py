@@ -20,6 +20,8 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from shardchat.auth import make_token
+from shardchat.testing.rawws import upgrade_request
+from shardchat.testing.wait import await_until
 from tests.support.helpers import (
     Client,
     Server,
@@ -189,10 +191,7 @@ def raw_upgrade_status(port: int, source: str) -> bytes:
     try:
         sock.bind((source, 0))
         sock.connect(("127.0.0.1", port))
-        sock.sendall(
-            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        )
+        sock.sendall(upgrade_request("/ws", "x"))
         return sock.recv(100).split(b"\r\n", 1)[0]
     finally:
         sock.close()
@@ -202,14 +201,15 @@ async def _connect_once_counted(url: str) -> Client:
     """Connect from 127.0.0.1 once the server has counted the last close from it:
     until then it is over max_per_ip and answers 503 (the close is an event on
     the server's side that the client cannot see, so a 503 is waited out)."""
-    deadline = time.monotonic() + scaled(10)
-    while True:
+
+    async def connected() -> Client | None:
         try:
             return await connect_client(url, user="ip")
         except InvalidStatus as exc:
             assert exc.response.status_code == 503
-            assert time.monotonic() < deadline, "a closed connection was never uncounted"
-            await asyncio.sleep(0.02)
+            return None
+
+    return await await_until(connected, 10, "a closed connection uncounted")
 
 
 async def test_max_connections_and_max_per_ip_503() -> None:

@@ -17,10 +17,10 @@ import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator, Sequence
-from typing import Any
 
 import pytest
 
+from shardchat.testing.wait import await_until
 from tests.support.helpers import (
     SHARDCHAT,
     Client,
@@ -67,15 +67,6 @@ def box_settings(url: str, prefix: str, *extra: str) -> list[str]:
 def two_boxes(settings: Sequence[str]) -> Iterator[tuple[Server, Server]]:
     with running_server(2, settings) as one, running_server(2, settings) as two:
         yield one, two
-
-
-async def wait_until(check: Any, timeout: float, what: str) -> None:
-    """Poll ``check()`` (a coroutine function) until it is true, within ``timeout``."""
-    deadline = time.monotonic() + scaled(timeout)
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.1)
 
 
 async def spread(boxes: Sequence[Server], count: int, prefix: str) -> list[Client]:
@@ -224,7 +215,7 @@ async def test_a_box_without_members_gets_none_of_a_rooms_traffic(
             assert one.status()["broker"]["messages_received"] == 200 * busy_shards + 20
             await there.request("leave", "left", room="shared")
             assert two.status()["broker"]["messages_received"] == 20
-            await wait_until(
+            await await_until(
                 lambda: _gauge(two, "subscribed_rooms", 0), 5, "box two to unsubscribe"
             )
             for i in range(10):
@@ -300,7 +291,7 @@ async def test_a_killed_box_clients_resume_on_the_other_box(
                 presence = await watcher.request("presence", "presence", room=room)
                 return bool(presence["count"] == len(clients))
 
-            await wait_until(everyone, 5, "presence over both boxes")
+            await await_until(everyone, 5, "presence over both boxes")
             total = 400
             acked: list[int] = []
 
@@ -339,8 +330,7 @@ async def test_a_killed_box_clients_resume_on_the_other_box(
             sending = asyncio.create_task(publish())
             acking = asyncio.create_task(acks())
             following = [asyncio.create_task(follow(m)) for m in movers]
-            while len(acked) < total // 3:
-                await asyncio.sleep(0.01)
+            await await_until(lambda: len(acked) >= total // 3, 20, "a third acked")
             kill_box(doomed)
             # The ghost's box is dead and nobody reconnects for it: it leaves
             # everywhere within presence.ttl (3 s here) + 1 s of the kill.
@@ -382,7 +372,7 @@ async def test_redis_outage_and_data_loss() -> None:
                 first = [await receiver.recv_type("message") for _ in range(20)]
                 assert [m["seq"] for m in first] == list(range(1, 21))
                 server.stop()
-                await wait_until(lambda: _healthy(box, False), 10, "the box to see Redis down")
+                await await_until(lambda: _healthy(box, False), 10, "the box to see Redis down")
                 # Every publish during the outage is refused with `unavailable`.
                 stop_at = time.monotonic() + 5
                 i = 0
@@ -398,7 +388,7 @@ async def test_redis_outage_and_data_loss() -> None:
                 presence = await receiver.request("presence", "presence", room=room)
                 assert presence["count"] == 2
                 server.start()
-                await wait_until(lambda: _healthy(box, True), 15, "the box to reconnect")
+                await await_until(lambda: _healthy(box, True), 15, "the box to reconnect")
                 for i in range(20, 30):
                     ack = await sender.request(
                         "message", "ack", room=room, content=f"a{i}", id=f"a{i}"
@@ -433,7 +423,7 @@ async def test_redis_outage_and_data_loss() -> None:
                 server.stop()
                 server.wipe()
                 server.start()
-                await wait_until(lambda: _healthy(box, True), 15, "the box to reconnect")
+                await await_until(lambda: _healthy(box, True), 15, "the box to reconnect")
                 fresh = await connect_client(box.url, user="fresh")
                 async with closing([fresh]):
                     joined = await fresh.join(room, since=30, epoch=epoch)

@@ -10,9 +10,9 @@ import os
 import signal
 import subprocess
 import time
-import urllib.request
 
 from shardchat.client.chatclient import ChatClient, Message
+from shardchat.testing.wait import await_until
 from tests.support.helpers import (
     FAST,
     SHARDCHAT,
@@ -21,6 +21,7 @@ from tests.support.helpers import (
     clients_on_shards,
     closing,
     connect_client,
+    metric,
     room_owned_by,
     running_server,
     scaled,
@@ -49,12 +50,7 @@ async def take(
 
 
 def resends(srv: Server) -> float:
-    url = f"http://127.0.0.1:{srv.admin_port}/metrics"
-    with urllib.request.urlopen(url, timeout=5) as response:
-        for line in response.read().decode().splitlines():
-            if line.startswith("shardchat_resends_total "):
-                return float(line.split()[1])
-    raise AssertionError("no resends metric")
+    return metric(srv, "shardchat_resends_total")
 
 
 async def test_one_ack_in_five_dropped_still_exactly_once_in_order() -> None:
@@ -90,10 +86,9 @@ async def test_one_ack_in_five_dropped_still_exactly_once_in_order() -> None:
                     if (i + 1) % 5 == 0:
                         # This message's ack was dropped: the server resends it and the
                         # client acks it again.
-                        deadline = time.monotonic() + scaled(10)
-                        while acks.count(i + 1) < 2:
-                            assert time.monotonic() < deadline, f"seq {i + 1} never resent"
-                            await asyncio.sleep(0.01)
+                        await await_until(
+                            lambda n=i + 1: acks.count(n) >= 2, 10, f"seq {i + 1} resent"
+                        )
             assert [m.content for m in got] == [f"r{i}" for i in range(100)]
             assert [m.seq for m in got] == list(range(1, 101))
             assert client._queue.empty()  # no duplicate reached the application
@@ -125,10 +120,8 @@ async def test_delayed_acks_lost_at_the_end_of_bursts_still_exactly_once() -> No
             async with closing([publisher]):
                 await publisher.send(type="message", room="burst", content="warm-up")
                 got.append(await asyncio.wait_for(anext(stream), scaled(10)))
-                deadline = time.monotonic() + scaled(10)
-                while 1 not in acks:  # reliable mode is on once this ack has gone
-                    assert time.monotonic() < deadline, "the warm-up was never acked"
-                    await asyncio.sleep(0.01)
+                # Reliable mode is on once this ack has gone.
+                await await_until(lambda: 1 in acks, 10, "the warm-up acked")
                 for burst in range(10):
                     before = resends(srv)
                     for i in range(10):
@@ -138,10 +131,9 @@ async def test_delayed_acks_lost_at_the_end_of_bursts_still_exactly_once() -> No
                     # The burst's end was acked once (lost); the server resends the
                     # tail, the client drops the copies and acks the end again.
                     end = got[-1].seq
-                    deadline = time.monotonic() + scaled(10)
-                    while acks.count(end) < 2:
-                        assert time.monotonic() < deadline, f"seq {end} never acked again"
-                        await asyncio.sleep(0.02)
+                    await await_until(
+                        lambda n=end: acks.count(n) >= 2, 10, f"seq {end} acked again"
+                    )
                     assert resends(srv) > before
             assert [m.seq for m in got] == list(range(1, 102))
             assert [m.content for m in got[1:]] == [

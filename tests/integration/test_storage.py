@@ -11,13 +11,13 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from shardchat.testing.wait import await_until, scaled, wait_until
 from tests.support.helpers import (
     FAST,
     SHARDCHAT,
@@ -30,7 +30,6 @@ from tests.support.helpers import (
     free_port,
     publish,
     room_owned_by,
-    scaled,
     start_server,
 )
 
@@ -74,10 +73,7 @@ def kill_everything(server: Server) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     server.proc.wait()
-    deadline = time.monotonic() + scaled(10)
-    while any(_alive(pid) for pid in pids):
-        assert time.monotonic() < deadline, "a shard outlived kill -9"
-        time.sleep(0.01)
+    wait_until(lambda: not any(_alive(pid) for pid in pids), 10, "every shard gone after kill -9")
 
 
 def _alive(pid: int) -> bool:
@@ -203,10 +199,9 @@ def test_kill_9_of_every_process_mid_publish_loses_nothing_acked(store_dir: Path
         joins = [await c.join(room) for c, room in zip(clients, rooms, strict=True)]
         publishers = [Publisher(c, room) for c, room in zip(clients, rooms, strict=True)]
         tasks = [asyncio.create_task(p.run()) for p in publishers]
-        deadline = time.monotonic() + scaled(30)
-        while sum(len(p.acked) for p in publishers) < 600:
-            assert time.monotonic() < deadline, "the publishes were not acked"
-            await asyncio.sleep(0.01)
+        await await_until(
+            lambda: sum(len(p.acked) for p in publishers) >= 600, 30, "600 publishes acked"
+        )
         kill_everything(server)  # in the middle: each publisher has 50 in flight
         await asyncio.gather(*tasks)
         for client in clients:
@@ -339,8 +334,8 @@ def test_a_full_disk_answers_unavailable_then_recovers(store_dir: Path) -> None:
                 filler.unlink()
                 # Room again: the refused ones, retried with their key, are taken.
                 for i in refused:
-                    deadline = time.monotonic() + scaled(10)
-                    while True:
+
+                    async def taken(i: int = i) -> bool:
                         await client.send(
                             type="message", room="full", content=f"{i}{'x' * 500}",
                             id=f"r{i}", key=f"f{i}",
@@ -350,9 +345,9 @@ def test_a_full_disk_answers_unavailable_then_recovers(store_dir: Path) -> None:
                             frame = await client.recv(10)
                         if frame["type"] == "ack":
                             acked[frame["seq"]] = f"{i}{'x' * 500}"
-                            break
-                        assert time.monotonic() < deadline, "the store never resumed"
-                        await asyncio.sleep(0.1)
+                        return frame["type"] == "ack"
+
+                    await await_until(taken, 10, "the store resumed", poll=0.1)
                 return str(joined["epoch"]), acked, refused
 
         with stored_server(directory, 1) as server:
@@ -423,16 +418,11 @@ def test_kill_9_of_the_owner_mid_publish_then_a_restart_loses_nothing_acked(
         epoch = str((await client.join(room))["epoch"])
         publisher = Publisher(client, room)
         task = asyncio.create_task(publisher.run())
-        deadline = time.monotonic() + scaled(30)
-        while len(publisher.acked) < 200:
-            assert time.monotonic() < deadline, "the publishes were not acked"
-            await asyncio.sleep(0.01)
+        await await_until(lambda: len(publisher.acked) >= 200, 30, "200 publishes acked")
         os.kill(server.shard_pids()[1], signal.SIGKILL)
         await asyncio.to_thread(server.wait_started, 4)  # the owner is back
         count = len(publisher.acked)
-        while len(publisher.acked) < count + 200:  # and acks again
-            assert time.monotonic() < deadline + scaled(30), "no acks after the restart"
-            await asyncio.sleep(0.01)
+        await await_until(lambda: len(publisher.acked) >= count + 200, 30, "acks after the restart")
         await client.ws.close()
         await task
         return epoch, publisher

@@ -4,19 +4,18 @@ when the receiver never answers, and reported when a shard dies."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import os
 import signal
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import standardwebhooks
 
 from examples.backend import Backend
+from shardchat.testing.wait import await_until
 from tests.support.helpers import (
     FAST,
     assert_no_traceback,
@@ -25,26 +24,9 @@ from tests.support.helpers import (
     connect_client,
     room_owned_by,
     running_server,
-    scaled,
 )
 
 SECRET = "whsec_" + base64.b64encode(b"k" * 32).decode()
-
-
-def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + scaled(timeout)
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
-async def await_until(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + scaled(timeout)
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 @contextlib.contextmanager

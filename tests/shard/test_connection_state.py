@@ -11,21 +11,14 @@ from __future__ import annotations
 import gc
 import json
 import os
-import struct
 import tracemalloc
 from typing import Any
 
 import pytest
 from websockets.protocol import Protocol
 
-from perf.rawclient import upgrade_request
 from shardchat.shard.connection import Connection
-
-
-def masked(payload: bytes) -> bytes:
-    mask = os.urandom(4)
-    head = bytes([0x81, 0x80 | 126]) + struct.pack("!H", len(payload))
-    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+from shardchat.testing.rawws import ZERO_MASK, encode_frame, upgrade_request
 
 
 class Transport:
@@ -89,7 +82,7 @@ def opened(handler: Handler, first: bytes) -> Connection:
     return conn
 
 
-REQUEST = upgrade_request("127.0.0.1", 8080, "/ws?user=a")
+REQUEST = upgrade_request("/ws?user=a", "127.0.0.1:8080")
 
 
 def test_an_open_connection_runs_the_bare_frame_parser() -> None:
@@ -101,7 +94,7 @@ def test_an_open_connection_runs_the_bare_frame_parser() -> None:
 def test_messages_sent_with_the_request_parse_wherever_the_bytes_are_cut(cut: int) -> None:
     handler = Handler()
     messages = [json.dumps({"type": "ping", "id": str(i)}).encode() * 5 for i in range(3)]
-    stream = b"".join(masked(m) for m in messages)
+    stream = b"".join(encode_frame(m, mask=os.urandom(4)) for m in messages)
     conn = opened(handler, REQUEST + stream[:cut])
     for i in range(cut, len(stream), 7):
         conn.data_received(stream[i : i + 7])
@@ -124,14 +117,6 @@ def test_an_idle_open_connection_holds_little_of_websockets() -> None:
     assert per_conn < 2500, per_conn
 
 
-def small_masked(payload: bytes, mask: bytes) -> bytes:
-    return (
-        bytes([0x81, 0x80 | len(payload)])
-        + mask
-        + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    )
-
-
 def test_each_whole_frame_in_its_own_chunk_is_delivered_once_in_order() -> None:
     handler = Handler()
     conn = opened(handler, REQUEST)
@@ -140,9 +125,7 @@ def test_each_whole_frame_in_its_own_chunk_is_delivered_once_in_order() -> None:
     receive = conn.proto.receive_data
     conn.proto.receive_data = lambda data: (fed.append(data), receive(data))[1]  # type: ignore[method-assign]
     for message in messages:
-        conn.data_received(
-            masked(message) if len(message) > 125 else small_masked(message, b"abcd")
-        )
+        conn.data_received(encode_frame(message, mask=b"abcd"))
     assert handler.texts == messages
     assert fed == []  # none of them needed websockets' parser
 
@@ -152,12 +135,12 @@ def test_a_payload_that_looks_like_a_frame_is_still_the_payload() -> None:
     is inside a frame whose header came in the first: it is that frame's payload."""
     handler = Handler()
     conn = opened(handler, REQUEST)
-    wire_payload = small_masked(b"no", b"\x00\x00\x00\x00")  # 8 bytes: 81 82 00 00 00 00 n o
+    wire_payload = encode_frame(b"no", mask=ZERO_MASK)  # 8 bytes: 81 82 00 00 00 00 n o
     mask = b"\x11\x22\x33\x44"
     conn.data_received(bytes([0x81, 0x80 | len(wire_payload)]) + mask)
     conn.data_received(wire_payload)
     assert handler.texts == [bytes(b ^ mask[i % 4] for i, b in enumerate(wire_payload))]
-    conn.data_received(small_masked(b"after", mask))
+    conn.data_received(encode_frame(b"after", mask=mask))
     assert handler.texts[1:] == [b"after"]
 
 
@@ -179,6 +162,6 @@ def test_a_bug_under_a_small_frame_fails_the_connection_with_1011_and_raises_not
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     conn = opened(Failing(), REQUEST)
-    conn.data_received(small_masked(b'{"type":"ping"}', b"abcd"))  # must not raise
+    conn.data_received(encode_frame(b'{"type":"ping"}', mask=b"abcd"))  # must not raise
     assert not conn.is_open and conn.close_code == 1011
     assert [r.message for r in caplog.records].count("conn_internal_error") == 1

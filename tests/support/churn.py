@@ -12,32 +12,19 @@ on the client side too).
 from __future__ import annotations
 
 import asyncio
-import base64
-import os
 import sys
 
 import uvloop
 
-_REQUEST = (
-    "GET /ws?user=churn{user}&room=churn{room} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-    "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-    "Sec-WebSocket-Version: 13\r\n\r\n"
-)
-# Masked frames with a zero mask: the payload is sent as is.
-_CLOSE = bytes([0x88, 0x82]) + b"\0\0\0\0" + (1000).to_bytes(2, "big")
-_PING_JSON = b'{"type":"ping","id":"churn"}'
-_PING = bytes([0x81, 0x80 | len(_PING_JSON)]) + b"\0\0\0\0" + _PING_JSON
+from shardchat.testing.rawws import close_frame, encode_frame, open_upgraded, read_frame
+
+_CLOSE = close_frame(1000)
+_PING = encode_frame(b'{"type":"ping","id":"churn"}')
 
 
 async def _until_pong(reader: asyncio.StreamReader) -> None:
     while True:
-        b0, b1 = await reader.readexactly(2)
-        n = b1 & 0x7F
-        if n == 126:
-            n = int.from_bytes(await reader.readexactly(2), "big")
-        elif n == 127:
-            n = int.from_bytes(await reader.readexactly(8), "big")
-        payload = await reader.readexactly(n)
+        _, payload = await read_frame(reader)
         if b'"pong"' in payload:
             return
 
@@ -51,17 +38,12 @@ async def cycle(port: int, n: int, barrier: asyncio.Barrier) -> bool:
         # leave their TIME_WAIT ports spread over them, instead of exhausting
         # 127.0.0.1's ephemeral ports for the tests (and the machine) that follow.
         source = f"127.0.3.{1 + n % 200}"
-        reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
-    except OSError:
+        path = f"/ws?user=churn{n % 997}&room=churn{n % 10}"
+        reader, writer = await asyncio.wait_for(open_upgraded(port, path, local_addr=source), 30)
+    except (OSError, asyncio.IncompleteReadError, TimeoutError):
         await barrier.wait()
         return False
     try:
-        key = base64.b64encode(os.urandom(16)).decode()
-        writer.write(_REQUEST.format(key=key, user=n % 997, room=n % 10).encode())
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
-        if b" 101 " not in head[:20]:
-            await barrier.wait()
-            return False
         writer.write(_PING)
         await asyncio.wait_for(_until_pong(reader), 30)
         await barrier.wait()

@@ -1,7 +1,7 @@
 """Hypothesis-generated client frames for fuzzing the whole server path, and the
 runner that sends one example over a raw connection and reads how it ended.
 
-Used by tests/integration/test_fuzz.py (bounded, in the suite) and perf/fuzz.py (a long
+Used by tests/integration/test_fuzz.py (bounded, in the suite) and tests/support/longfuzz.py (a long
 seeded run). An example is a list of actions: text messages (valid requests,
 junk, bad UTF-8, deep nesting) sent whole or in fragments with control frames
 between them, binary frames, oversized frames, stray continuations, reserved
@@ -13,12 +13,14 @@ answer a final ping.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from dataclasses import dataclass
 
 from hypothesis import strategies as st
 
-from tests.support.helpers import RawClient, frame_bytes
+from shardchat.testing.rawws import close_code, encode_frame
+from tests.support.helpers import RawClient
 
 # What the server may close a fuzzed connection with (PROTOCOL.md, RFC 6455 7.4.1):
 # protocol error, binary, bad UTF-8, too many errors, too big, and the echo of a
@@ -26,6 +28,13 @@ from tests.support.helpers import RawClient, frame_bytes
 # close frame with an invalid code).
 CLOSE_CODES = frozenset({1000, 1001, 1002, 1003, 1005, 1007, 1008, 1009})
 MAX_FRAME = 16384  # the fuzzed server's limits.max_frame
+FUZZ_SETTINGS = [
+    f"limits.max_frame={MAX_FRAME}",
+    "limits.max_content=1024",
+    "limits.max_errors=5",
+    "limits.rate=1000",
+    "limits.burst=1000",
+]
 
 ROOMS = ["fz", "fz2", "calm"]
 _names = st.sampled_from(ROOMS + ["", "bad room", "x" * 70])
@@ -128,7 +137,8 @@ examples = st.lists(st.one_of(_message, _message, _others), min_size=1, max_size
 
 
 def encode(frame: Frame) -> bytes:
-    return frame_bytes(frame.opcode, frame.payload, frame.fin, frame.rsv, frame.masked)
+    mask = os.urandom(4) if frame.masked else None
+    return encode_frame(frame.payload, frame.opcode, fin=frame.fin, rsv=frame.rsv, mask=mask)
 
 
 @dataclass(frozen=True)
@@ -161,7 +171,7 @@ def run_example(port: int, frames: list[Frame], timeout: float) -> Outcome:
             except ConnectionError as exc:  # an end or a reset before a close frame
                 raise AssertionError("connection ended without a close frame (1006)") from exc
             if opcode == 0x8:
-                code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else 1005
+                code = close_code(payload) or 1005
                 assert code in CLOSE_CODES, (code, payload)
                 return Outcome(code, sent)
             if opcode == 0xA and payload == b"probe":

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import sys
+from pathlib import Path
 
-from tests.support.helpers import connect_client
+from tests.support.helpers import connect_client, scaled
 
 
 async def main(url: str) -> None:
@@ -34,6 +36,41 @@ async def main(url: str) -> None:
     print(json.dumps({"sent": len(sent), "got": len(got), "in_order": got == sent}), flush=True)
     await member.close()
     await publisher.close()
+
+
+class Neighbour:
+    """This module in its own process (hypothesis forbids the random module
+    being used while it generates, and a client library in a thread here would)."""
+
+    def __init__(self, url: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.support.fuzzneighbour", url],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            cwd=Path(__file__).parent.parent.parent,
+        )
+        assert self.proc.stdout is not None
+        assert self.proc.stdout.readline() == b"ready\n"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+
+    def check(self) -> None:
+        self.stop()
+        assert self.proc.stdout is not None
+        try:
+            out = self.proc.stdout.read()
+            self.proc.wait(scaled(60))
+        finally:
+            self.proc.stdout.close()
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+        result = json.loads(out)
+        assert result["sent"] > 10, result
+        assert result["got"] == result["sent"] and result["in_order"], result
 
 
 if __name__ == "__main__":

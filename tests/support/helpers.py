@@ -14,7 +14,6 @@ import os
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -25,12 +24,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import ClientConnection, connect
 
 from shardchat.brokers import segments as shm
 from shardchat.brokers.sequencer import owner_of
+from shardchat.testing.rawws import (
+    OP_CLOSE,
+    close_code,
+    encode_frame,
+    frame_at,
+    upgrade_request,
+    upgrade_status,
+)
+from shardchat.testing.wait import scaled, wait_until
 
-FACTOR = float(os.environ.get("SHARDCHAT_TEST_TIMEOUT_FACTOR", "1"))
 SHARDCHAT = str(Path(sys.executable).with_name("shardchat"))
 # Limits high enough that a test's bursts are never rate limited.
 FAST = ["limits.rate=100000", "limits.burst=100000"]
@@ -40,8 +48,12 @@ FAST = ["limits.rate=100000", "limits.burst=100000"]
 TEST_STORAGE = os.environ.get("SHARDCHAT_TEST_STORAGE", "memory")
 
 
-def scaled(seconds: float) -> float:
-    return seconds * FACTOR
+class ServerExited(Exception):
+    """The server process ended before its shards started."""
+
+
+class NotPlaced(Exception):
+    """No client landed on a wanted shard within the tries (a shard down, say)."""
 
 
 def room_owned_by(shard: int, workers: int = 3, prefix: str = "room") -> str:
@@ -87,14 +99,14 @@ class Server:
         self, check: Callable[[list[dict[str, Any]]], bool], timeout: float = 10.0
     ) -> list[dict[str, Any]]:
         """Read the server's log until ``check`` holds for its events; return them."""
-        deadline = time.monotonic() + scaled(timeout)
-        while True:
-            events = self.log_events()
-            if check(events):
-                return events
-            if time.monotonic() > deadline:
-                raise AssertionError(f"the log never showed it:\n{self.tail()}")
-            time.sleep(0.02)
+        found: list[dict[str, Any]] = []
+
+        def shown() -> bool:
+            found[:] = self.log_events()
+            return check(found)
+
+        wait_until(shown, timeout, lambda: f"the log never showed it:\n{self.tail()}")
+        return found
 
     def shard_starts(self) -> list[dict[str, Any]]:
         return [e for e in self.log_events() if e.get("event") == "shard_start"]
@@ -110,13 +122,13 @@ class Server:
 
     def wait_started(self, count: int, timeout: float = 15.0) -> None:
         """Wait until ``count`` shard_start events are logged (restarts included)."""
-        deadline = time.monotonic() + scaled(timeout)
-        while len(self.shard_starts()) < count:
+
+        def started() -> bool:
             if self.proc.poll() is not None:
-                raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.tail()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"shards did not start:\n{self.tail()}")
-            time.sleep(0.02)
+                raise ServerExited(f"server exited with {self.proc.returncode}:\n{self.tail()}")
+            return len(self.shard_starts()) >= count
+
+        wait_until(started, timeout, lambda: f"shards did not start:\n{self.tail()}")
 
     def tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -148,8 +160,8 @@ def start_server(
         server = _start_server(workers, settings, extra_args, env, port, admin_port)
         try:
             server.wait_started(workers)
-        except AssertionError:
-            in_use = server.proc.poll() is not None and "already in use" in server.tail()
+        except ServerExited:
+            in_use = "already in use" in server.tail()
             cleanup_server(server)
             if in_use and attempt < 4 and port is None and admin_port is None:
                 continue
@@ -337,7 +349,7 @@ async def clients_on_shards(
     for client in spare:
         await client.close()
     if not all(c is not None for c in found):
-        raise AssertionError(f"could not place clients on shards {wanted}")
+        raise NotPlaced(f"could not place clients on shards {wanted}")
     return [c for c in found if c is not None]
 
 
@@ -408,28 +420,6 @@ async def dropped_room(prefix: str, count: int = 20, tag: str = "x") -> AsyncIte
                 yield DroppedRoom(srv, room, pub, late, joined["epoch"])
 
 
-def frame_bytes(
-    opcode: int, payload: bytes, fin: bool = True, rsv: int = 0, masked: bool = True
-) -> bytes:
-    """One client frame (RFC 6455 5.2): masked unless a test wants the bad unmasked one;
-    ``rsv`` is the three RSV bits, shifted into place."""
-    head = bytes([(0x80 if fin else 0) | rsv | opcode])
-    n = len(payload)
-    bit = 0x80 if masked else 0
-    if n < 126:
-        head += bytes([bit | n])
-    elif n < 65536:
-        head += bytes([bit | 126]) + struct.pack("!H", n)
-    else:
-        head += bytes([bit | 127]) + struct.pack("!Q", n)
-    if not masked:
-        return head + payload
-    mask = os.urandom(4)
-    whole = (mask * (n // 4 + 1))[:n]
-    body = (int.from_bytes(payload, "big") ^ int.from_bytes(whole, "big")).to_bytes(n, "big")
-    return head + mask + body
-
-
 class RawClient:
     """A WebSocket client on a bare socket: it sends whatever frames a test builds
     (bad UTF-8, binary, unanswered pings) and reads the server's frames one by one.
@@ -440,22 +430,14 @@ class RawClient:
     def __init__(
         self, port: int, path: str, rcvbuf: int | None = None, timeout: float | None = None
     ) -> None:
-        import base64
-
         self.sock = socket.socket()
         if rcvbuf is not None:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         self.sock.settimeout(scaled(10) if timeout is None else timeout)
         self.sock.connect(("127.0.0.1", port))
-        key = base64.b64encode(os.urandom(16)).decode()
-        self.sock.sendall(
-            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-            "Sec-WebSocket-Version: 13\r\n\r\n".encode()
-        )
+        self.sock.sendall(upgrade_request(path))
         self.buf = b""
-        head = self._until(b"\r\n\r\n")
-        self.status = int(head.split(b" ", 2)[1])
+        self.status = upgrade_status(self._until(b"\r\n\r\n"))
 
     def _fill(self) -> None:
         chunk = self.sock.recv(65536)  # a reset raises ConnectionResetError
@@ -469,34 +451,29 @@ class RawClient:
         head, _, self.buf = self.buf.partition(marker)
         return head
 
-    def _need(self, n: int) -> bytes:
-        while len(self.buf) < n:
-            self._fill()
-        out, self.buf = self.buf[:n], self.buf[n:]
-        return out
-
     def send_frame(self, opcode: int, payload: bytes, fin: bool = True) -> None:
-        """A masked client frame (RFC 6455 5.3)."""
-        self.sock.sendall(frame_bytes(opcode, payload, fin))
+        """A client frame masked with a random key (RFC 6455 5.3)."""
+        self.sock.sendall(encode_frame(payload, opcode, fin=fin, mask=os.urandom(4)))
 
     def send_json(self, obj: dict[str, Any]) -> None:
         self.send_frame(0x1, json.dumps(obj).encode())
 
     def recv_frame(self) -> tuple[int, bytes]:
-        b0, b1 = self._need(2)
-        n = b1 & 0x7F
-        if n == 126:
-            n = struct.unpack("!H", self._need(2))[0]
-        elif n == 127:
-            n = struct.unpack("!Q", self._need(8))[0]
-        return b0 & 0x0F, self._need(n)
+        while (at := frame_at(self.buf, 0, len(self.buf))) is None:
+            self._fill()
+        head, n = at
+        opcode, payload = self.buf[0] & 0x0F, self.buf[head : head + n]
+        self.buf = self.buf[head + n :]
+        return opcode, payload
 
     def close_code(self) -> int:
         """Read frames until the server's close frame; its code."""
         while True:
             opcode, payload = self.recv_frame()
-            if opcode == 0x8:
-                return int(struct.unpack("!H", payload[:2])[0])
+            if opcode == OP_CLOSE:
+                code = close_code(payload)
+                assert code is not None, "a close frame without a code"
+                return code
 
     def close(self) -> None:
         self.sock.close()
@@ -538,6 +515,28 @@ def raw_http(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
         name, _, value = line.partition(":")
         headers[name.strip().lower()] = value.strip()
     return int(lines[0].split(" ", 2)[1]), headers, body
+
+
+Metrics = dict[str, dict[tuple[tuple[str, str], ...], float]]
+
+
+def scrape(srv: Server) -> Metrics:
+    """The server's /metrics: each sample's value by name and sorted labels."""
+    url = f"http://127.0.0.1:{srv.admin_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    out: Metrics = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return out
+
+
+def metric(srv: Server, name: str, **labels: str) -> float:
+    """One sample of the server's /metrics (AssertionError when it has none such)."""
+    found = scrape(srv).get(name, {}).get(tuple(sorted(labels.items())))
+    assert found is not None, f"no {name} {labels}"
+    return found
 
 
 def assert_no_traceback(server: Server) -> None:

@@ -14,10 +14,10 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from shardchat.testing.wait import wait_until
 from tests.support.helpers import free_port, scaled
 
 __all__ = ["RedisCluster", "RedisServer", "delete_prefix", "redis_server"]
@@ -71,11 +71,13 @@ class RedisServer:
                 "--cluster-node-timeout", "2000",
             ]  # fmt: skip
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + scaled(10)
-        while self.cli("PING", check=False) != "PONG":
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"redis-server did not start:\n{self._log()}")
-            time.sleep(0.02)
+
+        def answers() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"redis-server exited:\n{self._log()}")
+            return self.cli("PING", check=False) == "PONG"
+
+        wait_until(answers, 10, lambda: f"redis-server did not start:\n{self._log()}")
 
     def _log(self) -> str:
         with contextlib.suppress(OSError):
@@ -132,11 +134,11 @@ class RedisCluster:
              "--cluster-yes"],
             check=True, capture_output=True, timeout=60,
         )  # fmt: skip
-        deadline = time.monotonic() + scaled(20)
-        while any("cluster_state:ok" not in n.cli("CLUSTER", "INFO") for n in self.nodes):
-            if time.monotonic() > deadline:
-                raise AssertionError("the cluster did not come up")
-            time.sleep(0.05)
+        wait_until(
+            lambda: all("cluster_state:ok" in n.cli("CLUSTER", "INFO") for n in self.nodes),
+            20,
+            "the cluster up",
+        )
 
     def close(self) -> None:
         for node in self.nodes:

@@ -1,6 +1,6 @@
 """A long seeded fuzz run of the whole server path (not in the suite).
 
-    python -m perf.fuzz --seed 12 --frames 20000
+    python -m tests.support.longfuzz --seed 12 --frames 20000
 
 The frames of tests/integration/test_fuzz.py (tests/support/fuzzframes.py: fragmented, nested,
 oversized, bad UTF-8, control frames between fragments, reserved opcodes and
@@ -22,8 +22,8 @@ import time
 
 from hypothesis import HealthCheck, given, seed, settings
 
-from tests.integration.test_fuzz import FUZZ_SETTINGS, Neighbour
-from tests.support.fuzzframes import Frame, examples, run_example
+from tests.support.fuzzframes import FUZZ_SETTINGS, Frame, examples, run_example
+from tests.support.fuzzneighbour import Neighbour
 from tests.support.helpers import running_server
 
 
