@@ -62,8 +62,10 @@ log = logging.getLogger(__name__)
 
 ACK_DELAY = 0.05  # seconds between acks at most: 20 a second per connection in a busy room
 
-# Close codes that say the client broke the protocol: reconnecting would do it again.
-PERMANENT_CLOSES = frozenset({1002, 1003, 1007, 1008, 1009, 1010})
+# Close codes that say the client broke the protocol: reconnecting would do it again;
+# and 4403: the server API disconnected this user and asks it not to come back
+# (4400, disconnected with leave to reconnect, is retried like any other close).
+PERMANENT_CLOSES = frozenset({1002, 1003, 1007, 1008, 1009, 1010, 4403})
 # HTTP statuses at the upgrade that a later attempt may not get (4xx otherwise is final).
 TRANSIENT_STATUSES = frozenset({408, 429})
 

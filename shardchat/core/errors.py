@@ -287,7 +287,8 @@ class ChatError(ClientError):
 class Closed(ClientError):
     """The connection ended in a way a reconnect would not mend: the server
     closed it with a code that says the client broke the protocol (1002, 1003,
-    1007, 1008, 1009, 1010), or the client itself was closed (``code`` 1000)."""
+    1007, 1008, 1009, 1010), the server API disconnected the user for good (4403),
+    or the client itself was closed (``code`` 1000)."""
 
     def __init__(self, code: int, reason: str) -> None:
         self.code = code

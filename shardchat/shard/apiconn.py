@@ -74,7 +74,7 @@ class ApiHandler(Protocol):
 
     clock: float  # loop time, refreshed by the shard at least once per sweep
     max_frame: int  # the largest body (413 over it)
-    api_key: bytes  # the key every request must present
+    api_key: bytes  # the key every request must present; empty: the API is off (404)
 
     def api_call(self, conn: ApiConnection, method: str, body: bytes) -> None:
         """A request for ``/api/<method>`` passed its head's checks: answer it
@@ -94,6 +94,7 @@ class ApiConnection(asyncio.Protocol):
         "body",
         "busy",
         "closing",
+        "elsewhere",
         "conn_id",
         "h11",
         "handler",
@@ -104,7 +105,7 @@ class ApiConnection(asyncio.Protocol):
         "transport",
     )
 
-    def __init__(self, handler: ApiHandler, conn_id: int) -> None:
+    def __init__(self, handler: ApiHandler, conn_id: int, elsewhere: bool = False) -> None:
         self.handler = handler
         self.conn_id = conn_id
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
@@ -116,6 +117,7 @@ class ApiConnection(asyncio.Protocol):
         self.closing = False  # close after the current answer (the shard is draining)
         self.last_recv = handler.clock
         self.started = 0.0  # when the request being read began; 0: none
+        self.elsewhere = elsewhere  # the main port, when the API has a port of its own
 
     # asyncio.Protocol
 
@@ -182,6 +184,10 @@ class ApiConnection(asyncio.Protocol):
         if not target.startswith(_PREFIX):
             self.method = ""
             self._refuse(ApiNotFound("the server API is under /api/<method>"))
+        elif self.elsewhere:
+            self._refuse(ApiNotFound("the server API is served on its own port (api.port)"))
+        elif not self.handler.api_key:
+            self._refuse(ApiNotFound("the server API is off (api.key is not set)"))
         elif request.method != b"POST":
             self._refuse(ApiMethodNotAllowed("use POST"), (("Allow", "POST"),))
         elif not self._key_ok(list(request.headers)):

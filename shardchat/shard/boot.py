@@ -60,8 +60,7 @@ async def serve(spec: ShardSpec) -> None:
         shard = Shard(
             config, spec.shard_id, engine, broker, counters, loop, broker.bells[spec.shard_id]
         )
-        if config.api.key:
-            shard.api = ApiServer(config, engine, broker, mine, spec.shard_id)
+        shard.api = ApiServer(config, engine, broker, mine, spec.shard_id)
         shard.start_bell()
         await run(spec, loop, shard)
     finally:
@@ -166,8 +165,7 @@ async def _serve_redis(
         engine = _engine(spec, broker, counters, mine)
         engine.advance(time.monotonic(), time.time())
         shard = Shard(config, spec.shard_id, engine, broker, counters, loop)
-        if config.api.key:
-            shard.api = ApiServer(config, engine, broker, mine, spec.shard_id)
+        shard.api = ApiServer(config, engine, broker, mine, spec.shard_id)
         # Connected (or trying, in the background) and beating before we accept.
         await broker.start(engine)
         await run(spec, loop, shard)

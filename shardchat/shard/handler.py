@@ -107,11 +107,11 @@ class Shard:
         self.connect_proxy: ConnectProxy | None = None  # proxy.connect_url set
         self.journal: Journal | None = None  # webhooks on: open connections, for a successor
         self.publish_proxy: PublishProxy[Connection] | None = None  # proxy.publish_url set
-        # The server API (shard/apiserver.py): None while api.key is empty. On the
-        # main port unless it has a listener of its own (api.port).
+        # The server API (shard/apiserver.py), set by the boot. On the main port
+        # unless it has a listener of its own (api.port); off (404) without a key.
         self.api: ApiServer | None = None
         self.api_key = config.api.key.encode()
-        self.api_on_main = bool(config.api.key) and not config.api.port
+        self.api_on_main = True  # /api/ on the main port: served, or refused with 404
         self.api_conns: set[ApiConnection] = set()
 
     # Output
@@ -295,7 +295,7 @@ class Shard:
         conn.handed_over()
         if transport is None:
             return
-        api = ApiConnection(self, conn.conn_id)
+        api = ApiConnection(self, conn.conn_id, elsewhere=bool(self.config.api.port))
         self.api_conns.add(api)
         transport.set_protocol(api)
         api.connection_made(transport)

@@ -168,6 +168,7 @@ class ShardchatCollector(Collector):
                     lag.add_metric([shard, peer], block[stats.LAG_BASE + int(peer)])
         yield lag
         yield self._latency()
+        yield from self._api()
         yield InfoMetricFamily(
             "shardchat_build",
             "The running shardchat",
@@ -208,6 +209,38 @@ class ShardchatCollector(Collector):
             "Publish-to-delivery time of room messages, across shards",
             buckets=buckets,
             sum_value=view.total(Slot.LATENCY_SUM_US) / 1e6,
+        )
+
+    def _api(self) -> Iterator[Metric]:
+        """The server API: calls by method and outcome, refusals by code, latency."""
+        view = self.view
+        calls = CounterMetricFamily(
+            "shardchat_api_calls",
+            "Server API calls, by method and outcome (ok or refused)",
+            labels=["method", "outcome"],
+        )
+        for i, method in enumerate(stats.API_METHODS):
+            calls.add_metric([method, "ok"], view.total(stats.API_CALLS_BASE + 2 * i))
+            calls.add_metric([method, "refused"], view.total(stats.API_CALLS_BASE + 2 * i + 1))
+        yield calls
+        refused = CounterMetricFamily(
+            "shardchat_api_refused", "Server API calls refused, by error code", labels=["code"]
+        )
+        for i, code in enumerate(stats.API_ERROR_CODES):
+            refused.add_metric([code], view.total(stats.API_ERRORS_BASE + i))
+        yield refused
+        buckets: list[tuple[str, float]] = []
+        cumulative = 0
+        for i, bound in enumerate(stats.LATENCY_BUCKETS_MS):
+            cumulative += view.total(stats.API_LATENCY_BASE + i)
+            buckets.append((repr(bound / 1000), cumulative))
+        cumulative += view.total(stats.API_LATENCY_BASE + len(stats.LATENCY_BUCKETS_MS))
+        buckets.append(("+Inf", cumulative))
+        yield HistogramMetricFamily(
+            "shardchat_api_latency_seconds",
+            "Server API calls, from the request's body to the answer",
+            buckets=buckets,
+            sum_value=view.total(stats.API_LATENCY_SUM_US) / 1e6,
         )
 
 
