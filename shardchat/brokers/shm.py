@@ -305,13 +305,12 @@ class ShmBroker:
         """This engine's name among those that hear :meth:`control`."""
         return str(self.shard_id)
 
-    def control_peers(self) -> int:
-        """The other engines that hear a :meth:`control` record."""
-        return len(self.peers)
-
-    def control(self, payload: bytes) -> None:
-        """Tell every other shard of the box (committed with the turn)."""
+    def control(self, payload: bytes, heard: Callable[[int], None] | None = None) -> None:
+        """Tell every other shard of the box (committed with the turn); ``heard``
+        is told how many will read it."""
         self._write(_CONTROL, 0, payload)
+        if heard is not None:
+            heard(len(self.peers))
 
     def _on_control(self, peer: int, aux: int, payload: bytes) -> None:
         if self.on_control is not None:

@@ -59,16 +59,14 @@ class ControlBroker(Protocol):
     @property
     def node(self) -> str: ...
 
-    def control_peers(self) -> int: ...
-
-    def control(self, payload: bytes) -> None: ...
+    def control(self, payload: bytes, heard: Callable[[int], None] | None = None) -> None: ...
 
 
 @dataclass(slots=True)
 class _Gather:
     """A call's shares: this engine's at once, the others' as they come."""
 
-    expected: int
+    expected: int  # the other engines that heard the ask; -1 until the broker says
     deadline: float
     finish: Callable[[list[Any]], Result]
     done: Done
@@ -302,18 +300,20 @@ class ApiServer:
         finish: Callable[[list[Any]], Result],
         done: Done,
     ) -> None:
-        """Every engine's share of ``ask``: ours, then the others' through the broker."""
-        expected = self.broker.control_peers()
-        gather = _Gather(expected, time.monotonic() + GATHER_TIMEOUT, finish, done)
+        """Every engine's share of ``ask``: ours, then the others' through the broker,
+        which says how many heard the ask (Redis: SPUBLISH's count of receivers)."""
+        gather = _Gather(-1, time.monotonic() + GATHER_TIMEOUT, finish, done)
         gather.parts.append(self._share(ask))
-        if not expected:
-            done(finish(gather.parts))
-            return
         self._next_qid += 1
-        self._gathers[self._next_qid] = gather
-        self.broker.control(
-            orjson.dumps({"op": "ask", "from": self.node, "qid": self._next_qid, **ask})
-        )
+        qid = self._next_qid
+        self._gathers[qid] = gather
+
+        def heard(others: int) -> None:
+            gather.expected = others
+            self._answer(qid, None)
+
+        payload = orjson.dumps({"op": "ask", "from": self.node, "qid": qid, **ask})
+        self.broker.control(payload, heard)
 
     def _share(self, ask: dict[str, Any]) -> Any:
         """This engine's share of a gathered call."""
@@ -362,11 +362,13 @@ class ApiServer:
             log_event(log, logging.ERROR, "api_control_bad", error=repr(exc)[:200])
 
     def _answer(self, qid: int, share: Any) -> None:
+        """One more share of gather ``qid`` (None: only its count of askers came)."""
         gather = self._gathers.get(qid)
         if gather is None:
             return  # too late: answered as unavailable
-        gather.parts.append(share)
-        if len(gather.parts) > gather.expected:
+        if share is not None:
+            gather.parts.append(share)
+        if gather.expected >= 0 and len(gather.parts) > gather.expected:
             del self._gathers[qid]
             gather.done(gather.finish(gather.parts))
 

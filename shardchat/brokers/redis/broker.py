@@ -210,23 +210,24 @@ class RedisBroker:
         self._set_up(True)
         await self._beat()
 
-    def control_peers(self) -> int:
-        """The other nodes that hear a :meth:`control` message (the live ones)."""
-        return len(self._live - {self.node})
+    def control(self, payload: bytes, heard: Callable[[int], None] | None = None) -> None:
+        """Tell every other node of the service; ``heard`` is told how many other
+        nodes received it (SPUBLISH counts the subscribers). A failure is only
+        counted: a caller waiting for answers gives up at its deadline."""
+        self._spawn(self._control(payload, heard))
 
-    def control(self, payload: bytes) -> None:
-        """Tell every other node of the service (a failure is only counted: the
-        caller's gathering times out as ``unavailable``)."""
-        self._spawn(self._control(payload))
-
-    async def _control(self, payload: bytes) -> None:
+    async def _control(self, payload: bytes, heard: Callable[[int], None] | None) -> None:
         try:
             self._count_trip()
-            await asyncio.wait_for(
+            receivers = await asyncio.wait_for(
                 self.client.spublish(self.control_channel, payload), self.config.redis.timeout
             )
         except FAILURES as exc:
             self.failed("control", exc)
+            return
+        if heard is not None:
+            others = max(0, int(receivers) - 1)  # our own subscription heard it too
+            self.deliver(lambda: heard(others))
 
     async def close(self) -> None:
         """Leave presence (so other boxes need not wait for the TTL) and disconnect."""
