@@ -4,16 +4,20 @@ survivor, within presence.ttl + 1 s."""
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 
 from examples.backend import Backend
 from tests.integration import test_redis
 from tests.integration.test_webhooks import await_until, backend, hook_settings
 from tests.support.helpers import (
+    Server,
+    _start_server,
+    cleanup_server,
     clients_on_shards,
     closing,
     connect_client,
-    running_server,
     scaled,
 )
 from tests.support.redis_helpers import RedisServer
@@ -37,6 +41,19 @@ def settings(redis: RedisServer, prefix: str, receiver: Backend) -> list[str]:
     ]
 
 
+@contextlib.contextmanager
+def boxes(*settings: tuple[int, list[str]]) -> Iterator[list[Server]]:
+    """Boxes started side by side (a Redis box takes a second or two to start)."""
+    started = [_start_server(workers, box, (), None, None, None) for workers, box in settings]
+    try:
+        for box in started:
+            box.wait_started(box.workers)
+        yield started
+    finally:
+        for box in started:
+            cleanup_server(box)
+
+
 def of(receiver: Backend, kind: str, users: set[str]) -> list[tuple[str, str | None]]:
     return sorted((e["user"], e.get("room")) for e in receiver.of_type(kind) if e["user"] in users)
 
@@ -46,8 +63,10 @@ async def test_occupancy_is_decided_in_redis_once_over_the_boxes(
 ) -> None:
     with (
         backend() as receiver,
-        running_server(1, settings(redis, prefix, receiver)) as one,
-        running_server(1, settings(redis, prefix, receiver)) as two,
+        boxes((1, settings(redis, prefix, receiver)), (1, settings(redis, prefix, receiver))) as (
+            one,
+            two,
+        ),
     ):
         a = await connect_client(one.url, user="a")
         b = await connect_client(two.url, user="b")
@@ -78,8 +97,10 @@ async def test_occupancy_is_decided_in_redis_once_over_the_boxes(
 async def test_a_killed_box_is_reported_once_by_a_survivor(redis: RedisServer, prefix: str) -> None:
     with (
         backend() as receiver,
-        running_server(1, settings(redis, prefix, receiver)) as doomed,
-        running_server(2, settings(redis, prefix, receiver)) as survivor,
+        boxes((1, settings(redis, prefix, receiver)), (2, settings(redis, prefix, receiver))) as (
+            doomed,
+            survivor,
+        ),
     ):
         # Both survivor shards hold the room: they race to report, one wins each.
         watchers = await clients_on_shards(survivor.url, [0, 1], prefix="w")
