@@ -8,14 +8,13 @@ info gather every node's share. With Redis stopped, a publish is refused
 
 from __future__ import annotations
 
-import asyncio
 import os
-import time
 from collections.abc import Iterator
 
 import pytest
 from websockets.exceptions import ConnectionClosed
 
+from shardchat.testing.wait import await_until
 from tests.support.api import KEY, call
 from tests.support.helpers import (
     FAST,
@@ -24,7 +23,6 @@ from tests.support.helpers import (
     closing,
     connect_client,
     running_server,
-    scaled,
 )
 from tests.support.redis_helpers import RedisServer, delete_prefix, redis_server
 
@@ -54,14 +52,6 @@ def boxes(redis: RedisServer) -> Iterator[tuple[Server, Server]]:
             yield one, two
     finally:
         delete_prefix([redis], prefix)
-
-
-async def until(check: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + scaled(timeout)
-    while not check():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def test_a_publish_on_box_a_reaches_box_b_in_order(boxes: tuple[Server, Server]) -> None:
@@ -127,7 +117,7 @@ async def test_with_redis_stopped_a_publish_is_unavailable_and_clients_stay() ->
                     answers.append(call(box.port, "publish", {"room": "down", "content": "x"}))
                     return answers[-1][0] == 503
 
-                await until(refused, 10, "a publish refused while Redis is down")
+                await await_until(refused, 10, "a publish refused while Redis is down")
                 status, body = answers[-1]
                 assert body == {
                     "error": {
