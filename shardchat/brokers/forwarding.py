@@ -1,6 +1,6 @@
 """Publishes to rooms another shard owns: kept, forwarded again, given up. Pure.
 
-DESIGN.md, Rooms: a forwarded publish can be lost (the ring is lossy, and the
+A forwarded publish can be lost (the ring is lossy, and the
 owner may die before it sequences it). The publishing shard keeps it until
 the owner's sequenced record (or the owner's answer to a duplicate) comes
 back, forwards it again after ``FORWARD_RETRY``, doubling the wait up to

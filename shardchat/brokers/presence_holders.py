@@ -1,6 +1,6 @@
 """Who holds a room's presence on one box, and what a holder keeps. Pure: no I/O.
 
-DESIGN.md, Presence; docs/ARCHITECTURE.md, "Presence memory". A room's
+docs/ARCHITECTURE.md, One box. A room's
 presence (room -> user -> shards) is held by two shards only: its owner
 (:func:`~shardchat.brokers.sequencer.owner_of`) and one replica, the next
 shard (:func:`holders_of`). Every other shard keeps only its own local

@@ -87,7 +87,7 @@ class Segment:
 
 
 class Doorbell:
-    """A semaphore used only as a wake-up signal, never as a lock (DESIGN.md, Rings)."""
+    """A semaphore used only as a wake-up signal, never as a lock."""
 
     __slots__ = ("name", "sem")
 

@@ -1,6 +1,6 @@
 """The owner's side of one box's sequencing: seqs, remembered ids, resends. Pure.
 
-DESIGN.md, Rooms: a room's owner (``crc32(room) % workers``) alone assigns
+A room's owner (``crc32(room) % workers``) alone assigns
 its ``seq``, so every member on every shard sees one order with no gaps. A
 publish forwarded twice (its first answer was lost) must be sequenced once:
 the owner remembers the last ``SEQUENCED_IDS`` message ids it sequenced and

@@ -1,6 +1,6 @@
 """One box's broker: every shard writes its own ring and reads all the others.
 
-DESIGN.md, The rings, and Rooms. :class:`ShmBroker` is the
+docs/ARCHITECTURE.md, One box. :class:`ShmBroker` is the
 :class:`~shardchat.core.broker.Broker` of one shard: it writes our ring (our
 publishes, forwards, presence, history requests and answers) and hands the
 records of the peers' rings to our engine through its

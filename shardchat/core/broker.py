@@ -1,6 +1,6 @@
 """The line between the room engine and whatever carries records between engines.
 
-DESIGN.md, The room engine and its brokers. A :class:`Broker` carries one
+A :class:`Broker` carries one
 engine's publishes, presence announcements and history requests to the
 other engines and hands theirs back through the engine's
 :class:`BrokerListener` methods. The engine never knows which broker it

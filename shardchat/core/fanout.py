@@ -1,6 +1,6 @@
 """Fan-out: each room's local members and the frames queued for them this turn.
 
-DESIGN.md, Fan-out, the hot path. A message is encoded once (by whoever
+The hot path. A message is encoded once (by whoever
 sequenced it) and framed once here; within one loop turn each room's frames
 are queued, and at the end of the turn joined once into one buffer that goes
 to each local member. So a busy shard batches by itself, a quiet one adds no

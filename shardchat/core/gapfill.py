@@ -1,6 +1,6 @@
 """Gaps in a room's seq, filled through the broker before later messages go out.
 
-DESIGN.md, Rooms: each engine delivers a room's messages in seq order. When
+Each engine delivers a room's messages in seq order. When
 a message arrives past a gap (on one box: our reader of the owner's ring was
 lapped), the room's later messages are held back and the broker is asked to
 resend the missing range (:meth:`Broker.fill`). It answers in chunks; at each

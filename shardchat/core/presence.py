@@ -1,4 +1,4 @@
-"""Who is in which room, across shards (DESIGN.md, Presence). Pure: no I/O.
+"""Who is in which room, across shards. Pure: no I/O.
 
 Each engine counts its own connections per (room, user)
 (:class:`LocalPresence`) and announces, through its broker, a user's first
@@ -14,7 +14,7 @@ Which shards a user is
 present on is a bit mask in an int, not a set: a set of one shard is a 216-byte
 object per user per room per shard, where a mask below 2**8 is one of
 CPython's preallocated small ints, stored as a reference in the user's dict
-slot (docs/ARCHITECTURE.md, Presence, has the measurement). Engine ids are
+slot. Engine ids are
 not bit positions (the Redis broker numbers other nodes' engines from 2**16):
 each engine gets the lowest free bit when first heard of, and gives it back
 when it is dropped, so that masks stay small ints.

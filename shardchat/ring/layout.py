@@ -1,4 +1,4 @@
-"""Byte layout of a shard's ring segment (STYLE.md section 4). Layout only, no logic.
+"""Byte layout of a shard's ring segment. Layout only, no logic.
 
 A segment is a 256-byte header, the ring's data area (``capacity`` bytes, a
 power of two), then the owner's room table (see :mod:`shardchat.ring.seqtable`).

@@ -1,4 +1,4 @@
-"""A single-writer, many-reader broadcast ring over shared memory (STYLE.md section 4).
+"""A single-writer, many-reader broadcast ring over shared memory.
 
 Modelled on Agrona's BroadcastTransmitter/CopyBroadcastReceiver: the writer
 never waits for readers, and a reader that falls a whole ring behind (is

@@ -1,6 +1,6 @@
 """The engine/broker line holds for a broker that sequences rooms itself.
 
-``StoreBroker`` stands for the Redis broker of the next issue, without a
+``StoreBroker`` sequences in a store, as the Redis broker does, without a
 network: a shared store assigns each room's seq atomically with appending the
 message to the room's stream (Redis: one script per batch), publishes are
 batched per turn, and history comes from the store. The engine and its

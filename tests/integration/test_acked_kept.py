@@ -342,7 +342,7 @@ async def test_lapped_reader_fills_every_gap_under_load() -> None:
 
 
 async def test_history_on_a_shard_that_dropped_the_room_fetches_from_the_owner() -> None:
-    """Issue 12.6: a shard drops its idle copy of a room; a ``history`` there (no join)
+    """A shard drops its idle copy of a room; a ``history`` there (no join)
     gets the room's messages back from the owner, as a ``join`` with ``since`` does."""
     async with dropped_room("hist", tag="h") as dropped:
         room, late = dropped.room, dropped.late

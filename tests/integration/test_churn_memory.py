@@ -1,4 +1,4 @@
-"""No leak under connection churn (issue 15): 50,000 connect/join/ping/close cycles,
+"""No leak under connection churn: 50,000 connect/join/ping/close cycles,
 and each shard's anonymous memory comes back to within 5 MiB of where it started."""
 
 from __future__ import annotations

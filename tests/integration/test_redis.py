@@ -1,4 +1,4 @@
-"""Several boxes as one chat service through a real Redis (issue 11's acceptance).
+"""Several boxes as one chat service through a real Redis.
 
 Each box is a real ``shardchat start --workers 2`` with ``broker.kind =
 "redis"``; the clients are real WebSocket clients over loopback. The tests that
@@ -210,7 +210,7 @@ async def test_a_box_without_members_gets_none_of_a_rooms_traffic(
             assert f"broker redis {redis.url}  healthy (2 shards connected)" in shown
             assert "rooms subscribed 1" in shown
             # Each shard with a member of a room subscribes to it (who talks to Redis:
-            # ARCHITECTURE.md, Rooms across boxes).
+            # ARCHITECTURE.md, Many boxes).
             busy_shards = len({talker.shard, here.shard})
             assert one.status()["broker"]["messages_received"] == 200 * busy_shards + 20
             await there.request("leave", "left", room="shared")

@@ -1,4 +1,4 @@
-"""A stopped shard does not swallow new clients (issue 15): after
+"""A stopped shard does not swallow new clients: after
 ``server.shard_unlisten`` without a heartbeat the supervisor takes its socket out
 of the port's SO_REUSEPORT group, and the shard listens again once it runs."""
 

@@ -308,7 +308,7 @@ def test_two_process_stress_every_record_checked() -> None:
 
 
 def test_restarted_writer_keeps_every_committed_record() -> None:
-    """Issue 15: a writer killed after a commit and in the middle of the next turn's
+    """A writer killed after a commit and in the middle of the next turn's
     appends. The restart pads only what was never committed; every committed record
     (all that anyone could have been acked or shown) is still read back."""
     buf = new_ring()

@@ -1,6 +1,6 @@
 """Several boxes as one chat service: a shard's broker over Redis.
 
-DESIGN.md, Beyond one box; docs/ARCHITECTURE.md, Rooms across boxes. Each
+docs/ARCHITECTURE.md, Many boxes. Each
 shard's :class:`RedisBroker` is a node of the service: it sequences its
 publishes in Redis (one script call per room per batch increments the room's
 seq, appends to its stream and publishes on its shard channel, atomically),

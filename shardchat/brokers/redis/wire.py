@@ -1,6 +1,6 @@
 """What the Redis broker stores and sends, as bytes: keys, channel payloads, scripts.
 
-Pure: no sockets, no clock. DESIGN.md, Beyond one box. Every key and the
+Pure: no sockets, no clock. Every key and the
 channel of a room carry the room in a hash tag (``{room}``), so that on a
 Redis Cluster they share one slot: the publish script touches only them, and
 the channel is a shard channel (SPUBLISH/SSUBSCRIBE) of the same slot.
