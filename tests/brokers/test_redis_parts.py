@@ -7,6 +7,7 @@ The broker is built but never started: nothing here opens a connection.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -126,3 +127,31 @@ def test_a_channel_nobody_here_follows_is_dropped(room: str) -> None:
     made, heard = broker()
     made.received(rw.Keys.of(made.prefix, room, 0.0).channel, b"p\nother\nbob\n1")
     assert not heard.events and not made.rooms
+
+
+def test_the_shards_sweep_beats_the_heartbeat_one_beat_at_a_time() -> None:
+    made, _ = broker(presence__ttl=3)
+    stamps: list[int] = []
+    spawned: list[str] = []
+    made.stamp = stamps.append
+
+    def spawn(coro: Any) -> None:
+        spawned.append(coro.__qualname__)
+        coro.close()
+
+    made._spawn = spawn  # type: ignore[method-assign]
+    made.up = True
+    made.heartbeat(5_000_000_000)
+    assert spawned == ["_heartbeat"] and made._beating
+    made.heartbeat(5_500_000_000)  # not due: one a second (ttl / 3 = 1 s)
+    made.heartbeat(6_000_000_000)  # due, but the last beat has not returned
+    assert spawned == ["_heartbeat"]
+    made._beating = False
+    made.heartbeat(7_000_000_000)
+    assert spawned == ["_heartbeat", "_heartbeat"]
+    made.up = False
+    made._beating = False
+    made.heartbeat(8_000_000_000)  # Redis is down: the reconnect loop beats first
+    assert len(spawned) == 2
+    assert stamps == [5_000_000_000, 5_500_000_000, 6_000_000_000, 7_000_000_000, 8_000_000_000]
+    assert made.now == 8.0

@@ -99,6 +99,11 @@ class RedisBroker:
         # After an outage every node's last beat is old: others are judged only
         # once they have had presence.ttl to beat again.
         self._judge_after = 0.0
+        # The shard's monotonic clock as of its last sweep call (heartbeat()): the
+        # broker reads no clock of its own to schedule or judge liveness.
+        self.now = 0.0
+        self._next_beat = 0.0
+        self._beating = False  # a beat is in flight
         self._scripts: dict[str, str] = {}  # name -> sha1
         self._loaded = False
         self.client: Any
@@ -169,6 +174,7 @@ class RedisBroker:
 
     # The heartbeat and the other nodes (nodes.py)
 
+    heartbeat = nodes.heartbeat
     _heartbeat = nodes._heartbeat
     _beat = nodes._beat
     _saw_live = nodes._saw_live
@@ -187,14 +193,13 @@ class RedisBroker:
     _count_trip = client._count_trip
 
     async def start(self, listener: BrokerListener) -> None:
-        """Connect (or go on without Redis: the reconnect loop keeps trying), then
-        beat the heartbeat."""
+        """Connect (or go on without Redis: the reconnect loop keeps trying); the
+        shard's sweep beats the heartbeat from then on (:meth:`heartbeat`)."""
         self.listener = listener
         try:
             await self._connect()
         except FAILURES as exc:
             self.failed("connect", exc)
-        self._spawn(self._heartbeat())
 
     async def _connect(self) -> None:
         if self.cluster:
@@ -260,9 +265,6 @@ class RedisBroker:
 
     def tick(self, now: float) -> float | None:
         return None
-
-    def heartbeat(self, now_ns: int) -> None:
-        self.stamp(now_ns)
 
     def record_lag(self) -> None:
         pass

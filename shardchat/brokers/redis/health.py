@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import time
 from typing import TYPE_CHECKING, Any
 
 from shardchat import stats
@@ -89,7 +88,7 @@ async def _reconnect(self: RedisBroker) -> None:
             wait = min(BACKOFF_MAX, wait * 2)
             # After an outage every node's last beat is old: judge the others
             # only once they have had presence.ttl to beat again.
-            self._judge_after = time.monotonic() + self.ttl
+            self._judge_after = self.now + self.ttl
             try:
                 await self._connect()
                 for sub in self._subscribers.values():
@@ -101,7 +100,7 @@ async def _reconnect(self: RedisBroker) -> None:
                 log_event(log, logging.DEBUG, "redis_retry", error=repr(exc))
                 continue
             self.stats[_S_RECONNECTS] += 1
-            self._judge_after = time.monotonic() + self.ttl
+            self._judge_after = self.now + self.ttl
             break
     finally:
         self._reconnecting = False

@@ -9,13 +9,11 @@ the engine hears a peer reset. Other nodes are engine peers numbered from
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
 import secrets
 import socket
-import time
 from typing import TYPE_CHECKING, Any
 
 from shardchat.brokers.redis import hooks as rh
@@ -30,6 +28,7 @@ __all__ = ["PEER_BASE", "node_name"]
 
 log = logging.getLogger("shardchat.brokers.redis")
 
+BEAT_EVERY = 1.0  # seconds between two beats of a node (presence.ttl / 3 if shorter)
 PEER_BASE = 1 << 16  # engine peer ids of other nodes start here (our shards are < 256)
 
 
@@ -38,21 +37,35 @@ def node_name(shard_id: int) -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{shard_id}:{secrets.token_hex(3)}"
 
 
+def heartbeat(self: RedisBroker, now_ns: int) -> None:
+    """The shard's sweep, every few ms: stamp the ring header for the supervisor,
+    take the shard's clock, and beat when a beat is due (every ``BEAT_EVERY``,
+    at most ``presence.ttl / 3``), one at a time. The shard's loop schedules
+    the beats; the broker keeps no timer of its own."""
+    self.stamp(now_ns)
+    self.now = now = now_ns / 1e9
+    if now < self._next_beat or self.closed:
+        return
+    self._next_beat = now + min(BEAT_EVERY, self.ttl / 3)
+    if self.up and not self._beating:
+        self._beating = True
+        self._spawn(self._heartbeat())
+
+
 async def _heartbeat(self: RedisBroker) -> None:
-    every = min(1.0, self.ttl / 3)
-    while not self.closed:
-        await asyncio.sleep(every)
-        if not self.up:
-            continue
+    """One beat; a node taken for dead announces its users again."""
+    try:
         try:
             new = await self._beat()
         except FAILURES as exc:
             self.failed("heartbeat", exc)
-            continue
+            return
         if new and self._local:
             # Taken for dead (a pause longer than the TTL): others dropped our users.
             log_event(log, logging.WARNING, "presence_reannounced", rooms=len(self._local))
             await self._resync()
+    finally:
+        self._beating = False
 
 
 async def _beat(self: RedisBroker) -> bool:
@@ -71,7 +84,7 @@ def _saw_live(self: RedisBroker, live: list[Any]) -> None:
     self._live = live_nodes
     # A node announces its users only after its first beat, so a node we heard
     # from that is not in the set now stopped beating for presence.ttl.
-    if time.monotonic() < self._judge_after:
+    if self.now < self._judge_after:
         return
     gone = [n for n in self._peers if n not in live_nodes]
     if gone:
