@@ -50,8 +50,8 @@ from perf.run import (
     load,
     pin_self,
 )
-from shardchat.storage.boxdir import store_path
-from shardchat.storage.store import connect
+from shardchat.storage.boxdir import StorageDir, store_path
+from shardchat.storage.store import RoomStore, connect
 
 CONTENT = "x" * 100
 
@@ -126,6 +126,24 @@ def run_start(messages: int, rooms: int, workers: int) -> dict[str, Any]:
         epoch = fill_store(tmp / "store", workers, rooms, per_room)
         fill_s = time.perf_counter() - t
         size = sum(p.stat().st_size for p in (tmp / "store").iterdir())
+        # The store's own share of a start: the supervisor's mending and seeding
+        # reads, and each shard's restore (seqs and keys).
+        t = time.perf_counter()
+        held = StorageDir.open(tmp / "store", workers)
+        seqs = sum(len(held.seqs(shard)) for shard in range(workers))
+        paths = [held.path(shard) for shard in range(workers)]
+        held.close()
+        open_s = time.perf_counter() - t
+        t = time.perf_counter()
+        for path in paths:
+            store: RoomStore[None] = RoomStore(
+                path, fsync="batch", max_bytes=0, history=per_room, history_ttl=0,
+                wake=lambda: None,
+            )  # fmt: skip
+            store.restore()
+            store.close()
+        restore_s = time.perf_counter() - t
+        assert seqs == rooms
         port, admin = procs.free_port(), procs.free_port()
         args = [procs.SHARDCHAT, "start", "--workers", str(workers), "--port", str(port)]
         for s in (
@@ -166,6 +184,7 @@ def run_start(messages: int, rooms: int, workers: int) -> dict[str, Any]:
             "store_bytes": size, "fill_s": round(fill_s, 2),
             "welcome_s": round(welcomed, 3), "recovered_join_s": round(recovered, 3),
             "memory_welcome_s": round(empty, 3),
+            "store_open_s": round(open_s, 3), "shards_restore_s": round(restore_s, 3),
             "replayed": got,
         }  # fmt: skip
     finally:

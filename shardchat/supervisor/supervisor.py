@@ -110,8 +110,9 @@ class Supervisor:
         self._raise_nofile()
         shm.sweep_stale()
         _check_port_free(self.config.server.host, self.config.server.port)
-        if self.config.storage.kind == "sqlite":
-            # Locked for the run (and by the shards, which inherit the lock).
+        if self.config.storage.kind == "sqlite" and self.config.broker.kind == "shm":
+            # Locked for the run (and by the shards, which inherit the lock). With
+            # broker.kind = "redis", Redis keeps the rooms: no store.
             self.storage = StorageDir.open(Path(self.config.storage.dir), len(self.slots))
             self.epoch = self.storage.epoch
         server = self.config.server
