@@ -160,3 +160,22 @@ def test_a_new_worker_count_moves_each_room_to_its_new_owner(tmp_path: Path) -> 
             assert all(zlib.crc32(room.encode()) % 3 == shard for room in rooms)
     finally:
         moved.close()
+
+
+def test_history_ttl_deletes_older_messages_and_old_keys(tmp_path: Path) -> None:
+    """The writer's prune (every PRUNE_EVERY): messages older than
+    delivery.history_ttl and keys older than KEY_WINDOW go; the seq stays."""
+    from shardchat.core.broker import KEY_WINDOW
+    from shardchat.storage.store import _Writer
+
+    db = connect(tmp_path / "t.db")
+    writer = _Writer(db, history=1000, history_ttl=60.0)
+    now = time.time()
+    old, recent = now - 120, now - 10
+    assert writer.write([("r", 1, old, "k1", b"a"), ("r", 2, recent, "k2", b"b")])
+    db.execute("UPDATE keys SET at = ? WHERE key = 'k1'", (now - KEY_WINDOW - 1,))
+    writer.prune(now)
+    assert db.execute("SELECT seq FROM messages").fetchall() == [(2,)]
+    assert db.execute("SELECT key FROM keys").fetchall() == [("k2",)]
+    assert db.execute("SELECT seq FROM rooms").fetchall() == [(2,)]
+    db.close()
