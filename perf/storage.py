@@ -43,7 +43,6 @@ from perf.run import (
     CLIENT_CPU,
     FAST,
     SERVER_CPU,
-    SMALL_FANOUT_RATES,
     best_rate,
     cost_ratio,
     fanout_against,
@@ -230,28 +229,40 @@ def run_ack(count: int) -> dict[str, Any]:
     return out
 
 
-def run_compare(receivers: int, clients: int) -> dict[str, Any]:
+def run_compare(receivers: int, clients: int, rounds: int = 2) -> dict[str, Any]:
+    """Memory and sqlite alternately, ``rounds`` times each (the machine is shared:
+    the spread of one kind's rounds is the noise)."""
     pin_self(CLIENT_CPU)
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"rounds": []}
     runs: dict[str, dict[str, Any]] = {}
-    for name, settings in (("memory", ["storage.kind=memory"]), ("sqlite", [])):
-        with procs.shardchat(1, settings=[*FAST, *settings], cpus=SERVER_CPU) as server:
-            runs[f"fanout-{name}"] = fanout_against(
-                server, f"store-{name}", receivers, [], SMALL_FANOUT_RATES
+    for round_ in range(rounds):
+        row: dict[str, Any] = {}
+        for name, settings in (("memory", ["storage.kind=memory"]), ("sqlite", [])):
+            with procs.shardchat(1, settings=[*FAST, *settings], cpus=SERVER_CPU) as server:
+                fanout = runs[f"fanout-{name}-{round_}"] = fanout_against(
+                    server, f"store-{name}", receivers, [], "5,10,20,40"
+                )
+            with procs.shardchat(1, settings=[*FAST, *settings], cpus=SERVER_CPU) as server:
+                args = ["rooms", "--port", str(server.port), "--target", f"store-rooms-{name}"]
+                args += ["--clients", str(clients), "--room-size", "10", "--interval-ms", "1000"]
+                args += ["--seconds", "10", "--admin", f"http://127.0.0.1:{server.admin_port}"]
+                rooms = runs[f"rooms-{name}-{round_}"] = load(args)
+            cores = rooms["server_cpu_cores"]
+            row[name] = {
+                "fanout_best": best_rate(fanout),
+                "fanout_us_per_delivery": {
+                    s["offered_rate"]: s["server_us_per_delivery"] for s in fanout["steps"]
+                },
+                "rooms_cores": cores,
+                "rooms_us_per_delivery": round(cores / rooms["deliveries_per_s"] * 1e6, 3),
+                "rooms_p99_ms": rooms["run"]["latency_ms"]["p99"],
+            }
+        row.update(
+            cost_ratio(
+                runs[f"fanout-memory-{round_}"], runs[f"fanout-sqlite-{round_}"], "fanout_cost"
             )
-        with procs.shardchat(1, settings=[*FAST, *settings], cpus=SERVER_CPU) as server:
-            args = ["rooms", "--port", str(server.port), "--target", f"store-rooms-{name}"]
-            args += ["--clients", str(clients), "--room-size", "10", "--interval-ms", "1000"]
-            args += ["--seconds", "10", "--admin", f"http://127.0.0.1:{server.admin_port}"]
-            runs[f"rooms-{name}"] = load(args)
-    for name in ("memory", "sqlite"):
-        rooms = runs[f"rooms-{name}"]
-        out[name] = {
-            "fanout_best": best_rate(runs[f"fanout-{name}"]),
-            "rooms_us_per_delivery": rooms.get("server_us_per_delivery"),
-            "rooms_p99_ms": rooms.get("latency_ms", {}).get("p99"),
-        }
-    out.update(cost_ratio(runs["fanout-memory"], runs["fanout-sqlite"], "fanout_cost"))
+        )
+        out["rounds"].append(row)
     out["raw"] = runs
     return out
 
@@ -316,7 +327,7 @@ def main() -> None:
     ack.add_argument("--count", type=int, default=400)
     compare = sub.add_parser("compare")
     compare.add_argument("--receivers", type=int, default=2000)
-    compare.add_argument("--clients", type=int, default=2000)
+    compare.add_argument("--clients", type=int, default=1000)
     memory = sub.add_parser("memory")
     memory.add_argument("--rooms", type=int, default=100)
     memory.add_argument("--history", type=int, default=1000)
