@@ -51,7 +51,7 @@ def raise_for(status: int, body: bytes) -> Any:
     error = obj.get("error") if isinstance(obj, dict) else None
     if isinstance(error, dict):
         cls = API_ERRORS.get(str(error.get("code")), ApiError)
-        raise cls(str(error.get("message", "")))
+        raise cls(str(error.get("message", "")), error.get("retry_after"))
     raise ApiError(f"HTTP {status}: {body[:200]!r}")
 
 
@@ -61,7 +61,8 @@ def batch_replies(result: Any) -> list[Any | ApiError]:
     for reply in result["replies"]:
         if "error" in reply:
             error = reply["error"]
-            out.append(API_ERRORS.get(error["code"], ApiError)(error["message"]))
+            cls = API_ERRORS.get(error["code"], ApiError)
+            out.append(cls(error["message"], error.get("retry_after")))
         else:
             out.append(reply["result"])
     return out

@@ -34,6 +34,7 @@ __all__ = [
     "Subscribe",
     "Unsubscribe",
     "error_body",
+    "error_object",
     "matches",
     "parse",
     "result_body",
@@ -353,5 +354,13 @@ def result_body(result: object) -> bytes:
     return orjson.dumps({"result": result})
 
 
+def error_object(exc: ApiError) -> dict[str, object]:
+    """An error's ``{"code", "message"}`` (and ``retry_after`` when it has one)."""
+    error: dict[str, object] = {"code": exc.code, "message": exc.message}
+    if exc.retry_after is not None:
+        error["retry_after"] = exc.retry_after
+    return error
+
+
 def error_body(exc: ApiError) -> bytes:
-    return orjson.dumps({"error": {"code": exc.code, "message": exc.message}})
+    return orjson.dumps({"error": error_object(exc)})

@@ -17,6 +17,7 @@ from shardchat.core.broker import Publication
 from shardchat.core.errors import ProtocolError
 from shardchat.core.messages import Join, Leave, RoomId
 from shardchat.core.outputs import Close
+from shardchat.core.overload import Queue, overloaded
 from shardchat.core.roomlog import HeldMessage
 
 if TYPE_CHECKING:
@@ -40,10 +41,18 @@ def publish(
     content: str,
     key: str | None,
     then: Callable[[int | None], None],
-) -> None:
+) -> ProtocolError | None:
     """Publish ``content`` into ``room`` as ``sender``; ``then(seq)`` once sequenced,
     ``then(None)`` when it is not known to be. ``key`` deduplicates as the
-    WebSocket's ``key`` does, per (sender, room, key)."""
+    WebSocket's ``key`` does, per (sender, room, key). Returns the ``overloaded``
+    refusal instead when a bounded queue is full (admission control, as for a
+    client's publish); nothing is sent then."""
+    overload = engine.config.overload
+    full = engine.broker.full(room)
+    if full is None and engine.fanout.turn_bytes > overload.turn_bytes:
+        full = Queue.TURN
+    if full is not None:  # counted as the API's refusal (shardchat_api_refused)
+        return overloaded(full, overload.retry_after, None)
     engine._msg_counter += 1
     msg_id = engine._msg_prefix + str(engine._msg_counter)
     engine.api_pending[msg_id] = then
@@ -58,6 +67,7 @@ def publish(
         "" if key is None else f"{sender}\n{key}",
     )
     engine.broker.publish(publication, now)
+    return None
 
 
 def _users_conns(engine: RoomEngine[Any], user: str) -> list[Any]:

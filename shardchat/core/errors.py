@@ -23,7 +23,8 @@
     │   ├── ApiMethodNotAllowed 405 method_not_allowed: not a POST
     │   ├── ApiTooLarge        413 too_large: a body over limits.max_frame
     │   ├── ApiRoomFull        409 room_full: subscribe into a full room
-    │   └── ApiUnavailable     503 unavailable: the broker or a shard did not answer
+    │   ├── ApiUnavailable     503 unavailable: the broker or a shard did not answer
+    │   └── ApiOverloaded      503 overloaded: a bounded queue is full (retry_after)
     ├── ClientError        ChatClient cannot go on
     │   ├── Refused            the upgrade was refused for good (HTTP 4xx)
     │   ├── ChatError          a request was refused (an ``error`` frame)
@@ -47,6 +48,7 @@ __all__ = [
     "ApiError",
     "ApiMethodNotAllowed",
     "ApiNotFound",
+    "ApiOverloaded",
     "ApiRoomFull",
     "ApiTooLarge",
     "ApiUnauthorized",
@@ -204,8 +206,9 @@ class ApiError(ShardchatError):
     code = "internal"
     status = 500
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
         self.message = message
+        self.retry_after = retry_after  # seconds, for overloaded
         super().__init__(f"{self.code}: {message}")
 
 
@@ -241,6 +244,10 @@ class ApiUnavailable(ApiError):
     code, status = "unavailable", 503
 
 
+class ApiOverloaded(ApiError):
+    code, status = "overloaded", 503
+
+
 # Every API error code and its class, in the order of the API's error counters.
 API_ERRORS: dict[str, type[ApiError]] = {
     cls.code: cls
@@ -253,6 +260,7 @@ API_ERRORS: dict[str, type[ApiError]] = {
         ApiTooLarge,
         ApiRoomFull,
         ApiUnavailable,
+        ApiOverloaded,
     )
 }
 

@@ -32,6 +32,7 @@ from shardchat.core.engine import RoomEngine
 from shardchat.core.errors import (
     API_ERRORS,
     ApiError,
+    ApiOverloaded,
     ApiRoomFull,
     ApiUnavailable,
 )
@@ -190,7 +191,9 @@ class ApiServer:
             else:
                 done({"seq": seq, "epoch": engine.broker.epoch_of(room) or engine.epoch})
 
-        inputs.publish(engine, room, sender, content, key, then)
+        refusal = inputs.publish(engine, room, sender, content, key, then)
+        if refusal is not None:
+            raise ApiOverloaded(refusal.reason, refusal.retry_after)
 
     def _broadcast(self, call: calls.Broadcast, done: Done) -> None:
         replies: list[dict[str, Any] | None] = [None] * len(call.rooms)
@@ -210,7 +213,11 @@ class ApiServer:
             return then
 
         for i, room in enumerate(call.rooms):
-            self._publish(room, call.content, call.sender, call.key, one(i, room))
+            then = one(i, room)
+            try:
+                self._publish(room, call.content, call.sender, call.key, then)
+            except ApiError as exc:  # this room's refusal (overloaded); the others go on
+                then(exc)
 
     def _subscribe(self, call: calls.Subscribe, done: Done) -> None:
         room_size = self.config.limits.room_size
@@ -413,8 +420,8 @@ class ApiServer:
         counters[stats.API_LATENCY_SUM_US] += int(seconds * 1e6)
 
 
-def _error(exc: ApiError) -> dict[str, str]:
-    return {"code": exc.code, "message": exc.message}
+def _error(exc: ApiError) -> dict[str, object]:
+    return calls.error_object(exc)
 
 
 def _presence(room: str, limit: int) -> Callable[[list[Any]], Result]:

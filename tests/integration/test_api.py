@@ -36,6 +36,7 @@ from tests.support.helpers import (
     closing,
     connect_client,
     good_neighbour,
+    room_owned_by,
     running_server,
     scaled,
 )
@@ -474,9 +475,19 @@ def test_off_without_a_key_and_only_on_its_own_port_with_one() -> None:
     from tests.support.helpers import free_port
 
     port = free_port()
-    settings = ["api.host=127.0.0.1", f"api.port={port}"]
+    # One forward in flight per shard at most: a broadcast to another shard's rooms
+    # meets the bound (admission control, as for the WebSocket's publishes).
+    settings = ["api.host=127.0.0.1", f"api.port={port}", "overload.forwards=1"]
     with running_server(2, settings, env={"SHARDCHAT_API_KEY": KEY}) as own:
         assert call(port, "publish", {"room": "own", "content": "x"})[0] == 200
         status, body = call(own.port, "publish", {"room": "own", "content": "x"})
         assert (status, body["error"]["code"]) == (404, "not_found")
         assert "its own port" in body["error"]["message"]
+        rooms = [room_owned_by(s, 2, f"busy{s}-{i}-") for s in (0, 1) for i in range(10)]
+        status, body = call(port, "broadcast", {"rooms": rooms, "content": "x"})
+        replies = body["result"]["replies"]
+        refused = [r["error"] for r in replies if "error" in r]
+        assert status == 200 and len(refused) >= 9, replies
+        assert {e["code"] for e in refused} == {"overloaded"}
+        assert all(e["retry_after"] == 1.0 for e in refused)
+        assert all(r["result"]["seq"] == 1 for r in replies if "result" in r)

@@ -55,6 +55,7 @@ _STATUS_OF = {
     "too_large": 413,
     "room_full": 409,
     "unavailable": 503,
+    "overloaded": 503,
 }
 
 
