@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import json
 import os
 import time
@@ -44,7 +43,7 @@ from typing import Any
 import orjson
 
 from perf import procs
-from perf.loadclient import client_frame, frame_at
+from shardchat.testing.rawws import encode_frame, frame_at, upgrade_request
 
 __all__ = ["main"]
 
@@ -107,12 +106,7 @@ class Conn(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        key = base64.b64encode(os.urandom(16)).decode()
-        transport.write(
-            f"GET {self.path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-            "Sec-WebSocket-Version: 13\r\n\r\n".encode()
-        )
+        transport.write(upgrade_request(self.path))
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.welcome.done():
@@ -205,7 +199,7 @@ class Bench:
 
     def frame(self, msg_id: str) -> bytes:
         body = {"type": "message", "room": self.room, "content": msg_id, "id": msg_id}
-        return client_frame(orjson.dumps(body))
+        return encode_frame(orjson.dumps(body))
 
     # Runs
 
