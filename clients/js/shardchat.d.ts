@@ -28,6 +28,14 @@ export type WebSocketLike = new (url: string) => {
   close(code?: number, reason?: string): void;
 };
 
+/** Where a client is in a room: join with `since`/`epoch` to get what came after. */
+export interface RoomPosition {
+  room: string;
+  /** The last seq delivered. */
+  since: number;
+  epoch: string;
+}
+
 export interface ChatClientOptions {
   /** The user name (when the server does not use tokens); none: the server names a guest. */
   user?: string | null;
@@ -35,8 +43,8 @@ export interface ChatClientOptions {
   token?: string | null;
   /** Called before every connection attempt for a fresh token (after a 4401 "token expired"). */
   getToken?: (() => string | Promise<string>) | null;
-  /** Rooms to join at once. */
-  rooms?: string[];
+  /** Rooms to join at once: names, or positions to resume from (see ChatClient.position). */
+  rooms?: Array<string | RoomPosition>;
   /** First and largest delay between reconnects, in ms; doubled per failure, with up to 25% jitter. Default [50, 5000]. */
   backoff?: [number, number];
   /** Give up (Unavailable) when the server could not be reached for this many ms in a row; null: never. */
@@ -133,6 +141,8 @@ export declare class ChatClient implements AsyncIterable<Message> {
   readonly reconnects: number;
   /** Rejoins where the server no longer held what was missed. */
   readonly gaps: number;
+  /** Where this client is in `room` (null before its first join): pass it in `rooms` to resume elsewhere. */
+  position(room: string): RoomPosition | null;
   /** Connect and join the rooms; rejects at once for a permanent refusal, with Unavailable when the limits run out. */
   start(): Promise<void>;
   on<K extends keyof EventMap>(kind: K, listener: (event: EventMap[K]) => void): () => void;

@@ -132,7 +132,15 @@ export class ChatClient {
       throw new TypeError("no WebSocket here: pass one, e.g. { WebSocket } from the 'ws' package");
     }
     this.rooms = new Map(); // name -> RoomState, in the order joined
-    for (const room of options.rooms ?? []) this.rooms.set(room, new RoomState(room));
+    for (const entry of options.rooms ?? []) {
+      // A name, or {room, since, epoch}: resume from where another client left off.
+      const state = new RoomState(typeof entry === "string" ? entry : entry.room);
+      if (typeof entry !== "string" && entry.epoch != null && entry.since != null) {
+        state.epoch = entry.epoch;
+        state.lastSeq = entry.since;
+      }
+      this.rooms.set(state.name, state);
+    }
     this.name = null;      // the user name the server gave us (welcome)
     this.shard = null;     // the shard of the current connection
     this.heartbeat = null; // seconds, from the welcome
@@ -166,6 +174,13 @@ export class ChatClient {
     const client = new ChatClient(url, options);
     await client.start();
     return client;
+  }
+
+  /** Where `room` is: resume it later with `{room, since, epoch}` in `rooms` (null: not joined yet). */
+  position(room) {
+    const state = this.rooms.get(room);
+    if (state === undefined || state.epoch === null) return null;
+    return { room, since: state.lastSeq, epoch: state.epoch };
   }
 
   /** Connect and join `rooms`, then keep the connection up; rejects for a permanent refusal. */
