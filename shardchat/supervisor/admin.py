@@ -1,45 +1,82 @@
-"""The supervisor's admin HTTP port: ``/metrics``, ``/status`` and ``/healthz``.
+"""The supervisor's admin HTTP port: the dashboard, ``/metrics``, ``/status``,
+``/series``, the dashboard's ``/api/<method>`` and ``/healthz``.
 
 Served from the supervisor's ``selectors`` loop with non-blocking sockets, so
-that a slow admin client never stalls the supervisor. Requests are tiny GETs:
-the whole request head must arrive within ``REQUEST_LIMIT`` bytes and
-``READ_TIMEOUT`` seconds of the connection's start, and at most
-``MAX_CLIENTS`` are open at once (more are closed at accept). The port binds
-to ``server.admin_host`` (127.0.0.1 by default, whatever ``server.host`` is);
-with ``server.admin_token`` set, ``/status`` and ``/metrics`` need
-``Authorization: Bearer <token>`` (401 otherwise); ``/healthz`` never does.
+that a slow admin client never stalls the supervisor. Requests are small: the
+whole request (head, and the body of a POST) must arrive within
+``REQUEST_LIMIT`` bytes and ``READ_TIMEOUT`` seconds of the connection's
+start, and at most ``MAX_CLIENTS`` are open at once (more are closed at
+accept). The port binds to ``server.admin_host`` (127.0.0.1 by default,
+whatever ``server.host`` is); with ``server.admin_token`` set, everything but
+the dashboard's own files and ``/healthz`` needs ``Authorization: Bearer
+<token>`` (401 otherwise). ``POST /api/<method>`` goes on to the server API
+(:mod:`shardchat.supervisor.apiproxy`), with the API key added here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hmac
+import re
 import selectors
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import orjson
 
 from shardchat.core.errors import ShardError
+from shardchat.shard.pages import page_csp
+from shardchat.supervisor.apiproxy import ApiProxy
 
 __all__ = ["AdminServer"]
 
-REQUEST_LIMIT = 8192
-READ_TIMEOUT = 5.0  # seconds from accept to a complete request head
+REQUEST_LIMIT = 65536
+READ_TIMEOUT = 5.0  # seconds from accept to a complete request
 MAX_CLIENTS = 64
+_STATIC = Path(__file__).parent.parent / "static"
+_API_PATH = re.compile(r"/api/([a-z_]{1,32})")
+_JSON = "application/json"
+_TEXT = "text/plain; charset=utf-8"
 
 _REASONS = {
     200: "OK",
     400: "Bad Request",
     401: "Unauthorized",
+    403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
+    409: "Conflict",
+    413: "Content Too Large",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
 }
+Answer = tuple[int, str, bytes]
+_CHALLENGE = 'WWW-Authenticate: Bearer realm="shardchat admin"\r\n'
+
+
+def _content_length(header_lines: list[bytes]) -> int | None:
+    """The request's body length (0 without one); None when it cannot be told."""
+    values = [
+        value.strip()
+        for name, _, value in (line.partition(b":") for line in header_lines)
+        if name.strip().lower() in (b"content-length", b"transfer-encoding")
+    ]
+    if not values:
+        return 0
+    if len(values) != 1 or not values[0].isdigit():
+        return None
+    return int(values[0])
 
 
 class AdminServer:
-    """Answers admin GETs; ``status`` builds the /status document."""
+    """Answers admin requests; ``status`` builds the /status document, ``series``
+    the dashboard's samples newer than a time."""
 
     def __init__(
         self,
@@ -49,11 +86,18 @@ class AdminServer:
         status: Callable[[], dict[str, object]],
         metrics: Callable[[], bytes],
         token: str = "",
+        series: Callable[[int], list[dict[str, object]]] = lambda after: [],
+        proxy: ApiProxy | None = None,
     ) -> None:
         self._selector = selector
         self._status = status
         self._metrics = metrics
+        self._series = series
+        self.proxy = proxy if proxy is not None else ApiProxy(selector, None)
         self._token = token.encode()
+        self._dashboard = (_STATIC / "dashboard.html").read_bytes()
+        self._dashboard_js = (_STATIC / "dashboard.js").read_bytes()
+        self._csp = page_csp(self._dashboard)
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         family, kind, proto, _, address = infos[0]
         self.sock = socket.socket(family, kind, proto)
@@ -101,38 +145,76 @@ class AdminServer:
 
     def _read(self, client: socket.socket) -> None:
         try:
-            chunk = client.recv(4096)
+            chunk = client.recv(65536)
         except BlockingIOError:
             return
         except OSError:
             chunk = b""
         buf = self._buffers[client]
         buf += chunk
-        if chunk and b"\r\n\r\n" not in buf and len(buf) < REQUEST_LIMIT:
+        head, sep, body = bytes(buf).partition(b"\r\n\r\n")
+        if not chunk or len(buf) > REQUEST_LIMIT:
+            self._drop(client)
             return
-        if chunk and b"\r\n\r\n" in buf:
-            self._respond(client, bytes(buf))
-        self._drop(client)
+        if not sep:
+            return
+        lines = head.split(b"\r\n")
+        length = _content_length(lines[1:])
+        if length is None or length > REQUEST_LIMIT:
+            self._answer(client, 413, _TEXT, b"a body of at most 64 KiB, with Content-Length\n")
+            return
+        if len(body) < length:
+            return  # the rest of the body is on its way
+        self._selector.unregister(client)  # read no more: the answer may come later
+        self._respond(client, lines, body[:length])
 
-    def _respond(self, client: socket.socket, head: bytes) -> None:
-        lines = head.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+    def _respond(self, client: socket.socket, lines: list[bytes], body: bytes) -> None:
         line = lines[0].decode("latin-1").split()
-        extra = ""
         if len(line) != 3:
-            status, ctype, body = 400, "text/plain", b"bad request\n"
-        elif line[0] != "GET":
-            status, ctype, body = 405, "text/plain", b"method not allowed\n"
+            self._answer(client, 400, _TEXT, b"bad request\n")
+            return
+        method, path = line[0], line[1].partition("?")[0]
+        query = line[1].partition("?")[2]
+        if path in ("/", "/dashboard.js", "/healthz"):
+            if method != "GET":
+                self._answer(client, 405, _TEXT, b"method not allowed\n")
+                return
+            self._answer(client, *self.route(path))
+            return
+        if not self._authorized(lines[1:]):
+            self._answer(client, 401, _TEXT, b"a bearer token is required\n", _CHALLENGE)
+            return
+        api = _API_PATH.fullmatch(path)
+        if api is not None:
+            if method != "POST":
+                self._answer(client, 405, _TEXT, b"method not allowed\n")
+                return
+            self.proxy.forward(
+                api.group(1), body, lambda status, out: self._answer(client, status, _JSON, out)
+            )
+            return
+        if method != "GET":
+            self._answer(client, 405, _TEXT, b"method not allowed\n")
+        elif path == "/series":
+            after = query.partition("after=")[2].partition("&")[0]
+            samples = self._series(int(after) if after.isdigit() else 0)
+            self._answer(client, 200, _JSON, orjson.dumps(samples))
         else:
-            path = line[1].partition("?")[0]
-            if path in ("/status", "/metrics") and not self._authorized(lines[1:]):
-                status, ctype, body = 401, "text/plain", b"a bearer token is required\n"
-                extra = 'WWW-Authenticate: Bearer realm="shardchat admin"\r\n'
-            else:
-                status, ctype, body = self.route(path)
+            self._answer(client, *self.route(path))
+
+    def _answer(
+        self, client: socket.socket, status: int, ctype: str, body: bytes, extra: str = ""
+    ) -> None:
+        """Write the whole answer and close the connection."""
+        if client not in self._buffers:
+            return  # timed out meanwhile
+        if "html" in ctype:
+            extra += f"Content-Security-Policy: {self._csp}\r\n"
         head_out = (
-            f"HTTP/1.1 {status} {_REASONS[status]}\r\n"
+            f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n"
             f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\n{extra}"
-            "Connection: close\r\n\r\n"
+            "X-Content-Type-Options: nosniff\r\nCache-Control: no-store\r\n"
+            "Referrer-Policy: no-referrer\r\nConnection: close\r\n\r\n"
         ).encode()
         # A small reply fits the socket buffer; the blocking send is bounded by it.
         client.setblocking(True)
@@ -141,6 +223,7 @@ class AdminServer:
             client.sendall(head_out + body)
         except OSError:
             pass
+        self._drop(client)
 
     def _authorized(self, header_lines: list[bytes]) -> bool:
         if not self._token:
@@ -156,7 +239,11 @@ class AdminServer:
         # RFC 7235 2.1: the scheme is case-insensitive; the token is compared in constant time.
         return scheme.lower() == b"bearer" and hmac.compare_digest(credentials.strip(), self._token)
 
-    def route(self, path: str) -> tuple[int, str, bytes]:
+    def route(self, path: str) -> Answer:
+        if path == "/":
+            return 200, "text/html; charset=utf-8", self._dashboard
+        if path == "/dashboard.js":
+            return 200, "text/javascript; charset=utf-8", self._dashboard_js
         if path == "/healthz":
             return 200, "text/plain; charset=utf-8", b"ok\n"
         if path == "/metrics":
@@ -166,12 +253,16 @@ class AdminServer:
         return 404, "text/plain; charset=utf-8", b"not found\n"
 
     def _drop(self, client: socket.socket) -> None:
-        self._selector.unregister(client)
+        if client not in self._buffers:
+            return
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(client)
         del self._buffers[client]
         del self._deadlines[client]
         client.close()
 
     def close(self) -> None:
+        self.proxy.close()
         for client in list(self._buffers):
             self._drop(client)
         self._selector.unregister(self.sock)

@@ -40,7 +40,9 @@ from shardchat.shard.process import EXIT_BOOT_ERROR, ShardSpec, run_shard
 from shardchat.stats import Slot, StatsView
 from shardchat.storage.boxdir import StorageDir
 from shardchat.supervisor.admin import AdminServer
+from shardchat.supervisor.apiproxy import ApiProxy, ApiTarget
 from shardchat.supervisor.metrics import make_registry
+from shardchat.supervisor.samples import Sampler
 from shardchat.tls import server_context
 
 __all__ = ["Supervisor"]
@@ -97,6 +99,8 @@ class Supervisor:
         self._app: object | None = None
         self._stats: StatsView | None = None
         self._child_closes: list[int] = []
+        self.sampler = Sampler(config.workers)  # the dashboard's charts
+        self._next_sample = 0.0  # monotonic
 
     # Start-up
 
@@ -141,6 +145,8 @@ class Supervisor:
                     self.status,
                     lambda: generate_latest(registry),
                     self.config.server.admin_token,
+                    self.sampler.since,
+                    ApiProxy(self._selector, _api_target(self.config)),
                 )
             # Descriptors a shard must not keep (it is forked, not exec'd, so
             # O_CLOEXEC does not apply): the admin port above all.
@@ -241,6 +247,9 @@ class Supervisor:
                 self._kill_stuck()
             if self._admin is not None:
                 self._admin.expire(now)
+                self._admin.proxy.expire(now)
+                if now >= self._next_sample:
+                    self._sample(now)
             timeout = self._next_timeout(now)
             for key, _ in self._selector.select(timeout):
                 callback: Callable[[], None] = key.data
@@ -334,9 +343,11 @@ class Supervisor:
             deadlines.append(now + min(1.0, min(checks) / 4))
         if self.stopping:
             deadlines.append(self.stop_deadline)
-        admin_deadline = self._admin.next_deadline() if self._admin is not None else None
-        if admin_deadline is not None:
-            deadlines.append(admin_deadline)
+        if self._admin is not None:
+            deadlines.append(self._next_sample)
+            for deadline in (self._admin.next_deadline(), self._admin.proxy.next_deadline()):
+                if deadline is not None:
+                    deadlines.append(deadline)
         if not deadlines:
             return None
         return max(0.0, min(deadlines) - now)
@@ -391,7 +402,11 @@ class Supervisor:
             store="" if self.storage is None else str(self.storage.path(slot.shard_id)),
             close_fds=tuple(
                 fd
-                for fd in (*self._child_closes, *(self._admin.fds() if self._admin else ()))
+                for fd in (
+                    *self._child_closes,
+                    *(self._admin.fds() if self._admin else ()),
+                    *(self._admin.proxy.fds() if self._admin else ()),
+                )
                 if fd >= 0
             ),
         )
@@ -454,6 +469,14 @@ class Supervisor:
         slot.restart_at = time.monotonic() + slot.backoff
 
     # Status
+
+    def _sample(self, now: float) -> None:
+        """The dashboard's sample of this second (the admin port's charts)."""
+        assert self._stats is not None
+        alive = [slot.process is not None for slot in self.slots]
+        self.sampler.sample(self._stats.blocks, alive, now, time.time())
+        # On the second's grid, not from now: a late loop turn does not drift the series.
+        self._next_sample = max(self._next_sample + 1.0, now + 0.5)
 
     def _broker_status(self) -> dict[str, object]:
         assert self._stats is not None
@@ -535,6 +558,11 @@ def _broker_status_of(config: Config, blocks: list[Any], alive: list[bool]) -> d
         "errors": total(Slot.REDIS_ERRORS),
         "reconnects": total(Slot.REDIS_RECONNECTS),
     }
+
+
+def _api_target(config: Config) -> ApiTarget | None:
+    """Where the dashboard's actions go: the server API, when it is on."""
+    return None
 
 
 _SYS_PIDFD_GETFD = 438  # the same number on x86-64 and aarch64 (Linux 5.6)
