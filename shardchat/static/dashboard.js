@@ -133,13 +133,13 @@ function formatNumber(v) {
   return Number.isInteger(v) ? String(v) : v.toFixed(v < 10 ? 2 : 1);
 }
 
-function legend(id, names) {
+function legend(id, names, offset = 0) {
   const box = $(id);
   box.replaceChildren();
   names.forEach((name, i) => {
     const span = document.createElement("span");
     const swatch = document.createElement("i");
-    swatch.style.background = COLORS[i % COLORS.length];
+    swatch.style.background = COLORS[(i + offset) % COLORS.length];
     span.append(swatch, document.createTextNode(name));
     box.appendChild(span);
   });
@@ -160,7 +160,7 @@ function drawCharts() {
   legend("legend-latency", ["p50", "p99"]);
   drawChart("chart-lag", Array.from({ length: shardCount }, (_, i) => ({
     color: COLORS[(i + 1) % COLORS.length], points: points((s) => s.shards[i]?.lag ?? null) })));
-  legend("legend-lag", Array.from({ length: shardCount }, (_, i) => `shard ${i}`));
+  legend("legend-lag", Array.from({ length: shardCount }, (_, i) => `shard ${i}`), 1);
   const last = samples[samples.length - 1];
   if (last) {
     $("now-connections").textContent = formatNumber(last.connections);
@@ -199,7 +199,7 @@ function renderStatus(status) {
     cell(tr, String(s.restarts));
     cell(tr, String(s.connections));
     cell(tr, String(s.rooms));
-    cell(tr, s.latency_ms ? `${s.latency_ms} ms` : "–");
+    cell(tr, s.latency_ms ? `${s.latency_ms.toFixed(2)} ms` : "–");
     body.appendChild(tr);
   }
   const broker = status.broker;

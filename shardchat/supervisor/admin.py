@@ -29,7 +29,7 @@ import orjson
 
 from shardchat.core.errors import ShardError
 from shardchat.shard.pages import page_csp
-from shardchat.supervisor.apiproxy import ApiProxy
+from shardchat.supervisor.apiproxy import ApiProxy, error_body
 
 __all__ = ["AdminServer"]
 
@@ -153,7 +153,7 @@ class AdminServer:
         buf = self._buffers[client]
         buf += chunk
         head, sep, body = bytes(buf).partition(b"\r\n\r\n")
-        if not chunk or len(buf) > REQUEST_LIMIT:
+        if not chunk or (not sep and len(buf) > REQUEST_LIMIT):
             self._drop(client)
             return
         if not sep:
@@ -185,6 +185,9 @@ class AdminServer:
             self._answer(client, 401, _TEXT, b"a bearer token is required\n", _CHALLENGE)
             return
         api = _API_PATH.fullmatch(path)
+        if api is None and path.startswith("/api/"):
+            self._answer(client, 404, _JSON, error_body("unknown_method", "no such method"))
+            return
         if api is not None:
             if method != "POST":
                 self._answer(client, 405, _TEXT, b"method not allowed\n")

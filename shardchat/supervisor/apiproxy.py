@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import h11
 import orjson
 
-__all__ = ["ApiProxy", "ApiTarget"]
+__all__ = ["ApiProxy", "ApiTarget", "error_body"]
 
 TIMEOUT = 4.0  # seconds for a whole call (within the admin connection's READ_TIMEOUT)
 MAX_CALLS = 16

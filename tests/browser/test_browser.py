@@ -18,36 +18,26 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_asyncio
 
 from shardchat.testing.wait import await_until
-from tests.support.browser import ARGS, CHROMIUM
+from tests.browser.chromium import ARTIFACTS, launched, ms
 from tests.support.helpers import (
     Server,
     cleanup_server,
     connect_client,
     running_server,
-    scaled,
     start_server,
 )
 
-ARTIFACTS = Path(__file__).parent.parent / "artifacts"
+# One Chromium for the module (each test opens its own contexts).
+pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 
-def ms(seconds: float) -> float:
-    return scaled(seconds) * 1000
-
-
-@pytest.fixture
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def browser() -> AsyncIterator[Any]:
-    from playwright.async_api import async_playwright
-
-    ARTIFACTS.mkdir(exist_ok=True)
-    async with async_playwright() as p:
-        chromium = await p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        try:
-            yield chromium
-        finally:
-            await chromium.close()
+    async with launched() as chromium:
+        yield chromium
 
 
 async def shot(page: Any, name: str) -> None:

@@ -1,0 +1,32 @@
+"""Debian's Chromium under Playwright for the browser tests, and where their
+screenshots go (tests/artifacts/, gitignored)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from tests.support.browser import ARGS, CHROMIUM
+from tests.support.helpers import scaled
+
+ARTIFACTS = Path(__file__).parent.parent / "artifacts"
+
+
+def ms(seconds: float) -> float:
+    return scaled(seconds) * 1000
+
+
+@contextlib.asynccontextmanager
+async def launched() -> AsyncIterator[Any]:
+    """A headless Chromium, closed on the way out."""
+    from playwright.async_api import async_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    async with async_playwright() as p:
+        chromium = await p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            yield chromium
+        finally:
+            await chromium.close()

@@ -1,0 +1,88 @@
+"""The admin port's dashboard routes: the page and its script (no token needed, the
+page has no data), its CSP, the one-a-second samples behind the token, and the
+forward of /api/<method> to the server API, with what it refuses."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support.helpers import Server, raw_http, running_server, scaled
+
+TOKEN = "dashboard-port-token"
+AUTH = f"Authorization: Bearer {TOKEN}\r\n"
+
+
+@pytest.fixture(scope="module")
+def admin() -> Iterator[Server]:
+    with running_server(workers=2, settings=[f"server.admin_token={TOKEN}"]) as srv:
+        yield srv
+
+
+def call(
+    server: Server, method: str, path: str, head: str = "", body: bytes = b""
+) -> tuple[int, dict[str, str], bytes]:
+    sized = body or (method == "POST" and "Content-Length" not in head)
+    length = f"Content-Length: {len(body)}\r\n" if sized else ""
+    request = f"{method} {path} HTTP/1.1\r\nHost: x\r\n{head}{length}\r\n".encode() + body
+    return raw_http(server.admin_port, request)
+
+
+def test_the_page_and_its_script_need_no_token_and_carry_a_csp(admin: Server) -> None:
+    status, headers, body = call(admin, "GET", "/")
+    assert status == 200 and headers["content-type"] == "text/html; charset=utf-8"
+    assert b'<script type="module" src="/dashboard.js">' in body
+    csp = headers["content-security-policy"]
+    assert "default-src 'none'" in csp and "script-src 'self'" in csp
+    assert "connect-src 'self'" in csp and "frame-ancestors 'none'" in csp
+    assert headers["x-content-type-options"] == "nosniff"
+    status, headers, body = call(admin, "GET", "/dashboard.js")
+    assert status == 200 and headers["content-type"] == "text/javascript; charset=utf-8"
+    assert b"sessionStorage" in body and b"localStorage" not in body
+
+
+def test_samples_come_once_a_second_behind_the_token(admin: Server) -> None:
+    assert call(admin, "GET", "/series")[0] == 401
+    assert call(admin, "GET", "/series", "Authorization: Bearer wrong\r\n")[0] == 401
+    deadline = time.monotonic() + scaled(10)
+    while True:
+        status, headers, body = call(admin, "GET", "/series", AUTH)
+        assert status == 200 and headers["content-type"] == "application/json"
+        samples = json.loads(body)
+        if len(samples) >= 2:
+            break
+        assert time.monotonic() < deadline, samples
+        time.sleep(0.2)
+    first, second = samples[:2]
+    assert 500 <= second["t"] - first["t"] <= 1500
+    assert set(first) == {
+        "t",
+        "connections",
+        "messages_in",
+        "deliveries",
+        "p50_ms",
+        "p99_ms",
+        "shards",
+    }
+    assert len(first["shards"]) == 2
+    # Only the newer ones after a time.
+    newer = json.loads(call(admin, "GET", f"/series?after={first['t']}", AUTH)[2])
+    assert newer and all(s["t"] > first["t"] for s in newer)
+
+
+def test_api_calls_are_refused_clearly(admin: Server) -> None:
+    assert call(admin, "POST", "/api/rooms", body=b"{}")[0] == 401
+    status, _, body = call(admin, "POST", "/api/rooms", AUTH, b"{}")
+    assert status == 503 and json.loads(body)["error"]["code"] == "api_off"
+    assert call(admin, "GET", "/api/rooms", AUTH)[0] == 405
+    assert call(admin, "POST", "/status", AUTH, b"{}")[0] == 405
+    assert call(admin, "POST", "/", body=b"{}")[0] == 405
+    # Told by Content-Length, before any of the body is read.
+    too_large = AUTH + "Content-Length: 70000\r\n"
+    assert call(admin, "POST", "/api/rooms", too_large)[0] == 413
+    assert call(admin, "POST", "/api/Bad-Name", AUTH, b"{}")[0] == 404
+    # The port still answers after all that.
+    assert call(admin, "GET", "/status", AUTH)[0] == 200
