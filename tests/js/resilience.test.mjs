@@ -8,11 +8,12 @@ import { clientsOnShards, control, load, opts, server, status, take, TrackedWebS
 const lib = await load();
 const { ChatClient } = lib;
 
-/** Publish `count` messages `${tag}${i}` with up to `window` sends in flight. */
-async function stream(client, room, tag, count, window = 16, onAck = () => {}) {
+/** Publish `count` messages `${tag}${i}${body}` with up to `window` sends in flight (the
+ * server refuses a flood beyond its bounds as overloaded). */
+async function stream(client, room, tag, count, window = 16, onAck = () => {}, body = "") {
   const inFlight = new Set();
   for (let i = 0; i < count; i++) {
-    const p = client.send(room, `${tag}${i}`).then((seq) => { inFlight.delete(p); onAck(i, seq); });
+    const p = client.send(room, `${tag}${i}${body}`).then((seq) => { inFlight.delete(p); onAck(i, seq); });
     inFlight.add(p);
     if (inFlight.size >= window) await Promise.race(inFlight);
   }
@@ -91,9 +92,7 @@ test("a reader too slow for the server is cut (4429), resumes, and loses nothing
     reader._ws._socket.pause(); // the reader stops reading: the server's queue for it fills
     const total = 1500;
     const body = "x".repeat(4000);
-    const inFlight = [];
-    for (let i = 0; i < total; i++) inFlight.push(writer.send("slow", `s${i} ${body}`));
-    await Promise.all(inFlight);
+    await stream(writer, "slow", "s", total, 32, () => {}, ` ${body}`);
     reader._ws._socket.resume();
     const messages = await take(got, total, 60);
     assert.deepEqual(messages.map((m) => m.content.split(" ")[0]), Array.from({ length: total }, (_, i) => `s${i}`));

@@ -1,5 +1,9 @@
 // What the node tests share: the servers pytest started, their control port, the
 // client module as the server serves it, and deadlines that scale like pytest's.
+import { mkdtemp, rm, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { pathToFileURL } from "node:url";
 import WebSocket from "ws";
 
 export const FACTOR = Number(process.env.SHARDCHAT_TEST_TIMEOUT_FACTOR || "1");
@@ -25,10 +29,21 @@ export async function status(name = "main") {
   return (await fetch(`${server(name).admin}/status`)).json();
 }
 
-// The module exactly as the server serves it at /shardchat.js.
+// The module exactly as the server serves it at /shardchat.js (imported from a
+// temporary file, so that stack traces name a file and a line).
 export async function load(name = "main") {
-  const source = await (await fetch(`${server(name).http}/shardchat.js`)).text();
-  return import("data:text/javascript;base64," + Buffer.from(source).toString("base64"));
+  const answer = await fetch(`${server(name).http}/shardchat.js`);
+  if (answer.headers.get("content-type") !== "text/javascript; charset=utf-8") {
+    throw new Error(`/shardchat.js served as ${answer.headers.get("content-type")}`);
+  }
+  const dir = await mkdtemp(join(tmpdir(), "shardchat-js-"));
+  const file = join(dir, "shardchat.js");
+  await writeFile(file, await answer.text());
+  try {
+    return await import(pathToFileURL(file).href);
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
 }
 
 export const ms = (seconds) => seconds * 1000 * FACTOR;
