@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -31,8 +32,9 @@ from tests.support.helpers import FAST, Server, cleanup_server, scaled, start_se
 HERE = Path(__file__).parent
 NODE_TIMEOUT = 240  # seconds for the whole node run (pytest's own timeout is above it)
 # The shared server: rate limits out of the way, a small send queue so that a paused
-# reader is cut (4429) after a few MB, and history deep enough to resume all of it.
-SETTINGS = [*FAST, "limits.send_queue=65536", "delivery.history=5000"]
+# reader is cut (4429) after a few MB, history deep enough to resume all of it, and
+# rooms in memory only (the full restart shows a lost history; see durable.test.mjs).
+SETTINGS = [*FAST, "limits.send_queue=65536", "delivery.history=5000", "storage.kind=memory"]
 
 
 class Control:
@@ -41,9 +43,14 @@ class Control:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.servers: dict[str, Server] = {}
+        self.settings: dict[str, list[str]] = {}
+        self.store = Path(tempfile.mkdtemp(prefix="shardchat-js-store-"))
 
-    def start(self, name: str, workers: int, port: int | None = None) -> Server:
-        server = start_server(workers=workers, settings=SETTINGS, port=port)
+    def start(
+        self, name: str, workers: int, port: int | None = None, settings: list[str] | None = None
+    ) -> Server:
+        settings = self.settings.setdefault(name, settings or SETTINGS)
+        server = start_server(workers=workers, settings=settings, port=port)
         self.servers[name] = server
         return server
 
@@ -85,6 +92,7 @@ class Control:
     def close(self) -> None:
         for server in self.servers.values():
             cleanup_server(server)
+        shutil.rmtree(self.store, ignore_errors=True)
 
 
 def serve_control(control: Control) -> ThreadingHTTPServer:
@@ -116,6 +124,9 @@ def control() -> Iterator[Control]:
     control = Control()
     try:
         control.start("main", workers=2)
+        # Rooms in a store (storage.dir): a full restart keeps their history and seqs.
+        durable = [*SETTINGS[:-1], "storage.kind=sqlite", f"storage.dir={control.store}"]
+        control.start("durable", workers=2, settings=durable)
         yield control
     finally:
         control.close()
