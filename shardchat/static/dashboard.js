@@ -215,10 +215,8 @@ function renderStatus(status) {
 }
 
 function roomList(result) {
-  // The API's rooms answer: a list of rooms with their member counts.
-  const list = Array.isArray(result) ? result : (result?.rooms ?? []);
-  return list.map((r) => (typeof r === "string" ? { room: r, count: null }
-    : { room: r.room ?? r.name, count: r.count ?? r.members ?? r.num_users ?? r.num_clients ?? null }));
+  // The API's rooms: {rooms: [{room, users, connections}], cursor}.
+  return (result?.rooms ?? []).map((r) => ({ room: r.room, count: r.users, connections: r.connections }));
 }
 
 function renderRooms(rooms) {
@@ -230,7 +228,8 @@ function renderRooms(rooms) {
     tr.dataset.room = r.room;
     if (r.room === selectedRoom) tr.className = "current";
     cell(tr, r.room);
-    cell(tr, r.count === null ? "?" : String(r.count));
+    cell(tr, String(r.count));
+    cell(tr, String(r.connections));
     tr.onclick = () => selectRoom(r.room);
     body.appendChild(tr);
   }
@@ -238,9 +237,8 @@ function renderRooms(rooms) {
 }
 
 function presenceUsers(result) {
-  const users = result?.users ?? result?.presence ?? [];
-  if (Array.isArray(users)) return users.map((u) => (typeof u === "string" ? u : (u.user ?? u.name)));
-  return Object.keys(users); // {user: connections}
+  // The API's presence: {users: [{user, connections}], count, connections}.
+  return (result?.users ?? []).map((u) => u.user);
 }
 
 async function selectRoom(room) {
@@ -265,7 +263,7 @@ async function refreshRoom() {
     const list = $("presence");
     list.replaceChildren(...users.map((u) => { const li = document.createElement("li"); li.textContent = u; return li; }));
     $("presence-count").textContent = `(${users.length})`;
-    const messages = Array.isArray(history) ? history : (history?.messages ?? history?.publications ?? []);
+    const messages = history?.messages ?? [];
     const log = $("room-messages");
     log.replaceChildren(...messages.map((m) => {
       const li = document.createElement("li");

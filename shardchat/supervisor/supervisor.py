@@ -561,8 +561,18 @@ def _broker_status_of(config: Config, blocks: list[Any], alive: list[bool]) -> d
 
 
 def _api_target(config: Config) -> ApiTarget | None:
-    """Where the dashboard's actions go: the server API, when it is on."""
-    return None
+    """Where the dashboard's calls go: the server API (its own listener, api.port, or
+    the main port), as a client on this box reaches it; None while the API is off, or
+    behind TLS (the admin port's forward speaks plain HTTP)."""
+    api = config.api
+    if not api.key or config.server.tls_cert:
+        return None
+    host, port = (api.host, api.port) if api.port else (config.server.host, config.server.port)
+    if host in ("", "0.0.0.0"):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return ApiTarget(host, port, api.key)
 
 
 _SYS_PIDFD_GETFD = 438  # the same number on x86-64 and aarch64 (Linux 5.6)

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+from websockets.exceptions import ConnectionClosed
 
 from tests.browser.chromium import ARTIFACTS, launched, ms
 from tests.support.helpers import FAST, Server, connect_client, running_server, scaled
@@ -31,7 +32,7 @@ README_SHOT = Path(__file__).resolve().parent.parent.parent / "docs" / "img" / "
 
 @pytest.fixture(scope="module")
 def admin_server() -> Iterator[Server]:
-    settings = [*FAST, f"server.admin_token={TOKEN}"]
+    settings = [*FAST, f"server.admin_token={TOKEN}", f"api.key={API_KEY}"]
     with running_server(workers=2, settings=settings) as srv:
         yield srv
 
@@ -159,6 +160,9 @@ async def test_the_charts_move_while_a_load_runs(admin_server: Server, browser: 
             f"() => Number(document.getElementById('chart-messages').dataset.points) > {points}",
             timeout=ms(10),
         )
+        await page.click('#rooms tbody tr[data-room="busy"]')
+        await page.wait_for_selector("#presence li >> text=load0", timeout=ms(10))
+        await page.wait_for_selector("#room-messages li", timeout=ms(10))
         await shot(page, "charts-under-load")
         README_SHOT.parent.mkdir(parents=True, exist_ok=True)
         await page.set_viewport_size({"width": 1280, "height": 900})
@@ -174,6 +178,50 @@ async def test_the_charts_move_while_a_load_runs(admin_server: Server, browser: 
     await wait_number(page, "#now-messages", lambda v: v == 0)
     assert page.errors == []
     await page.context.close()
+
+
+async def test_a_room_presence_a_publish_and_a_disconnect(
+    admin_server: Server, browser: Any
+) -> None:
+    page = await logged_in(browser, admin_server)
+    ada = await connect_client(admin_server.url, user="ada", rooms=["ops"])
+    grace = await connect_client(admin_server.url, user="grace", rooms=["ops"])
+    try:
+        await ada.recv_type("joined")
+        await grace.recv_type("joined")
+        await page.click('#rooms tbody tr[data-room="ops"]', timeout=ms(10))
+        await page.wait_for_selector("#presence li >> text=grace", timeout=ms(10))
+        assert await page.locator("#presence li").all_inner_texts() == ["ada", "grace"]
+        assert await page.locator('#rooms tbody tr[data-room="ops"] td').nth(1).inner_text() == "2"
+        await shot(page, "room-presence")
+        # A publish from the dashboard arrives at a WebSocket client.
+        assert await page.input_value("#publish-room") == "ops"
+        await page.fill("#publish-content", "maintenance at five")
+        await page.click("#publish button")
+        await page.wait_for_selector("#action-result >> text=published into ops", timeout=ms(10))
+        frame = await ada.recv_type("message", timeout=10)
+        assert frame["content"] == "maintenance at five" and frame["room"] == "ops"
+        await page.wait_for_selector("#room-messages >> text=maintenance at five", timeout=ms(10))
+        await shot(page, "published")
+        # A disconnect closes the user's connection with 4403.
+        await page.fill("#disconnect-user", "grace")
+        await page.click("#disconnect button")
+        await page.wait_for_selector("#action-result >> text=disconnected grace", timeout=ms(10))
+        with pytest.raises(ConnectionClosed):
+            while True:
+                await grace.recv(timeout=10)
+        assert grace.ws.close_code == 4403  # disconnected by the server: do not reconnect
+        await page.wait_for_function(
+            "() => [...document.querySelectorAll('#presence li')].map(l => l.textContent).join()"
+            " === 'ada'",
+            timeout=ms(15),
+        )
+        await shot(page, "disconnected")
+        assert page.errors == []
+    finally:
+        await ada.close()
+        await grace.close()
+        await page.context.close()
 
 
 async def test_a_375px_phone_reads_it_all(admin_server: Server, browser: Any) -> None:
