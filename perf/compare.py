@@ -1,18 +1,27 @@
-"""This checkout's server against another checkout's, in one run, rounds interleaved.
+"""The one comparison tool: this checkout's server against another checkout's, in one run.
 
-For a change that must not regress: fan-out (best sustained deliveries/s, its
-p99, the server's CPU per delivery), rooms (p99 and server CPU), reliable
-(the best rate with half the receivers acking over the best with none), and idle
-memory per connection, each measured on this checkout and on the other one
-(e.g. the previous main, checked out with its own ``.venv``) in alternating
-rounds, so that drift of the shared machine hits both alike. The server under
-test is pinned to CPU 0 and the load client (always this checkout's) to CPU 1.
+Each named scenario is measured on this checkout and on the other one (e.g.
+the previous main, checked out with its own ``.venv``) in alternating rounds,
+the side that goes first alternating, so that drift of the shared machine
+hits both alike. The load client is always this checkout's, pinned to CPU 1;
+the server under test is pinned to CPU 0 except where the scenario says.
+
+- ``fanout``: best sustained deliveries/s to 5,000 receivers, its p99, the
+  server's CPU per delivery at a rate both sides reach;
+- ``rooms``: 10,000 clients in rooms of 10 at 10,000 msg/s: p99, server CPU;
+- ``reliable``: the best rate with half the receivers acking over none;
+- ``idle``: memory per idle connection (15,000 on one shard);
+- ``hold15k``: 15,000 held on one shard at 1,000 conn/s: ping and connect
+  p99, RSS and PSS per connection;
+- ``hold100k``: 100,000 held on 6 shards at 2,000 conn/s (server unpinned);
+- ``pss``: PSS per idle connection (18,000) at 1, 2, 4 and 6 shards;
+- ``rooms_curve``: the rooms p99 and server CPU at 2,500 to 15,000 msg/s.
 
     git worktree add /tmp/old-main <old commit> && make -C /tmp/old-main .venv/.installed
     python -m perf.compare --other /tmp/old-main --rounds 3 fanout rooms idle
 
 Prints each round and the median of new/old for every figure; writes
-perf/results/compare.json.
+perf/results/compare.json (``--name``).
 """
 
 from __future__ import annotations
@@ -25,7 +34,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from perf import idle_rss, procs, run
+from perf.lib import procs
+from perf.scenarios import hold, idle_rss, pss_shards, rooms_curve, run
 
 SERVER_CPU = run.SERVER_CPU
 COST_RATE = 80.0  # msg/s to 5,000 receivers: 400,000 deliveries/s, under every limit here
@@ -63,7 +73,7 @@ def _rooms(program: str, name: str) -> dict[str, float]:
 
 
 def _reliable(program: str, name: str) -> dict[str, float]:
-    """perf.run reliable's ratio: best rate with half the receivers acking (every
+    """perf.scenarios.run reliable's ratio: best rate with half the receivers acking (every
     50 ms, as ChatClient does) over the best rate with none, 2,000 receivers."""
     with procs.shardchat(1, settings=run.FAST, cpus=SERVER_CPU, program=program) as server:
         rates = run.SMALL_FANOUT_RATES
@@ -83,11 +93,51 @@ def _idle(program: str, name: str) -> dict[str, float]:
     return {"bytes_per_connection": float(row["bytes_per_connection"])}  # type: ignore[arg-type]
 
 
+def _held(row: dict[str, Any]) -> dict[str, float]:
+    return {
+        "ping_rtt_p99_ms": row["ping_rtt_ms"]["p99"],
+        "connect_p99_ms": row["connect_ms"]["p99"],
+        "rss_per_connection": float(row["rss_per_connection"] or 0),
+        "pss_per_connection": float(row["pss_per_connection"] or 0),
+    }
+
+
+def _hold15k(program: str, name: str) -> dict[str, float]:
+    row = hold.measure(program, 1, 15000, connect_rate=1000, cpus=SERVER_CPU, rt=True)
+    return _held(row)
+
+
+def _hold100k(program: str, name: str) -> dict[str, float]:
+    return _held(hold.measure(program, 6, 100000, connect_rate=2000, rt=True))
+
+
+def _pss(program: str, name: str) -> dict[str, float]:
+    out = {}
+    for shards in (1, 2, 4, 6):
+        row = pss_shards.measure(program, shards, 18000, 3.0)
+        per = row["pss_per_connection"]
+        out[f"pss_per_connection_w{shards}"] = float(per) if isinstance(per, int) else 0.0
+    return out
+
+
+def _rooms_curve(program: str, name: str) -> dict[str, float]:
+    out = {}
+    for rate in (2500, 5000, 10000, 15000):
+        row = rooms_curve.one(program, 10000, rate, 15)
+        out[f"p99_ms_at_{rate}"] = row["p99_ms"]
+        out[f"server_cpu_cores_at_{rate}"] = row["server_cpu_cores"]
+    return out
+
+
 SCENARIOS: dict[str, Callable[[str, str], dict[str, float]]] = {
     "fanout": _fanout,
     "rooms": _rooms,
     "reliable": _reliable,
     "idle": _idle,
+    "hold15k": _hold15k,
+    "hold100k": _hold100k,
+    "pss": _pss,
+    "rooms_curve": _rooms_curve,
 }
 
 
@@ -97,6 +147,7 @@ def main() -> None:
     )
     parser.add_argument("--other", required=True, help="the other checkout (with its .venv)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--name", default="compare", help="the result's file name")
     parser.add_argument("scenarios", nargs="+", choices=list(SCENARIOS))
     args = parser.parse_args()
     other = str(Path(args.other).resolve() / ".venv" / "bin" / "shardchat")
@@ -109,7 +160,8 @@ def main() -> None:
             # Alternate which side goes first, so neither always gets the warmer machine.
             order = ["new", "old"] if r % 2 == 0 else ["old", "new"]
             for side in order:
-                figures[side] = SCENARIOS[scenario](sides[side], f"compare-{scenario}-{side}")
+                measure = SCENARIOS[scenario]
+                figures[side] = procs.retried(measure, sides[side], f"compare-{scenario}-{side}")
             rounds[scenario].append(figures)
             print(f"round {r + 1} {scenario}: {json.dumps(figures)}", file=sys.stderr)
     summary: dict[str, Any] = {}
@@ -122,7 +174,7 @@ def main() -> None:
                 round(statistics.median(ratios), 3) if ratios else None
             )
     out = {"other": args.other, "rounds": rounds, "median_ratios": summary}
-    path = procs.write_result("compare", out)
+    path = procs.write_result(args.name, out)
     print(json.dumps(summary, indent=2))
     print(f"wrote {path}", file=sys.stderr)
 

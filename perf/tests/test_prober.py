@@ -1,4 +1,4 @@
-"""perf.prober's pure parts: the ping frame, the pong's
+"""perf.lib.prober's pure parts: the ping frame, the pong's
 stamp, the percentile, the schedule's arithmetic, and when it calls itself the limit."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import math
 
 import orjson
 
-from perf.prober import (
+from perf.lib.prober import (
     LAGGING_MS,
     Samples,
     Schedule,

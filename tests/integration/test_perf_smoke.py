@@ -22,7 +22,7 @@ def load(server: Server, tmp_path: Path, *args: str) -> dict[str, Any]:
         [
             sys.executable,
             "-m",
-            "perf.load",
+            "perf.lib.load",
             *args,
             "--port",
             str(server.port),

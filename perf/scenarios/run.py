@@ -1,17 +1,17 @@
 """The benchmark runner: start the servers, run a named scenario set, stop, clean up.
 
-    python -m perf.run smoke      # every scenario, tiny (a minute)
-    python -m perf.run fanout     # shardchat --workers 1 vs the baseline, pinned; --workers 2
-    python -m perf.run quota      # the same fan-out with each server held to a CPU share
-    python -m perf.run rooms      # 10,000 clients in rooms of 10, pinned
-    python -m perf.run hold       # 50,000 connections, --workers 4, 5 minutes
-    python -m perf.run reliable   # fan-out with 50% of receivers acking vs 0%
-    python -m perf.run metrics    # fan-out with /metrics scraped every second vs no admin port
-    python -m perf.run all
+    python -m perf.scenarios.run smoke     # every scenario, tiny (a minute)
+    python -m perf.scenarios.run fanout    # --workers 1 vs the baseline, pinned; --workers 2
+    python -m perf.scenarios.run quota     # the same fan-out, each server held to a CPU share
+    python -m perf.scenarios.run rooms     # 10,000 clients in rooms of 10, pinned
+    python -m perf.scenarios.run hold      # 50,000 connections, --workers 4, 5 minutes
+    python -m perf.scenarios.run reliable  # fan-out with 50% of receivers acking vs 0%
+    python -m perf.scenarios.run metrics   # fan-out with /metrics scraped vs no admin port
+    python -m perf.scenarios.run all
 
 Pinning (``taskset``): the server under test on CPU 0, the load client on
 CPU 1, so that each comparison is core against core. Results go to
-perf/results/*.json; ``python -m perf.plot`` draws them.
+perf/results/*.json; ``python -m perf.lib.plot`` draws them.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any
 
-from perf import procs
-from perf.load import main as load_main
+from perf.lib import procs
+from perf.lib.load import main as load_main
 
 PY = sys.executable
 SERVER_CPU, CLIENT_CPU = "0", "1"
@@ -48,7 +48,7 @@ def load(args: list[str]) -> dict[str, Any]:
 
 
 def target_args(server: procs.Running) -> list[str]:
-    """How perf.load finds the server's processes: shardchat's admin, or the pid."""
+    """How perf.lib.load finds the server's processes: shardchat's admin, or the pid."""
     if server.admin_port:
         return ["--admin", f"http://127.0.0.1:{server.admin_port}"]
     return ["--pid", str(server.server_pids()[0])]

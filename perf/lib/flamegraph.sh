@@ -3,8 +3,8 @@
 # or `pip install -e '.[perf]'`). Sampling reads the shard's memory with
 # ptrace; run it as root or as the server's user.
 #
-#   perf/flamegraph.sh [SHARD] [SECONDS] [ADMIN_URL]
-#   perf/flamegraph.sh 0 30 http://127.0.0.1:9090   -> perf/results/flame-shard0.svg
+#   perf/lib/flamegraph.sh [SHARD] [SECONDS] [ADMIN_URL]
+#   perf/lib/flamegraph.sh 0 30 http://127.0.0.1:9090   -> perf/results/flame-shard0.svg
 set -euo pipefail
 shard=${1:-0}
 seconds=${2:-30}

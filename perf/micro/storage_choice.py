@@ -13,7 +13,7 @@ latest seq over ``--messages`` stored messages. Candidates:
 - ``sqlite``: WAL mode, a table keyed (room, seq), ``synchronous`` OFF (no
   sync), NORMAL (synced at checkpoints) and FULL (every commit synced).
 
-Usage: ``python -m perf.storage_choice [--messages 200000] [--rooms 2000]``.
+Usage: ``python -m perf.micro.storage_choice [--messages 200000] [--rooms 2000]``.
 A benchmark, not a test: the figures go to perf/RESULTS.md.
 """
 

@@ -1,7 +1,7 @@
 """Overload: offered publish rate stepped from half to 5x what the server delivers.
 
-    python -m perf.overload                 # 2 shards held to 0.3 core, ~40 s
-    python -m perf.overload --share 0 --step-seconds 1
+    python -m perf.scenarios.overload                 # 2 shards held to 0.3 core, ~40 s
+    python -m perf.scenarios.overload --share 0 --step-seconds 1
 
 One server (``--workers 2``), one room owned by shard 0; ``--sinks``
 members spread over both shards read everything (they only count bytes), two
@@ -42,7 +42,7 @@ from typing import Any
 
 import orjson
 
-from perf import procs
+from perf.lib import procs
 from shardchat.testing.rawws import encode_frame, frame_at, upgrade_request
 
 __all__ = ["main"]

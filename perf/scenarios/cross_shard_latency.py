@@ -7,7 +7,7 @@ server (one process, no rings) is measured in the same run as the baseline.
 Messages go out at a fixed rate (default 1,000/s for 10 s); each carries its
 send time (CLOCK_MONOTONIC, one clock for the whole box).
 
-    python -m perf.cross_shard_latency --rate 1000 --seconds 10
+    python -m perf.scenarios.cross_shard_latency --rate 1000 --seconds 10
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 import uvloop
 from websockets.asyncio.client import ClientConnection, connect
 
-from perf import procs
+from perf.lib import procs
 from shardchat.brokers.sequencer import owner_of
 
 

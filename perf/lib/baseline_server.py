@@ -5,7 +5,7 @@ uvloop, ``websockets.asyncio.server.serve``, one coroutine per connection and
 benchmarks use (welcome, join, message with ack, ping/pong). Every benchmark
 runs it in the same session as shardchat and reports ratios against it.
 
-    python -m perf.baseline_server --port 8765
+    python -m perf.lib.baseline_server --port 8765
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ With ``--other CHECKOUT`` the same runs are made on another checkout's server
 (its own ``.venv``) in the same run, alternating, so that the two rows compare:
 
     git worktree add /tmp/old <commit> && make -C /tmp/old .venv/.installed
-    python -m perf.history_memory --other /tmp/old
+    python -m perf.scenarios.history_memory --other /tmp/old
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 
-from perf import procs
+from perf.lib import procs
 
 CONTENT = "x" * 100
 

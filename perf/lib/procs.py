@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 SHARDCHAT = str(Path(sys.executable).with_name("shardchat"))
 RESULTS = ROOT / "perf" / "results"
 
@@ -186,7 +186,7 @@ def shardchat(
 @contextlib.contextmanager
 def baseline(cpus: str | None = None, prefix: Sequence[str] = ()) -> Iterator[Running]:
     port = free_port()
-    args = [*prefix, *_taskset(cpus), sys.executable, "-m", "perf.baseline_server"]
+    args = [*prefix, *_taskset(cpus), sys.executable, "-m", "perf.lib.baseline_server"]
     args += ["--port", str(port)]
     proc = subprocess.Popen(args, cwd=ROOT)
     try:

@@ -1,6 +1,6 @@
-"""An application backend that answers at once, for perf/backend_cost.py.
+"""An application backend that answers at once, for perf/scenarios/backend_cost.py.
 
-    python -m perf.fast_backend --port 8000
+    python -m perf.lib.fast_backend --port 8000
 
 Keep-alive HTTP/1.1 on uvloop, no framework: ``POST /publish`` keeps every
 message (``{"results": []}``), ``POST /connect`` admits ``{"user": "bench"}``,

@@ -1,9 +1,9 @@
 """The room store's costs, each against storage.kind = "memory" in the same run.
 
-    python -m perf.storage start [--messages 1000000 --rooms 10000 --workers 2]
-    python -m perf.storage ack [--count 400]
-    python -m perf.storage compare [--receivers 2000 --clients 2000]
-    python -m perf.storage memory [--rooms 100 --history 1000]
+    python -m perf.scenarios.storage start [--messages 1000000 --rooms 10000 --workers 2]
+    python -m perf.scenarios.storage ack [--count 400]
+    python -m perf.scenarios.storage compare [--receivers 2000 --clients 2000]
+    python -m perf.scenarios.storage memory [--rooms 100 --history 1000]
 
 - ``start``: a storage.dir holding ``--messages`` in ``--rooms`` (written
   straight into the shards' files), then ``shardchat start``: seconds until a
@@ -13,7 +13,7 @@
   time, for memory and each ``storage.fsync``.
 - ``compare``: the fan-out's best rate and CPU per delivery, and the rooms
   scenario's CPU per delivery and p99, memory against sqlite (fsync batch),
-  pinned as perf.run pins them.
+  pinned as perf.scenarios.run pins them.
 - ``memory``: RSS of the shards before and after a client on each shard
   joined ``--rooms`` rooms of ``--history`` messages each: bytes per held
   message and per room, at 1 and 6 shards, memory against sqlite.
@@ -38,8 +38,8 @@ from typing import Any
 
 import websockets
 
-from perf import procs
-from perf.run import (
+from perf.lib import procs
+from perf.scenarios.run import (
     CLIENT_CPU,
     FAST,
     SERVER_CPU,

@@ -1,6 +1,6 @@
 """The longest silences of each shard's loop heartbeat, sampled from outside.
 
-    python -m perf.heartbeat_gaps SUPERVISOR_PID SECONDS
+    python -m perf.scenarios.heartbeat_gaps SUPERVISOR_PID SECONDS
 
 Reads the heartbeat every shard stamps in its ring header (once per sweep call,
 about every 20 ms) every 5 ms for SECONDS, and prints, per shard, the longest

@@ -1,8 +1,8 @@
 """Charts from result files: fan-out latency against offered load, hold RSS over time,
 memory per connection against the number of shards, rooms p99 against offered msg/s.
 
-    python -m perf.plot                 # every perf/results/*.json it knows how to draw
-    python -m perf.plot FILE.json ...   # just these
+    python -m perf.lib.plot                 # every perf/results/*.json it knows how to draw
+    python -m perf.lib.plot FILE.json ...   # just these
 
 Writes PNG files next to the results (perf/results/*.png).
 """
@@ -20,7 +20,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parent.parent / "results"
 
 
 def plot_fanout(results: list[dict[str, Any]], out: Path) -> None:

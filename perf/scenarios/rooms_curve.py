@@ -1,23 +1,24 @@
-"""Rooms p99 against the offered message rate, this checkout's server and another's.
+"""Rooms p99 against the offered message rate.
 
 10,000 clients in rooms of 10 (each message goes to the room's 10 members),
 each client publishing every ``clients / rate`` seconds, open-loop; the
-server pinned to CPU 0, the load client to CPU 1; the two sides interleaved
-rate by rate, so that the shared machine's drift hits both alike.
+server pinned to CPU 0, the load client to CPU 1. Against another checkout
+in the same run (sides interleaved rate by rate): ``perf.compare --other DIR
+rooms_curve``.
 
-    python -m perf.rooms_curve --other /tmp/old-main --rates 2500,5000,10000,15000
+    python -m perf.scenarios.rooms_curve --rates 2500,5000,10000,15000
 
-Writes perf/results/rooms_curve.json (``python -m perf.plot`` draws it).
+Writes perf/results/rooms_curve.json (``python -m perf.lib.plot`` draws it).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any
 
-from perf import procs, run
+from perf.lib import procs
+from perf.scenarios import run
 
 
 def one(program: str, clients: int, rate: float, seconds: float) -> dict[str, Any]:
@@ -38,19 +39,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--other", help="another checkout (with its .venv), e.g. the old main")
     parser.add_argument("--clients", type=int, default=10000)
     parser.add_argument("--rates", default="2500,5000,10000,15000")
     parser.add_argument("--seconds", type=float, default=15)
     args = parser.parse_args()
     sides = {"new": procs.SHARDCHAT}
-    if args.other:
-        sides["old"] = str(Path(args.other).resolve() / ".venv" / "bin" / "shardchat")
     run.pin_self(run.CLIENT_CPU)
     rows: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
-    for i, rate in enumerate(float(r) for r in args.rates.split(",")):
-        order = list(sides) if i % 2 == 0 else list(reversed(sides))
-        for side in order:
+    for rate in (float(r) for r in args.rates.split(",")):
+        for side in sides:
             row = one(sides[side], args.clients, rate, args.seconds)
             rows[side].append(row)
             print(f"{side} {row}", file=sys.stderr)

@@ -11,7 +11,7 @@ Every reader checks every message's content; the time is until the last
 reader has the last message. Each case runs ``--repeat`` times, interleaved,
 and the median is reported (all runs are in the JSON file).
 
-    python -m perf.ring_bench --messages 300000 --size 200 --repeat 5
+    python -m perf.micro.ring_bench --messages 300000 --size 200 --repeat 5
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any
 
 import posix_ipc
 
-from perf import procs
+from perf.lib import procs
 from shardchat.ring.layout import HEADER_SIZE
 from shardchat.ring.ring import RingReader, RingWriter, init_ring
 

@@ -1,6 +1,6 @@
 """Two boxes through one Redis against one box with the same number of shards.
 
-    python -m perf.boxes --receivers 5000 --rates 20,50,100 --clients 10000
+    python -m perf.scenarios.boxes --receivers 5000 --rates 20,50,100 --clients 10000
 
 Same run, same machine: starts a redis-server (AOF on, appendfsync everysec,
 in a temporary directory), then for each configuration
@@ -8,7 +8,7 @@ in a temporary directory), then for each configuration
 - ``one box``: ``shardchat start --workers 2`` (``broker.kind = "shm"``);
 - ``two boxes``: two ``shardchat start --workers 1`` (``broker.kind = "redis"``),
 
-runs :mod:`perf.load`'s fan-out (``--receivers`` in one room, split over the
+runs :mod:`perf.lib.load`'s fan-out (``--receivers`` in one room, split over the
 boxes, senders too) and rooms scenarios against it, and reads Redis's CPU
 time (``/proc``) and the boxes' broker counters (``/status``: round trips,
 publishes per pipeline). Writes ``perf/results/boxes.json`` and prints a
@@ -31,11 +31,11 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from perf import load
-from perf.procs import free_port
+from perf.lib import load
+from perf.lib.procs import free_port
 from shardchat.procstat import cpu_seconds
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 SHARDCHAT = str(Path(sys.executable).with_name("shardchat"))
 
 

@@ -4,7 +4,7 @@ Connections are spread over several worker processes (each well under the
 20,000 open files a process may have) bound to several source addresses in
 127.0.0.0/8 (one address has about 28,000 ports toward one server port).
 Workers are forked before any event loop exists; each runs uvloop and raw
-connections (:mod:`perf.loadclient`) that parse only frame headers, except a
+connections (:mod:`perf.lib.loadclient`) that parse only frame headers, except a
 sample that decodes JSON for latency, order and duplicates. Latency is
 open-loop: a message carries the time it was due to go, not the time it
 went, so a server that queues cannot hide it by slowing the sender; each
@@ -12,13 +12,13 @@ worker reports its own send lag (how late its sends went) and its CPU share
 while it sends, and a step where the load client was near a full core or
 sent late is marked ``client_limited``; a fan-out step also reports the
 server's CPU time per delivery, its cost whoever the limit. ``hold --prober
-N``: N of the connections are perf.prober's, which times its connects and
+N``: N of the connections are perf.lib.prober's, which times its connects and
 pings at 0.1 ms (the workers' uvloop timers tick in milliseconds), and the
 hold's figures are its.
 
-    python -m perf.load hold   --port 8080 --connections 50000 --seconds 300 --prober 1000
-    python -m perf.load fanout --port 8080 --receivers 5000 --senders 10 --rates 2000,5000
-    python -m perf.load rooms  --port 8080 --clients 10000 --room-size 10 --interval-ms 1000
+    python -m perf.lib.load hold   --port 8080 --connections 50000 --seconds 300 --prober 1000
+    python -m perf.lib.load fanout --port 8080 --receivers 5000 --senders 10 --rates 2000,5000
+    python -m perf.lib.load rooms  --port 8080 --clients 10000 --room-size 10 --interval-ms 1000
 
 Several boxes (broker.kind = "redis"): ``--port 8080,8081 --admin URL1,URL2``;
 load process i connects to port i mod the number of ports (so ``--workers``
@@ -46,11 +46,11 @@ from typing import Any
 
 import uvloop
 
-from perf import procs
-from perf.loadclient import LoadConn
+from perf.lib import procs
+from perf.lib.loadclient import LoadConn
 from shardchat.client.chatclient import ACK_DELAY
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parent.parent / "results"
 PER_WORKER = 12000  # connections per worker process at most
 SATURATED = 0.9  # a worker using this share of a core or more may be the limit
 # A client whose sends go out this late (p99, ms) is itself adding to the latency.
@@ -443,12 +443,12 @@ def tcp_counters() -> dict[str, int]:
 
 
 def _prober(a: argparse.Namespace) -> subprocess.Popen[bytes]:
-    """perf.prober as its own process (on ``--prober-cpu``) against the first port:
+    """perf.lib.prober as its own process (on ``--prober-cpu``) against the first port:
     it opens its connections alongside the workers' (at its share of the connect
     rate, so that its connect times sample the whole connect phase), then waits
     for a line on stdin to ping."""
     net = 1 + a.port[0] % 250
-    cmd = [sys.executable, "-m", "perf.prober", "--port", str(a.port[0]), "--wait-go"]
+    cmd = [sys.executable, "-m", "perf.lib.prober", "--port", str(a.port[0]), "--wait-go"]
     cmd += ["--connections", str(a.prober), "--seconds", str(a.seconds)]
     cmd += ["--connect-rate", str(a.connect_rate * a.prober / a.connections)]
     cmd += ["--source", f"127.{net}.250.2"]  # apart from the workers' addresses
@@ -458,7 +458,7 @@ def _prober(a: argparse.Namespace) -> subprocess.Popen[bytes]:
         cmd += ["--rt"]
     return subprocess.Popen(
         cmd,
-        cwd=Path(__file__).resolve().parent.parent,
+        cwd=Path(__file__).resolve().parent.parent.parent,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
     )
@@ -470,7 +470,7 @@ def _probe_result(prober: subprocess.Popen[bytes]) -> dict[str, Any]:
     prober.stdin.flush()
     out, _ = prober.communicate()
     if prober.returncode != 0:
-        raise RuntimeError(f"perf.prober exited {prober.returncode}")
+        raise RuntimeError(f"perf.lib.prober exited {prober.returncode}")
     result: dict[str, Any] = json.loads(out)
     return result
 
@@ -735,7 +735,7 @@ def parser() -> argparse.ArgumentParser:
         "--prober",
         type=int,
         default=0,
-        help="hold: this many of the connections ping from perf.prober (0: the workers ping)",
+        help="hold: this many of the connections ping from perf.lib.prober (0: the workers ping)",
     )
     p.add_argument("--prober-cpu", type=int, help="hold: pin the prober to this CPU")
     p.add_argument("--prober-rt", action="store_true", help="hold: the prober at SCHED_FIFO")

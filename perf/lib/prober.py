@@ -1,6 +1,6 @@
 """A ping prober fine enough for sub-millisecond tails: one process, plain sockets, epoll.
 
-perf.load pings from uvloop timers, which tick in milliseconds, so a ping due
+perf.lib.load pings from uvloop timers, which tick in milliseconds, so a ping due
 between two ticks goes out up to a millisecond late and its RTT (counted from
 when it was due) says 0.66 ms on an idle server. This prober holds its own
 connections (the WebSocket handshake by hand, shardchat.testing.rawws) on
@@ -16,8 +16,8 @@ its own send lag and CPU share, and says when it is the limit: a send lag
 p99 over ``LAGGING_MS`` or a CPU share near a core means its own lateness is a
 visible part of the RTTs.
 
-    python -m perf.prober --port 8080 --connections 1000 --seconds 30 --cpu 1
-    python -m perf.prober --floor --connections 100 --seconds 10   # its floor
+    python -m perf.lib.prober --port 8080 --connections 1000 --seconds 30 --cpu 1
+    python -m perf.lib.prober --floor --connections 100 --seconds 10   # its floor
 
 Its connections are opened the same way, each connect (non-blocking, in the
 same loop) at its exact due time at ``--connect-rate``, and timed from then

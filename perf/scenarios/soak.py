@@ -2,7 +2,7 @@
 ``--kill-every`` seconds, connection churn; counts acked, lost and duplicated
 messages and plots each shard's anonymous memory over time.
 
-    python -m perf.soak --minutes 30          # writes perf/results/soak.json and soak.png
+    python -m perf.scenarios.soak --minutes 30          # writes perf/results/soak.json and soak.png
 
 Publishers send with an ``id`` on every publish and, after ``unavailable`` or a
 dropped connection, send the same publish again with the same ``id`` (the
@@ -37,7 +37,7 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import WebSocketException
 
-from perf import procs
+from perf.lib import procs
 from shardchat.brokers.sequencer import owner_of
 
 # The default history (1,000 per room): each shard's memory then levels off once

@@ -1,12 +1,12 @@
 """What the application's backend in the loop costs, in one run, on one shard.
 
-    python -m perf.backend_cost --seconds 4 --publishers 20 --window 4 --events 20000
+    python -m perf.scenarios.backend_cost --seconds 4 --publishers 20 --window 4 --events 20000
 
 1. **Publish proxy**: ``--publishers`` raw WebSocket clients, each in a room of
    its own, publish in a closed loop with ``--window`` messages in flight for
    ``--seconds``; the acked rate and the publish-to-ack latency (p50, p99) with
    ``proxy.publish_url`` off and on, against a local backend that answers at
-   once (perf/fast_backend.py, its own process).
+   once (perf/lib/fast_backend.py, its own process).
 2. **Webhooks on the publish path**: ``--events`` messages are published as
    fast as the clients go with ``webhooks.events = ["message"]``; the events
    per second the receiver got (from the first publish until it has them
@@ -34,7 +34,7 @@ import time
 import urllib.request
 from typing import Any
 
-from perf import procs
+from perf.lib import procs
 from shardchat.procstat import cpu_seconds
 
 FAST = [
@@ -247,7 +247,7 @@ def main() -> None:
     args = parser.parse_args()
     backend_port = procs.free_port()
     backend = subprocess.Popen(
-        [sys.executable, "-m", "perf.fast_backend", "--port", str(backend_port)], cwd=procs.ROOT
+        [sys.executable, "-m", "perf.lib.fast_backend", "--port", str(backend_port)], cwd=procs.ROOT
     )
     results: dict[str, Any] = {"args": vars(args), "publish": [], "webhooks": []}
     try:

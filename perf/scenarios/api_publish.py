@@ -15,7 +15,7 @@ built once per call), so that the figures are the server's rather than a
 client library's. ``storage.kind = "memory"``: the acks do not wait for a
 disk. Loopback only, bounded in count and time.
 
-    python -m perf.api_publish --seconds 5 --conns 8 --rate 1000
+    python -m perf.scenarios.api_publish --seconds 5 --conns 8 --rate 1000
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import Any
 import uvloop
 from websockets.asyncio.client import ClientConnection, connect
 
-from perf import procs
+from perf.lib import procs
 
 KEY = "perf-api-key-0123456789"
 SETTINGS = ["limits.rate=1000000", "limits.burst=1000000", "storage.kind=memory"]

@@ -1,7 +1,7 @@
 """What TLS costs: server memory per idle connection and server CPU per delivered
 frame, wss:// against ws:// on the same one-shard server build, in the same run.
 
-    python -m perf.tls_cost --connections 2000 --receivers 100 --messages 3000
+    python -m perf.scenarios.tls_cost --connections 2000 --receivers 100 --messages 3000
 
 For each mode a fresh `shardchat --workers 1` (the TLS one with a certificate
 made for the run, ECDSA P-256, TLS 1.3): ``--connections`` idle connections are
@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from perf import procs
+from perf.lib import procs
 from shardchat.procstat import cpu_seconds
 from shardchat.testing.pki import make_pki
 from shardchat.testing.rawws import encode_frame, frame_at, open_upgraded

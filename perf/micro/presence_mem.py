@@ -7,7 +7,7 @@ workers, in room i // 10): the workload where presence kept by every shard
 grew with the shards. Reports the heap growth per connection, overall and by
 file, at each number of engines. Each count runs in its own process.
 
-    python -m perf.presence_mem --workers 1 2 4 6 --connections 3000
+    python -m perf.micro.presence_mem --workers 1 2 4 6 --connections 3000
 
 Measures the tree it is run from: to compare two trees, run it from each in
 the same session (and say that the machine was shared, if it was).
@@ -23,7 +23,7 @@ import sys
 import tracemalloc
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 def measure(workers: int, connections: int) -> dict[str, object]:
@@ -70,7 +70,7 @@ def main() -> None:
     results = []
     for workers in args.workers:
         out = subprocess.run(
-            [sys.executable, "-m", "perf.presence_mem", "--one", "--workers", str(workers),
+            [sys.executable, "-m", "perf.micro.presence_mem", "--one", "--workers", str(workers),
              "--connections", str(args.connections)],
             cwd=ROOT, check=True, capture_output=True, text=True,
         ).stdout  # fmt: skip

@@ -1,14 +1,14 @@
-"""Memory per idle connection against the number of shards, this checkout and another.
+"""Memory per idle connection against the number of shards.
 
 Holds N idle connections (several client processes, each from its own source
 address in 127.0.0.0/8) on shardchat with 1, 2, 4, 6 shards, and reports the
 growth of the server's PSS per connection: the supervisor's and every shard's
 ``Pss`` from /proc/PID/smaps_rollup, so that pages the forked shards still
 share (and the shared-memory segments) count once, not once per process as
-RSS counts them. Sides are interleaved shard count by shard count, so that the
-shared machine's drift hits both alike.
+RSS counts them. Against another checkout in the same run (sides interleaved
+shard count by shard count): ``perf.compare --other DIR pss``.
 
-    python -m perf.pss_shards --other /tmp/old-main --connections 30000 --shards 1,2,4,6
+    python -m perf.scenarios.pss_shards --connections 30000 --shards 1,2,4,6
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-from perf import idle_rss, procs
+from perf.lib import procs
+from perf.scenarios import idle_rss
 
 IDLE = ["heartbeat.interval=600", "heartbeat.idle_timeout=0", "server.max_connections=1000000"]
 
@@ -68,7 +69,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--other", help="another checkout (with its .venv), e.g. the old main")
     parser.add_argument("--connections", type=int, default=30000)
     parser.add_argument("--shards", default="1,2,4,6")
     parser.add_argument("--settle", type=float, default=3.0)
@@ -78,12 +78,9 @@ def main() -> None:
     args = parser.parse_args()
     gc.disable()
     sides = {"new": procs.SHARDCHAT}
-    if args.other:
-        sides["old"] = str(Path(args.other).resolve() / ".venv" / "bin" / "shardchat")
     rows: dict[str, list[dict[str, object]]] = {side: [] for side in sides}
-    for i, shards in enumerate(int(s) for s in args.shards.split(",")):
-        order = list(sides) if i % 2 == 0 else list(reversed(sides))
-        for side in order:
+    for shards in (int(s) for s in args.shards.split(",")):
+        for side in sides:
             path = ROOMS_PATH if args.rooms else idle_rss.IDLE_PATH
             row = measure(sides[side], shards, args.connections, args.settle, path)
             rows[side].append(row)

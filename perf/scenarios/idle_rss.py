@@ -5,7 +5,7 @@ on the baseline, in the same run, and reports the server's RSS growth per
 connection. The connections come from several client processes bound to
 several source addresses in 127.0.0.0/8 (20,000 open files per process).
 
-    python -m perf.idle_rss --connections 15000
+    python -m perf.scenarios.idle_rss --connections 15000
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import multiprocessing
 import time
 from multiprocessing.connection import Connection
 
-from perf import procs
+from perf.lib import procs
 from shardchat.testing.rawws import open_upgraded
 
 PER_PROCESS = 5000
@@ -61,7 +61,7 @@ def hold(
     clients = []
     for n in range(0, connections, PER_PROCESS):
         parent, child = ctx.Pipe()
-        # A fresh /16 per server port, as perf.load does: TIME_WAIT of one run's
+        # A fresh /16 per server port, as perf.lib.load does: TIME_WAIT of one run's
         # ports must not exhaust the next run's.
         addr = f"127.{1 + port % 250}.0.{2 + len(clients)}"
         proc = ctx.Process(
