@@ -244,7 +244,8 @@ class ChatClient:
         """Publish and wait for the ack; returns the message's seq.
 
         Raises :class:`ChatError` when the server refuses it (``rate_limited``,
-        ``not_member``, ``too_large``, ``rejected`` ...), or the client's failure.
+        ``not_member``, ``too_large``, ``rejected``, ``overloaded`` with its
+        ``retry_after`` ...), or the client's failure.
         """
         self._check()
         request_id = f"{self._id_prefix}-{next(self._ids)}"
@@ -462,7 +463,7 @@ class ChatClient:
 
     def _on_error(self, frame: dict[str, Any]) -> None:
         request_id = frame.get("id", "")
-        error = ChatError(frame["code"], frame["reason"])
+        error = ChatError(frame["code"], frame["reason"], frame.get("retry_after"))
         future = self._acks.get(request_id)
         if future is not None and not future.done():
             self._unsent.pop(request_id, None)  # refused, not lost: never resent

@@ -284,11 +284,13 @@ class Refused(ClientError):
 class ChatError(ClientError):
     """The server refused a request with an ``error`` frame (a ``join`` refused as
     ``unauthorized`` or ``room_full``, a ``send`` refused as ``rate_limited`` ...);
-    ``code`` is the protocol's error code, ``reason`` the server's text."""
+    ``code`` is the protocol's error code, ``reason`` the server's text;
+    ``retry_after`` the seconds to wait before sending again (``overloaded``)."""
 
-    def __init__(self, code: str, reason: str) -> None:
+    def __init__(self, code: str, reason: str, retry_after: float | None = None) -> None:
         self.code = code
         self.reason = reason
+        self.retry_after = retry_after
         super().__init__(f"{code}: {reason}")
 
 

@@ -15,8 +15,10 @@ import os
 import signal
 from typing import Any
 
+import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
+from shardchat.client.chatclient import ChatClient, ChatError
 from shardchat.testing.rawws import encode_frame
 from tests.support.helpers import (
     FAST,
@@ -248,3 +250,35 @@ async def test_publishes_past_the_redis_pipeline_are_refused() -> None:
                     assert overloaded_total(srv, "pipeline") == count - 10
                 finally:
                     await pub.close()
+
+
+async def test_chatclient_raises_overloaded_with_retry_after() -> None:
+    """ChatClient's ``send`` raises ChatError ``overloaded`` with the server's
+    ``retry_after``, and a send after the owner caught up is acked."""
+    settings = [*FAST, "overload.forwards=1"]
+    with running_server(workers=2, settings=settings) as srv:
+        room = room_owned_by(0, workers=2, prefix="cc")
+        for attempt in range(200):
+            client = ChatClient(srv.url, user=f"cc{attempt}", rooms=[room])
+            await asyncio.wait_for(client.start(), scaled(10))
+            if client.shard == 1:
+                break
+            await client.close()
+        else:
+            raise AssertionError("no ChatClient landed on shard 1")
+        try:
+            owner = srv.shard_pids()[0]
+            os.kill(owner, signal.SIGSTOP)
+            try:
+                # Two tasks: they run, and write, in the order they were made.
+                first = asyncio.ensure_future(client.send(room, "waits for the owner"))
+                second = asyncio.ensure_future(client.send(room, "refused"))
+                with pytest.raises(ChatError) as caught:
+                    await asyncio.wait_for(second, scaled(10))
+            finally:
+                os.kill(owner, signal.SIGCONT)
+            assert caught.value.code == "overloaded" and caught.value.retry_after == 1.0
+            seq = await asyncio.wait_for(first, scaled(10))
+            assert await asyncio.wait_for(client.send(room, "after"), scaled(10)) == seq + 1
+        finally:
+            await client.close()
