@@ -45,6 +45,9 @@ __all__ = [
 ]
 
 ENV_PREFIX = "SHARDCHAT_"
+# Seconds a client has to finish the opening handshake (shard/connection.py's
+# HANDSHAKE_TIMEOUT): the connect proxy's answer must come before it.
+HANDSHAKE_DEADLINE = 5.0
 REDACTED = "<redacted>"
 
 
@@ -578,6 +581,13 @@ def resolve(
     if server.tls_client_ca and not server.tls_cert:
         raise ConfigError(
             "server.tls_client_ca", server.tls_client_ca, "needs server.tls_cert and tls_key"
+        )
+    if config.proxy.connect_url and config.proxy.timeout >= HANDSHAKE_DEADLINE:
+        raise ConfigError(
+            "proxy.timeout",
+            config.proxy.timeout,
+            f"must be under {HANDSHAKE_DEADLINE:g} s with proxy.connect_url (the handshake's"
+            " deadline: the client would be cut before the backend's answer)",
         )
     if config.webhooks.url and not config.webhooks.secret:
         raise ConfigError("webhooks.secret", "", "must be set when webhooks.url is (signatures)")

@@ -35,6 +35,7 @@ try:  # websockets' C unmasking, as its own frame parser uses it
 except ImportError:  # pragma: no cover - a build without the C extension
     from websockets.utils import apply_mask
 
+from shardchat.core.config import HANDSHAKE_DEADLINE
 from shardchat.core.messages import AppCloseCode
 from shardchat.logs import log_event
 from shardchat.shard.apiconn import is_api_request
@@ -61,7 +62,7 @@ _AT_EOF = AT_EOF
 
 # Seconds a client has to finish the opening handshake, counted from the
 # connection's start however slowly its bytes arrive (slow-loris defence).
-HANDSHAKE_TIMEOUT = 5.0
+HANDSHAKE_TIMEOUT = HANDSHAKE_DEADLINE  # 5 s; the connect proxy's timeout is under it
 # Seconds the client has to answer our close frame before the TCP connection is aborted.
 CLOSE_TIMEOUT = 5.0
 # The same for a slow consumer's close 4429: its queue is dropped at the kick, so

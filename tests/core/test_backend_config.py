@@ -44,6 +44,16 @@ def test_bad_values_name_key_and_allowed(key: str, value: object, words: str) ->
         assert str(value) not in str(info.value)  # never printed
 
 
+def test_the_connect_proxy_answers_within_the_handshake_deadline() -> None:
+    url = {"proxy.connect_url": "http://127.0.0.1:1/c"}
+    with pytest.raises(ConfigError, match="handshake"):
+        load_config(environ={}, overrides={**url, "proxy.timeout": 5})
+    assert load_config(environ={}, overrides={**url, "proxy.timeout": 4.5}).proxy.timeout == 4.5
+    # The publish proxy alone may wait longer.
+    publish = {"proxy.publish_url": "http://127.0.0.1:1/p", "proxy.timeout": 10}
+    assert load_config(environ={}, overrides=publish).proxy.timeout == 10
+
+
 def test_webhooks_need_a_secret_and_it_is_redacted() -> None:
     with pytest.raises(ConfigError, match="webhooks.secret"):
         load_config(environ={}, overrides={"webhooks.url": "http://127.0.0.1:1/h"})
