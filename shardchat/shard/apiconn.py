@@ -22,6 +22,7 @@ import email.utils
 import hmac
 import http
 import logging
+import time
 from typing import Protocol, cast
 
 import h11
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 
 REQUEST_TIMEOUT = 5.0  # seconds a request may take to arrive whole (slow-loris defence)
 MAX_HEAD = 16384  # bytes of a request's line and headers
+PIPELINED = 65536  # bytes of requests held while one is answered; then reading pauses
 _JSON = "application/json"
 _PREFIX = b"/api/"
 
@@ -100,6 +102,7 @@ class ApiConnection(asyncio.Protocol):
         "handler",
         "last_recv",
         "method",
+        "paused",
         "peer",
         "started",
         "transport",
@@ -114,6 +117,7 @@ class ApiConnection(asyncio.Protocol):
         self.method = ""  # the API method of the request being read or answered
         self.body: bytearray | None = None  # the body being read; None between requests
         self.busy = False  # a request is being answered: the next ones wait
+        self.paused = False  # reading paused: too much was pipelined meanwhile
         self.closing = False  # close after the current answer (the shard is draining)
         self.last_recv = handler.clock
         self.started = 0.0  # when the request being read began; 0: none
@@ -131,7 +135,14 @@ class ApiConnection(asyncio.Protocol):
         self.last_recv = self.handler.clock
         if not self.started and data:
             self.started = self.handler.clock
-        self.h11.receive_data(data)
+        conn = self.h11
+        conn.receive_data(data)
+        if self.busy:
+            # Pipelined requests wait in h11's buffer; past a bound, in the kernel's.
+            if len(conn.trailing_data[0]) > PIPELINED and self.transport is not None:
+                self.paused = True
+                self.transport.pause_reading()
+            return
         self._next()
 
     def eof_received(self) -> bool | None:
@@ -171,8 +182,6 @@ class ApiConnection(asyncio.Protocol):
                 body, self.body = self.body, None
                 if body is not None:
                     self.busy = True
-                    if self.transport is not None:
-                        self.transport.pause_reading()  # pipelined requests wait in the kernel
                     self.handler.api_call(self, self.method, bytes(body))
             elif type(event) is h11.ConnectionClosed:
                 self._close()
@@ -231,7 +240,7 @@ class ApiConnection(asyncio.Protocol):
         headers = [
             ("Content-Type", _JSON),
             ("Content-Length", str(len(body))),
-            ("Date", email.utils.formatdate(usegmt=True)),
+            ("Date", _date()),
             ("Cache-Control", "no-store"),
             ("X-Content-Type-Options", "nosniff"),
             *extra,
@@ -254,7 +263,9 @@ class ApiConnection(asyncio.Protocol):
         transport.write(data)
         if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
             conn.start_next_cycle()
-            transport.resume_reading()
+            if self.paused:
+                self.paused = False
+                transport.resume_reading()
             self._next()
         else:
             self._close()  # MUST_CLOSE, or a body we did not read
@@ -286,6 +297,19 @@ class ApiConnection(asyncio.Protocol):
     def abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()
+
+
+_dates: list[tuple[int, str]] = [(0, "")]
+
+
+def _date() -> str:
+    """The Date header (RFC 9110 6.6.1), made once a second."""
+    now = int(time.time())
+    second, text = _dates[0]
+    if second != now:
+        text = email.utils.formatdate(now, usegmt=True)
+        _dates[0] = (now, text)
+    return text
 
 
 def _phrase(status: int) -> bytes:
