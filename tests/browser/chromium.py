@@ -19,13 +19,13 @@ def ms(seconds: float) -> float:
 
 
 @contextlib.asynccontextmanager
-async def launched() -> AsyncIterator[Any]:
-    """A headless Chromium, closed on the way out."""
+async def launched(*extra: str) -> AsyncIterator[Any]:
+    """A headless Chromium (with ``extra`` command-line switches), closed on the way out."""
     from playwright.async_api import async_playwright
 
     ARTIFACTS.mkdir(exist_ok=True)
     async with async_playwright() as p:
-        chromium = await p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        chromium = await p.chromium.launch(executable_path=CHROMIUM, args=[*ARGS, *extra])
         try:
             yield chromium
         finally:
