@@ -109,6 +109,7 @@ class OverloadConfig:
     pipeline: int = 1000  # broker.kind = "redis": publishes waiting for or in a Redis pipeline
     store: int = 4096  # storage.kind = "sqlite": messages an owner sequenced and not yet stored
     turn_bytes: int = 33_554_432  # bytes of room frames one loop turn of a shard may queue
+    proxy: int = 1000  # publishes one shard has waiting for the publish proxy's verdict
     retry_after: float = 1.0  # seconds an `overloaded` client is told to wait before retrying
 
 
@@ -462,6 +463,7 @@ _CHECKS: dict[str, Check] = {
     "overload.pipeline": _int(1),
     "overload.store": _int(1),
     "overload.turn_bytes": _int(4096),
+    "overload.proxy": _int(1),
     "overload.retry_after": _number(0, strict=True),
     "delivery.history_ttl": _number(0, strict=False),
     "ring.bytes": _power_of_two,

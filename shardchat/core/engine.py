@@ -178,6 +178,7 @@ class RoomEngine(Generic[C]):
         # proxy.publish_url: publishes wait for the backend's verdict (taken by the caller).
         self.publish_proxy = False
         self.proxied: list[ProxiedPublish[C]] = []
+        self.proxy_waiting = 0  # publishes sent to the proxy (or about to be), not answered
         # The server API's publishes (core/apiinputs.py): msg id -> told the seq or None.
         self.api_pending: dict[str, Callable[[int | None], None]] = {}
         self._join_at_open: dict[C, tuple[str, ...]] = {}  # rooms the query named
@@ -368,6 +369,8 @@ class RoomEngine(Generic[C]):
         full = self.broker.full(room)
         if full is None and self.fanout.turn_bytes > overload.turn_bytes:
             full = Queue.TURN
+        if full is None and self.publish_proxy and self.proxy_waiting >= overload.proxy:
+            full = Queue.PROXY
         if full is not None:
             self.stats[stats.overload_slot(full)] += 1
             raise overloaded(full, overload.retry_after, request.id)
@@ -393,6 +396,7 @@ class RoomEngine(Generic[C]):
             self.proxied.append(
                 ProxiedPublish(conn, request.id, request.key, room, state.user, content)
             )
+            self.proxy_waiting += 1
             return
         self._sequence(conn, state, room, content, request.id, request.key)
 
@@ -402,6 +406,7 @@ class RoomEngine(Generic[C]):
         """The publish proxy's verdicts on ``items``, in order; None: it did not answer
         (each sender gets ``unavailable`` with ``reason``, nothing is sequenced)."""
         max_content = self.config.limits.max_content
+        self.proxy_waiting -= len(items)
         for i, item in enumerate(items):
             conn = item.conn
             state = self.conns.get(conn)

@@ -27,6 +27,7 @@ class Queue(enum.StrEnum):
     PIPELINE = "pipeline"  # publishes waiting for or in a Redis pipeline
     TURN = "turn"  # room frames this loop turn of the shard has queued, in bytes
     STORE = "store"  # messages the owner sequenced that its room store has not written yet
+    PROXY = "proxy"  # publishes waiting for the publish proxy's verdict (proxy.publish_url)
 
 
 _WHAT = {
@@ -35,6 +36,7 @@ _WHAT = {
     Queue.PIPELINE: "too many publishes wait for the broker",
     Queue.TURN: "the server is delivering as fast as it can",
     Queue.STORE: "the room's store is behind on writing",
+    Queue.PROXY: "too many publishes wait for the application's backend",
 }
 
 

@@ -24,6 +24,7 @@ SECRET = "whsec_" + base64.b64encode(b"s" * 32).decode()
         ("proxy.publish_url", "localhost:8000", "http:// or https:// URL"),
         ("proxy.timeout", 0, "a number > 0"),
         ("proxy.connections", 0, "integer from 1 to 1024"),
+        ("overload.proxy", 0, "an integer >= 1"),
         ("webhooks.url", "http://", "http:// or https:// URL"),
         ("webhooks.secret", "plain-secret", "whsec_"),
         ("webhooks.secret", "whsec_" + base64.b64encode(b"short").decode(), "24 to 64 bytes"),

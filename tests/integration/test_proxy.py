@@ -93,7 +93,10 @@ async def test_connect_proxy_admits_by_cookie_refuses_with_the_backends_reason()
 async def test_publish_proxy_keeps_rewrites_and_refuses() -> None:
     with (
         backend() as app,
-        running_server(2, [f"proxy.publish_url={app.url('/publish')}", "proxy.timeout=0.5"]) as srv,
+        running_server(
+            2,
+            [f"proxy.publish_url={app.url('/publish')}", "proxy.timeout=0.5", "overload.proxy=3"],
+        ) as srv,
     ):
         a = await open_client(srv.url + "?user=a&room=r")
         b = await open_client(srv.url + "?user=b&room=r")
@@ -110,12 +113,18 @@ async def test_publish_proxy_keeps_rewrites_and_refuses() -> None:
         assert sorted(r["id"] for r in replies if r["type"] == "ack") == ["1", "3"]
         # One turn's publishes go in one request (three in one batch or more).
         assert sum(len(p["messages"]) for p in app.publishes) == 3
-        # A slow backend: `unavailable`, never sequenced.
+        # A slow backend: `unavailable`, never sequenced; past overload.proxy (3)
+        # waiting for it, `overloaded` at once.
         app.publish_delay = 1.5
-        await a.send(type="message", room="r", content="too slow", id="4")
-        error = await a.recv_type("error")
-        assert error["code"] == "unavailable" and error["id"] == "4"
-        assert "did not answer" in error["reason"]
+        for i in range(5):
+            await a.send(type="message", room="r", content="too slow", id=f"slow{i}")
+        errors = [await a.recv_type("error") for _ in range(5)]
+        refused = [e for e in errors if e["code"] == "overloaded"]
+        assert [e["id"] for e in refused] == ["slow3", "slow4"]
+        assert refused[0]["retry_after"] == 1 and "application's backend" in refused[0]["reason"]
+        late = [e for e in errors if e["code"] == "unavailable"]
+        assert [e["id"] for e in late] == ["slow0", "slow1", "slow2"]
+        assert "did not answer" in late[0]["reason"]
         app.publish_delay = 0.0
         await a.send(type="message", room="r", content="after", id="5")
         assert (await b.recv_type("message"))["content"] == "after"  # not "too slow"
