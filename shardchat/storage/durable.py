@@ -20,7 +20,7 @@ from shardchat.storage.store import Restored, RoomStore
 
 __all__ = ["Ack", "Durable", "PeerAck", "Turn"]
 
-FILL_LIMIT = 1000  # messages read from the store for one fill chunk, at most (the engine asks for the next)
+FILL_LIMIT = 1000  # stored messages read for one fill chunk at most (then the next is asked)
 
 Ack = tuple[str, str, int]  # msg id, room, seq: our own publisher's
 PeerAck = tuple[int, str, str, int]  # peer, msg id, room, seq: a forwarded publish's
