@@ -415,6 +415,13 @@ def test_keep_alive_and_pipelined_requests_are_answered_in_order(server: Server)
         messages = json.loads(answers[3][2])["result"]["messages"]
         assert [m["content"] for m in messages] == ["1", "2"]
         assert "connection" not in answers[3][1]  # still open
+        # A flood past what is held while one is answered (64 KiB): reading pauses,
+        # resumes, and every request is answered, in order.
+        flood = 1500
+        http.send(b"".join(request("publish", b'{"room": "pipe", "content": "f"}')
+                           for _ in range(flood)))  # fmt: skip
+        seqs = [json.loads(http.answer()[2])["result"]["seq"] for _ in range(flood)]
+        assert seqs == list(range(3, 3 + flood))
     finally:
         http.close()
 
