@@ -2,7 +2,7 @@
 // in order, presence events, history paging, refusals as typed errors, close.
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { clientsOnShards, load, opts, server, take } from "./support.mjs";
+import { api, clientsOnShards, load, opts, server, take, waitUntil } from "./support.mjs";
 
 const lib = await load();
 const { ChatClient, ChatError, Closed, Refused, Unavailable } = lib;
@@ -95,4 +95,58 @@ test("close() ends the streams and rejects what waits", async () => {
   ada.close();
   assert.deepEqual(await next, { value: undefined, done: true });
   await assert.rejects(ada.send("closing", "late"), (e) => e instanceof Closed && e.code === 1000);
+});
+
+test("disconnected by the server: 4403 stops the client for good, 4400 lets it back", async () => {
+  const kicked = await ChatClient.connect(url, opts({ user: "kicked", rooms: ["kick"] }));
+  const bounced = await ChatClient.connect(url, opts({ user: "bounced", rooms: ["kick"] }));
+  const errors = [];
+  const back = [];
+  kicked.on("error", (e) => errors.push(e));
+  bounced.on("reconnected", (e) => back.push(e));
+  try {
+    await api("disconnect", { user: "kicked", reason: "banned for spam" });
+    await waitUntil(() => kicked.state === "failed", 10, "the 4403");
+    assert.ok(kicked.failure instanceof Closed);
+    assert.equal(kicked.failure.code, 4403);
+    assert.match(kicked.failure.reason, /banned for spam/);
+    assert.deepEqual(errors, [kicked.failure]);
+    await assert.rejects(kicked.send("kick", "let me in"), (e) => e instanceof Closed && e.code === 4403);
+    assert.equal(kicked.reconnects, 0);
+    await api("disconnect", { user: "bounced", reconnect: true });
+    await waitUntil(() => back.length > 0, 10, "the reconnect after 4400");
+    assert.equal(back[0].recovered, true);
+    assert.ok((await bounced.send("kick", "back")) >= 1);
+    assert.equal(kicked.reconnects, 0); // still not back
+  } finally {
+    kicked.close();
+    bounced.close();
+  }
+});
+
+test("a flood beyond the server's bounds: overloaded with retryAfter, the rest delivered once", async () => {
+  const [a, b] = await clientsOnShards(ChatClient, [0, 1], (i) =>
+    ChatClient.connect(url, opts({ user: `flood${i}`, rooms: ["flooded"] })));
+  const reader = await ChatClient.connect(url, opts({ user: "floodreader", rooms: ["flooded"] }));
+  try {
+    const got = reader.messages();
+    // Both publishers at once: the one not on the room's owner shard forwards, and its
+    // forwards in flight are bounded (overload.forwards).
+    const outcomes = await Promise.allSettled(Array.from({ length: 3000 }, (_, i) =>
+      (i % 2 ? a : b).send("flooded", `f${i}`)));
+    const refused = outcomes.filter((o) => o.status === "rejected").map((o) => o.reason);
+    assert.ok(refused.length > 0, "nothing was refused: the flood was too small");
+    for (const error of refused) {
+      assert.ok(error instanceof ChatError, String(error));
+      assert.equal(error.code, "overloaded");
+      assert.ok(typeof error.retryAfter === "number" && error.retryAfter > 0);
+    }
+    const acked = outcomes.filter((o) => o.status === "fulfilled").map((o) => o.value);
+    const messages = await take(got, acked.length);
+    assert.deepEqual(messages.map((m) => m.seq), [...acked].sort((x, y) => x - y));
+  } finally {
+    a.close();
+    b.close();
+    reader.close();
+  }
 });

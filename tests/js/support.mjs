@@ -25,6 +25,18 @@ export async function control(action, body = {}) {
   return data;
 }
 
+/** A call of the server API (POST /api/<method> with the key): its result. */
+export async function api(method, body, name = "main") {
+  const s = server(name);
+  const answer = await fetch(`${s.http}/api/${method}`, {
+    method: "POST", headers: { "X-API-Key": s.api_key, "Content-Type": "application/json" },
+    body: JSON.stringify(body),
+  });
+  const data = await answer.json();
+  if (answer.status !== 200) throw new Error(`api ${method}: ${JSON.stringify(data)}`);
+  return data.result;
+}
+
 export async function status(name = "main") {
   return (await fetch(`${server(name).admin}/status`)).json();
 }

@@ -30,11 +30,18 @@ from tests.js.nodetools import install_ws
 from tests.support.helpers import FAST, Server, cleanup_server, scaled, start_server
 
 HERE = Path(__file__).parent
+API_KEY = "node-tests-api-key"
 NODE_TIMEOUT = 240  # seconds for the whole node run (pytest's own timeout is above it)
 # The shared server: rate limits out of the way, a small send queue so that a paused
 # reader is cut (4429) after a few MB, history deep enough to resume all of it, and
 # rooms in memory only (the full restart shows a lost history; see durable.test.mjs).
-SETTINGS = [*FAST, "limits.send_queue=65536", "delivery.history=5000", "storage.kind=memory"]
+SETTINGS = [
+    *FAST,
+    "limits.send_queue=65536",
+    "delivery.history=5000",
+    "storage.kind=memory",
+    f"api.key={API_KEY}",
+]
 
 
 class Control:
@@ -61,6 +68,7 @@ class Control:
                 "http": f"http://127.0.0.1:{server.port}",
                 "admin": f"http://127.0.0.1:{server.admin_port}",
                 "workers": server.workers,
+                "api_key": API_KEY,
             }
             for name, server in self.servers.items()
         }
