@@ -42,7 +42,7 @@ COST_RATE = 80.0  # msg/s to 5,000 receivers: 400,000 deliveries/s, under every 
 
 
 def _fanout(program: str, name: str) -> dict[str, float]:
-    with procs.shardchat(1, settings=run.FAST, cpus=SERVER_CPU, program=program) as server:
+    with procs.server(program, 1, run.FAST, SERVER_CPU) as server:
         result = run.fanout_against(server, name, 5000, [])
     best = max(
         (s for s in result["steps"] if s["latency_ms"]["p99"] <= 250 and s["delivered_share"]),
@@ -63,7 +63,7 @@ def _fanout(program: str, name: str) -> dict[str, float]:
 
 
 def _rooms(program: str, name: str) -> dict[str, float]:
-    with procs.shardchat(1, settings=run.FAST, cpus=SERVER_CPU, program=program) as server:
+    with procs.server(program, 1, run.FAST, SERVER_CPU) as server:
         result = run.rooms_against(server, name, 10000, 1000, 20)
     return {
         "p99_ms": result["run"]["latency_ms"]["p99"],
@@ -75,7 +75,7 @@ def _rooms(program: str, name: str) -> dict[str, float]:
 def _reliable(program: str, name: str) -> dict[str, float]:
     """perf.scenarios.run reliable's ratio: best rate with half the receivers acking (every
     50 ms, as ChatClient does) over the best rate with none, 2,000 receivers."""
-    with procs.shardchat(1, settings=run.FAST, cpus=SERVER_CPU, program=program) as server:
+    with procs.server(program, 1, run.FAST, SERVER_CPU) as server:
         rates = run.SMALL_FANOUT_RATES
         none = run.fanout_against(server, f"{name}-0", 2000, [], rates)
         half = run.fanout_against(server, f"{name}-50", 2000, ["--reliable", "0.5"], rates)
@@ -88,7 +88,7 @@ def _reliable(program: str, name: str) -> dict[str, float]:
 
 def _idle(program: str, name: str) -> dict[str, float]:
     settings = ["heartbeat.interval=600", "heartbeat.idle_timeout=0"]
-    with procs.shardchat(1, settings=settings, cpus=SERVER_CPU, program=program) as server:
+    with procs.server(program, 1, settings, SERVER_CPU) as server:
         row = idle_rss.measure(server, 15000, 3.0)
     return {"bytes_per_connection": float(row["bytes_per_connection"])}  # type: ignore[arg-type]
 
@@ -129,6 +129,9 @@ def _rooms_curve(program: str, name: str) -> dict[str, float]:
     return out
 
 
+# The scenarios the one-process baseline can run (--baseline): one shard's worth.
+WITH_BASELINE = {"fanout", "rooms", "reliable", "idle", "hold15k"}
+
 SCENARIOS: dict[str, Callable[[str, str], dict[str, float]]] = {
     "fanout": _fanout,
     "rooms": _rooms,
@@ -148,18 +151,28 @@ def main() -> None:
     parser.add_argument("--other", required=True, help="the other checkout (with its .venv)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--name", default="compare", help="the result's file name")
+    parser.add_argument(
+        "--baseline",
+        action="store_true",
+        help="a third side: the single-process websockets server (one process whatever"
+        " the scenario's shard count; it cannot hold 100,000 connections)",
+    )
     parser.add_argument("scenarios", nargs="+", choices=list(SCENARIOS))
     args = parser.parse_args()
     other = str(Path(args.other).resolve() / ".venv" / "bin" / "shardchat")
     sides = {"new": procs.SHARDCHAT, "old": other}
+    if args.baseline:
+        sides["baseline"] = procs.BASELINE
     run.pin_self(run.CLIENT_CPU)
     rounds: dict[str, list[dict[str, dict[str, float]]]] = {s: [] for s in args.scenarios}
     for r in range(args.rounds):
         for scenario in args.scenarios:
             figures = {}
             # Alternate which side goes first, so neither always gets the warmer machine.
-            order = ["new", "old"] if r % 2 == 0 else ["old", "new"]
+            order = list(sides) if r % 2 == 0 else list(reversed(sides))
             for side in order:
+                if side == "baseline" and scenario not in WITH_BASELINE:
+                    continue
                 measure = SCENARIOS[scenario]
                 figures[side] = procs.retried(measure, sides[side], f"compare-{scenario}-{side}")
             rounds[scenario].append(figures)
@@ -167,12 +180,15 @@ def main() -> None:
     summary: dict[str, Any] = {}
     for scenario, results in rounds.items():
         for key in results[0]["new"]:
-            ratios = [
-                f["new"][key] / f["old"][key] for f in results if f["old"][key] not in (0, 0.0)
-            ]
-            summary[f"{scenario}.{key}.new_over_old"] = (
-                round(statistics.median(ratios), 3) if ratios else None
-            )
+            for against in [side for side in results[0] if side != "new"]:
+                ratios = [
+                    f["new"][key] / f[against][key]
+                    for f in results
+                    if f[against][key] not in (0, 0.0)
+                ]
+                summary[f"{scenario}.{key}.new_over_{against}"] = (
+                    round(statistics.median(ratios), 3) if ratios else None
+                )
     out = {"other": args.other, "rounds": rounds, "median_ratios": summary}
     path = procs.write_result(args.name, out)
     print(json.dumps(summary, indent=2))

@@ -15,6 +15,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -194,6 +195,19 @@ def baseline(cpus: str | None = None, prefix: Sequence[str] = ()) -> Iterator[Ru
         yield Running("websockets.asyncio (baseline)", proc, port, None)
     finally:
         _stop(proc, 10)
+
+
+BASELINE = "baseline"  # as a program: the single-process websockets server
+
+
+def server(
+    program: str, workers: int, settings: Sequence[str] = (), cpus: str | None = None
+) -> AbstractContextManager[Running]:
+    """``program``'s server: a ``shardchat`` (this checkout's or another's), or
+    :data:`BASELINE` (one process whatever ``workers`` and ``settings`` say)."""
+    if program == BASELINE:
+        return baseline(cpus=cpus)
+    return shardchat(workers, settings=list(settings), cpus=cpus, program=program)
 
 
 def write_result(name: str, data: object) -> Path:

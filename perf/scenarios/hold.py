@@ -39,8 +39,8 @@ def measure(
     cpus: str | None = None,
     rt: bool = False,
 ) -> dict[str, Any]:
-    """One hold on ``program``'s server (another checkout's ``shardchat`` for a comparison)."""
-    with procs.shardchat(workers, settings=SETTINGS, cpus=cpus, program=program) as server:
+    """One hold on ``program``'s server (another checkout's ``shardchat``, or the baseline)."""
+    with procs.server(program, workers, SETTINGS, cpus) as server:
         before = server_pss(server)
         result = run.hold_against(
             server,
