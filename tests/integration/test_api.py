@@ -498,3 +498,30 @@ def test_off_without_a_key_and_only_on_its_own_port_with_one() -> None:
         assert {e["code"] for e in refused} == {"overloaded"}
         assert all(e["retry_after"] == 1.0 for e in refused)
         assert all(r["result"]["seq"] == 1 for r in replies if "result" in r)
+
+
+def test_the_command_line(server: Server) -> None:
+    import os
+    import subprocess
+
+    from tests.support.helpers import SHARDCHAT
+
+    env = {**os.environ, "SHARDCHAT_API_KEY": KEY}
+    args = [SHARDCHAT, "api", "--port", str(server.port)]
+    done = subprocess.run(
+        [*args, "publish", "room=cli", "content=deploy at 5", "key=d5"],
+        capture_output=True, text=True, env=env, timeout=scaled(20),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["seq"] == 1
+    done = subprocess.run(
+        [*args, "history", "room=cli", "limit=1"],
+        capture_output=True, text=True, env=env, timeout=scaled(20),
+    )  # fmt: skip
+    assert json.loads(done.stdout)["messages"][0]["content"] == "deploy at 5"
+    done = subprocess.run(
+        [*args, "publish", "room=no spaces", "content=x"],
+        capture_output=True, text=True, env=env, timeout=scaled(20),
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "bad_request: room must be 1-64 characters" in done.stderr
