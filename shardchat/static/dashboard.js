@@ -6,7 +6,8 @@
 
 const $ = (id) => document.getElementById(id);
 const TOKEN_KEY = "shardchat-admin-token";
-const WINDOW_MS = 5 * 60 * 1000;  // the charts' width: the supervisor keeps five minutes
+const WINDOW_MS = 5 * 60 * 1000;  // the samples kept: the supervisor keeps five minutes
+const MIN_SPAN_MS = 30 * 1000;    // the charts' narrowest time axis (a server just started)
 const COLORS = ["#3563d8", "#d8592f", "#2c9c5a", "#9b45c4", "#c49a19", "#1a9aa8", "#c4456f", "#6b6b6b"];
 
 let samples = [];
@@ -83,6 +84,8 @@ function drawChart(id, series, unit = "") {
   ctx.setTransform(ratio, 0, 0, ratio, 0, 0);
   ctx.clearRect(0, 0, width, height);
   const now = samples.length ? samples[samples.length - 1].t : Date.now();
+  // The time axis: what is held, at least MIN_SPAN_MS, at most the five minutes.
+  const span = Math.min(WINDOW_MS, Math.max(MIN_SPAN_MS, samples.length ? now - samples[0].t : 0));
   let max = 0;
   for (const s of series) for (const [, v] of s.points) if (v !== null && v > max) max = v;
   max = niceCeiling(max);
@@ -99,7 +102,7 @@ function drawChart(id, series, unit = "") {
     ctx.fillText(formatNumber(max * f) + unit, left - 4, y);
   }
   ctx.textAlign = "left"; ctx.textBaseline = "bottom";
-  ctx.fillText("-5 min", left, height);
+  ctx.fillText(span >= 120000 ? `-${Math.round(span / 60000)} min` : `-${Math.round(span / 1000)} s`, left, height);
   ctx.textAlign = "right";
   ctx.fillText("now", left + plotW, height);
   for (const s of series) {
@@ -108,8 +111,8 @@ function drawChart(id, series, unit = "") {
     ctx.beginPath();
     let drawing = false;
     for (const [t, v] of s.points) {
-      if (v === null || now - t > WINDOW_MS) { drawing = false; continue; }
-      const x = left + plotW * (1 - (now - t) / WINDOW_MS);
+      if (v === null || now - t > span) { drawing = false; continue; }
+      const x = left + plotW * (1 - (now - t) / span);
       const y = top + plotH * (1 - (max ? v / max : 0));
       if (drawing) ctx.lineTo(x, y); else ctx.moveTo(x, y);
       drawing = true;
