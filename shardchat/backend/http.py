@@ -4,7 +4,8 @@ The connect proxy, the publish proxy and the webhook sender talk to the
 application's backend through one :class:`HttpClient` each: at most
 ``connections`` keep-alive connections to one origin, requests beyond them
 wait for a free one (so a slow backend holds a bounded number of sockets,
-never one per client). Every request has a deadline; a timeout or a failure
+never one per client), and past ``max_waiting`` of those a request fails at
+once. Every request has a deadline; a timeout or a failure
 raises :class:`~shardchat.core.errors.BackendError` with a short reason, and
 the connection it used is dropped. A keep-alive connection the backend closed
 while idle is retried once on a fresh one (the request never reached it).
@@ -60,13 +61,16 @@ class _Conn:
 class HttpClient:
     """Requests to one origin over at most ``connections`` keep-alive connections."""
 
-    def __init__(self, url: str, *, connections: int, timeout: float) -> None:
+    def __init__(
+        self, url: str, *, connections: int, timeout: float, max_waiting: int = 1024
+    ) -> None:
         scheme, self.host, self.port, self.target = split_url(url)
         self.ssl: ssl.SSLContext | None = (
             ssl.create_default_context() if scheme == "https" else None
         )
         self.host_header = self.host if self.port in (80, 443) else f"{self.host}:{self.port}"
         self.limit = connections
+        self.max_waiting = max_waiting  # requests waiting for a free connection, at most
         self.timeout = timeout
         self._idle: list[_Conn] = []
         self._open = 0  # connections made and not closed, idle or busy
@@ -169,6 +173,9 @@ class HttpClient:
                     self._wake()
                     raise
                 return _Conn(reader, writer), False
+            if len(self._waiters) >= self.max_waiting:
+                # Bounded too: past it a request fails at once instead of queueing.
+                raise BackendError(f"{len(self._waiters)} requests already wait for a connection")
             waiter = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
             try:

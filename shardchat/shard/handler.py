@@ -201,7 +201,12 @@ class Shard:
     ) -> tuple[int, str] | Later | None:
         engine = self.engine
         proxy = self.connect_proxy
-        if proxy is not None and not engine.draining:
+        # A server that is full or draining refuses at once, without asking.
+        if (
+            proxy is not None
+            and not engine.draining
+            and self.counters.total(_S_CONNECTIONS) < self.config.server.max_connections
+        ):
             upgrade = Upgrade(conn.conn_id, conn.peer, path, query, headers)
             # A token, when auth is on and the client sent one, wins: no call.
             if engine.verify is None or not token_of(parse_qsl(query), headers):

@@ -111,3 +111,18 @@ async def test_no_backend_is_a_short_reason() -> None:
         await client.post(b"x")
     with pytest.raises(BackendError, match="not an http"):
         HttpClient("ftp://127.0.0.1/", connections=1, timeout=1)
+
+
+async def test_requests_waiting_for_a_connection_are_bounded(
+    served: tuple[Server, int],
+) -> None:
+    server, port = served
+    server.delay = 0.2
+    client = HttpClient(f"http://127.0.0.1:{port}/", connections=1, timeout=5, max_waiting=2)
+    results = await asyncio.gather(
+        *(client.post(b"%d" % i) for i in range(5)), return_exceptions=True
+    )
+    refused = [r for r in results if isinstance(r, BackendError)]
+    assert len(refused) == 2 and "already wait" in str(refused[0])
+    assert [r.body for r in results if not isinstance(r, BaseException)] == [b"0", b"1", b"2"]
+    client.close()
