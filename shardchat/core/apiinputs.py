@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from shardchat.core.broker import Publication
+from shardchat.core.broker import Publication, idempotency_key
 from shardchat.core.errors import ProtocolError
 from shardchat.core.messages import Join, Leave, RoomId
 from shardchat.core.outputs import Close
@@ -64,7 +64,7 @@ def publish(
         content,
         int(engine.wall * 1000),
         int(now * 1e9),
-        "" if key is None else f"{sender}\n{key}",
+        idempotency_key(sender, room, key),
     )
     engine.broker.publish(publication, now)
     return None

@@ -119,6 +119,13 @@ async def test_a_publish_key_is_deduplicated_per_sender_and_room(server: Server)
     other = call(server.port, "publish", {**body, "sender": "shipping"})
     assert first == again and first[0] == 200
     assert other[1]["result"]["seq"] == first[1]["result"]["seq"] + 1
+    # The WebSocket's `key` is the same mechanism: the user "billing" resending
+    # with that key gets the API publish's seq.
+    billing = await connect_client(server.url, user="billing")
+    async with closing([billing]):
+        await billing.join("dedupe")
+        ack = await billing.request("message", "ack", room="dedupe", content="once", key="k-1")
+        assert ack["seq"] == first[1]["result"]["seq"]
     _, history = call(server.port, "history", {"room": "dedupe"})
     assert [m["sender"] for m in history["result"]["messages"]] == ["billing", "shipping"]
 
