@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from shardchat.testing.rawws import OP_PONG, encode_frame, frame_at, upgrade_request
+from shardchat.testing.rawws import OP_PONG, encode_frame, frame_at, take_head, upgrade_request
 
 __all__ = ["LoadConn"]
 
@@ -72,13 +72,11 @@ class LoadConn(asyncio.Protocol):
         buf = self.buf
         buf += data
         if not self.upgraded:
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
+            status = take_head(buf)
+            if status is None:
                 return
-            status = bytes(buf[9:12])
-            del buf[: end + 4]
-            if status != b"101":
-                self.stats["failed_" + status.decode(errors="replace")] += 1
+            if status != 101:
+                self.stats[f"failed_{status}"] += 1
                 self._fail()
                 return
             self.upgraded = True

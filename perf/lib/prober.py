@@ -49,6 +49,7 @@ from shardchat.testing.rawws import (
     OP_TEXT,
     encode_frame,
     parse_frames,
+    take_head,
     upgrade_request,
 )
 
@@ -309,16 +310,15 @@ class Prober:
             buf = self.bufs[i]
             buf += data
             if not self.upgraded[i]:
-                end = buf.find(b"\r\n\r\n")
-                if end < 0:
+                status = take_head(buf)
+                if status is None:
                     continue
-                if not buf.startswith(b"HTTP/1.1 101"):
+                if status != 101:
                     self.poller.unregister(fd)
-                    self._fail(sock, "HTTP " + bytes(buf[9:12]).decode(errors="replace"))
+                    self._fail(sock, f"HTTP {status}")
                     continue
                 self.upgraded[i] = True
                 self.connect_ms.append((now - self.due[i]) / 1e6)
-                del buf[: end + 4]
             frames, used = parse_frames(buf)
             del buf[:used]
             for opcode, payload in frames:

@@ -197,6 +197,15 @@ def baseline(cpus: str | None = None, prefix: Sequence[str] = ()) -> Iterator[Ru
         _stop(proc, 10)
 
 
+# Settings under which a server never refuses a benchmark's load by rate, drops an
+# idle connection or sends presence events: what is measured is the path itself.
+UNLIMITED = [
+    "limits.rate=1000000",
+    "limits.burst=1000000",
+    "heartbeat.interval=600",
+    "heartbeat.idle_timeout=0",
+    "presence.events_limit=0",
+]
 BASELINE = "baseline"  # as a program: the single-process websockets server
 
 

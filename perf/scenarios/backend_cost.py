@@ -37,14 +37,7 @@ from typing import Any
 from perf.lib import procs
 from shardchat.procstat import cpu_seconds
 
-FAST = [
-    "limits.rate=1000000",
-    "limits.burst=1000000",
-    "heartbeat.interval=600",
-    "heartbeat.idle_timeout=0",
-    "presence.events_limit=0",
-    "storage.kind=memory",
-]
+FAST = [*procs.UNLIMITED, "storage.kind=memory"]
 SECRET = "whsec_" + base64.b64encode(b"b" * 32).decode()
 
 

@@ -43,7 +43,7 @@ from typing import Any
 import orjson
 
 from perf.lib import procs
-from shardchat.testing.rawws import encode_frame, frame_at, upgrade_request
+from shardchat.testing.rawws import encode_frame, frame_at, take_head, upgrade_request
 
 __all__ = ["main"]
 
@@ -123,10 +123,8 @@ class Conn(asyncio.Protocol):
         buf = self.buf
         buf += data
         if not self.upgraded:
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
+            if take_head(buf) is None:
                 return
-            del buf[: end + 4]
             self.upgraded = True
         pos, end = 0, len(buf)
         bench = self.bench

@@ -31,14 +31,7 @@ from shardchat.procstat import cpu_seconds
 from shardchat.testing.pki import make_pki
 from shardchat.testing.rawws import encode_frame, frame_at, open_upgraded
 
-FAST = [
-    "limits.rate=1000000",
-    "limits.burst=1000000",
-    "heartbeat.interval=600",
-    "heartbeat.idle_timeout=0",
-    "presence.events_limit=0",
-    "server.max_connections=1000000",
-]
+FAST = [*procs.UNLIMITED, "server.max_connections=1000000"]
 MESSAGE = b'{"type":"message"'
 
 

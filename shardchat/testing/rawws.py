@@ -31,6 +31,7 @@ __all__ = [
     "open_upgraded",
     "parse_frames",
     "read_frame",
+    "take_head",
     "upgrade_request",
     "upgrade_status",
 ]
@@ -79,6 +80,17 @@ async def open_upgraded(
         writer.close()
         raise ConnectionError(head.split(b"\r\n", 1)[0].decode(errors="replace"))
     return reader, writer
+
+
+def take_head(buf: bytearray) -> int | None:
+    """The status of the response head at the start of ``buf``, taken out of it;
+    None (``buf`` untouched) until the whole head is there."""
+    end = buf.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    status = upgrade_status(bytes(buf[:end]))
+    del buf[: end + 4]
+    return status
 
 
 def encode_frame(

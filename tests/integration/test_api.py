@@ -34,6 +34,7 @@ from tests.support.helpers import (
     assert_no_traceback,
     check_neighbour,
     closing,
+    collect,
     connect_client,
     good_neighbour,
     room_owned_by,
@@ -97,11 +98,7 @@ async def test_publish_reaches_members_on_every_shard_in_order_with_websocket_pu
             http.close()
         expected = [c for i in range(5) for c in (f"ws{i}", f"api{i}")]
         for member in members:
-            got = []
-            while len(got) < 10:
-                frame = await member.recv()
-                if frame["type"] == "message":
-                    got.append(frame)
+            got = await collect(member, "news", 10, timeout=5)
             assert [m["content"] for m in got] == expected
             assert [m["seq"] for m in got] == list(range(1, 11))
             assert {m["sender"] for m in got if m["content"].startswith("api")} == {"system"}

@@ -21,6 +21,7 @@ from tests.support.helpers import (
     Server,
     clients_on_shards,
     closing,
+    collect,
     connect_client,
     running_server,
 )
@@ -67,11 +68,7 @@ async def test_a_publish_on_box_a_reaches_box_b_in_order(boxes: tuple[Server, Se
             assert status == 200 and answer["result"]["seq"] == 2 * i + 2
         expected = [c for i in range(5) for c in (f"ws{i}", f"api{i}")]
         for member in members:
-            got = []
-            while len(got) < 10:
-                frame = await member.recv()
-                if frame["type"] == "message":
-                    got.append(frame)
+            got = await collect(member, "across", 10, timeout=5)
             assert [m["content"] for m in got] == expected
             assert [m["seq"] for m in got] == list(range(1, 11))
         # Presence, rooms and info gather every node of both boxes.

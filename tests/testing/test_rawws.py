@@ -18,6 +18,7 @@ from shardchat.testing.rawws import (
     close_frame,
     encode_frame,
     parse_frames,
+    take_head,
     upgrade_request,
     upgrade_status,
 )
@@ -76,3 +77,13 @@ def test_the_upgrade_request_is_accepted_by_a_websocket_server() -> None:
 def test_each_upgrade_request_has_a_fresh_key_and_host_may_be_left_out() -> None:
     assert upgrade_request("/ws") != upgrade_request("/ws")
     assert b"Host:" not in upgrade_request("/ws", None)
+
+
+def test_a_response_head_is_taken_once_whole_and_the_frames_after_it_stay() -> None:
+    head = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n"
+    frame = encode_frame(b"hi", mask=None)
+    buf = bytearray(head[:-1])
+    assert take_head(buf) is None and buf == head[:-1]
+    buf += head[-1:] + frame
+    assert take_head(buf) == 101 and buf == frame
+    assert take_head(bytearray(b"HTTP/1.1 503 Service Unavailable\r\n\r\n")) == 503
