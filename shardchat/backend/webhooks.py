@@ -164,7 +164,14 @@ class WebhookSender:
             if not self.queue:
                 self._wake.clear()
                 await self._wake.wait()
-            await self._deliver_batch()
+            try:
+                await self._deliver_batch()
+            except Exception as exc:  # a bug must not stop the shard's webhooks for good
+                log_event(log, logging.ERROR, "webhook_sender_error", error=repr(exc)[:200])
+                # The batch it held is gone: count what is left from the queue again.
+                self.held = len(self.queue)
+                self.held_bytes = sum(len(q.json) for q in self.queue)
+                await asyncio.sleep(BACKOFF_FIRST)
 
     async def _deliver_batch(self) -> None:
         config = self.config
