@@ -1,2 +1,2 @@
 """Micro-benchmarks: one part of the server measured in-process (the ring, the
-stores, the presence structures)."""
+embedded stores)."""

@@ -7,7 +7,10 @@ workers, in room i // 10): the workload where presence kept by every shard
 grew with the shards. Reports the heap growth per connection, overall and by
 file, at each number of engines. Each count runs in its own process.
 
-    python -m perf.micro.presence_mem --workers 1 2 4 6 --connections 3000
+    python -m tests.support.presence_memory --workers 1 2 4 6 --connections 3000
+
+Built on the engine tests' box, so it lives with them (perf/ imports nothing of
+tests/).
 
 Measures the tree it is run from: to compare two trees, run it from each in
 the same session (and say that the machine was shared, if it was).
@@ -27,7 +30,6 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 def measure(workers: int, connections: int) -> dict[str, object]:
-    sys.path.insert(0, str(ROOT))
     import tests.core.box as boxmod
 
     boxmod.RING = 1 << 22  # every announcement of the run fits the rings
@@ -70,8 +72,8 @@ def main() -> None:
     results = []
     for workers in args.workers:
         out = subprocess.run(
-            [sys.executable, "-m", "perf.micro.presence_mem", "--one", "--workers", str(workers),
-             "--connections", str(args.connections)],
+            [sys.executable, "-m", "tests.support.presence_memory", "--one",
+             "--workers", str(workers), "--connections", str(args.connections)],
             cwd=ROOT, check=True, capture_output=True, text=True,
         ).stdout  # fmt: skip
         results.append(json.loads(out))
