@@ -29,6 +29,7 @@ import h11
 
 from shardchat.core.apicalls import error_body
 from shardchat.core.errors import (
+    ApiBadRequest,
     ApiError,
     ApiMethodNotAllowed,
     ApiNotFound,
@@ -220,11 +221,13 @@ class ApiConnection(asyncio.Protocol):
         self.respond(exc.status, error_body(exc), extra)
 
     def _bad_http(self, exc: h11.RemoteProtocolError) -> None:
-        status = exc.error_status_hint
+        """h11 could not parse the request (its hint may be 431 or 501): 400
+        ``bad_request``, as every other refusal of the API speaks its own codes."""
         self.closing = True
         if self.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
             self.busy = True
-            self.respond(status, b'{"error":{"code":"bad_request","message":"not valid HTTP/1.1"}}')
+            self.handler.api_refused(self, self.method, ApiBadRequest("not valid HTTP/1.1"))
+            self.respond(400, b'{"error":{"code":"bad_request","message":"not valid HTTP/1.1"}}')
         else:
             self._close()
 
@@ -271,6 +274,7 @@ class ApiConnection(asyncio.Protocol):
             self._close()  # MUST_CLOSE, or a body we did not read
 
     def _close(self) -> None:
+        self.busy = True  # nothing more is read or answered
         transport = self.transport
         if transport is not None:
             if transport.can_write_eof():

@@ -529,3 +529,23 @@ def test_the_command_line(server: Server) -> None:
     )  # fmt: skip
     assert done.returncode == 1
     assert "bad_request: room must be 1-64 characters" in done.stderr
+
+
+def test_a_request_h11_cannot_parse_is_answered_400_and_closed(server: Server) -> None:
+    for raw in (
+        b"POST /api/publish HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
+        b"POST /api/publish HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+        b"POST /api/publish HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+    ):
+        http = Http(server.port)
+        try:
+            http.send(raw)
+            status, headers, body = http.answer()
+            assert (status, json.loads(body)) == (
+                400,
+                {"error": {"code": "bad_request", "message": "not valid HTTP/1.1"}},
+            ), raw
+            assert headers["connection"] == "close" and http.closed()
+        finally:
+            http.close()
+    assert_no_traceback(server)
