@@ -70,4 +70,5 @@ class InfoResult(TypedDict):
     node: str
     uptime: float
     connections: int
+    boxes: int
     shards: list[dict[str, Any]]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -93,6 +94,8 @@ class ApiServer:
         self.limits = Limits(config.limits.max_content, config.delivery.history, config.api.sender)
         self.node = broker.node
         self.started = time.time()
+        # A box is one supervisor's shards: its host and the supervisor's pid.
+        self.box = f"{socket.gethostname()}:{os.getppid()}"
         self._gathers: dict[int, _Gather] = {}
         self._next_qid = 0
         broker.on_control = self.control_received
@@ -333,6 +336,7 @@ class ApiServer:
         counters = self.counters
         return {
             "node": self.node,
+            "box": self.box,
             "shard": self.shard_id,
             "pid": os.getpid(),
             "connections": engine.open_count,
@@ -400,6 +404,7 @@ class ApiServer:
             "node": self.node,
             "uptime": round(time.time() - self.started, 3),
             "connections": sum(p["connections"] for p in shards),
+            "boxes": len({p["box"] for p in shards}),
             "shards": shards,
         }
 

@@ -247,6 +247,7 @@ async def test_rooms_info_broadcast_and_batch(server: Server) -> None:
         assert [s["shard"] for s in shards] == [0, 1, 2]
         assert all(s["connections"] >= 1 for s in shards)
         assert info["result"]["connections"] >= 3 and info["result"]["broker"] == "shm"
+        assert info["result"]["boxes"] == 1
         _, sent = call(server.port, "broadcast", {"rooms": ["list.0", "list.1"], "content": "b"})
         assert [r["room"] for r in sent["result"]["replies"]] == ["list.0", "list.1"]
         assert all(r["result"]["seq"] == 1 for r in sent["result"]["replies"])

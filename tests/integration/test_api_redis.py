@@ -78,6 +78,7 @@ async def test_a_publish_on_box_a_reaches_box_b_in_order(boxes: tuple[Server, Se
         assert rooms["result"]["rooms"] == [{"room": "across", "users": 3, "connections": 3}]
         _, info = call(a.port, "info")
         assert len(info["result"]["shards"]) == 4 and info["result"]["broker"] == "redis"
+        assert info["result"]["boxes"] == 2
         assert info["result"]["broker_up"] is True
         _, history = call(b.port, "history", {"room": "across"})
         assert [m["content"] for m in history["result"]["messages"]] == expected
