@@ -92,6 +92,12 @@ async def test_a_disconnect_on_box_a_closes_the_users_connections_on_box_b(
     on_a = await connect_client(a.url, user="roamer")
     other = await connect_client(b.url, user="stayer")
     async with closing([*on_b, on_a, other]):
+        # A subscribe on box A joins the user's connections on both boxes.
+        assert call(a.port, "subscribe", {"user": "roamer", "room": "roaming"})[0] == 200
+        for conn in [*on_b, on_a]:
+            assert (await conn.recv_type("joined"))["room"] == "roaming"
+        _, stats = call(b.port, "presence_stats", {"room": "roaming"})
+        assert stats["result"] == {"room": "roaming", "users": 1, "connections": 3}
         assert call(a.port, "disconnect", {"user": "roamer", "reason": "bye"})[0] == 200
         for conn in [*on_b, on_a]:
             with pytest.raises(ConnectionClosed):
