@@ -104,8 +104,8 @@ class DeliveryConfig:
 class OverloadConfig:
     # Admission control (PROTOCOL.md, Extensions, Overload): past any of these
     # bounds a publish is refused at once with `overloaded`, never queued.
-    forwards: int = 256  # publishes in flight from one shard to one room's owner
-    backlog: int = 262_144  # bytes of the peers' rings an owner found unread at its last read
+    forwards: int = 1024  # publishes in flight from one shard to one room's owner
+    backlog: int = 1_048_576  # bytes of the peers' rings an owner found unread at its last read
     pipeline: int = 1000  # broker.kind = "redis": publishes waiting for or in a Redis pipeline
     store: int = 4096  # storage.kind = "sqlite": messages an owner sequenced and not yet stored
     turn_bytes: int = 33_554_432  # bytes of room frames one loop turn of a shard may queue

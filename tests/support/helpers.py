@@ -40,8 +40,14 @@ from shardchat.testing.rawws import (
 from shardchat.testing.wait import scaled, wait_until
 
 SHARDCHAT = str(Path(sys.executable).with_name("shardchat"))
-# Limits high enough that a test's bursts are never rate limited.
-FAST = ["limits.rate=100000", "limits.burst=100000"]
+# Limits high enough that a test's bursts are never rate limited, nor refused as
+# overloaded (a burst of a few thousand forwards waits for its owner here).
+FAST = [
+    "limits.rate=100000",
+    "limits.burst=100000",
+    "overload.forwards=1000000",
+    "overload.backlog=1073741824",
+]
 # The room store of a server whose settings name none: memory (durability is not
 # the subject), or with SHARDCHAT_TEST_STORAGE=sqlite a temporary storage.dir of
 # its own, removed with it. Never data/ in the working directory.
