@@ -36,6 +36,7 @@ from shardchat.core.errors import (
     ApiTooLarge,
     ApiUnauthorized,
 )
+from shardchat.logs import log_event
 
 __all__ = ["REQUEST_TIMEOUT", "ApiConnection", "ApiHandler", "api_key_of", "is_api_request"]
 
@@ -137,14 +138,23 @@ class ApiConnection(asyncio.Protocol):
         if not self.started and data:
             self.started = self.handler.clock
         conn = self.h11
-        conn.receive_data(data)
-        if self.busy:
-            # Pipelined requests wait in h11's buffer; past a bound, in the kernel's.
-            if len(conn.trailing_data[0]) > PIPELINED and self.transport is not None:
-                self.paused = True
-                self.transport.pause_reading()
-            return
-        self._next()
+        try:
+            conn.receive_data(data)
+            if self.busy:
+                # Pipelined requests wait in h11's buffer; past a bound, in the kernel's.
+                if len(conn.trailing_data[0]) > PIPELINED and self.transport is not None:
+                    self.paused = True
+                    self.transport.pause_reading()
+                return
+            self._next()
+        except Exception as exc:
+            # A bug, not the client's doing; no input may make the shard write a
+            # traceback: one line, and the connection is closed.
+            log_event(
+                log, logging.ERROR, "api_internal_error", conn=self.conn_id, peer=self.peer,
+                error=f"{type(exc).__name__}: {str(exc)[:200]}",
+            )  # fmt: skip
+            self._close()
 
     def eof_received(self) -> bool | None:
         self.h11.receive_data(b"")
@@ -206,6 +216,11 @@ class ApiConnection(asyncio.Protocol):
             self._refuse(ApiTooLarge(f"the body is over {self.handler.max_frame} bytes"))
         else:
             self.body = bytearray()
+            if self.h11.they_are_waiting_for_100_continue and self.transport is not None:
+                # curl asks so for bodies over 1 KiB, and waits a second without it.
+                data = self.h11.send(h11.InformationalResponse(status_code=100, headers=[]))
+                if data:
+                    self.transport.write(data)
 
     def _key_ok(self, headers: list[tuple[bytes, bytes]]) -> bool:
         presented = api_key_of(headers)

@@ -532,6 +532,27 @@ def test_the_command_line(server: Server) -> None:
     assert "bad_request: room must be 1-64 characters" in done.stderr
 
 
+def test_a_client_that_expects_100_continue_gets_it_before_sending_the_body(
+    server: Server,
+) -> None:
+    http = Http(server.port)
+    try:
+        body = json.dumps({"room": "big", "content": "c" * 2000}).encode()
+        # The head alone, with the Content-Length of the body to come.
+        head = (
+            f"POST /api/publish HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEY}\r\n"
+            f"Expect: 100-continue\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        http.send(head)
+        status, _, _ = http.answer()
+        assert status == 100
+        http.send(body)
+        status, _, answer = http.answer()
+        assert status == 200 and json.loads(answer)["result"]["seq"] == 1
+    finally:
+        http.close()
+
+
 def test_a_request_h11_cannot_parse_is_answered_400_and_closed(server: Server) -> None:
     for raw in (
         b"POST /api/publish HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
