@@ -21,7 +21,7 @@ import pytest
 import pytest_asyncio
 
 from shardchat.testing.wait import await_until
-from tests.browser.chromium import ARTIFACTS, launched, ms
+from tests.support.browser import ARTIFACTS, launched, ms
 from tests.support.helpers import (
     Server,
     cleanup_server,

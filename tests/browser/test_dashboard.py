@@ -20,7 +20,7 @@ import pytest
 import pytest_asyncio
 from websockets.exceptions import ConnectionClosed
 
-from tests.browser.chromium import ARTIFACTS, launched, ms
+from tests.support.browser import ARTIFACTS, launched, ms
 from tests.support.helpers import FAST, Server, connect_client, running_server, scaled
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")

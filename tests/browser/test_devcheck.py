@@ -9,7 +9,7 @@ import signal
 from pathlib import Path
 
 from shardchat.testing.wait import await_until
-from tests.browser.chromium import ARTIFACTS, launched, ms
+from tests.support.browser import ARTIFACTS, launched, ms
 from tests.support.helpers import FAST, connect_client, running_server
 
 PAGE = Path(__file__).with_name("devcheck.html")

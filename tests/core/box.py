@@ -329,3 +329,15 @@ def covered(client: Client, room: str) -> list[int]:
         elif f["type"] == "gap":
             seqs += range(f["first"], f["last"] + 1)
     return seqs
+
+
+def owner_and_peer(box: Box, on_owner: str | None = "watcher") -> tuple[str, Client, Client]:
+    """A room owned by shard 0, a member there (``on_owner``, unless None) and
+    ``bob``, a member on shard 1."""
+    room = room_owned_by(0, box.workers)
+    first = box.connect(0, on_owner) if on_owner is not None else Client("none", 0)
+    if on_owner is not None:
+        box.join(first, room)
+    bob = box.connect(1, "bob")
+    box.join(bob, room)
+    return room, first, bob

@@ -17,7 +17,7 @@ from shardchat.core.errors import ErrorCode
 from shardchat.core.gapfill import GAP_GIVE_UP, GAP_TIMEOUT
 from shardchat.core.outputs import Close
 from shardchat.hooks import Reject
-from tests.core.box import Box, Client, config, covered, room_owned_by
+from tests.core.box import Box, Client, config, covered, owner_and_peer, room_owned_by
 
 FAST = {"limits__rate": 100_000.0, "limits__burst": 100_000}
 
@@ -32,18 +32,6 @@ def errors(client: Client) -> list[str]:
 
 def error_count(box: Box, shard: int, code: ErrorCode) -> int:
     return box.stats[shard][stats.error_slot(code)]
-
-
-def owner_and_peer(box: Box, on_owner: str | None = "watcher") -> tuple[str, Client, Client]:
-    """A room owned by shard 0, a member there (``on_owner``, unless None) and
-    ``bob``, a member on shard 1."""
-    room = room_owned_by(0, box.workers)
-    first = box.connect(0, on_owner) if on_owner is not None else Client("none", 0)
-    if on_owner is not None:
-        box.join(first, room)
-    bob = box.connect(1, "bob")
-    box.join(bob, room)
-    return room, first, bob
 
 
 # Sequencing

@@ -9,8 +9,7 @@ from shardchat.core.broker import Broker
 from shardchat.core.gapfill import GAP_GIVE_UP, GAP_JOIN_WAIT, GapFill
 from shardchat.core.roomlog import RoomLog
 from shardchat.stats import BLOCK_SLOTS
-from tests.core.box import Box, config, covered
-from tests.core.test_engine import owner_and_peer
+from tests.core.box import Box, config, covered, owner_and_peer
 
 ROOM = "lobby"
 FAST = {"limits__rate": 100_000.0, "limits__burst": 100_000}

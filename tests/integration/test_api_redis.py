@@ -29,12 +29,6 @@ from tests.support.redis_helpers import RedisServer, delete_prefix, redis_server
 
 
 @pytest.fixture(scope="module")
-def redis() -> Iterator[RedisServer]:
-    with redis_server() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
 def boxes(redis: RedisServer) -> Iterator[tuple[Server, Server]]:
     prefix = f"api{os.getpid()}:"
     settings = [

@@ -10,15 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
-import os
-import signal
 import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator, Sequence
-
-import pytest
 
 from shardchat.testing.wait import await_until
 from tests.support.helpers import (
@@ -28,27 +23,11 @@ from tests.support.helpers import (
     clients_on_shards,
     closing,
     connect_client,
+    kill_server,
     running_server,
     scaled,
 )
-from tests.support.redis_helpers import RedisCluster, RedisServer, delete_prefix, redis_server
-
-_names = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def redis() -> Iterator[RedisServer]:
-    with redis_server() as server:
-        yield server
-
-
-@pytest.fixture
-def prefix(redis: RedisServer) -> Iterator[str]:
-    name = f"t{os.getpid()}x{next(_names)}:"
-    try:
-        yield name
-    finally:
-        delete_prefix([redis], name)
+from tests.support.redis_helpers import RedisCluster, RedisServer
 
 
 def box_settings(url: str, prefix: str, *extra: str) -> list[str]:
@@ -263,15 +242,6 @@ async def leave_of(client: Client, user: str, timeout: float) -> None:
             return
 
 
-def kill_box(box: Server) -> None:
-    """kill -9 of the supervisor and every shard at once: nothing gets to say goodbye."""
-    pids = list(box.shard_pids().values()) + [box.proc.pid]
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    box.proc.wait()
-
-
 async def test_a_killed_box_clients_resume_on_the_other_box(
     redis: RedisServer, prefix: str
 ) -> None:
@@ -331,7 +301,7 @@ async def test_a_killed_box_clients_resume_on_the_other_box(
             acking = asyncio.create_task(acks())
             following = [asyncio.create_task(follow(m)) for m in movers]
             await await_until(lambda: len(acked) >= total // 3, 20, "a third acked")
-            kill_box(doomed)
+            kill_server(doomed)
             # The ghost's box is dead and nobody reconnects for it: it leaves
             # everywhere within presence.ttl (3 s here) + 1 s of the kill.
             ghost_left = asyncio.create_task(leave_of(watcher, "ghost", 3 + 1))

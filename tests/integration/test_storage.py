@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from shardchat.testing.wait import await_until, scaled, wait_until
+from shardchat.testing.wait import await_until, scaled
 from tests.support.helpers import (
     FAST,
     SHARDCHAT,
@@ -28,6 +28,7 @@ from tests.support.helpers import (
     closing,
     connect_client,
     free_port,
+    kill_server,
     publish,
     room_owned_by,
     start_server,
@@ -63,25 +64,6 @@ def storage_command(directory: Path, *args: str) -> str:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     return result.stdout
-
-
-def kill_everything(server: Server) -> None:
-    """kill -9 of the supervisor and of every shard at once, then wait until all
-    are gone (the store's lock is free once the last one is)."""
-    pids = list(server.shard_pids().values())
-    for pid in [server.proc.pid, *pids]:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    server.proc.wait()
-    wait_until(lambda: not any(_alive(pid) for pid in pids), 10, "every shard gone after kill -9")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 async def replay(
@@ -202,7 +184,7 @@ def test_kill_9_of_every_process_mid_publish_loses_nothing_acked(store_dir: Path
         await await_until(
             lambda: sum(len(p.acked) for p in publishers) >= 600, 30, "600 publishes acked"
         )
-        kill_everything(server)  # in the middle: each publisher has 50 in flight
+        kill_server(server)  # in the middle: each publisher has 50 in flight
         await asyncio.gather(*tasks)
         for client in clients:
             await client.ws.close()
@@ -241,7 +223,7 @@ def test_a_torn_store_file_is_cut_and_the_rest_served(store_dir: Path) -> None:
 
     with stored_server(store_dir, 1, settings) as server:
         epoch = asyncio.run(before())
-        kill_everything(server)
+        kill_server(server)
     wal = next(store_dir.glob("rooms-*.db-wal"))
     size = wal.stat().st_size
     assert size > 4096

@@ -17,7 +17,7 @@ from websockets.exceptions import InvalidHandshake
 
 from shardchat.client.chatclient import ChatClient
 from shardchat.testing.pki import Pki, make_pki
-from tests.support.browser import ARGS, CHROMIUM
+from tests.support.browser import CHROMIUM, launched
 from tests.support.helpers import SHARDCHAT, Server, assert_no_traceback, running_server, scaled
 
 
@@ -112,25 +112,19 @@ async def test_shardchat_chat_over_wss(tls_server: Server, pki: Pki) -> None:
 async def test_page_over_https(tls_server: Server, pki: Pki) -> None:
     """The chat page over https:// connects with wss:// and chats (Chromium trusts
     the test's certificate through ignore_https_errors)."""
-    from playwright.async_api import async_playwright
-
     assert os.path.exists(CHROMIUM)
-    async with async_playwright() as p:
-        browser = await p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        try:
-            context = await browser.new_context(ignore_https_errors=True)
-            page = await context.new_page()
-            await page.goto(f"https://127.0.0.1:{tls_server.port}/")
-            await page.fill("#user", "webby")
-            await page.fill("#room", "tlsweb")
-            await page.click("#connect")
-            await page.wait_for_selector('#status[data-state="connected"]')
-            await page.fill("#text", "hello over wss")
-            await page.press("#text", "Enter")
-            await page.wait_for_selector("#log li.msg .content >> text=hello over wss")
-            assert await page.locator("#log li.msg .who").all_inner_texts() == ["webby"]
-        finally:
-            await browser.close()
+    async with launched() as browser:
+        context = await browser.new_context(ignore_https_errors=True)
+        page = await context.new_page()
+        await page.goto(f"https://127.0.0.1:{tls_server.port}/")
+        await page.fill("#user", "webby")
+        await page.fill("#room", "tlsweb")
+        await page.click("#connect")
+        await page.wait_for_selector('#status[data-state="connected"]')
+        await page.fill("#text", "hello over wss")
+        await page.press("#text", "Enter")
+        await page.wait_for_selector("#log li.msg .content >> text=hello over wss")
+        assert await page.locator("#log li.msg .who").all_inner_texts() == ["webby"]
 
 
 async def test_client_certificates(pki: Pki) -> None:

@@ -4,12 +4,9 @@ when the receiver never answers, and reported when a shard dies."""
 
 from __future__ import annotations
 
-import base64
-import contextlib
 import os
 import signal
 import urllib.request
-from collections.abc import Iterator
 from typing import Any
 
 import standardwebhooks
@@ -25,26 +22,7 @@ from tests.support.helpers import (
     room_owned_by,
     running_server,
 )
-
-SECRET = "whsec_" + base64.b64encode(b"k" * 32).decode()
-
-
-@contextlib.contextmanager
-def backend(**kwargs: Any) -> Iterator[Backend]:
-    receiver = Backend(SECRET, **kwargs).start()
-    try:
-        yield receiver
-    finally:
-        receiver.stop()
-
-
-def hook_settings(receiver: Backend, *extra: str) -> list[str]:
-    return [
-        f"webhooks.url={receiver.url('/webhooks')}",
-        f"webhooks.secret={SECRET}",
-        "webhooks.vacated_grace=0.3",
-        *extra,
-    ]
+from tests.support.webhooks import SECRET, backend, hook_settings
 
 
 def kinds(receiver: Backend, user: str) -> list[tuple[str, str | None]]:

@@ -9,8 +9,7 @@ import time
 from collections.abc import Iterator
 
 from examples.backend import Backend
-from tests.integration import test_redis
-from tests.integration.test_webhooks import await_until, backend, hook_settings
+from shardchat.testing.wait import await_until
 from tests.support.helpers import (
     Server,
     _start_server,
@@ -18,17 +17,13 @@ from tests.support.helpers import (
     clients_on_shards,
     closing,
     connect_client,
+    kill_server,
     scaled,
 )
 from tests.support.redis_helpers import RedisServer
+from tests.support.webhooks import backend, hook_settings
 
 TTL = 1.0
-
-
-# The Redis tests' server (one per module) and per-test key prefix.
-redis = test_redis.redis
-prefix = test_redis.prefix
-kill_box = test_redis.kill_box
 
 
 def settings(redis: RedisServer, prefix: str, receiver: Backend) -> list[str]:
@@ -116,7 +111,7 @@ async def test_a_killed_box_is_reported_once_by_a_survivor(redis: RedisServer, p
                 lambda: len(of(receiver, "join", users)) == 4, 10, "the ghosts' joins"
             )
             killed = time.time()
-            kill_box(doomed)
+            kill_server(doomed)
             expected_leaves = sorted((u, r) for u in users for r in ("ghosts", "shared"))
 
             def reported() -> bool:

@@ -545,6 +545,25 @@ def metric(srv: Server, name: str, **labels: str) -> float:
     return found
 
 
+def kill_server(server: Server) -> None:
+    """kill -9 of the supervisor and of every shard at once (nothing gets to say
+    goodbye), then wait until all are gone."""
+    pids = list(server.shard_pids().values())
+    for pid in [server.proc.pid, *pids]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    server.proc.wait()
+    wait_until(lambda: not any(_alive(pid) for pid in pids), 10, "every shard gone after kill -9")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def assert_no_traceback(server: Server) -> None:
     """Nothing a client sent made the server write a traceback or an error."""
     text = server.log_path.read_text(errors="replace")
