@@ -85,8 +85,11 @@ function deferred() {
 }
 
 function randomPrefix() {
+  // Unique to this client instance, so that its keys never meet another program's of the
+  // same user (crypto where there is one: browsers, Node 19+).
   const bytes = new Uint8Array(4);
-  globalThis.crypto.getRandomValues(bytes);
+  if (globalThis.crypto?.getRandomValues) globalThis.crypto.getRandomValues(bytes);
+  else bytes.forEach((_, i) => { bytes[i] = Math.floor(Math.random() * 256); });
   return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
 }
 
