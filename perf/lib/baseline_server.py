@@ -3,7 +3,7 @@
 uvloop, ``websockets.asyncio.server.serve``, one coroutine per connection and
 ``websockets.broadcast`` for fan-out; it speaks the same protocol subset the
 benchmarks use (welcome, join, message with ack, ping/pong). Every benchmark
-runs it in the same session as shardchat and reports ratios against it.
+runs it in the same run as shardchat and reports ratios against it.
 
     python -m perf.lib.baseline_server --port 8765
 """

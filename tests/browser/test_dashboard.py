@@ -20,8 +20,9 @@ import pytest
 import pytest_asyncio
 from websockets.exceptions import ConnectionClosed
 
+from shardchat.testing.wait import await_until
 from tests.support.browser import ARTIFACTS, launched, ms
-from tests.support.helpers import FAST, Server, connect_client, running_server, scaled
+from tests.support.helpers import FAST, Server, connect_client, running_server
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -89,14 +90,14 @@ async def number(page: Any, selector: str) -> float:
 
 
 async def wait_number(page: Any, selector: str, check: Any, timeout: float = 15) -> float:
-    deadline = asyncio.get_running_loop().time() + scaled(timeout)
-    while True:
-        value = await number(page, selector)
-        if check(value):
-            return value
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"{selector} stayed at {value}")
-        await page.wait_for_timeout(100)
+    seen: list[float] = [0.0]
+
+    async def shown() -> bool:
+        seen[0] = await number(page, selector)
+        return bool(check(seen[0]))
+
+    await await_until(shown, timeout, lambda: f"{selector} stayed at {seen[0]}", poll=0.1)
+    return seen[0]
 
 
 async def test_a_wrong_token_is_refused_and_the_right_one_kept_in_the_session(

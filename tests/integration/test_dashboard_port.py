@@ -5,12 +5,12 @@ forward of /api/<method> to the server API, with what it refuses."""
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 
 import pytest
 
-from tests.support.helpers import Server, raw_http, running_server, scaled
+from shardchat.testing.wait import wait_until
+from tests.support.helpers import Server, raw_http, running_server
 
 TOKEN = "dashboard-port-token"
 AUTH = f"Authorization: Bearer {TOKEN}\r\n"
@@ -47,15 +47,14 @@ def test_the_page_and_its_script_need_no_token_and_carry_a_csp(admin: Server) ->
 def test_samples_come_once_a_second_behind_the_token(admin: Server) -> None:
     assert call(admin, "GET", "/series")[0] == 401
     assert call(admin, "GET", "/series", "Authorization: Bearer wrong\r\n")[0] == 401
-    deadline = time.monotonic() + scaled(10)
-    while True:
+
+    def two_samples() -> list[dict[str, object]]:
         status, headers, body = call(admin, "GET", "/series", AUTH)
         assert status == 200 and headers["content-type"] == "application/json"
-        samples = json.loads(body)
-        if len(samples) >= 2:
-            break
-        assert time.monotonic() < deadline, samples
-        time.sleep(0.2)
+        samples: list[dict[str, object]] = json.loads(body)
+        return samples if len(samples) >= 2 else []
+
+    samples = wait_until(two_samples, 10, "two samples", poll=0.2)
     first, second = samples[:2]
     assert 500 <= second["t"] - first["t"] <= 1500
     assert set(first) == {

@@ -11,6 +11,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 
+from shardchat.testing.wait import await_until
 from tests.support.helpers import (
     FAST,
     Client,
@@ -109,18 +110,21 @@ async def test_a_lapped_shards_members_miss_nothing_unannounced() -> None:
             sent = await publish_at_rate(members, room, start)
             took = await stopping
             # Every publish answered: acked with its seq, or refused at once.
-            deadline = time.monotonic() + scaled(20)
-            while sum(len(s.acks) + len(s.refused) for s in seen) < sent:
-                assert time.monotonic() < deadline, "publishes left unanswered"
-                await asyncio.sleep(0.05)
+            await await_until(
+                lambda: sum(len(s.acks) + len(s.refused) for s in seen) >= sent,
+                20,
+                "every publish answered",
+            )
             # Refused at the door past the forwards bound, never left to time out.
             assert all(code == "overloaded" for s in seen for code in s.refused)
             acked = sorted(seq for s in seen for seq in s.acks.values())
             last = acked[-1]
             assert acked == list(range(1, last + 1))
-            while not all(len(s.order) >= last for s in seen):
-                assert time.monotonic() < deadline, [last - len(s.order) for s in seen]
-                await asyncio.sleep(0.05)
+            await await_until(
+                lambda: all(len(s.order) >= last for s in seen),
+                20,
+                lambda: f"missing per member: {[last - len(s.order) for s in seen]}",
+            )
             for task in readers:
                 task.cancel()
             for member, s in zip(members, seen, strict=True):

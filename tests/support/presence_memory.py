@@ -12,8 +12,8 @@ file, at each number of engines. Each count runs in its own process.
 Built on the engine tests' box, so it lives with them (perf/ imports nothing of
 tests/).
 
-Measures the tree it is run from: to compare two trees, run it from each in
-the same session (and say that the machine was shared, if it was).
+Measures the tree it is run from: to compare two trees, run it from each, one
+after the other (and say that the machine was shared, if it was).
 """
 
 from __future__ import annotations
