@@ -129,3 +129,18 @@ def test_a_join_on_a_held_room_is_answered_within_the_join_wait() -> None:
         (gap,) = client.take("gap")
         assert gap == {"type": "gap", "room": room, "first": 1, "last": 4}
         assert client.seqs(room) == [5, 6]
+
+
+def test_a_reliable_member_that_acks_past_a_gap_gets_no_resends() -> None:
+    box = Box(2, config(**FAST))
+    room, _, bob = owner_and_peer(box, None)
+    box.send(bob, type="ack", room=room, seq=0)  # reliable mode
+    held_on_bob(box, room, range(5, 7))
+    for _ in range(int(GAP_GIVE_UP) + 1):
+        box.advance(1.0)
+    (gap,) = bob.take("gap")
+    assert (gap["first"], gap["last"]) == (1, 4)
+    box.send(bob, type="ack", room=room, seq=6)
+    bob.frames.clear()
+    box.advance(60.0)
+    assert bob.frames == [] and bob.closed is None
