@@ -207,13 +207,10 @@ function renderStatus(status) {
   }
   const broker = status.broker;
   $("broker").textContent = `broker ${broker.kind}${broker.healthy ? "" : " (unhealthy)"} · epoch ${status.epoch} · up ${duration(status.uptime)}`;
-  const boxes = $("boxes");
-  boxes.replaceChildren();
+  const redis = $("redis");
+  redis.hidden = broker.kind !== "redis";
   if (broker.kind === "redis") {
-    const p = document.createElement("p");
-    p.className = "note";
-    p.textContent = `Redis ${broker.redis}: ${broker.shards_connected} shards connected, ${broker.subscribed_rooms} rooms subscribed, ${broker.errors} errors, ${broker.reconnects} reconnects`;
-    boxes.appendChild(p);
+    redis.textContent = `Redis ${broker.redis}: ${broker.shards_connected} shards connected, ${broker.subscribed_rooms} rooms subscribed, ${broker.errors} errors, ${broker.reconnects} reconnects`;
   }
 }
 
@@ -349,9 +346,36 @@ async function tick() {
   timer = setTimeout(tick, 1000);
 }
 
+function renderBoxes(info) {
+  // The API's info: every shard of every box (with Redis, the boxes joined by it).
+  const boxes = new Map();
+  for (const s of info.shards) {
+    const box = boxes.get(s.box) ?? { box: s.box, node: s.node, shards: 0, connections: 0, up: true };
+    box.shards += 1;
+    box.connections += s.connections;
+    box.up = box.up && s.broker_up;
+    boxes.set(s.box, box);
+  }
+  const body = $("boxes").querySelector("tbody");
+  body.replaceChildren();
+  for (const box of [...boxes.values()].sort((x, y) => x.box.localeCompare(y.box))) {
+    const tr = document.createElement("tr");
+    tr.dataset.box = box.box;
+    cell(tr, box.box);
+    cell(tr, String(box.shards));
+    cell(tr, String(box.connections));
+    cell(tr, box.up ? "up" : "down", box.up ? "" : "dead");
+    body.appendChild(tr);
+  }
+  $("boxes-part").hidden = false;
+  $("box-count").textContent = `${boxes.size} box${boxes.size === 1 ? "" : "es"} · ${info.broker}`;
+}
+
 async function refreshRooms() {
   try {
-    renderRooms(roomList(await api("rooms", {})));
+    const [rooms, info] = await Promise.all([api("rooms", {}), api("info", {})]);
+    renderRooms(roomList(rooms));
+    renderBoxes(info);
     apiOff = false;
     $("rooms-note").hidden = true;
     await refreshRoom();
