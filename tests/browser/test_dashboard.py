@@ -167,6 +167,7 @@ async def test_the_charts_move_while_a_load_runs(admin_server: Server, browser: 
         await shot(page, "charts-under-load")
         README_SHOT.parent.mkdir(parents=True, exist_ok=True)
         await page.set_viewport_size({"width": 1280, "height": 900})
+        await page.evaluate("() => window.scrollTo(0, 0)")
         await page.screenshot(path=str(README_SHOT), full_page=False)
     finally:
         stop.set()
