@@ -195,7 +195,7 @@ def message_json(
     right-sized: orjson's ``bytes`` sit in an allocation of at least 4 KB that it
     does not shrink (``sys.getsizeof`` shows 219 B for a 4,097 B block), which
     made a held 100-character message cost 4.3 KB. The copy costs about 0.1 us
-    (perf/history_memory.py measures the memory).
+    (perf/scenarios/history_memory.py measures the memory).
     """
     return compact(
         orjson.dumps(
