@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 
-__all__ = ["AddrTable", "addr_key", "table_capacity"]
+__all__ = ["AddrTable", "PeerTable", "addr_key", "table_capacity"]
 
 ENTRY_SLOTS = 2  # key, count
 
@@ -120,3 +120,22 @@ class AddrTable:
 
     def release(self) -> None:
         self.tables = []
+
+
+class PeerTable:
+    """The room engine's :class:`~shardchat.core.interfaces.PeerCounts` over an
+    :class:`AddrTable`: addresses in, their keys hashed here."""
+
+    __slots__ = ("table",)
+
+    def __init__(self, table: AddrTable) -> None:
+        self.table = table
+
+    def total(self, peer: str) -> int:
+        return self.table.total(addr_key(peer))
+
+    def add(self, peer: str) -> bool:
+        return self.table.add(addr_key(peer))
+
+    def remove(self, peer: str) -> None:
+        self.table.remove(addr_key(peer))

@@ -30,46 +30,16 @@ import logging
 import os
 import secrets
 import sys
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
-from shardchat.core.errors import HookError, ShardchatError
+from shardchat.core.errors import HookError, Reject
+from shardchat.core.interfaces import ConnectInfo, ConnInfo
 from shardchat.logs import log_event
 
 __all__ = ["ConnInfo", "ConnectInfo", "Hooks", "Reject", "load_app", "random_guest_name"]
 
 log = logging.getLogger(__name__)
-
-
-class Reject(ShardchatError):
-    """Raised by ``on_message`` to refuse a message with a reason for the sender."""
-
-    def __init__(self, reason: str = "rejected") -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-@dataclass(frozen=True, slots=True)
-class ConnectInfo:
-    """A connection asking to upgrade."""
-
-    shard: int
-    peer: str  # the client's IP address
-    user: str  # the user it will be (token subject, user parameter or guest name)
-    path: str  # the request path with its query
-    headers: Mapping[str, str]
-    rooms: tuple[str, ...]  # rooms it asks to join at connect
-
-
-@dataclass(frozen=True, slots=True)
-class ConnInfo:
-    """An open connection."""
-
-    shard: int
-    conn: int  # connection id, unique within the shard
-    user: str
-    peer: str
 
 
 def random_guest_name() -> str:
@@ -78,7 +48,8 @@ def random_guest_name() -> str:
 
 
 class Hooks:
-    """The loaded hooks, each called through a guard that logs and counts failures.
+    """The loaded hooks, each called through a guard that logs and counts failures
+    (the core's :class:`~shardchat.core.interfaces.HookRunner`).
 
     ``guest_name`` names a user who gave no name (auth off): admission, in the pure
     core, takes it from here instead of drawing random numbers itself; the core's

@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-__all__ = ["configure_logging", "log_event", "set_process_role"]
+__all__ = ["EventLogger", "configure_logging", "log_event", "set_process_role"]
 
 _shard: int | None = None  # None: the supervisor
 _MESSAGE_FIELD_MAX = 80  # longer field values (a whole config) stay out of `message`
@@ -97,3 +97,19 @@ def log_event(logger: logging.Logger, level: int, event: str, **fields: object) 
     """Log ``event`` with structured ``fields``, only when the level is enabled."""
     if logger.isEnabledFor(level):
         logger.log(level, event, extra={"fields": fields})
+
+
+class EventLogger:
+    """The pure core's :class:`~shardchat.core.interfaces.EventLog` over a logger."""
+
+    __slots__ = ("logger",)
+
+    def __init__(self, name: str) -> None:
+        self.logger = logging.getLogger(name)
+
+    def enabled(self, level: int) -> bool:
+        return self.logger.isEnabledFor(level)
+
+    def event(self, level: int, name: str, **fields: object) -> None:
+        if self.logger.isEnabledFor(level):
+            self.logger.log(level, name, extra={"fields": fields})

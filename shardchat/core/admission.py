@@ -5,7 +5,7 @@ query, a dict of headers, the peer's address); the engine adds what only it
 knows (connections open over the server and from this address, draining, the
 token verifier) and gets back either an :class:`Admitted` or a
 :class:`Refusal` to answer with. The verifier (PyJWT, keys read from files
-at start) and the source of guest names (random, ``Hooks.guest_name``) are
+at start) and the source of guest names (random, ``HookRunner.guest_name``) are
 handed in, so that this module imports neither PyJWT nor a random source.
 The order of the checks is the order of PROTOCOL.md: draining (503), Origin
 (403), ``user``/``room`` names (400), ``server.max_connections`` (503),
@@ -22,7 +22,7 @@ from urllib.parse import parse_qsl
 from shardchat.core import wire
 from shardchat.core.config import Config
 from shardchat.core.errors import AuthError
-from shardchat.hooks import ConnectInfo, Hooks
+from shardchat.core.interfaces import ConnectInfo, HookRunner
 
 if TYPE_CHECKING:
     from shardchat.auth import Identity
@@ -75,7 +75,7 @@ def token_of(params: list[tuple[str, str]], headers: Mapping[str, str]) -> str |
 
 def admit(
     config: Config,
-    hooks: Hooks,
+    hooks: HookRunner,
     shard_id: int,
     upgrade: Upgrade,
     *,

@@ -30,7 +30,7 @@
     │   ├── ChatError          a request was refused (an ``error`` frame)
     │   ├── Closed             a close a reconnect would not mend, or close()
     │   └── Unavailable        not reachable within the timeout / attempts
-    └── hooks.Reject       raised by an on_message hook to refuse a message
+    └── Reject             raised by an on_message hook to refuse a message
 
 Only ``cli.py`` turns these into exit codes; a shard that meets a
 ``RingError`` or ``ShardError`` while it boots exits with its boot-failure
@@ -63,6 +63,7 @@ __all__ = [
     "HookError",
     "MessageTooLarge",
     "ProtocolError",
+    "Reject",
     "Refused",
     "RingError",
     "RingLayoutError",
@@ -315,3 +316,11 @@ class Unavailable(ClientError):
         self.attempts = attempts
         self.last = last
         super().__init__(f"unavailable after {attempts} attempts: {last}")
+
+
+class Reject(ShardchatError):
+    """Raised by an ``on_message`` hook to refuse a message with a reason for the sender."""
+
+    def __init__(self, reason: str = "rejected") -> None:
+        super().__init__(reason)
+        self.reason = reason

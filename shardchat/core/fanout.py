@@ -13,17 +13,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Generic
 
-from shardchat import stats
 from shardchat.core import wire
+from shardchat.core.counters import Counters, Slot
 from shardchat.core.outputs import C, Output
 from shardchat.core.reliable import ReliableRooms
 from shardchat.core.roomlog import RoomLog
-from shardchat.stats import Counters
 
 __all__ = ["Fanout"]
 
-_S_DELIVERED = int(stats.Slot.FRAMES_DELIVERED)
-_S_BYTES_OUT = int(stats.Slot.BYTES_OUT)
+_S_DELIVERED = int(Slot.FRAMES_DELIVERED)
+_S_BYTES_OUT = int(Slot.BYTES_OUT)
 
 
 class Fanout(Generic[C]):

@@ -33,16 +33,14 @@ Pure: the engine passes the time, and the broker does the I/O.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from shardchat import stats
 from shardchat.core import wire
 from shardchat.core.broker import Broker
+from shardchat.core.counters import Counters, Slot
+from shardchat.core.interfaces import INFO, NO_LOG, WARNING, EventLog
 from shardchat.core.roomlog import RoomLog
-from shardchat.logs import log_event
-from shardchat.stats import Counters
 
 __all__ = [
     "GAP_GIVE_UP",
@@ -54,14 +52,12 @@ __all__ = [
     "gap_json",
 ]
 
-log = logging.getLogger(__name__)
-
 GAP_TIMEOUT = 1.0  # seconds to wait for the broker to resend a missed range, then ask again
 GAP_TIMEOUT_MAX = 4.0  # the longest wait between two requests of one range
 GAP_GIVE_UP = 10.0  # seconds without progress before a range is given up as lost
 GAP_JOIN_WAIT = 2.0  # the longest a join or history waits for a held room's fill
 
-_S_GAPS_LOST = int(stats.Slot.GAPS_LOST)
+_S_GAPS_LOST = int(Slot.GAPS_LOST)
 
 
 @dataclass(slots=True)
@@ -93,6 +89,7 @@ class GapFill:
         counters: Counters,
         epoch: str,
         history: int,
+        log: EventLog = NO_LOG,
     ) -> None:
         self.broker = broker
         self.logs = logs
@@ -100,6 +97,7 @@ class GapFill:
         self.stats = counters
         self.epoch = epoch
         self.history = history
+        self.log = log
         self.held_back: dict[str, HeldBack] = {}
         # Joins and history awaiting a room's fill: (answer by then, continue).
         self._waiting: dict[str, list[tuple[float, Callable[[], None]]]] = {}
@@ -129,8 +127,8 @@ class GapFill:
             held = self.held_back[room] = HeldBack(
                 now + GAP_TIMEOUT, last, now + GAP_GIVE_UP, first - 1
             )
-            level = logging.WARNING if why == "gap" else logging.INFO
-            log_event(log, level, why, room=room, first=first, last=last)
+            level = WARNING if why == "gap" else INFO
+            self.log.event(level, why, room=room, first=first, last=last)
         else:
             held.deadline = now + held.wait
             held.last = max(held.last, last)
@@ -290,7 +288,7 @@ class GapFill:
         if last < first:
             return
         self.stats[_S_GAPS_LOST] += 1
-        log_event(log, logging.WARNING, "gap_lost", room=room, first=first, last=last)
+        self.log.event(WARNING, "gap_lost", room=room, first=first, last=last)
         log_.skip_to(last)
         self.deliver(room, gap_json(room, first, last))
 

@@ -15,17 +15,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Generic
 
-from shardchat import stats
 from shardchat.core import wire
 from shardchat.core.config import DeliveryConfig
+from shardchat.core.counters import Counters, Slot
 from shardchat.core.messages import AppCloseCode
 from shardchat.core.outputs import C, Close, Output
 from shardchat.core.roomlog import RoomLog
-from shardchat.stats import Counters
 
 __all__ = ["Reliable", "ReliableRooms"]
 
-_S_RESENDS = int(stats.Slot.RESENDS)
+_S_RESENDS = int(Slot.RESENDS)
 
 
 class Reliable:

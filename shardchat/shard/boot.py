@@ -10,19 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from shardchat import stats
-from shardchat.addrtable import table_capacity
+from shardchat.addrtable import PeerTable, table_capacity
 from shardchat.auth import verifier_from_config
 from shardchat.brokers import segments
 from shardchat.brokers.shm import ShmBroker
 from shardchat.core.broker import Broker
-from shardchat.core.engine import RoomEngine
+from shardchat.core.engine import RoomEngine, settle
 from shardchat.hooks import Hooks
+from shardchat.logs import EventLogger
 from shardchat.shard.apiserver import ApiServer
 from shardchat.shard.connection import Connection
 from shardchat.shard.handler import Shard
@@ -55,7 +57,8 @@ async def serve(spec: ShardSpec) -> None:
         engine = _engine(spec, broker, counters, mine)
         now = time.monotonic()
         engine.advance(now, time.time())
-        broker.recover(engine, now)
+        broker.recover(engine.inbox, now)
+        settle(engine, broker)  # the restored history, applied
         broker.commit()
         shard = Shard(
             config, spec.shard_id, engine, broker, counters, loop, broker.bells[spec.shard_id]
@@ -135,8 +138,10 @@ def _engine(
         broker,
         mine,
         Hooks(spec.app),
+        id_prefix=secrets.token_hex(3),
         verify=None if verifier is None else verifier.verify,
-        addrs=counters.addrs,
+        peers=None if counters.addrs is None else PeerTable(counters.addrs),
+        log=EventLogger("shardchat.core.engine"),
     )
 
 
@@ -167,7 +172,7 @@ async def _serve_redis(
         shard = Shard(config, spec.shard_id, engine, broker, counters, loop)
         shard.api = ApiServer(config, engine, broker, mine, spec.shard_id)
         # Connected (or trying, in the background) and beating before we accept.
-        await broker.start(engine)
+        await broker.start(engine.inbox)
         await run(spec, loop, shard)
     finally:
         await broker.close()

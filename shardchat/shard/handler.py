@@ -23,7 +23,7 @@ from shardchat.brokers.shm import Bell
 from shardchat.core.admission import Refusal, Upgrade, token_of
 from shardchat.core.broker import Broker, BrokerListener
 from shardchat.core.config import Config
-from shardchat.core.engine import RoomEngine
+from shardchat.core.engine import RoomEngine, after_input, end_turn
 from shardchat.core.errors import ApiError
 from shardchat.core.hookevents import ProxiedPublish, Verdict
 from shardchat.logs import log_event
@@ -119,13 +119,11 @@ class Shard:
     def _emit(self) -> None:
         """Write what the engine produced, in its order, and end the turn later."""
         engine = self.engine
-        out = engine.out
+        out = after_input(engine, self.broker)
         if out:
-            engine.out = []
             write(out)
-        if engine.events:
-            self._take_events()
-        if not self._turn_due and (engine.flush_due or self.broker.commit_due or engine.proxied):
+        self._take_events()
+        if not self._turn_due and (engine.turn_due or self.broker.commit_due or engine.proxied_due):
             self._turn_due = True
             self.loop.call_soon(self._end_turn)
 
@@ -133,33 +131,32 @@ class Shard:
         """Commit the turn's records (acks follow), then write each room's frames."""
         self._turn_due = False
         engine = self.engine
-        engine.take_deferred()
-        if engine.proxied:
+        engine.advance(_monotonic(), _time())
+        out, rooms = end_turn(engine, self.broker)
+        proxied = engine.take_proxied()
+        if proxied:
             # The turn's publishes, in one request to the publish proxy.
             assert self.publish_proxy is not None
-            self.publish_proxy.send(engine.proxied)
-            engine.proxied = []
-        self.broker.commit()
-        out = engine.out
-        if out:
-            engine.out = []
-        if engine.flush_due:
-            rooms = engine.flush()
+            self.publish_proxy.send(proxied)
+        if rooms:
             if out:
                 write_turn(out, rooms)
             else:
                 write(rooms)
         elif out:
             write(out)
-        if engine.events:
-            self._take_events()
+        self._take_events()
+        if engine.turn_due or self.broker.commit_due:
+            # What the turn's end set off (a record a command wrote) ends next turn.
+            self._turn_due = True
+            self.loop.call_soon(self._end_turn)
 
     def _take_events(self) -> None:
         """The engine's webhook events: to the journal (for a successor, should this
         shard be killed) and to the sender (which stamps them with id, shard, box)."""
-        events, self.engine.events = self.engine.events, []
+        events = self.engine.take_events()
         sender = self.webhooks
-        if sender is None:
+        if sender is None or not events:
             return
         journal = self.journal
         compact = False
@@ -218,6 +215,7 @@ class Shard:
         connections = self.counters.total(_S_CONNECTIONS)
         upgrade = Upgrade(conn.conn_id, conn.peer, path, query, headers)
         refusal = engine.admit(conn, upgrade, connections)
+        self._emit()  # what the broker said before it, applied first
         return None if refusal is None else (refusal.status, refusal.text)
 
     async def _proxied_upgrade(
@@ -237,6 +235,7 @@ class Shard:
             return
         assert not isinstance(answer, Refusal)
         refusal = engine.admit(conn, upgrade, self.counters.total(_S_CONNECTIONS), answer)
+        self._emit()
         later.then(None if refusal is None else (refusal.status, refusal.text))
 
     def publish_answered(
@@ -249,6 +248,7 @@ class Shard:
         self._emit()
 
     def opened(self, conn: Connection) -> None:
+        self.engine.advance(_monotonic(), _time())
         self.engine.open(conn)
         self._emit()
 
@@ -263,13 +263,14 @@ class Shard:
         the engine's output after."""
         engine = self.engine
         engine.advance(_monotonic(), _time())
-        step()
+        step()  # queued in the engine's inbox, applied by _emit
         self._emit()
 
     def closed(self, conn: Connection) -> None:
         self.connections.discard(conn)
         if self.engine.draining and not self.connections and not self.api_conns:
             self.all_closed.set()
+        self.engine.advance(_monotonic(), _time())
         self.engine.closed(conn, conn.close_code, conn.close_reason)
         self._emit()
 
@@ -374,7 +375,7 @@ class Shard:
     def drain_connections(self) -> None:
         """Stop taking connections and close every open one with 1001 ``shutdown``."""
         self.broker.commit()
-        write(self.engine.drain())
+        write(self.engine.stop_admitting())
         if not self.connections and not self.api_conns:
             self.all_closed.set()
         for api in list(self.api_conns):

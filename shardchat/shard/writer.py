@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from shardchat.core.outputs import Close, Paced
+from shardchat.core.outputs import ApiResult, Close, Item, Paced
 from shardchat.core.wire import text_frame
 
 if TYPE_CHECKING:
@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
 __all__ = ["write", "write_turn"]
 
-Output = tuple[Iterable["Connection"], bytes | Close | Paced]
+Output = tuple[Iterable["Connection"], Item]
 
 
 def write_turn(out: list[Output], rooms: list[Output]) -> None:
@@ -66,10 +66,15 @@ def write(out: Iterable[Output]) -> None:
             payloads = item.payloads
             for conn in conns:
                 conn.send_paced(text_frame(payload) for payload in payloads)
-        else:
-            assert isinstance(item, Close)
+        elif type(item) is Close:
             for conn in conns:
                 if item.fail:
                     conn.fail(item.code, item.reason)
                 else:
                     conn.close(item.code, item.reason)
+        elif type(item) is ApiResult:
+            # A server call's answer: its token is the caller's callback
+            # (core/apiinputs.py), told the seq, or None when not published.
+            answer = item.token
+            if callable(answer):
+                answer(item.seq if item.ok else None)

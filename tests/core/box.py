@@ -18,14 +18,14 @@ from typing import Any
 
 import orjson
 
-from shardchat.addrtable import AddrTable, table_capacity
+from shardchat.addrtable import AddrTable, PeerTable, table_capacity
 from shardchat.auth import verifier_from_config
 from shardchat.brokers.sequencer import owner_of
 from shardchat.brokers.shm import ShmBroker
 from shardchat.configload import load_config
 from shardchat.core.admission import Refusal, Upgrade
 from shardchat.core.config import Config
-from shardchat.core.engine import RoomEngine
+from shardchat.core.engine import RoomEngine, after_input, end_turn
 from shardchat.core.outputs import Close, Output, Paced
 from shardchat.hooks import Hooks
 from shardchat.ring.layout import segment_size
@@ -157,7 +157,11 @@ class Box:
             overload=self.config.overload,
         )
         slots = self._addr_slots
-        addrs = None if slots is None else AddrTable(slots, self.workers, self._capacity, shard)
+        peers = (
+            None
+            if slots is None
+            else PeerTable(AddrTable(slots, self.workers, self._capacity, shard))
+        )
         verifier = verifier_from_config(self.config.auth)
         return RoomEngine(
             self.config,
@@ -167,14 +171,15 @@ class Box:
             self.stats[shard],
             Hooks(self.app, guest_name=lambda: f"guest-{next(self._guests):04x}"),
             verify=None if verifier is None else verifier.verify,
-            addrs=addrs,
+            peers=peers,
             id_prefix=f"i{next(self._ids)}",
         ), broker
 
     def _start(self, shard: int) -> None:
         engine = self.engines[shard]
         engine.advance(self.now, self.wall)
-        self.brokers[shard].recover(engine, self.now)
+        self.brokers[shard].recover(engine.inbox, self.now)
+        self._settle(shard)
 
     def restart(self, shard: int) -> None:
         """kill -9 and restart: records not committed are lost with the process;
@@ -215,11 +220,11 @@ class Box:
         upgrade = Upgrade(next(self._ids), peer, f"/ws?{q}", q, dict(headers or {}))
         connections = sum(s[2] for s in self.stats) + 1  # the gauges, this handshake
         refusal = engine.admit(client, upgrade, connections)
+        self._settle(shard)
         if refusal is not None:
             return refusal
         engine.open(client)
-        self._collect(engine.out)
-        engine.out = []
+        self._settle(shard)
         self.turn()
         assert client.take("welcome")
         return client
@@ -231,15 +236,13 @@ class Box:
         engine = self.engines[client.shard]
         engine.advance(self.now, self.wall)
         engine.receive(client, data)
-        self._collect(engine.out)
-        engine.out = []
+        self._settle(client.shard)
 
     def close(self, client: Client, code: int = 1000) -> None:
         engine = self.engines[client.shard]
         engine.advance(self.now, self.wall)
         engine.closed(client, code, "")
-        self._collect(engine.out)
-        engine.out = []
+        self._settle(client.shard)
 
     def join(self, client: Client, room: str, **fields: object) -> dict[str, Any]:
         self.send(client, type="join", room=room, **fields)
@@ -251,42 +254,40 @@ class Box:
 
     def commit(self, shard: int) -> None:
         """Only the first step of a turn's end: the broker commits (and acks)."""
-        engine = self.engines[shard]
         self.brokers[shard].commit()
-        self._collect(engine.out)
-        engine.out = []
+        self._settle(shard)
 
     def turn(self) -> None:
-        """Loop turns on every running shard until nothing moves: commit (and ack),
-        write, read the rings."""
+        """Loop turns on every running shard until nothing moves: the turn's end
+        (the shard's own, ``end_turn``), then read the rings."""
         for _ in range(1000):
             moved = False
             for shard, (engine, broker) in enumerate(zip(self.engines, self.brokers, strict=True)):
                 if shard in self.stopped:
                     continue
                 engine.advance(self.now, self.wall)
-                if engine.flush_due:
-                    engine.take_deferred()  # as the shard's turn end does, first
-                if broker.commit_due:
-                    broker.commit()
+                if engine.turn_due or broker.commit_due:
                     moved = True
-                if engine.out:
-                    moved = True
-                    self._collect(engine.out)
-                    engine.out = []
-                if engine.flush_due:
-                    moved = True
-                    self._collect(engine.flush())
+                    replies, rooms = end_turn(engine, broker)
+                    self._collect(replies)
+                    self._collect(rooms)
             for shard, (engine, broker) in enumerate(zip(self.engines, self.brokers, strict=True)):
                 if shard in self.stopped:
                     continue
                 engine.advance(self.now, self.wall)
                 read = broker.stats[15]
                 more = broker.drain(self.now)
-                moved = moved or more or broker.stats[15] != read or bool(engine.out)
+                out = after_input(engine, broker)
+                self._collect(out)
+                moved = moved or more or broker.stats[15] != read or bool(out) or engine.turn_due
             if not moved:
                 return
         raise AssertionError("the box never settled")
+
+    def _settle(self, shard: int) -> None:
+        """What follows an input: the engine's commands run, the answers applied,
+        the outputs collected (``after_input``, as the shard does)."""
+        self._collect(after_input(self.engines[shard], self.brokers[shard]))
 
     def advance(self, seconds: float) -> None:
         """Move the clock, tick every running engine and broker, settle."""
@@ -298,6 +299,7 @@ class Box:
             engine.advance(self.now, self.wall)
             engine.tick()
             broker.tick(self.now)
+            self._settle(shard)
         self.turn()
 
     def _collect(self, out: list[Output[Client]]) -> None:

@@ -18,9 +18,10 @@ from shardchat.brokers.presence_holders import answer_of
 from shardchat.core import wire
 from shardchat.core.admission import Upgrade
 from shardchat.core.broker import BrokerListener, PresenceAnswer, Publication
-from shardchat.core.engine import RoomEngine
+from shardchat.core.engine import RoomEngine, after_input, end_turn
 from shardchat.core.outputs import Close, Output, Paced
 from shardchat.core.presence import PresenceView
+from shardchat.hooks import Hooks
 from shardchat.stats import BLOCK_SLOTS
 from tests.core.box import config, frames_of
 
@@ -61,7 +62,12 @@ class StoreBroker:
     def full(self, room: str) -> None:
         return None  # unbounded here
 
-    def end_turn(self) -> None:
+    @property
+    def commit_due(self) -> bool:
+        return bool(self.batch)
+
+    def commit(self) -> None:
+        """The turn's end: one pipeline for the turn's publishes."""
         batch, self.batch = self.batch, []
         if not batch:
             return
@@ -126,8 +132,13 @@ class Conn:
 def run(engine: RoomEngine[Conn], step: Callable[[], None]) -> None:
     engine.advance(1000.0, 1.8e9)
     step()
-    collect(engine.out)
-    engine.out = []
+    collect(after_input(engine, broker_of(engine)))
+
+
+def broker_of(engine: RoomEngine[Conn]) -> StoreBroker:
+    broker = engine.broker.broker
+    assert isinstance(broker, StoreBroker)
+    return broker
 
 
 def collect(out: list[Output[Conn]]) -> None:
@@ -141,13 +152,14 @@ def collect(out: list[Output[Conn]]) -> None:
                 conn.frames += frames_of(item)
 
 
-def end_turn(engines: list[RoomEngine[Conn]], brokers: list[StoreBroker]) -> None:
-    for broker in brokers:
-        broker.end_turn()
-    for engine in engines:
-        collect(engine.out)
-        engine.out = []
-        collect(engine.flush())
+def turn(engines: list[RoomEngine[Conn]]) -> None:
+    """Each engine's turn end (``end_turn``), twice: the second round delivers
+    what the others' commits sent it."""
+    for _ in range(2):
+        for engine in engines:
+            replies, rooms = end_turn(engine, broker_of(engine))
+            collect(replies)
+            collect(rooms)
 
 
 def connect(engine: RoomEngine[Conn], user: str, conn_id: int) -> Conn:
@@ -168,9 +180,9 @@ def test_a_store_sequenced_broker_serves_the_same_engine() -> None:
     engines: list[RoomEngine[Conn]] = []
     for i, broker in enumerate(brokers):
         engine: RoomEngine[Conn] = RoomEngine(
-            config(), i, "epoch-s", broker, [0] * BLOCK_SLOTS, id_prefix=f"s{i}"
+            config(), i, "epoch-s", broker, [0] * BLOCK_SLOTS, Hooks(None), id_prefix=f"s{i}"
         )
-        broker.listener = engine
+        broker.listener = engine.inbox
         engines.append(engine)
     a = connect(engines[0], "a", 1)
     b = connect(engines[1], "b", 2)
@@ -179,7 +191,7 @@ def test_a_store_sequenced_broker_serves_the_same_engine() -> None:
     for i in range(3):
         send(engines[0], a, type="message", room="r", content=f"a{i}", id=f"a{i}")
         send(engines[1], b, type="message", room="r", content=f"b{i}", id=f"b{i}")
-    end_turn(engines, brokers)
+    turn(engines)
     assert store.round_trips == 2  # one batch per engine per turn
     for conn in (a, b):
         msgs = [f for f in conn.frames if f["type"] == "message"]
@@ -234,9 +246,9 @@ def test_a_join_waits_for_its_broker_to_open_the_room_and_a_new_epoch_restarts_i
     broker = OpeningBroker(store, 0)
     broker.epochs["r"] = "e1"
     engine: RoomEngine[Conn] = RoomEngine(
-        config(), 0, "engine-epoch", broker, [0] * BLOCK_SLOTS, id_prefix="o"
+        config(), 0, "engine-epoch", broker, [0] * BLOCK_SLOTS, Hooks(None), id_prefix="o"
     )
-    broker.listener = engine
+    broker.listener = engine.inbox
     a = connect(engine, "a", 1)
     send(engine, a, type="join", room="r", id="j1")
     assert not [f for f in a.frames if f["type"] == "joined"]  # not before the room is open
@@ -244,12 +256,12 @@ def test_a_join_waits_for_its_broker_to_open_the_room_and_a_new_epoch_restarts_i
     (joined,) = [f for f in a.frames if f["type"] == "joined"]
     assert joined["epoch"] == "e1"  # the broker's epoch of the room, not the engine's
     send(engine, a, type="message", room="r", content="x")
-    end_turn([engine], [broker])
+    turn([engine])
     assert [f["seq"] for f in a.frames if f["type"] == "message"] == [1]
 
     # The store lost the room: a new epoch. The member is closed to rejoin.
     broker.epochs["r"] = "e2"
-    run(engine, lambda: engine.on_room_state("r", "e2", 0))
+    run(engine, lambda: engine.inbox.on_room_state("r", "e2", 0))
     assert a.closed is not None and a.closed.code == 1012
     run(engine, lambda: engine.closed(a, 1012, ""))
     assert broker.closed == ["r"]  # its last member left

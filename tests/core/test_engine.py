@@ -303,7 +303,7 @@ class TestGapFill:
         room, _, bob = owner_and_peer(box, None)
         engine = box.engines[1]
         engine.advance(box.now, box.wall)
-        engine.on_message(
+        engine.inbox.on_message(
             room, 5, "m5", b'{"type":"message","room":"%s","seq":5}' % room.encode(), 0
         )
         box.stopped.add(0)
@@ -653,7 +653,8 @@ class TestFanout:
             box.send(members[0], type="message", room=room, content=str(i))
         engine = box.engines[0]
         box.brokers[0].commit()
-        engine.out = []
+        engine.deliver()  # the acks the commit released
+        engine.take_outputs()
         out = engine.flush()
         assert len(out) == 1  # one buffer for the room
         conns, buf = out[0]

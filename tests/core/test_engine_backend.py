@@ -16,7 +16,7 @@ KINDS = frozenset({"connect", "disconnect", "join", "leave", "message"})
 
 def events(box: Box, shard: int) -> list[tuple[str, str, str | None]]:
     engine = box.engines[shard]
-    taken, engine.events = engine.events, []
+    taken = engine.take_events()
     return [(e.kind, e.user, e.room) for e in taken]
 
 
@@ -73,14 +73,13 @@ def test_publish_proxy_verdicts_keep_rewrite_refuse_or_fail() -> None:
     for i, content in enumerate(["keep", "rewrite", "refuse", "late"]):
         box.send(ada, type="message", room="r", content=content, id=str(i))
     box.turn()
-    assert bob.take("message") == [] and len(engine.proxied) == 4  # none sequenced yet
-    waiting, engine.proxied = engine.proxied, []
+    waiting = engine.take_proxied()
+    assert bob.take("message") == [] and len(waiting) == 4  # none sequenced yet
     engine.publish_answered(
         waiting[:3], [Verdict(), Verdict(content="rewritten"), Verdict(reject="no")]
     )
     engine.publish_answered(waiting[3:], None, "the backend did not answer")
-    box._collect(engine.out)
-    engine.out = []
+    box._settle(0)
     box.turn()
     assert [m["content"] for m in bob.take("message")] == ["keep", "rewritten"]
     errors = {e["id"]: (e["code"], e["reason"]) for e in ada.take("error")}

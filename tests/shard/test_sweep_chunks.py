@@ -24,10 +24,18 @@ class Ticked:
 
 
 class Engine:
-    out: list[Any] = []
-    events: list[Any] = []
-    proxied: list[Any] = []
-    flush_due = False
+    inbox = False
+    turn_due = False
+    proxied_due = False
+
+    def take_commands(self) -> list[Any]:
+        return []
+
+    def take_outputs(self) -> list[Any]:
+        return []
+
+    def take_events(self) -> list[Any]:
+        return []
 
     def advance(self, mono: float, wall: float) -> None:
         pass

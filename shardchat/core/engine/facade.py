@@ -1,22 +1,27 @@
 """The room engine: one shard's room logic as a Sans-I/O state machine.
 
-DESIGN.md, The room engine and its brokers. Like websockets'
-``ServerProtocol``, :class:`RoomEngine` does no I/O: it never reads a clock,
-schedules, or touches a socket or a segment. Its inputs are
+Like websockets' ``ServerProtocol``, :class:`RoomEngine` does no I/O: it never
+reads a clock, schedules, logs, or touches a socket or a segment. Its inputs
+are
 
 - a connection's upgrade (:meth:`admit`), its opening (:meth:`open`), its
   text frames (:meth:`receive`) and its end (:meth:`closed`);
-- what its :class:`~shardchat.core.broker.Broker` delivers (the
-  :class:`~shardchat.core.broker.BrokerListener` methods);
-- the time, given before each batch of inputs with :meth:`advance`;
-- the end of the caller's loop turn (:meth:`flush`) and its timer
-  (:meth:`tick`).
+- what its broker delivered (:meth:`deliver`: the broker hands it to
+  :attr:`RoomEngine.inbox`, which queues it; see
+  :mod:`shardchat.core.engine.inbox`);
+- the time, given before each batch of inputs with :meth:`advance`, and its
+  timer (:meth:`tick`);
+- the server's own calls (:meth:`publish_as`, :meth:`join_user`,
+  :meth:`leave_user`, :meth:`close_user`);
+- the end of the loop turn (:func:`shardchat.core.engine.turn.end_turn`).
 
-Its outputs are collected in :attr:`RoomEngine.out`, for the caller to take
-after every input: ``(connections, frame)`` pairs, where ``frame`` is a ready
-WebSocket frame for each of ``connections`` or a :class:`Close`. What it
-publishes goes to its broker. Connections are the caller's own objects
-(any hashable handle): the engine keeps them as keys and hands them back.
+Its outputs leave through two swap-and-return getters, in order:
+:meth:`take_outputs` (frames, closes and paced replays for connections,
+events and call results for the caller's other sinks:
+:mod:`shardchat.core.outputs`) and :meth:`take_commands` (calls for the
+broker: :mod:`shardchat.core.engine.commands`). Connections are the caller's
+own objects (any hashable handle): the engine keeps them as keys and hands
+them back.
 
 Fan-out: a room's new frames of one turn are queued per room and, at
 :meth:`flush`, joined once into one buffer that goes to each local member:
@@ -26,21 +31,39 @@ the caller's per-member work is one transport write.
 from __future__ import annotations
 
 import heapq
-import logging
-import secrets
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Generic
 
-from shardchat import stats
-from shardchat.addrtable import AddrTable, addr_key
 from shardchat.core import wire
 from shardchat.core.admission import Admitted, Refusal, Upgrade, Verify, admit
 from shardchat.core.broker import Broker, PresenceAnswer, Publication, idempotency_key
 from shardchat.core.config import Config
-from shardchat.core.errors import ErrorCode, ProtocolError
+from shardchat.core.counters import (
+    Counters,
+    Slot,
+    close_code_slot,
+    error_slot,
+    latency_slot,
+    overload_slot,
+)
+from shardchat.core.engine.commands import Command, CommandQueue
+from shardchat.core.engine.inbox import Inbox
+from shardchat.core.engine.joins import MAX_DEFERRED, JoinStage, PendingJoin
+from shardchat.core.errors import ErrorCode, ProtocolError, Reject
 from shardchat.core.fanout import Fanout
 from shardchat.core.gapfill import GapFill
 from shardchat.core.hookevents import HookEvent, ProxiedPublish, Verdict
+from shardchat.core.interfaces import (
+    DEBUG,
+    ERROR,
+    INFO,
+    NO_LOG,
+    WARNING,
+    ConnInfo,
+    EventLog,
+    HookRunner,
+    PeerCounts,
+)
 from shardchat.core.messages import (
     Ack,
     AppCloseCode,
@@ -53,39 +76,33 @@ from shardchat.core.messages import (
     Publish,
     RoomId,
 )
-from shardchat.core.outputs import C, Close, Output, Paced
+from shardchat.core.outputs import ApiResult, C, Close, Output, Paced
 from shardchat.core.overload import Queue, overloaded
 from shardchat.core.presence import LocalPresence
 from shardchat.core.ratelimit import TokenBucket
 from shardchat.core.reliable import ReliableRooms
 from shardchat.core.roomlog import HeldMessage, RoomLog
-from shardchat.hooks import ConnInfo, Hooks, Reject
-from shardchat.logs import log_event
-from shardchat.stats import Counters
 
 if TYPE_CHECKING:
     from shardchat.auth import Identity
 
 __all__ = ["EVICT_EVERY", "PROTOCOL_VERSION", "ConnState", "RoomEngine"]
 
-log = logging.getLogger(__name__)
-
 PROTOCOL_VERSION = 1
 EVICT_EVERY = 30.0  # seconds between scans for idle rooms to drop
-MAX_DEFERRED = 256  # requests a connection may send while its join waits
 
-_S_CONNECTIONS = int(stats.Slot.CONNECTIONS)
-_S_OPENED = int(stats.Slot.CONNECTIONS_OPENED)
-_S_PUBLISHED = int(stats.Slot.MESSAGES_PUBLISHED)
-_S_RATE_LIMITED = int(stats.Slot.RATE_LIMITED)
-_S_SLOW = int(stats.Slot.SLOW_CONSUMER_CLOSES)
-_S_HOOK_ERRORS = int(stats.Slot.HOOK_ERRORS)
-_S_REFUSED = int(stats.Slot.HTTP_REFUSED)
-_S_JOINS = int(stats.Slot.JOINS)
-_S_LEAVES = int(stats.Slot.LEAVES)
-_S_ROOMS = int(stats.Slot.ROOMS)
-_S_LATENCY_COUNT = int(stats.Slot.LATENCY_COUNT)
-_S_LATENCY_SUM = int(stats.Slot.LATENCY_SUM_US)
+_S_CONNECTIONS = int(Slot.CONNECTIONS)
+_S_OPENED = int(Slot.CONNECTIONS_OPENED)
+_S_PUBLISHED = int(Slot.MESSAGES_PUBLISHED)
+_S_RATE_LIMITED = int(Slot.RATE_LIMITED)
+_S_SLOW = int(Slot.SLOW_CONSUMER_CLOSES)
+_S_HOOK_ERRORS = int(Slot.HOOK_ERRORS)
+_S_REFUSED = int(Slot.HTTP_REFUSED)
+_S_JOINS = int(Slot.JOINS)
+_S_LEAVES = int(Slot.LEAVES)
+_S_ROOMS = int(Slot.ROOMS)
+_S_LATENCY_COUNT = int(Slot.LATENCY_COUNT)
+_S_LATENCY_SUM = int(Slot.LATENCY_SUM_US)
 
 
 class ConnState:
@@ -98,7 +115,7 @@ class ConnState:
         "deferred",
         "errors",
         "info",
-        "joining",
+        "joins",
         "opened",
         "peer",
         "rooms",
@@ -116,18 +133,18 @@ class ConnState:
         self.rooms: tuple[RoomId, ...] = ()
         self.errors = 0  # consecutive malformed requests
         self.bucket = bucket
-        self.info: ConnInfo | None = None  # what hooks see, once open; None without hooks
+        self.info: ConnInfo | None = None  # what hooks and events see, once open
         self.opened = False  # the upgrade completed
-        # A join can wait for its broker (a presence answer from the room's owner,
-        # history fetched back, a Redis subscription): the connection's requests
+        # A join can wait for its broker (joins.py): the connection's requests
         # that come meanwhile wait behind it, so that a message sent right after a
         # join (or after the welcome of a join at open) is taken as a member's.
-        self.joining = 0  # this connection's joins in flight
+        # This connection's joins in flight: a tuple, empty (shared) for nearly all.
+        self.joins: tuple[PendingJoin[Any], ...] = ()
         self.deferred: list[ClientMessage] | None = None  # what came meanwhile, in order
 
 
 class RoomEngine(Generic[C]):
-    """One engine per shard: its connections, its rooms, and what it tells its broker."""
+    """One engine per shard: its connections, its rooms, and what it asks of its broker."""
 
     def __init__(
         self,
@@ -136,31 +153,37 @@ class RoomEngine(Generic[C]):
         epoch: str,
         broker: Broker,
         counters: Counters,
-        hooks: Hooks | None = None,
+        hooks: HookRunner,
         *,
+        id_prefix: str,
         verify: Verify | None = None,
-        addrs: AddrTable | None = None,
-        id_prefix: str | None = None,
+        peers: PeerCounts | None = None,
+        log: EventLog = NO_LOG,
     ) -> None:
-        """``verify``: the token verifier when ``auth`` is on; ``addrs``: the
-        whole server's connections per address when ``server.max_per_ip`` is on;
-        ``id_prefix``: the message ids' random part (tests fix it)."""
+        """``broker``: the broker the caller runs :meth:`take_commands` on (the
+        engine only reads it and asks it questions); ``counters``: this shard's
+        block of counter slots; ``id_prefix``: the message ids' random part,
+        unique per run (drawn by the caller: the core draws no random numbers);
+        ``verify``: the token verifier when ``auth`` is on; ``peers``: the whole
+        server's connections per address when ``server.max_per_ip`` is on."""
         self.config = config
         self.shard_id = shard_id
         self.epoch = epoch  # this run of the rooms' sequences (PROTOCOL.md, epoch)
-        self.broker = broker
-        self.stats = counters  # this shard's block of stats slots
-        self.hooks = hooks if hooks is not None else Hooks(None)
+        self.broker = CommandQueue(broker)  # commands queued, questions passed on
+        self.inbox = Inbox(self)  # the broker's listener: what it tells us, queued
+        self.counters = counters  # this shard's block of counter slots
+        self.hooks = hooks
+        self.log = log
         self.history = config.delivery.history
         self.now = 0.0  # monotonic seconds, as last given to advance()
         self.wall = 0.0  # Unix seconds, as last given to advance()
-        self.out: list[Output[C]] = []  # taken by the caller after every input
         self.draining = False
         self.conns: dict[C, ConnState] = {}  # admitted connections
-        self._replays: list[C] = []  # connections whose deferred requests are due
         self.open_count = 0
         self.verify = verify
-        self.addrs = addrs  # open connections per client address, on every shard
+        self.peers = peers  # open connections per client address, on every shard
+        self._out: list[Output[C]] = []  # taken by take_outputs()
+        self._ready: list[C] = []  # connections whose last join ended with requests waiting
         # (token exp, conn id, connection), soonest first: closed with 4401 then.
         self._expiries: list[tuple[float, int, C]] = []
         self.logs: dict[str, RoomLog] = {}
@@ -168,23 +191,22 @@ class RoomEngine(Generic[C]):
         self.reliable: ReliableRooms[C] = ReliableRooms(config.delivery, counters)
         self.fanout: Fanout[C] = Fanout(self.logs, self.reliable, counters)
         self.members = self.fanout.members  # room -> local members
-        self.gaps = GapFill(broker, self.logs, self.fanout.queue, counters, epoch, self.history)
+        self.gaps = GapFill(
+            self.broker, self.logs, self.fanout.queue, counters, epoch, self.history, log
+        )
         self._pending: dict[str, tuple[C, str | None]] = {}  # msg id -> sender, request id
-        # Webhook events (core/hookevents.py), taken by the caller like `out`: only
-        # the kinds it asks for are made.
+        self._calls: dict[str, object] = {}  # msg id -> the publish_as caller's token
+        # Webhook events (core/hookevents.py), taken with take_events(): only the
+        # kinds the caller asks for are made.
         self.hook_kinds: frozenset[str] = frozenset()
-        self.events: list[HookEvent] = []
+        self._events: list[HookEvent] = []
         self._pending_messages: dict[str, tuple[int, str, str]] = {}  # conn id, user, content
-        # proxy.publish_url: publishes wait for the backend's verdict (taken by the caller).
+        # proxy.publish_url: publishes wait for the backend's verdict (take_proxied()).
         self.publish_proxy = False
-        self.proxied: list[ProxiedPublish[C]] = []
+        self._proxied: list[ProxiedPublish[C]] = []
         self.proxy_waiting = 0  # publishes sent to the proxy (or about to be), not answered
-        # The server API's publishes (core/apiinputs.py): msg id -> told the seq or None.
-        self.api_pending: dict[str, Callable[[int | None], None]] = {}
-        self._join_at_open: dict[C, tuple[str, ...]] = {}  # rooms the query named
         self._next_evict = 0.0
-        prefix = id_prefix if id_prefix is not None else secrets.token_hex(3)
-        self._msg_prefix = f"{shard_id}-{prefix}-"
+        self._msg_prefix = f"{shard_id}-{id_prefix}-"
         self._msg_counter = 0
         self._requests: dict[type, Callable[[C, ConnState, Any], None]] = {
             Publish: self._publish,
@@ -196,10 +218,55 @@ class RoomEngine(Generic[C]):
             HistoryQuery: self._history,
         }
 
+    # Outputs
+
+    def take_outputs(self) -> list[Output[C]]:
+        """What the inputs so far produced for connections and sinks, in order;
+        forgotten after (websockets' ``data_to_send``)."""
+        out, self._out = self._out, []
+        return out
+
+    def take_commands(self) -> list[Command]:
+        """The calls for the broker the inputs so far produced, in order; forgotten
+        after. The caller runs them (``commands.run_commands``) and then applies
+        what the broker answered (:meth:`deliver`)."""
+        return self.broker.take()
+
+    def take_events(self) -> list[HookEvent]:
+        """The webhook events the inputs so far made, in order; forgotten after."""
+        events, self._events = self._events, []
+        return events
+
+    def take_proxied(self) -> list[ProxiedPublish[C]]:
+        """The publishes waiting for the publish proxy's verdict
+        (:meth:`publish_answered`), in order; forgotten after."""
+        proxied, self._proxied = self._proxied, []
+        return proxied
+
+    @property
+    def turn_due(self) -> bool:
+        """The end of the turn has work: frames queued for the rooms, requests that
+        waited for a join, or broker answers or commands not yet handled."""
+        return (
+            self.fanout.due or bool(self._ready) or bool(self.inbox) or bool(self.broker.commands)
+        )
+
+    @property
+    def proxied_due(self) -> bool:
+        """Publishes wait to be sent to the publish proxy (:meth:`take_proxied`, at
+        the end of the turn: one request for the turn's publishes)."""
+        return bool(self._proxied)
+
     def advance(self, now: float, wall: float) -> None:
         """The time for the inputs that follow: monotonic and Unix seconds."""
         self.now = now
         self.wall = wall
+
+    def deliver(self) -> None:
+        """Input: apply what the broker told :attr:`inbox` since the last input,
+        in order. Every other input starts with it too."""
+        if self.inbox:
+            self.inbox.apply()
 
     # Connections
 
@@ -212,6 +279,7 @@ class RoomEngine(Generic[C]):
         included. ``proxied``: the connect proxy's answer (who the backend says
         the client is).
         """
+        self.deliver()
         result = admit(
             self.config,
             self.hooks,
@@ -219,18 +287,19 @@ class RoomEngine(Generic[C]):
             upgrade,
             draining=self.draining,
             connections=connections,
-            from_peer=0 if self.addrs is None else self.addrs.total(addr_key(upgrade.peer)),
+            from_peer=0 if self.peers is None else self.peers.total(upgrade.peer),
             verify=self.verify,
             proxied=proxied,
         )
         self._count_hook_errors()
         if type(result) is Refusal:
-            self.stats[_S_REFUSED] += 1
+            self.counters[_S_REFUSED] += 1
             return result
         assert type(result) is Admitted
         bucket = TokenBucket(self.config.limits.burst, self.now)
-        self.conns[conn] = ConnState(upgrade.conn_id, upgrade.peer, result, bucket)
-        self._join_at_open[conn] = result.rooms
+        state = self.conns[conn] = ConnState(upgrade.conn_id, upgrade.peer, result, bucket)
+        # The rooms the query named wait for the connection to open.
+        state.joins = tuple(PendingJoin(conn, Join(room=RoomId(room))) for room in result.rooms)
         if result.expires is not None:
             heapq.heappush(self._expiries, (result.expires, upgrade.conn_id, conn))
         return None
@@ -238,14 +307,14 @@ class RoomEngine(Generic[C]):
     def open(self, conn: C) -> None:
         """The upgrade of an admitted connection completed: welcome it and join the
         rooms its query named."""
+        self.deliver()
         state = self.conns[conn]
-        rooms = self._join_at_open.pop(conn, ())
         state.opened = True
-        if self.addrs is not None:
-            self.addrs.add(addr_key(state.peer))
+        if self.peers is not None:
+            self.peers.add(state.peer)
         self.open_count += 1
-        self.stats[_S_CONNECTIONS] = self.open_count
-        self.stats[_S_OPENED] += 1
+        self.counters[_S_CONNECTIONS] = self.open_count
+        self.counters[_S_OPENED] += 1
         interval = self.config.heartbeat.interval
         self._reply(
             conn,
@@ -257,9 +326,7 @@ class RoomEngine(Generic[C]):
                 "protocol": PROTOCOL_VERSION,
             },
         )
-        log_event(
-            log, logging.INFO, "conn_open", conn=state.conn_id, user=state.user, peer=state.peer
-        )
+        self.log.event(INFO, "conn_open", conn=state.conn_id, user=state.user, peer=state.peer)
         if "connect" in self.hook_kinds:
             self._event("connect", state, None, {"peer": state.peer})
         if self.hooks.app is not None:
@@ -267,28 +334,30 @@ class RoomEngine(Generic[C]):
             if self.hooks.has_open:
                 self.hooks.on_open(state.info)
                 self._count_hook_errors()
-        for room in rooms:
-            try:
-                self._join(conn, state, Join(room=RoomId(room)))
-            except ProtocolError as exc:
-                self._refuse(conn, state, exc)
+        for pending in state.joins:
+            self._start_join(pending, state)
 
     def receive(self, conn: C, data: bytes | bytearray | memoryview) -> None:
-        """A complete text message from ``conn`` (UTF-8 not yet validated)."""
+        """Input: a complete text message from ``conn`` (UTF-8 not yet validated)."""
+        self.deliver()
         state = self.conns[conn]
         try:
             request = wire.decode(data, self.config.limits.max_content)
         except ProtocolError as exc:
             if exc.code is ErrorCode.BAD_JSON and not _is_utf8(data):
-                self.out.append(((conn,), Close(1007, "invalid UTF-8", fail=True)))
-                state.deferred = None  # closing: what waited is not taken
+                self._close(conn, state, Close(1007, "invalid UTF-8", fail=True))
                 return
             self._refuse(conn, state, exc)
             return
-        if state.joining and type(request) is not Ping:
+        self._request(conn, state, request)
+
+    def _request(self, conn: C, state: ConnState, request: ClientMessage) -> None:
+        """A request, taken now or, behind the connection's joins, later; a ping
+        is answered at once (liveness does not wait for a join)."""
+        if state.joins and type(request) is not Ping:
             self._defer(conn, state, request)
-            return
-        self._take(conn, state, request)
+        else:
+            self._take(conn, state, request)
 
     def _take(self, conn: C, state: ConnState, request: ClientMessage) -> None:
         try:
@@ -302,10 +371,16 @@ class RoomEngine(Generic[C]):
             state.errors = 0
 
     def closed(self, conn: C, code: int, reason: str) -> None:
-        """``conn`` is gone, having closed with ``code``: forget it."""
-        self._join_at_open.pop(conn, None)
+        """Input: ``conn`` is gone, having closed with ``code``: forget it."""
+        self.deliver()
         state = self.conns.pop(conn, None)
-        if state is None or not state.opened:
+        if state is None:
+            return
+        for pending in state.joins:
+            pending.stage = JoinStage.DONE  # what its broker answers later is dropped
+        state.joins = ()
+        state.deferred = None
+        if not state.opened:
             return
         for room in state.rooms:
             self._leave_room(conn, state, room)
@@ -314,40 +389,43 @@ class RoomEngine(Generic[C]):
         state.rooms = ()
         if "disconnect" in self.hook_kinds:
             self._event("disconnect", state, None, {"code": code, "reason": reason})
-        if self.addrs is not None:
-            self.addrs.remove(addr_key(state.peer))
+        if self.peers is not None:
+            self.peers.remove(state.peer)
         self.open_count -= 1
-        counters = self.stats
+        counters = self.counters
         counters[_S_CONNECTIONS] = self.open_count
-        counters[stats.close_code_slot(code)] += 1
+        counters[close_code_slot(code)] += 1
         if code == AppCloseCode.SLOW_CONSUMER:
             counters[_S_SLOW] += 1
-        log_event(
-            log, logging.INFO, "conn_close", conn=state.conn_id, user=state.user, code=code,
-            reason=reason,
-        )  # fmt: skip
+        self.log.event(
+            INFO, "conn_close", conn=state.conn_id, user=state.user, code=code, reason=reason
+        )
         if self.hooks.has_close and state.info is not None:
             self.hooks.on_close(state.info, code, reason)
             self._count_hook_errors()
 
-    def drain(self) -> list[Output[C]]:
-        """Stop admitting (503); returns the turn's queued frames, to write before
-        the caller closes its connections with 1001."""
+    def stop_admitting(self) -> list[Output[C]]:
+        """Input: stop admitting (503 from now on); returns the turn's queued room
+        frames, to write before the caller closes its connections with 1001."""
+        self.deliver()
         self.draining = True
         return self.flush()
+
+    def _close(self, conn: C, state: ConnState, close: Close) -> None:
+        self._out.append(((conn,), close))
+        state.deferred = None  # closing: what waited is not taken
 
     # Requests
 
     def _refuse(self, conn: C, state: ConnState, exc: ProtocolError) -> None:
         """Every error frame goes out here, so that each is counted once by code."""
         self._send(conn, wire.error_payload(exc.code, exc.reason, exc.request_id, exc.retry_after))
-        self.stats[stats.error_slot(exc.code)] += 1
+        self.counters[error_slot(exc.code)] += 1
         if not exc.code.malformed:
             return
         state.errors += 1
         if state.errors >= self.config.limits.max_errors:
-            self.out.append(((conn,), Close(1008, "too many errors", fail=True)))
-            state.deferred = None  # closing: what waited is not taken
+            self._close(conn, state, Close(1008, "too many errors", fail=True))
 
     @staticmethod
     def _check_allowed(state: ConnState, room: RoomId, request_id: str | None) -> None:
@@ -365,18 +443,10 @@ class RoomEngine(Generic[C]):
         room = request.room
         self._require_member(state, room, request.id)
         # Admission control before anything is spent on it (a rate token, a hook).
-        overload = self.config.overload
-        full = self.broker.full(room)
-        if full is None and self.fanout.turn_bytes > overload.turn_bytes:
-            full = Queue.TURN
-        if full is None and self.publish_proxy and self.proxy_waiting >= overload.proxy:
-            full = Queue.PROXY
-        if full is not None:
-            self.stats[stats.overload_slot(full)] += 1
-            raise overloaded(full, overload.retry_after, request.id)
+        self._check_overload(room, request.id, proxied=True)
         limits = self.config.limits
         if not state.bucket.take(self.now, limits.rate, limits.burst):
-            self.stats[_S_RATE_LIMITED] += 1
+            self.counters[_S_RATE_LIMITED] += 1
             raise ProtocolError(ErrorCode.RATE_LIMITED, "too many messages; slow down", request.id)
         content = request.content
         if self.hooks.has_message and state.info is not None:
@@ -393,18 +463,43 @@ class RoomEngine(Generic[C]):
         if self.publish_proxy:
             # The backend sees it first (proxy.publish_url): the caller sends the
             # turn's publishes in one request and hands the verdicts back.
-            self.proxied.append(
+            self._proxied.append(
                 ProxiedPublish(conn, request.id, request.key, room, state.user, content)
             )
             self.proxy_waiting += 1
             return
-        self._sequence(conn, state, room, content, request.id, request.key)
+        self._publish_for(conn, state, room, content, request.id, request.key)
+
+    def overloaded(self, room: str) -> ProtocolError | None:
+        """Read: the ``overloaded`` refusal a publish to ``room`` would get now, or
+        None (not counted: for a caller that counts its own refusals)."""
+        overload = self.config.overload
+        full = self.broker.full(room)
+        if full is None and self.fanout.turn_bytes > overload.turn_bytes:
+            full = Queue.TURN
+        return None if full is None else overloaded(full, overload.retry_after, None)
+
+    def _check_overload(self, room: str, request_id: str | None, proxied: bool = False) -> None:
+        """Refuse ``overloaded`` when a bounded queue a publish would wait in is full
+        (``proxied``: a client's publish, which waits for the publish proxy too)."""
+        overload = self.config.overload
+        full = self.broker.full(room)
+        if full is None and self.fanout.turn_bytes > overload.turn_bytes:
+            full = Queue.TURN
+        if full is None and proxied and self.publish_proxy:
+            if self.proxy_waiting >= overload.proxy:
+                full = Queue.PROXY
+        if full is not None:
+            self.counters[overload_slot(full)] += 1
+            raise overloaded(full, overload.retry_after, request_id)
 
     def publish_answered(
         self, items: list[ProxiedPublish[C]], verdicts: list[Verdict] | None, reason: str = ""
     ) -> None:
-        """The publish proxy's verdicts on ``items``, in order; None: it did not answer
-        (each sender gets ``unavailable`` with ``reason``, nothing is sequenced)."""
+        """Input: the publish proxy's verdicts on ``items``, in order; None: it did
+        not answer (each sender gets ``unavailable`` with ``reason``, nothing is
+        sequenced)."""
+        self.deliver()
         max_content = self.config.limits.max_content
         self.proxy_waiting -= len(items)
         for i, item in enumerate(items):
@@ -425,11 +520,12 @@ class RoomEngine(Generic[C]):
                         f"content is over {max_content} bytes",
                         item.request_id,
                     )
-                self._sequence(conn, state, RoomId(item.room), content, item.request_id, item.key)
+                room = RoomId(item.room)
+                self._publish_for(conn, state, room, content, item.request_id, item.key)
             except ProtocolError as exc:
                 self._refuse(conn, state, exc)
 
-    def _sequence(
+    def _publish_for(
         self,
         conn: C,
         state: ConnState,
@@ -438,48 +534,126 @@ class RoomEngine(Generic[C]):
         request_id: str | None,
         key: str | None,
     ) -> None:
-        self.stats[_S_PUBLISHED] += 1
-        self._msg_counter += 1
-        msg_id = self._msg_prefix + str(self._msg_counter)
+        """A connection's publish, accepted: to the broker, its ack awaited."""
+        msg_id = self._sequence(room, state.user, content, key)
         self._pending[msg_id] = (conn, request_id)
         if "message" in self.hook_kinds:
             self._pending_messages[msg_id] = (state.conn_id, state.user, content)
+        if self.log.enabled(DEBUG):
+            self.log.event(DEBUG, "publish", conn=state.conn_id, room=room, msg=msg_id)
+
+    def _sequence(self, room: str, sender: str, content: str, key: str | None) -> str:
+        """Hand a publication to the broker (as a command); returns its message id."""
+        self.counters[_S_PUBLISHED] += 1
+        self._msg_counter += 1
+        msg_id = self._msg_prefix + str(self._msg_counter)
         now = self.now
         publication = Publication(
             msg_id,
             room,
-            state.user,
+            sender,
             content,
             int(self.wall * 1000),
             int(now * 1e9),
-            idempotency_key(state.user, room, key),
+            idempotency_key(sender, room, key),
         )
-        log_event(log, logging.DEBUG, "publish", conn=state.conn_id, room=room, msg=msg_id)
         self.broker.publish(publication, now)
+        return msg_id
+
+    # Joins (joins.py: the stages)
 
     def _join(self, conn: C, state: ConnState, request: Join) -> None:
-        room = request.room
-        self._check_allowed(state, room, request.id)
-        state.joining += 1  # until _join_answered, or a refusal on the way
-        try:
-            # A broker that carries only the rooms it is asked for (Redis) subscribes
-            # and loads the room's state at its first join here, and again after it
-            # lost Redis for a while: the join waits for that.
-            if self.broker.open_room(room, lambda: self._join_opened(conn, request)):
-                self._join_open(conn, state, request)
-        except ProtocolError as exc:
-            self._refuse(conn, state, exc)
-            self._join_done(conn, state)
+        pending = PendingJoin(conn, request)
+        state.joins += (pending,)
+        self._start_join(pending, state)
 
-    def _join_opened(self, conn: C, request: Join) -> None:
-        state = self.conns.get(conn)
-        if state is None:
-            return  # gone while the broker opened the room
+    def _start_join(self, pending: PendingJoin[C], state: ConnState) -> None:
+        """ADMITTED -> OPENING: a broker that carries only the rooms it is asked for
+        (Redis) subscribes and loads the room's state first."""
         try:
-            self._join_open(conn, state, request)
+            self._check_allowed(state, pending.request.room, pending.request.id)
+            pending.stage = JoinStage.OPENING
+            if self.broker.open_room(pending.request.room, self.inbox.later(self._resume, pending)):
+                self._fetch_for_join(pending)
         except ProtocolError as exc:
-            self._refuse(conn, state, exc)
-            self._join_done(conn, state)
+            self._refuse(pending.conn, state, exc)
+            self._join_done(pending, state)
+
+    def _resume(self, pending: PendingJoin[C], answer: PresenceAnswer | None = None) -> None:
+        """Input (queued in the inbox): what a join waited on at its stage came."""
+        state = self.conns.get(pending.conn)
+        if state is None or pending.stage is JoinStage.DONE:
+            return  # gone, or ended, while its broker worked
+        try:
+            if pending.stage is JoinStage.OPENING:
+                self._fetch_for_join(pending)
+            elif pending.stage is JoinStage.FETCHING:
+                self._ask_for_join(pending)
+            elif pending.stage is JoinStage.ASKING:
+                self._join_answered(pending, state, answer)
+        except ProtocolError as exc:
+            self._refuse(pending.conn, state, exc)
+            self._join_done(pending, state)
+
+    def _fetch_for_join(self, pending: PendingJoin[C]) -> None:
+        """OPENING -> FETCHING: a room this engine dropped (idle, no members here) is
+        fetched back first, so that `since`, and a later `history`, are answered
+        from everything the server holds (a join without `since` asks from 0)."""
+        pending.stage = JoinStage.FETCHING
+        request = pending.request
+        since = 0 if request.since is None else request.since
+        self._drop_partial(request.room)
+        then = self.inbox.later(self._resume, pending)
+        if self.gaps.ensure_history(request.room, since, self.now, then):
+            self._ask_for_join(pending)
+
+    def _ask_for_join(self, pending: PendingJoin[C]) -> None:
+        """FETCHING -> ASKING: the room's history is here: ask who is in it (for
+        ``limits.room_size`` and ``joined.users``), from the latest state."""
+        pending.stage = JoinStage.ASKING
+        state = self.conns[pending.conn]
+        # Catch up and deliver what is queued: the joiner's live frames start
+        # right after the log's current seq, and a holder answers from the latest.
+        self._catch_up()
+        answer = self.broker.presence(
+            pending.request.room,
+            state.user,
+            self.config.presence.list_limit,
+            self.inbox.later(self._resume, pending),
+        )
+        if answer is not None:
+            self._join_answered(pending, state, answer)
+
+    def _join_answered(
+        self, pending: PendingJoin[C], state: ConnState, answer: PresenceAnswer | None
+    ) -> None:
+        """ASKING -> DONE: the room's users, as its presence holder knows them: the
+        joiner becomes a member now, with nothing read in between, so that it
+        hears every event after the answer and none before."""
+        conn, request = pending.conn, pending.request
+        room = request.room
+        room_size = self.config.limits.room_size
+        if answer is None:
+            self._refuse(conn, state, _unavailable(room, request.id))
+        elif room_size and room not in state.rooms and not answer.has and answer.total >= room_size:
+            # Joins on several shards at the same instant can still overshoot by a few.
+            error = ProtocolError(
+                ErrorCode.ROOM_FULL, f"room {room} has {room_size} users", request.id
+            )
+            self._refuse(conn, state, error)
+        else:
+            self._finish_join(conn, state, request, answer)
+        self._join_done(pending, state)
+
+    def _join_done(self, pending: PendingJoin[C], state: ConnState) -> None:
+        """A join ended (answered or refused). Once none is in flight, what the
+        connection sent meanwhile is taken at the end of the turn
+        (:meth:`take_deferred`): not here, and not by recursion (a replayed join
+        can end at once)."""
+        pending.stage = JoinStage.DONE
+        state.joins = tuple(p for p in state.joins if p is not pending)
+        if not state.joins and state.deferred:
+            self._ready.append(pending.conn)
 
     def _defer(self, conn: C, state: ConnState, request: ClientMessage) -> None:
         deferred = state.deferred
@@ -493,79 +667,21 @@ class RoomEngine(Generic[C]):
             return
         deferred.append(request)
 
-    def _join_done(self, conn: C, state: ConnState) -> None:
-        """One of the connection's joins ended (answered or refused). Once none is
-        in flight, what the connection sent meanwhile is taken at the end of the
-        turn (:meth:`take_deferred`): not here, which may be inside the broker's
-        reading of a ring, and not by recursion (a replayed join can end at once)."""
-        state.joining -= 1
-        if not state.joining and state.deferred:
-            self._replays.append(conn)
-
     def take_deferred(self) -> None:
-        """At the end of the turn, before the broker commits: the requests that
+        """Input, at the end of the turn, before the broker commits: the requests that
         waited for their connection's joins, in order, until a join waits again
         (the rest then waits for it). Their publishes are committed with the turn,
         so that no frame or ack of theirs leaves before its record is kept."""
-        replays, self._replays = self._replays, []
-        for conn in replays:
+        self.deliver()
+        ready, self._ready = self._ready, []
+        for conn in ready:
             state = self.conns.get(conn)
             if state is None:
                 continue  # closed since its join ended
-            while not state.joining and state.deferred:
+            while not state.joins and state.deferred:
                 self._take(conn, state, state.deferred.pop(0))
-            if not state.joining:
+            if not state.joins:
                 state.deferred = None
-
-    def _join_open(self, conn: C, state: ConnState, request: Join) -> None:
-        # A room this engine dropped (idle, no members here) is fetched back first,
-        # so that `since`, and a later `history`, are answered from everything the
-        # server holds (a join without `since` asks from 0).
-        since = 0 if request.since is None else request.since
-        self._drop_partial(request.room)
-        if self.gaps.ensure_history(
-            request.room, since, self.now, lambda: self._join_ready(conn, request)
-        ):
-            self._join_ready(conn, request)
-
-    def _join_ready(self, conn: C, request: Join) -> None:
-        """The room's history is here: ask who is in it (for ``limits.room_size``
-        and ``joined.users``), from the latest state."""
-        state = self.conns.get(conn)
-        if state is None:
-            return  # gone while the room's history was being fetched
-        # Catch up and deliver what is queued: the joiner's live frames start
-        # right after the log's current seq, and a holder answers from the latest.
-        self.broker.catch_up()
-        answer = self.broker.presence(
-            request.room,
-            state.user,
-            self.config.presence.list_limit,
-            lambda answer: self._join_answered(conn, request, answer),
-        )
-        if answer is not None:
-            self._join_answered(conn, request, answer)
-
-    def _join_answered(self, conn: C, request: Join, answer: PresenceAnswer | None) -> None:
-        """The room's users, as its presence holder knows them: the joiner becomes a
-        member now, with nothing read in between, so that it hears every event
-        after the answer and none before."""
-        state = self.conns.get(conn)
-        if state is None:
-            return  # gone while its broker asked
-        room = request.room
-        room_size = self.config.limits.room_size
-        if answer is None:
-            self._refuse(conn, state, _unavailable(room, request.id))
-        elif room_size and room not in state.rooms and not answer.has and answer.total >= room_size:
-            # Joins on several shards at the same instant can still overshoot by a few.
-            error = ProtocolError(
-                ErrorCode.ROOM_FULL, f"room {room} has {room_size} users", request.id
-            )
-            self._refuse(conn, state, error)
-        else:
-            self._finish_join(conn, state, request, answer)
-        self._join_done(conn, state)
 
     def _finish_join(
         self, conn: C, state: ConnState, request: Join, answer: PresenceAnswer
@@ -577,11 +693,11 @@ class RoomEngine(Generic[C]):
             state.rooms += (room,)
             if "join" in self.hook_kinds:
                 self._event("join", state, room, None)
-        self.out += self.fanout.flush(self.now, snapshot=True)
+        self._out += self.fanout.flush(self.now, snapshot=True)
         log_ = self._log(room)
         self.members.setdefault(room, {})[conn] = None
-        self.stats[_S_JOINS] += 1
-        self.stats[_S_ROOMS] = len(self.members)
+        self.counters[_S_JOINS] += 1
+        self.counters[_S_ROOMS] = len(self.members)
         user = state.user
         if self.presence.local_join(room, user):
             self.broker.announce(room, user, True)
@@ -601,7 +717,7 @@ class RoomEngine(Generic[C]):
         joined["recovered"] = replay.recovered
         self._reply(conn, joined)
         if replay.messages:
-            self.out.append(((conn,), Paced([held.payload for held in replay.messages])))
+            self._out.append(((conn,), Paced([held.payload for held in replay.messages])))
 
     def _leave(self, conn: C, state: ConnState, request: Leave) -> None:
         room = request.room
@@ -620,8 +736,8 @@ class RoomEngine(Generic[C]):
             if not members:
                 del self.members[room]
                 self.broker.close_room(room)
-            self.stats[_S_LEAVES] += 1
-            self.stats[_S_ROOMS] = len(self.members)
+            self.counters[_S_LEAVES] += 1
+            self.counters[_S_ROOMS] = len(self.members)
         user = state.user
         if self.presence.local_leave(room, user):
             self.broker.announce(room, user, False)
@@ -634,7 +750,7 @@ class RoomEngine(Generic[C]):
             request.room,
             state.user,
             self.config.presence.list_limit,
-            lambda answer: self._presence_answered(conn, request, answer),
+            self.inbox.later(self._presence_answered, conn, request),
         )
         if answer is not None:
             self._presence_answered(conn, request, answer)
@@ -686,21 +802,20 @@ class RoomEngine(Generic[C]):
         # As for a join with `since`: a room this engine dropped is fetched back
         # first, so that `history` answers from everything the server holds.
         self._drop_partial(request.room)
-        if self.gaps.ensure_history(
-            request.room, 0, self.now, lambda: self._finish_history(conn, request)
-        ):
+        then = self.inbox.later(self._finish_history, conn, request)
+        if self.gaps.ensure_history(request.room, 0, self.now, then):
             self._finish_history(conn, request)
 
     def _finish_history(self, conn: C, request: HistoryQuery) -> None:
         if conn not in self.conns:
             return  # gone while the room's history was being fetched
         room = request.room
-        self.broker.catch_up()
-        self.out += self.fanout.flush(self.now, snapshot=True)
+        self._catch_up()
+        self._out += self.fanout.flush(self.now, snapshot=True)
         log_ = self.logs.get(room)
         held = [] if log_ is None else log_.page(request.since, request.before, request.limit)
         if held:
-            self.out.append(((conn,), Paced([message.payload for message in held])))
+            self._out.append(((conn,), Paced([message.payload for message in held])))
         last = held[-1].seq if held else request.since or 0
         self._reply(conn, {"type": "history_end", "room": room, "seq": last})
 
@@ -717,22 +832,150 @@ class RoomEngine(Generic[C]):
         latest = log_.seq if log_ is not None else 0
         self.reliable.ack(conn, room, request.seq, latest, self.now)
 
-    def _event(
-        self, kind: str, state: ConnState, room: str | None, fields: dict[str, object] | None
-    ) -> None:
-        self.events.append(HookEvent(kind, state.user, room, state.conn_id, self.wall, fields))
-
     def _reply(self, conn: C, obj: dict[str, object]) -> None:
-        self.out.append(((conn,), wire.text_frame(wire.encode(obj))))
+        self._out.append(((conn,), wire.text_frame(wire.encode(obj))))
 
     def _send(self, conn: C, payload: bytes) -> None:
-        self.out.append(((conn,), wire.text_frame(payload)))
+        self._out.append(((conn,), wire.text_frame(payload)))
 
     def _count_hook_errors(self) -> None:
         hooks = self.hooks
         if hooks.errors:
-            self.stats[_S_HOOK_ERRORS] += hooks.errors
+            self.counters[_S_HOOK_ERRORS] += hooks.errors
             hooks.errors = 0
+
+    def _event(
+        self, kind: str, state: ConnState, room: str | None, fields: dict[str, object] | None
+    ) -> None:
+        self._events.append(HookEvent(kind, state.user, room, state.conn_id, self.wall, fields))
+
+    def _catch_up(self) -> None:
+        """Have the broker deliver everything available now, and apply it."""
+        self.broker.catch_up()
+        self.deliver()
+
+    # The server's own calls (the server API)
+
+    def publish_as(
+        self, token: object, room: str, sender: str, content: str, key: str | None = None
+    ) -> None:
+        """Input: publish ``content`` into ``room`` as ``sender``, for a caller that is
+        not a connection (no membership, rate limit or hook applies: the caller
+        checked who may call; admission control does). The answer comes out of
+        :meth:`take_outputs` as ``((), ApiResult(token, ...))``: ok with the seq,
+        or an error code (a bad room name or content, ``overloaded`` with
+        ``retry_after``, or ``unavailable``: not known to be published, a
+        retry with the same ``key`` is safe). ``key`` deduplicates retries per
+        (sender, room) as a client's ``key`` does."""
+        self.deliver()
+        limits = self.config.limits
+        reason = ""
+        retry_after: float | None = None
+        full = self.broker.full(room) if wire.is_valid_name(room) else None
+        if not wire.is_valid_name(room):
+            code, reason = ErrorCode.BAD_REQUEST, f"invalid room name {room!r}"
+        elif full is not None:
+            self.counters[overload_slot(full)] += 1
+            code, reason = ErrorCode.OVERLOADED, f"server overloaded ({full}); not sent"
+            retry_after = self.config.overload.retry_after
+        elif len(content.encode()) > limits.max_content:
+            code, reason = ErrorCode.TOO_LARGE, f"content is over {limits.max_content} bytes"
+        if reason:
+            result = ApiResult(token, False, room, 0, code.value, reason, retry_after)
+            self._out.append(((), result))
+            return
+        msg_id = self._sequence(room, sender, content, key)
+        self._calls[msg_id] = token
+
+    def join_user(self, user: str, room: str) -> int:
+        """Input: every local connection of ``user`` not yet in ``room`` joins it as if
+        it had sent ``join`` (it gets ``joined``, or an error frame). Returns how
+        many open connections the user has here. A scan of this shard's
+        connections: for the server API's rare calls, not a hot path."""
+        self.deliver()
+        request = Join(room=RoomId(room))
+        targets = self._users(user)
+        for conn, state in targets:
+            if room not in state.rooms:
+                self._request(conn, state, request)
+        return len(targets)
+
+    def leave_user(self, user: str, room: str) -> int:
+        """Input: every local connection of ``user`` that is a member of ``room``
+        leaves it as if it had sent ``leave`` (it gets ``left``). Returns how many
+        left."""
+        self.deliver()
+        request = Leave(room=RoomId(room))
+        targets = [(conn, state) for conn, state in self._users(user) if room in state.rooms]
+        for conn, state in targets:
+            self._request(conn, state, request)
+        return len(targets)
+
+    def _users(self, user: str) -> list[tuple[C, ConnState]]:
+        return [
+            (c, state) for c, state in self.conns.items() if state.user == user and state.opened
+        ]
+
+    def close_user(self, user: str, code: int, reason: str) -> int:
+        """Input: close every local connection of ``user`` with ``code`` and
+        ``reason`` (4403: do not reconnect; 4400: may reconnect). Returns how many."""
+        self.deliver()
+        targets = self._users(user)
+        for conn, state in targets:
+            self._close(conn, state, Close(code, reason))
+        return len(targets)
+
+    def read_history(
+        self,
+        room: str,
+        since: int | None,
+        before: int | None,
+        limit: int,
+        then: Callable[[list[HeldMessage], str, int], None],
+    ) -> None:
+        """Input: a page of ``room``'s history as ``history`` on the WebSocket
+        answers it: ``then(messages, epoch, latest seq)``, once this engine holds
+        the room's log (fetched back first when it dropped it)."""
+        self.deliver()
+        self._drop_partial(room)
+        answer = self.inbox.later(self._answer_history, room, since, before, limit, then)
+        # Read what was acked before the call: a log that is behind the broker's
+        # latest seq (the owner's record not read yet) is filled up to it first.
+        self._catch_up()
+        acked = 0 if room not in self.logs else self.broker.latest_seq(room) or 0
+        if self.gaps.ensure_history(room, acked, self.now, answer):
+            self._answer_history(room, since, before, limit, then)
+
+    def _answer_history(
+        self,
+        room: str,
+        since: int | None,
+        before: int | None,
+        limit: int,
+        then: Callable[[list[HeldMessage], str, int], None],
+    ) -> None:
+        self._catch_up()
+        log_ = self.logs.get(room)
+        if log_ is None:
+            then([], self._epoch(room), self.broker.latest_seq(room) or 0)
+        else:
+            then(log_.page(since, before, limit), log_.epoch, log_.seq)
+
+    def room_members(self, room: str) -> list[str]:
+        """Read: the users of this shard's members of ``room``, once each."""
+        return list(self.presence.local.get(room, ()))
+
+    def room_messages(
+        self,
+        room: str,
+        since: int | None = None,
+        before: int | None = None,
+        limit: int | None = None,
+    ) -> list[HeldMessage]:
+        """Read: the messages this shard holds of ``room``, as ``history`` pages
+        them (``since``/``before`` exclusive; ``limit`` at most)."""
+        log_ = self.logs.get(room)
+        return [] if log_ is None else log_.page(since, before, limit)
 
     # Rooms
 
@@ -767,8 +1010,8 @@ class RoomEngine(Generic[C]):
 
     def _latency(self, ns: int) -> None:
         """Publish-to-delivery time of one message, into the histogram."""
-        counters = self.stats
-        counters[stats.latency_slot(ns / 1e6)] += 1
+        counters = self.counters
+        counters[latency_slot(ns / 1e6)] += 1
         counters[_S_LATENCY_COUNT] += 1
         counters[_S_LATENCY_SUM] += max(0, ns // 1000)
 
@@ -788,33 +1031,28 @@ class RoomEngine(Generic[C]):
         for room in dropped:
             del self.logs[room]
         if dropped:
-            log_event(log, logging.INFO, "rooms_dropped", count=len(dropped), kept=len(self.logs))
+            self.log.event(INFO, "rooms_dropped", count=len(dropped), kept=len(self.logs))
 
     # Fan-out
 
-    @property
-    def flush_due(self) -> bool:
-        """Frames are queued for the end of the turn (or requests that waited for a
-        join are to be taken there: :meth:`take_deferred`)."""
-        return self.fanout.due or bool(self._replays)
-
     def flush(self) -> list[Output[C]]:
-        """The end of the caller's loop turn: each room's queued frames, joined once,
-        for its local members. The caller writes them at once (the member dicts
-        are live)."""
+        """The end of the caller's loop turn (``turn.end_turn``): each room's queued
+        frames, joined once, for its local members. The caller writes them at
+        once (the member dicts are live)."""
         return self.fanout.flush(self.now)
 
     # Timers
 
     def tick(self) -> float | None:
-        """Resends, gap deadlines and idle rooms, at the time of the last
+        """Input: resends, gap deadlines and idle rooms, at the time of the last
         :meth:`advance`; returns the next time a tick is needed (None: no
         deadline of the engine's own)."""
+        self.deliver()
         now = self.now
         deadline: float | None = None
         if self.reliable.rooms:
             out, deadline = self.reliable.resend_due(now, self.logs)
-            self.out += out
+            self._out += out
         expiries = self._expiries
         if len(expiries) > 2 * self.open_count + 1024:
             # Closed connections wait in the heap until their exp: drop them now and then.
@@ -826,7 +1064,7 @@ class RoomEngine(Generic[C]):
             state = self.conns.get(conn)
             if state is not None and state.opened:
                 # An extension of PROTOCOL.md: reconnect with a fresh token.
-                self.out.append(((conn,), Close(AppCloseCode.TOKEN_EXPIRED, "token expired")))
+                self._out.append(((conn,), Close(AppCloseCode.TOKEN_EXPIRED, "token expired")))
         idle = self.config.delivery.room_idle
         if idle and now >= self._next_evict:
             if self._next_evict:
@@ -841,7 +1079,7 @@ class RoomEngine(Generic[C]):
                 deadline = gap
         return deadline
 
-    # BrokerListener
+    # What the broker told the inbox, applied (BrokerListener)
 
     def on_message(self, room: str, seq: int, msg_id: str, json: bytes, publish_ns: int) -> None:
         log_ = self.logs.get(room)
@@ -862,16 +1100,16 @@ class RoomEngine(Generic[C]):
             if message is not None:
                 conn_id, user, content = message
                 fields = {"seq": seq, "msg_id": msg_id, "content": content}
-                self.events.append(HookEvent("message", user, room, conn_id, self.wall, fields))
-        if self.api_pending:
-            api = self.api_pending.pop(msg_id, None)
-            if api is not None:
-                api(seq)
-                return
+                self._events.append(HookEvent("message", user, room, conn_id, self.wall, fields))
         pending = self._pending.pop(msg_id, None)
-        if pending is None or pending[0] not in self.conns:
+        if pending is None:
+            token = self._calls.pop(msg_id, _NO_CALL)
+            if token is not _NO_CALL:
+                self._out.append(((), ApiResult(token, True, room, seq)))
             return
         conn, request_id = pending
+        if conn not in self.conns:
+            return
         ack: dict[str, object] = {"type": "ack", "room": room, "seq": seq}
         if request_id is not None:
             ack["id"] = request_id
@@ -879,22 +1117,21 @@ class RoomEngine(Generic[C]):
 
     def on_publish_failed(self, msg_id: str, room: str) -> None:
         self._pending_messages.pop(msg_id, None)
-        if self.api_pending:
-            api = self.api_pending.pop(msg_id, None)
-            if api is not None:
-                api(None)
-                return
         pending = self._pending.pop(msg_id, None)
-        log_event(log, logging.ERROR, "publish_failed", msg=msg_id, room=room)
+        self.log.event(ERROR, "publish_failed", msg=msg_id, room=room)
+        reason = (
+            f"room {room}: the message is not known to be published (its broker did"
+            " not confirm it); retrying with the same key is safe"
+        )
         if pending is None:
+            token = self._calls.pop(msg_id, _NO_CALL)
+            if token is not _NO_CALL:
+                code = ErrorCode.UNAVAILABLE.value
+                self._out.append(((), ApiResult(token, False, room, code=code, reason=reason)))
             return
         conn, request_id = pending
         state = self.conns.get(conn)
         if state is not None:
-            reason = (
-                f"room {room}: the message is not known to be published (its broker did"
-                " not confirm it); retrying with the same key is safe"
-            )
             self._refuse(conn, state, ProtocolError(ErrorCode.UNAVAILABLE, reason, request_id))
 
     def on_presence_event(self, room: str, user: str, joined: bool, count: int) -> None:
@@ -913,7 +1150,7 @@ class RoomEngine(Generic[C]):
                 {"type": kind, "room": room, "sender": user, "timestamp": int(self.wall * 1000)}
             )
         )
-        self.out.append((targets, frame))
+        self._out.append((targets, frame))
 
     def on_peer_reset(self, peer: int) -> None:
         """A peer (re)started (its broker dropped its users): tell it who is here."""
@@ -941,12 +1178,12 @@ class RoomEngine(Generic[C]):
             # start again under a new epoch. Members here hold seqs of the old one,
             # so they are closed to rejoin (ChatClient resumes with since/epoch and
             # gets recovered: false), and the log starts again.
-            log_event(log, logging.WARNING, "room_epoch_changed", room=room, epoch=epoch)
+            self.log.event(WARNING, "room_epoch_changed", room=room, epoch=epoch)
             waiting = self.gaps.restart(room)
             log_ = self.logs[room] = RoomLog(epoch, self.history, 0, self.now)
             members = self.members.get(room)
             if members:
-                self.out.append((list(members), Close(1012, "room history was reset")))
+                self._out.append((list(members), Close(1012, "room history was reset")))
         if seq > log_.seq:
             self.gaps.request(room, log_.seq + 1, seq, self.now, "resync")
         # Joins that waited for the old epoch's fill ask again: they wait for the
@@ -972,6 +1209,9 @@ class RoomEngine(Generic[C]):
             log_.skip_to(seq - 1)  # a part of the ring already overwritten
         if seq == log_.seq + 1:
             log_.append(seq, json)
+
+
+_NO_CALL = object()  # no publish_as caller waits for this message id
 
 
 def _unavailable(room: str, request_id: str | None) -> ProtocolError:
