@@ -15,7 +15,8 @@ the server under test is pinned to CPU 0 except where the scenario says.
   p99, RSS and PSS per connection;
 - ``hold100k``: 100,000 held on 6 shards at 2,000 conn/s (server unpinned);
 - ``pss``: PSS per idle connection (18,000) at 1, 2, 4 and 6 shards;
-- ``rooms_curve``: the rooms p99 and server CPU at 2,500 to 15,000 msg/s.
+- ``rooms_curve``: the rooms p99 and server CPU at 2,500 to 15,000 msg/s;
+- ``history``: shard memory per held history message, at 1 and 4 shards.
 
     git worktree add /tmp/old-main <old commit> && make -C /tmp/old-main .venv/.installed
     python -m perf.compare --other /tmp/old-main --rounds 3 fanout rooms idle
@@ -35,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from perf.lib import procs
-from perf.scenarios import hold, idle_rss, pss_shards, rooms_curve, run
+from perf.scenarios import history_memory, hold, idle_rss, pss_shards, rooms_curve, run
 
 SERVER_CPU = run.SERVER_CPU
 COST_RATE = 80.0  # msg/s to 5,000 receivers: 400,000 deliveries/s, under every limit here
@@ -129,6 +130,14 @@ def _rooms_curve(program: str, name: str) -> dict[str, float]:
     return out
 
 
+def _history(program: str, name: str) -> dict[str, float]:
+    out = {}
+    for workers in (1, 4):
+        row = history_memory.measure(program, workers, 100, 30000, [])
+        out[f"bytes_per_held_message_w{workers}"] = float(row["bytes_per_held_message"])
+    return out
+
+
 # The scenarios the one-process baseline can run (--baseline): one shard's worth.
 WITH_BASELINE = {"fanout", "rooms", "reliable", "idle", "hold15k"}
 
@@ -141,6 +150,7 @@ SCENARIOS: dict[str, Callable[[str, str], dict[str, float]]] = {
     "hold100k": _hold100k,
     "pss": _pss,
     "rooms_curve": _rooms_curve,
+    "history": _history,
 }
 
 

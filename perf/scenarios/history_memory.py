@@ -9,11 +9,9 @@ the messages each shard holds is the cost per held message (held: at most
 ``delivery.history`` per room). The JSON of one such message is printed beside
 it: the target is at most about twice that.
 
-With ``--other CHECKOUT`` the same runs are made on another checkout's server
-(its own ``.venv``) in the same run, alternating, so that the two rows compare:
+    python -m perf.scenarios.history_memory [--workers 1 4] [--set section.key=value]
 
-    git worktree add /tmp/old <commit> && make -C /tmp/old .venv/.installed
-    python -m perf.scenarios.history_memory --other /tmp/old
+Against another checkout in the same run: ``perf.compare --other DIR history``.
 """
 
 from __future__ import annotations
@@ -135,7 +133,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--other", help="another checkout (with its .venv) measured alike")
     parser.add_argument("--rooms", type=int, default=100)
     parser.add_argument("--messages", type=int, default=30000)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 4])
@@ -144,8 +141,6 @@ def main() -> None:
     )
     args = parser.parse_args()
     programs = {"this": procs.SHARDCHAT}
-    if args.other:
-        programs["other"] = str(Path(args.other).resolve() / ".venv" / "bin" / "shardchat")
     rows = []
     for workers in args.workers:
         for name, program in programs.items():
