@@ -1,5 +1,7 @@
-"""The Redis broker's pub/sub: one connection per Redis (or Cluster master), its reader,
-and what the rooms' channels bring.
+"""The Redis broker's pub/sub: its connections, their readers, what the channels bring.
+
+One connection per Redis (or per Cluster master) carries every channel of
+the rooms this node follows, and the server API's.
 
 A subscription is confirmed by Redis before the room's state is read, so that
 nothing published after the read is missed. When the connection breaks,
