@@ -25,32 +25,156 @@ the turn in which its last join ended (``RoomEngine.take_deferred``).
 
 from __future__ import annotations
 
-import enum
-from dataclasses import dataclass
-from typing import Generic
+from typing import TYPE_CHECKING
 
-from shardchat.core.messages import Join
-from shardchat.core.outputs import C
+from shardchat.core.broker import PresenceAnswer
+from shardchat.core.errors import ErrorCode, ProtocolError
+from shardchat.core.messages import (
+    Join,
+)
+from shardchat.core.outputs import C, Paced
 
-__all__ = ["MAX_DEFERRED", "JoinStage", "PendingJoin"]
-
-MAX_DEFERRED = 256  # requests a connection may send while its joins wait
-
-
-class JoinStage(enum.IntEnum):
-    """Where a join is; each stage waits on the broker, in this order."""
-
-    ADMITTED = 0  # named in the upgrade's query: starts when the connection opens
-    OPENING = 1  # the broker subscribes to the room and loads its state
-    FETCHING = 2  # the room's history is fetched back, or its gap filled, first
-    ASKING = 3  # the room's presence holder is asked who is in it
-    DONE = 4  # answered with `joined`, or refused
+if TYPE_CHECKING:
+    pass
+from shardchat.core.engine.deliveries import Deliveries
+from shardchat.core.engine.state import (
+    S_JOINS,
+    S_ROOMS,
+    ConnState,
+    JoinStage,
+    PendingJoin,
+    presence_unavailable,
+)
 
 
-@dataclass(slots=True, eq=False)
-class PendingJoin(Generic[C]):
-    """One join in flight: its connection, its request and its stage."""
+class Joins(Deliveries[C]):
+    """The joins' part of the engine: a join's stages, one after another."""
 
-    conn: C
-    request: Join
-    stage: JoinStage = JoinStage.ADMITTED
+    def _join(self, conn: C, state: ConnState, request: Join) -> None:
+        pending = PendingJoin(conn, request)
+        state.joins += (pending,)
+        self._start_join(pending, state)
+
+    def _start_join(self, pending: PendingJoin[C], state: ConnState) -> None:
+        """ADMITTED -> OPENING: a broker that carries only the rooms it is asked for
+        (Redis) subscribes and loads the room's state first."""
+        try:
+            self._check_allowed(state, pending.request.room, pending.request.id)
+            pending.stage = JoinStage.OPENING
+            if self.broker.open_room(pending.request.room, self.inbox.later(self._resume, pending)):
+                self._fetch_for_join(pending)
+        except ProtocolError as exc:
+            self._refuse(pending.conn, state, exc)
+            self._join_done(pending, state)
+
+    def _resume(self, pending: PendingJoin[C], answer: PresenceAnswer | None = None) -> None:
+        """Input (queued in the inbox): what a join waited on at its stage came."""
+        state = self.conns.get(pending.conn)
+        if state is None or pending.stage is JoinStage.DONE:
+            return  # gone, or ended, while its broker worked
+        try:
+            if pending.stage is JoinStage.OPENING:
+                self._fetch_for_join(pending)
+            elif pending.stage is JoinStage.FETCHING:
+                self._ask_for_join(pending)
+            elif pending.stage is JoinStage.ASKING:
+                self._join_answered(pending, state, answer)
+        except ProtocolError as exc:
+            self._refuse(pending.conn, state, exc)
+            self._join_done(pending, state)
+
+    def _fetch_for_join(self, pending: PendingJoin[C]) -> None:
+        """OPENING -> FETCHING: a room this engine dropped (idle, no members here) is
+        fetched back first, so that `since`, and a later `history`, are answered
+        from everything the server holds (a join without `since` asks from 0)."""
+        pending.stage = JoinStage.FETCHING
+        request = pending.request
+        since = 0 if request.since is None else request.since
+        self._drop_partial(request.room)
+        then = self.inbox.later(self._resume, pending)
+        if self.gaps.ensure_history(request.room, since, self.now, then):
+            self._ask_for_join(pending)
+
+    def _ask_for_join(self, pending: PendingJoin[C]) -> None:
+        """FETCHING -> ASKING: the room's history is here: ask who is in it (for
+        ``limits.room_size`` and ``joined.users``), from the latest state."""
+        pending.stage = JoinStage.ASKING
+        state = self.conns[pending.conn]
+        # Catch up and deliver what is queued: the joiner's live frames start
+        # right after the log's current seq, and a holder answers from the latest.
+        self._catch_up()
+        answer = self.broker.presence(
+            pending.request.room,
+            state.user,
+            self.config.presence.list_limit,
+            self.inbox.later(self._resume, pending),
+        )
+        if answer is not None:
+            self._join_answered(pending, state, answer)
+
+    def _join_answered(
+        self, pending: PendingJoin[C], state: ConnState, answer: PresenceAnswer | None
+    ) -> None:
+        """ASKING -> DONE: the room's users, as its presence holder knows them: the
+        joiner becomes a member now, with nothing read in between, so that it
+        hears every event after the answer and none before."""
+        conn, request = pending.conn, pending.request
+        room = request.room
+        room_size = self.config.limits.room_size
+        if answer is None:
+            self._refuse(conn, state, presence_unavailable(room, request.id))
+        elif room_size and room not in state.rooms and not answer.has and answer.total >= room_size:
+            # Joins on several shards at the same instant can still overshoot by a few.
+            error = ProtocolError(
+                ErrorCode.ROOM_FULL, f"room {room} has {room_size} users", request.id
+            )
+            self._refuse(conn, state, error)
+        else:
+            self._finish_join(conn, state, request, answer)
+        self._join_done(pending, state)
+
+    def _join_done(self, pending: PendingJoin[C], state: ConnState) -> None:
+        """A join ended (answered or refused). Once none is in flight, what the
+        connection sent meanwhile is taken at the end of the turn
+        (:meth:`take_deferred`): not here, and not by recursion (a replayed join
+        can end at once)."""
+        pending.stage = JoinStage.DONE
+        state.joins = tuple(p for p in state.joins if p is not pending)
+        if not state.joins and state.deferred:
+            self._ready.append(pending.conn)
+
+    def _finish_join(
+        self, conn: C, state: ConnState, request: Join, answer: PresenceAnswer
+    ) -> None:
+        room = request.room
+        if room in state.rooms:
+            self._leave_room(conn, state, room)
+        else:
+            state.rooms += (room,)
+            if "join" in self.hook_kinds:
+                self._event("join", state, room, None)
+        self._out += self.fanout.flush(self.now, snapshot=True)
+        log_ = self._log(room)
+        self.members.setdefault(room, {})[conn] = None
+        self.counters[S_JOINS] += 1
+        self.counters[S_ROOMS] = len(self.members)
+        user = state.user
+        if self.presence.local_join(room, user):
+            self.broker.announce(room, user, True)
+        count, users = self._with_local(room, answer, user)
+        joined: dict[str, object] = {
+            "type": "joined",
+            "room": room,
+            "seq": log_.seq,
+            "epoch": log_.epoch,
+            "count": count,
+            "users": users,
+        }
+        if request.since is None:
+            self._reply(conn, joined)
+            return
+        replay = log_.replay(request.since, request.epoch)
+        joined["recovered"] = replay.recovered
+        self._reply(conn, joined)
+        if replay.messages:
+            self._out.append(((conn,), Paced([held.payload for held in replay.messages])))
