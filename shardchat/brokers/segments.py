@@ -19,7 +19,7 @@ from shardchat.core.errors import SeqTableError
 from shardchat.logs import log_event
 from shardchat.ring.layout import HEADER_SIZE, segment_size
 from shardchat.ring.ring import init_ring, ring_heartbeat_ns
-from shardchat.ring.seqtable import SLOT_SIZE, RoomTable
+from shardchat.ring.seqtable import SLOT_SIZE, SeqTable
 from shardchat.stats import StatsView
 
 __all__ = [
@@ -229,7 +229,7 @@ class Fabric:
         its first request); the rooms that did not fit."""
         buf = memoryview(self.segments[shard].buf)
         start = HEADER_SIZE + ring_bytes
-        table = RoomTable(buf[start : start + slots * SLOT_SIZE], slots)
+        table = SeqTable(buf[start : start + slots * SLOT_SIZE], slots)
         left = 0
         for room, seq in seqs.items():
             try:

@@ -34,7 +34,7 @@ class Fanout(Generic[C]):
         self.members: dict[str, dict[C, None]] = {}
         self.logs = logs
         self.reliable = reliable
-        self.stats = counters
+        self.counters = counters
         self._outbox: dict[str, list[bytes]] = {}
         # Bytes this turn's frames make, once per member: the shard's outgoing
         # bytes of the turn, which admission control bounds (overload.turn_bytes).
@@ -83,7 +83,7 @@ class Fanout(Generic[C]):
             sent += len(buf) * len(members)
             if room in reliable:
                 self.reliable.sent(room, self.logs[room].seq, now)
-        counters = self.stats
+        counters = self.counters
         counters[_S_DELIVERED] += delivered
         counters[_S_BYTES_OUT] += sent
         return out

@@ -94,7 +94,7 @@ class GapFill:
         self.broker = broker
         self.logs = logs
         self.deliver = deliver
-        self.stats = counters
+        self.counters = counters
         self.epoch = epoch
         self.history = history
         self.log = log
@@ -287,7 +287,7 @@ class GapFill:
         first = log_.seq + 1
         if last < first:
             return
-        self.stats[_S_GAPS_LOST] += 1
+        self.counters[_S_GAPS_LOST] += 1
         self.log.event(WARNING, "gap_lost", room=room, first=first, last=last)
         log_.skip_to(last)
         self.deliver(room, gap_json(room, first, last))

@@ -71,7 +71,7 @@ class ReliableRooms(Generic[C]):
 
     def __init__(self, delivery: DeliveryConfig, counters: Counters) -> None:
         self.delivery = delivery
-        self.stats = counters
+        self.counters = counters
         self.rooms: dict[str, dict[C, Reliable]] = {}
 
     def ack(self, conn: C, room: str, seq: int, latest: int, now: float) -> None:
@@ -118,7 +118,7 @@ class ReliableRooms(Generic[C]):
                     held = log_.after(state.acked)
                     if held:
                         out.append(((conn,), b"".join(wire.text_frame(m.payload) for m in held)))
-                        self.stats[_S_RESENDS] += len(held)
+                        self.counters[_S_RESENDS] += len(held)
                     state.resent(now, timeout)
                 if state.deadline and (soonest is None or state.deadline < soonest):
                     soonest = state.deadline

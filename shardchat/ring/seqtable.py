@@ -25,7 +25,7 @@ import struct
 
 from shardchat.core.errors import SeqTableError
 
-__all__ = ["SLOT_SIZE", "RoomTable", "room_key"]
+__all__ = ["SLOT_SIZE", "SeqTable", "room_key"]
 
 SLOT_SIZE = 96
 MAX_NAME = 64
@@ -38,7 +38,7 @@ def room_key(name: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(name, digest_size=8).digest(), "little") | 1
 
 
-class RoomTable:
+class SeqTable:
     """A view of one shard's room table (``slots`` slots at the start of ``buf``)."""
 
     __slots__ = ("_buf", "_slots")

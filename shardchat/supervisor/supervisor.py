@@ -31,7 +31,7 @@ from prometheus_client.exposition import generate_latest
 
 from shardchat.addrtable import table_capacity
 from shardchat.auth import verifier_from_config
-from shardchat.brokers import segments as shm
+from shardchat.brokers import segments
 from shardchat.core.config import Config, ServerConfig, redact_url, to_toml
 from shardchat.core.errors import ShardError
 from shardchat.hooks import load_app
@@ -95,7 +95,7 @@ class Supervisor:
         self._ctx = multiprocess.get_context("fork")
         self._selector = selectors.DefaultSelector()
         self._admin: AdminServer | None = None
-        self._fabric: shm.Fabric
+        self._fabric: segments.Fabric
         self._app: object | None = None
         self._stats: StatsView | None = None
         self._child_closes: list[int] = []
@@ -112,7 +112,7 @@ class Supervisor:
         server_context(self.config.server)
         verifier_from_config(self.config.auth)
         self._raise_nofile()
-        shm.sweep_stale()
+        segments.sweep_stale()
         _check_port_free(self.config.server.host, self.config.server.port)
         if self.config.storage.kind == "sqlite" and self.config.broker.kind == "shm":
             # Locked for the run (and by the shards, which inherit the lock). With
@@ -121,7 +121,7 @@ class Supervisor:
             self.epoch = self.storage.epoch
         server = self.config.server
         addr_capacity = table_capacity(server.max_per_ip, server.max_connections, len(self.slots))
-        self._fabric = shm.Fabric(
+        self._fabric = segments.Fabric(
             self.pid, len(self.slots), self.config.ring.bytes, self.config.ring.rooms, addr_capacity
         )
         if self.storage is not None:

@@ -5,11 +5,11 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shardchat.ring.seqtable import SLOT_SIZE, RoomTable
+from shardchat.ring.seqtable import SLOT_SIZE, SeqTable
 
 
-def table(slots: int) -> RoomTable:
-    return RoomTable(memoryview(bytearray(slots * SLOT_SIZE)), slots)
+def table(slots: int) -> SeqTable:
+    return SeqTable(memoryview(bytearray(slots * SLOT_SIZE)), slots)
 
 
 def test_insert_update_lookup() -> None:

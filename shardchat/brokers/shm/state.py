@@ -21,7 +21,7 @@ from shardchat.core.config import OverloadConfig
 from shardchat.logs import log_event
 from shardchat.ring.layout import HEADER_SIZE, RecordKind, max_payload
 from shardchat.ring.ring import RingReader, RingWriter
-from shardchat.ring.seqtable import SLOT_SIZE, RoomTable
+from shardchat.ring.seqtable import SLOT_SIZE, SeqTable
 from shardchat.stats import Counters
 from shardchat.storage.durable import Durable
 
@@ -93,7 +93,7 @@ class ShmState:
         ring_end = HEADER_SIZE + ring_bytes
         self._views = views
         self.tables = [
-            RoomTable(view[ring_end : ring_end + table_slots * SLOT_SIZE], table_slots)
+            SeqTable(view[ring_end : ring_end + table_slots * SLOT_SIZE], table_slots)
             for view in views
         ]
         # Pads over a record the previous incarnation died writing.
