@@ -27,7 +27,6 @@ import base64
 import json
 import os
 import statistics
-import struct
 import subprocess
 import sys
 import time
@@ -36,18 +35,14 @@ from typing import Any
 
 from perf.lib import procs
 from shardchat.procstat import cpu_seconds
+from shardchat.testing.rawws import OP_TEXT, encode_frame, open_upgraded, parse_frames
 
 FAST = [*procs.UNLIMITED, "storage.kind=memory"]
 SECRET = "whsec_" + base64.b64encode(b"b" * 32).decode()
 
 
 def masked_text(payload: bytes) -> bytes:
-    mask = os.urandom(4)
-    n = len(payload)
-    head = bytes([0x81, 0x80 | n]) if n < 126 else bytes([0x81, 0xFE]) + struct.pack("!H", n)
-    whole = (mask * (n // 4 + 1))[:n]
-    body = (int.from_bytes(payload, "big") ^ int.from_bytes(whole, "big")).to_bytes(n, "big")
-    return head + mask + body
+    return encode_frame(payload, mask=os.urandom(4))
 
 
 class Publisher:
@@ -68,16 +63,7 @@ class Publisher:
 
     @classmethod
     async def open(cls, port: int, room: str) -> Publisher:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        key = base64.b64encode(os.urandom(16)).decode()
-        writer.write(
-            f"GET /ws?user={room}&room={room} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
-        )
-        head = await reader.readuntil(b"\r\n\r\n")
-        if not head.startswith(b"HTTP/1.1 101"):
-            raise ConnectionError(head[:60])
+        reader, writer = await open_upgraded(port, f"/ws?user={room}&room={room}")
         self = cls(reader, writer, room)
         while not any(f.get("type") == "joined" for f in await self.frames()):
             pass
@@ -95,22 +81,13 @@ class Publisher:
         if not chunk:
             raise ConnectionError("closed")
         self.buf += chunk
-        out = []
-        buf, at = self.buf, 0
-        while len(buf) - at >= 2:
-            n, head = buf[at + 1] & 0x7F, 2
-            if n == 126:
-                if len(buf) - at < 4:
-                    break
-                n, head = struct.unpack_from("!H", buf, at + 2)[0], 4
-            if len(buf) - at < head + n:
-                break
-            payload = buf[at + head : at + head + n]
-            if payload[:17] != b'{"type":"message"':
-                out.append(json.loads(payload))
-            at += head + n
-        self.buf = buf[at:]
-        return out
+        frames, used = parse_frames(self.buf)
+        self.buf = self.buf[used:]
+        return [
+            json.loads(payload)
+            for opcode, payload in frames
+            if opcode == OP_TEXT and payload[:17] != b'{"type":"message"'
+        ]
 
     async def run(self, window: int, until: float, count: int | None = None) -> None:
         for _ in range(window):
