@@ -424,3 +424,25 @@ def test_kill_9_of_the_owner_mid_publish_then_a_restart_loses_nothing_acked(
 
     with stored_server(store_dir) as server:
         asyncio.run(after())
+
+
+def test_a_forwarded_publish_retried_with_its_key_is_acked_once(store_dir: Path) -> None:
+    """On another shard than the room's owner, a publish sent again with its key is
+    acked with the original seq once the owner's store holds it (the owner's
+    answer waits for its store; nothing else is written that turn)."""
+
+    async def retry() -> None:
+        room = room_owned_by(0, prefix="retry")
+        (sender,) = await clients_on_shards(server.url, [1])
+        async with closing([sender]):
+            await sender.join(room)
+            acks = []
+            for request in ("a", "b"):
+                await sender.send(type="message", room=room, content="once", id=request, key="k")
+                acks.append(await sender.recv_type("ack"))
+            assert acks[0]["seq"] == acks[1]["seq"] == 1
+            joined = await sender.join(room)
+            assert joined["seq"] == 1
+
+    with stored_server(store_dir) as server:
+        asyncio.run(retry())

@@ -166,7 +166,13 @@ class ShmState:
 
     @property
     def commit_due(self) -> bool:
-        return self._written > 0 or bool(self._acks_due) or bool(self._failed_due)
+        durable = self.durable
+        return (
+            self._written > 0
+            or bool(self._acks_due)
+            or bool(self._failed_due)
+            or (durable is not None and durable.due)  # a retry's answer waits for the store
+        )
 
     def commit(self) -> None:
         """Make the records written since the last commit visible, then store the
