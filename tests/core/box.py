@@ -11,7 +11,6 @@ received, frame by frame.
 from __future__ import annotations
 
 import itertools
-import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +31,7 @@ from shardchat.ring.layout import segment_size
 from shardchat.ring.ring import init_ring
 from shardchat.ring.seqtable import SLOT_SIZE
 from shardchat.stats import BLOCK_SLOTS
+from shardchat.testing.rawws import OP_TEXT, parse_frames
 
 __all__ = ["Box", "Client", "config", "covered", "frames_of", "room_owned_by"]
 
@@ -53,21 +53,9 @@ def room_owned_by(shard: int, workers: int, prefix: str = "room") -> str:
 
 def frames_of(buf: bytes) -> list[dict[str, Any]]:
     """The JSON objects of the unmasked text frames in ``buf``."""
-    out = []
-    pos = 0
-    while pos < len(buf):
-        assert buf[pos] == 0x81, "a final text frame"
-        n = buf[pos + 1]
-        pos += 2
-        if n == 126:
-            (n,) = struct.unpack_from("!H", buf, pos)
-            pos += 2
-        elif n == 127:
-            (n,) = struct.unpack_from("!Q", buf, pos)
-            pos += 8
-        out.append(orjson.loads(buf[pos : pos + n]))
-        pos += n
-    return out
+    frames, used = parse_frames(buf)
+    assert used == len(buf) and all(op == OP_TEXT for op, _ in frames), "whole text frames"
+    return [orjson.loads(payload) for _, payload in frames]
 
 
 class Bell:
