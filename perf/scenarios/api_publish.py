@@ -4,10 +4,15 @@ Two figures, each measured for both paths on the same server in the same run:
 
 - publishes per second per shard (``--workers 1``): ``--conns`` keep-alive
   connections, each sending its next publish when the previous one is
-  answered (the API's 200, the WebSocket's ``ack``), for ``--seconds``;
+  answered (the API's 200, the WebSocket's ``ack``), for ``--seconds``. A
+  WebSocket publisher is its room's one member (its ack and its copy of the
+  message leave in one write); the API publishes into rooms with no member,
+  so that each side reads once and writes once per publish;
 - publish-to-delivery latency (``--workers 2``, the member on the other
   shard than the publisher where the kernel allows): ``--rate`` publishes a
-  second for ``--seconds``, each carrying its send time (CLOCK_MONOTONIC), to
+  second for ``--seconds``, each carrying the time it was due (CLOCK_MONOTONIC;
+  open loop: neither path waits for its answers; the API's go round-robin over
+  ``--conns`` keep-alive connections, pipelined), to
   a member that reads them over the WebSocket; p50 and p99.
 
 The API client here is a few lines of raw keep-alive HTTP (the request bytes
@@ -52,11 +57,19 @@ class RawApi:
         return cls(*await asyncio.open_connection("127.0.0.1", port))
 
     async def publish(self, room: str, content: str) -> int:
+        self.send(room, content)
+        return await self.answer()
+
+    def send(self, room: str, content: str) -> None:
+        """Send a publish without waiting (HTTP/1.1 pipelining: answered in order)."""
         body = json.dumps({"room": room, "content": content}).encode()
         self.writer.write(
             b"POST /api/publish HTTP/1.1\r\nHost: x\r\nX-API-Key: " + KEY.encode()
             + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
         )  # fmt: skip
+
+    async def answer(self) -> int:
+        """The next answer's seq."""
         head = await self.reader.readuntil(b"\r\n\r\n")
         length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
         answer = json.loads(await self.reader.readexactly(length))
@@ -109,7 +122,7 @@ async def throughput(port: int, conns: int, seconds: float) -> dict[str, int]:
             until = start + seconds / ROUNDS
             if name == "api":
                 counts = await asyncio.gather(
-                    *(api_loop(a, f"t{i}", until) for i, a in enumerate(apis))
+                    *(api_loop(a, f"a{i}", until) for i, a in enumerate(apis))
                 )
             else:
                 counts = await asyncio.gather(
@@ -125,7 +138,7 @@ async def throughput(port: int, conns: int, seconds: float) -> dict[str, int]:
     return rates
 
 
-async def latency(port: int, rate: int, seconds: float) -> dict[str, dict[str, Any]]:
+async def latency(port: int, conns: int, rate: int, seconds: float) -> dict[str, dict[str, Any]]:
     """Publish-to-delivery at ``rate`` a second, API then WebSocket, one member."""
     member, member_shard = await ws_client(port, "member", "lat")
     # A WebSocket publisher on the other shard than the member, when the kernel
@@ -135,11 +148,16 @@ async def latency(port: int, rate: int, seconds: float) -> dict[str, dict[str, A
         if shard != member_shard:
             break
         await publisher.close()
-    api = await RawApi.open(port)
+    # A pool, as a backend keeps one: an API connection answers its requests one
+    # at a time (pipelined ones wait for the answer before), so one connection
+    # would cap the rate at one publish per loop turn.
+    apis = [await RawApi.open(port) for _ in range(conns)]
     latencies: dict[str, list[float]] = {"api": [], "websocket": []}
     for _ in range(ROUNDS):  # interleaved, as above
         for name in ("api", "websocket"):
-            latencies[name] += await _one_path(name, api, publisher, member, rate, seconds / ROUNDS)
+            latencies[name] += await _one_path(
+                name, apis, publisher, member, rate, seconds / ROUNDS
+            )
     rows = {
         name: {
             "messages": len(got),
@@ -149,7 +167,8 @@ async def latency(port: int, rate: int, seconds: float) -> dict[str, dict[str, A
         }
         for name, got in latencies.items()
     }
-    api.close()
+    for api in apis:
+        api.close()
     await publisher.close()
     await member.close()
     return rows
@@ -157,7 +176,7 @@ async def latency(port: int, rate: int, seconds: float) -> dict[str, dict[str, A
 
 async def _one_path(
     name: str,
-    api: RawApi,
+    apis: list[RawApi],
     publisher: ClientConnection,
     member: ClientConnection,
     rate: int,
@@ -175,19 +194,30 @@ async def _one_path(
                 got.append((time.monotonic_ns() - sent) / 1e6)
 
     async def drain() -> None:
+        # What the publisher gets back (acks, its copy; the API's answers) is read
+        # as it comes: both paths publish without waiting for it (open loop).
+        if name == "api":
+            await asyncio.gather(*(answers(api) for api in apis))
         while True:
             await publisher.recv()
+
+    async def answers(api: RawApi) -> None:
+        while True:
+            await api.answer()
 
     receiving = asyncio.create_task(receive())
     draining = asyncio.create_task(drain())
     start = time.monotonic()
+    start_ns = int(start * 1e9)
     for i in range(total):
         delay = start + i / rate - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
-        content = f"{name}:{time.monotonic_ns()}"
+        # The time it was due, not the time it went: a publish held up (the
+        # loop was late) counts its wait.
+        content = f"{name}:{start_ns + i * 1_000_000_000 // rate}"
         if name == "api":
-            await api.publish("lat", content)  # answered before the next is due
+            apis[i % len(apis)].send("lat", content)  # the answers are read by drain()
         else:
             await publisher.send(json.dumps({"type": "message", "room": "lat", "content": content}))
     try:
@@ -205,7 +235,7 @@ async def run(conns: int, seconds: float, rate: int) -> dict[str, Any]:
     with procs.shardchat(1, settings=env_settings) as server:
         result["throughput_1_shard"] = await throughput(server.port, conns, seconds)
     with procs.shardchat(2, settings=env_settings) as server:
-        result["latency_2_shards"] = await latency(server.port, rate, seconds)
+        result["latency_2_shards"] = await latency(server.port, conns, rate, seconds)
     return result
 
 

@@ -1,18 +1,24 @@
-"""The server API's HTTP connections: h11 driven by an asyncio.Protocol.
+"""The server API's HTTP connections: h11 parsing on an asyncio.Protocol.
 
-h11 parses and frames HTTP/1.1; this module feeds it bytes, checks each
-request's head (the path under ``/api/``, POST, the API key, the body's size
-against ``limits.max_frame``) and hands the body of a request that passed to
-the shard (:meth:`ApiHandler.api_call`), which answers through
-:meth:`ApiConnection.respond`, at once or later. Connections are kept alive;
-pipelined requests wait in h11's buffer (it says ``PAUSED``) and reading
-pauses until the answer of the current one is written, one request at a time.
+h11 parses each request; this module feeds it bytes, checks each request's
+head (the path under ``/api/``, POST, the API key, the body's size against
+``limits.max_frame``) and hands the body of a request that passed to the
+shard (:meth:`ApiHandler.api_call`) with a function that answers it, at once
+or later. Connections are kept alive, and pipelined requests are taken at
+once, each with a fresh h11 parser fed what the last one left over: a
+backend that pipelines its publishes gets them in flight together, as over
+the WebSocket, and any other call starts once those before it are answered
+(:meth:`ApiConnection._take`); the answers go out in the requests' order (one
+that is ready waits for the ones before it), at most ``MAX_PENDING``
+unanswered (then reading pauses). The answers are small fixed-form JSON responses written
+here.
 
 A refusal of the head (404, 405, 401, 413) or a request h11 cannot parse is
-answered with ``Connection: close``: its body is not read. Like the WebSocket
-connections, these have no timer of their own: the shard's sweep ticks them
-(a request must arrive whole within ``REQUEST_TIMEOUT``; an idle keep-alive
-connection is closed after ``heartbeat.idle_timeout``).
+answered with ``Connection: close``: its body is not read, nor what follows.
+Like the WebSocket connections, these have no timer of their own: the
+shard's sweep ticks them (a request must arrive whole within
+``REQUEST_TIMEOUT``; an idle keep-alive connection is closed after
+``heartbeat.idle_timeout``).
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ import hmac
 import http
 import logging
 import time
+from collections import deque
+from collections.abc import Callable
 from typing import Protocol, cast
 
 import h11
@@ -38,15 +46,26 @@ from shardchat.core.errors import (
 )
 from shardchat.logs import log_event
 
-__all__ = ["REQUEST_TIMEOUT", "ApiConnection", "ApiHandler", "api_key_of", "is_api_request"]
+__all__ = [
+    "MAX_PENDING",
+    "REQUEST_TIMEOUT",
+    "Answer",
+    "ApiConnection",
+    "ApiHandler",
+    "api_key_of",
+    "is_api_request",
+]
 
 log = logging.getLogger(__name__)
 
 REQUEST_TIMEOUT = 5.0  # seconds a request may take to arrive whole (slow-loris defence)
 MAX_HEAD = 16384  # bytes of a request's line and headers
-PIPELINED = 65536  # bytes of requests held while one is answered; then reading pauses
-_JSON = "application/json"
+MAX_PENDING = 64  # requests of one connection taken and not answered yet; then reading pauses
 _PREFIX = b"/api/"
+_STREAMED = frozenset({"publish", "broadcast"})  # in flight together when pipelined
+_BAD_HTTP = b'{"error":{"code":"bad_request","message":"not valid HTTP/1.1"}}'
+
+Answer = Callable[[int, bytes], None]  # (HTTP status, JSON body)
 
 
 def is_api_request(head: bytes) -> bool | None:
@@ -80,9 +99,9 @@ class ApiHandler(Protocol):
     max_frame: int  # the largest body (413 over it)
     api_key: bytes  # the key every request must present; empty: the API is off (404)
 
-    def api_call(self, conn: ApiConnection, method: str, body: bytes) -> None:
-        """A request for ``/api/<method>`` passed its head's checks: answer it
-        through ``conn.respond`` (now or later)."""
+    def api_call(self, conn: ApiConnection, method: str, body: bytes, answer: Answer) -> None:
+        """A request for ``/api/<method>`` passed its head's checks: ``answer``
+        it (now or later, once)."""
 
     def api_refused(self, conn: ApiConnection, method: str, exc: ApiError) -> None:
         """A request refused by the connection itself (counted and logged)."""
@@ -91,21 +110,34 @@ class ApiHandler(Protocol):
         """The TCP connection is gone."""
 
 
+class _Slot:
+    """One request's place in the order of the answers."""
+
+    __slots__ = ("close", "data", "streams")
+
+    def __init__(self, close: bool, streams: bool = False) -> None:
+        self.data: bytes | None = None  # the answer's bytes, once it is ready
+        self.close = close  # the connection closes after this answer
+        self.streams = streams  # a publish: the next publishes need not wait for it
+
+
 class ApiConnection(asyncio.Protocol):
     """One HTTP connection of the server API."""
 
     __slots__ = (
         "body",
-        "busy",
-        "closing",
-        "elsewhere",
         "conn_id",
+        "done",
+        "elsewhere",
         "h11",
         "handler",
+        "held",
+        "keep_alive",
         "last_recv",
         "method",
         "paused",
         "peer",
+        "pending",
         "started",
         "transport",
     )
@@ -113,14 +145,17 @@ class ApiConnection(asyncio.Protocol):
     def __init__(self, handler: ApiHandler, conn_id: int, elsewhere: bool = False) -> None:
         self.handler = handler
         self.conn_id = conn_id
-        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        self.h11 = _parser()  # the request being read; a fresh one for each request
         self.transport: asyncio.Transport | None = None
         self.peer = ""
-        self.method = ""  # the API method of the request being read or answered
-        self.body: bytearray | None = None  # the body being read; None between requests
-        self.busy = False  # a request is being answered: the next ones wait
-        self.paused = False  # reading paused: too much was pipelined meanwhile
-        self.closing = False  # close after the current answer (the shard is draining)
+        self.method = ""  # the API method of the request being read
+        self.body: bytearray | None = None  # the body being read; None: not wanted
+        self.keep_alive = True  # the request being read lets the connection go on
+        self.pending: deque[_Slot] = deque()  # taken, answers in order
+        # A request taken whole that waits for the answers before it (see _take).
+        self.held: tuple[str, bytes, _Slot] | None = None
+        self.done = False  # no more requests are read (a refusal, EOF, draining)
+        self.paused = False  # reading paused: MAX_PENDING unanswered
         self.last_recv = handler.clock
         self.started = 0.0  # when the request being read began; 0: none
         self.elsewhere = elsewhere  # the main port, when the API has a port of its own
@@ -135,17 +170,12 @@ class ApiConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_recv = self.handler.clock
+        if self.done:
+            return
         if not self.started and data:
             self.started = self.handler.clock
-        conn = self.h11
         try:
-            conn.receive_data(data)
-            if self.busy:
-                # Pipelined requests wait in h11's buffer; past a bound, in the kernel's.
-                if len(conn.trailing_data[0]) > PIPELINED and self.transport is not None:
-                    self.paused = True
-                    self.transport.pause_reading()
-                return
+            self.h11.receive_data(data)
             self._next()
         except Exception as exc:
             # A bug, not the client's doing; no input may make the shard write a
@@ -154,31 +184,47 @@ class ApiConnection(asyncio.Protocol):
                 log, logging.ERROR, "api_internal_error", conn=self.conn_id, peer=self.peer,
                 error=f"{type(exc).__name__}: {str(exc)[:200]}",
             )  # fmt: skip
+            self.done = True
+            self.pending.clear()
             self._close()
 
     def eof_received(self) -> bool | None:
-        self.h11.receive_data(b"")
-        if not self.busy:
+        self.done = True  # the client sends no more; what it sent is answered
+        if not self.pending:
             self._close()
-        return True  # keep our side open to answer the request being served
+        return True  # keep our side open for the answers
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        self.pending.clear()
         self.handler.api_closed(self)
 
     # Requests
 
     def _next(self) -> None:
-        """Take h11's events until it needs data, or a request is being answered."""
-        conn = self.h11
-        while not self.busy and self.transport is not None:
+        """Take h11's events until it needs data, or reading must stop."""
+        while not self.done and self.held is None and self.transport is not None:
+            if len(self.pending) >= MAX_PENDING:
+                self.paused = True
+                self.transport.pause_reading()
+                return
+            parser = self.h11
             try:
-                event = conn.next_event()
-            except h11.RemoteProtocolError as exc:
-                self._bad_http(exc)
+                event = parser.next_event()
+            except h11.RemoteProtocolError:
+                self._refuse(ApiBadRequest("not valid HTTP/1.1"), body=_BAD_HTTP)
                 return
-            if event is h11.NEED_DATA or event is h11.PAUSED:
+            if event is h11.NEED_DATA:
                 return
+            if event is h11.PAUSED:
+                # The request is whole: a fresh parser takes what came after it.
+                rest, _ = parser.trailing_data
+                self.h11 = _parser()
+                self.started = 0.0
+                if rest:
+                    self.started = self.handler.clock
+                    self.h11.receive_data(rest)
+                continue
             if type(event) is h11.Request:
                 self._head(event)
             elif type(event) is h11.Data:
@@ -192,15 +238,40 @@ class ApiConnection(asyncio.Protocol):
             elif type(event) is h11.EndOfMessage:
                 body, self.body = self.body, None
                 if body is not None:
-                    self.busy = True
-                    self.handler.api_call(self, self.method, bytes(body))
+                    slot = _Slot(not self.keep_alive, self.method in _STREAMED)
+                    if slot.close:
+                        self.done = True  # Connection: close, or HTTP/1.0
+                    if not self._take(self.method, bytes(body), slot):
+                        return  # held: reading goes on once it is taken
             elif type(event) is h11.ConnectionClosed:
-                self._close()
+                self.done = True
+                if not self.pending:
+                    self._close()
                 return
+
+    def _take(self, method: str, body: bytes, slot: _Slot) -> bool:
+        """Hand a whole request to the shard, or hold it (False).
+
+        POST is not safe (RFC 9112 9.3.2: only safe pipelined requests may be
+        processed in parallel), so a request starts once every one before it
+        is answered, except publishes after publishes: those go in flight
+        together, and the room's order from one shard keeps their effects in
+        the order sent, as a WebSocket client's publishes."""
+        pending = self.pending
+        if pending and not (slot.streams and all(s.streams for s in pending)):
+            self.held = (method, body, slot)
+            return False
+        pending.append(slot)
+        self.handler.api_call(self, method, body, self._answerer(slot))
+        return True
 
     def _head(self, request: h11.Request) -> None:
         target = request.target.split(b"?", 1)[0]
         self.method = target[len(_PREFIX) :].decode("ascii", "replace")
+        headers = list(request.headers)
+        self.keep_alive = request.http_version == b"1.1" and not any(
+            name == b"connection" and b"close" in value.lower() for name, value in headers
+        )
         if not target.startswith(_PREFIX):
             self.method = ""
             self._refuse(ApiNotFound("the server API is under /api/<method>"))
@@ -210,86 +281,82 @@ class ApiConnection(asyncio.Protocol):
             self._refuse(ApiNotFound("the server API is off (api.key is not set)"))
         elif request.method != b"POST":
             self._refuse(ApiMethodNotAllowed("use POST"), (("Allow", "POST"),))
-        elif not self._key_ok(list(request.headers)):
+        elif not self._key_ok(headers):
             self._refuse(ApiUnauthorized("a valid API key is required (X-API-Key)"))
-        elif _content_length(request) > self.handler.max_frame:
+        elif _content_length(headers) > self.handler.max_frame:
             self._refuse(ApiTooLarge(f"the body is over {self.handler.max_frame} bytes"))
         else:
             self.body = bytearray()
             if self.h11.they_are_waiting_for_100_continue and self.transport is not None:
                 # curl asks so for bodies over 1 KiB, and waits a second without it.
-                data = self.h11.send(h11.InformationalResponse(status_code=100, headers=[]))
-                if data:
-                    self.transport.write(data)
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def _key_ok(self, headers: list[tuple[bytes, bytes]]) -> bool:
         presented = api_key_of(headers)
         # Constant time: the comparison must not tell how much of a guess was right.
         return presented is not None and hmac.compare_digest(presented, self.handler.api_key)
 
-    def _refuse(self, exc: ApiError, extra: tuple[tuple[str, str], ...] = ()) -> None:
-        """Answer a refused head and close: the body, if any, is not read."""
+    def _refuse(
+        self,
+        exc: ApiError,
+        extra: tuple[tuple[str, str], ...] = (),
+        body: bytes | None = None,
+    ) -> None:
+        """Answer a refused request (after the ones before it) and close: nothing
+        more is read."""
         self.body = None
-        self.closing = True
+        self.done = True
         self.handler.api_refused(self, self.method, exc)
-        self.busy = True
-        self.respond(exc.status, error_body(exc), extra)
-
-    def _bad_http(self, exc: h11.RemoteProtocolError) -> None:
-        """h11 could not parse the request (its hint may be 431 or 501): 400
-        ``bad_request``, as every other refusal of the API speaks its own codes."""
-        self.closing = True
-        if self.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-            self.busy = True
-            self.handler.api_refused(self, self.method, ApiBadRequest("not valid HTTP/1.1"))
-            self.respond(400, b'{"error":{"code":"bad_request","message":"not valid HTTP/1.1"}}')
-        else:
-            self._close()
+        slot = _Slot(close=True)
+        self.pending.append(slot)
+        self._answerer(slot, extra)(exc.status, error_body(exc) if body is None else body)
 
     # Answers
 
-    def respond(self, status: int, body: bytes, extra: tuple[tuple[str, str], ...] = ()) -> None:
-        """Write the answer of the current request; take the next one (or close)."""
+    def _answerer(self, slot: _Slot, extra: tuple[tuple[str, str], ...] = ()) -> Answer:
+        def answer(status: int, body: bytes) -> None:
+            if slot.data is not None:
+                return  # answered once already
+            slot.data = _response(status, body, slot.close, extra)
+            self._flush()
+
+        return answer
+
+    def _flush(self) -> None:
+        """Write the answers that are ready, in the requests' order."""
+        pending = self.pending
         transport = self.transport
-        self.busy = False
-        self.started = 0.0
         if transport is None:
+            pending.clear()
             return
-        headers = [
-            ("Content-Type", _JSON),
-            ("Content-Length", str(len(body))),
-            ("Date", _date()),
-            ("Cache-Control", "no-store"),
-            ("X-Content-Type-Options", "nosniff"),
-            *extra,
-        ]
-        if self.closing:
-            headers.append(("Connection", "close"))
-        conn = self.h11
-        try:
-            data = b"".join(
-                conn.send(event) or b""
-                for event in (
-                    h11.Response(status_code=status, headers=headers, reason=_phrase(status)),
-                    h11.Data(data=body),
-                    h11.EndOfMessage(),
-                )
-            )
-        except h11.LocalProtocolError:
+        out = []
+        close = False
+        while pending and pending[0].data is not None:
+            slot = pending.popleft()
+            assert slot.data is not None
+            out.append(slot.data)
+            if slot.close:
+                close = True
+                pending.clear()
+                break
+        if out:
+            transport.write(b"".join(out))
+        held = self.held
+        if close:
             self._close()
-            return
-        transport.write(data)
-        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
-            conn.start_next_cycle()
-            if self.paused:
-                self.paused = False
-                transport.resume_reading()
+        elif held is not None and not pending:
+            self.held = None
+            self._take(*held)
             self._next()
-        else:
-            self._close()  # MUST_CLOSE, or a body we did not read
+        elif self.done and not pending:
+            self._close()
+        elif self.paused and len(pending) < MAX_PENDING // 2:
+            self.paused = False
+            transport.resume_reading()
+            self._next()
 
     def _close(self) -> None:
-        self.busy = True  # nothing more is read or answered
+        self.done = True
         transport = self.transport
         if transport is not None:
             if transport.can_write_eof():
@@ -300,7 +367,7 @@ class ApiConnection(asyncio.Protocol):
 
     def tick(self, now: float, interval: float, timeout: float, idle: float) -> None:
         """A request that is slow to arrive, or an idle keep-alive connection, is closed."""
-        if self.busy:
+        if self.pending or self.held is not None:
             return
         if self.started and now - self.started >= REQUEST_TIMEOUT:
             self._close()
@@ -308,9 +375,13 @@ class ApiConnection(asyncio.Protocol):
             self._close()
 
     def drain(self) -> None:
-        """The shard is stopping: close now if idle, else after the current answer."""
-        self.closing = True
-        if not self.busy:
+        """The shard is stopping: close now if idle, else after the answers due."""
+        self.done = True
+        if self.held is not None:
+            self.held[2].close = True  # its answer says Connection: close
+        elif self.pending:
+            self.pending[-1].close = True
+        else:
             self._close()
 
     def abort(self) -> None:
@@ -318,25 +389,43 @@ class ApiConnection(asyncio.Protocol):
             self.transport.abort()
 
 
-_dates: list[tuple[int, str]] = [(0, "")]
+def _parser() -> h11.Connection:
+    return h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
 
 
-def _date() -> str:
-    """The Date header (RFC 9110 6.6.1), made once a second."""
+_dates: list[tuple[int, bytes]] = [(0, b"")]
+
+
+def _date() -> bytes:
+    """The Date header's value (RFC 9110 6.6.1), made once a second."""
     now = int(time.time())
     second, text = _dates[0]
     if second != now:
-        text = email.utils.formatdate(now, usegmt=True)
+        text = email.utils.formatdate(now, usegmt=True).encode()
         _dates[0] = (now, text)
     return text
 
 
-def _phrase(status: int) -> bytes:
-    return http.HTTPStatus(status).phrase.encode()
+def _response(
+    status: int, body: bytes, close: bool, extra: tuple[tuple[str, str], ...] = ()
+) -> bytes:
+    """One answer: a JSON body and the fixed headers (our own values only)."""
+    head = [
+        b"HTTP/1.1 %d %s" % (status, http.HTTPStatus(status).phrase.encode()),
+        b"Content-Type: application/json",
+        b"Content-Length: %d" % len(body),
+        b"Date: " + _date(),
+        b"Cache-Control: no-store",
+        b"X-Content-Type-Options: nosniff",
+        *(f"{name}: {value}".encode() for name, value in extra),
+    ]
+    if close:
+        head.append(b"Connection: close")
+    return b"\r\n".join(head) + b"\r\n\r\n" + body
 
 
-def _content_length(request: h11.Request) -> int:
-    for name, value in request.headers:
+def _content_length(headers: list[tuple[bytes, bytes]]) -> int:
+    for name, value in headers:
         if name == b"content-length":
             return int(value)  # h11 checked it is a number
     return 0

@@ -27,7 +27,7 @@ from shardchat.core.engine import RoomEngine, after_input, end_turn
 from shardchat.core.errors import ApiError
 from shardchat.core.hookevents import ProxiedPublish, Verdict
 from shardchat.logs import log_event
-from shardchat.shard.apiconn import ApiConnection
+from shardchat.shard.apiconn import Answer, ApiConnection
 from shardchat.shard.apiserver import ApiServer
 from shardchat.shard.bell import Doorbell
 from shardchat.shard.connection import Connection
@@ -307,10 +307,10 @@ class Shard:
         api.connection_made(transport)
         api.data_received(head)
 
-    def api_call(self, conn: ApiConnection, method: str, body: bytes) -> None:
+    def api_call(self, conn: ApiConnection, method: str, body: bytes, answer: Answer) -> None:
         api = self.api
         assert api is not None  # no API connection is made without it
-        api.call(method, body, conn.peer, conn.respond)
+        api.call(method, body, conn.peer, answer)
         self._emit()
 
     def api_refused(self, conn: ApiConnection, method: str, exc: ApiError) -> None:

@@ -431,6 +431,28 @@ def test_keep_alive_and_pipelined_requests_are_answered_in_order(server: Server)
         http.close()
 
 
+def test_pipelined_publishes_are_answered_in_order_when_they_finish_out_of_order(
+    server: Server,
+) -> None:
+    # On shard 1, a publish to shard 0's room waits for the owner's ring; one to
+    # shard 1's own room is acked at the end of the turn: its answer waits.
+    far, near = room_owned_by(0, 3, "far"), room_owned_by(1, 3, "near")
+    http = on_shard(server.port, 1)
+    try:
+        rounds = 50
+        http.send(
+            b"".join(
+                request("publish", json.dumps({"room": room, "content": str(i)}).encode())
+                for i in range(rounds)
+                for room in (far, near)
+            )
+        )
+        answers = [json.loads(http.answer()[2])["result"]["seq"] for _ in range(2 * rounds)]
+        assert answers == [i // 2 + 1 for i in range(2 * rounds)]
+    finally:
+        http.close()
+
+
 def test_the_python_client_raises_the_class_of_each_code(server: Server) -> None:
     url = f"http://127.0.0.1:{server.port}"
     with ApiClient(url, KEY) as api:
