@@ -123,6 +123,7 @@ class Box:
         self.engines: list[RoomEngine[Client]] = []
         self.brokers: list[ShmBroker] = []
         self.stopped: set[int] = set()
+        self.unaddressed: list[object] = []  # outputs for no connection, in order
         self._ids = itertools.count(1)
         self._guests = itertools.count(1)  # guest names in order, not random
         for shard in range(workers):
@@ -167,7 +168,7 @@ class Box:
         engine = self.engines[shard]
         engine.advance(self.now, self.wall)
         self.brokers[shard].recover(engine.inbox, self.now)
-        self._settle(shard)
+        self.settle(shard)
 
     def restart(self, shard: int) -> None:
         """kill -9 and restart: records not committed are lost with the process;
@@ -208,11 +209,11 @@ class Box:
         upgrade = Upgrade(next(self._ids), peer, f"/ws?{q}", q, dict(headers or {}))
         connections = sum(s[2] for s in self.stats) + 1  # the gauges, this handshake
         refusal = engine.admit(client, upgrade, connections)
-        self._settle(shard)
+        self.settle(shard)
         if refusal is not None:
             return refusal
         engine.open(client)
-        self._settle(shard)
+        self.settle(shard)
         self.turn()
         assert client.take("welcome")
         return client
@@ -224,13 +225,13 @@ class Box:
         engine = self.engines[client.shard]
         engine.advance(self.now, self.wall)
         engine.receive(client, data)
-        self._settle(client.shard)
+        self.settle(client.shard)
 
     def close(self, client: Client, code: int = 1000) -> None:
         engine = self.engines[client.shard]
         engine.advance(self.now, self.wall)
         engine.closed(client, code, "")
-        self._settle(client.shard)
+        self.settle(client.shard)
 
     def join(self, client: Client, room: str, **fields: object) -> dict[str, Any]:
         self.send(client, type="join", room=room, **fields)
@@ -243,7 +244,7 @@ class Box:
     def commit(self, shard: int) -> None:
         """Only the first step of a turn's end: the broker commits (and acks)."""
         self.brokers[shard].commit()
-        self._settle(shard)
+        self.settle(shard)
 
     def turn(self) -> None:
         """Loop turns on every running shard until nothing moves: the turn's end
@@ -272,7 +273,7 @@ class Box:
                 return
         raise AssertionError("the box never settled")
 
-    def _settle(self, shard: int) -> None:
+    def settle(self, shard: int) -> None:
         """What follows an input: the engine's commands run, the answers applied,
         the outputs collected (``after_input``, as the shard does)."""
         self._collect(after_input(self.engines[shard], self.brokers[shard]))
@@ -287,11 +288,13 @@ class Box:
             engine.advance(self.now, self.wall)
             engine.tick()
             broker.tick(self.now)
-            self._settle(shard)
+            self.settle(shard)
         self.turn()
 
     def _collect(self, out: list[Output[Client]]) -> None:
         for clients, item in out:
+            if clients == ():
+                self.unaddressed.append(item)  # for no connection (a server call's result)
             for client in clients:
                 if client.closed is not None:
                     continue

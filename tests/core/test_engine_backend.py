@@ -79,7 +79,7 @@ def test_publish_proxy_verdicts_keep_rewrite_refuse_or_fail() -> None:
         waiting[:3], [Verdict(), Verdict(content="rewritten"), Verdict(reject="no")]
     )
     engine.publish_answered(waiting[3:], None, "the backend did not answer")
-    box._settle(0)
+    box.settle(0)
     box.turn()
     assert [m["content"] for m in bob.take("message")] == ["keep", "rewritten"]
     errors = {e["id"]: (e["code"], e["reason"]) for e in ada.take("error")}
