@@ -13,6 +13,7 @@ order the batches were sent. Failures are counted and logged once per burst
 from __future__ import annotations
 
 import asyncio
+import http
 import logging
 from collections import deque
 from collections.abc import Callable, Hashable
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 C = TypeVar("C", bound=Hashable)
 _S_CALLS = int(stats.Slot.PROXY_CALLS)
 _S_FAILURES = int(stats.Slot.PROXY_FAILURES)
+_KNOWN = frozenset(int(s) for s in http.HTTPStatus)
 # Request headers the connect proxy passes on (the backend's own session).
 _PASSED = ("Cookie", "Authorization", "Origin", "User-Agent", "X-Forwarded-For")
 
@@ -77,6 +79,8 @@ def connect_answer(response: Response) -> Identity | Refusal:
     """The backend's answer to a connect: who the client is, or the refusal."""
     status = response.status
     if 400 <= status < 500:
+        if status not in _KNOWN:
+            status = 403  # a status HTTP has no name for (499...): refused all the same
         return Refusal(status, _reason(response.body) + "\n")
     if status != 200:
         return Refusal(503, f"the application's backend answered {status}\n")
@@ -188,7 +192,13 @@ class PublishProxy(Generic[C]):
 
     def send(self, items: list[ProxiedPublish[C]]) -> None:
         self._flight.append((items, None))
-        asyncio.get_running_loop().create_task(self._ask(items))
+        asyncio.get_running_loop().create_task(self._guarded(items))
+
+    async def _guarded(self, items: list[ProxiedPublish[C]]) -> None:
+        try:
+            await self._ask(items)
+        except Exception as exc:  # a bug: one line, never a task's traceback
+            log_event(log, logging.ERROR, "publish_proxy_error", error=repr(exc)[:200])
 
     async def _ask(self, items: list[ProxiedPublish[C]]) -> None:
         body = orjson.dumps(

@@ -222,6 +222,18 @@ class Shard:
         self, proxy: ConnectProxy, conn: Connection, upgrade: Upgrade, later: Later
     ) -> None:
         """The connect proxy's answer, then the engine's checks: the upgrade's answer."""
+        try:
+            await self._answer_upgrade(proxy, conn, upgrade, later)
+        except Exception as exc:  # a bug: one line and a 500, never a task's traceback
+            log_event(
+                log, logging.ERROR, "connect_proxy_error", conn=conn.conn_id, error=repr(exc)[:200]
+            )
+            if later.then is not None and conn.transport is not None:
+                conn.abort()
+
+    async def _answer_upgrade(
+        self, proxy: ConnectProxy, conn: Connection, upgrade: Upgrade, later: Later
+    ) -> None:
         answer = await proxy.ask(upgrade)
         if later.then is None or conn.transport is None or conn.close_deadline:
             return  # gone meanwhile (the handshake deadline, or the client left)
