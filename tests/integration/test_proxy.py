@@ -17,6 +17,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from examples.backend import Backend
+from shardchat.testing.wait import await_until
 from tests.support.helpers import Client, assert_no_traceback, running_server, scaled
 
 SECRET = "whsec_" + base64.b64encode(b"p" * 32).decode()
@@ -95,7 +96,15 @@ async def test_publish_proxy_keeps_rewrites_and_refuses() -> None:
         backend() as app,
         running_server(
             2,
-            [f"proxy.publish_url={app.url('/publish')}", "proxy.timeout=0.5", "overload.proxy=3"],
+            [
+                f"proxy.publish_url={app.url('/publish')}",
+                "proxy.timeout=0.5",
+                "overload.proxy=3",
+                # The same backend hears the sequenced messages as webhooks.
+                f"webhooks.url={app.url('/webhooks')}",
+                f"webhooks.secret={SECRET}",
+                'webhooks.events=["message"]',
+            ],
         ) as srv,
     ):
         a = await open_client(srv.url + "?user=a&room=r")
@@ -113,6 +122,14 @@ async def test_publish_proxy_keeps_rewrites_and_refuses() -> None:
         assert sorted(r["id"] for r in replies if r["type"] == "ack") == ["1", "3"]
         # One turn's publishes go in one request (three in one batch or more).
         assert sum(len(p["messages"]) for p in app.publishes) == 3
+        # The message webhook carries what was sequenced: the rewritten content.
+        await await_until(lambda: len(app.of_type("message")) == 2, 10, "message events")
+        events = sorted(app.of_type("message"), key=lambda e: e["seq"])
+        assert [(e["content"], e["user"], e["room"]) for e in events] == [
+            ("well d**n", "a", "r"),
+            ("plain", "a", "r"),
+        ]
+        assert [e["seq"] for e in events] == [m["seq"] for m in got]
         # A slow backend: `unavailable`, never sequenced; past overload.proxy (3)
         # waiting for it, `overloaded` at once.
         app.publish_delay = 1.5
@@ -128,6 +145,8 @@ async def test_publish_proxy_keeps_rewrites_and_refuses() -> None:
         app.publish_delay = 0.0
         await a.send(type="message", room="r", content="after", id="5")
         assert (await b.recv_type("message"))["content"] == "after"  # not "too slow"
+        await await_until(lambda: len(app.of_type("message")) == 3, 10, "the last event")
+        assert "too slow" not in {e["content"] for e in app.of_type("message")}
         await a.close()
         await b.close()
         assert_no_traceback(srv)
