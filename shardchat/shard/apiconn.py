@@ -24,11 +24,8 @@ shard's sweep ticks them (a request must arrive whole within
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import hmac
-import http
 import logging
-import time
 from collections import deque
 from collections.abc import Callable
 from typing import Protocol, cast
@@ -45,6 +42,7 @@ from shardchat.core.errors import (
     ApiUnauthorized,
 )
 from shardchat.logs import log_event
+from shardchat.shard.apihttp import PREFIX, api_key_of, content_length, response
 
 __all__ = [
     "MAX_PENDING",
@@ -52,8 +50,6 @@ __all__ = [
     "Answer",
     "ApiConnection",
     "ApiHandler",
-    "api_key_of",
-    "is_api_request",
 ]
 
 log = logging.getLogger(__name__)
@@ -61,35 +57,10 @@ log = logging.getLogger(__name__)
 REQUEST_TIMEOUT = 5.0  # seconds a request may take to arrive whole (slow-loris defence)
 MAX_HEAD = 16384  # bytes of a request's line and headers
 MAX_PENDING = 64  # requests of one connection taken and not answered yet; then reading pauses
-_PREFIX = b"/api/"
 _STREAMED = frozenset({"publish", "broadcast"})  # in flight together when pipelined
 _BAD_HTTP = b'{"error":{"code":"bad_request","message":"not valid HTTP/1.1"}}'
 
 Answer = Callable[[int, bytes], None]  # (HTTP status, JSON body)
-
-
-def is_api_request(head: bytes) -> bool | None:
-    """Whether the first bytes of a connection start a request for ``/api/...``;
-    None while too few have come to tell."""
-    space = head.find(b" ")
-    if space < 0:
-        return None if len(head) < 16 else False
-    target = head[space + 1 : space + 1 + len(_PREFIX)]
-    if len(target) < len(_PREFIX) and _PREFIX.startswith(target) and b"\n" not in head:
-        return None
-    return target == _PREFIX
-
-
-def api_key_of(headers: list[tuple[bytes, bytes]]) -> bytes | None:
-    """The key a request presents: ``X-API-Key: KEY`` or ``Authorization: apikey KEY``."""
-    for name, value in headers:
-        if name == b"x-api-key":
-            return value
-        if name == b"authorization":
-            scheme, _, key = value.partition(b" ")
-            if scheme.lower() == b"apikey":
-                return key.strip()
-    return None
 
 
 class ApiHandler(Protocol):
@@ -267,12 +238,12 @@ class ApiConnection(asyncio.Protocol):
 
     def _head(self, request: h11.Request) -> None:
         target = request.target.split(b"?", 1)[0]
-        self.method = target[len(_PREFIX) :].decode("ascii", "replace")
+        self.method = target[len(PREFIX) :].decode("ascii", "replace")
         headers = list(request.headers)
         self.keep_alive = request.http_version == b"1.1" and not any(
             name == b"connection" and b"close" in value.lower() for name, value in headers
         )
-        if not target.startswith(_PREFIX):
+        if not target.startswith(PREFIX):
             self.method = ""
             self._refuse(ApiNotFound("the server API is under /api/<method>"))
         elif self.elsewhere:
@@ -283,7 +254,7 @@ class ApiConnection(asyncio.Protocol):
             self._refuse(ApiMethodNotAllowed("use POST"), (("Allow", "POST"),))
         elif not self._key_ok(headers):
             self._refuse(ApiUnauthorized("a valid API key is required (X-API-Key)"))
-        elif _content_length(headers) > self.handler.max_frame:
+        elif content_length(headers) > self.handler.max_frame:
             self._refuse(ApiTooLarge(f"the body is over {self.handler.max_frame} bytes"))
         else:
             self.body = bytearray()
@@ -317,7 +288,7 @@ class ApiConnection(asyncio.Protocol):
         def answer(status: int, body: bytes) -> None:
             if slot.data is not None:
                 return  # answered once already
-            slot.data = _response(status, body, slot.close, extra)
+            slot.data = response(status, body, slot.close, extra)
             self._flush()
 
         return answer
@@ -391,41 +362,3 @@ class ApiConnection(asyncio.Protocol):
 
 def _parser() -> h11.Connection:
     return h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
-
-
-_dates: list[tuple[int, bytes]] = [(0, b"")]
-
-
-def _date() -> bytes:
-    """The Date header's value (RFC 9110 6.6.1), made once a second."""
-    now = int(time.time())
-    second, text = _dates[0]
-    if second != now:
-        text = email.utils.formatdate(now, usegmt=True).encode()
-        _dates[0] = (now, text)
-    return text
-
-
-def _response(
-    status: int, body: bytes, close: bool, extra: tuple[tuple[str, str], ...] = ()
-) -> bytes:
-    """One answer: a JSON body and the fixed headers (our own values only)."""
-    head = [
-        b"HTTP/1.1 %d %s" % (status, http.HTTPStatus(status).phrase.encode()),
-        b"Content-Type: application/json",
-        b"Content-Length: %d" % len(body),
-        b"Date: " + _date(),
-        b"Cache-Control: no-store",
-        b"X-Content-Type-Options: nosniff",
-        *(f"{name}: {value}".encode() for name, value in extra),
-    ]
-    if close:
-        head.append(b"Connection: close")
-    return b"\r\n".join(head) + b"\r\n\r\n" + body
-
-
-def _content_length(headers: list[tuple[bytes, bytes]]) -> int:
-    for name, value in headers:
-        if name == b"content-length":
-            return int(value)  # h11 checked it is a number
-    return 0

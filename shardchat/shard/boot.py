@@ -25,6 +25,7 @@ from shardchat.core.broker import Broker
 from shardchat.core.engine import RoomEngine, settle
 from shardchat.hooks import Hooks
 from shardchat.logs import EventLogger
+from shardchat.shard.apicontrol import ApiControl
 from shardchat.shard.apiserver import ApiServer
 from shardchat.shard.connection import Connection
 from shardchat.shard.handler import Shard
@@ -63,7 +64,7 @@ async def serve(spec: ShardSpec) -> None:
         shard = Shard(
             config, spec.shard_id, engine, broker, counters, loop, broker.bells[spec.shard_id]
         )
-        shard.api = ApiServer(config, engine, broker, mine, spec.shard_id)
+        shard.api = ApiServer(ApiControl(config, engine, broker, mine, spec.shard_id))
         shard.start_bell()
         await run(spec, loop, shard)
     finally:
@@ -170,7 +171,7 @@ async def _serve_redis(
         engine = _engine(spec, broker, counters, mine)
         engine.advance(time.monotonic(), time.time())
         shard = Shard(config, spec.shard_id, engine, broker, counters, loop)
-        shard.api = ApiServer(config, engine, broker, mine, spec.shard_id)
+        shard.api = ApiServer(ApiControl(config, engine, broker, mine, spec.shard_id))
         # Connected (or trying, in the background) and beating before we accept.
         await broker.start(engine.inbox)
         await run(spec, loop, shard)

@@ -38,7 +38,7 @@ except ImportError:  # pragma: no cover - a build without the C extension
 from shardchat.core.config import HANDSHAKE_DEADLINE
 from shardchat.core.messages import AppCloseCode
 from shardchat.logs import log_event
-from shardchat.shard.apiconn import is_api_request
+from shardchat.shard.apihttp import is_api_request
 from shardchat.shard.handshake import AT_EOF, Later, answer, handshake, unparsable_request
 from shardchat.shard.sendqueue import TRANSPORT_HIGH, SendQueue, Writer
 

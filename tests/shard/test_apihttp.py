@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from shardchat.shard.apiconn import api_key_of, is_api_request
+from shardchat.shard.apihttp import api_key_of, is_api_request
 
 
 @pytest.mark.parametrize(
