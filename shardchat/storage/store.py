@@ -196,6 +196,7 @@ class RoomStore(Generic[T]):
         shared = self._shared
         next_sync = time.monotonic() + SYNC_EVERY
         dirty = False
+        batches: list[_Batch[T]] = []
         try:
             while True:
                 with shared.lock:
@@ -211,18 +212,43 @@ class RoomStore(Generic[T]):
                     if batches:
                         with shared.lock:
                             shared.done += [(batch.token, ok) for batch in batches]
+                        batches = []  # answered
                         self._wake()
                 now = time.monotonic()
                 if now >= next_sync:
                     next_sync = now + SYNC_EVERY
                     writer.prune(time.time())
                     if dirty and self.fsync == "batch":
-                        db.execute("PRAGMA wal_checkpoint(PASSIVE)")  # syncs the WAL
+                        writer.checkpoint()  # syncs the WAL
                     dirty = False
                 if stop:
                     return  # a full disk at shutdown: what is not stored was not acked
+        except Exception as exc:
+            # A bug, not a full disk (sqlite3.Error is handled above): the writer
+            # is gone, so every later batch fails (`unavailable`) rather than
+            # waiting for ever, and publishes are refused.
+            log_event(log, logging.CRITICAL, "storage_writer_failed", error=repr(exc))
+            self._set_full(True)
+            with shared.lock:  # the round's own batches first, then every later one
+                shared.done += [(batch.token, False) for batch in batches]
+            self._wake()
+            self._fail_all()
         finally:
             db.close()
+
+    def _fail_all(self) -> None:
+        shared = self._shared
+        while True:
+            with shared.lock:
+                if not shared.queue and not shared.stop:
+                    shared.lock.wait(SYNC_EVERY)
+                batches, shared.queue = shared.queue, []
+                shared.done += [(batch.token, False) for batch in batches]
+                stop = shared.stop
+            if batches:
+                self._wake()
+            if stop:
+                return
 
     def _set_full(self, full: bool) -> None:
         if full != self.full:
@@ -291,6 +317,13 @@ class _Writer:
             for room, seq in latest.items()
             if seq - history - trimmed.get(room, 0) >= TRIM_EVERY
         ]
+
+    def checkpoint(self) -> None:
+        """Copy the log into the database, syncing both (``synchronous = NORMAL``)."""
+        try:
+            self.db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.Error as exc:  # a full disk: the log keeps it until the next
+            log_event(log, logging.WARNING, "storage_checkpoint_failed", error=str(exc))
 
     def prune(self, wall: float) -> None:
         """Delete the keys older than ``KEY_WINDOW`` and, with a ttl, older messages."""

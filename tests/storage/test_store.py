@@ -177,3 +177,24 @@ def test_history_ttl_deletes_older_messages_and_old_keys(tmp_path: Path) -> None
     assert db.execute("SELECT key FROM keys").fetchall() == [("k2",)]
     assert db.execute("SELECT seq FROM rooms").fetchall() == [(2,)]
     db.close()
+
+
+def test_a_writer_that_fails_fails_every_batch_instead_of_hanging(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error that is not SQLite's (a bug): logged, the store full for good, and
+    every batch handed over answered as failed (its publishes get `unavailable`)."""
+    from shardchat.storage import store as store_module
+
+    def broken(self: object, rows: object) -> bool:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(store_module._Writer, "write", broken)
+    woken = Woken()
+    store = open_store(tmp_path / "s.db", woken)
+    for turn in range(3):
+        store.add("r", turn + 1, time.time(), "", b"x")
+        store.submit(f"t{turn}")
+        assert finished(store, woken, 1) == [(f"t{turn}", False)]
+    assert store.full
+    store.close()
