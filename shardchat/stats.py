@@ -7,7 +7,7 @@ shards read each other's connection gauges to enforce
 ``server.max_per_ip`` is set, each shard's table of connections per client
 address (:mod:`shardchat.addrtable`) does the same for that limit. A slot is one native
 8-byte store (``memoryview.cast('Q')``), so counting costs no lock and no
-syscall; hot paths count once per batch (a flush, a ring drain).
+syscall; hot paths count once per batch (a flush, a read of the rings).
 """
 
 from __future__ import annotations

@@ -111,7 +111,7 @@ class Doorbell:
             return False
         return True
 
-    def drain(self) -> None:
+    def absorb(self) -> None:
         """Absorb posts that piled up, without blocking."""
         while True:
             try:

@@ -2,7 +2,7 @@
 
 Each engine delivers a room's messages in seq order. When
 a message arrives past a gap (on one box: our reader of the owner's ring was
-lapped), the room's later messages are held back and the broker is asked to
+lapped), the room's later messages are parked and the broker is asked to
 resend the missing range (:meth:`Broker.fill`). It answers in chunks; at each
 chunk's end the next one is asked for. Only what the broker says is gone
 (``on_replay_lost``) is counted as lost at once. A range that does not come
@@ -15,11 +15,11 @@ The same path fetches a room's history for an engine that has no copy of it
 (dropped as idle, or just restarted) when a ``join`` with ``since`` needs it.
 
 Every hold ends, filled or announced: a range the broker says is gone, a range
-older than the last ``history`` messages (more than that many are held after
+older than the last ``history`` messages (more than that many are parked after
 it: no holder keeps it), or one that made no progress for ``GAP_GIVE_UP`` is
 given up, and the room's members get a ``gap`` frame naming it
 (PROTOCOL.md, Extensions) in the place of those messages. A join or
-``history`` that waits for a held room is answered after ``GAP_JOIN_WAIT`` at
+``history`` that waits for a parked room is answered after ``GAP_JOIN_WAIT`` at
 the latest, from what the log holds then; the fill goes on for it.
 
 One chunk at a time: a chunk's end asks for the next only when the log moved
@@ -48,20 +48,20 @@ __all__ = [
     "GAP_TIMEOUT",
     "GAP_TIMEOUT_MAX",
     "GapFill",
-    "HeldBack",
+    "Parked",
     "gap_json",
 ]
 
 GAP_TIMEOUT = 1.0  # seconds to wait for the broker to resend a missed range, then ask again
 GAP_TIMEOUT_MAX = 4.0  # the longest wait between two requests of one range
 GAP_GIVE_UP = 10.0  # seconds without progress before a range is given up as lost
-GAP_JOIN_WAIT = 2.0  # the longest a join or history waits for a held room's fill
+GAP_JOIN_WAIT = 2.0  # the longest a join or history waits for a parked room's fill
 
 _S_GAPS_LOST = int(Slot.GAPS_LOST)
 
 
 @dataclass(slots=True)
-class HeldBack:
+class Parked:
     """A room's gap being filled, and the messages that came after it."""
 
     deadline: float  # when to ask again
@@ -74,7 +74,7 @@ class HeldBack:
 
 
 class GapFill:
-    """The held-back rooms of one engine.
+    """The parked rooms of one engine.
 
     ``logs`` is the engine's own dict of room logs (shared, not copied);
     ``deliver(room, json)`` hands a message that now follows its log to the
@@ -98,43 +98,41 @@ class GapFill:
         self.epoch = epoch
         self.history = history
         self.log = log
-        self.held_back: dict[str, HeldBack] = {}
+        self.parked: dict[str, Parked] = {}
         # Joins and history awaiting a room's fill: (answer by then, continue).
         self._waiting: dict[str, list[tuple[float, Callable[[], None]]]] = {}
 
-    def hold_back(self, log_: RoomLog, room: str, seq: int, json: bytes, now: float) -> None:
-        """Message ``seq`` came past a gap in ``log_``: keep it until the gap is filled."""
-        held = self.held_back.get(room)
-        if held is None:
-            held = self.request(room, log_.seq + 1, seq - 1, now)
-        elif seq - 1 > held.last:
+    def park(self, log_: RoomLog, room: str, seq: int, json: bytes, now: float) -> None:
+        """Message ``seq`` came past a gap in ``log_``: park it until the gap is filled."""
+        gap = self.parked.get(room)
+        if gap is None:
+            gap = self.request(room, log_.seq + 1, seq - 1, now)
+        elif seq - 1 > gap.last:
             # Past the range asked for: what lies between is wanted too (asked for at
             # the current chunk's end). Left out, the room waited on that hole until
             # it was given up, although its holder had it.
-            held.last = seq - 1
-        held.messages[seq] = json
-        if len(held.messages) > self.history:
+            gap.last = seq - 1
+        gap.messages[seq] = json
+        if len(gap.messages) > self.history:
             # More messages after the gap than any holder keeps (the last
             # `history`): what is missing is gone everywhere. Said now, not after
             # the waits of a fill that cannot succeed.
-            self._give_up(room, min(held.messages) - 1)
+            self._give_up(room, min(gap.messages) - 1)
         self.release(room)
 
-    def request(self, room: str, first: int, last: int, now: float, why: str = "gap") -> HeldBack:
+    def request(self, room: str, first: int, last: int, now: float, why: str = "gap") -> Parked:
         """Ask for ``first..last``; hold later messages meanwhile."""
-        held = self.held_back.get(room)
-        if held is None:
-            held = self.held_back[room] = HeldBack(
-                now + GAP_TIMEOUT, last, now + GAP_GIVE_UP, first - 1
-            )
+        gap = self.parked.get(room)
+        if gap is None:
+            gap = self.parked[room] = Parked(now + GAP_TIMEOUT, last, now + GAP_GIVE_UP, first - 1)
             level = WARNING if why == "gap" else INFO
             self.log.event(level, why, room=room, first=first, last=last)
         else:
-            held.deadline = now + held.wait
-            held.last = max(held.last, last)
-        held.asked = first - 1
-        self.broker.fill(room, first, held.last)
-        return held
+            gap.deadline = now + gap.wait
+            gap.last = max(gap.last, last)
+        gap.asked = first - 1
+        self.broker.fill(room, first, gap.last)
+        return gap
 
     def resync(self, latest: Callable[[str], int | None], now: float) -> None:
         """The broker lost records: ask again for every room it says we are behind
@@ -144,40 +142,40 @@ class GapFill:
             seq = latest(room)
             if seq is None:
                 continue
-            held = self.held_back.get(room)
-            if held is not None:
-                held.wait = GAP_TIMEOUT
-                self.request(room, log_.seq + 1, max(held.last, seq), now)
+            gap = self.parked.get(room)
+            if gap is not None:
+                gap.wait = GAP_TIMEOUT
+                self.request(room, log_.seq + 1, max(gap.last, seq), now)
             elif seq > log_.seq:
                 self.request(room, log_.seq + 1, seq, now)
 
     def release(self, room: str) -> None:
-        """Deliver held-back messages that now follow the log without a gap."""
-        held = self.held_back.get(room)
-        if held is None:
+        """Deliver parked messages that now follow the log without a gap."""
+        gap = self.parked.get(room)
+        if gap is None:
             return
         log_ = self.logs[room]
-        messages = held.messages
+        messages = gap.messages
         while (json := messages.pop(log_.seq + 1, None)) is not None:
             log_.append(log_.seq + 1, json)
             self.deliver(room, json)
         # Duplicates of what the log now has are dropped.
         for seq in [s for s in messages if s <= log_.seq]:
             del messages[seq]
-        if not messages and log_.seq >= held.last:
-            del self.held_back[room]
+        if not messages and log_.seq >= gap.last:
+            del self.parked[room]
             for _, then in self._waiting.pop(room, ()):
                 then()
 
     def restart(self, room: str) -> list[Callable[[], None]]:
-        """The room's sequence started again (a new epoch): what was held back is
+        """The room's sequence started again (a new epoch): what was parked is
         of the old one. Returns the joins that waited for it, to be asked again."""
-        self.held_back.pop(room, None)
+        self.parked.pop(room, None)
         return [then for _, then in self._waiting.pop(room, [])]
 
     def on_replay(self, room: str, seq: int, json: bytes) -> None:
         log_ = self.logs.get(room)
-        if log_ is None or room not in self.held_back:
+        if log_ is None or room not in self.parked:
             return
         if seq == log_.seq + 1:
             log_.append(seq, json)
@@ -186,7 +184,7 @@ class GapFill:
     def on_lost(self, room: str, last: int) -> None:
         """The broker no longer holds anything up to ``last``."""
         log_ = self.logs.get(room)
-        if log_ is None or room not in self.held_back:
+        if log_ is None or room not in self.parked:
             return
         if log_.seq < last:
             self._give_up(room, last)
@@ -197,12 +195,12 @@ class GapFill:
         moved since the newest request: otherwise this ends an older request, and
         the newest is still out (its loss is the sweep's business)."""
         log_ = self.logs.get(room)
-        held = self.held_back.get(room)
-        if log_ is None or held is None:
+        gap = self.parked.get(room)
+        if log_ is None or gap is None:
             return
-        self.release(room)  # first: what was held behind the chunk is not asked again
-        if room in self.held_back and held.asked < log_.seq < held.last:
-            self.request(room, log_.seq + 1, held.last, now)
+        self.release(room)  # first: what was parked behind the chunk is not asked again
+        if room in self.parked and gap.asked < log_.seq < gap.last:
+            self.request(room, log_.seq + 1, gap.last, now)
 
     def ensure_history(self, room: str, since: int, now: float, then: Callable[[], None]) -> bool:
         """True when a join with ``since`` (0 without one) or a ``history`` (0) can be
@@ -210,7 +208,7 @@ class GapFill:
         of it: dropped as idle, or a restart) and call ``then`` once it is here, or
         after ``GAP_JOIN_WAIT`` with what is here by then."""
         answer_by = now + GAP_JOIN_WAIT
-        if room in self.held_back:
+        if room in self.parked:
             # A gap being filled: answered once it is, so that `since` is judged
             # against everything the server holds (a resume after a reconnect).
             self._waiting.setdefault(room, []).append((answer_by, then))
@@ -234,7 +232,7 @@ class GapFill:
         epoch = self.broker.epoch_of(room) or self.epoch
         self.logs[room] = RoomLog(epoch, self.history, first - 1, now)
         self._waiting.setdefault(room, []).append((answer_by, then))
-        if room not in self.held_back:
+        if room not in self.parked:
             self.request(room, first, latest, now, "history_fetch")
         return False
 
@@ -253,31 +251,31 @@ class GapFill:
                     del self._waiting[room]
                 for then in due:
                     then()
-        for room, held in list(self.held_back.items()):
-            if now < held.deadline:
+        for room, gap in list(self.parked.items()):
+            if now < gap.deadline:
                 continue
             log_ = self.logs[room]
-            if log_.seq > held.progress:
-                held.progress = log_.seq
-                held.give_up_at = now + GAP_GIVE_UP
-                held.wait = GAP_TIMEOUT
-            if now >= held.give_up_at:
-                last = min(held.messages) - 1 if held.messages else held.last
+            if log_.seq > gap.progress:
+                gap.progress = log_.seq
+                gap.give_up_at = now + GAP_GIVE_UP
+                gap.wait = GAP_TIMEOUT
+            if now >= gap.give_up_at:
+                last = min(gap.messages) - 1 if gap.messages else gap.last
                 self._give_up(room, last)
                 self.release(room)
-                if room in self.held_back:
+                if room in self.parked:
                     # Another hole after the messages just released: a range of its
                     # own, with its own time to come.
-                    held.progress = log_.seq
-                    held.give_up_at = now + GAP_GIVE_UP
-                    held.wait = GAP_TIMEOUT
-                    self.request(room, log_.seq + 1, held.last, now)
+                    gap.progress = log_.seq
+                    gap.give_up_at = now + GAP_GIVE_UP
+                    gap.wait = GAP_TIMEOUT
+                    self.request(room, log_.seq + 1, gap.last, now)
             else:
-                held.wait = min(GAP_TIMEOUT_MAX, held.wait * 2)
-                self.request(room, log_.seq + 1, held.last, now)
+                gap.wait = min(GAP_TIMEOUT_MAX, gap.wait * 2)
+                self.request(room, log_.seq + 1, gap.last, now)
 
     def next_deadline(self) -> float | None:
-        deadlines = [held.deadline for held in self.held_back.values()]
+        deadlines = [gap.deadline for gap in self.parked.values()]
         deadlines += [answer_by for waits in self._waiting.values() for answer_by, _ in waits]
         return min(deadlines, default=None)
 

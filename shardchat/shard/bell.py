@@ -53,6 +53,6 @@ class Doorbell:
         if self._stopping.is_set():
             return  # the broker is closing or closed
         # Absorb the posts that arrived meanwhile, then read: in that order no
-        # post is lost between a drain and the next wait.
-        self.bell.drain()
+        # post is lost between an absorb and the next wait.
+        self.bell.absorb()
         self.ring()

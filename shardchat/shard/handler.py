@@ -60,7 +60,7 @@ class LoopBroker(Broker, Protocol):
 
     def commit(self) -> None: ...
 
-    def drain(self, now: float | None = None) -> bool: ...
+    def read_peers(self, now: float | None = None) -> bool: ...
 
     def tick(self, now: float) -> float | None: ...
 
@@ -102,7 +102,7 @@ class Shard:
         self.doorbell = None if bell is None else Doorbell(bell, loop, self._rung)
         self._next_conn_id = 0
         self._turn_due = False
-        self._drain_due = False
+        self._read_due = False
         self.webhooks: WebhookSender | None = None  # webhooks.url set: the event sender
         self.connect_proxy: ConnectProxy | None = None  # proxy.connect_url set
         self.journal: Journal | None = None  # webhooks on: open connections, for a successor
@@ -341,7 +341,7 @@ class Shard:
         if self.doorbell is None:
             return
         self.doorbell.start()
-        self.drain()
+        self.read_peers()
 
     def stop_bell(self) -> None:
         if self.doorbell is not None:
@@ -349,18 +349,18 @@ class Shard:
 
     def _rung(self) -> None:
         if self.broker.listener is not None:  # else closed
-            self.drain()
+            self.read_peers()
 
-    def drain(self) -> None:
+    def read_peers(self) -> None:
         """Hand the peers' new records to the engine; again next turn if there is more."""
-        self._drain_due = False
+        self._read_due = False
         now = _monotonic()
         self.engine.advance(now, _time())
-        more = self.broker.drain(now)
+        more = self.broker.read_peers(now)
         self._emit()
-        if more and not self._drain_due:
-            self._drain_due = True
-            self.loop.call_soon(self.drain)
+        if more and not self._read_due:
+            self._read_due = True
+            self.loop.call_soon(self.read_peers)
 
     # Time
 

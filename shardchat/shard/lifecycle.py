@@ -117,8 +117,8 @@ async def run(spec: ShardSpec, loop: asyncio.AbstractEventLoop, shard: Shard) ->
             loop.create_task(relisten())
         shard.sweep(loop.time())
         broker.heartbeat(time.monotonic_ns())
-        # A safety net under the doorbells: a drain costs little when idle.
-        shard.drain()
+        # A safety net under the doorbells: a read costs little when idle.
+        shard.read_peers()
         broker.record_lag()
         if os.getppid() != spec.supervisor_pid:
             log_event(log, logging.WARNING, "supervisor_gone")

@@ -74,7 +74,7 @@ def test_an_owner_behind_on_its_peers_rings_refuses_its_own_publishes() -> None:
         box.send(remote, type="message", room=room, content="x" * 200, id=f"r{i}")
     box.turn()
     box.stopped.discard(0)
-    box.brokers[0].drain(box.now)  # finds the forwards waiting, reads them
+    box.brokers[0].read_peers(box.now)  # finds the forwards waiting, reads them
     box.send(local, type="message", room=room, content="mine", id="l0")
     (error,) = local.take("error")
     assert (error["id"], error["code"]) == ("l0", "overloaded")

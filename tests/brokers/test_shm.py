@@ -50,4 +50,4 @@ class TestLappedReader:
         box.turn()
         assert box.stats[1][stats.Slot.RING_LAPS] >= 1
         assert bob.seqs(room) == list(range(1, count + 1))
-        assert not box.engines[1].gaps.held_back
+        assert not box.engines[1].gaps.parked

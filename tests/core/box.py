@@ -70,7 +70,7 @@ class Bell:
     def wait(self, timeout: float) -> bool:
         return False
 
-    def drain(self) -> None:
+    def absorb(self) -> None:
         self.posts = 0
 
 
@@ -265,7 +265,7 @@ class Box:
                     continue
                 engine.advance(self.now, self.wall)
                 read = broker.stats[15]
-                more = broker.drain(self.now)
+                more = broker.read_peers(self.now)
                 out = after_input(engine, broker)
                 self._collect(out)
                 moved = moved or more or broker.stats[15] != read or bool(out) or engine.turn_due

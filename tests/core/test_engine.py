@@ -308,7 +308,7 @@ class TestGapFill:
         )
         box.stopped.add(0)
         box.turn()
-        assert bob.seqs(room) == []  # held back behind the gap
+        assert bob.seqs(room) == []  # parked behind the gap
         asked = box.brokers[1].writer.tail
         box.advance(GAP_TIMEOUT)
         assert box.brokers[1].writer.tail > asked  # asked again, not given up

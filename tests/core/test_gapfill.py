@@ -1,4 +1,4 @@
-"""Gap fill: what an engine asks its broker for while a room is held back, and how
+"""Gap fill: what an engine asks its broker for while a room is parked, and how
 every hold ends (filled, or announced to the members as a ``gap``)."""
 
 from __future__ import annotations
@@ -46,10 +46,10 @@ def gap_fill() -> tuple[GapFill, Fills, RoomLog, list[bytes]]:
     return gaps, broker, log_, delivered
 
 
-def test_a_second_hole_while_held_back_is_asked_for_at_the_chunks_end() -> None:
+def test_a_second_hole_while_parked_is_asked_for_at_the_chunks_end() -> None:
     gaps, broker, log_, delivered = gap_fill()
-    gaps.hold_back(log_, ROOM, 5, b"5", 0.0)  # 1..4 missing
-    gaps.hold_back(log_, ROOM, 7, b"7", 0.0)  # and 6
+    gaps.park(log_, ROOM, 5, b"5", 0.0)  # 1..4 missing
+    gaps.park(log_, ROOM, 7, b"7", 0.0)  # and 6
     assert broker.asked == [(1, 4)]
     for seq in range(1, 5):
         gaps.on_replay(ROOM, seq, str(seq).encode())
@@ -58,14 +58,14 @@ def test_a_second_hole_while_held_back_is_asked_for_at_the_chunks_end() -> None:
     gaps.on_replay(ROOM, 6, b"6")
     gaps.on_end(ROOM, 0.2)
     assert delivered == [str(seq).encode() for seq in range(1, 8)]
-    assert not gaps.held_back
+    assert not gaps.parked
 
 
 def test_a_chunk_answering_a_replaced_request_asks_for_nothing() -> None:
     """A lap asks again while a request is out: the older request's answer, which
     brings nothing new, must not start a second chain of requests."""
     gaps, broker, log_, _ = gap_fill()
-    gaps.hold_back(log_, ROOM, 5, b"5", 0.0)
+    gaps.park(log_, ROOM, 5, b"5", 0.0)
     gaps.resync(lambda room: 10, 0.1)  # a lap: asked again, up to the latest
     assert broker.asked == [(1, 4), (1, 10)]
     for seq in (1, 2):  # the first request's chunk
@@ -101,7 +101,7 @@ def test_more_held_than_any_holder_keeps_is_given_up_at_once() -> None:
     held_on_bob(box, room, range(15, 16))  # 11: more than the owner keeps
     assert bob.frames[0] == {"type": "gap", "room": room, "first": 1, "last": 4}
     assert covered(bob, room) == list(range(1, 16))
-    assert not box.engines[1].gaps.held_back
+    assert not box.engines[1].gaps.parked
 
 
 def test_a_join_on_a_held_room_is_answered_within_the_join_wait() -> None:
@@ -117,7 +117,7 @@ def test_a_join_on_a_held_room_is_answered_within_the_join_wait() -> None:
     box.advance(GAP_JOIN_WAIT / 2)
     (joined,) = carol.take("joined")
     assert joined["seq"] == 0
-    assert box.engines[1].gaps.held_back  # the fill goes on, for carol too
+    assert box.engines[1].gaps.parked  # the fill goes on, for carol too
     box.send(carol, type="history", room=room)
     box.turn()
     assert carol.take("history_end") == []

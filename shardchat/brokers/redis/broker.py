@@ -260,7 +260,7 @@ class RedisBroker:
     def commit(self) -> None:
         """Publishes go out from :meth:`_kick`; nothing waits for the turn's end."""
 
-    def drain(self, now: float | None = None) -> bool:
+    def read_peers(self, now: float | None = None) -> bool:
         return False
 
     def tick(self, now: float) -> float | None:

@@ -10,7 +10,7 @@ publish on another shard is forwarded to it through our ring and kept until
 it comes back sequenced (:mod:`~shardchat.brokers.forwarding`).
 
 It never schedules: the shard's main module calls :meth:`commit` at the end
-of each loop turn, :meth:`drain` when the doorbell rings (and again while it
+of each loop turn, :meth:`read_peers` when the doorbell rings (and again while it
 returns True), and :meth:`tick` on its timer. An ack for a publish leaves
 only once the record is committed (visible in the ring), so that an acked
 message is in the ring before the client hears of it.

@@ -127,7 +127,7 @@ class ShmBroker(Recovery, Reading, History):
         """Commit what we wrote (a join must not see a frame before its record is
         in the ring), then read every ring to its end."""
         self.commit()
-        while self.drain():
+        while self.read_peers():
             pass
 
     def tick(self, now: float) -> float | None:

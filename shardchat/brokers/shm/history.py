@@ -29,7 +29,7 @@ class History(ShmState):
         owner = owner_of(room, self.workers)
         if owner == self.shard_id:
             # We are the owner: nobody holds more than we do (our store, if we
-            # have one). Answered at the next drain, outside the engine's call.
+            # have one). Answered at the next read, outside the engine's call.
             if self.durable is not None:
                 self._fills_due.append((room, first, last))
             else:

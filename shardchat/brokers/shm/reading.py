@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 class Reading(Presence):
     """The peers' rings, read."""
 
-    def drain(self, now: float | None = None) -> bool:
+    def read_peers(self, now: float | None = None) -> bool:
         """Hand every peer's new records to the listener, ``POLL_LIMIT`` per ring;
         True when there is more to read at once. ``now``: monotonic seconds."""
         listener = self.listener
@@ -68,7 +68,7 @@ class Reading(Presence):
         return more
 
     def _stored(self, listener: BrokerListener) -> None:
-        """The store's side of a drain: the acks of the turns it wrote (the peers'
+        """The store's side of a read of the peers: the acks of the turns it wrote (the peers'
         as FORWARD_SEEN records; seq 0 says it failed), then our own fills."""
         durable = self.durable
         assert durable is not None

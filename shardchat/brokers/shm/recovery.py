@@ -78,7 +78,7 @@ class Recovery(Sequencing):
         self.writer.append(_RESET, 0, b"")
         self._written += 1
         self.readers = readers
-        self.bells[self.shard_id].drain()
+        self.bells[self.shard_id].absorb()
 
     def _restore_stored(self, own: list[Record], now: float) -> None:
         """Our rooms' seqs and recent idempotency keys from the store (into our seq

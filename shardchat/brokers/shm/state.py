@@ -30,7 +30,7 @@ __all__ = ["POLL_LIMIT", "Bell", "Handler", "ShmState"]
 log = logging.getLogger(__name__)
 
 _OVERLOAD_DEFAULTS = OverloadConfig()  # the configuration's defaults
-POLL_LIMIT = 4096  # records per ring per drain: one busy peer cannot starve our clients
+POLL_LIMIT = 4096  # records per ring per read: one busy peer cannot starve our clients
 
 _ROOM_MSG = int(RecordKind.ROOM_MSG)
 _FORWARD = int(RecordKind.FORWARD)
@@ -62,7 +62,7 @@ class Bell(Protocol):
 
     def wait(self, timeout: float) -> bool: ...
 
-    def drain(self) -> None: ...
+    def absorb(self) -> None: ...
 
 
 class ShmState:
@@ -109,7 +109,7 @@ class ShmState:
         self._max_forwards = overload.forwards
         self._max_backlog = overload.backlog
         self._max_store = overload.store
-        self.backlog = 0  # bytes of the peers' rings unread when the last drain began
+        self.backlog = 0  # bytes of the peers' rings unread when the last read began
         # The presence of the rooms we hold (owner or replica), our queries for
         # the others, and what waits for our view while it is rebuilt.
         self.holders = HolderState(shard_id, workers)
@@ -197,7 +197,7 @@ class ShmState:
                 self.listener.on_publish_failed(msg_id, room)
         durable = self.durable
         if durable is not None:
-            # Acked once stored: the writer hands the turn back (drain).
+            # Acked once stored: the writer hands the turn back (read_peers).
             if self._acks_due or durable.due:
                 acks, self._acks_due = self._acks_due, []
                 durable.submit(acks)

@@ -35,14 +35,14 @@ class Deliveries(Rooms[C]):
         log_ = self.logs.get(room)
         if log_ is None:
             log_ = self.logs[room] = RoomLog(self._epoch(room), self.history, seq - 1)
-        if seq == log_.seq + 1 and room not in self.gaps.held_back:
+        if seq == log_.seq + 1 and room not in self.gaps.parked:
             log_.append(seq, json)
             log_.touched = self.now
             if room in self.members:
                 self.fanout.queue(room, json)
                 self._latency(int(self.now * 1e9) - publish_ns)
         elif seq > log_.seq:
-            self.gaps.hold_back(log_, room, seq, json, self.now)
+            self.gaps.park(log_, room, seq, json, self.now)
 
     def on_published(self, msg_id: str, room: str, seq: int) -> None:
         if self._pending_messages:

@@ -53,7 +53,7 @@ class Rooms(EngineState[C]):
             log_ is None
             or len(log_) >= min(self.history, log_.seq)
             or room in self.members
-            or room in self.gaps.held_back
+            or room in self.gaps.parked
             or room in self.reliable.rooms
             or self.broker.serves_history(room)
         ):
@@ -76,7 +76,7 @@ class Rooms(EngineState[C]):
         engine's memory stays with the rooms in use."""
         now = self.now
         idle = self.config.delivery.room_idle
-        busy = self.members.keys() | self.gaps.held_back.keys() | self.reliable.rooms.keys()
+        busy = self.members.keys() | self.gaps.parked.keys() | self.reliable.rooms.keys()
         serves = self.broker.serves_history
         dropped = [
             room
@@ -159,7 +159,7 @@ class Rooms(EngineState[C]):
             # The first tick only sets the clock: what was restored at start-up is
             # as fresh as the engine.
             self._next_evict = now + min(EVICT_EVERY, idle)
-        if self.gaps.held_back:
+        if self.gaps.parked:
             self.gaps.sweep(now)
             gap = self.gaps.next_deadline()
             if gap is not None and (deadline is None or gap < deadline):
