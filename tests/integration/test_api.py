@@ -511,7 +511,14 @@ def test_off_without_a_key_and_only_on_its_own_port_with_one() -> None:
     port = free_port()
     # One forward in flight per shard at most: a broadcast to another shard's rooms
     # meets the bound (admission control, as for the WebSocket's publishes).
-    settings = ["api.host=127.0.0.1", f"api.port={port}", "overload.forwards=1"]
+    settings = [
+        "api.host=127.0.0.1",
+        f"api.port={port}",
+        "overload.forwards=1",
+        "heartbeat.idle_timeout=1",
+        "heartbeat.interval=0.5",
+        "heartbeat.timeout=0.5",
+    ]
     with running_server(2, settings, env={"SHARDCHAT_API_KEY": KEY}) as own:
         assert call(port, "publish", {"room": "own", "content": "x"})[0] == 200
         status, body = call(own.port, "publish", {"room": "own", "content": "x"})
@@ -525,6 +532,14 @@ def test_off_without_a_key_and_only_on_its_own_port_with_one() -> None:
         assert {e["code"] for e in refused} == {"overloaded"}
         assert all(e["retry_after"] == 1.0 for e in refused)
         assert all(r["result"]["seq"] == 1 for r in replies if "result" in r)
+        # A keep-alive connection left idle past heartbeat.idle_timeout is closed.
+        idle = Http(port)
+        try:
+            assert idle.call("info")[0] == 200
+            idle.sock.settimeout(scaled(5))
+            assert idle.closed()
+        finally:
+            idle.close()
 
 
 def test_the_command_line(server: Server) -> None:
