@@ -26,7 +26,7 @@ from shardchat.api import (
 from shardchat.client import ChatClient
 from shardchat.core.errors import Closed
 from shardchat.testing.wait import await_until
-from tests.support.api import KEY, SPEC_PATH, Http, call, on_shard, request
+from tests.support.api import KEY, SPEC_PATH, Http, call, check_answer, on_shard, request
 from tests.support.helpers import (
     FAST,
     Client,
@@ -377,6 +377,7 @@ async def test_every_refusal_is_exact_and_a_neighbour_on_that_shard_sees_nothing
                 http.send(raw)
                 got_status, headers, got = http.answer()
                 assert (got_status, json.loads(got)) == (status, body), name
+                check_answer("info", got_status, json.loads(got))
                 assert headers["connection"] == "close" and headers["content-type"] == (
                     "application/json"
                 )
@@ -415,6 +416,10 @@ def test_keep_alive_and_pipelined_requests_are_answered_in_order(server: Server)
             + request("history", b'{"room": "pipe"}')
         )
         answers = [http.answer() for _ in range(4)]
+        for method, (status, _, body) in zip(
+            ["publish", "publish", "nope", "history"], answers, strict=True
+        ):
+            check_answer(method, status, json.loads(body))
         assert [a[0] for a in answers] == [200, 200, 404, 200]
         assert [json.loads(a[2])["result"]["seq"] for a in answers[:2]] == [1, 2]
         messages = json.loads(answers[3][2])["result"]["messages"]
