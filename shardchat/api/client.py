@@ -76,7 +76,7 @@ def _params(**given: Any) -> dict[str, Any]:
 class _Connection:
     """The request bytes and the parse of one answer, shared by both clients."""
 
-    def __init__(self, url: str, key: str, timeout: float) -> None:
+    def __init__(self, url: str, key: str, timeout: float, context: ssl.SSLContext | None) -> None:
         parts = urlsplit(url if "://" in url else "http://" + url)
         self.tls = parts.scheme == "https"
         self.host = parts.hostname or "127.0.0.1"
@@ -84,6 +84,8 @@ class _Connection:
         self.base = parts.path.rstrip("/")
         self.key = key
         self.timeout = timeout
+        # https: the system's trust store unless given a context (a private CA).
+        self.context = (context or ssl.create_default_context()) if self.tls else None
         self.authority = f"{self.host}:{self.port}"
 
     def request(
@@ -110,8 +112,10 @@ class _Connection:
 class ApiClient:
     """A blocking client (one connection, kept alive; not for several threads at once)."""
 
-    def __init__(self, url: str, key: str, *, timeout: float = 10.0) -> None:
-        self._conn = _Connection(url, key, timeout)
+    def __init__(
+        self, url: str, key: str, *, timeout: float = 10.0, ssl: ssl.SSLContext | None = None
+    ) -> None:
+        self._conn = _Connection(url, key, timeout, ssl)
         self._sock: socket.socket | None = None
 
     def close(self) -> None:
@@ -128,8 +132,8 @@ class ApiClient:
     def _connect(self) -> socket.socket:
         c = self._conn
         sock = socket.create_connection((c.host, c.port), timeout=c.timeout)
-        if c.tls:
-            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=c.host)
+        if c.context is not None:
+            sock = c.context.wrap_socket(sock, server_hostname=c.host)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
 
@@ -242,8 +246,10 @@ class ApiClient:
 class AsyncApiClient:
     """The asyncio client: the same methods, awaited (one call at a time per client)."""
 
-    def __init__(self, url: str, key: str, *, timeout: float = 10.0) -> None:
-        self._conn = _Connection(url, key, timeout)
+    def __init__(
+        self, url: str, key: str, *, timeout: float = 10.0, ssl: ssl.SSLContext | None = None
+    ) -> None:
+        self._conn = _Connection(url, key, timeout, ssl)
         self._streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
         self._lock = asyncio.Lock()
 
@@ -283,9 +289,7 @@ class AsyncApiClient:
     async def _exchange(self, conn: h11.Connection, data: bytes) -> tuple[int, bytes, bool]:
         if self._streams is None:
             c = self._conn
-            self._streams = await asyncio.open_connection(
-                c.host, c.port, ssl=ssl.create_default_context() if c.tls else None
-            )
+            self._streams = await asyncio.open_connection(c.host, c.port, ssl=c.context)
         reader, writer = self._streams
         writer.write(data)
         await writer.drain()

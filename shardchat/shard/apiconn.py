@@ -163,6 +163,10 @@ class ApiConnection(asyncio.Protocol):
         self.done = True  # the client sends no more; what it sent is answered
         if not self.pending:
             self._close()
+            return None
+        transport = self.transport
+        if transport is not None and transport.get_extra_info("ssl_object") is not None:
+            return None  # TLS has no half-close: the transport closes
         return True  # keep our side open for the answers
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -15,8 +15,10 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidHandshake
 
+from shardchat.api import ApiClient, AsyncApiClient
 from shardchat.client.chatclient import ChatClient
 from shardchat.testing.pki import Pki, make_pki
+from tests.support.api import KEY
 from tests.support.browser import CHROMIUM, launched
 from tests.support.helpers import SHARDCHAT, Server, assert_no_traceback, running_server, scaled
 
@@ -29,7 +31,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 @pytest.fixture(scope="module")
 def tls_server(pki: Pki) -> Iterator[Server]:
     settings = [f'server.tls_cert="{pki.cert}"', f'server.tls_key="{pki.key}"']
-    with running_server(workers=2, settings=settings) as server:
+    with running_server(workers=2, settings=settings, env={"SHARDCHAT_API_KEY": KEY}) as server:
         yield server
 
 
@@ -107,6 +109,18 @@ async def test_shardchat_chat_over_wss(tls_server: Server, pki: Pki) -> None:
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
+
+
+async def test_the_server_api_over_https(tls_server: Server, pki: Pki) -> None:
+    """The server API on the TLS port, kept alive, from both Python clients."""
+    url = f"https://127.0.0.1:{tls_server.port}"
+    with ApiClient(url, KEY, ssl=client_context(pki)) as api:
+        assert [api.publish("tlsapi", str(i))["seq"] for i in range(3)] == [1, 2, 3]
+        assert len(api.history("tlsapi")["messages"]) == 3
+    async with AsyncApiClient(url, KEY, ssl=client_context(pki)) as aio:
+        assert (await aio.publish("tlsapi", "3"))["seq"] == 4
+        assert (await aio.info())["broker"] == "shm"
+    assert_no_traceback(tls_server)
 
 
 async def test_page_over_https(tls_server: Server, pki: Pki) -> None:
