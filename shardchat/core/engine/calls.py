@@ -14,9 +14,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from shardchat.core import wire
-from shardchat.core.counters import (
-    overload_slot,
-)
 from shardchat.core.errors import ErrorCode
 from shardchat.core.messages import (
     Join,
@@ -52,13 +49,11 @@ class ServerCalls(Connections[C]):
         limits = self.config.limits
         reason = ""
         retry_after: float | None = None
-        full = self.broker.full(room) if wire.is_valid_name(room) else None
+        refusal = self.overloaded(room) if wire.is_valid_name(room) else None
         if not wire.is_valid_name(room):
             code, reason = ErrorCode.BAD_REQUEST, f"invalid room name {room!r}"
-        elif full is not None:
-            self.counters[overload_slot(full)] += 1
-            code, reason = ErrorCode.OVERLOADED, f"server overloaded ({full}); not sent"
-            retry_after = self.config.overload.retry_after
+        elif refusal is not None:
+            code, reason, retry_after = refusal.code, refusal.reason, refusal.retry_after
         elif len(content.encode()) > limits.max_content:
             code, reason = ErrorCode.TOO_LARGE, f"content is over {limits.max_content} bytes"
         if reason:

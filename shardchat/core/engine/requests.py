@@ -125,15 +125,20 @@ class Requests(Joins[C]):
     def overloaded(self, room: str) -> ProtocolError | None:
         """Read: the ``overloaded`` refusal a publish to ``room`` would get now, or
         None (not counted: for a caller that counts its own refusals)."""
-        overload = self.config.overload
-        full = self.broker.full(room)
-        if full is None and self.fanout.turn_bytes > overload.turn_bytes:
-            full = Queue.TURN
-        return None if full is None else overloaded(full, overload.retry_after, None)
+        full = self._full(room, proxied=False)
+        return None if full is None else overloaded(full, self.config.overload.retry_after, None)
 
     def _check_overload(self, room: str, request_id: str | None, proxied: bool = False) -> None:
-        """Refuse ``overloaded`` when a bounded queue a publish would wait in is full
-        (``proxied``: a client's publish, which waits for the publish proxy too)."""
+        """Refuse ``overloaded`` (counted) when a bounded queue a publish would wait
+        in is full."""
+        full = self._full(room, proxied)
+        if full is not None:
+            self.counters[overload_slot(full)] += 1
+            raise overloaded(full, self.config.overload.retry_after, request_id)
+
+    def _full(self, room: str, proxied: bool) -> Queue | None:
+        """The full queue a publish to ``room`` would wait in (``proxied``: a client's
+        publish, which waits for the publish proxy too), or None."""
         overload = self.config.overload
         full = self.broker.full(room)
         if full is None and self.fanout.turn_bytes > overload.turn_bytes:
@@ -141,9 +146,7 @@ class Requests(Joins[C]):
         if full is None and proxied and self.publish_proxy:
             if self.proxy_waiting >= overload.proxy:
                 full = Queue.PROXY
-        if full is not None:
-            self.counters[overload_slot(full)] += 1
-            raise overloaded(full, overload.retry_after, request_id)
+        return full
 
     def publish_answered(
         self, items: list[ProxiedPublish[C]], verdicts: list[Verdict] | None, reason: str = ""
