@@ -74,6 +74,16 @@ def _content_length(header_lines: list[bytes]) -> int | None:
     return int(values[0])
 
 
+def _json_typed(header_lines: list[bytes]) -> bool:
+    """Whether the request's one Content-Type is ``application/json``."""
+    values = [
+        value.strip().partition(b";")[0].strip().lower()
+        for name, _, value in (line.partition(b":") for line in header_lines)
+        if name.strip().lower() == b"content-type"
+    ]
+    return values == [b"application/json"]
+
+
 class AdminServer:
     """Answers admin requests; ``status`` builds the /status document, ``series``
     the dashboard's samples newer than a time."""
@@ -191,6 +201,12 @@ class AdminServer:
         if api is not None:
             if method != "POST":
                 self._answer(client, 405, _TEXT, b"method not allowed\n")
+                return
+            if not _json_typed(lines[1:]):
+                # A page of another origin may POST a form or text/plain here
+                # without asking (no CORS preflight); a JSON type it may not: so
+                # a call that acts with the API key comes from the dashboard.
+                self._answer(client, 415, _TEXT, b"Content-Type: application/json required\n")
                 return
             self.proxy.forward(
                 api.group(1), body, lambda status, out: self._answer(client, status, _JSON, out)

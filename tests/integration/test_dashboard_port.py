@@ -14,6 +14,7 @@ from tests.support.helpers import Server, raw_http, running_server
 
 TOKEN = "dashboard-port-token"
 AUTH = f"Authorization: Bearer {TOKEN}\r\n"
+JSON = "Content-Type: application/json; charset=utf-8\r\n"
 
 
 @pytest.fixture(scope="module")
@@ -74,14 +75,23 @@ def test_samples_come_once_a_second_behind_the_token(admin: Server) -> None:
 
 def test_api_calls_are_refused_clearly(admin: Server) -> None:
     assert call(admin, "POST", "/api/rooms", body=b"{}")[0] == 401
-    status, _, body = call(admin, "POST", "/api/rooms", AUTH, b"{}")
+    status, _, body = call(admin, "POST", "/api/rooms", AUTH + JSON, b"{}")
     assert status == 503 and json.loads(body)["error"]["code"] == "api_off"
+    # What a page of another origin may send without a CORS preflight (a form,
+    # text/plain) never reaches the API, token or not.
+    for typed in (
+        "",
+        "Content-Type: text/plain\r\n",
+        "Content-Type: application/x-www-form-urlencoded\r\n",
+    ):
+        status, headers, _ = call(admin, "POST", "/api/rooms", AUTH + typed, b"{}")
+        assert status == 415 and headers["connection"] == "close"
     assert call(admin, "GET", "/api/rooms", AUTH)[0] == 405
     assert call(admin, "POST", "/status", AUTH, b"{}")[0] == 405
     assert call(admin, "POST", "/", body=b"{}")[0] == 405
     # Told by Content-Length, before any of the body is read.
-    too_large = AUTH + "Content-Length: 70000\r\n"
+    too_large = AUTH + JSON + "Content-Length: 70000\r\n"
     assert call(admin, "POST", "/api/rooms", too_large)[0] == 413
-    assert call(admin, "POST", "/api/Bad-Name", AUTH, b"{}")[0] == 404
+    assert call(admin, "POST", "/api/Bad-Name", AUTH + JSON, b"{}")[0] == 404
     # The port still answers after all that.
     assert call(admin, "GET", "/status", AUTH)[0] == 200
