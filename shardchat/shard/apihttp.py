@@ -65,6 +65,7 @@ def response(
         b"Date: " + _date(),
         b"Cache-Control: no-store",
         b"X-Content-Type-Options: nosniff",
+        b"Referrer-Policy: no-referrer",  # as every answer of the main port
         *(f"{name}: {value}".encode() for name, value in extra),
     ]
     if close:

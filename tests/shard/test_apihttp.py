@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from shardchat.shard.apihttp import api_key_of, is_api_request
+from shardchat.shard.apihttp import api_key_of, is_api_request, response
 
 
 @pytest.mark.parametrize(
@@ -32,3 +32,12 @@ def test_api_key_of_reads_both_headers() -> None:
     assert api_key_of([(b"authorization", b"ApiKey  k3 ")]) == b"k3"
     assert api_key_of([(b"authorization", b"Bearer k4")]) is None
     assert api_key_of([]) is None
+
+
+def test_answers_carry_the_main_ports_headers() -> None:
+    """Every answer of the main port carries these (docs/PROTOCOL.md); the API's too."""
+    head = response(404, b"{}", close=False).partition(b"\r\n\r\n")[0].split(b"\r\n")
+    for line in (b"X-Content-Type-Options: nosniff", b"Referrer-Policy: no-referrer"):
+        assert line in head
+    assert b"Cache-Control: no-store" in head
+    assert b"Connection: close" in response(401, b"{}", close=True).split(b"\r\n")
