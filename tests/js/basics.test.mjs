@@ -2,7 +2,7 @@
 // in order, presence events, history paging, refusals as typed errors, close.
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { api, clientsOnShards, load, opts, server, take, waitUntil } from "./support.mjs";
+import { api, clientsOnShards, control, load, ms, opts, server, take, waitUntil } from "./support.mjs";
 
 const lib = await load();
 const { ChatClient, ChatError, Closed, Refused, Unavailable } = lib;
@@ -125,32 +125,38 @@ test("disconnected by the server: 4403 stops the client for good, 4400 lets it b
   }
 });
 
-test("a flood beyond the server's bounds: overloaded with retryAfter, the rest delivered once", async () => {
-  const [a, b] = await clientsOnShards(ChatClient, [0, 1], (i) =>
+test("a publish past a bound is refused at once: overloaded with retryAfter; the rest delivered once", async () => {
+  // The room's owner stops for a moment: the forwards of a publisher on the other shard
+  // wait for it, and past overload.forwards (256 here) in flight a publish is refused at once.
+  const { shard: owner } = await control("owner", { room: "flooded" });
+  const [writer] = await clientsOnShards(ChatClient, [1 - owner], (i) =>
     ChatClient.connect(url, opts({ user: `flood${i}`, rooms: ["flooded"] })));
   const reader = await ChatClient.connect(url, opts({ user: "floodreader", rooms: ["flooded"] }));
+  const got = reader.messages();
+  let outcomes;
+  await control("signal", { shard: owner, signal: "STOP" });
   try {
-    const got = reader.messages();
-    // Both publishers at once: the one not on the room's owner shard forwards, and its
-    // forwards in flight are bounded (overload.forwards). Bursts until one is refused.
-    const outcomes = [];
-    for (let burst = 0; burst < 4 && !outcomes.some((o) => o.status === "rejected"); burst++) {
-      outcomes.push(...await Promise.allSettled(Array.from({ length: 3000 }, (_, i) =>
-        (i % 2 ? a : b).send("flooded", `f${burst}-${i}`))));
-    }
+    const sends = Array.from({ length: 400 }, (_, i) => writer.send("flooded", `f${i}`));
+    const settled = sends.map((p) => p.then(() => "acked", (e) => e));
+    // Refused at once, while the owner is still stopped.
+    const first = await Promise.race([...settled, new Promise((r) => setTimeout(r, ms(10), "none"))]);
+    assert.ok(first instanceof ChatError, `first answer: ${first}`);
+    assert.equal(first.code, "overloaded");
+    assert.ok(typeof first.retryAfter === "number" && first.retryAfter > 0);
+    await control("signal", { shard: owner, signal: "CONT" });
+    outcomes = await Promise.allSettled(sends);
+  } finally {
+    await control("signal", { shard: owner, signal: "CONT" });
+  }
+  try {
     const refused = outcomes.filter((o) => o.status === "rejected").map((o) => o.reason);
-    assert.ok(refused.length > 0, "nothing was refused: the floods were too small");
-    for (const error of refused) {
-      assert.ok(error instanceof ChatError, String(error));
-      assert.equal(error.code, "overloaded", String(error));
-      assert.ok(typeof error.retryAfter === "number" && error.retryAfter > 0);
-    }
+    assert.ok(refused.length >= 400 - 256, `${refused.length} refused`);
+    for (const error of refused) assert.equal(error.code, "overloaded", String(error));
     const acked = outcomes.filter((o) => o.status === "fulfilled").map((o) => o.value);
     const messages = await take(got, acked.length);
     assert.deepEqual(messages.map((m) => m.seq), [...acked].sort((x, y) => x - y));
   } finally {
-    a.close();
-    b.close();
+    writer.close();
     reader.close();
   }
 });

@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 
+from shardchat.brokers.sequencer import owner_of
 from tests.js.nodetools import install_ws
 from tests.support.helpers import FAST, Server, cleanup_server, scaled, start_server
 
@@ -41,6 +42,7 @@ SETTINGS = [
     "delivery.history=5000",
     "storage.kind=memory",
     f"api.key={API_KEY}",
+    "overload.forwards=256",  # the flood test's bound (FAST lifts it)
 ]
 
 
@@ -82,6 +84,13 @@ class Control:
                 starts = len(server.shard_starts())
                 os.kill(pid, signal.SIGKILL)
                 return {"pid": pid, "starts": starts}
+            if path == "/signal":
+                # SIGSTOP / SIGCONT of one shard: a shard that stops answering for a moment.
+                pid = server.shard_pids()[int(body["shard"])]
+                os.kill(pid, getattr(signal, f"SIG{body['signal']}"))
+                return {"pid": pid}
+            if path == "/owner":
+                return {"shard": owner_of(str(body["room"]), server.workers)}
             if path == "/wait_started":
                 server.wait_started(int(body["count"]), timeout=30)
                 return {"starts": len(server.shard_starts())}
@@ -133,7 +142,8 @@ def control() -> Iterator[Control]:
     try:
         control.start("main", workers=2)
         # Rooms in a store (storage.dir): a full restart keeps their history and seqs.
-        durable = [*SETTINGS[:-1], "storage.kind=sqlite", f"storage.dir={control.store}"]
+        durable = [s for s in SETTINGS if not s.startswith("storage.")]
+        durable += ["storage.kind=sqlite", f"storage.dir={control.store}"]
         control.start("durable", workers=2, settings=durable)
         yield control
     finally:
