@@ -108,12 +108,15 @@ class Deliveries(Rooms[C]):
 
     def on_replay(self, room: str, seq: int, json: bytes) -> None:
         self.gaps.on_replay(room, seq, json)
+        self.fetches.on_replay(room, seq, json)
 
     def on_replay_lost(self, room: str, last: int) -> None:
         self.gaps.on_lost(room, last)
+        self.fetches.on_lost(room, last)
 
     def on_replay_end(self, room: str, last: int) -> None:
         self.gaps.on_end(room, self.now)
+        self.fetches.on_end(room, last)
 
     def on_resync(self, latest: Callable[[str], int | None]) -> None:
         self.gaps.resync(latest, self.now)

@@ -28,6 +28,7 @@ from shardchat.core.messages import (
 )
 from shardchat.core.outputs import C, Paced
 from shardchat.core.overload import Queue, overloaded
+from shardchat.core.roomlog import HeldMessage, RoomLog
 
 if TYPE_CHECKING:
     pass
@@ -266,18 +267,47 @@ class Requests(Joins[C]):
         if self.gaps.ensure_history(request.room, 0, self.now, then):
             self._finish_history(conn, request)
 
-    def _finish_history(self, conn: C, request: HistoryQuery) -> None:
+    def _finish_history(
+        self, conn: C, request: HistoryQuery, fetched: dict[int, bytes] | None = None
+    ) -> None:
+        """The answer, from the log and, for the seqs the log lacks (a range given
+        up as a ``gap`` here, messages older than the log), what the room's holder
+        sent back for this answer alone (``fetched``; historyfetch.py)."""
         if conn not in self.conns:
             return  # gone while the room's history was being fetched
         room = request.room
         self._catch_up()
         self._out += self.fanout.flush(self.now, snapshot=True)
         log_ = self.logs.get(room)
+        if fetched is None and log_ is not None:
+            missing = self._missing(log_, request)
+            if missing is not None:
+                then = self.inbox.later(self._finish_history, conn, request)
+                self.fetches.fetch(room, missing[0], missing[1], self.now, then)
+                return
         held = [] if log_ is None else log_.page(request.since, request.before, request.limit)
+        if fetched and log_ is not None:
+            held = _merged(log_, fetched, request)
         if held:
             self._out.append(((conn,), Paced([message.payload for message in held])))
         last = held[-1].seq if held else request.since or 0
         self._reply(conn, {"type": "history_end", "room": room, "seq": last})
+
+    def _missing(self, log_: RoomLog, request: HistoryQuery) -> tuple[int, int] | None:
+        """The seqs the answer to ``request`` wants that ``log_`` lacks (all older
+        than its oldest held message), at most the ``delivery.history`` a holder
+        keeps; None when the log has them all."""
+        if not self.history:
+            return None
+        since, before, limit = request.since, request.before, request.limit
+        top = log_.seq if before is None else min(log_.seq, before - 1)
+        count = self.history if limit is None else limit
+        if since is not None and limit is not None:
+            first, top = since + 1, min(top, since + limit)  # the oldest after `since`
+        else:
+            first = max(top - count + 1, 1 if since is None else since + 1)
+        last = min(top, log_.oldest_seq - 1)
+        return (first, last) if first <= last else None
 
     def _ack(self, conn: C, state: ConnState, request: Ack) -> None:
         """A client's cumulative ack; the first one puts it in reliable mode for the room.
@@ -291,6 +321,20 @@ class Requests(Joins[C]):
         log_ = self.logs.get(room)
         latest = log_.seq if log_ is not None else 0
         self.reliable.ack(conn, room, request.seq, latest, self.now)
+
+
+def _merged(log_: RoomLog, fetched: dict[int, bytes], request: HistoryQuery) -> list[HeldMessage]:
+    """``history`` paging (RoomLog.page) over the fetched messages and the log's."""
+    since, before, limit = request.since, request.before, request.limit
+    oldest = log_.oldest_seq
+    held = [HeldMessage(seq, fetched[seq]) for seq in sorted(fetched) if seq < oldest]
+    held += log_.page(since, before, None)
+    held = [
+        m for m in held if (since is None or m.seq > since) and (before is None or m.seq < before)
+    ]
+    if limit is not None:
+        held = held[:limit] if since is not None else held[max(0, len(held) - limit) :]
+    return held
 
 
 # Each request type's handler (a join goes through its stages: joins.py).

@@ -164,6 +164,11 @@ class Rooms(EngineState[C]):
             gap = self.gaps.next_deadline()
             if gap is not None and (deadline is None or gap < deadline):
                 deadline = gap
+        if self.fetches.pending:
+            self.fetches.sweep(now)
+            fetch = self.fetches.next_deadline()
+            if fetch is not None and (deadline is None or fetch < deadline):
+                deadline = fetch
         return deadline
 
     def room_members(self, room: str) -> list[str]:

@@ -27,7 +27,8 @@ from shardchat.core.engine.commands import Command, CommandQueue
 from shardchat.core.engine.inbox import Inbox
 from shardchat.core.errors import ErrorCode, ProtocolError
 from shardchat.core.fanout import Fanout
-from shardchat.core.gapfill import GapFill
+from shardchat.core.gapfill import GAP_JOIN_WAIT, GapFill
+from shardchat.core.historyfetch import HistoryFetches
 from shardchat.core.hookevents import HookEvent, ProxiedPublish
 from shardchat.core.interfaces import (
     NO_LOG,
@@ -196,6 +197,8 @@ class EngineState(Generic[C]):
         self.gaps = GapFill(
             self.broker, self.logs, self.fanout.queue, counters, epoch, self.history, log
         )
+        # What a `history` answer needs and the log lacks (a gap, older messages).
+        self.fetches = HistoryFetches(self.broker, GAP_JOIN_WAIT)
         self._pending: dict[str, tuple[C, str | None]] = {}  # msg id -> sender, request id
         self._calls: dict[str, object] = {}  # msg id -> the publish_as caller's token
         # Webhook events (core/hookevents.py), taken with take_events(): only the

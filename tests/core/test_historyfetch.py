@@ -1,0 +1,88 @@
+"""``history`` on a shard whose room log skipped a range (a ``gap``): the missing
+seqs are fetched from the room's owner for that answer alone."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from shardchat.core.gapfill import GAP_GIVE_UP, GAP_JOIN_WAIT
+from tests.core.box import Box, Client, config, covered, owner_and_peer
+
+FAST = {"limits__rate": 100_000.0, "limits__burst": 100_000}
+LAPPED = 300  # 300 x ~600 bytes: about three rings
+COUNT = LAPPED + 3  # three more once the owner is back: the log's own
+
+
+def gap_on_shard_1(box: Box) -> tuple[str, Client, Client, dict[str, Any]]:
+    """Alice (shard 0, the owner) publishes ``LAPPED`` messages while shard 1 is
+    stopped (lapped), then shard 1 reads while the owner is stopped, and gives the
+    lost range up: bob and carol (shard 1) get a ``gap``. The owner comes back,
+    and alice publishes up to ``COUNT``, delivered live."""
+    room, alice, bob = owner_and_peer(box, "alice")
+    carol = box.connect(1, "carol")
+    box.join(carol, room)
+    box.stopped.add(1)
+    for i in range(LAPPED):
+        box.send(alice, type="message", room=room, content=f"{i}:" + "y" * 500)
+        box.turn()
+    box.stopped.discard(1)
+    box.stopped.add(0)  # the fill gets no answer
+    box.turn()
+    for _ in range(int(GAP_GIVE_UP) + 1):
+        box.advance(1.0)
+    box.stopped.discard(0)
+    box.turn()
+    for i in range(LAPPED, COUNT):
+        box.send(alice, type="message", room=room, content=f"{i}")
+        box.turn()
+    assert bob.seqs(room)[-3:] == list(range(LAPPED + 1, COUNT + 1))
+    gaps = bob.take("gap")
+    assert len(gaps) == 1
+    assert covered(carol, room) == list(range(1, COUNT + 1))
+    return room, bob, carol, gaps[0]
+
+
+def test_history_of_a_range_given_up_here_is_fetched_from_the_owner() -> None:
+    box = Box(2, config(**FAST))
+    room, bob, carol, gap = gap_on_shard_1(box)
+    log_ = box.engines[1].logs[room]
+    seq, oldest = log_.seq, log_.oldest_seq
+    assert oldest > gap["last"]  # the log skipped the range
+    bob.frames.clear()
+    carol.frames.clear()
+    box.send(bob, type="history", room=room, since=gap["first"] - 1)
+    box.turn()
+    assert bob.seqs(room) == list(range(gap["first"], COUNT + 1))
+    (end,) = bob.take("history_end")
+    assert end["seq"] == COUNT
+    # For that answer alone: no member got them again, the log is as it was.
+    assert carol.frames == []
+    assert (log_.seq, log_.oldest_seq) == (seq, oldest)
+    assert not box.engines[1].fetches.pending
+    # Paged: the oldest 5 after `since`, and "load older" before the log's oldest.
+    bob.frames.clear()
+    box.send(bob, type="history", room=room, since=gap["first"] - 1, limit=5)
+    box.turn()
+    assert bob.seqs(room) == list(range(gap["first"], gap["first"] + 5))
+    bob.frames.clear()
+    box.send(bob, type="history", room=room, before=oldest, limit=3)
+    box.turn()
+    assert bob.seqs(room) == list(range(oldest - 3, oldest))
+
+
+def test_history_is_answered_with_what_is_held_when_the_owner_is_silent() -> None:
+    box = Box(2, config(**FAST))
+    room, bob, _, gap = gap_on_shard_1(box)
+    oldest = box.engines[1].logs[room].oldest_seq
+    bob.frames.clear()
+    box.stopped.add(0)
+    box.send(bob, type="history", room=room, since=gap["first"] - 1)
+    box.turn()
+    assert bob.take("history_end") == []  # waits for the owner
+    box.advance(GAP_JOIN_WAIT / 2)
+    assert bob.take("history_end") == []
+    box.advance(GAP_JOIN_WAIT / 2)
+    (end,) = bob.take("history_end")
+    assert end["seq"] == COUNT
+    assert bob.seqs(room) == list(range(oldest, COUNT + 1))  # the log's own
+    assert not box.engines[1].fetches.pending
