@@ -98,6 +98,7 @@ class DeliveryConfig:
     room_idle: float = 600.0  # seconds before a non-owner shard drops an idle room's log
     publish_timeout: float = 30.0  # seconds before a forwarded publish is answered `unavailable`
     history_ttl: float = 0.0  # seconds a stored message is kept at most; 0 = by count alone
+    gap_give_up: float = 10.0  # seconds a missed range may go unfilled before it is a `gap`
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -466,6 +467,7 @@ _CHECKS: dict[str, Check] = {
     "overload.proxy": _int(1),
     "overload.retry_after": _number(0, strict=True),
     "delivery.history_ttl": _number(0, strict=False),
+    "delivery.gap_give_up": _number(0, strict=True),
     "ring.bytes": _power_of_two,
     "ring.rooms": _int(16, 1 << 24),
     "presence.list_limit": _int(1),

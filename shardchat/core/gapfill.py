@@ -90,8 +90,10 @@ class GapFill:
         epoch: str,
         history: int,
         log: EventLog = NO_LOG,
+        give_up: float = GAP_GIVE_UP,
     ) -> None:
         self.broker = broker
+        self.give_up = give_up  # delivery.gap_give_up
         self.logs = logs
         self.deliver = deliver
         self.counters = counters
@@ -124,7 +126,7 @@ class GapFill:
         """Ask for ``first..last``; hold later messages meanwhile."""
         gap = self.parked.get(room)
         if gap is None:
-            gap = self.parked[room] = Parked(now + GAP_TIMEOUT, last, now + GAP_GIVE_UP, first - 1)
+            gap = self.parked[room] = Parked(now + GAP_TIMEOUT, last, now + self.give_up, first - 1)
             level = WARNING if why == "gap" else INFO
             self.log.event(level, why, room=room, first=first, last=last)
         else:
@@ -257,7 +259,7 @@ class GapFill:
             log_ = self.logs[room]
             if log_.seq > gap.progress:
                 gap.progress = log_.seq
-                gap.give_up_at = now + GAP_GIVE_UP
+                gap.give_up_at = now + self.give_up
                 gap.wait = GAP_TIMEOUT
             if now >= gap.give_up_at:
                 last = min(gap.messages) - 1 if gap.messages else gap.last
@@ -267,7 +269,7 @@ class GapFill:
                     # Another hole after the messages just released: a range of its
                     # own, with its own time to come.
                     gap.progress = log_.seq
-                    gap.give_up_at = now + GAP_GIVE_UP
+                    gap.give_up_at = now + self.give_up
                     gap.wait = GAP_TIMEOUT
                     self.request(room, log_.seq + 1, gap.last, now)
             else:

@@ -195,7 +195,14 @@ class EngineState(Generic[C]):
         self.fanout: Fanout[C] = Fanout(self.logs, self.reliable, counters)
         self.members = self.fanout.members  # room -> local members
         self.gaps = GapFill(
-            self.broker, self.logs, self.fanout.queue, counters, epoch, self.history, log
+            self.broker,
+            self.logs,
+            self.fanout.queue,
+            counters,
+            epoch,
+            self.history,
+            log,
+            config.delivery.gap_give_up,
         )
         # What a `history` answer needs and the log lacks (a gap, older messages).
         self.fetches = HistoryFetches(self.broker, GAP_JOIN_WAIT)
