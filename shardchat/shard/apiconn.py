@@ -235,6 +235,11 @@ class ApiConnection(asyncio.Protocol):
         pending = self.pending
         if pending and not (slot.streams and all(s.streams for s in pending)):
             self.held = (method, body, slot)
+            # Nothing more is parsed until it is taken: what the client sends
+            # meanwhile would wait in h11's buffer, without a bound.
+            if self.transport is not None and not self.paused:
+                self.paused = True
+                self.transport.pause_reading()
             return False
         pending.append(slot)
         self.handler.api_call(self, method, body, self._answerer(slot))
@@ -321,6 +326,9 @@ class ApiConnection(asyncio.Protocol):
             self._close()
         elif held is not None and not pending:
             self.held = None
+            if self.paused:
+                self.paused = False
+                transport.resume_reading()
             self._take(*held)
             self._next()
         elif self.done and not pending:
