@@ -19,6 +19,12 @@ that says the client broke the protocol). Transient ones (connection refused,
 HTTP 503, close 1001, 1006, 4408, 4409, 4429) are retried, bounded by
 ``timeout`` and ``attempts`` when given, then raise :class:`Unavailable`.
 
+A ``gap`` frame (PROTOCOL.md, Extensions: messages the server could not
+deliver on this connection) is counted in ``gaps``, and its range is asked
+for with ``history``: the room's later messages wait until the answer is in,
+so that the application still gets every message the server holds once and
+in seq order; what ``history`` cannot return any more is counted in ``lost``.
+
 Publishing is at least once: a ``send`` whose ack was lost with the
 connection is sent again after the reconnect, with the same ``key``
 (PROTOCOL.md, Extensions: the server deduplicates by user, room and ``key``),
@@ -36,7 +42,7 @@ import random
 import secrets
 import ssl as ssl_
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 from urllib.parse import urlencode
@@ -98,6 +104,17 @@ class ClientEvent:
     detail: str = ""
     delay: float = 0.0
     recovered: bool | None = None
+
+
+@dataclass(slots=True)
+class _Fill:
+    """A room's ``gap`` ranges being fetched with ``history`` (the first is asked),
+    and the room's messages received meanwhile, by seq."""
+
+    ranges: list[tuple[int, int]]
+    high: int  # the highest seq received or announced: what is acked
+    got: dict[int, Message] = field(default_factory=dict)
+    done: int = 0  # the last seq of the ranges answered
 
 
 class ChatClient:
@@ -162,7 +179,10 @@ class ChatClient:
         self.last_seq: dict[str, int] = {}  # the last seq delivered per room
         self.epochs: dict[str, str] = {}
         self.reconnects = 0
-        self.gaps = 0  # rejoins where the server no longer held what was missed
+        # Rejoins where the server no longer held what was missed, and `gap` frames.
+        self.gaps = 0
+        self.lost = 0  # messages of `gap` ranges that `history` could not return
+        self._fills: dict[str, _Fill] = {}  # rooms whose gaps are being fetched
         self.shard: int | None = None
         self.name: str | None = None  # the user name the server gave us (welcome)
         self._ws: ClientConnection | None = None
@@ -401,6 +421,10 @@ class ChatClient:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
                 await reader
+            # The answers will not come on this connection: what arrived goes out,
+            # the ranges not fetched are lost (the rejoin resumes after them).
+            for room in list(self._fills):
+                self._end_fill(room, unanswered=True)
         code, reason = ws.close_code, ws.close_reason
         if code in PERMANENT_CLOSES:
             raise Closed(code, reason or "")
@@ -456,6 +480,10 @@ class ChatClient:
                     self._unsent.pop(frame["id"], None)
             elif kind == "joined":
                 self._on_joined(frame)
+            elif kind == "gap":
+                self._on_gap(ws, frame)
+            elif kind == "history_end":
+                self._on_history_end(ws, frame)
             elif kind in ("join", "leave"):
                 self._emit(ClientEvent(kind, room=frame["room"], user=frame["sender"]))
             elif kind == "error":
@@ -499,15 +527,77 @@ class ChatClient:
         last = self.last_seq.get(room, 0)
         if seq > last:
             # Anything at or below `last` is a resend or a replay overlap: a duplicate.
-            self.last_seq[room] = seq
-            self._queue.put_nowait(
-                Message(
-                    room, seq, frame["sender"], frame["content"], frame["timestamp"], frame["id"]
-                )
+            message = Message(
+                room, seq, frame["sender"], frame["content"], frame["timestamp"], frame["id"]
             )
+            fill = self._fills.get(room)
+            if fill is not None:
+                # A gap's range is being fetched: history's answer and the live
+                # messages after the gap wait for each other, to go out in order.
+                fill.got[seq] = message
+                fill.high = max(fill.high, seq)
+            else:
+                self.last_seq[room] = seq
+                self._queue.put_nowait(message)
         # Ack (cumulatively) what we hold, duplicates included (a resend means the
         # server missed our ack), once per ack_delay.
-        self._ack_due[room] = self.last_seq.get(room, seq)
+        fill = self._fills.get(room)
+        self._ack_later(ws, room, fill.high if fill else self.last_seq.get(room, seq))
+
+    def _on_gap(self, ws: ClientConnection, frame: dict[str, Any]) -> None:
+        """Messages ``first..last`` will not come live: fetched with ``history``
+        (one request per room at a time: its ``history_end`` names no request)."""
+        room = frame["room"]
+        first, last = max(frame["first"], self.last_seq.get(room, 0) + 1), frame["last"]
+        self.gaps += 1
+        fill = self._fills.get(room)
+        if fill is not None:
+            fill.high = max(fill.high, last)
+            if first <= last:
+                fill.ranges.append((first, last))  # asked when the current one is answered
+        elif first <= last:
+            fill = self._fills[room] = _Fill([(first, last)], last)
+            self._ask_history(ws, room, first, last)
+        # Acked past: those messages are not coming live (PROTOCOL.md, gap).
+        self._ack_later(ws, room, fill.high if fill else max(last, self.last_seq.get(room, 0)))
+
+    def _on_history_end(self, ws: ClientConnection, frame: dict[str, Any]) -> None:
+        room = frame["room"]
+        fill = self._fills.get(room)
+        if fill is None:
+            return
+        first, last = fill.ranges.pop(0)
+        self.lost += sum(1 for seq in range(first, last + 1) if seq not in fill.got)
+        fill.done = last
+        if fill.ranges:
+            self._ask_history(ws, room, *fill.ranges[0])
+        else:
+            self._end_fill(room)
+
+    def _end_fill(self, room: str, unanswered: bool = False) -> None:
+        """The room's gaps are answered (or never will be): what came goes out in
+        seq order, once."""
+        fill = self._fills.pop(room)
+        if unanswered:
+            for first, last in fill.ranges:
+                self.lost += sum(1 for seq in range(first, last + 1) if seq not in fill.got)
+                fill.done = last
+        for seq in sorted(fill.got):
+            if seq > self.last_seq.get(room, 0):
+                self.last_seq[room] = seq
+                self._queue.put_nowait(fill.got[seq])
+        # Past the ranges, even when their last messages are lost: the resume and
+        # the acks go on from there.
+        self.last_seq[room] = max(self.last_seq.get(room, 0), fill.done)
+
+    def _ask_history(self, ws: ClientConnection, room: str, first: int, last: int) -> None:
+        request = {"type": "history", "room": room, "since": first - 1, "limit": last - first + 1}
+        task = asyncio.ensure_future(self._send_quietly(ws, request))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _ack_later(self, ws: ClientConnection, room: str, seq: int) -> None:
+        self._ack_due[room] = seq
         if not self._ack_scheduled:
             self._ack_scheduled = True
             asyncio.get_running_loop().call_later(self.ack_delay, self._flush_acks, ws)
@@ -527,5 +617,10 @@ class ChatClient:
 
     @staticmethod
     async def _send_ack(ws: ClientConnection, room: str, seq: int) -> None:
+        await ChatClient._send_quietly(ws, {"type": "ack", "room": room, "seq": seq})
+
+    @staticmethod
+    async def _send_quietly(ws: ClientConnection, request: dict[str, Any]) -> None:
+        """Send, or nothing when the connection is gone (its loss is handled)."""
         with contextlib.suppress(ConnectionClosed):
-            await ws.send(json.dumps({"type": "ack", "room": room, "seq": seq}))
+            await ws.send(json.dumps(request))

@@ -292,3 +292,54 @@ async def test_killing_the_shard_mid_stream_loses_nothing_both_ways() -> None:
         assert [m.content for m in got] == [f"m{i}" for i in range(300)]
         assert [m.seq for m in got] == list(range(1, 301))
         assert seen == [f"m{i}" for i in range(300)]
+
+
+async def test_a_gap_is_fetched_with_history_and_delivered_once_in_order() -> None:
+    """The server announces ``gap`` 3..6 between live messages 2 and 7; the client
+    asks ``history`` for the range and gets 3, 4 and 6 (5 is gone), with 7 sent
+    again among them: the application gets 1..4, 6..9 once, in seq order, and
+    the client counts one gap and one lost message."""
+    asked: list[dict[str, Any]] = []
+
+    def message(seq: int) -> str:
+        return json.dumps(
+            {
+                "type": "message",
+                "room": "r",
+                "seq": seq,
+                "sender": "bob",
+                "content": f"m{seq}",
+                "timestamp": 0,
+                "id": f"i{seq}",
+            }
+        )
+
+    async def handler(ws: ServerConnection) -> None:
+        await ws.send(json.dumps({"type": "welcome", "user": "ada", "shard": 1}))
+        async for raw in ws:
+            frame = json.loads(raw)
+            if frame["type"] == "join":
+                joined = {"type": "joined", "room": "r", "seq": 0, "epoch": "e"}
+                await ws.send(json.dumps({**joined, "count": 1, "users": ["ada"]}))
+                for seq in (1, 2):
+                    await ws.send(message(seq))
+                await ws.send(json.dumps({"type": "gap", "room": "r", "first": 3, "last": 6}))
+                for seq in (7, 8):
+                    await ws.send(message(seq))
+            elif frame["type"] == "history":
+                asked.append(frame)
+                for seq in (3, 4, 6, 7):
+                    await ws.send(message(seq))
+                await ws.send(json.dumps({"type": "history_end", "room": "r", "seq": 7}))
+                await ws.send(message(9))
+
+    async with fake_server(handler) as port:
+        url = f"ws://127.0.0.1:{port}/ws"
+        async with ChatClient(url, user="ada", rooms=["r"]) as client:
+            got = await asyncio.wait_for(take(client, 7), scaled(5))
+            assert [m.seq for m in got] == [1, 2, 3, 4, 6, 7, 8]
+            assert [m.content for m in got][2:4] == ["m3", "m4"]
+            (more,) = await asyncio.wait_for(take(client, 1), scaled(5))
+            assert more.seq == 9
+    assert [(a["room"], a["since"], a["limit"]) for a in asked] == [("r", 2, 4)]
+    assert (client.gaps, client.lost) == (1, 1)
