@@ -18,7 +18,7 @@ def run_npm(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
 
 
 def install_ws() -> None:
-    """``npm ci`` tests/js's dependencies (ws) when they are missing or out of date."""
+    """``npm ci`` tests/js's dependencies (ws, typescript) when missing or out of date."""
     lock = HERE / "package-lock.json"
     stamp = HERE / "node_modules" / ".package-lock.json"
     if stamp.exists() and stamp.stat().st_mtime >= lock.stat().st_mtime:

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import tomllib
 from pathlib import Path
 
-from tests.js.nodetools import run_npm
+from tests.js.nodetools import HERE, install_ws, run_npm
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 MODULE = ROOT / "shardchat" / "static" / "shardchat.js"
@@ -42,3 +43,31 @@ def test_the_types_declare_every_export() -> None:
     declared = set(re.findall(r"^export declare (?:class|const|function) (\w+)", types, re.M))
     assert exported == declared
     assert "export default ChatClient;" in source and "export default ChatClient;" in types
+
+
+def test_the_types_type_an_application_and_reject_misuse() -> None:
+    """tsc --strict compiles tests/js/types.check.ts against shardchat.d.ts; its
+    @ts-expect-error lines fail the build if the misuse they mark were accepted."""
+    install_ws()
+    tsc = HERE / "node_modules" / ".bin" / "tsc"
+    done = subprocess.run(
+        [
+            str(tsc),
+            "--noEmit",
+            "--strict",
+            "--target",
+            "es2022",
+            "--module",
+            "nodenext",
+            "--moduleResolution",
+            "nodenext",
+            "--lib",
+            "es2022,dom",
+            "types.check.ts",
+        ],
+        cwd=HERE,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
