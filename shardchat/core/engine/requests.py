@@ -279,7 +279,9 @@ class Requests(Joins[C]):
         self._catch_up()
         self._out += self.fanout.flush(self.now, snapshot=True)
         log_ = self.logs.get(room)
-        if fetched is None and log_ is not None:
+        if fetched is None and log_ is not None and room not in self.gaps.parked:
+            # (A room still parked: its fill's wait ran out, the holder is not
+            # answering; the answer is due now, PROTOCOL.md `gap`.)
             missing = self._missing(log_, request)
             if missing is not None:
                 then = self.inbox.later(self._finish_history, conn, request)
