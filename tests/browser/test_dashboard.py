@@ -213,7 +213,14 @@ async def test_a_room_presence_a_publish_and_a_disconnect(
         assert frame["content"] == "maintenance at five" and frame["room"] == "ops"
         await page.wait_for_selector("#room-messages >> text=maintenance at five", timeout=ms(10))
         await shot(page, "published")
-        # A disconnect closes the user's connection with 4403.
+        # A disconnect closes every connection of the user with 4403: the raw client's
+        # and the chat page's (which obeys it: no reconnect).
+        chat = await page.context.new_page()
+        await chat.goto(f"http://127.0.0.1:{admin_server.port}/")
+        await chat.fill("#user", "grace")
+        await chat.fill("#room", "ops")
+        await chat.click("#connect")
+        await chat.wait_for_selector('#status[data-state="connected"]', timeout=ms(15))
         await page.fill("#disconnect-user", "grace")
         await page.click("#disconnect button")
         await page.wait_for_selector("#action-result >> text=disconnected grace", timeout=ms(10))
@@ -227,6 +234,10 @@ async def test_a_room_presence_a_publish_and_a_disconnect(
             timeout=ms(15),
         )
         await shot(page, "disconnected")
+        await chat.wait_for_selector('#status[data-state="refused"]', timeout=ms(10))
+        assert "disconnected by the server (4403)" in await chat.inner_text("#status")
+        assert await chat.inner_text("#connect") == "connect"  # not trying again
+        await chat.screenshot(path=str(ARTIFACTS / "dashboard-disconnected-page.png"))
         assert page.errors == []
     finally:
         await ada.close()
