@@ -155,6 +155,19 @@ def leftover_names(owner_pid: int | None = None) -> list[str]:
     return out
 
 
+def attach_if_present(name: str) -> Segment | None:
+    """The segment named ``name``, or None when there is none."""
+    try:
+        return Segment.attach(name)
+    except posix_ipc.ExistentialError:
+        return None
+
+
+def is_live(pid: int) -> bool:
+    """Whether ``pid`` is a running shardchat (a reused pid that is not one is not)."""
+    return _is_live_shardchat(pid)
+
+
 def _is_live_shardchat(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -61,8 +61,9 @@ def new_epoch() -> str:
     return f"{int(time.time()):x}-{secrets.token_hex(3)}"
 
 
-def _lock(directory: Path) -> int:
-    """Hold ``directory``'s lock file (flock, released when every holder exits)."""
+def _lock(directory: Path) -> tuple[int, int | None]:
+    """Hold ``directory``'s lock file (flock, released when every holder exits);
+    the descriptor and the pid of the previous holder, as the file names it."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
         fd = os.open(directory / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -77,15 +78,16 @@ def _lock(directory: Path) -> int:
             f"storage.dir {directory} is in use by another shardchat server (pid {holder});"
             " stop it first, or give this one another storage.dir"
         ) from None
+    before = os.pread(fd, 32, 0).decode(errors="replace").strip()
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
+    return fd, int(before) if before.isdigit() else None
 
 
 @contextlib.contextmanager
 def locked(directory: Path) -> Iterator[None]:
     """Hold the directory's lock for a while (an operator's command)."""
-    fd = _lock(directory)
+    fd, _ = _lock(directory)
     try:
         yield
     finally:
@@ -120,8 +122,11 @@ def _read_meta(directory: Path) -> dict[str, object]:
 class StorageDir:
     """The supervisor's hold on ``storage.dir`` for its run."""
 
-    def __init__(self, directory: Path, fd: int, epoch: str, workers: int) -> None:
+    def __init__(
+        self, directory: Path, fd: int, epoch: str, workers: int, previous: int | None = None
+    ) -> None:
         self.directory = directory
+        self.previous = previous  # the pid of the server that held it before
         self.epoch = epoch
         self.workers = workers
         self._fd = fd
@@ -135,7 +140,7 @@ class StorageDir:
             StorageError: another server holds the directory, or it cannot be made.
         """
         directory = directory.resolve()
-        fd = _lock(directory)
+        fd, previous = _lock(directory)
         try:
             meta = _read_meta(directory)
             lost = False
@@ -156,7 +161,7 @@ class StorageDir:
         except BaseException:
             os.close(fd)
             raise
-        return cls(directory, fd, epoch, workers)
+        return cls(directory, fd, epoch, workers, previous)
 
     def seqs(self, shard: int) -> dict[str, int]:
         """Each room of ``shard``'s store with its seq."""

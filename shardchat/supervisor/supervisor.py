@@ -39,6 +39,7 @@ from shardchat.logs import log_event
 from shardchat.shard.process import EXIT_BOOT_ERROR, ShardSpec, run_shard
 from shardchat.stats import Slot, StatsView
 from shardchat.storage.boxdir import StorageDir
+from shardchat.storage.rescue import rescue
 from shardchat.supervisor.admin import AdminServer
 from shardchat.supervisor.apiproxy import ApiProxy, ApiTarget
 from shardchat.supervisor.metrics import make_registry
@@ -112,13 +113,14 @@ class Supervisor:
         server_context(self.config.server)
         verifier_from_config(self.config.auth)
         self._raise_nofile()
-        segments.sweep_stale()
         _check_port_free(self.config.server.host, self.config.server.port)
         if self.config.storage.kind == "sqlite" and self.config.broker.kind == "shm":
             # Locked for the run (and by the shards, which inherit the lock). With
             # broker.kind = "redis", Redis keeps the rooms: no store.
             self.storage = StorageDir.open(Path(self.config.storage.dir), len(self.slots))
             self.epoch = self.storage.epoch
+            rescue(self.storage)  # before the sweep: a crashed run's rings
+        segments.sweep_stale()
         server = self.config.server
         addr_capacity = table_capacity(server.max_per_ip, server.max_connections, len(self.slots))
         self._fabric = segments.Fabric(

@@ -146,12 +146,14 @@ def test_a_restart_keeps_every_rooms_epoch_seq_and_history(store_dir: Path) -> N
 
 class Publisher:
     """A client that publishes numbered messages to a room as fast as the server
-    takes them (a window of 50 unacked) and keeps every ack, until closed."""
+    takes them (a window of 50 unacked) and keeps every ack, and every message of
+    the room it receives (it is a member), until closed."""
 
     def __init__(self, client: Client, room: str) -> None:
         self.client = client
         self.room = room
         self.acked: dict[int, str] = {}  # seq -> content
+        self.seen: dict[int, str] = {}  # seq -> content, as delivered
 
     async def run(self) -> None:
         client, sent, window = self.client, 0, 50
@@ -168,12 +170,16 @@ class Publisher:
                 frame = await client.recv(30)
                 if frame["type"] == "ack":
                     self.acked[frame["seq"]] = pending.pop(frame["id"])
+                elif frame["type"] == "message" and frame["room"] == self.room:
+                    self.seen[frame["seq"]] = frame["content"]
 
 
 def test_kill_9_of_every_process_mid_publish_loses_nothing_acked(store_dir: Path) -> None:
     """Publishers on 3 shards, to rooms owned by other shards; kill -9 of the
     supervisor and every shard at once while they publish. The next start holds
-    every acked message at its seq, under the same epoch."""
+    every acked message at its seq, under the same epoch, and every message a
+    member saw (the killed run's rings still hold what its stores had not
+    written yet: the start stores it before it sweeps them)."""
 
     async def before() -> tuple[str, list[Publisher]]:
         rooms = [room_owned_by((shard + 1) % 3, prefix="kill") for shard in range(3)]
@@ -190,9 +196,6 @@ def test_kill_9_of_every_process_mid_publish_loses_nothing_acked(store_dir: Path
             await client.ws.close()
         return joins[0]["epoch"], publishers
 
-    with stored_server(store_dir) as server:
-        epoch, publishers = asyncio.run(before())
-
     async def after() -> None:
         async with closing(await clients_on_shards(server.url, [0, 1, 2])) as clients:
             for client, publisher in zip(clients, publishers, strict=True):
@@ -203,9 +206,14 @@ def test_kill_9_of_every_process_mid_publish_loses_nothing_acked(store_dir: Path
                 assert list(kept) == list(range(1, joined["seq"] + 1))
                 missing = {s: c for s, c in publisher.acked.items() if kept.get(s) != c}
                 assert not missing, f"acked and lost: {missing}"
+                unseen = {s: c for s, c in publisher.seen.items() if kept.get(s) != c}
+                assert not unseen, f"delivered and lost: {unseen}"
 
     with stored_server(store_dir) as server:
-        asyncio.run(after())
+        epoch, publishers = asyncio.run(before())
+        # Started before this server's shared memory is cleaned up after it.
+        with stored_server(store_dir) as server:
+            asyncio.run(after())
 
 
 def test_a_torn_store_file_is_cut_and_the_rest_served(store_dir: Path) -> None:

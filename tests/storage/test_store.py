@@ -4,6 +4,7 @@ write-ahead log's torn tail, the storage directory's lock and epoch."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import zlib
@@ -198,3 +199,49 @@ def test_a_writer_that_fails_fails_every_batch_instead_of_hanging(
         assert finished(store, woken, 1) == [(f"t{turn}", False)]
     assert store.full
     store.close()
+
+
+def test_a_crashed_runs_rings_give_the_store_what_it_lacked(tmp_path: Path) -> None:
+    """The previous holder of the directory is gone and its rings are still in
+    /dev/shm: the messages that follow on from each room's stored seq are stored
+    (with their keys); what is already stored, and what would leave a hole, is
+    not."""
+    from shardchat.brokers import segments
+    from shardchat.ring import records
+    from shardchat.ring.layout import HEADER_SIZE, RecordKind
+    from shardchat.ring.ring import RingWriter
+    from shardchat.storage.rescue import rescue
+
+    dead = 4_000_000 + os.getpid() % 100_000  # above pid_max's default: never alive
+    directory = tmp_path / "d"
+    first = StorageDir.open(directory, 1)
+    db = connect(first.path(0))
+    db.execute("INSERT INTO rooms VALUES ('a', 2)")
+    db.close()
+    first.close()
+    (directory / "lock").write_text(f"{dead}\n")
+    fabric = segments.Fabric(dead, 1, 1 << 16, 16)
+    try:
+        view = memoryview(fabric.segments[0].buf)
+        writer = RingWriter(view[: HEADER_SIZE + (1 << 16)])
+        for room, seq in [("a", 1), ("a", 2), ("a", 3), ("a", 4), ("b", 1), ("c", 2)]:
+            payload = records.encode_room_message(
+                room, seq, 0, f"m{room}{seq}", b"{}", f"k{room}{seq}"
+            )
+            writer.append(int(RecordKind.ROOM_MSG), 0, payload)
+        writer.commit()
+        del writer, view
+        storage = StorageDir.open(directory, 1)
+        try:
+            assert storage.previous == dead
+            assert rescue(storage) == 3  # a3, a4, b1; c2 would leave c1 a hole
+            assert storage.seqs(0) == {"a": 4, "b": 1}
+            db = connect(storage.path(0))
+            keys = db.execute("SELECT key FROM keys ORDER BY key").fetchall()
+            db.close()
+            assert keys == [("ka3",), ("ka4",), ("kb1",)]
+        finally:
+            storage.close()
+    finally:
+        fabric.close()
+        segments.unlink_all(dead)

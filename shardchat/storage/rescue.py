@@ -1,0 +1,106 @@
+"""What a crashed run's rings hold that its stores lack, stored before the sweep.
+
+docs/ARCHITECTURE.md, The room store. The writer thread stores a message a
+moment after the owner made it visible in its ring; when every process of
+the box dies in that moment (kill -9, OOM), the shared-memory rings outlive
+them (not a reboot). The next start reads the rings of the previous holder
+of the storage directory, before it sweeps them, and stores each room's
+messages that follow on from its stored seq, so that no message a member saw
+is lost and no seq is given twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from collections import defaultdict
+
+from shardchat.brokers import segments
+from shardchat.core.errors import RingError
+from shardchat.logs import log_event
+from shardchat.ring import records
+from shardchat.ring.layout import HEADER_SIZE, RecordKind
+from shardchat.ring.ring import RingReader, ring_capacity
+from shardchat.storage.boxdir import StorageDir
+from shardchat.storage.store import connect
+
+__all__ = ["rescue"]
+
+log = logging.getLogger(__name__)
+
+_ROOM_MSG = int(RecordKind.ROOM_MSG)
+
+Row = tuple[str, int, str, bytes]  # room, seq, key, JSON
+
+
+def _ring_messages(owner_pid: int) -> list[Row]:
+    """The ROOM_MSG records still in every ring of supervisor ``owner_pid``."""
+    out: list[Row] = []
+    shard = 0
+    while True:
+        segment = segments.attach_if_present(segments.ring_name(owner_pid, shard))
+        if segment is None:
+            return out  # no such ring: we have read them all
+        try:
+            view = memoryview(segment.buf)
+            reader = RingReader(view[: HEADER_SIZE + ring_capacity(view)], from_oldest=True)
+            while batch := reader.poll(4096):
+                for _, kind, _, payload in batch:
+                    if kind == _ROOM_MSG:
+                        msg = records.decode_room_message(payload)
+                        out.append((msg.room, msg.seq, msg.key, msg.json))
+            del reader, view
+        except RingError as exc:
+            log_event(log, logging.WARNING, "storage_rescue_skipped", shard=shard, error=str(exc))
+        finally:
+            segment.close()
+        shard += 1
+
+
+def rescue(storage: StorageDir) -> int:
+    """Store what the previous holder's rings hold past each room's stored seq;
+    the messages stored. Only a holder that is gone is read (its rings, if any,
+    are swept after this)."""
+    previous = storage.previous
+    if previous is None or segments.is_live(previous):
+        return 0
+    rows = _ring_messages(previous)
+    if not rows:
+        return 0
+    workers = storage.workers
+    by_shard: dict[int, list[Row]] = defaultdict(list)
+    for row in rows:
+        by_shard[zlib.crc32(row[0].encode()) % workers].append(row)
+    stored = 0
+    now = time.time()
+    for shard, found in by_shard.items():
+        db = connect(storage.path(shard))
+        try:
+            seqs: dict[str, int] = dict(db.execute("SELECT room, seq FROM rooms").fetchall())
+            new: list[Row] = []
+            for room, seq, key, json in sorted(found, key=lambda r: (r[0], r[1])):
+                if seq == seqs.get(room, 0) + 1:  # follows on: no hole left behind
+                    seqs[room] = seq
+                    new.append((room, seq, key, json))
+            if new:
+                db.execute("BEGIN IMMEDIATE")
+                db.executemany(
+                    "INSERT OR REPLACE INTO messages VALUES (?, ?, ?, ?)",
+                    [(room, seq, now, json) for room, seq, _, json in new],
+                )
+                db.executemany(
+                    "INSERT OR REPLACE INTO keys VALUES (?, ?, ?, ?)",
+                    [(key, room, seq, now) for room, seq, key, _ in new if key],
+                )
+                db.executemany(
+                    "INSERT OR REPLACE INTO rooms VALUES (?, ?)",
+                    [(room, seqs[room]) for room in {r[0] for r in new}],
+                )
+                db.execute("COMMIT")
+                stored += len(new)
+        finally:
+            db.close()
+    if stored:
+        log_event(log, logging.WARNING, "storage_rescued", messages=stored, previous=previous)
+    return stored
