@@ -32,6 +32,7 @@ from tests.support.helpers import FAST, Server, cleanup_server, scaled, start_se
 
 HERE = Path(__file__).parent
 API_KEY = "node-tests-api-key"
+TOKEN_SECRET = "node-tests-token-secret-of-32-bytes-at-least"
 NODE_TIMEOUT = 120  # seconds for one file's node run
 # The shared server: rate limits out of the way, a small send queue so that a paused
 # reader is cut (4429) after a few MB, history deep enough to resume all of it, and
@@ -71,6 +72,7 @@ class Control:
                 "admin": f"http://127.0.0.1:{server.admin_port}",
                 "workers": server.workers,
                 "api_key": API_KEY,
+                "token_secret": TOKEN_SECRET,
             }
             for name, server in self.servers.items()
         }
@@ -145,6 +147,9 @@ def control() -> Iterator[Control]:
         durable = [s for s in SETTINGS if not s.startswith("storage.")]
         durable += ["storage.kind=sqlite", f"storage.dir={control.store}"]
         control.start("durable", workers=2, settings=durable)
+        # Tokens required, no clock-skew leeway: a token's exp ends its connection at once.
+        tokens = [*SETTINGS, f"auth.secret={TOKEN_SECRET}", "auth.leeway=0"]
+        control.start("tokens", workers=1, settings=tokens)
         yield control
     finally:
         control.close()
