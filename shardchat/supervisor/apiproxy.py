@@ -90,7 +90,11 @@ class ApiProxy:
         family = socket.AF_INET6 if ":" in target.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setblocking(False)
-        code = sock.connect_ex((target.host, target.port))
+        try:
+            # A name (api.host) is resolved here, blocking: an address is not.
+            code = sock.connect_ex((target.host, target.port))
+        except OSError as exc:
+            code = exc.errno or errno.EHOSTUNREACH
         if code not in (0, errno.EINPROGRESS):
             sock.close()
             done(502, error_body("unreachable", f"the server API: {errno.errorcode.get(code)}"))
