@@ -23,13 +23,18 @@ class Ticked:
         self.ticks += 1
 
 
+class Quiet:
+    """An engine's inbox and command queue with nothing in them."""
+
+    queue: list[Any] = []
+    commands: list[Any] = []
+
+
 class Engine:
-    inbox = False
+    inbox = Quiet()
+    broker = Quiet()
     turn_due = False
     proxied_due = False
-
-    def take_commands(self) -> list[Any]:
-        return []
 
     def take_outputs(self) -> list[Any]:
         return []

@@ -111,7 +111,8 @@ class Connections(Requests[C]):
 
     def receive(self, conn: C, data: bytes | bytearray | memoryview) -> None:
         """Input: a complete text message from ``conn`` (UTF-8 not yet validated)."""
-        self.deliver()
+        if self.inbox.queue:  # deliver(), inline: once per request
+            self.inbox.apply()
         state = self.conns[conn]
         try:
             request = wire.decode(data, self.config.limits.max_content)

@@ -41,7 +41,6 @@ class Inbox:
         "_on_resync",
         "_on_room_state",
         "_restore",
-        "applying",
         "queue",
         "target",
     )
@@ -49,7 +48,6 @@ class Inbox:
     def __init__(self, target: BrokerListener) -> None:
         self.target = target
         self.queue: deque[tuple[Callable[..., None], tuple[Any, ...]]] = deque()
-        self.applying = False
         # Bound once: on_message runs once per message per shard.
         self._on_message = target.on_message
         self._on_published = target.on_published

@@ -248,9 +248,7 @@ class EngineState(Generic[C]):
     def turn_due(self) -> bool:
         """The end of the turn has work: frames queued for the rooms, requests that
         waited for a join, or broker answers or commands not yet handled."""
-        return (
-            self.fanout.due or bool(self._ready) or bool(self.inbox) or bool(self.broker.commands)
-        )
+        return bool(self.fanout.due or self._ready or self.inbox.queue or self.broker.commands)
 
     @property
     def proxied_due(self) -> bool:
@@ -266,7 +264,7 @@ class EngineState(Generic[C]):
     def deliver(self) -> None:
         """Input: apply what the broker told :attr:`inbox` since the last input,
         in order. Every other input starts with it too."""
-        if self.inbox:
+        if self.inbox.queue:
             self.inbox.apply()
 
     def _close(self, conn: C, state: ConnState, close: Close) -> None:

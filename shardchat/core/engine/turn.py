@@ -20,7 +20,6 @@ from __future__ import annotations
 from typing import Protocol
 
 from shardchat.core.broker import Broker
-from shardchat.core.engine.commands import run_commands
 from shardchat.core.engine.facade import RoomEngine
 from shardchat.core.outputs import C, Output
 
@@ -43,13 +42,16 @@ class TurnBroker(Broker, Protocol):
 def settle(engine: RoomEngine[C], broker: Broker) -> None:
     """Run the engine's commands on ``broker`` and apply what it answered, until
     neither has anything more."""
+    queued = engine.broker  # the engine's command queue
+    inbox = engine.inbox
     for _ in range(SETTLE_ROUNDS):
-        commands = engine.take_commands()
-        if commands:
-            run_commands(broker, commands)
-        elif not engine.inbox:
+        if queued.commands:
+            # run_commands, inline: once per input
+            for name, args in queued.take():
+                getattr(broker, name)(*args)
+        elif not inbox.queue:
             return
-        engine.deliver()
+        inbox.apply()
     raise AssertionError("the engine and its broker never settled")
 
 
