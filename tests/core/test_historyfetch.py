@@ -3,9 +3,11 @@ seqs are fetched from the room's owner for that answer alone."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
+from shardchat.core.broker import Broker
 from shardchat.core.gapfill import GAP_GIVE_UP, GAP_JOIN_WAIT
+from shardchat.core.historyfetch import HistoryFetches
 from tests.core.box import Box, Client, config, covered, owner_and_peer
 
 FAST = {"limits__rate": 100_000.0, "limits__burst": 100_000}
@@ -86,3 +88,68 @@ def test_history_is_answered_with_what_is_held_when_the_owner_is_silent() -> Non
     assert end["seq"] == COUNT
     assert bob.seqs(room) == list(range(oldest, COUNT + 1))  # the log's own
     assert not box.engines[1].fetches.pending
+
+
+# HistoryFetches alone, against each broker's way of answering a fill
+
+
+class Fills:
+    """A broker that only records the ranges asked for."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[int, int]] = []
+
+    def fill(self, room: str, first: int, last: int) -> None:
+        self.asked.append((first, last))
+
+
+def fetches() -> tuple[HistoryFetches, Fills, list[dict[int, bytes]]]:
+    broker = Fills()
+    answers: list[dict[int, bytes]] = []
+    box = HistoryFetches(cast(Broker, broker), 2.0)
+    box.fetch("r", 1, 10, 100.0, answers.append)
+    assert broker.asked == [(1, 10)]
+    return box, broker, answers
+
+
+def test_a_whole_answer_with_its_lost_part_ends_the_fetch() -> None:
+    """Redis's way (and the store's): what is trimmed, the rest, the end."""
+    box, broker, answers = fetches()
+    box.on_lost("r", 3)
+    for seq in range(4, 11):
+        box.on_replay("r", seq, b"%d" % seq)
+    assert answers == []
+    box.on_end("r", 10)
+    assert answers == [{seq: b"%d" % seq for seq in range(4, 11)}]
+    assert not box.pending and broker.asked == [(1, 10)]
+
+
+def test_an_owner_that_holds_nothing_more_ends_the_fetch_at_once() -> None:
+    """The owner asked for its own room, without a store: only a lost marker."""
+    box, _, answers = fetches()
+    box.on_lost("r", 10)
+    assert answers == [{}] and not box.pending
+
+
+def test_chunks_are_asked_for_until_one_brings_nothing() -> None:
+    """The shm owner's way: a chunk, then the end of the asked range."""
+    box, broker, answers = fetches()
+    for seq in range(1, 5):
+        box.on_replay("r", seq, b"x")
+    box.on_end("r", 10)
+    assert broker.asked == [(1, 10), (5, 10)] and answers == []
+    box.on_end("r", 99)  # a gap fill's end, past the log: not this fetch's
+    assert answers == []
+    box.on_end("r", 10)  # nothing more came: the holder has no more
+    assert [sorted(a) for a in answers] == [[1, 2, 3, 4]]
+
+
+def test_a_silent_holder_is_answered_for_at_the_deadline() -> None:
+    box, _, answers = fetches()
+    box.on_replay("r", 1, b"x")
+    box.on_replay("r", 11, b"live")  # outside the range: not taken
+    assert box.next_deadline() == 102.0
+    box.sweep(101.9)
+    assert answers == []
+    box.sweep(102.0)
+    assert answers == [{1: b"x"}] and box.next_deadline() is None
