@@ -27,6 +27,10 @@ def write_turn(out: list[Output], rooms: list[Output]) -> None:
     keeps the plain order.
     """
     held: dict[Connection, bytes] = {}
+    # Connections with several replies, joined once below: a burst of refused
+    # publishes holds thousands for one connection (adding them up one by one
+    # copied the buffer each time: quadratic, seconds of a stuck loop).
+    several: dict[Connection, list[bytes]] = {}
     for conns, item in out:
         if type(item) is not bytes:
             write(out)
@@ -34,7 +38,16 @@ def write_turn(out: list[Output], rooms: list[Output]) -> None:
             return
         for conn in conns:
             before = held.get(conn)
-            held[conn] = item if before is None else before + item
+            if before is None:
+                held[conn] = item
+            else:
+                parts = several.get(conn)
+                if parts is None:
+                    several[conn] = [before, item]
+                else:
+                    parts.append(item)
+    for conn, parts in several.items():
+        held[conn] = b"".join(parts)
     take = held.pop
     for conns, item in rooms:
         assert type(item) is bytes  # flush() returns frames only
