@@ -10,8 +10,9 @@ latest seq over ``--messages`` stored messages. Candidates:
   ``os.write`` and synced with ``fdatasync``: the cost floor of a memory-mapped
   ring file, without its index (paging by room needs one of its own);
 - ``lmdb`` (py-lmdb, when installed): one environment, a key per (room, seq);
-- ``sqlite``: WAL mode, a table keyed (room, seq), ``synchronous`` OFF (no
-  sync), NORMAL (synced at checkpoints) and FULL (every commit synced).
+- ``sqlite``: WAL mode, a table keyed (room, seq) WITHOUT ROWID, ``synchronous``
+  OFF (no sync), NORMAL (synced at checkpoints) and FULL (every commit synced);
+  then a rowid table with (room, seq) as its index (the store's schema).
 
 Usage: ``python -m perf.micro.storage_choice [--messages 200000] [--rooms 2000]``.
 A benchmark, not a test: the figures go to perf/RESULTS.md.
@@ -82,19 +83,21 @@ def bench_lmdb(d: Path, sync: bool) -> Callable[[list[tuple[str, int, bytes]]], 
     return commit
 
 
-def open_sqlite(path: Path, sync: str) -> sqlite3.Connection:
+def open_sqlite(path: Path, sync: str, rowid: bool = False) -> sqlite3.Connection:
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute(f"PRAGMA synchronous={sync}")
     db.execute(
         "CREATE TABLE IF NOT EXISTS m (room TEXT, seq INTEGER, json BLOB,"
-        " PRIMARY KEY (room, seq)) WITHOUT ROWID"
+        f" PRIMARY KEY (room, seq)){'' if rowid else ' WITHOUT ROWID'}"
     )
     return db
 
 
-def bench_sqlite(d: Path, sync: str) -> Callable[[list[tuple[str, int, bytes]]], None]:
-    db = open_sqlite(d / f"s-{sync}.db", sync)
+def bench_sqlite(
+    d: Path, sync: str, rowid: bool = False
+) -> Callable[[list[tuple[str, int, bytes]]], None]:
+    db = open_sqlite(d / f"s-{sync}-{rowid}.db", sync, rowid)
 
     def commit(rows: list[tuple[str, int, bytes]]) -> None:
         db.execute("BEGIN")
@@ -148,6 +151,8 @@ def main() -> None:
             ("sqlite WAL", "OFF", lambda: bench_sqlite(d, "OFF")),
             ("sqlite WAL", "NORMAL", lambda: bench_sqlite(d, "NORMAL")),
             ("sqlite WAL", "FULL", lambda: bench_sqlite(d, "FULL")),
+            ("sqlite WAL, rowid table", "OFF", lambda: bench_sqlite(d, "OFF", True)),
+            ("sqlite WAL, rowid table", "NORMAL", lambda: bench_sqlite(d, "NORMAL", True)),
         ]
         for name, sync, make in cases:
             (d / "a").mkdir(exist_ok=True)

@@ -251,7 +251,7 @@ def _move_rooms(directory: Path, old: int, new: int) -> None:
 _DEST_SCHEMA = """
 CREATE TABLE IF NOT EXISTS dest.messages (
     room TEXT NOT NULL, seq INTEGER NOT NULL, at REAL NOT NULL, json BLOB NOT NULL,
-    PRIMARY KEY (room, seq)) WITHOUT ROWID;
+    PRIMARY KEY (room, seq));
 CREATE TABLE IF NOT EXISTS dest.rooms (
     room TEXT PRIMARY KEY, seq INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS dest.keys (

@@ -53,10 +53,17 @@ PRUNE_EVERY = 30.0  # seconds between deletions of expired keys (and messages by
 
 T = TypeVar("T")
 
+# messages is a rowid table (appended in the order written) with its (room, seq)
+# key as an index: a turn's rows, of many rooms, land on the table's last pages
+# and only the small index entries are spread over one page per room. Keyed
+# WITHOUT ROWID by (room, seq) each row of ~200 bytes dirtied its room's leaf
+# page and a write cost about twice as much CPU (perf/RESULTS.md, The room
+# store's write path). Files made before keep that schema: the statements are
+# the same for both.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
     room TEXT NOT NULL, seq INTEGER NOT NULL, at REAL NOT NULL, json BLOB NOT NULL,
-    PRIMARY KEY (room, seq)) WITHOUT ROWID;
+    PRIMARY KEY (room, seq));
 CREATE TABLE IF NOT EXISTS rooms (
     room TEXT PRIMARY KEY, seq INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS keys (
