@@ -8,11 +8,13 @@ owner, its store, or Redis), and answered from the fetched messages and the
 log together. The fetched messages are kept for that answer only: they never
 go to the room's members nor into the log, whose order stays as it was.
 
-A fetch ends when the holder has answered the whole range (messages, the
-part it no longer holds, or the end of its answer), or after ``wait`` (the
-holder is stopped or gone): the answer then has what came by then. The
-holder answers in chunks; the end of a chunk that brought something asks for
-the rest.
+A fetch ends when the holder has answered the whole range (messages, or the
+part it no longer holds), or after ``wait`` (the holder is stopped or gone):
+the answer then has what came by then. The holder answers in chunks; the end
+of a chunk that brought the first seq still wanted asks for the rest. An end
+that brought nothing answered an older request (a gap fill of the room asked
+while the holder was stopped answers the same range): the newest request's
+answer is still to come, and waiting for it keeps the answer whole.
 
 Pure: the engine passes the time, and the broker does the I/O.
 """
@@ -79,9 +81,8 @@ class HistoryFetches:
 
     def on_end(self, room: str, last: int) -> None:
         """The end of an answer for ``..last``. Only a fetch that asked up to ``last``
-        takes it as its own (a gap fill of the room asks past the log's seq, which
-        a fetch never does): it asks for the rest when this chunk brought
-        something, and is answered otherwise (the holder has nothing more)."""
+        takes it as its own: it asks for the rest when the first seq it still
+        wanted came (the answer to its newest request), and waits otherwise."""
         fetches = self.pending.get(room)
         if not fetches:
             return
@@ -90,11 +91,11 @@ class HistoryFetches:
             if fetch.last != last:
                 continue
             seq = fetch.next_seq()
-            if seq <= fetch.last and seq > fetch.asked:
+            if seq > fetch.last:
+                done.append(fetch)
+            elif seq > fetch.asked:
                 fetch.asked = seq
                 self.broker.fill(room, seq, fetch.last)
-            else:
-                done.append(fetch)
         self._finish(room, done)
 
     def sweep(self, now: float) -> None:

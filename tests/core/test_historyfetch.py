@@ -90,6 +90,31 @@ def test_history_is_answered_with_what_is_held_when_the_owner_is_silent() -> Non
     assert not box.engines[1].fetches.pending
 
 
+def test_history_asked_while_the_owner_is_stopped_gets_the_whole_range() -> None:
+    """The gap fill's requests, asked while the owner was stopped, are answered
+    first when it goes on (the same range): the fetch still gets all of it."""
+    box = Box(2, config(delivery__gap_give_up=0.5, **FAST))
+    room, alice, bob = owner_and_peer(box, "alice")
+    box.stopped.add(1)
+    for i in range(LAPPED):
+        box.send(alice, type="message", room=room, content=f"{i}:" + "y" * 500)
+        box.turn()
+    box.stopped.discard(1)
+    box.stopped.add(0)
+    box.turn()
+    for _ in range(3):
+        box.advance(0.5)
+    (gap,) = bob.take("gap")
+    bob.frames.clear()
+    box.send(bob, type="history", room=room, since=gap["first"] - 1)
+    box.turn()
+    assert bob.take("history_end") == []  # waits for the owner
+    box.stopped.clear()
+    box.turn()
+    assert bob.seqs(room) == list(range(gap["first"], LAPPED + 1))
+    assert bob.take("history_end")
+
+
 # HistoryFetches alone, against each broker's way of answering a fill
 
 
@@ -131,17 +156,23 @@ def test_an_owner_that_holds_nothing_more_ends_the_fetch_at_once() -> None:
     assert answers == [{}] and not box.pending
 
 
-def test_chunks_are_asked_for_until_one_brings_nothing() -> None:
-    """The shm owner's way: a chunk, then the end of the asked range."""
+def test_chunks_are_asked_for_until_the_range_is_whole() -> None:
+    """The shm owner's way: a chunk, then the end of the asked range. An older
+    request's answer (the same chunk again) brings nothing and asks nothing."""
     box, broker, answers = fetches()
     for seq in range(1, 5):
         box.on_replay("r", seq, b"x")
     box.on_end("r", 10)
     assert broker.asked == [(1, 10), (5, 10)] and answers == []
     box.on_end("r", 99)  # a gap fill's end, past the log: not this fetch's
-    assert answers == []
-    box.on_end("r", 10)  # nothing more came: the holder has no more
-    assert [sorted(a) for a in answers] == [[1, 2, 3, 4]]
+    for seq in range(1, 5):
+        box.on_replay("r", seq, b"x")
+    box.on_end("r", 10)  # an older request's answer: the newest one's is to come
+    assert broker.asked == [(1, 10), (5, 10)] and answers == []
+    for seq in range(5, 11):
+        box.on_replay("r", seq, b"x")
+    box.on_end("r", 10)
+    assert [sorted(a) for a in answers] == [list(range(1, 11))]
 
 
 def test_a_silent_holder_is_answered_for_at_the_deadline() -> None:

@@ -9,8 +9,11 @@ import json
 import os
 import signal
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
+from shardchat.client.chatclient import ChatClient
 from shardchat.testing.wait import await_until
 from tests.support.helpers import (
     FAST,
@@ -22,6 +25,8 @@ from tests.support.helpers import (
     running_server,
     scaled,
 )
+
+T = TypeVar("T")
 
 RATE = 2000  # messages per second into the room, from all publishers
 SECONDS = 3.5  # of publishing
@@ -153,6 +158,35 @@ async def history(client: Client, room: str, first: int, last: int) -> list[int]
     return got
 
 
+LAPPING = 100  # messages of about 1.1 KB: a 64 KiB ring laps
+GIVE_UP_SOON = [*FAST, "ring.bytes=65536", "limits.max_frame=8192", "delivery.gap_give_up=0.5"]
+
+
+async def lap_and_give_up(
+    srv: Server, alice: Client, room: str, count: int, gap_seen: Awaitable[T]
+) -> T:
+    """Shard 1 is stopped while ``alice`` (on the owner, shard 0) publishes ``count``
+    messages into ``room`` (its reader of the owner's ring is lapped); then the
+    owner is stopped while shard 1 reads on, so that its fill gets no answer and
+    the range is given up (``delivery.gap_give_up``). The owner goes on once
+    ``gap_seen`` (a member of shard 1 got the ``gap``); its value."""
+    pids = srv.shard_pids()
+    os.kill(pids[1], signal.SIGSTOP)
+    try:
+        for i in range(count):
+            await alice.send(type="message", room=room, content=f"{i}:{BODY}")
+        acks = [await alice.recv_type("ack") for _ in range(count)]
+        assert sorted(a["seq"] for a in acks) == list(range(1, count + 1))
+        os.kill(pids[0], signal.SIGSTOP)  # the fill gets no answer
+        try:
+            os.kill(pids[1], signal.SIGCONT)
+            return await gap_seen
+        finally:
+            os.kill(pids[0], signal.SIGCONT)
+    finally:
+        os.kill(pids[1], signal.SIGCONT)
+
+
 async def test_a_gap_is_fetched_back_by_history_on_the_shard_that_announced_it() -> None:
     """Bob's shard (1) is stopped while alice publishes more than a ring's worth
     into a room owned by shard 0; the owner is stopped in turn when shard 1 reads
@@ -160,30 +194,15 @@ async def test_a_gap_is_fetched_back_by_history_on_the_shard_that_announced_it()
     (``delivery.gap_give_up``) as a ``gap``. The owner still holds it: ``history``
     on shard 1 fetches it from there, for bob alone; bob's stream goes on in
     order, once; a page without ``since`` has the range too."""
-    count = 100  # about 110 KB: a 64 KiB ring laps
-    settings = [*FAST, "ring.bytes=65536", "limits.max_frame=8192", "delivery.gap_give_up=0.5"]
-    with running_server(workers=2, settings=settings) as srv:
+    count = LAPPING
+    with running_server(workers=2, settings=GIVE_UP_SOON) as srv:
         room = room_owned_by(0)
         alice, bob = await clients_on_shards(srv.url, [0, 1], prefix="gap")
         assert (alice.shard, bob.shard) == (0, 1)
         async with closing([alice, bob]):
             await alice.join(room)
             await bob.join(room)
-            pids = srv.shard_pids()
-            os.kill(pids[1], signal.SIGSTOP)
-            try:
-                for i in range(count):
-                    await alice.send(type="message", room=room, content=f"{i}:{BODY}")
-                acks = [await alice.recv_type("ack") for _ in range(count)]
-                assert sorted(a["seq"] for a in acks) == list(range(1, count + 1))
-                os.kill(pids[0], signal.SIGSTOP)  # the fill gets no answer
-                try:
-                    os.kill(pids[1], signal.SIGCONT)
-                    gap = await bob.recv_type("gap")
-                finally:
-                    os.kill(pids[0], signal.SIGCONT)
-            finally:
-                os.kill(pids[1], signal.SIGCONT)
+            gap = await lap_and_give_up(srv, alice, room, LAPPING, bob.recv_type("gap"))
             assert [f for f in bob.dropped if f["type"] == "message"] == []
             first, last = gap["first"], gap["last"]
             assert first == 1
@@ -206,3 +225,44 @@ async def test_a_gap_is_fetched_back_by_history_on_the_shard_that_announced_it()
             while (frame := await bob.recv())["type"] != "history_end":
                 seqs.append(frame["seq"])
             assert seqs == list(range(1, count + 3))
+
+
+async def test_chat_client_gets_a_gaps_range_back_once_in_order() -> None:
+    """The same gap, announced to a ChatClient on shard 1: it fetches the range
+    with ``history`` and the application gets every message once, in order; none
+    is counted as lost."""
+    with running_server(workers=2, settings=GIVE_UP_SOON) as srv:
+        room = room_owned_by(0)
+        (alice,) = await clients_on_shards(srv.url, [0], prefix="gap")
+        chat: ChatClient | None = None
+        for attempt in range(100):
+            candidate = ChatClient(srv.url, user=f"chat{attempt}", rooms=[room], timeout=10)
+            await candidate.start()
+            if candidate.shard == 1:
+                chat = candidate
+                break
+            await candidate.close()
+        assert chat is not None and chat.shard == 1
+        async with closing([alice]):
+            try:
+                await alice.join(room)
+                shown = chat
+
+                async def gap_seen() -> bool:
+                    return await await_until(lambda: shown.gaps >= 1, 10, "the gap")
+
+                await lap_and_give_up(srv, alice, room, LAPPING, gap_seen())
+                await alice.send(type="message", room=room, content="after")
+                got: list[int] = []
+
+                async def take() -> None:
+                    async for message in shown.messages():
+                        got.append(message.seq)
+                        if len(got) == LAPPING + 1:
+                            return
+
+                await asyncio.wait_for(take(), scaled(10))
+                assert got == list(range(1, LAPPING + 2))
+                assert (chat.gaps, chat.lost) == (1, 0)
+            finally:
+                await chat.close()
