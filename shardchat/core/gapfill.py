@@ -71,6 +71,11 @@ class Parked:
     asked: int = 0  # the log's seq when the newest request was sent
     wait: float = GAP_TIMEOUT  # the current wait for an answer
     messages: dict[int, bytes] = field(default_factory=dict)  # seq -> JSON
+    # The log's seq at the end of the last release: none of ``messages`` is at or
+    # below it. Only a log moved since by something else (a replay, a give-up)
+    # can leave duplicates behind, so only then are they looked for: a look at
+    # each parked message made parking n messages cost n * n / 2.
+    clean_to: int = -1
 
 
 class GapFill:
@@ -158,12 +163,15 @@ class GapFill:
             return
         log_ = self.logs[room]
         messages = gap.messages
+        moved = log_.seq != gap.clean_to
         while (json := messages.pop(log_.seq + 1, None)) is not None:
             log_.append(log_.seq + 1, json)
             self.deliver(room, json)
-        # Duplicates of what the log now has are dropped.
-        for seq in [s for s in messages if s <= log_.seq]:
-            del messages[seq]
+        if moved:
+            # Duplicates of what the log now has are dropped.
+            for seq in [s for s in messages if s <= log_.seq]:
+                del messages[seq]
+        gap.clean_to = log_.seq
         if not messages and log_.seq >= gap.last:
             del self.parked[room]
             for _, then in self._waiting.pop(room, ()):

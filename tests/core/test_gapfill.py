@@ -144,3 +144,35 @@ def test_a_reliable_member_that_acks_past_a_gap_gets_no_resends() -> None:
     bob.frames.clear()
     box.advance(60.0)
     assert bob.frames == [] and bob.closed is None
+
+
+class _Counted(dict[int, bytes]):
+    """A parked room's messages that count the looks at all of them."""
+
+    looks = 0
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        _Counted.looks += 1
+        return super().__iter__()
+
+
+def test_parking_is_not_a_look_at_every_parked_message_each_time() -> None:
+    """A lapped shard parks a busy room's messages by the thousand while its gap is
+    filled: each one parked must cost O(1), not a pass over all parked before it
+    (which stalled such a shard for seconds). Duplicates are still dropped when
+    something else moved the log (a replay)."""
+    gaps, broker, log_, delivered = gap_fill()
+    gaps.park(log_, ROOM, 3, b"3", 0.0)  # 1..2 missing
+    counted = _Counted(gaps.parked[ROOM].messages)
+    gaps.parked[ROOM].messages = counted
+    _Counted.looks = 0
+    for seq in range(4, 100):
+        gaps.park(log_, ROOM, seq, str(seq).encode(), 0.0)
+    assert _Counted.looks <= 1
+    assert broker.asked == [(1, 2)]
+    # A replay moves the log past a parked message: that duplicate is dropped.
+    for seq in range(1, 4):  # 3 is parked too: the replay's copy goes first
+        gaps.on_replay(ROOM, seq, str(seq).encode())
+    gaps.on_end(ROOM, 0.1)
+    assert delivered == [str(seq).encode() for seq in range(1, 100)]
+    assert not gaps.parked
