@@ -262,6 +262,11 @@ async def test_lapped_reader_fills_every_gap_under_load() -> None:
         "ring.bytes=65536",
         "limits.max_frame=8192",
         "delivery.history=20000",
+        # The publisher is a member of every room and reads all 20,000 messages on
+        # a raw stream that answers no ping: on a busy machine the test fell behind
+        # reading them (4429) or outlived a heartbeat (4408) before its acks came.
+        "limits.send_queue=67108864",
+        "heartbeat.interval=600",
     ]
     with running_server(workers=2, settings=settings) as srv:
         rooms = [room_owned_by(0, workers=2, prefix=f"lapped{i}-") for i in range(4)]
