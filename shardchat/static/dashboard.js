@@ -384,7 +384,7 @@ async function refreshRooms() {
     apiOff = error.code === "api_off";
     $("rooms-note").hidden = false;
     $("rooms-note").textContent = apiOff
-      ? "Rooms, presence, history and actions need the server API: set api.key."
+      ? `Rooms, presence, history and actions go through the server API: ${error.message}.`
       : `rooms: ${error.message}`;
   }
 }

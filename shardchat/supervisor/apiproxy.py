@@ -57,16 +57,22 @@ def error_body(code: str, message: str) -> bytes:
 class ApiProxy:
     """Forwards calls to the server API; ``target`` None: the API is off."""
 
-    def __init__(self, selector: selectors.BaseSelector, target: ApiTarget | None) -> None:
+    def __init__(
+        self,
+        selector: selectors.BaseSelector,
+        target: ApiTarget | None,
+        off: str = "the server API is off: set api.key",
+    ) -> None:
         self._selector = selector
         self.target = target
+        self.off = off  # why there is no target, for the dashboard
         self._calls: dict[socket.socket, _Call] = {}
 
     def forward(self, method: str, body: bytes, done: Done) -> None:
         """Call ``method`` with ``body``; ``done`` gets the answer (later, or at once)."""
         target = self.target
         if target is None:
-            done(503, error_body("api_off", "the server API is off: set api.key"))
+            done(503, error_body("api_off", self.off))
             return
         if len(self._calls) >= MAX_CALLS:
             done(503, error_body("busy", "too many dashboard calls at once"))

@@ -148,7 +148,7 @@ class Supervisor:
                     lambda: generate_latest(registry),
                     self.config.server.admin_token,
                     self.sampler.since,
-                    ApiProxy(self._selector, _api_target(self.config)),
+                    ApiProxy(self._selector, *_api_target(self.config)),
                 )
             # Descriptors a shard must not keep (it is forked, not exec'd, so
             # O_CLOEXEC does not apply): the admin port above all.
@@ -562,19 +562,21 @@ def _broker_status_of(config: Config, blocks: list[Any], alive: list[bool]) -> d
     }
 
 
-def _api_target(config: Config) -> ApiTarget | None:
+def _api_target(config: Config) -> tuple[ApiTarget | None, str]:
     """Where the dashboard's calls go: the server API (its own listener, api.port, or
-    the main port), as a client on this box reaches it; None while the API is off, or
-    behind TLS (the admin port's forward speaks plain HTTP)."""
+    the main port), as a client on this box reaches it; or None and why not: the API
+    is off, or behind TLS (the admin port's forward speaks plain HTTP)."""
     api = config.api
-    if not api.key or config.server.tls_cert:
-        return None
+    if not api.key:
+        return None, "the server API is off: set api.key"
+    if config.server.tls_cert:
+        return None, "the server API is behind TLS, which the admin port's forward does not speak"
     host, port = (api.host, api.port) if api.port else (config.server.host, config.server.port)
     if host in ("", "0.0.0.0"):
         host = "127.0.0.1"
     elif host == "::":
         host = "::1"
-    return ApiTarget(host, port, api.key)
+    return ApiTarget(host, port, api.key), ""
 
 
 _SYS_PIDFD_GETFD = 438  # the same number on x86-64 and aarch64 (Linux 5.6)

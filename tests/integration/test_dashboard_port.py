@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from shardchat.testing.pki import make_pki
 from shardchat.testing.wait import wait_until
 from tests.support.helpers import Server, raw_http, running_server
 
@@ -95,3 +97,19 @@ def test_api_calls_are_refused_clearly(admin: Server) -> None:
     assert call(admin, "POST", "/api/Bad-Name", AUTH + JSON, b"{}")[0] == 404
     # The port still answers after all that.
     assert call(admin, "GET", "/status", AUTH)[0] == 200
+
+
+def test_behind_tls_the_dashboard_says_why_it_cannot_call_the_api(tmp_path: Path) -> None:
+    """The forward speaks plain HTTP: with TLS on the main port it answers 503 and says
+    so (the page shows the message), instead of failing in the middle of a handshake."""
+    pki = make_pki(tmp_path)
+    settings = [
+        f'server.tls_cert="{pki.cert}"',
+        f'server.tls_key="{pki.key}"',
+        "api.key=dashboard-tls-api-key-1234",
+    ]
+    with running_server(workers=1, settings=settings) as srv:
+        head = "Content-Type: application/json\r\n"
+        status, _, body = call(srv, "POST", "/api/rooms", head, b"{}")
+        error = json.loads(body)["error"]
+        assert status == 503 and error["code"] == "api_off" and "TLS" in error["message"]
