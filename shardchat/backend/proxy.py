@@ -199,6 +199,9 @@ class PublishProxy(Generic[C]):
             await self._ask(items)
         except Exception as exc:  # a bug: one line, never a task's traceback
             log_event(log, logging.ERROR, "publish_proxy_error", error=repr(exc)[:200])
+            # Answered all the same: a batch left without a verdict would hold
+            # every later batch's verdicts behind it for good.
+            self._settle(items, "the application's backend could not be asked; not sent")
 
     async def _ask(self, items: list[ProxiedPublish[C]]) -> None:
         body = orjson.dumps(
@@ -226,6 +229,11 @@ class PublishProxy(Generic[C]):
             self.bursts.failed(result)
         else:
             self.bursts.succeeded()
+        self._settle(items, result)
+
+    def _settle(self, items: list[ProxiedPublish[C]], result: list[Verdict] | str) -> None:
+        """``items``' verdicts (or why there are none) are here: hand back every
+        batch whose turn has come, in the batches' order."""
         flight = self._flight
         for i, (batch, _) in enumerate(flight):
             if batch is items:
