@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from itertools import islice
 
 from shardchat.core.errors import SequenceError
 
@@ -90,7 +91,8 @@ class RoomLog:
                 start = max(start, end - limit)
             else:
                 end = min(end, start + limit)
-        return [held[i] for i in range(start, end)]
+        # islice, not held[i]: indexing a deque walks its blocks from an end each time.
+        return list(islice(held, start, end))
 
     def replay(self, since: int, epoch: str | None) -> Replay:
         """PROTOCOL.md, Reliable delivery: what a rejoin with ``since`` gets.
