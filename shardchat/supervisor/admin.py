@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hmac
+import ipaddress
 import re
 import selectors
 import socket
@@ -84,6 +85,30 @@ def _json_typed(header_lines: list[bytes]) -> bool:
     return values == [b"application/json"]
 
 
+def _host_name(header_lines: list[bytes]) -> str | None:
+    """The request's one Host header without its port, lower-cased; None when it
+    has none or several."""
+    values = [
+        value.strip().decode("latin-1").lower()
+        for name, _, value in (line.partition(b":") for line in header_lines)
+        if name.strip().lower() == b"host"
+    ]
+    if len(values) != 1:
+        return None
+    host = values[0]
+    if host.startswith("["):  # an IPv6 literal, with its port after the bracket
+        return host[1 : host.find("]")] if "]" in host else None
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
+
+
+def _is_ip_literal(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
 class AdminServer:
     """Answers admin requests; ``status`` builds the /status document, ``series``
     the dashboard's samples newer than a time."""
@@ -105,6 +130,9 @@ class AdminServer:
         self._series = series
         self.proxy = proxy if proxy is not None else ApiProxy(selector, None)
         self._token = token.encode()
+        # The names a browser may call this port by when no token guards it
+        # (see _trusted_host): besides IP literals and localhost, the one it binds.
+        self._own_names = {"localhost", host.lower()}
         self._dashboard = (_STATIC / "dashboard.html").read_bytes()
         self._dashboard_js = (_STATIC / "dashboard.js").read_bytes()
         self._csp = page_csp(self._dashboard)
@@ -202,6 +230,13 @@ class AdminServer:
             if method != "POST":
                 self._answer(client, 405, _TEXT, b"method not allowed\n")
                 return
+            if not self._trusted_host(lines[1:]):
+                # DNS rebinding: a page of another site whose name now resolves to
+                # this port is same-origin with it, so the JSON check below does not
+                # stop it. Without a token, a call that acts with the API key must
+                # name this port by an address, localhost or server.admin_host.
+                self._answer(client, 403, _TEXT, b"this Host may not call the API here\n")
+                return
             if not _json_typed(lines[1:]):
                 # A page of another origin may POST a form or text/plain here
                 # without asking (no CORS preflight); a JSON type it may not: so
@@ -243,6 +278,12 @@ class AdminServer:
         except OSError:
             pass
         self._drop(client)
+
+    def _trusted_host(self, header_lines: list[bytes]) -> bool:
+        if self._token:
+            return True  # another site's page has no token to send
+        name = _host_name(header_lines)
+        return name is not None and (name in self._own_names or _is_ip_literal(name))
 
     def _authorized(self, header_lines: list[bytes]) -> bool:
         if not self._token:

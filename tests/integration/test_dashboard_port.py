@@ -30,7 +30,7 @@ def call(
 ) -> tuple[int, dict[str, str], bytes]:
     sized = body or (method == "POST" and "Content-Length" not in head)
     length = f"Content-Length: {len(body)}\r\n" if sized else ""
-    request = f"{method} {path} HTTP/1.1\r\nHost: x\r\n{head}{length}\r\n".encode() + body
+    request = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{head}{length}\r\n".encode() + body
     return raw_http(server.admin_port, request)
 
 
@@ -113,3 +113,22 @@ def test_behind_tls_the_dashboard_says_why_it_cannot_call_the_api(tmp_path: Path
         status, _, body = call(srv, "POST", "/api/rooms", head, b"{}")
         error = json.loads(body)["error"]
         assert status == 503 and error["code"] == "api_off" and "TLS" in error["message"]
+
+
+def test_without_a_token_only_this_ports_own_names_may_call_the_api() -> None:
+    """DNS rebinding: a page of another site whose name now resolves here is
+    same-origin with the port, so without an admin token the forward answers only
+    requests that name the port by an address, localhost or server.admin_host."""
+    with running_server(workers=1, settings=["api.key=dashboard-rebinding-key"]) as srv:
+
+        def rooms(host: str) -> int:
+            request = (
+                f"POST /api/rooms HTTP/1.1\r\nHost: {host}\r\n{JSON}Content-Length: 2\r\n\r\n{{}}"
+            ).encode()
+            return raw_http(srv.admin_port, request)[0]
+
+        port = srv.admin_port
+        assert rooms(f"evil.example:{port}") == 403
+        assert rooms("evil.example") == 403
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", "127.0.0.1", f"[::1]:{port}"):
+            assert rooms(host) == 200, host
