@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from shardchat.testing.wait import wait_until
 from tests.support.helpers import running_server, scaled
 
@@ -44,8 +46,11 @@ def churn(port: int, count: int, processes: int = 3, concurrency: int = 300) -> 
             if p.poll() is None:
                 p.kill()
                 p.wait()
+            if p.stdout is not None:
+                p.stdout.close()  # else an interrupted run leaks the pipe into a later test
 
 
+@pytest.mark.timeout(scaled(300))  # 50,000 real connections: about a minute on 2 cores
 def test_fifty_thousand_connections_leave_no_memory_behind() -> None:
     """Closed connections must be freed even when the shard's periodic gc.freeze() ran
     while they were open (it used to move their reference cycles to the permanent
