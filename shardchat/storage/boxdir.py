@@ -151,6 +151,9 @@ class StorageDir:
                 lost |= not _mend(path)
             old = meta.get("workers")
             if isinstance(old, int) and old != workers:
+                # Copied first; the old files go only once meta.json names the new
+                # count, so that a crash at any point leaves one complete set that
+                # the meta file names (a copy interrupted is made again).
                 _move_rooms(directory, old, workers)
             epoch = meta.get("epoch")
             if not isinstance(epoch, str) or lost:
@@ -158,6 +161,7 @@ class StorageDir:
                     log_event(log, logging.ERROR, "storage_new_epoch", old=epoch)
                 epoch = new_epoch()
             _write_meta(directory, {"epoch": epoch, "workers": workers})
+            _remove_other_counts(directory, workers)
         except BaseException:
             os.close(fd)
             raise
@@ -216,7 +220,8 @@ def _mend(path: Path) -> bool:
 
 def _move_rooms(directory: Path, old: int, new: int) -> None:
     """``server.workers`` went from ``old`` to ``new``: each room's messages, seq and
-    keys move to its new owner's file (``owner_of``), then the old files go."""
+    keys are copied to its new owner's file (``owner_of``); the caller removes the
+    old files once the meta file names ``new``."""
     sources = [store_path(directory, i, old) for i in range(old)]
     moved = 0
     for source in sources:
@@ -242,10 +247,17 @@ def _move_rooms(directory: Path, old: int, new: int) -> None:
             moved += db.execute("SELECT count(*) FROM rooms").fetchone()[0]
         finally:
             db.close()
-    for source in sources:
-        for suffix in ("", "-wal", "-shm"):
-            source.with_name(source.name + suffix).unlink(missing_ok=True)
     log_event(log, logging.WARNING, "storage_rooms_moved", rooms=moved, workers_from=old, to=new)
+
+
+def _remove_other_counts(directory: Path, workers: int) -> None:
+    """The store files of another ``workers`` count: copied already (the meta file
+    names ``workers`` only once a move is complete)."""
+    own = {store_path(directory, shard, workers) for shard in range(workers)}
+    for path in _store_files(directory):
+        if path not in own:
+            for suffix in ("", "-wal", "-shm"):
+                path.with_name(path.name + suffix).unlink(missing_ok=True)
 
 
 _DEST_SCHEMA = """

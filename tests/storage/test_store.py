@@ -161,6 +161,37 @@ def test_a_new_worker_count_moves_each_room_to_its_new_owner(tmp_path: Path) -> 
         moved.close()
 
 
+def test_a_move_interrupted_before_the_meta_file_is_done_again_or_undone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crash between copying the rooms to the new count's files and writing the
+    meta file: the old files are still there, so a start with either count finds
+    every room."""
+    from shardchat.storage import boxdir
+
+    directory = tmp_path / "d"
+    StorageDir.open(directory, 2).close()
+    for shard in range(2):
+        db = connect(store_path(directory, shard, 2))
+        db.executemany("INSERT INTO rooms VALUES (?, ?)", [(f"s{shard}r{i}", 5) for i in range(10)])
+        db.close()
+
+    def crash(directory: Path, meta: dict[str, object]) -> None:
+        raise OSError("killed before the meta file was written")
+
+    monkeypatch.setattr(boxdir, "_write_meta", crash)
+    with pytest.raises(OSError):
+        StorageDir.open(directory, 3)
+    monkeypatch.undo()
+    for workers in (2, 3):
+        again = StorageDir.open(directory, workers)
+        try:
+            assert sum(len(again.seqs(shard)) for shard in range(workers)) == 20, workers
+        finally:
+            again.close()
+    assert not list(directory.glob("rooms-*-of-2.db"))
+
+
 def test_history_ttl_deletes_older_messages_and_old_keys(tmp_path: Path) -> None:
     """The writer's prune (every PRUNE_EVERY): messages older than
     delivery.history_ttl and keys older than KEY_WINDOW go; the seq stays."""
