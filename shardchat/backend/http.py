@@ -180,6 +180,12 @@ class HttpClient:
             self._waiters.append(waiter)
             try:
                 await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    # Woken (a connection is free) and then timed out before we ran:
+                    # the turn goes to the next waiter, not lost until its deadline.
+                    self._wake()
+                raise
             finally:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)

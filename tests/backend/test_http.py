@@ -126,3 +126,27 @@ async def test_requests_waiting_for_a_connection_are_bounded(
     assert len(refused) == 2 and "already wait" in str(refused[0])
     assert [r.body for r in results if not isinstance(r, BaseException)] == [b"0", b"1", b"2"]
     client.close()
+
+
+async def test_a_waiter_woken_then_cancelled_passes_the_free_connection_on(
+    served: tuple[Server, int],
+) -> None:
+    """Two requests wait for the one connection; the first is handed it and times out
+    before it runs: the second gets it at once, not at its own deadline."""
+    server, port = served
+    client = HttpClient(f"http://127.0.0.1:{port}/", connections=1, timeout=30)
+    held, _ = await client._acquire()
+    first = asyncio.create_task(client._acquire())
+    second = asyncio.create_task(client._acquire())
+    while len(client._waiters) < 2:
+        await asyncio.sleep(0)
+    client._idle.append(held)
+    client._wake()  # the first is handed the connection...
+    first.cancel()  # ...and cancelled before it ran
+    conn, reused = await asyncio.wait_for(second, 5)
+    assert conn is held and reused
+    assert first.cancelled()
+    client._idle.append(conn)
+    client.close()
+    conn.writer.close()
+    await conn.writer.wait_closed()
