@@ -18,6 +18,7 @@ from shardchat.core.interfaces import (
 from shardchat.core.messages import (
     AppCloseCode,
     Join,
+    Ping,
     RoomId,
 )
 from shardchat.core.outputs import C, Close, Output
@@ -112,7 +113,7 @@ class Connections(Requests[C]):
     def receive(self, conn: C, data: bytes | bytearray | memoryview) -> None:
         """Input: a complete text message from ``conn`` (UTF-8 not yet validated)."""
         if self.inbox.queue:  # deliver(), inline: once per request
-            self.inbox.apply()
+            self._apply_inbox()
         state = self.conns[conn]
         try:
             request = wire.decode(data, self.config.limits.max_content)
@@ -122,7 +123,11 @@ class Connections(Requests[C]):
                 return
             self._refuse(conn, state, exc)
             return
-        self._request(conn, state, request)
+        # _request, inline: once per request
+        if state.joins and type(request) is not Ping:
+            self._defer(conn, state, request)
+        else:
+            self._take(conn, state, request)
 
     def closed(self, conn: C, code: int, reason: str) -> None:
         """Input: ``conn`` is gone, having closed with ``code``: forget it."""

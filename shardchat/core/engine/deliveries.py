@@ -7,10 +7,12 @@ call, and the engine applies the queue at its next input (inbox.py).
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from shardchat.core import wire
+from shardchat.core.counters import LATENCY_BASE, LATENCY_BUCKETS_MS
 from shardchat.core.errors import ErrorCode, ProtocolError
 from shardchat.core.hookevents import HookEvent
 from shardchat.core.interfaces import (
@@ -25,11 +27,68 @@ if TYPE_CHECKING:
 from shardchat.core.engine.rooms import Rooms
 from shardchat.core.engine.state import (
     NO_CALL,
+    S_LATENCY_COUNT,
+    S_LATENCY_SUM,
 )
 
 
 class Deliveries(Rooms[C]):
     """The deliveries' part of the engine (applied from its inbox)."""
+
+    def _apply_inbox(self) -> None:
+        """:meth:`Inbox.apply <shardchat.core.engine.inbox.Inbox.apply>`, with the
+        common cases of the two items every message brings handled in the loop
+        (a message that follows on in its room, the ack of our own publish):
+        once per message per shard, the engine's hot path, where a call per item
+        was a fifth of its cost. Anything else runs its handler, in order; a
+        handler that re-enters goes on with the same queue."""
+        inbox = self.inbox
+        queue = inbox.queue
+        pop = queue.popleft
+        on_message = inbox.message_handler
+        on_published = inbox.published_handler
+        logs = self.logs
+        parked = self.gaps.parked
+        members = self.members
+        fanout_queue = self.fanout.queue
+        counters = self.counters
+        pending = self._pending
+        conns = self.conns
+        now = self.now
+        now_ns = int(now * 1e9)
+        text_frame = wire.text_frame
+        encode = wire.encode
+        while queue:
+            fn, args = pop()
+            if fn is on_message:
+                room, seq, _msg_id, json, publish_ns = args
+                log_ = logs.get(room)
+                if log_ is not None and seq == log_.seq + 1 and room not in parked:
+                    log_.append(seq, json)
+                    log_.touched = now
+                    if room in members:
+                        fanout_queue(room, json)
+                        # _latency, inline
+                        ns = now_ns - publish_ns
+                        counters[LATENCY_BASE + bisect_left(LATENCY_BUCKETS_MS, ns / 1e6)] += 1
+                        counters[S_LATENCY_COUNT] += 1
+                        if ns > 0:
+                            counters[S_LATENCY_SUM] += ns // 1000
+                    continue
+            elif fn is on_published and not self._pending_messages:
+                msg_id, room, seq = args
+                sender = pending.get(msg_id)
+                if sender is not None:
+                    # on_published's ack to a connection, inline
+                    del pending[msg_id]
+                    conn, request_id = sender
+                    if conn in conns:
+                        ack: dict[str, object] = {"type": "ack", "room": room, "seq": seq}
+                        if request_id is not None:
+                            ack["id"] = request_id
+                        self._out.append(((conn,), text_frame(encode(ack))))
+                    continue
+            fn(*args)
 
     def on_message(self, room: str, seq: int, msg_id: str, json: bytes, publish_ns: int) -> None:
         log_ = self.logs.get(room)

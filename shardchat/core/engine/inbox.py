@@ -41,6 +41,8 @@ class Inbox:
         "_on_resync",
         "_on_room_state",
         "_restore",
+        "message_handler",
+        "published_handler",
         "queue",
         "target",
     )
@@ -60,6 +62,10 @@ class Inbox:
         self._on_resync = target.on_resync
         self._on_room_state = target.on_room_state
         self._restore = target.restore
+        # What the queue holds for a message and an ack, by identity: the engine's
+        # loop (RoomEngine._apply_inbox) handles their common cases inline.
+        self.message_handler: object = self._on_message
+        self.published_handler: object = self._on_published
 
     def __bool__(self) -> bool:
         return bool(self.queue)

@@ -265,7 +265,11 @@ class EngineState(Generic[C]):
         """Input: apply what the broker told :attr:`inbox` since the last input,
         in order. Every other input starts with it too."""
         if self.inbox.queue:
-            self.inbox.apply()
+            self._apply_inbox()
+
+    def _apply_inbox(self) -> None:
+        """Apply the inbox's queue (the deliveries part handles its hot items inline)."""
+        self.inbox.apply()
 
     def _close(self, conn: C, state: ConnState, close: Close) -> None:
         self._out.append(((conn,), close))

@@ -43,15 +43,18 @@ def settle(engine: RoomEngine[C], broker: Broker) -> None:
     """Run the engine's commands on ``broker`` and apply what it answered, until
     neither has anything more."""
     queued = engine.broker  # the engine's command queue
-    inbox = engine.inbox
+    queue = engine.inbox.queue
     for _ in range(SETTLE_ROUNDS):
-        if queued.commands:
-            # run_commands, inline: once per input
-            for name, args in queued.take():
+        commands = queued.commands
+        if commands:
+            # take() and run_commands, inline: once per input
+            queued.commands = []
+            for name, args in commands:
                 getattr(broker, name)(*args)
-        elif not inbox.queue:
+        elif not queue:
             return
-        inbox.apply()
+        if queue:
+            engine._apply_inbox()  # deliver(), its check done
     raise AssertionError("the engine and its broker never settled")
 
 
