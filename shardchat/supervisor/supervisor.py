@@ -10,21 +10,16 @@ its polling).
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import gc
 import logging
 import os
-import resource
 import secrets
 import selectors
 import signal
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import multiprocess
 from prometheus_client.exposition import generate_latest
@@ -32,8 +27,7 @@ from prometheus_client.exposition import generate_latest
 from shardchat.addrtable import table_capacity
 from shardchat.auth import verifier_from_config
 from shardchat.brokers import segments
-from shardchat.core.config import Config, ServerConfig, redact_url, to_toml
-from shardchat.core.errors import ShardError
+from shardchat.core.config import Config, to_toml
 from shardchat.hooks import load_app
 from shardchat.logs import log_event
 from shardchat.shard.process import EXIT_BOOT_ERROR, ShardSpec, run_shard
@@ -41,9 +35,13 @@ from shardchat.stats import Slot, StatsView
 from shardchat.storage.boxdir import StorageDir
 from shardchat.storage.rescue import rescue
 from shardchat.supervisor.admin import AdminServer
-from shardchat.supervisor.apiproxy import ApiProxy, ApiTarget
+from shardchat.supervisor.apiproxy import ApiProxy
 from shardchat.supervisor.metrics import make_registry
+from shardchat.supervisor.preflight import api_target, check_port_free, raise_nofile
 from shardchat.supervisor.samples import Sampler
+from shardchat.supervisor.slots import ShardSlot
+from shardchat.supervisor.status import status_document
+from shardchat.supervisor.stuck import kill_stuck
 from shardchat.tls import server_context
 
 __all__ = ["Supervisor"]
@@ -54,26 +52,6 @@ log = logging.getLogger(__name__)
 STABLE_AFTER = 5.0
 MAX_BACKOFF = 5.0
 FIRST_BACKOFF = 0.1
-
-
-@dataclass(slots=True)
-class ShardSlot:
-    """One shard id and the process that currently serves it."""
-
-    shard_id: int
-    process: Any = None  # multiprocess.Process while running
-    started_at: float = 0.0  # monotonic
-    started_ns: int = 0  # monotonic ns, against the ring's heartbeat
-    killed_stuck: bool = False  # SIGKILLed for a stuck loop; the exit restarts it
-    unlistened: bool = False  # its listening socket was shut down for a silent loop
-    incarnation: int = -1
-    restarts: int = 0
-    backoff: float = 0.0
-    restart_at: float | None = None  # monotonic time of a scheduled restart
-
-    @property
-    def pid(self) -> int | None:
-        return None if self.process is None else int(self.process.pid)
 
 
 def _noop(signum: int, frame: object) -> None:
@@ -112,8 +90,8 @@ class Supervisor:
         # before any shard is forked; each shard builds its own after the fork.
         server_context(self.config.server)
         verifier_from_config(self.config.auth)
-        self._raise_nofile()
-        _check_port_free(self.config.server.host, self.config.server.port)
+        raise_nofile(self.config, len(self.slots))
+        check_port_free(self.config.server.host, self.config.server.port)
         if self.config.storage.kind == "sqlite" and self.config.broker.kind == "shm":
             # Locked for the run (and by the shards, which inherit the lock). With
             # broker.kind = "redis", Redis keeps the rooms: no store.
@@ -148,7 +126,7 @@ class Supervisor:
                     lambda: generate_latest(registry),
                     self.config.server.admin_token,
                     self.sampler.since,
-                    ApiProxy(self._selector, *_api_target(self.config)),
+                    ApiProxy(self._selector, *api_target(self.config)),
                 )
             # Descriptors a shard must not keep (it is forked, not exec'd, so
             # O_CLOEXEC does not apply): the admin port above all.
@@ -209,27 +187,6 @@ class Supervisor:
         fileno = getattr(self._selector, "fileno", None)
         return int(fileno()) if fileno is not None else -1
 
-    def _raise_nofile(self) -> None:
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if soft < hard:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        # Each shard keeps some descriptors for itself: its socket, rings, logs.
-        capacity = len(self.slots) * max(0, hard - 64)
-        wanted = self.config.server.max_connections
-        if wanted > capacity:
-            # The default max_connections is a ceiling, not a promise: on a default
-            # setup this is only worth a debug line. A value the user chose that the
-            # open-files limit cannot hold is a real warning.
-            chosen = wanted != ServerConfig().max_connections
-            log_event(
-                log,
-                logging.WARNING if chosen else logging.DEBUG,
-                "nofile_limit",
-                max_connections=self.config.server.max_connections,
-                capacity=capacity,
-                hint=f"{len(self.slots)} shards x {hard} open files cannot hold max_connections",
-            )
-
     # The loop
 
     def _loop(self) -> None:
@@ -246,7 +203,7 @@ class Supervisor:
                 for slot in self.slots:
                     if slot.restart_at is not None and now >= slot.restart_at:
                         self._spawn(slot)
-                self._kill_stuck()
+                kill_stuck(self.slots, self._fabric, self._stats, self.config.server)
             if self._admin is not None:
                 self._admin.expire(now)
                 self._admin.proxy.expire(now)
@@ -256,86 +213,6 @@ class Supervisor:
             for key, _ in self._selector.select(timeout):
                 callback: Callable[[], None] = key.data
                 callback()
-
-    def _kill_stuck(self) -> None:
-        """SIGKILL a shard whose loop has not beaten for ``shard_timeout`` (gunicorn's
-        worker timeout): a blocked loop serves nobody, and a restart does. Long before
-        that (``shard_unlisten``), take its listening socket out of the port's accept
-        group, so that the kernel stops queueing new clients where nobody accepts."""
-        limit = self.config.server.shard_timeout
-        unlisten = self.config.server.shard_unlisten
-        if not limit and not unlisten:
-            return
-        now_ns = time.monotonic_ns()
-        for slot in self.slots:
-            if slot.process is None or slot.killed_stuck:
-                continue
-            # A new incarnation counts from its start until its first beat.
-            last = max(self._fabric.heartbeat_ns(slot.shard_id), slot.started_ns)
-            silent = now_ns - last
-            if unlisten and silent > unlisten * 1e9 and not slot.unlistened:
-                slot.unlistened = True
-                self._unlisten(slot, silent)
-            elif slot.unlistened and silent < unlisten * 1e9:
-                slot.unlistened = False  # it beats again (and listens again by itself)
-            if limit and silent > limit * 1e9:
-                log_event(
-                    log,
-                    logging.ERROR,
-                    "shard_stuck",
-                    shard_id=slot.shard_id,
-                    pid=slot.pid,
-                    silent_s=round((now_ns - last) / 1e9, 1),
-                )
-                slot.killed_stuck = True
-                os.kill(slot.process.pid, signal.SIGKILL)
-
-    def _unlisten(self, slot: ShardSlot, silent_ns: int) -> None:
-        """Shut down a silent shard's listening socket (through a duplicate taken with
-        pidfd_getfd): Linux then drops it from the SO_REUSEPORT group, resets the
-        connections queued on it, and sends new ones to the other shards."""
-        if self._stats is None or slot.process is None:
-            return
-        block = self._stats.blocks[slot.shard_id]
-        fd = int(block[Slot.LISTEN_FD])
-        if not fd:
-            slot.unlistened = False  # not listening yet (still recovering): later
-            return
-        try:
-            dup = _pidfd_getfd(int(slot.process.pid), fd)
-        except OSError as exc:
-            log_event(
-                log,
-                logging.WARNING,
-                "shard_unlisten_failed",
-                shard_id=slot.shard_id,
-                error=str(exc),
-            )
-            return
-        try:
-            sock = socket.socket(fileno=dup)
-        except OSError:
-            os.close(dup)  # not a socket: the shard has moved on
-            return
-        with sock:
-            try:
-                # The descriptor must still be that shard's listener on our port.
-                if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-                    return
-                if sock.getsockname()[1] != self.config.server.port:
-                    return
-                sock.shutdown(socket.SHUT_RD)
-            except OSError:
-                return
-        block[Slot.UNLISTENED] = 1
-        log_event(
-            log,
-            logging.ERROR,
-            "shard_unlisten",
-            shard_id=slot.shard_id,
-            pid=slot.pid,
-            silent_s=round(silent_ns / 1e9, 1),
-        )
 
     def _next_timeout(self, now: float) -> float | None:
         deadlines = [slot.restart_at for slot in self.slots if slot.restart_at is not None]
@@ -480,141 +357,13 @@ class Supervisor:
         # On the second's grid, not from now: a late loop turn does not drift the series.
         self._next_sample = max(self._next_sample + 1.0, now + 0.5)
 
-    def _broker_status(self) -> dict[str, object]:
-        assert self._stats is not None
-        alive = [slot.process is not None for slot in self.slots]
-        return _broker_status_of(self.config, self._stats.blocks, alive)
-
     def status(self) -> dict[str, object]:
-        now = time.time()
-        assert self._stats is not None
-        blocks = self._stats.blocks
-        shards: list[dict[str, object]] = []
-        connections = 0
-        for slot, block in zip(self.slots, blocks, strict=True):
-            alive = slot.process is not None
-            # The shard writes its pid and start time into its block once it has
-            # attached: until then (and after it died) the block's gauges are not
-            # this process's, and it has no uptime yet.
-            attached = alive and block[Slot.PID] == slot.pid
-            connections += block[Slot.CONNECTIONS] if alive else 0
-            delivered = block[Slot.LATENCY_COUNT]
-            shards.append(
-                {
-                    "id": slot.shard_id,
-                    "pid": slot.pid,
-                    "alive": alive,
-                    "uptime": round(now - block[Slot.STARTED_NS] / 1e9, 3) if attached else 0,
-                    "restarts": slot.restarts,
-                    "connections": block[Slot.CONNECTIONS] if alive else 0,
-                    "rooms": block[Slot.ROOMS] if alive else 0,
-                    # Mean publish-to-delivery time of the messages this shard id
-                    # delivered since the server started (/metrics sums the shards).
-                    "latency_ms": (
-                        round(block[Slot.LATENCY_SUM_US] / delivered / 1000, 3) if delivered else 0
-                    ),
-                }
-            )
-        total = self._stats.total
-        return {
-            "pid": self.pid,
-            "epoch": self.epoch,
-            "uptime": round(now - self.started_wall, 3),
-            "stopping": self.stopping,
-            "broker": self._broker_status(),
-            "shards": shards,
-            "totals": {
-                "connections": connections,
-                "messages_published": total(Slot.MESSAGES_PUBLISHED),
-                "frames_delivered": total(Slot.FRAMES_DELIVERED),
-                "restarts": sum(slot.restarts for slot in self.slots),
-            },
-        }
-
-
-def _broker_status_of(config: Config, blocks: list[Any], alive: list[bool]) -> dict[str, object]:
-    """The broker and its health: for Redis, where, whether every live shard's
-    connection works, and its counters over the box."""
-    kind = config.broker.kind
-    if kind != "redis":
-        return {"kind": kind, "healthy": True}
-    live = [block for block, up in zip(blocks, alive, strict=True) if up]
-    up = [bool(block[Slot.REDIS_UP]) for block in live]
-    redis = config.redis
-    where = "cluster " + ",".join(redis.cluster) if redis.cluster else redact_url(redis.url)
-
-    def total(slot: Slot) -> int:
-        return sum(block[slot] for block in blocks)
-
-    batches = total(Slot.REDIS_BATCHES)
-    return {
-        "kind": kind,
-        "redis": where,
-        "healthy": bool(live) and all(up),
-        "shards_connected": sum(up),
-        "subscribed_rooms": sum(block[Slot.REDIS_SUBSCRIBED_ROOMS] for block in live),
-        "round_trips": total(Slot.REDIS_ROUND_TRIPS),
-        "batch_size": round(total(Slot.REDIS_BATCHED_MESSAGES) / batches, 2) if batches else 0,
-        "messages_received": total(Slot.REDIS_MESSAGES_RECEIVED),
-        "stream_reads": total(Slot.REDIS_STREAM_READS),
-        "errors": total(Slot.REDIS_ERRORS),
-        "reconnects": total(Slot.REDIS_RECONNECTS),
-    }
-
-
-def _api_target(config: Config) -> tuple[ApiTarget | None, str]:
-    """Where the dashboard's calls go: the server API (its own listener, api.port, or
-    the main port), as a client on this box reaches it; or None and why not: the API
-    is off, or behind TLS (the admin port's forward speaks plain HTTP)."""
-    api = config.api
-    if not api.key:
-        return None, "the server API is off: set api.key"
-    if config.server.tls_cert:
-        return None, "the server API is behind TLS, which the admin port's forward does not speak"
-    host, port = (api.host, api.port) if api.port else (config.server.host, config.server.port)
-    if host in ("", "0.0.0.0"):
-        host = "127.0.0.1"
-    elif host == "::":
-        host = "::1"
-    return ApiTarget(host, port, api.key), ""
-
-
-_SYS_PIDFD_GETFD = 438  # the same number on x86-64 and aarch64 (Linux 5.6)
-
-
-def _pidfd_getfd(pid: int, fd: int) -> int:
-    """A duplicate of process ``pid``'s descriptor ``fd`` (pidfd_getfd(2); Python has
-    no wrapper). Needs ptrace rights over the child, which its parent has."""
-    pidfd = os.pidfd_open(pid)
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        dup = int(libc.syscall(_SYS_PIDFD_GETFD, pidfd, fd, 0))
-        if dup < 0:
-            code = ctypes.get_errno()
-            raise OSError(code, os.strerror(code))
-        return dup
-    finally:
-        os.close(pidfd)
-
-
-def _check_port_free(host: str, port: int) -> None:
-    """Refuse to start on a port someone already listens on.
-
-    The probe binds without SO_REUSEPORT: a shard of another running server,
-    which binds with it, would otherwise share the port with ours silently.
-    """
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        raise ShardError(f"cannot resolve server.host {host!r}: {exc.strerror}") from None
-    family, kind, proto, _, address = infos[0]
-    probe = socket.socket(family, kind, proto)
-    try:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        probe.bind(address)
-    except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            raise ShardError(f"port {port} on {host} is already in use") from None
-        raise ShardError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    finally:
-        probe.close()
+        return status_document(
+            self.config,
+            self.slots,
+            self._stats,
+            pid=self.pid,
+            epoch=self.epoch,
+            started_wall=self.started_wall,
+            stopping=self.stopping,
+        )
