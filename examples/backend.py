@@ -69,6 +69,9 @@ class Backend:
         self.bad_signatures = 0
         self.failed_posts = 0  # answered 500 on purpose
         self.connects: list[dict[str, Any]] = []
+        # user -> the ``info`` its connect answer carries (None: none); the
+        # others get {"via": "cookie"}.
+        self.infos: dict[str, object] = {}
         self.publishes: list[dict[str, Any]] = []
         self.server = ThreadingHTTPServer(("127.0.0.1", port), _handler(self))
         self.server.daemon_threads = True
@@ -128,7 +131,10 @@ class Backend:
             return 401, {"reason": "no session cookie"}
         if user.startswith("banned-"):
             return 403, {"reason": f"{user} is banned"}
-        return 200, {"user": user, "info": {"via": "cookie"}}
+        info = self.infos.get(user, {"via": "cookie"})
+        if info is None:
+            return 200, {"user": user}
+        return 200, {"user": user, "info": info}
 
     def publish(self, request: dict[str, Any]) -> tuple[int, object]:
         if self.publish_delay:

@@ -50,6 +50,7 @@ class Identity:
     user: str
     rooms: frozenset[str] | None  # None: any room
     expires: float | None = None  # the token's exp (Unix seconds); None: never
+    info: str | None = None  # the connect proxy's ``info`` (a JSON object, encoded)
 
 
 @dataclass(frozen=True, slots=True)

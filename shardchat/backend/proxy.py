@@ -41,6 +41,7 @@ _S_FAILURES = int(stats.Slot.PROXY_FAILURES)
 _KNOWN = frozenset(int(s) for s in http.HTTPStatus)
 # Request headers the connect proxy passes on (the backend's own session).
 _PASSED = ("Cookie", "Authorization", "Origin", "User-Agent", "X-Forwarded-For")
+INFO_LIMIT = 1024  # bytes of a connect answer's ``info``, encoded (it travels in records)
 
 
 class Bursts:
@@ -96,7 +97,19 @@ def connect_answer(response: Response) -> Identity | Refusal:
         isinstance(rooms, list) and all(isinstance(r, str) and wire.is_valid_name(r) for r in rooms)
     ):
         return Refusal(503, "the application's backend answered rooms that are not names\n")
-    return Identity(user, None if rooms is None else frozenset(rooms))
+    info = data.get("info")
+    encoded: str | None = None
+    if info is not None:
+        if not isinstance(info, dict):
+            return Refusal(
+                503, "the application's backend answered an info that is not an object\n"
+            )
+        encoded = orjson.dumps(info).decode()
+        if len(encoded.encode()) > INFO_LIMIT:
+            return Refusal(
+                503, f"the application's backend answered an info over {INFO_LIMIT} bytes\n"
+            )
+    return Identity(user, None if rooms is None else frozenset(rooms), info=encoded)
 
 
 def publish_verdicts(response: Response, count: int) -> list[Verdict] | str:

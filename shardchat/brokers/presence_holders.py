@@ -33,7 +33,7 @@ TOLD gives what members were told. Once all are in (or after
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import NamedTuple
 
 from shardchat.brokers.sequencer import owner_of
@@ -69,9 +69,17 @@ class Event(NamedTuple):
     total: int  # the room's users after the change, for presence.events_limit
 
 
-def answer_of(users: Iterable[str], user: str, limit: int, budget: int) -> Answer:
-    """At most ``limit`` names and ``budget`` bytes of them (a ring record's limit)."""
+def answer_of(
+    users: Iterable[str],
+    user: str,
+    limit: int,
+    budget: int,
+    infos: Mapping[str, str] | None = None,
+) -> Answer:
+    """At most ``limit`` names and ``budget`` bytes of them (a ring record's
+    limit), with the listed users' info from ``infos`` while it fits too."""
     listed: list[str] = []
+    info: dict[str, str] = {}
     count = 0
     has = False
     for name in users:
@@ -83,9 +91,17 @@ def answer_of(users: Iterable[str], user: str, limit: int, budget: int) -> Answe
             if size <= budget:
                 listed.append(name)
                 budget -= size
+                said = infos.get(name) if infos else None
+                if said is not None:
+                    # Its name again, quoted, and the info as a JSON string
+                    # (escaped: at most twice as long, and some room).
+                    extra = size + 2 * len(said.encode()) + 8
+                    if extra <= budget:
+                        info[name] = said
+                        budget -= extra
             else:
                 limit = len(listed)  # full: list no more
-    return Answer(count, listed, len(listed) < count, has)
+    return Answer(count, listed, len(listed) < count, has, info or None)
 
 
 class HolderState:
@@ -96,6 +112,9 @@ class HolderState:
         self.shard = shard
         self.workers = workers
         self.view = PresenceView()  # held rooms only
+        # Held rooms: room -> user -> the latest join's connect-proxy info (JSON),
+        # for present users that have one.
+        self.infos: dict[str, dict[str, str]] = {}
         # Replicated rooms: room -> user -> told present, only where told != view.
         self.told: dict[str, dict[str, bool]] = {}
         self.ready = True
@@ -116,13 +135,26 @@ class HolderState:
 
     # Announcements and events
 
-    def announce(self, peer: int, room: str, user: str, joined: bool) -> list[Event]:
-        """``peer`` announced a first or last local connection; the events to emit."""
+    def announce(
+        self, peer: int, room: str, user: str, joined: bool, info: str | None = None
+    ) -> list[Event]:
+        """``peer`` announced a first or last local connection, or a join with
+        ``info`` (the latest join's info wins); the events to emit."""
         if not self.holds(room) or (not self.ready and peer in self.waiting):
             return []  # not ours, or the peer's coming snapshot holds it already
+        if joined and info is not None:
+            self.infos.setdefault(room, {})[user] = info
         if not self.view.change(room, user, peer, joined):
             return []
+        if not joined:
+            self._forget(room, user)
         return self._changed(room, user, joined)
+
+    def _forget(self, room: str, user: str) -> None:
+        """``user`` is absent from ``room``: its info goes with it."""
+        infos = self.infos.get(room)
+        if infos is not None and infos.pop(user, None) is not None and not infos:
+            del self.infos[room]
 
     def _changed(self, room: str, user: str, joined: bool) -> list[Event]:
         if not self.ready:
@@ -164,6 +196,7 @@ class HolderState:
         self.waiting_told.discard(peer)
         events = []
         for room, user in self.view.drop_shard(peer):
+            self._forget(room, user)
             events += self._changed(room, user, False)
         if not self.ready:
             events += self._check_ready()
@@ -185,7 +218,7 @@ class HolderState:
         """None while rebuilding (the asker waits, or asks the other holder)."""
         if not self.ready:
             return None
-        return answer_of(self.believed(room), user, limit, budget)
+        return answer_of(self.believed(room), user, limit, budget, self.infos.get(room))
 
     def told_for(self, peer: int) -> list[tuple[str, str]]:
         """What members were told of every room both we and ``peer`` hold (for its

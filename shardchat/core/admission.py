@@ -47,6 +47,7 @@ class Admitted(NamedTuple):
     allowed_rooms: frozenset[str] | None  # the token's `rooms` claim; None = any room
     rooms: tuple[str, ...]  # the rooms the query asks to join at once
     expires: float | None  # the token's exp (Unix seconds, leeway included); None: never
+    info: str | None = None  # the connect proxy's ``info`` (JSON, encoded), shown in presence
 
 
 class Refusal(NamedTuple):
@@ -116,6 +117,7 @@ def admit(
         return Refusal(503, "too many connections from this address\n")
     allowed: frozenset[str] | None = None
     expires: float | None = None
+    presence_info: str | None = None
     token = token_of(params, upgrade.headers) if verify is not None else None
     if verify is not None and (token or proxied is None):
         # A token, when sent, wins over the connect proxy's answer.
@@ -132,6 +134,7 @@ def admit(
         # The connect proxy's answer (proxy.connect_url): the backend named the user.
         user = proxied.user
         allowed = proxied.rooms
+        presence_info = proxied.info
     else:
         named = next((v for k, v in params if k == "user"), None)
         user = named or hooks.guest_name()
@@ -141,4 +144,4 @@ def admit(
         reason = hooks.on_connect(info)
         if reason is not None:
             return Refusal(403, f"{reason}\n")
-    return Admitted(user, allowed, rooms, expires)
+    return Admitted(user, allowed, rooms, expires, presence_info)

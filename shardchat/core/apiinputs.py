@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import orjson
+
 from shardchat.core.errors import ProtocolError
 from shardchat.core.roomlog import HeldMessage
 
@@ -84,9 +86,18 @@ def history(
     engine.read_history(room, since, before, limit, then)
 
 
-def local_presence(engine: RoomEngine[Any], room: str) -> dict[str, int]:
-    """This engine's users of ``room`` and their connections in it."""
-    return dict(engine.presence.local.get(room, {}))
+def local_presence(engine: RoomEngine[Any], room: str) -> dict[str, int] | list[Any]:
+    """This engine's users of ``room`` and their connections in it; with the
+    info of those that have one (``[users, {user: info}]``), when any has."""
+    users = dict(engine.presence.local.get(room, {}))
+    infos: dict[str, Any] = {}
+    for conn in engine.members.get(room, ()):  # in join order: the latest join's wins
+        state = engine.conns.get(conn)
+        if state is not None and state.presence_info is not None:
+            infos[state.user] = state.presence_info
+    if not infos:
+        return users
+    return [users, {user: orjson.loads(info) for user, info in infos.items()}]
 
 
 def local_rooms(engine: RoomEngine[Any]) -> dict[str, dict[str, int]]:

@@ -25,12 +25,19 @@ def presence(room: str, limit: int) -> Finish:
     def finish(parts: list[Any]) -> Result:
         users = merge_users(parts)
         listed = sorted(users.items())[:limit]
+        infos: dict[str, Any] = {}
+        for part in parts:
+            if isinstance(part, list):
+                infos.update(part[1])
         result: Result = {
             "room": room,
             "count": len(users),
             "connections": sum(users.values()),
             "users": [{"user": user, "connections": n} for user, n in listed],
         }
+        shown = {user: infos[user] for user, _ in listed if user in infos}
+        if shown:
+            result["info"] = shown
         if len(users) > limit:
             result["truncated"] = True
         return result
@@ -48,11 +55,13 @@ def presence_stats(room: str) -> Finish:
     return finish
 
 
-def merge_users(parts: list[dict[str, int]]) -> dict[str, int]:
-    """Every engine's users of a room and their connections, added up."""
+def merge_users(parts: list[Any]) -> dict[str, int]:
+    """Every engine's users of a room and their connections, added up (a part is
+    ``{user: connections}``, or ``[that, {user: info}]`` when some have info)."""
     users: dict[str, int] = {}
     for part in parts:
-        for user, n in part.items():
+        counts: dict[str, int] = part[0] if isinstance(part, list) else part
+        for user, n in counts.items():
             users[user] = users.get(user, 0) + n
     return users
 

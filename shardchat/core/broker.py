@@ -62,6 +62,9 @@ class PresenceAnswer(NamedTuple):
     users: list[str]  # at most the asked limit
     truncated: bool  # users is shorter than total
     has: bool  # the asking user is present already
+    # PROTOCOL.md, Extensions, "Presence info": listed users' connect-proxy info
+    # (JSON, encoded); None when none of them has one.
+    info: dict[str, str] | None = None
 
 
 def idempotency_key(user: str, room: str, client_key: str | None) -> str:
@@ -85,11 +88,12 @@ class Broker(Protocol):
         """The bounded queue a publish to ``room`` would wait in, when it is full
         (the engine then refuses the publish ``overloaded``); None: publish it."""
 
-    def announce(self, room: str, user: str, joined: bool) -> None:
+    def announce(self, room: str, user: str, joined: bool, info: str | None = None) -> None:
         """``user``'s first connection on this engine joined ``room`` (``joined``),
-        or its last one left. Whoever holds the room's presence applies it and,
-        when the user became present or absent, every engine hears
-        :meth:`BrokerListener.on_presence_event` once."""
+        or its last one left; or a later connection joined with ``info`` (the
+        connect proxy's, JSON): the latest join's info is the user's. Whoever
+        holds the room's presence applies it and, when the user became present or
+        absent, every engine hears :meth:`BrokerListener.on_presence_event` once."""
 
     def presence(
         self,

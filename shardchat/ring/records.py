@@ -166,15 +166,18 @@ class Presence:
     room: str
     user: str
     joined: bool  # True: the user's first connection in the room there; False: its last left
+    info: str | None = None  # a joining connection's connect-proxy info (JSON)
 
 
 def encode_presence(p: Presence) -> bytes:
-    return orjson.dumps({"r": p.room, "u": p.user, "j": p.joined})
+    if p.info is None:
+        return orjson.dumps({"r": p.room, "u": p.user, "j": p.joined})
+    return orjson.dumps({"r": p.room, "u": p.user, "j": p.joined, "i": p.info})
 
 
 def decode_presence(payload: bytes) -> Presence:
     o = orjson.loads(payload)
-    return Presence(o["r"], o["u"], o["j"])
+    return Presence(o["r"], o["u"], o["j"], o.get("i"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,14 +220,15 @@ def decode_presence_query(payload: bytes) -> PresenceQuery:
 
 def encode_presence_answer(qid: int, answer: PresenceAnswer) -> bytes:
     """At most the query's limit of names, cut to fit a record by the holder."""
-    return orjson.dumps(
-        {"q": qid, "c": answer.total, "u": answer.users, "t": answer.truncated, "h": answer.has}
-    )
+    o = {"q": qid, "c": answer.total, "u": answer.users, "t": answer.truncated, "h": answer.has}
+    if answer.info:
+        o["i"] = answer.info
+    return orjson.dumps(o)
 
 
 def decode_presence_answer(payload: bytes) -> tuple[int, PresenceAnswer]:
     o = orjson.loads(payload)
-    return o["q"], PresenceAnswer(o["c"], o["u"], o["t"], o["h"])
+    return o["q"], PresenceAnswer(o["c"], o["u"], o["t"], o["h"], o.get("i"))
 
 
 def encode_snapshot(pairs: list[tuple[str, str]]) -> bytes:

@@ -30,6 +30,24 @@ def test_connect_answers() -> None:
     )
 
 
+def test_connect_info_is_an_object_of_at_most_1_kib() -> None:
+    admitted = connect_answer(answer(200, b'{"user": "ada", "info": {"name": "Ada", "n": [1]}}'))
+    assert admitted == Identity("ada", None, info='{"name":"Ada","n":[1]}')
+    at_limit = b'{"user": "ada", "info": {"k": "' + b"x" * (1024 - 8) + b'"}}'
+    admitted = connect_answer(answer(200, at_limit))
+    assert isinstance(admitted, Identity) and admitted.info is not None
+    assert len(admitted.info) == 1024
+    over = b'{"user": "ada", "info": {"k": "' + b"x" * (1025 - 8) + b'"}}'
+    assert connect_answer(answer(200, over)) == Refusal(
+        503, "the application's backend answered an info over 1024 bytes\n"
+    )
+    for bad in (b"[1]", b'"text"', b"3"):
+        assert connect_answer(answer(200, b'{"user": "ada", "info": ' + bad + b"}")) == Refusal(
+            503, "the application's backend answered an info that is not an object\n"
+        )
+    assert connect_answer(answer(200, b'{"user": "ada", "info": null}')) == Identity("ada", None)
+
+
 def test_publish_verdicts() -> None:
     body = b'{"results": [{"id": "1", "content": "new"}, {"id": "2", "reject": "no"}]}'
     assert publish_verdicts(answer(200, body), 3) == [

@@ -302,9 +302,9 @@ def test_every_client_believes_the_truth_through_kills(ops: list[tuple[object, .
 
 
 def test_answers_are_cut_by_limit_and_bytes() -> None:
-    assert answer_of(["a", "b", "c"], "b", 2, 1000) == (3, ["a", "b"], True, True)
-    assert answer_of(["aaaa", "b"], "z", 10, 12) == (2, ["aaaa"], True, False)
-    assert answer_of([], "z", 10, 10) == (0, [], False, False)
+    assert answer_of(["a", "b", "c"], "b", 2, 1000) == (3, ["a", "b"], True, True, None)
+    assert answer_of(["aaaa", "b"], "z", 10, 12) == (2, ["aaaa"], True, False, None)
+    assert answer_of([], "z", 10, 10) == (0, [], False, False, None)
 
 
 def test_the_replica_keeps_only_where_belief_differs_from_its_view() -> None:
@@ -442,6 +442,73 @@ def test_many_joins_that_waited_end_at_once_without_recursion() -> None:
     box.send(client, type="message", room=local, content="after", id="a")
     box.turn()
     assert [f["seq"] for f in client.take("ack")] == [1]
+
+
+class TestInfo:
+    """The connect proxy's info, kept by the holders with the user."""
+
+    def test_holders_keep_the_latest_joins_info_until_the_user_is_gone(self) -> None:
+        room = room_owned_by(0, W)
+        for shard in holders_of(room, W):  # the owner and the replica alike
+            state = HolderState(shard, W)
+            state.announce(2, room, "ada", True, '{"n":1}')
+            state.announce(3, room, "bob", True)
+            assert state.infos == {room: {"ada": '{"n":1}'}}
+            # A later join elsewhere with other info wins; one without keeps it.
+            state.announce(3, room, "ada", True, '{"n":2}')
+            state.announce(1, room, "ada", True)
+            assert state.infos == {room: {"ada": '{"n":2}'}}
+            if state.owns(room):
+                answer = state.answer(room, "bob", 10, 10_000)
+                assert answer is not None and answer.info == {"ada": '{"n":2}'}
+            # One shard's connections leave: still present, info kept.
+            state.announce(2, room, "ada", False)
+            state.announce(3, room, "ada", False)
+            assert state.infos == {room: {"ada": '{"n":2}'}}
+            state.drop_shard(1)  # its last connection: gone, and its info
+            assert state.infos == {}
+            if state.owns(room):
+                answer = state.answer(room, "bob", 10, 10_000)
+                assert answer is not None and answer.info is None and answer.users == ["bob"]
+        # Not a holder of the room: nothing kept.
+        other = HolderState(2, W)
+        assert not other.holds(room)
+        other.announce(3, room, "ada", True, '{"n":1}')
+        assert other.infos == {}
+
+    def test_info_is_listed_only_while_it_fits_the_record(self) -> None:
+        big = '{"k":"' + "x" * 500 + '"}'
+        infos = {f"u{i}": big for i in range(5)}
+        answer = answer_of([f"u{i}" for i in range(5)], "u0", 5, 3000, infos)
+        assert answer.users == [f"u{i}" for i in range(5)]
+        assert answer.info is not None and 1 <= len(answer.info) < 5
+        assert all(answer.info[u] == big for u in answer.info)
+        assert answer_of(["a"], "a", 5, 3000, {}).info is None
+
+    def test_the_answer_shows_info_on_every_shard(self) -> None:
+        """Through the engines: a presence frame lists info only for users with one;
+        a room without any has no ``info`` field."""
+        box = Box(W, config())
+        room = room_owned_by(0, W)
+        ada = box.connect(1, "ada")
+        box.engines[1].conns[ada].presence_info = '{"name":"Ada"}'
+        bob = box.connect(2, "bob")
+        carl = box.connect(3, "carl")
+        for client in (ada, bob, carl):
+            join(box, client, room)
+        join(box, carl, "plain")
+        box.send(carl, type="presence", room=room)
+        box.send(carl, type="presence", room="plain")
+        box.turn()
+        for _ in range(100):
+            if len([f for f in carl.frames if f["type"] == "presence"]) == 2:
+                break
+            box.advance(QUERY_RETRY)
+        by_room = {f["room"]: f for f in carl.take("presence")}
+        with_info, plain = by_room[room], by_room["plain"]
+        assert sorted(with_info["users"]) == ["ada", "bob", "carl"]
+        assert with_info["info"] == {"ada": {"name": "Ada"}}
+        assert "info" not in plain
 
 
 def join_answer(box: Box, client: Client) -> dict[str, Any]:

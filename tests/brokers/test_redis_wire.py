@@ -43,7 +43,14 @@ def test_channel_payloads_decode() -> None:
     data = b"\n".join([b"m", b"ep", b"7", b"m1", b"123", json, b"m2", b"124", json])
     batch = rw.decode(data)
     assert batch == rw.Batch("ep", 7, [("m1", 123, json), ("m2", 124, json)])
-    assert rw.decode(b"p\nnode:1\nbob\n1") == ("node:1", "bob", True)
-    assert rw.decode(b"p\nnode:1\nbob\n0") == ("node:1", "bob", False)
+    assert rw.decode(b"p\nnode:1\nbob\n1") == ("node:1", "bob", True, None)
+    assert rw.decode(b"p\nnode:1\nbob\n0") == ("node:1", "bob", False, None)
+    # A join with the connect proxy's info (JSON never holds a raw newline).
+    assert rw.decode(b'p\nnode:1\nbob\n1\n{"a":"x\\ny"}') == (
+        "node:1",
+        "bob",
+        True,
+        '{"a":"x\\ny"}',
+    )
     assert rw.decode(b"zz\nwhat") is None
     assert rw.decode(b"m\nep") is None

@@ -78,7 +78,7 @@ class StoreBroker:
             assert self.listener is not None
             self.listener.on_published(p.msg_id, p.room, seq)
 
-    def announce(self, room: str, user: str, joined: bool) -> None:
+    def announce(self, room: str, user: str, joined: bool, info: str | None = None) -> None:
         view = self.store.presence
         if view.change(room, user, self.engine_id, joined):
             for broker in self.store.brokers:

@@ -79,7 +79,8 @@ class RedisBroker:
         self.commit_due = False  # never: the shard's end of turn is not needed
         self._batch: list[Publication] = []
         self._sending = 0  # publishes in the pipeline in flight
-        self._presence: list[tuple[str, str, bool, bool]] = []  # room, user, joined, force
+        # room, user, joined, force, the join's connect-proxy info (JSON)
+        self._presence: list[tuple[str, str, bool, bool, str | None]] = []
         self._flushing = False
         self._peers: dict[str, int] = {}  # other nodes -> engine peer ids
         self._live: set[str] = set()
@@ -89,10 +90,12 @@ class RedisBroker:
         # Told of a dead node's user this node reports (webhooks, exactly once among
         # the survivors): node, user, and the room it left (None: its disconnect).
         self.dead_user: Callable[[str, str, str | None], None] | None = None
-        self._local: dict[str, dict[str, None]] = {}  # room -> our users there
+        self._local: dict[str, dict[str, str | None]] = {}  # room -> our users -> info
         # The presence of our open rooms (ours and other nodes' users): every node
         # holds it for the rooms it has members of, and computes the events itself.
         self.view = PresenceView()
+        # Their present users' info (the latest join's, JSON): room -> user -> info.
+        self.infos: dict[str, dict[str, str]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._subscribers: dict[str, Subscriber] = {}
         self._reconnecting = False
@@ -239,7 +242,7 @@ class RedisBroker:
         if self.up:
             for room, users in self._local.items():
                 for user in users:
-                    self._presence.append((room, user, False, False))
+                    self._presence.append((room, user, False, False, None))
             self._local.clear()
             with contextlib.suppress(*FAILURES):
                 if self._presence or self._batch:  # the drain's leaves among them

@@ -113,8 +113,8 @@ async def _resync(self: RedisBroker) -> None:
     state, so that the engine refills what pub/sub did not deliver (and sees a
     new epoch if Redis lost the room)."""
     for room, users in self._local.items():
-        for user in users:
-            self._presence.append((room, user, True, True))
+        for user, info in users.items():
+            self._presence.append((room, user, True, True, info))
     for room, state in list(self.rooms.items()):
         if state.opened:
             # Joins wait for the room's state as Redis has it now (its epoch may

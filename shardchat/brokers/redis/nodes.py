@@ -104,6 +104,9 @@ def _drop_nodes(self: RedisBroker, gone: list[str]) -> None:
                     self._presence_remove(room, state, node, user)
         peer = self._peer(node)
         for room, user in self.view.drop_shard(peer):
+            infos = self.infos.get(room)
+            if infos is not None and infos.pop(user, None) is not None and not infos:
+                del self.infos[room]
             listener.on_presence_event(room, user, False, self.view.count(room))
         listener.on_peer_reset(peer)
         del self._peers[node]  # back from a pause, it comes as a new peer

@@ -26,22 +26,34 @@ __all__ = ["announce", "presence", "snapshot"]
 _NO_BUDGET = 1 << 62  # answers are not records here: only presence.list_limit cuts them
 
 
-def announce(self: RedisBroker, room: str, user: str, joined: bool) -> None:
+def announce(
+    self: RedisBroker, room: str, user: str, joined: bool, info: str | None = None
+) -> None:
     local = self._local.setdefault(room, {})
     if joined:
-        local[user] = None
+        if info is not None or user not in local:
+            local[user] = info  # the latest join's info is the user's
     else:
         local.pop(user, None)
         if not local:
             del self._local[room]
     if self.up:
-        self._presence.append((room, user, joined, False))
+        # A join with info is sent even when the entry is there: the info is new.
+        self._presence.append((room, user, joined, info is not None, info))
         self._kick()
-    self._change(self.shard_id, room, user, joined)
+    self._change(self.shard_id, room, user, joined, info)
 
 
-def _change(self: RedisBroker, peer: int, room: str, user: str, joined: bool) -> None:
+def _change(
+    self: RedisBroker, peer: int, room: str, user: str, joined: bool, info: str | None = None
+) -> None:
+    if joined and info is not None:
+        self.infos.setdefault(room, {})[user] = info
     if self.view.change(room, user, peer, joined):
+        if not joined:
+            infos = self.infos.get(room)
+            if infos is not None and infos.pop(user, None) is not None and not infos:
+                del self.infos[room]
         listener = self.listener
         assert listener is not None
         listener.on_presence_event(room, user, joined, self.view.count(room))
@@ -56,7 +68,7 @@ def presence(
 ) -> PresenceAnswer | None:
     """From our view: the join waited for open_room, which delivered the room's
     presence; a room with no members here is not followed (empty)."""
-    return answer_of(self.view.present.get(room, {}), user, limit, _NO_BUDGET)
+    return answer_of(self.view.present.get(room, {}), user, limit, _NO_BUDGET, self.infos.get(room))
 
 
 def snapshot(self: RedisBroker, peer: int, pairs: list[tuple[str, str]]) -> None:
@@ -76,7 +88,13 @@ async def vacated(self: RedisBroker, room: str) -> bool:
 
 
 def _remote_presence(
-    self: RedisBroker, room: str, state: Room, node: str, user: str, joined: bool
+    self: RedisBroker,
+    room: str,
+    state: Room,
+    node: str,
+    user: str,
+    joined: bool,
+    info: str | None = None,
 ) -> None:
     if node == self.node:
         return
@@ -85,4 +103,4 @@ def _remote_presence(
         users.add(user)
     else:
         users.discard(user)
-    self._change(self._peer(node), room, user, joined)
+    self._change(self._peer(node), room, user, joined, info)

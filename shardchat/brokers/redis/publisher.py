@@ -95,12 +95,14 @@ async def _flush_once(self: RedisBroker) -> None:
         by_room.setdefault(p.room, []).append(p)
     calls: list[tuple[str, list[str], list[Any]]] = []
     occupancy = self.occupancy
-    for room, user, joined, force in ops:
+    for room, user, joined, force, info in ops:
         keys = rw.Keys.of(self.prefix, room, wall)
         presence_keys = [keys.presence, keys.channel]
         if occupancy is not None:
             presence_keys.append(rh.occupied_key(self.prefix, room))
-        calls.append(("presence", presence_keys, [self.node, user, int(joined), int(force)]))
+        calls.append(
+            ("presence", presence_keys, [self.node, user, int(joined), int(force), info or ""])
+        )
     ttl_ms = int(self.config.redis.history_ttl * 1000)
     rooms = list(by_room)
     for room in rooms:
@@ -136,7 +138,7 @@ async def _flush_once(self: RedisBroker) -> None:
         self.stats[_S_BATCHES] += 1
         self.stats[_S_BATCHED] += len(batch)
     if occupancy is not None:
-        for (room, user, _, _), result in zip(ops, results, strict=False):
+        for (room, user, _, _, _), result in zip(ops, results, strict=False):
             # The script's [changed, occupancy]: we made the room occupied or empty.
             if isinstance(result, list) and len(result) == 2 and result[1]:
                 occupancy(room, user, result[1] == 1)

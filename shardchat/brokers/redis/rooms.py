@@ -175,14 +175,17 @@ def _resynced(self: RedisBroker, room: str, state: Room, result: Any) -> None:
 
 
 def _snapshot(self: RedisBroker, room: str, state: Room, present: list[bytes]) -> None:
-    for pair in present:
-        node, _, user = pair.decode().partition("\n")
+    """The room's presence hash, flat: field ("node\\nuser"), value ("1" or info)."""
+    for i in range(0, len(present) - 1, 2):
+        node, _, user = present[i].decode().partition("\n")
+        value = present[i + 1].decode()
+        info = None if value == "1" else value
         if node == self.node:
             continue
         if node not in self._live:
             self._presence_remove(room, state, node, user)  # a dead node's leftover
             continue
-        self._remote_presence(room, state, node, user, True)
+        self._remote_presence(room, state, node, user, True, info)
 
 
 def close_room(self: RedisBroker, room: str) -> None:

@@ -150,9 +150,9 @@ def _received(self: RedisBroker, room: str, state: Room, data: bytes) -> None:
             seq += 1
         state.seq = max(state.seq, seq - 1)
     elif item is not None:
-        node, user, joined = item
+        node, user, joined, info = item
         if node != self.node:
-            self._remote_presence(room, state, node, user, joined)
+            self._remote_presence(room, state, node, user, joined, info)
 
 
 def _room_of(channel: str, prefix: str) -> str:

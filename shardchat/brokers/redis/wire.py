@@ -89,9 +89,10 @@ class Batch(NamedTuple):
     messages: list[tuple[str, int, bytes]]  # msg id, publish wall ns, JSON
 
 
-def decode(data: bytes) -> Batch | tuple[str, str, bool] | None:
+def decode(data: bytes) -> Batch | tuple[str, str, bool, str | None] | None:
     """A channel payload: a :class:`Batch`, a presence change (node, user,
-    joined), or None for what this version does not know."""
+    joined, the join's connect-proxy info or None), or None for what this
+    version does not know."""
     lines = data.split(b"\n")
     kind = lines[0]
     if kind == BATCH and len(lines) >= 3 and (len(lines) - 3) % 3 == 0:
@@ -100,7 +101,9 @@ def decode(data: bytes) -> Batch | tuple[str, str, bool] | None:
         ]
         return Batch(lines[1].decode(), int(lines[2]), messages)
     if kind == PRESENCE and len(lines) == 4:
-        return lines[1].decode(), lines[2].decode(), lines[3] == b"1"
+        return lines[1].decode(), lines[2].decode(), lines[3] == b"1", None
+    if kind == PRESENCE and len(lines) == 5:  # with info (JSON: never a raw newline)
+        return lines[1].decode(), lines[2].decode(), lines[3] == b"1", lines[4].decode()
     return None
 
 
@@ -162,7 +165,8 @@ return out
 """
 
 # KEYS: seq, epoch, presence. ARGV: a new epoch in case the room has none.
-# Returns the epoch, the latest seq, and every "node\\nuser" present.
+# Returns the epoch, the latest seq, and every "node\\nuser" present with its
+# value ("1", or the join's connect-proxy info), flat: field, value, field, ...
 STATE_SCRIPT = """
 local epoch = redis.call('GET', KEYS[2])
 if not epoch then
@@ -170,22 +174,32 @@ if not epoch then
   redis.call('SET', KEYS[2], epoch)
   redis.call('DEL', KEYS[1])
 end
-return {epoch, tonumber(redis.call('GET', KEYS[1]) or '0'), redis.call('HKEYS', KEYS[3])}
+return {epoch, tonumber(redis.call('GET', KEYS[1]) or '0'), redis.call('HGETALL', KEYS[3])}
 """
 
 # KEYS: presence, channel, and with webhooks the room's occupied flag. ARGV: node,
 # user, 1 (joined) or 0 (left), 1 to publish even when unchanged (a box that was
-# taken for dead announces itself again).
+# taken for dead announces itself again, or a join brings new info), the join's
+# connect-proxy info (JSON) or "": the entry's value, and sent with the change.
 PRESENCE_SCRIPT = """
 local field = ARGV[1] .. '\\n' .. ARGV[2]
+local info = ARGV[5] or ''
 local changed
 if ARGV[3] == '1' then
-  changed = redis.call('HSET', KEYS[1], field, '1')
+  local value = '1'
+  if info ~= '' then
+    value = info
+  end
+  changed = redis.call('HSET', KEYS[1], field, value)
 else
   changed = redis.call('HDEL', KEYS[1], field)
 end
 if changed == 1 or ARGV[4] == '1' then
-  redis.call('SPUBLISH', KEYS[2], 'p\\n' .. field .. '\\n' .. ARGV[3])
+  local said = 'p\\n' .. field .. '\\n' .. ARGV[3]
+  if info ~= '' and ARGV[3] == '1' then
+    said = said .. '\\n' .. info
+  end
+  redis.call('SPUBLISH', KEYS[2], said)
 end
 if KEYS[3] then
   -- Webhooks (brokers/redis/hooks.py): 1 = we made the room occupied, 2 = we

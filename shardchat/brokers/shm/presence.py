@@ -30,9 +30,10 @@ log = logging.getLogger(__name__)
 class Presence(ShmState):
     """Presence through the rings."""
 
-    def announce(self, room: str, user: str, joined: bool) -> None:
-        self._write(_PRESENCE, 0, records.encode_presence(records.Presence(room, user, joined)))
-        self._emit(self.holders.announce(self.shard_id, room, user, joined))
+    def announce(self, room: str, user: str, joined: bool, info: str | None = None) -> None:
+        presence = records.Presence(room, user, joined, info)
+        self._write(_PRESENCE, 0, records.encode_presence(presence))
+        self._emit(self.holders.announce(self.shard_id, room, user, joined, info))
 
     def presence(
         self,
@@ -136,7 +137,7 @@ class Presence(ShmState):
 
     def _on_presence(self, peer: int, aux: int, payload: bytes) -> None:
         p = records.decode_presence(payload)
-        self._emit(self.holders.announce(peer, p.room, p.user, p.joined))
+        self._emit(self.holders.announce(peer, p.room, p.user, p.joined, p.info))
 
     def _on_snapshot(self, peer: int, aux: int, payload: bytes) -> None:
         if aux == self.shard_id:

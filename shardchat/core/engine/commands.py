@@ -70,8 +70,8 @@ class CommandQueue:
         # Once per message: the tuple made directly (a NamedTuple's __new__ is 3x slower).
         self.commands.append(_new(Command, ("publish", (publication, now))))
 
-    def announce(self, room: str, user: str, joined: bool) -> None:
-        self.commands.append(Command("announce", (room, user, joined)))
+    def announce(self, room: str, user: str, joined: bool, info: str | None = None) -> None:
+        self.commands.append(Command("announce", (room, user, joined, info)))
 
     def snapshot(self, peer: int, pairs: list[tuple[str, str]]) -> None:
         self.commands.append(Command("snapshot", (peer, pairs)))

@@ -159,8 +159,10 @@ class Joins(Deliveries[C]):
         self.counters[S_JOINS] += 1
         self.counters[S_ROOMS] = len(self.members)
         user = state.user
-        if self.presence.local_join(room, user):
-            self.broker.announce(room, user, True)
+        info = state.presence_info
+        # A later connection's info is announced too: the latest join's wins.
+        if self.presence.local_join(room, user) or info is not None:
+            self.broker.announce(room, user, True, info)
         count, users = self._with_local(room, answer, user)
         joined: dict[str, object] = {
             "type": "joined",
@@ -170,6 +172,9 @@ class Joins(Deliveries[C]):
             "count": count,
             "users": users,
         }
+        infos = self._info_map(room, answer, users)
+        if infos:
+            joined["info"] = infos
         if request.since is None:
             self._reply(conn, joined)
             return

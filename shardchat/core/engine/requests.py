@@ -269,6 +269,9 @@ class Requests(Joins[C]):
         }
         if answer.truncated:
             reply["truncated"] = True
+        infos = self._info_map(room, answer, users)
+        if infos:
+            reply["info"] = infos
         self._reply(conn, reply)
 
     def _history(self, conn: C, state: ConnState, request: HistoryQuery) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import heapq
 from typing import TYPE_CHECKING
 
+import orjson
+
 from shardchat.core.broker import PresenceAnswer
 from shardchat.core.counters import (
     latency_slot,
@@ -101,6 +103,24 @@ class Rooms(EngineState[C]):
         user = state.user
         if self.presence.local_leave(room, user):
             self.broker.announce(room, user, False)
+
+    def _info_map(
+        self, room: str, answer: PresenceAnswer, users: list[str]
+    ) -> dict[str, object] | None:
+        """PROTOCOL.md, Extensions, "Presence info": the listed users' info, from
+        the answer, and for our own users it lacks (``_with_local`` added them),
+        from their connections here (the latest join's: members are in join order)."""
+        said = dict(answer.info) if answer.info else {}
+        added = users[len(answer.users) :]
+        if added:
+            wanted = set(added) - said.keys()
+            for conn in self.members.get(room, ()) if wanted else ():
+                state = self.conns.get(conn)
+                if state is not None and state.user in wanted and state.presence_info:
+                    said[state.user] = state.presence_info
+        if not said:
+            return None
+        return {user: orjson.loads(said[user]) for user in users if user in said}
 
     def _with_local(self, room: str, answer: PresenceAnswer, asker: str) -> tuple[int, list[str]]:
         """The answer's count and users, with this shard's own users of the room

@@ -117,6 +117,7 @@ class ConnState:
         "joins",
         "opened",
         "peer",
+        "presence_info",
         "rooms",
         "user",
     )
@@ -126,6 +127,7 @@ class ConnState:
         self.peer = peer  # the client's IP address
         self.user = admitted.user
         self.allowed_rooms = admitted.allowed_rooms  # from the token; None = any room
+        self.presence_info = admitted.info  # the connect proxy's info (JSON), or None
         # The rooms this connection has joined: a tuple, not a set, because a set
         # is 216 bytes for one room and most connections are in a few (joins are
         # rate-limited, so the linear add and remove stay cheap).
