@@ -476,6 +476,25 @@ class TestInfo:
         other.announce(3, room, "ada", True, '{"n":1}')
         assert other.infos == {}
 
+    def test_a_restarted_owner_gets_the_info_back_from_its_peers(self) -> None:
+        box = Box(W)
+        room = room_owned_by(0, W)
+        ada = box.connect(1, "ada")
+        box.engines[1].conns[ada].presence_info = '{"n":1}'
+        join(box, ada, room)
+        watcher = box.connect(2, "w")
+        join(box, watcher, room)
+        box.restart(0)
+        box.turn()
+        for _ in range(100):
+            if box.brokers[0].holders.ready:
+                break
+            box.advance(QUERY_RETRY)
+        late = box.connect(0, "late")  # asks the restarted owner
+        joined = join(box, late, room)
+        assert sorted(joined["users"]) == ["ada", "late", "w"]
+        assert joined["info"] == {"ada": {"n": 1}}
+
     def test_info_is_listed_only_while_it_fits_the_record(self) -> None:
         big = '{"k":"' + "x" * 500 + '"}'
         infos = {f"u{i}": big for i in range(5)}

@@ -162,8 +162,20 @@ class Deliveries(Rooms[C]):
         self._out.append((targets, frame))
 
     def on_peer_reset(self, peer: int) -> None:
-        """A peer (re)started (its broker dropped its users): tell it who is here."""
+        """A peer (re)started (its broker dropped its users): tell it who is here,
+        then (after the snapshot, so that a rebuilding holder applies them) the
+        connect-proxy info of our users that have one, each one's latest join's
+        (members are in join order)."""
         self.broker.snapshot(peer, self.presence.local_pairs())
+        conns = self.conns
+        for room, members in self.members.items():
+            infos: dict[str, str] = {}
+            for conn in members:
+                state = conns.get(conn)
+                if state is not None and state.presence_info is not None:
+                    infos[state.user] = state.presence_info
+            for user, info in infos.items():
+                self.broker.announce(room, user, True, info)
 
     def on_replay(self, room: str, seq: int, json: bytes) -> None:
         self.gaps.on_replay(room, seq, json)
