@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from websockets.exceptions import ConnectionClosed, WebSocketException
 
 from shardchat.testing.wait import await_until, scaled
 from tests.support.helpers import (
@@ -457,3 +458,114 @@ def test_a_forwarded_publish_retried_with_its_key_is_acked_once(store_dir: Path)
 
     with stored_server(store_dir) as server:
         asyncio.run(retry())
+
+
+class Resumer:
+    """A member that rejoins with `since` and `epoch` on every connection it gets,
+    as early as it can while the server restarts; every `joined` it was answered."""
+
+    def __init__(self, port: int, room: str, since: int, epoch: str) -> None:
+        self.url = f"ws://127.0.0.1:{port}/ws"
+        self.room, self.since, self.epoch = room, since, epoch
+        self.answers: list[dict[str, Any]] = []
+
+    async def connect(self) -> Client:
+        client = await connect_client(self.url, user="resumer")
+        await client.send(type="join", room=self.room, since=self.since, epoch=self.epoch)
+        self.answers.append(await client.recv_type("joined", 10))
+        return client
+
+    async def follow(self, client: Client, restarted: asyncio.Event) -> Client:
+        """Reconnect whenever the connection ends (1001 from a draining shard), in a
+        tight loop while nobody listens, until the restarted server has us."""
+        deadline = asyncio.get_running_loop().time() + scaled(60)
+        while asyncio.get_running_loop().time() < deadline:
+            try:
+                while not restarted.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await client.recv(0.05)
+                return client
+            except ConnectionClosed:
+                pass
+            while asyncio.get_running_loop().time() < deadline:
+                try:
+                    client = await self.connect()
+                    break
+                except (OSError, TimeoutError, WebSocketException):
+                    # Refused (nobody listens yet), or cut in the upgrade by a draining shard.
+                    await asyncio.sleep(0.002)
+        raise AssertionError(f"no connection to the restarted server; joined: {self.answers}")
+
+
+def test_a_resume_during_a_restart_is_recovered_and_history_stays_whole(
+    store_dir: Path,
+) -> None:
+    """Clients on every shard rejoin with `since` as early as they can while the
+    server restarts (SIGTERM, a start on the same port): every `joined` they get,
+    from a draining shard or a starting one, is recovered with the room's seq and
+    epoch; then `history` on each shard still has every message, older than
+    `since` too, and the sequence goes on."""
+    room = room_owned_by(2, prefix="early")
+    count = 20
+
+    async def before() -> str:
+        async with closing(await clients_on_shards(server.url, [0, 1, 2])) as clients:
+            epoch = str([await c.join(room) for c in clients][0]["epoch"])
+            await publish(clients[1], room, count, "m")
+            return epoch
+
+    async def restart(epoch: str) -> None:
+        nonlocal server
+        old, port = server, server.port
+        resumers = [Resumer(port, room, count, epoch) for _ in range(6)]
+        # Members (on shards the kernel picks), resumed before the restart.
+        connected = [await r.connect() for r in resumers]
+        restarted = asyncio.Event()
+        following = [
+            asyncio.create_task(r.follow(c, restarted))
+            for r, c in zip(resumers, connected, strict=True)
+        ]
+
+        def stop_and_start() -> Server:
+            cleanup_server(old)
+            return start_server(3, settings, port=port)
+
+        server = await asyncio.to_thread(stop_and_start)
+        restarted.set()
+        resumed = await asyncio.gather(*following)
+        # And a resume on each shard of the restarted server, once it has started.
+        clients = [*resumed, *await clients_on_shards(server.url, [0, 1, 2], prefix="late")]
+        async with closing(clients):
+            for client in clients[len(resumed) :]:
+                joined = await client.join(room, since=count, epoch=epoch)
+                assert joined["recovered"] is True, (client.shard, joined)
+            answers = [joined for r in resumers for joined in r.answers]
+            assert len(answers) > len(resumers)  # each resumed after the restart too
+            for joined in answers:
+                assert joined["recovered"] is True, answers
+                assert joined["seq"] == count and joined["epoch"] == epoch, answers
+            for client in clients:
+                await client.send(type="history", room=room)
+                history = await collect_history(client, room)
+                assert history == list(range(1, count + 1)), (client.shard, history)
+            await clients[0].send(type="message", room=room, content="next", id="n")
+            assert (await clients[0].recv_type("ack"))["seq"] == count + 1
+
+    settings = [*FAST, f"storage.dir={store_dir}"]
+    server = start_server(3, settings)
+    try:
+        epoch = asyncio.run(before())
+        asyncio.run(restart(epoch))
+    finally:
+        cleanup_server(server)
+
+
+async def collect_history(client: Client, room: str) -> list[int]:
+    """The seqs of a `history` answer, up to its `history_end`."""
+    seqs = []
+    while True:
+        frame = await client.recv(10)
+        if frame["type"] == "history_end":
+            return seqs
+        if frame["type"] == "message" and frame["room"] == room:
+            seqs.append(frame["seq"])
