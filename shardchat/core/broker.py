@@ -26,6 +26,7 @@ Pure: only types and protocols.
 from __future__ import annotations
 
 from collections.abc import Callable
+from enum import IntEnum
 from typing import NamedTuple, Protocol
 
 from shardchat.core.overload import Queue
@@ -35,12 +36,21 @@ __all__ = [
     "KEY_WINDOW",
     "Broker",
     "BrokerListener",
+    "Holding",
     "PresenceAnswer",
     "Publication",
     "idempotency_key",
 ]
 
 KEY_WINDOW = 600.0  # seconds a broker remembers a publish's idempotency key (PROTOCOL.md)
+
+
+class Holding(IntEnum):
+    """Who keeps a room's recent history in memory (``Broker.holding``)."""
+
+    EVERY = 0  # every engine keeps `delivery.history` (no store behind the broker, or Redis)
+    HERE = 1  # this engine keeps the box's copy (`delivery.history_memory`); a store the rest
+    ELSEWHERE = 2  # another engine of the box does: this one keeps a tail and fetches the rest
 
 
 class Publication(NamedTuple):
@@ -123,6 +133,10 @@ class Broker(Protocol):
     def serves_history(self, room: str) -> bool:
         """True when this engine's copy of the room's history is the one the broker
         fills from (on one box: the room's owner), so it must never be dropped."""
+
+    def holding(self, room: str) -> Holding:
+        """How much of the room's history this engine keeps in memory: what is
+        not kept here is fetched through :meth:`fill` when a reader needs it."""
 
     def catch_up(self) -> None:
         """Deliver everything already available before returning, so that the

@@ -96,6 +96,8 @@ class GapFill:
         history: int,
         log: EventLog = NO_LOG,
         give_up: float = GAP_GIVE_UP,
+        *,
+        capacity: Callable[[str], int] | None = None,
     ) -> None:
         self.broker = broker
         self.give_up = give_up  # delivery.gap_give_up
@@ -103,7 +105,9 @@ class GapFill:
         self.deliver = deliver
         self.counters = counters
         self.epoch = epoch
-        self.history = history
+        self.history = history  # what a holder keeps of a room (its retention)
+        # How many messages a room's log here holds (at most `history`).
+        self.capacity = capacity or (lambda room: history)
         self.log = log
         self.parked: dict[str, Parked] = {}
         # Joins and history awaiting a room's fill: (answer by then, continue).
@@ -238,9 +242,10 @@ class GapFill:
         latest = self.broker.latest_seq(room) or 0
         if latest <= since:
             return True
-        first = max(1, latest - self.history + 1)
+        capacity = self.capacity(room)
+        first = max(1, latest - capacity + 1)
         epoch = self.broker.epoch_of(room) or self.epoch
-        self.logs[room] = RoomLog(epoch, self.history, first - 1, now)
+        self.logs[room] = RoomLog(epoch, capacity, first - 1, now)
         self._waiting.setdefault(room, []).append((answer_by, then))
         if room not in self.parked:
             self.request(room, first, latest, now, "history_fetch")

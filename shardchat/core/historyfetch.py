@@ -79,10 +79,12 @@ class HistoryFetches:
             fetch.lost_to = max(fetch.lost_to, last)
         self._finish(room, [f for f in fetches if f.next_seq() > f.last])
 
-    def on_end(self, room: str, last: int) -> None:
+    def on_end(self, room: str, last: int, now: float | None = None) -> None:
         """The end of an answer for ``..last``. Only a fetch that asked up to ``last``
         takes it as its own: it asks for the rest when the first seq it still
-        wanted came (the answer to its newest request), and waits otherwise."""
+        wanted came (the answer to its newest request), and waits otherwise.
+        A chunk that came gives the rest ``wait`` again from ``now``: a long
+        range (a resume from far back in a store) comes in many chunks."""
         fetches = self.pending.get(room)
         if not fetches:
             return
@@ -95,6 +97,8 @@ class HistoryFetches:
                 done.append(fetch)
             elif seq > fetch.asked:
                 fetch.asked = seq
+                if now is not None:
+                    fetch.deadline = now + self.wait
                 self.broker.fill(room, seq, fetch.last)
         self._finish(room, done)
 

@@ -111,7 +111,13 @@ class ReliableRooms(Generic[C]):
             log_ = logs.get(room)
             for conn, state in list(states.items()):
                 if state.due(now):
-                    if state.exhausted(retries) or log_ is None:
+                    # A log that no longer holds the next unacked message cannot
+                    # resend it: 4409 says so, and a resume with `since` fetches it.
+                    if (
+                        state.exhausted(retries)
+                        or log_ is None
+                        or log_.oldest_seq > state.acked + 1
+                    ):
                         out.append(((conn,), Close(AppCloseCode.ACK_TIMEOUT, "ack timeout")))
                         del states[conn]
                         continue

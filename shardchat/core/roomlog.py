@@ -9,12 +9,20 @@ answered locally. Who assigns a room's seq is the broker's business
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 from itertools import islice
 
+import orjson
+
 from shardchat.core.errors import SequenceError
 
-__all__ = ["HeldMessage", "Replay", "RoomLog"]
+__all__ = ["TAIL", "HeldMessage", "Replay", "RoomLog", "unexpired"]
+
+# Messages a shard keeps of a room whose recent history another shard of the
+# box keeps (Holding.ELSEWHERE): enough for a reliable client's resends and a
+# resume of a moment ago; anything older is fetched from the room's owner.
+TAIL = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +56,11 @@ class RoomLog:
 
     def __len__(self) -> int:
         return len(self._held)
+
+    @property
+    def capacity(self) -> int:
+        """The most messages this log holds."""
+        return self._capacity
 
     @property
     def oldest_seq(self) -> int:
@@ -94,17 +107,44 @@ class RoomLog:
         # islice, not held[i]: indexing a deque walks its blocks from an end each time.
         return list(islice(held, start, end))
 
-    def replay(self, since: int, epoch: str | None) -> Replay:
+    def replay(
+        self, since: int, epoch: str | None, older: Mapping[int, bytes] | None = None
+    ) -> Replay:
         """PROTOCOL.md, Reliable delivery: what a rejoin with ``since`` gets.
 
-        From another epoch, or when messages after ``since`` are no longer
-        held, the replay starts at the oldest held message and ``recovered``
-        is false.
+        ``older``: messages older than the held ones, fetched for this replay
+        (from the store behind the room's owner). From another epoch, or when
+        messages after ``since`` are no longer held, the replay starts at the
+        oldest message there is and ``recovered`` is false.
         """
         if epoch is not None and epoch != self.epoch:
             return Replay(list(self._held), recovered=False)
         if since > self.seq:
             # A seq this epoch never reached: the client's state is not ours.
             return Replay(list(self._held), recovered=False)
-        recovered = since + 1 >= self.oldest_seq
-        return Replay(self.after(since), recovered=recovered)
+        held = self.after(since)
+        if older:
+            first = held[0].seq if held else self.seq + 1
+            held = [
+                HeldMessage(seq, older[seq]) for seq in sorted(older) if since < seq < first
+            ] + held
+        # Every seq after `since` is there once (ascending, none above self.seq):
+        # a fetch cut short or a retention passed leaves fewer.
+        return Replay(held, recovered=len(held) == self.seq - since)
+
+
+def _timestamp(payload: bytes) -> int:
+    stamp = orjson.loads(payload).get("timestamp")
+    return stamp if isinstance(stamp, int) else 0
+
+
+def unexpired(messages: list[HeldMessage], cutoff_ms: int) -> list[HeldMessage]:
+    """``messages`` (in seq order) without the leading ones stamped before
+    ``cutoff_ms`` (``delivery.history_ttl``). Stamps grow with seq (up to the
+    shards' clocks' skew of a publish or two), so only the oldest are read."""
+    count = 0
+    for message in messages:
+        if _timestamp(message.payload) >= cutoff_ms:
+            break
+        count += 1
+    return messages[count:] if count else messages

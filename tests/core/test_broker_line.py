@@ -17,7 +17,7 @@ import orjson
 from shardchat.brokers.presence_holders import answer_of
 from shardchat.core import wire
 from shardchat.core.admission import Upgrade
-from shardchat.core.broker import BrokerListener, PresenceAnswer, Publication
+from shardchat.core.broker import BrokerListener, Holding, PresenceAnswer, Publication
 from shardchat.core.engine import RoomEngine, after_input, end_turn
 from shardchat.core.outputs import Close, Output, Paced
 from shardchat.core.presence import PresenceView
@@ -108,6 +108,9 @@ class StoreBroker:
 
     def serves_history(self, room: str) -> bool:
         return False  # the store does
+
+    def holding(self, room: str) -> Holding:
+        return Holding.EVERY  # each engine its own copy, as with Redis
 
     def catch_up(self) -> None:
         """Deliveries are synchronous here: nothing waits."""

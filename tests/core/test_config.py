@@ -81,6 +81,8 @@ def test_resolve_reads_nothing_of_the_machine(tmp_path: Path) -> None:
         ("storage.max_bytes", -1, "integer >= 0"),
         ("storage.max_bytes", "1G", "integer >= 0"),
         ("delivery.history_ttl", -5, "a number >= 0"),
+        ("delivery.history_memory", 0, "integer from 1 to 1000000"),
+        ("delivery.history_memory", "all", "integer from 1 to 1000000"),
         ("delivery.gap_give_up", 0, "a number > 0"),
         ("api.host", "not a host!", "host name or an IP address"),
         ("api.port", 70000, "integer from 0 to 65535"),

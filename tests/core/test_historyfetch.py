@@ -184,3 +184,30 @@ def test_a_silent_holder_is_answered_for_at_the_deadline() -> None:
     assert answers == []
     box.sweep(102.0)
     assert answers == [{1: b"x"}] and box.next_deadline() is None
+
+
+def test_messages_older_than_the_ttl_are_not_replayed_from_the_logs() -> None:
+    """delivery.history_ttl applies to the engines' logs too (storage.kind =
+    "memory"): neither a resume nor `history` replays an expired message."""
+    box = Box(2, config(**FAST, delivery__history_ttl=60.0))
+    alice = box.connect(0, "alice")
+    bob = box.connect(1, "bob")
+    room = "ttl"
+    box.join(alice, room)
+    for i in range(3):
+        box.send(alice, type="message", room=room, content=f"old{i}")
+    box.turn()
+    box.advance(61.0)
+    for i in range(2):
+        box.send(alice, type="message", room=room, content=f"new{i}")
+    box.turn()
+    for client in (alice, bob):
+        client.frames.clear()
+        box.send(client, type="history", room=room)
+        box.turn()
+        assert client.seqs(room) == [4, 5]
+        assert client.take("history_end")[0]["seq"] == 5
+    bob.frames.clear()
+    joined = box.join(bob, room, since=0, epoch="epoch-1")
+    assert joined["recovered"] is False and joined["seq"] == 5
+    assert bob.seqs(room) == [4, 5]

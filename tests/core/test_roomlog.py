@@ -5,13 +5,14 @@ from __future__ import annotations
 import tracemalloc
 import zlib
 
+import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from shardchat.brokers.sequencer import owner_of
 from shardchat.core.errors import SequenceError
-from shardchat.core.roomlog import RoomLog
+from shardchat.core.roomlog import HeldMessage, RoomLog, unexpired
 
 
 def test_owner_is_crc32_mod_workers() -> None:
@@ -120,3 +121,24 @@ def test_a_quiet_room_log_is_small_and_skip_frees_what_it_held() -> None:
         assert [m.seq for m in log_.after(0)] == [401]
     finally:
         tracemalloc.stop()
+
+
+def test_replay_with_older_fetched_messages_is_recovered_only_when_whole() -> None:
+    log = filled(10, 3)  # holds 8..10
+    older = {seq: f"m{seq}".encode() for seq in range(3, 8)}
+    whole = log.replay(2, "e1", older)
+    assert [m.seq for m in whole.messages] == list(range(3, 11)) and whole.recovered
+    del older[5]  # a fetch cut short
+    cut = log.replay(2, "e1", older)
+    assert [m.seq for m in cut.messages] == [3, 4, 6, 7, 8, 9, 10] and not cut.recovered
+    assert not log.replay(1, "e1", {2: b"m2"}).recovered  # 3..7 missing
+
+
+def test_unexpired_drops_the_leading_messages_stamped_before_the_cutoff() -> None:
+    def held(seq: int, stamp: int) -> HeldMessage:
+        return HeldMessage(seq, orjson.dumps({"type": "message", "seq": seq, "timestamp": stamp}))
+
+    messages = [held(1, 100), held(2, 199), held(3, 200), held(4, 150), held(5, 300)]
+    assert [m.seq for m in unexpired(messages, 200)] == [3, 4, 5]
+    assert unexpired(messages, 50) is messages
+    assert unexpired(messages, 1000) == []

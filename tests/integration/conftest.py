@@ -1,10 +1,13 @@
-"""Fixtures of the process-level tests that need a real Redis."""
+"""Fixtures of the process-level tests: a real Redis, a storage.dir of a test's own."""
 
 from __future__ import annotations
 
 import itertools
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -28,3 +31,13 @@ def prefix(redis: RedisServer) -> Iterator[str]:
         yield name
     finally:
         delete_prefix([redis], name)
+
+
+@pytest.fixture
+def store_dir() -> Iterator[Path]:
+    """A storage.dir of the test's own, removed after it."""
+    path = Path(tempfile.mkdtemp(prefix="shardchat-store-test-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import signal
 import subprocess
 import tempfile
@@ -15,7 +14,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from websockets.exceptions import ConnectionClosed, WebSocketException
 
 from shardchat.testing.wait import await_until, scaled
@@ -34,16 +32,6 @@ from tests.support.helpers import (
     room_owned_by,
     start_server,
 )
-
-
-@pytest.fixture
-def store_dir() -> Iterator[Path]:
-    """A storage.dir of the test's own, removed after it."""
-    path = Path(tempfile.mkdtemp(prefix="shardchat-store-test-"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @contextlib.contextmanager

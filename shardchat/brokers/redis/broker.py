@@ -155,6 +155,7 @@ class RedisBroker:
     _filled = rooms._filled
     latest_seq = rooms.latest_seq
     serves_history = rooms.serves_history
+    holding = rooms.holding
     epoch_of = rooms.epoch_of
     catch_up = rooms.catch_up
 

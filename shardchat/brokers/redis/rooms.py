@@ -27,6 +27,7 @@ from shardchat import stats
 from shardchat.brokers.redis import wire as rw
 from shardchat.brokers.redis.client import FAILURES
 from shardchat.brokers.redis.subscriber import Subscriber
+from shardchat.core.broker import Holding
 
 if TYPE_CHECKING:
     from shardchat.brokers.redis.broker import RedisBroker
@@ -40,6 +41,7 @@ __all__ = [
     "new_epoch",
     "open_room",
     "Room",
+    "holding",
     "serves_history",
 ]
 
@@ -273,6 +275,10 @@ def latest_seq(self: RedisBroker, room: str) -> int | None:
 
 def serves_history(self: RedisBroker, room: str) -> bool:
     return False  # Redis does
+
+
+def holding(self: RedisBroker, room: str) -> Holding:
+    return Holding.EVERY  # each node keeps its own copy, as Redis sends every node the room
 
 
 def epoch_of(self: RedisBroker, room: str) -> str | None:

@@ -14,6 +14,7 @@ from shardchat.brokers.shm.state import (
     _REPLAY,
     ShmState,
 )
+from shardchat.core.broker import Holding
 from shardchat.ring import records
 from shardchat.ring.records import REPLAY_END, REPLAY_SKIP
 
@@ -44,6 +45,13 @@ class History(ShmState):
     def serves_history(self, room: str) -> bool:
         # With a store, the store serves the owner's rooms' fills: its copy may go.
         return self.durable is None and owner_of(room, self.workers) == self.shard_id
+
+    def holding(self, room: str) -> Holding:
+        # With a store the owner keeps the recent part once for the box; the
+        # others a tail, since the owner answers their fills from memory or store.
+        if self.durable is None:
+            return Holding.EVERY
+        return Holding.HERE if owner_of(room, self.workers) == self.shard_id else Holding.ELSEWHERE
 
     def _on_history_request(self, peer: int, aux: int, payload: bytes) -> None:
         """Resend one chunk of the asked range: at most 1/8 of a ring, so that a

@@ -218,6 +218,7 @@ CHECKS: dict[str, Check] = {
     "delivery.ack_timeout": _number(0, strict=True),
     "delivery.ack_retries": _int(0),
     "delivery.history": _int(0, 1_000_000),
+    "delivery.history_memory": _int(1, 1_000_000),
     "delivery.room_idle": _number(0, strict=False),
     "delivery.publish_timeout": _number(0, strict=True),
     "overload.forwards": _int(1),

@@ -79,7 +79,10 @@ class HeartbeatConfig:
 class DeliveryConfig:
     ack_timeout: float = 2.0  # seconds before an unacked message is resent
     ack_retries: int = 5  # resends before close 4409
-    history: int = 1000  # messages held per room for resume and history
+    history: int = 1000  # messages kept per room for resume and history (on disk with a store)
+    # With a store: the latest messages per room kept in memory, once per box (by
+    # the room's owner; the other shards keep a short tail and read the rest).
+    history_memory: int = 1000
     room_idle: float = 600.0  # seconds before a non-owner shard drops an idle room's log
     publish_timeout: float = 30.0  # seconds before a forwarded publish is answered `unavailable`
     history_ttl: float = 0.0  # seconds a stored message is kept at most; 0 = by count alone

@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NamedTuple
 
-from shardchat.core.broker import Broker, PresenceAnswer, Publication
+from shardchat.core.broker import Broker, Holding, PresenceAnswer, Publication
 from shardchat.core.overload import Queue
 
 __all__ = ["Command", "CommandQueue", "run_commands"]
@@ -105,6 +105,9 @@ class CommandQueue:
         if self.commands:
             self._hand_over()
         return self.broker.serves_history(room)
+
+    def holding(self, room: str) -> Holding:
+        return self.broker.holding(room)  # a question of ownership: nothing queued changes it
 
     def catch_up(self) -> None:
         if self.commands:

@@ -93,7 +93,7 @@ class Deliveries(Rooms[C]):
     def on_message(self, room: str, seq: int, msg_id: str, json: bytes, publish_ns: int) -> None:
         log_ = self.logs.get(room)
         if log_ is None:
-            log_ = self.logs[room] = RoomLog(self._epoch(room), self.history, seq - 1)
+            log_ = self.logs[room] = RoomLog(self._epoch(room), self._capacity(room), seq - 1)
         if seq == log_.seq + 1 and room not in self.gaps.parked:
             log_.append(seq, json)
             log_.touched = self.now
@@ -187,7 +187,7 @@ class Deliveries(Rooms[C]):
 
     def on_replay_end(self, room: str, last: int) -> None:
         self.gaps.on_end(room, self.now)
-        self.fetches.on_end(room, last)
+        self.fetches.on_end(room, last, self.now)
 
     def on_resync(self, latest: Callable[[str], int | None]) -> None:
         self.gaps.resync(latest, self.now)
@@ -204,7 +204,7 @@ class Deliveries(Rooms[C]):
             # gets recovered: false), and the log starts again.
             self.log.event(WARNING, "room_epoch_changed", room=room, epoch=epoch)
             waiting = self.gaps.restart(room)
-            log_ = self.logs[room] = RoomLog(epoch, self.history, 0, self.now)
+            log_ = self.logs[room] = RoomLog(epoch, self._capacity(room), 0, self.now)
             members = self.members.get(room)
             if members:
                 self._out.append((list(members), Close(1012, "room history was reset")))
@@ -223,12 +223,14 @@ class Deliveries(Rooms[C]):
         log_ = self.logs.get(room)
         if json is None:
             if log_ is None:
-                self.logs[room] = RoomLog(self._epoch(room), self.history, seq, self.now)
+                self.logs[room] = RoomLog(self._epoch(room), self._capacity(room), seq, self.now)
             else:
                 log_.skip_to(seq)
             return
         if log_ is None:
-            log_ = self.logs[room] = RoomLog(self._epoch(room), self.history, seq - 1, self.now)
+            log_ = self.logs[room] = RoomLog(
+                self._epoch(room), self._capacity(room), seq - 1, self.now
+            )
         if seq > log_.seq + 1:
             log_.skip_to(seq - 1)  # a part of the ring already overwritten
         if seq == log_.seq + 1:

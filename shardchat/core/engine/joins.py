@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from shardchat.core.broker import PresenceAnswer
+from shardchat.core.broker import Holding, PresenceAnswer
 from shardchat.core.errors import ErrorCode, ProtocolError
 from shardchat.core.messages import (
     Join,
@@ -76,7 +76,7 @@ class Joins(Deliveries[C]):
             if pending.stage is JoinStage.OPENING:
                 self._fetch_for_join(pending)
             elif pending.stage is JoinStage.FETCHING:
-                self._ask_for_join(pending)
+                self._fetch_older(pending)
             elif pending.stage is JoinStage.ASKING:
                 self._join_answered(pending, state, answer)
         except ProtocolError as exc:
@@ -93,7 +93,44 @@ class Joins(Deliveries[C]):
         self._drop_partial(request.room)
         then = self.inbox.later(self._resume, pending)
         if self.gaps.ensure_history(request.room, since, self.now, then):
+            self._fetch_older(pending)
+
+    def _fetch_older(self, pending: PendingJoin[C]) -> None:
+        """Still FETCHING: a resume from before the oldest message the log holds
+        (with a store, engines keep only the recent part in memory) has the
+        seqs between fetched from the room's holder, within the retention, so
+        that it is answered ``recovered`` with every message, never cut short."""
+        request = pending.request
+        room, since = request.room, request.since
+        log_ = self.logs.get(room)
+        if (
+            since is not None
+            and pending.older is None
+            and log_ is not None
+            and request.epoch in (None, log_.epoch)
+            and self.broker.holding(room) is not Holding.EVERY
+        ):
+            first = max(since + 1, log_.seq - self.history + 1)
+            last = min(log_.seq, log_.oldest_seq - 1)
+            if first <= last:
+                pending.older = {}
+                then = self.inbox.later(self._older_fetched, pending)
+                self.fetches.fetch(room, first, last, self.now, then)
+                return
+        self._ask_for_join(pending)
+
+    def _older_fetched(self, pending: PendingJoin[C], fetched: dict[int, bytes]) -> None:
+        """Input (queued in the inbox): the older messages a resume needs came
+        (or the wait for them ran out: the replay is then not ``recovered``)."""
+        state = self.conns.get(pending.conn)
+        if state is None or pending.stage is not JoinStage.FETCHING:
+            return
+        pending.older = fetched
+        try:
             self._ask_for_join(pending)
+        except ProtocolError as exc:
+            self._refuse(pending.conn, state, exc)
+            self._join_done(pending, state)
 
     def _ask_for_join(self, pending: PendingJoin[C]) -> None:
         """FETCHING -> ASKING: the room's history is here: ask who is in it (for
@@ -130,7 +167,7 @@ class Joins(Deliveries[C]):
             )
             self._refuse(conn, state, error)
         else:
-            self._finish_join(conn, state, request, answer)
+            self._finish_join(conn, state, request, answer, pending.older)
         self._join_done(pending, state)
 
     def _join_done(self, pending: PendingJoin[C], state: ConnState) -> None:
@@ -144,7 +181,12 @@ class Joins(Deliveries[C]):
             self._ready.append(pending.conn)
 
     def _finish_join(
-        self, conn: C, state: ConnState, request: Join, answer: PresenceAnswer
+        self,
+        conn: C,
+        state: ConnState,
+        request: Join,
+        answer: PresenceAnswer,
+        older: dict[int, bytes] | None = None,
     ) -> None:
         room = request.room
         if room in state.rooms:
@@ -178,8 +220,10 @@ class Joins(Deliveries[C]):
         if request.since is None:
             self._reply(conn, joined)
             return
-        replay = log_.replay(request.since, request.epoch)
-        joined["recovered"] = replay.recovered
+        replay = log_.replay(request.since, request.epoch, older)
+        messages = self._unexpired(replay.messages)
+        # An expired message after `since` was not recovered.
+        joined["recovered"] = replay.recovered and len(messages) == len(replay.messages)
         self._reply(conn, joined)
-        if replay.messages:
-            self._out.append(((conn,), Paced([held.payload for held in replay.messages])))
+        if messages:
+            self._out.append(((conn,), Paced([held.payload for held in messages])))

@@ -305,6 +305,7 @@ class Requests(Joins[C]):
         held = [] if log_ is None else log_.page(request.since, request.before, request.limit)
         if fetched and log_ is not None:
             held = _merged(log_, fetched, request)
+        held = self._unexpired(held)
         if held:
             self._out.append(((conn,), Paced([message.payload for message in held])))
         last = held[-1].seq if held else request.since or 0

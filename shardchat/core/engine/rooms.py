@@ -40,7 +40,7 @@ class Rooms(EngineState[C]):
         log_ = self.logs.get(room)
         if log_ is None:
             seq = self.broker.latest_seq(room) or 0
-            log_ = self.logs[room] = RoomLog(self._epoch(room), self.history, seq)
+            log_ = self.logs[room] = RoomLog(self._epoch(room), self._capacity(room), seq)
         log_.touched = self.now
         return log_
 
@@ -53,7 +53,7 @@ class Rooms(EngineState[C]):
         log_ = self.logs.get(room)
         if (
             log_ is None
-            or len(log_) >= min(self.history, log_.seq)
+            or len(log_) >= min(log_.capacity, log_.seq)
             or room in self.members
             or room in self.gaps.parked
             or room in self.reliable.rooms

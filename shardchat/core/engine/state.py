@@ -16,6 +16,7 @@ from shardchat.core.admission import Admitted, Verify
 from shardchat.core.broker import (
     Broker,
     BrokerListener,
+    Holding,
 )
 from shardchat.core.config import Config
 from shardchat.core.counters import (
@@ -46,7 +47,7 @@ from shardchat.core.outputs import C, Close, Output
 from shardchat.core.presence import LocalPresence
 from shardchat.core.ratelimit import TokenBucket
 from shardchat.core.reliable import ReliableRooms
-from shardchat.core.roomlog import RoomLog
+from shardchat.core.roomlog import TAIL, HeldMessage, RoomLog, unexpired
 
 if TYPE_CHECKING:
     pass
@@ -102,6 +103,9 @@ class PendingJoin(Generic[C]):
     conn: C
     request: Join
     stage: JoinStage = JoinStage.ADMITTED
+    # A resume from before the log's oldest message: what was fetched of the
+    # seqs between (None: nothing asked).
+    older: dict[int, bytes] | None = None
 
 
 class ConnState:
@@ -205,6 +209,7 @@ class EngineState(Generic[C]):
             self.history,
             log,
             config.delivery.gap_give_up,
+            capacity=self._capacity,
         )
         # What a `history` answer needs and the log lacks (a gap, older messages).
         self.fetches = HistoryFetches(self.broker, GAP_JOIN_WAIT)
@@ -257,6 +262,24 @@ class EngineState(Generic[C]):
         """Publishes wait to be sent to the publish proxy (:meth:`take_proxied`, at
         the end of the turn: one request for the turn's publishes)."""
         return bool(self._proxied)
+
+    def _unexpired(self, messages: list[HeldMessage]) -> list[HeldMessage]:
+        """``messages`` without those older than ``delivery.history_ttl``: never
+        replayed, whether held here or read from a store not yet pruned."""
+        ttl = self.config.delivery.history_ttl
+        if not ttl or not messages:
+            return messages
+        return unexpired(messages, int((self.wall - ttl) * 1000))
+
+    def _capacity(self, room: str) -> int:
+        """How many of ``room``'s messages this engine's log holds: with a store,
+        the room's owner keeps ``delivery.history_memory`` for the box and the
+        others a tail; without one every engine keeps ``delivery.history``."""
+        holding = self.broker.holding(room)
+        if holding is Holding.EVERY:
+            return self.history
+        memory = min(self.history, self.config.delivery.history_memory)
+        return memory if holding is Holding.HERE else min(memory, TAIL)
 
     def advance(self, now: float, wall: float) -> None:
         """The time for the inputs that follow: monotonic and Unix seconds."""
