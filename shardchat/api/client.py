@@ -34,6 +34,7 @@ from shardchat.api.types import (
     RoomsResult,
 )
 from shardchat.core.errors import API_ERRORS, ApiError
+from shardchat.httpanswer import Answer, AnswerError, AnswerGone, AnswerReader, post_bytes
 
 __all__ = ["ApiClient", "AsyncApiClient", "raise_for"]
 
@@ -91,22 +92,14 @@ class _Connection:
     def request(
         self, method: str, params: Mapping[str, Any] | None
     ) -> tuple[h11.Connection, bytes]:
-        body = orjson.dumps(dict(params or {}))
         conn = h11.Connection(h11.CLIENT)
-        head = h11.Request(
-            method="POST",
-            target=f"{self.base}/api/{method}",
-            headers=[
-                ("Host", self.authority),
-                ("X-API-Key", self.key),
-                ("Content-Type", "application/json"),
-                ("Content-Length", str(len(body))),
-            ],
-        )
-        data = b"".join(
-            conn.send(event) or b"" for event in (head, h11.Data(data=body), h11.EndOfMessage())
-        )
-        return conn, data
+        headers = [
+            ("Host", self.authority),
+            ("X-API-Key", self.key),
+            ("Content-Type", "application/json"),
+        ]
+        body = orjson.dumps(dict(params or {}))
+        return conn, post_bytes(conn, f"{self.base}/api/{method}", headers, body)
 
 
 class ApiClient:
@@ -142,45 +135,30 @@ class ApiClient:
         conn, data = self._conn.request(method, params)
         reused = self._sock is not None
         try:
-            status, body, keep = self._exchange(conn, data)
-        except (ConnectionError, h11.RemoteProtocolError, _Gone):
-            if not reused:
-                raise
-            self.close()  # the server closed the kept connection: once more, anew
-            conn, data = self._conn.request(method, params)
-            status, body, keep = self._exchange(conn, data)
-        if not keep:
+            try:
+                answer = self._exchange(conn, data)
+            except (ConnectionError, AnswerGone):
+                if not reused:
+                    raise
+                self.close()  # the server closed the kept connection: once more, anew
+                conn, data = self._conn.request(method, params)
+                answer = self._exchange(conn, data)
+        except AnswerError as exc:
             self.close()
-        return raise_for(status, body)
+            raise ApiError(str(exc)) from None
+        if not answer.reusable:
+            self.close()
+        return raise_for(answer.status, answer.body)
 
-    def _exchange(self, conn: h11.Connection, data: bytes) -> tuple[int, bytes, bool]:
+    def _exchange(self, conn: h11.Connection, data: bytes) -> Answer:
         if self._sock is None:
             self._sock = self._connect()
         sock = self._sock
         sock.sendall(data)
-        status, body = 0, bytearray()
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                chunk = sock.recv(65536)
-                if not chunk and status == 0:
-                    raise _Gone()
-                conn.receive_data(chunk)
-                continue
-            if type(event) is h11.Response:
-                status = event.status_code
-            elif type(event) is h11.Data:
-                body += event.data
-                if len(body) > _MAX_ANSWER:
-                    raise ApiError("the answer is too large")
-            elif type(event) is h11.EndOfMessage:
-                return (
-                    status,
-                    bytes(body),
-                    conn.our_state is h11.DONE and (conn.their_state is h11.DONE),
-                )
-            elif type(event) is h11.ConnectionClosed:
-                raise _Gone()
+        reader = AnswerReader(conn, _MAX_ANSWER)
+        while (answer := reader.feed(sock.recv(65536))) is None:
+            pass
+        return answer
 
     # The methods
 
@@ -273,45 +251,34 @@ class AsyncApiClient:
         async with self._lock:
             conn, data = self._conn.request(method, params)
             reused = self._streams is not None
+            timeout = self._conn.timeout
             try:
-                answer = await asyncio.wait_for(self._exchange(conn, data), self._conn.timeout)
-            except (ConnectionError, h11.RemoteProtocolError, _Gone):
-                if not reused:
-                    raise
+                try:
+                    answer = await asyncio.wait_for(self._exchange(conn, data), timeout)
+                except (ConnectionError, AnswerGone):
+                    if not reused:
+                        raise
+                    await self.aclose()  # the server closed the kept connection
+                    conn, data = self._conn.request(method, params)
+                    answer = await asyncio.wait_for(self._exchange(conn, data), timeout)
+            except AnswerError as exc:
                 await self.aclose()
-                conn, data = self._conn.request(method, params)
-                answer = await asyncio.wait_for(self._exchange(conn, data), self._conn.timeout)
-            status, body, keep = answer
-            if not keep:
+                raise ApiError(str(exc)) from None
+            if not answer.reusable:
                 await self.aclose()
-            return raise_for(status, body)
+            return raise_for(answer.status, answer.body)
 
-    async def _exchange(self, conn: h11.Connection, data: bytes) -> tuple[int, bytes, bool]:
+    async def _exchange(self, conn: h11.Connection, data: bytes) -> Answer:
         if self._streams is None:
             c = self._conn
             self._streams = await asyncio.open_connection(c.host, c.port, ssl=c.context)
         reader, writer = self._streams
         writer.write(data)
         await writer.drain()
-        status, body = 0, bytearray()
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                chunk = await reader.read(65536)
-                if not chunk and status == 0:
-                    raise _Gone()
-                conn.receive_data(chunk)
-                continue
-            if type(event) is h11.Response:
-                status = event.status_code
-            elif type(event) is h11.Data:
-                body += event.data
-                if len(body) > _MAX_ANSWER:
-                    raise ApiError("the answer is too large")
-            elif type(event) is h11.EndOfMessage:
-                return status, bytes(body), conn.their_state is h11.DONE
-            elif type(event) is h11.ConnectionClosed:
-                raise _Gone()
+        answer = AnswerReader(conn, _MAX_ANSWER)
+        while (whole := answer.feed(await reader.read(65536))) is None:
+            pass
+        return whole
 
     async def publish(
         self, room: str, content: str, *, sender: str | None = None, key: str | None = None
@@ -372,7 +339,3 @@ class AsyncApiClient:
     ) -> list[Any | ApiError]:
         params = {"commands": [{"method": m, "params": dict(p)} for m, p in commands]}
         return batch_replies(await self.call("batch", params))
-
-
-class _Gone(Exception):
-    """The server closed the connection before answering."""

@@ -21,7 +21,8 @@ from urllib.parse import urlsplit
 
 import h11
 
-from shardchat.core.errors import BackendError
+from shardchat.core.errors import AnswerError, AnswerGone, BackendError
+from shardchat.httpanswer import AnswerReader, post_bytes
 
 __all__ = ["HttpClient", "Response", "split_url"]
 
@@ -96,65 +97,40 @@ class HttpClient:
             raise BackendError("timed out") from None
 
     async def _post(self, body: bytes, headers: list[tuple[str, str]]) -> Response:
-        request = h11.Request(
-            method="POST",
-            target=self.target,
-            headers=[
-                ("Host", self.host_header),
-                ("Content-Type", "application/json"),
-                ("Content-Length", str(len(body))),
-                ("User-Agent", "shardchat"),
-                *headers,
-            ],
-        )
+        headers = [
+            ("Host", self.host_header),
+            ("Content-Type", "application/json"),
+            ("User-Agent", "shardchat"),
+            *headers,
+        ]
         for attempt in (0, 1):
             try:
                 conn, reused = await self._acquire()
             except OSError as exc:  # no connection: refused, unreachable, no such host
                 raise BackendError(_reason(exc)) from None
             try:
-                response = await self._exchange(conn, request, body)
-            except (OSError, h11.ProtocolError, EOFError) as exc:
+                response, reusable = await self._exchange(conn, headers, body)
+            except (OSError, AnswerError) as exc:
                 self._discard(conn)
-                if reused and attempt == 0 and isinstance(exc, OSError | EOFError):
+                if reused and attempt == 0 and isinstance(exc, OSError | AnswerGone):
                     continue  # the backend closed an idle keep-alive connection
                 raise BackendError(_reason(exc)) from None
             except BaseException:
                 self._discard(conn)  # cancelled (the deadline): its state is unknown
                 raise
-            self._release(conn)
+            self._release(conn, reusable)
             return response
         raise AssertionError("unreachable")
 
-    async def _exchange(self, conn: _Conn, request: h11.Request, body: bytes) -> Response:
-        h = conn.h11
-        conn.writer.write(
-            h.send(request) + h.send(h11.Data(data=body)) + h.send(h11.EndOfMessage())
-        )
-        status = 0
-        headers: dict[str, str] = {}
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            event = h.next_event()
-            if event is h11.NEED_DATA:
-                data = await conn.reader.read(_READ)
-                if not data and status == 0:
-                    raise EOFError("closed by the backend")
-                h.receive_data(data)
-                continue
-            if type(event) is h11.Response:
-                status = event.status_code
-                headers = {k.decode().lower(): v.decode("latin-1") for k, v in event.headers}
-            elif type(event) is h11.Data:
-                size += len(event.data)
-                if size > MAX_BODY:
-                    raise h11.LocalProtocolError("answer body too large")
-                chunks.append(bytes(event.data))
-            elif type(event) is h11.EndOfMessage:
-                return Response(status, headers, b"".join(chunks))
-            elif type(event) is h11.ConnectionClosed:
-                raise EOFError("closed by the backend")
+    async def _exchange(
+        self, conn: _Conn, headers: list[tuple[str, str]], body: bytes
+    ) -> tuple[Response, bool]:
+        """The answer, and whether the connection may carry the next request."""
+        conn.writer.write(post_bytes(conn.h11, self.target, headers, body))
+        reader = AnswerReader(conn.h11, MAX_BODY)
+        while (answer := reader.feed(await conn.reader.read(_READ))) is None:
+            pass
+        return Response(answer.status, answer.headers(), answer.body), answer.reusable
 
     async def _acquire(self) -> tuple[_Conn, bool]:
         while True:
@@ -190,10 +166,9 @@ class HttpClient:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
 
-    def _release(self, conn: _Conn) -> None:
-        h = conn.h11
-        if h.our_state is h11.DONE and h.their_state is h11.DONE and not self.closed:
-            h.start_next_cycle()
+    def _release(self, conn: _Conn, reusable: bool) -> None:
+        if reusable and not self.closed:
+            conn.h11.start_next_cycle()
             self._idle.append(conn)
             self._wake()
         else:
@@ -225,8 +200,8 @@ class HttpClient:
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, ConnectionRefusedError):
         return "connection refused"
-    if isinstance(exc, EOFError):
+    if isinstance(exc, AnswerGone):
         return "closed by the backend"
-    if isinstance(exc, h11.ProtocolError):
-        return f"bad HTTP answer: {exc}"[:200]
+    if isinstance(exc, AnswerError):
+        return str(exc)[:200]
     return f"{type(exc).__name__}: {exc}"[:200]

@@ -8,6 +8,8 @@
     ├── AuthError          a token that is missing, malformed, expired or badly signed
     ├── HookError          the --app object cannot be loaded
     ├── BackendError       the application's backend (proxy, webhooks) did not answer
+    ├── AnswerError        an HTTP answer not HTTP, too large or cut short (httpanswer.py)
+    │   └── AnswerGone         the connection closed before any byte of an answer
     ├── RingError          the shared-memory ring refused an operation
     │   ├── MessageTooLarge    a record larger than the ring allows
     │   ├── RingLayoutError    a segment whose header is not a shardchat ring
@@ -53,6 +55,8 @@ __all__ = [
     "ApiTooLarge",
     "ApiUnauthorized",
     "ApiUnavailable",
+    "AnswerError",
+    "AnswerGone",
     "AuthError",
     "BackendError",
     "ErrorCode",
@@ -163,6 +167,16 @@ class HookError(ShardchatError):
 class BackendError(ShardchatError):
     """The application's backend (connect or publish proxy, webhook receiver) did not
     answer in time, or not in HTTP; the message is a short reason for logs and clients."""
+
+
+class AnswerError(ShardchatError):
+    """An HTTP answer that cannot be read: not HTTP, a body over its limit, or the
+    stream cut short (:mod:`shardchat.httpanswer`); the message is a short reason."""
+
+
+class AnswerGone(AnswerError):
+    """The connection closed before any byte of an answer: a kept-alive connection
+    the peer closed while idle, so the request may be sent again on a new one."""
 
 
 class RingError(ShardchatError):

@@ -15,10 +15,13 @@ import selectors
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import h11
 import orjson
+
+from shardchat.core.errors import AnswerError
+from shardchat.httpanswer import AnswerReader, post_bytes
 
 __all__ = ["ApiProxy", "ApiTarget", "error_body"]
 
@@ -44,9 +47,7 @@ class _Call:
     done: Done
     deadline: float  # monotonic
     out: bytes
-    conn: h11.Connection = field(default_factory=lambda: h11.Connection(our_role=h11.CLIENT))
-    status: int = 0
-    body: bytearray = field(default_factory=bytearray)
+    answer: AnswerReader
 
 
 def error_body(code: str, message: str) -> bytes:
@@ -79,20 +80,13 @@ class ApiProxy:
             return
         conn = h11.Connection(our_role=h11.CLIENT)
         host = f"[{target.host}]" if ":" in target.host else target.host
-        out = conn.send(
-            h11.Request(
-                method="POST",
-                target=f"/api/{method}",
-                headers=[
-                    ("Host", f"{host}:{target.port}"),
-                    ("X-API-Key", target.key),
-                    ("Content-Type", "application/json"),
-                    ("Content-Length", str(len(body))),
-                    ("Connection", "close"),
-                ],
-            )
-        )
-        out += conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage())
+        headers = [
+            ("Host", f"{host}:{target.port}"),
+            ("X-API-Key", target.key),
+            ("Content-Type", "application/json"),
+            ("Connection", "close"),
+        ]
+        out = post_bytes(conn, f"/api/{method}", headers, body)
         family = socket.AF_INET6 if ":" in target.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setblocking(False)
@@ -105,7 +99,7 @@ class ApiProxy:
             sock.close()
             done(502, error_body("unreachable", f"the server API: {errno.errorcode.get(code)}"))
             return
-        call = _Call(sock, done, time.monotonic() + TIMEOUT, out, conn)
+        call = _Call(sock, done, time.monotonic() + TIMEOUT, out, AnswerReader(conn, MAX_ANSWER))
         self._calls[sock] = call
         self._selector.register(sock, selectors.EVENT_WRITE, lambda: self._write(call))
 
@@ -137,24 +131,12 @@ class ApiProxy:
         except OSError:
             chunk = b""
         try:
-            call.conn.receive_data(chunk)
-            while True:
-                event = call.conn.next_event()
-                if event is h11.NEED_DATA:
-                    if not chunk:
-                        raise h11.RemoteProtocolError("the answer ended early")
-                    return
-                if isinstance(event, h11.Response):
-                    call.status = event.status_code
-                elif isinstance(event, h11.Data):
-                    call.body += event.data
-                    if len(call.body) > MAX_ANSWER:
-                        raise h11.RemoteProtocolError("the answer is too large")
-                elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
-                    self._finish(call, call.status or 502, bytes(call.body))
-                    return
-        except h11.RemoteProtocolError as exc:
+            answer = call.answer.feed(chunk)
+        except AnswerError as exc:
             self._finish(call, 502, error_body("bad_answer", f"the server API: {exc}"))
+            return
+        if answer is not None:
+            self._finish(call, answer.status, answer.body)
 
     def _finish(self, call: _Call, status: int, body: bytes) -> None:
         self._selector.unregister(call.sock)
