@@ -3,7 +3,8 @@
     python -m perf.scenarios.storage start [--messages 1000000 --rooms 10000 --workers 2]
     python -m perf.scenarios.storage ack [--count 400]
     python -m perf.scenarios.storage compare [--receivers 2000 --clients 2000]
-    python -m perf.scenarios.storage memory [--rooms 100 --history 1000]
+    python -m perf.scenarios.storage memory [--rooms 100 --history 1000 --against PROGRAM]
+    python -m perf.scenarios.storage history [--messages 100000 --pages 200 --against PROGRAM]
 
 - ``start``: a storage.dir holding ``--messages`` in ``--rooms`` (written
   straight into the shards' files), then ``shardchat start``: seconds until a
@@ -14,9 +15,14 @@
 - ``compare``: the fan-out's best rate and CPU per delivery, and the rooms
   scenario's CPU per delivery and p99, memory against sqlite (fsync batch),
   pinned as perf.scenarios.run pins them.
-- ``memory``: RSS of the shards before and after a client on each shard
+- ``memory``: RSS of the shards before and after a client (on one shard)
   joined ``--rooms`` rooms of ``--history`` messages each: bytes per held
   message and per room, at 1 and 6 shards, memory against sqlite.
+- ``history``: ms per `history` page of 50 in a room of ``--messages`` in the
+  store, from the room's owner and from another shard.
+
+``--against`` names another checkout's ``shardchat``, run alternately with
+this one's on each configuration.
 
 A benchmark, not a test: short and bounded; the figures go to perf/RESULTS.md.
 """
@@ -26,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import shutil
 import statistics
 import subprocess
@@ -271,48 +278,131 @@ def _rss(pids: list[int]) -> int:
     return sum(procs.rss_bytes(pid) for pid in pids)
 
 
-def run_memory(rooms: int, history: int) -> dict[str, Any]:
+def _programs(against: str | None) -> list[tuple[str, str]]:
+    """This checkout's server, and ``against`` (another checkout's ``shardchat``)."""
+    return [("", procs.SHARDCHAT)] + ([("-against", against)] if against else [])
+
+
+def run_memory(rooms: int, history: int, against: str | None = None) -> dict[str, Any]:
+    """With ``against``, that checkout's server too, alternated with this one's on
+    each configuration: a before and after of the same run."""
     out: dict[str, Any] = {}
     for workers in (1, 6):
         for name, settings in (("memory", ["storage.kind=memory"]), ("sqlite", [])):
-            cfg = [*FAST, f"delivery.history={history}", *settings]
-            with procs.shardchat(workers, settings=cfg) as server:
-                pids = server.server_pids()
+            for label, program in _programs(against):
+                store = tempfile.mkdtemp(prefix="shardchat-bench-memory-")
+                cfg = [*FAST, f"delivery.history={history}", *settings, f"storage.dir={store}"]
+                try:
+                    with procs.shardchat(workers, settings=cfg, program=program) as server:
+                        row = _held_rss(server, rooms, history)
+                finally:
+                    shutil.rmtree(store, ignore_errors=True)
+                out[f"{name}-w{workers}{label}"] = row
+    return out
 
-                async def fill(port: int = server.port) -> None:
-                    ws = await websockets.connect(
-                        f"ws://127.0.0.1:{port}/ws?user=filler", max_size=None
-                    )
-                    await ws.recv()
-                    for r in range(rooms):
-                        await ws.send(json.dumps({"type": "join", "room": f"m{r}"}))
-                    body = [
-                        json.dumps({"type": "message", "room": f"m{r}", "content": CONTENT})
-                        for r in range(rooms)
-                    ]
-                    answered = refused = 0
-                    for i in range(history):
-                        for frame in body:
-                            await ws.send(frame)
-                        # A round at a time: overload.forwards bounds what is in flight.
-                        while answered < (i + 1) * rooms:
-                            kind = json.loads(await ws.recv())["type"]
-                            if kind in ("ack", "error"):
-                                answered += 1
-                                refused += kind == "error"
-                    assert not refused, f"{refused} publishes refused"
-                    await ws.close()
 
-                before = _rss(pids)
-                asyncio.run(fill())
-                time.sleep(1.0)
-                after = _rss(pids)
-                held = rooms * history
-                out[f"{name}-w{workers}"] = {
-                    "rss_before": before, "rss_after": after,
-                    "bytes_per_message": round((after - before) / held, 1),
-                    "bytes_per_room": round((after - before) / rooms),
-                }  # fmt: skip
+def _held_rss(server: procs.Running, rooms: int, history: int) -> dict[str, Any]:
+    pids = server.server_pids()
+
+    async def fill(port: int = server.port) -> None:
+        ws = await websockets.connect(f"ws://127.0.0.1:{port}/ws?user=filler", max_size=None)
+        await ws.recv()
+        for r in range(rooms):
+            await ws.send(json.dumps({"type": "join", "room": f"m{r}"}))
+        body = [
+            json.dumps({"type": "message", "room": f"m{r}", "content": CONTENT})
+            for r in range(rooms)
+        ]
+        answered = refused = 0
+        for i in range(history):
+            for frame in body:
+                await ws.send(frame)
+            # A round at a time: overload.forwards bounds what is in flight.
+            while answered < (i + 1) * rooms:
+                kind = json.loads(await ws.recv())["type"]
+                if kind in ("ack", "error"):
+                    answered += 1
+                    refused += kind == "error"
+        assert not refused, f"{refused} publishes refused"
+        await ws.close()
+
+    before = _rss(pids)
+    asyncio.run(fill())
+    time.sleep(1.0)
+    after = _rss(pids)
+    held = rooms * history
+    return {
+        "rss_before": before, "rss_after": after,
+        "bytes_per_message": round((after - before) / held, 1),
+        "bytes_per_room": round((after - before) / rooms),
+    }  # fmt: skip
+
+
+async def _on_shard(port: int, shard: int) -> Any:
+    """A connection that the kernel gave to ``shard`` (connect until one is)."""
+    for i in range(200):
+        ws = await websockets.connect(f"ws://127.0.0.1:{port}/ws?user=p{shard}x{i}", max_size=None)
+        if json.loads(await ws.recv())["shard"] == shard:
+            return ws
+        await ws.close()
+    raise RuntimeError(f"no connection landed on shard {shard}")
+
+
+async def _page_ms(ws: Any, query: dict[str, Any]) -> tuple[float, int]:
+    """One `history` request: ms until its `history_end`, and the messages sent."""
+    t = time.perf_counter()
+    await ws.send(json.dumps({"type": "history", "room": "room-0", **query}))
+    got = 0
+    while True:
+        frame = json.loads(await ws.recv())
+        if frame["type"] == "history_end":
+            return (time.perf_counter() - t) * 1e3, got
+        got += frame["type"] == "message"
+
+
+def run_history(messages: int, pages: int, against: str | None = None) -> dict[str, Any]:
+    """A room of ``messages`` in the store (delivery.history as many), 3 shards:
+    ms per `history` page of 50 (``limit`` and ``before``, older than any
+    shard keeps in memory, and the latest 50) from the room's owner and from
+    another shard, each page after a first one that warms the room up."""
+    workers = 3
+    owner = zlib.crc32(b"room-0") % workers
+    other = (owner + 1) % workers
+    rng = random.Random(7)
+    befores = [rng.randrange(51, messages - 5000) for _ in range(pages)]
+    out: dict[str, Any] = {}
+    for label, program in _programs(against):
+        tmp = Path(tempfile.mkdtemp(prefix="shardchat-bench-history-"))
+        try:
+            fill_store(tmp / "store", workers, 1, messages)
+            cfg = [*FAST, f"delivery.history={messages}", f"storage.dir={tmp / 'store'}"]
+            with procs.shardchat(workers, settings=cfg, program=program) as server:
+
+                async def measure(port: int = server.port) -> dict[str, Any]:
+                    row: dict[str, Any] = {}
+                    for where, shard in (("owner", owner), ("other", other)):
+                        ws = await _on_shard(port, shard)
+                        await _page_ms(ws, {"limit": 50})  # the room's first use here
+                        older, latest = [], []
+                        for before in befores:
+                            ms, got = await _page_ms(ws, {"limit": 50, "before": before})
+                            assert got == 50, got
+                            older.append(ms)
+                            latest.append((await _page_ms(ws, {"limit": 50}))[0])
+                        await ws.close()
+                        for kind, times in (("older", older), ("latest", latest)):
+                            times.sort()
+                            row[f"{where}_{kind}"] = {
+                                "p50_ms": round(statistics.median(times), 3),
+                                "p99_ms": round(times[int(len(times) * 0.99) - 1], 3),
+                            }
+                    return row
+
+                row = asyncio.run(measure())
+                row["shard_rss"] = _rss(server.server_pids())
+            out[f"history{label}"] = row
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -331,6 +421,11 @@ def main() -> None:
     memory = sub.add_parser("memory")
     memory.add_argument("--rooms", type=int, default=100)
     memory.add_argument("--history", type=int, default=1000)
+    history = sub.add_parser("history")
+    history.add_argument("--messages", type=int, default=100_000)
+    history.add_argument("--pages", type=int, default=200)
+    for with_other in (memory, history):
+        with_other.add_argument("--against", help="another checkout's shardchat, alternated")
     args = parser.parse_args()
     if args.what == "start":
         result = run_start(args.messages, args.rooms, args.workers)
@@ -338,8 +433,10 @@ def main() -> None:
         result = run_ack(args.count)
     elif args.what == "compare":
         result = run_compare(args.receivers, args.clients)
+    elif args.what == "history":
+        result = run_history(args.messages, args.pages, args.against)
     else:
-        result = run_memory(args.rooms, args.history)
+        result = run_memory(args.rooms, args.history, args.against)
     path = procs.write_result(f"storage-{args.what}", result)
     shown = {k: v for k, v in result.items() if k != "raw"}
     print(json.dumps(shown, indent=2))

@@ -30,7 +30,9 @@ class History(ShmState):
         owner = owner_of(room, self.workers)
         if owner == self.shard_id:
             # We are the owner: nobody holds more than we do (our store, if we
-            # have one). Answered at the next read, outside the engine's call.
+            # have one). Answered outside the engine's call: from the store at
+            # this turn's commit (a chunk a turn, so that a long range does not
+            # hold the loop), or at the next read.
             if self.durable is not None:
                 self._fills_due.append((room, first, last))
             else:
@@ -38,6 +40,26 @@ class History(ShmState):
             return
         request = records.HistoryRequest(room, first, last)
         self._write(_HISTORY_REQ, owner, records.encode_history_request(request))
+
+    def commit(self) -> None:
+        super().commit()
+        if self._fills_due:
+            self._answer_own_fills()
+
+    def _answer_own_fills(self) -> None:
+        """Our own rooms' fills, a chunk each (``FILL_LIMIT``), from the store and
+        what it is still writing: the end of a chunk asks for the next."""
+        durable, listener = self.durable, self.listener
+        assert durable is not None and listener is not None
+        fills, self._fills_due = self._fills_due, []
+        for room, first, last in fills:
+            plan = plan_resend(durable.held(room, first, last), first, last, 1 << 30)
+            if plan.lost_to:
+                listener.on_replay_lost(room, plan.lost_to)
+            for message in plan.messages:
+                listener.on_replay(room, message.seq, message.payload)
+            if plan.end is not None:
+                listener.on_replay_end(room, plan.end)
 
     def latest_seq(self, room: str) -> int | None:
         return self.tables[owner_of(room, self.workers)].lookup(room)

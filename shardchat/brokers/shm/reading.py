@@ -8,7 +8,7 @@ import logging
 from collections.abc import Callable
 
 from shardchat import stats
-from shardchat.brokers.sequencer import owner_of, plan_resend
+from shardchat.brokers.sequencer import owner_of
 from shardchat.brokers.shm.presence import Presence
 from shardchat.brokers.shm.state import (
     _FORWARD_SEEN,
@@ -69,7 +69,7 @@ class Reading(Presence):
 
     def _stored(self, listener: BrokerListener) -> None:
         """The store's side of a read of the peers: the acks of the turns it wrote (the peers'
-        as FORWARD_SEEN records; seq 0 says it failed), then our own fills."""
+        as FORWARD_SEEN records; seq 0 says it failed)."""
         durable = self.durable
         assert durable is not None
         for turn, ok in durable.finished():
@@ -81,16 +81,6 @@ class Reading(Presence):
             for peer, msg_id, room, seq in turn.peer_acks:
                 answer = records.ForwardSeen(msg_id, room, seq if ok else 0)
                 self._write(_FORWARD_SEEN, peer, records.encode_forward_seen(answer))
-        if self._fills_due:
-            fills, self._fills_due = self._fills_due, []
-            for room, first, last in fills:
-                plan = plan_resend(durable.held(room, first, last), first, last, 1 << 30)
-                if plan.lost_to:
-                    listener.on_replay_lost(room, plan.lost_to)
-                for message in plan.messages:
-                    listener.on_replay(room, message.seq, message.payload)
-                if plan.end is not None:
-                    listener.on_replay_end(room, plan.end)
 
     def _latest_of(self, peer: int) -> Callable[[str], int | None]:
         """Where each room ``peer`` owns is now, by its seq table."""

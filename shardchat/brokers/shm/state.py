@@ -172,6 +172,7 @@ class ShmState:
             or bool(self._acks_due)
             or bool(self._failed_due)
             or (durable is not None and durable.due)  # a retry's answer waits for the store
+            or bool(self._fills_due)  # our own rooms' fills, answered at the commit
         )
 
     def commit(self) -> None:
