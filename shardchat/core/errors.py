@@ -213,6 +213,10 @@ class StorageError(ShardchatError):
     cannot be created or written."""
 
 
+# Every API error code and its class (each subclass of ApiError adds itself).
+API_ERRORS: dict[str, type[ApiError]] = {}
+
+
 class ApiError(ShardchatError):
     """A server API call refused: ``{"error": {"code": code, "message": message}}``
     with the HTTP ``status`` (docs/api.yaml). Raised by the server's checks and,
@@ -221,63 +225,50 @@ class ApiError(ShardchatError):
     code = "internal"
     status = 500
 
+    def __init_subclass__(cls, code: str, status: int) -> None:
+        cls.code, cls.status = code, status
+        API_ERRORS[code] = cls  # in the order of definition: the API's error counters'
+
     def __init__(self, message: str, retry_after: float | None = None) -> None:
         self.message = message
         self.retry_after = retry_after  # seconds, for overloaded
         super().__init__(f"{self.code}: {message}")
 
 
-class ApiBadJson(ApiError):
-    code, status = "bad_json", 400
+class ApiBadJson(ApiError, code="bad_json", status=400):
+    """The body is not a JSON object."""
 
 
-class ApiBadRequest(ApiError):
-    code, status = "bad_request", 400
+class ApiBadRequest(ApiError, code="bad_request", status=400):
+    """A field is missing or wrong; the message names it."""
 
 
-class ApiUnauthorized(ApiError):
-    code, status = "unauthorized", 401
+class ApiUnauthorized(ApiError, code="unauthorized", status=401):
+    """The API key is missing or wrong."""
 
 
-class ApiNotFound(ApiError):
-    code, status = "not_found", 404
+class ApiNotFound(ApiError, code="not_found", status=404):
+    """No such method, or the API is off."""
 
 
-class ApiMethodNotAllowed(ApiError):
-    code, status = "method_not_allowed", 405
+class ApiMethodNotAllowed(ApiError, code="method_not_allowed", status=405):
+    """Not a POST."""
 
 
-class ApiTooLarge(ApiError):
-    code, status = "too_large", 413
+class ApiTooLarge(ApiError, code="too_large", status=413):
+    """A body over ``limits.max_frame``."""
 
 
-class ApiRoomFull(ApiError):
-    code, status = "room_full", 409
+class ApiRoomFull(ApiError, code="room_full", status=409):
+    """A subscribe into a room that is full."""
 
 
-class ApiUnavailable(ApiError):
-    code, status = "unavailable", 503
+class ApiUnavailable(ApiError, code="unavailable", status=503):
+    """The broker or a shard did not answer."""
 
 
-class ApiOverloaded(ApiError):
-    code, status = "overloaded", 503
-
-
-# Every API error code and its class, in the order of the API's error counters.
-API_ERRORS: dict[str, type[ApiError]] = {
-    cls.code: cls
-    for cls in (
-        ApiBadJson,
-        ApiBadRequest,
-        ApiUnauthorized,
-        ApiNotFound,
-        ApiMethodNotAllowed,
-        ApiTooLarge,
-        ApiRoomFull,
-        ApiUnavailable,
-        ApiOverloaded,
-    )
-}
+class ApiOverloaded(ApiError, code="overloaded", status=503):
+    """A bounded queue is full; ``retry_after`` says when to try again."""
 
 
 class ClientError(ShardchatError):

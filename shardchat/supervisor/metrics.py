@@ -60,6 +60,28 @@ _COUNTERS: tuple[tuple[Slot, str, str], ...] = (
     (Slot.PROXY_FAILURES, "proxy_failures", "Proxy requests that timed out or failed"),
 )
 
+# Gauges kept per shard (a ``shard`` label), in the order they are exposed.
+_SHARD_GAUGES: tuple[tuple[Slot, str, str], ...] = (
+    (Slot.CONNECTIONS, "connections", "Open WebSocket connections"),
+    (Slot.ROOMS, "rooms", "Rooms with members"),
+    (Slot.REDIS_UP, "redis_up", "1 while the shard's Redis connection works"),
+    (
+        Slot.REDIS_SUBSCRIBED_ROOMS,
+        "redis_subscribed_rooms",
+        "Rooms whose Redis channel the shard subscribes to",
+    ),
+    (Slot.WEBHOOK_QUEUED, "webhook_queued", "Webhook events waiting for delivery"),
+    (
+        Slot.WEBHOOK_HELD_PEAK,
+        "webhook_held_peak",
+        "Most webhook events a shard held at once (queued and in flight)",
+    ),
+    (
+        Slot.WEBHOOK_HELD_BYTES_PEAK,
+        "webhook_held_bytes_peak",
+        "Most bytes of webhook events a shard held at once",
+    ),
+)
 
 Processes = Callable[[], Sequence[tuple[str, int]]]
 
@@ -86,48 +108,11 @@ class ShardchatCollector(Collector):
         view = self.view
         blocks = view.blocks
         shards = [str(i) for i in range(len(blocks))]
-        gauge = GaugeMetricFamily(
-            "shardchat_connections", "Open WebSocket connections", labels=["shard"]
-        )
-        rooms = GaugeMetricFamily("shardchat_rooms", "Rooms with members", labels=["shard"])
-        for shard, block in zip(shards, blocks, strict=True):
-            gauge.add_metric([shard], block[Slot.CONNECTIONS])
-            rooms.add_metric([shard], block[Slot.ROOMS])
-        yield gauge
-        yield rooms
-        redis_up = GaugeMetricFamily(
-            "shardchat_redis_up", "1 while the shard's Redis connection works", labels=["shard"]
-        )
-        subscribed = GaugeMetricFamily(
-            "shardchat_redis_subscribed_rooms",
-            "Rooms whose Redis channel the shard subscribes to",
-            labels=["shard"],
-        )
-        for shard, block in zip(shards, blocks, strict=True):
-            redis_up.add_metric([shard], block[Slot.REDIS_UP])
-            subscribed.add_metric([shard], block[Slot.REDIS_SUBSCRIBED_ROOMS])
-        yield redis_up
-        yield subscribed
-        queued = GaugeMetricFamily(
-            "shardchat_webhook_queued", "Webhook events waiting for delivery", labels=["shard"]
-        )
-        held = GaugeMetricFamily(
-            "shardchat_webhook_held_peak",
-            "Most webhook events a shard held at once (queued and in flight)",
-            labels=["shard"],
-        )
-        held_bytes = GaugeMetricFamily(
-            "shardchat_webhook_held_bytes_peak",
-            "Most bytes of webhook events a shard held at once",
-            labels=["shard"],
-        )
-        for shard, block in zip(shards, blocks, strict=True):
-            queued.add_metric([shard], block[Slot.WEBHOOK_QUEUED])
-            held.add_metric([shard], block[Slot.WEBHOOK_HELD_PEAK])
-            held_bytes.add_metric([shard], block[Slot.WEBHOOK_HELD_BYTES_PEAK])
-        yield queued
-        yield held
-        yield held_bytes
+        for slot, name, doc in _SHARD_GAUGES:
+            gauge = GaugeMetricFamily(f"shardchat_{name}", doc, labels=["shard"])
+            for shard, block in zip(shards, blocks, strict=True):
+                gauge.add_metric([shard], block[slot])
+            yield gauge
         for slot, name, doc in _COUNTERS:
             yield CounterMetricFamily(f"shardchat_{name}", doc, value=view.total(slot))
         closed = CounterMetricFamily(
@@ -196,19 +181,26 @@ class ShardchatCollector(Collector):
         yield fds
 
     def _latency(self) -> Metric:
+        return self._histogram(
+            "shardchat_delivery_latency_seconds",
+            "Publish-to-delivery time of room messages, across shards",
+            stats.LATENCY_BASE,
+            Slot.LATENCY_SUM_US,
+        )
+
+    def _histogram(self, name: str, doc: str, base: int, sum_slot: int) -> Metric:
+        """A latency histogram: ``LATENCY_BUCKETS_MS`` counts from slot ``base``
+        (and one over the last bound), their sum in microseconds at ``sum_slot``."""
         view = self.view
         buckets: list[tuple[str, float]] = []
         cumulative = 0
         for i, bound in enumerate(stats.LATENCY_BUCKETS_MS):
-            cumulative += view.total(stats.LATENCY_BASE + i)
+            cumulative += view.total(base + i)
             buckets.append((repr(bound / 1000), cumulative))
-        cumulative += view.total(stats.LATENCY_BASE + len(stats.LATENCY_BUCKETS_MS))
+        cumulative += view.total(base + len(stats.LATENCY_BUCKETS_MS))
         buckets.append(("+Inf", cumulative))
         return HistogramMetricFamily(
-            "shardchat_delivery_latency_seconds",
-            "Publish-to-delivery time of room messages, across shards",
-            buckets=buckets,
-            sum_value=view.total(Slot.LATENCY_SUM_US) / 1e6,
+            name, doc, buckets=buckets, sum_value=view.total(sum_slot) / 1e6
         )
 
     def _api(self) -> Iterator[Metric]:
@@ -229,18 +221,11 @@ class ShardchatCollector(Collector):
         for i, code in enumerate(stats.API_ERROR_CODES):
             refused.add_metric([code], view.total(stats.API_ERRORS_BASE + i))
         yield refused
-        buckets: list[tuple[str, float]] = []
-        cumulative = 0
-        for i, bound in enumerate(stats.LATENCY_BUCKETS_MS):
-            cumulative += view.total(stats.API_LATENCY_BASE + i)
-            buckets.append((repr(bound / 1000), cumulative))
-        cumulative += view.total(stats.API_LATENCY_BASE + len(stats.LATENCY_BUCKETS_MS))
-        buckets.append(("+Inf", cumulative))
-        yield HistogramMetricFamily(
+        yield self._histogram(
             "shardchat_api_latency_seconds",
             "Server API calls, from the request's body to the answer",
-            buckets=buckets,
-            sum_value=view.total(stats.API_LATENCY_SUM_US) / 1e6,
+            stats.API_LATENCY_BASE,
+            stats.API_LATENCY_SUM_US,
         )
 
 
