@@ -221,6 +221,12 @@ class Box:
     def send(self, client: Client, **obj: object) -> None:
         self.send_raw(client, orjson.dumps(obj))
 
+    def publish(self, client: Client, room: str, count: int, prefix: str = "") -> None:
+        """``count`` messages from ``client`` to ``room``, ``prefix`` then 0, 1, ...
+        as their content (the turn not ended)."""
+        for i in range(count):
+            self.send(client, type="message", room=room, content=f"{prefix}{i}")
+
     def send_raw(self, client: Client, data: bytes) -> None:
         engine = self.engines[client.shard]
         engine.advance(self.now, self.wall)
@@ -322,6 +328,17 @@ def covered(client: Client, room: str) -> list[int]:
         elif f["type"] == "gap":
             seqs += range(f["first"], f["last"] + 1)
     return seqs
+
+
+def published_room(box: Box, count: int, user: str = "c") -> tuple[str, Client]:
+    """A room owned by shard 0 and ``user``, its member on shard 1, who published
+    ``count`` messages to it (content 0, 1, ...); the turn ended."""
+    room = room_owned_by(0, box.workers)
+    client = box.connect(1, user)
+    box.join(client, room)
+    box.publish(client, room, count)
+    box.turn()
+    return room, client
 
 
 def owner_and_peer(box: Box, on_owner: str | None = "watcher") -> tuple[str, Client, Client]:

@@ -17,7 +17,15 @@ from shardchat.core.errors import ErrorCode
 from shardchat.core.gapfill import GAP_GIVE_UP, GAP_TIMEOUT
 from shardchat.core.outputs import Close
 from shardchat.hooks import Reject
-from tests.core.box import Box, Client, config, covered, owner_and_peer, room_owned_by
+from tests.core.box import (
+    Box,
+    Client,
+    config,
+    covered,
+    owner_and_peer,
+    published_room,
+    room_owned_by,
+)
 
 FAST = {"limits__rate": 100_000.0, "limits__burst": 100_000}
 
@@ -70,8 +78,7 @@ class TestSequencing:
     def test_seq_continues_after_the_owner_restarts(self) -> None:
         box = Box(2)
         room, _, bob = owner_and_peer(box, None)
-        for i in range(3):
-            box.send(bob, type="message", room=room, content=f"{i}")
+        box.publish(bob, room, 3)
         box.turn()
         box.restart(0)
         box.turn()
@@ -232,8 +239,7 @@ class TestForwarding:
         room = room_owned_by(0, 2)
         pub = box.connect(0, "pub")
         box.join(pub, room)
-        for i in range(10):
-            box.send(pub, type="message", room=room, content=str(i))
+        box.publish(pub, room, 10)
         box.commit(0)  # the end of the turn's commit: the acks leave now
         acked = [a["seq"] for a in pub.take("ack")]
         box.send(pub, type="message", room=room, content="not acked")
@@ -334,8 +340,7 @@ class TestGapFill:
     def test_a_join_with_since_fetches_a_dropped_room_from_the_owner(self) -> None:
         box = Box(2, config(delivery__room_idle=60.0))
         room, alice, bob = owner_and_peer(box, "alice")
-        for i in range(5):
-            box.send(alice, type="message", room=room, content=str(i))
+        box.publish(alice, room, 5)
         box.turn()
         box.send(bob, type="leave", room=room)
         box.advance(61.0)
@@ -444,8 +449,7 @@ class TestReliable:
     def test_an_ack_stops_the_resends(self) -> None:
         box = Box(2, config(delivery__ack_timeout=1.0))
         pub, reader, room = self.setup_room(box)
-        for i in range(3):
-            box.send(pub, type="message", room=room, content=str(i))
+        box.publish(pub, room, 3)
         box.turn()
         box.send(reader, type="ack", room=room, seq=2)
         box.advance(1.0)
@@ -649,8 +653,7 @@ class TestFanout:
         members = [box.connect(0, f"m{i}") for i in range(3)]
         for member in members:
             box.join(member, room)
-        for i in range(4):
-            box.send(members[0], type="message", room=room, content=str(i))
+        box.publish(members[0], room, 4)
         engine = box.engines[0]
         box.brokers[0].commit()
         engine.deliver()  # the acks the commit released
@@ -677,12 +680,7 @@ class TestFanout:
 
     def test_history_pages_the_latest_and_before(self) -> None:
         box = Box(2)
-        room = room_owned_by(0, 2)
-        c = box.connect(1, "c")
-        box.join(c, room)
-        for i in range(10):
-            box.send(c, type="message", room=room, content=str(i))
-        box.turn()
+        room, c = published_room(box, 10)
         c.frames = []
         box.send(c, type="history", room=room, limit=3)
         assert [m["seq"] for m in messages(c)] == [8, 9, 10]
@@ -693,12 +691,7 @@ class TestFanout:
 
     def test_history_replays_held_messages(self) -> None:
         box = Box(2)
-        room = room_owned_by(0, 2)
-        c = box.connect(1, "c")
-        box.join(c, room)
-        for i in range(5):
-            box.send(c, type="message", room=room, content=str(i))
-        box.turn()
+        room, c = published_room(box, 5)
         c.frames = []
         box.send(c, type="history", room=room, since=1, limit=2)
         assert [m["seq"] for m in messages(c)] == [2, 3]

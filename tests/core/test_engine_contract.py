@@ -10,7 +10,7 @@ from shardchat.core import wire
 from shardchat.core.engine import JoinStage, run_commands
 from shardchat.core.outputs import ApiResult, Close
 from shardchat.core.roomlog import HeldMessage
-from tests.core.box import Box, room_owned_by
+from tests.core.box import Box, published_room, room_owned_by
 
 
 def test_a_publish_leaves_as_a_command_and_its_delivery_waits_in_the_inbox() -> None:
@@ -103,12 +103,7 @@ def test_the_server_joins_leaves_and_closes_a_users_connections() -> None:
 
 def test_read_history_answers_from_the_log() -> None:
     box = Box(2)
-    room = room_owned_by(0, 2)
-    ada = box.connect(1, "ada")
-    box.join(ada, room)
-    for i in range(5):
-        box.send(ada, type="message", room=room, content=str(i))
-    box.turn()
+    room, ada = published_room(box, 5, "ada")
     got: list[tuple[list[HeldMessage], str, int]] = []
     engine = box.engines[1]
     engine.advance(box.now, box.wall)

@@ -194,8 +194,7 @@ def test_messages_older_than_the_ttl_are_not_replayed_from_the_logs() -> None:
     bob = box.connect(1, "bob")
     room = "ttl"
     box.join(alice, room)
-    for i in range(3):
-        box.send(alice, type="message", room=room, content=f"old{i}")
+    box.publish(alice, room, 3, "old")
     box.turn()
     box.advance(61.0)
     for i in range(2):
