@@ -26,6 +26,7 @@ from tests.support.helpers import (
     Server,
     cleanup_server,
     connect_client,
+    off_the_killed_shard,
     running_server,
     start_server,
 )
@@ -171,11 +172,7 @@ async def test_kill_9_and_full_restart_reconnect_by_themselves(browser: Any) -> 
         os.kill(srv.shard_pids()[shard], signal.SIGKILL)
         await page.wait_for_selector('#status[data-state="reconnecting"]', timeout=ms(10))
         await shot(page, "kill9-reconnecting")
-        if talker.shard == shard:
-            await talker.close()
-            srv.wait_started(3)
-            talker = await connect_client(srv.url, user="talker", rooms=["resilient"])
-            await talker.recv_type("joined")
+        talker = await off_the_killed_shard(srv, talker, shard, "resilient", starts=3)
         for i in range(3):
             await talker.send(type="message", room="resilient", content=f"during {i}", id=f"d{i}")
             expected.append(f"during {i}")

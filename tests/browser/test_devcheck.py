@@ -10,7 +10,7 @@ from pathlib import Path
 
 from shardchat.testing.wait import await_until
 from tests.support.browser import ARTIFACTS, launched, ms
-from tests.support.helpers import FAST, connect_client, running_server
+from tests.support.helpers import FAST, connect_client, off_the_killed_shard, running_server
 
 PAGE = Path(__file__).with_name("devcheck.html")
 
@@ -60,11 +60,7 @@ async def test_a_page_that_only_imports_the_client_survives_a_shard_kill() -> No
             # is jittered from 0), too soon to catch "disconnected" on screen: the page
             # counts its disconnections instead.
             await page.wait_for_selector("body[data-disconnects]", timeout=ms(10))
-            if talker.shard == shard:
-                await talker.close()
-                srv.wait_started(3)
-                talker = await connect_client(srv.url, user="talker", rooms=["devroom"])
-                await talker.recv_type("joined")
+            talker = await off_the_killed_shard(srv, talker, shard, "devroom", starts=3)
             for i in range(3):
                 await talker.send(type="message", room="devroom", content=f"during {i}")
                 expected.append(f"during {i}")

@@ -326,6 +326,20 @@ async def connect_client(
     return Client(ws, welcome)
 
 
+async def off_the_killed_shard(
+    srv: Server, client: Client, killed: int, room: str, starts: int
+) -> Client:
+    """``client``, or, when it was on the shard just killed, its user again in
+    ``room`` once the restart is logged (``starts`` shard starts in all)."""
+    if client.shard != killed:
+        return client
+    await client.close()
+    srv.wait_started(starts)
+    again = await connect_client(srv.url, user=client.user, rooms=[room])
+    await again.recv_type("joined")
+    return again
+
+
 async def clients_on_shards(
     url: str,
     shards: Sequence[int],
