@@ -2,18 +2,13 @@
 // epoch: the client resumes where it was and says it recovered everything.
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { control, load, opts, server, take, waitUntil } from "./support.mjs";
+import { control, load, readerAndWriter, server, take, waitUntil } from "./support.mjs";
 
 const { ChatClient } = await load("durable");
 
 test("a full restart of a server with a store: resumed, nothing lost, nothing twice", async () => {
   const url = server("durable").url;
-  const reader = await ChatClient.connect(url, opts({ user: "dreader", rooms: ["kept"] }));
-  const writer = await ChatClient.connect(url, opts({ user: "dwriter", rooms: ["kept"] }));
-  const reconnected = [];
-  const joined = [];
-  reader.on("reconnected", (e) => reconnected.push(e));
-  reader.on("joined", (e) => joined.push(e));
+  const { reader, writer, reconnected, joined } = await readerAndWriter(ChatClient, url, "kept", "d");
   try {
     const got = reader.messages();
     for (let i = 0; i < 20; i++) await writer.send("kept", `before${i}`);

@@ -3,7 +3,7 @@
 // and what could not be recovered is said.
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { clientsOnShards, control, load, opts, server, status, take, TrackedWebSocket, waitUntil } from "./support.mjs";
+import { clientsOnShards, control, load, opts, readerAndWriter, server, status, take, TrackedWebSocket, waitUntil } from "./support.mjs";
 
 const lib = await load();
 const { ChatClient } = lib;
@@ -54,12 +54,7 @@ test("kill -9 of the reader's shard, then of the writer's: every message once, i
 
 test("a full restart: the client comes back by itself and says the history was lost", async () => {
   const url = server().url;
-  const reader = await ChatClient.connect(url, opts({ user: "rsreader", rooms: ["restarted"] }));
-  const writer = await ChatClient.connect(url, opts({ user: "rswriter", rooms: ["restarted"] }));
-  const reconnected = [];
-  const joined = [];
-  reader.on("reconnected", (e) => reconnected.push(e));
-  reader.on("joined", (e) => joined.push(e));
+  const { reader, writer, reconnected, joined } = await readerAndWriter(ChatClient, url, "restarted", "rs");
   try {
     const got = reader.messages();
     await stream(writer, "restarted", "before", 20);

@@ -97,6 +97,18 @@ export async function clientsOnShards(ChatClient, shards, make) {
   return shards.map((s) => found.get(s));
 }
 
+/** A reader and a writer in `room` (users `${prefix}reader`, `${prefix}writer`), and the
+ * reader's "reconnected" and "joined" events as they come: a restart's witnesses. */
+export async function readerAndWriter(ChatClient, url, room, prefix) {
+  const reader = await ChatClient.connect(url, opts({ user: `${prefix}reader`, rooms: [room] }));
+  const writer = await ChatClient.connect(url, opts({ user: `${prefix}writer`, rooms: [room] }));
+  const reconnected = [];
+  const joined = [];
+  reader.on("reconnected", (e) => reconnected.push(e));
+  reader.on("joined", (e) => joined.push(e));
+  return { reader, writer, reconnected, joined };
+}
+
 /** The next `count` messages from a client's iterator (kept open for more). */
 export async function take(iterator, count, seconds = 30) {
   const got = [];
