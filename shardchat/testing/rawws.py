@@ -31,6 +31,7 @@ __all__ = [
     "open_upgraded",
     "parse_frames",
     "read_frame",
+    "response_head",
     "take_head",
     "upgrade_request",
     "upgrade_status",
@@ -57,6 +58,16 @@ def upgrade_request(path: str, host: str | None = "127.0.0.1", headers: str = ""
 def upgrade_status(head: bytes) -> int:
     """The status code of a response head (``HTTP/1.1 101 Switching Protocols...``)."""
     return int(head.split(b" ", 2)[1])
+
+
+def response_head(head: bytes) -> tuple[int, dict[str, str]]:
+    """A response head's status and its headers (names lower-cased, values stripped)."""
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(lines[0].split(" ", 2)[1]), headers
 
 
 async def open_upgraded(

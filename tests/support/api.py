@@ -12,6 +12,7 @@ from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
+from shardchat.testing.rawws import response_head
 from tests.support.helpers import scaled
 
 KEY = "test-api-key-0123456789"
@@ -78,16 +79,12 @@ class Http:
         while b"\r\n\r\n" not in self.buf:
             self._fill()
         head, _, self.buf = self.buf.partition(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        headers = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
+        status, headers = response_head(head)
         length = int(headers.get("content-length", "0"))
         while len(self.buf) < length:
             self._fill()
         body, self.buf = self.buf[:length], self.buf[length:]
-        return int(lines[0].split(" ", 2)[1]), headers, body
+        return status, headers, body
 
     def closed(self) -> bool:
         """The server closed the connection (after what was read)."""

@@ -34,6 +34,7 @@ from shardchat.testing.rawws import (
     close_code,
     encode_frame,
     frame_at,
+    response_head,
     upgrade_request,
     upgrade_status,
 )
@@ -532,12 +533,8 @@ def raw_http(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
             if data.startswith(b"HTTP/1.1 101 ") and b"\r\n\r\n" in data:
                 break
     head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    return int(lines[0].split(" ", 2)[1]), headers, body
+    status, headers = response_head(head)
+    return status, headers, body
 
 
 Metrics = dict[str, dict[tuple[tuple[str, str], ...], float]]

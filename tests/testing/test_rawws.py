@@ -18,6 +18,7 @@ from shardchat.testing.rawws import (
     close_frame,
     encode_frame,
     parse_frames,
+    response_head,
     take_head,
     upgrade_request,
     upgrade_status,
@@ -87,3 +88,10 @@ def test_a_response_head_is_taken_once_whole_and_the_frames_after_it_stay() -> N
     buf += head[-1:] + frame
     assert take_head(buf) == 101 and buf == frame
     assert take_head(bytearray(b"HTTP/1.1 503 Service Unavailable\r\n\r\n")) == 503
+
+
+def test_a_response_heads_status_and_headers() -> None:
+    head = b"HTTP/1.1 405 Method Not Allowed\r\nAllow: GET\r\nX-Two:  a: b \r\nbare"
+    status, headers = response_head(head)
+    assert status == 405
+    assert headers == {"allow": "GET", "x-two": "a: b", "bare": ""}
