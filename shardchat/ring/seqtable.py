@@ -1,4 +1,4 @@
-"""The owner's room table: each owned room's latest seq, in shared memory.
+"""The owner's seq table: each owned room's latest seq, in shared memory.
 
 A shard that owns rooms writes their seq here after every message it
 sequences, so a restarted owner continues every room's sequence where it
