@@ -13,14 +13,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import Protocol
-from urllib.parse import parse_qsl
+from typing import TYPE_CHECKING, Protocol
 
 from shardchat import stats
 from shardchat.backend.proxy import ConnectProxy, PublishProxy
 from shardchat.backend.webhooks import WebhookSender
 from shardchat.brokers.shm import Bell
-from shardchat.core.admission import Refusal, Upgrade, token_of
+from shardchat.core.admission import Upgrade
 from shardchat.core.broker import Broker, BrokerListener
 from shardchat.core.config import Config
 from shardchat.core.engine import RoomEngine, after_input, end_turn
@@ -35,14 +34,17 @@ from shardchat.shard.handshake import Later
 from shardchat.shard.journal import Journal
 from shardchat.shard.pages import Pages
 from shardchat.shard.sweep import Sweep
+from shardchat.shard.upgrades import ask_connect_proxy, proxied
 from shardchat.shard.writer import Output, write, write_turn
+
+if TYPE_CHECKING:
+    from shardchat.auth import Identity
 
 __all__ = ["LoopBroker", "Shard"]
 
 log = logging.getLogger(__name__)
 
 _S_CONNECTIONS = int(stats.Slot.CONNECTIONS)
-_S_REFUSED = int(stats.Slot.HTTP_REFUSED)
 
 _monotonic = time.monotonic
 _time = time.time
@@ -213,59 +215,23 @@ class Shard:
     def refuse_upgrade(
         self, conn: Connection, path: str, query: str, headers: dict[str, str]
     ) -> tuple[int, str] | Later | None:
+        upgrade = Upgrade(conn.conn_id, conn.peer, path, query, headers)
+        proxy = proxied(self, upgrade)
+        if proxy is not None:
+            return ask_connect_proxy(self, proxy, conn, upgrade)
+        return self.admit(conn, upgrade)
+
+    def admit(
+        self, conn: Connection, upgrade: Upgrade, identity: Identity | None = None
+    ) -> tuple[int, str] | None:
+        """An engine input: the upgrade's checks (with the connect proxy's
+        ``identity``); the refusal's status and text, or None to upgrade."""
         engine = self.engine
-        proxy = self.connect_proxy
-        # A server that is full or draining refuses at once, without asking.
-        if (
-            proxy is not None
-            and not engine.draining
-            and self.counters.total(_S_CONNECTIONS) < self.config.server.max_connections
-        ):
-            upgrade = Upgrade(conn.conn_id, conn.peer, path, query, headers)
-            # A token, when auth is on and the client sent one, wins: no call.
-            if engine.verify is None or not token_of(parse_qsl(query), headers):
-                later = Later()
-                self.loop.create_task(self._proxied_upgrade(proxy, conn, upgrade, later))
-                return later
         engine.advance(_monotonic(), _time())
         # Upgraded connections on every shard (handshakes under way do not count).
-        connections = self.counters.total(_S_CONNECTIONS)
-        upgrade = Upgrade(conn.conn_id, conn.peer, path, query, headers)
-        refusal = engine.admit(conn, upgrade, connections)
+        refusal = engine.admit(conn, upgrade, self.counters.total(_S_CONNECTIONS), identity)
         self._emit()  # what the broker said before it, applied first
         return None if refusal is None else (refusal.status, refusal.text)
-
-    async def _proxied_upgrade(
-        self, proxy: ConnectProxy, conn: Connection, upgrade: Upgrade, later: Later
-    ) -> None:
-        """The connect proxy's answer, then the engine's checks: the upgrade's answer."""
-        try:
-            await self._answer_upgrade(proxy, conn, upgrade, later)
-        except Exception as exc:  # a bug: one line and a 500, never a task's traceback
-            log_event(
-                log, logging.ERROR, "connect_proxy_error", conn=conn.conn_id, error=repr(exc)[:200]
-            )
-            if later.then is not None and conn.transport is not None:
-                conn.abort()
-
-    async def _answer_upgrade(
-        self, proxy: ConnectProxy, conn: Connection, upgrade: Upgrade, later: Later
-    ) -> None:
-        answer = await proxy.ask(upgrade)
-        if later.then is None or conn.transport is None or conn.close_deadline:
-            return  # gone meanwhile (the handshake deadline, or the client left)
-        engine = self.engine
-        engine.advance(_monotonic(), _time())
-        if type(answer) is Refusal:
-            mine = self.counters.mine
-            if mine is not None:
-                mine[_S_REFUSED] += 1
-            later.then((answer.status, answer.text))
-            return
-        assert not isinstance(answer, Refusal)
-        refusal = engine.admit(conn, upgrade, self.counters.total(_S_CONNECTIONS), answer)
-        self._emit()
-        later.then(None if refusal is None else (refusal.status, refusal.text))
 
     def publish_answered(
         self, items: list[ProxiedPublish[Connection]], verdicts: list[Verdict] | None, reason: str
