@@ -21,7 +21,6 @@ from shardchat.client.chatclient import (
     ChatError,
     ClientEvent,
     Closed,
-    Message,
     Refused,
     Unavailable,
 )
@@ -37,6 +36,7 @@ from tests.support.helpers import (
     scaled,
     scrape,
     start_server,
+    take_messages,
 )
 
 
@@ -217,17 +217,8 @@ async def test_a_protocol_breaking_close_is_permanent() -> None:
         client = ChatClient(f"ws://127.0.0.1:{port}/ws", user="ada")
         await asyncio.wait_for(client.start(), scaled(5))
         with pytest.raises(Closed):
-            await asyncio.wait_for(take(client, 1), scaled(5))
+            await take_messages(client, 1, timeout=5)
         await client.close()
-
-
-async def take(client: ChatClient, count: int) -> list[Message]:
-    got: list[Message] = []
-    async for message in client.messages():
-        got.append(message)
-        if len(got) == count:
-            break
-    return got
 
 
 async def test_full_restart_reconnects_and_reports_what_was_lost() -> None:
@@ -241,9 +232,7 @@ async def test_full_restart_reconnects_and_reports_what_was_lost() -> None:
             srv.url, user="ada", rooms=["r"], backoff=(0.05, 0.3), on_event=events.append
         ) as client:
             await client.send("r", "before")
-            assert [m.content for m in await asyncio.wait_for(take(client, 1), scaled(5))] == [
-                "before"
-            ]
+            assert [m.content for m in await take_messages(client, 1, timeout=5)] == ["before"]
             srv.stop()
             cleanup_server(srv)
             srv = start_server(workers=2, port=port)
@@ -254,7 +243,7 @@ async def test_full_restart_reconnects_and_reports_what_was_lost() -> None:
             assert "disconnected" in kinds and "reconnected" in kinds
             assert any("1001" in e.detail for e in events if e.kind == "disconnected")
             assert await asyncio.wait_for(client.send("r", "after"), scaled(5)) == 1
-            got = await asyncio.wait_for(take(client, 1), scaled(5))
+            got = await take_messages(client, 1, timeout=5)
             assert [(m.seq, m.content) for m in got] == [(1, "after")]
     finally:
         cleanup_server(srv)
@@ -274,7 +263,7 @@ async def test_killing_the_shard_mid_stream_loses_nothing_both_ways() -> None:
             (watcher,) = await clients_on_shards(srv.url, [others[1]], prefix="w")
             async with closing([watcher]):
                 await watcher.join(room)
-                receiving = asyncio.create_task(asyncio.wait_for(take(client, 300), scaled(60)))
+                receiving = asyncio.create_task(take_messages(client, 300, timeout=60))
 
                 async def publish() -> None:
                     for i in range(300):
@@ -336,10 +325,10 @@ async def test_a_gap_is_fetched_with_history_and_delivered_once_in_order() -> No
     async with fake_server(handler) as port:
         url = f"ws://127.0.0.1:{port}/ws"
         async with ChatClient(url, user="ada", rooms=["r"]) as client:
-            got = await asyncio.wait_for(take(client, 7), scaled(5))
+            got = await take_messages(client, 7, timeout=5)
             assert [m.seq for m in got] == [1, 2, 3, 4, 6, 7, 8]
             assert [m.content for m in got][2:4] == ["m3", "m4"]
-            (more,) = await asyncio.wait_for(take(client, 1), scaled(5))
+            (more,) = await take_messages(client, 1, timeout=5)
             assert more.seq == 9
     assert [(a["room"], a["since"], a["limit"]) for a in asked] == [("r", 2, 4)]
     assert (client.gaps, client.lost) == (1, 1)

@@ -25,28 +25,8 @@ from tests.support.helpers import (
     room_owned_by,
     running_server,
     scaled,
+    take_messages,
 )
-
-
-async def take(
-    client: ChatClient,
-    count: int,
-    timeout: float = 60,
-    progress: tuple[int, asyncio.Event] | None = None,
-) -> list[Message]:
-    """``count`` messages from ``client``; ``progress`` (n, event): set once n arrived."""
-    got: list[Message] = []
-
-    async def run() -> None:
-        async for message in client.messages():
-            got.append(message)
-            if progress is not None and len(got) == progress[0]:
-                progress[1].set()
-            if len(got) == count:
-                return
-
-    await asyncio.wait_for(run(), scaled(timeout))
-    return got
 
 
 def resends(srv: Server) -> float:
@@ -189,7 +169,7 @@ async def test_client_library_survives_a_killed_shard() -> None:
                 await publisher.join(room)
                 halfway = asyncio.Event()
                 receiving = asyncio.create_task(
-                    take(client, 2000, timeout=120, progress=(200, halfway))
+                    take_messages(client, 2000, timeout=120, progress=(200, halfway))
                 )
 
                 async def publish() -> None:

@@ -29,6 +29,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from shardchat.brokers import segments as shm
 from shardchat.brokers.sequencer import owner_of
+from shardchat.client import ChatClient, Message
 from shardchat.testing.rawws import (
     OP_CLOSE,
     close_code,
@@ -325,6 +326,28 @@ async def connect_client(
     welcome = json.loads(await asyncio.wait_for(ws.recv(), scaled(5)))
     assert welcome["type"] == "welcome", welcome
     return Client(ws, welcome)
+
+
+async def take_messages(
+    client: ChatClient,
+    count: int,
+    timeout: float = 60,
+    progress: tuple[int, asyncio.Event] | None = None,
+) -> list[Message]:
+    """``count`` messages from a :class:`ChatClient` within ``timeout`` (scaled);
+    ``progress`` (n, event): the event is set once n arrived."""
+    got: list[Message] = []
+
+    async def run() -> None:
+        async for message in client.messages():
+            got.append(message)
+            if progress is not None and len(got) == progress[0]:
+                progress[1].set()
+            if len(got) == count:
+                return
+
+    await asyncio.wait_for(run(), scaled(timeout))
+    return got
 
 
 async def off_the_killed_shard(
