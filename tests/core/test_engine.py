@@ -446,6 +446,19 @@ class TestReliable:
         assert reader.closed == Close(4409, "ack timeout")
         assert box.stats[1][stats.Slot.RESENDS] == 3
 
+    def test_a_resend_the_log_no_longer_holds_closes_4409_at_once(self) -> None:
+        """Messages past the log's capacity since the ack: a resend would skip the
+        oldest, so the reader is closed with 4409 (it resumes with `since`)."""
+        box = Box(2, config(delivery__ack_timeout=1.0, delivery__history=3))
+        pub, reader, room = self.setup_room(box)
+        for i in range(5):
+            box.send(pub, type="message", room=room, content=f"m{i}")
+        box.turn()
+        assert reader.seqs(room) == [1, 2, 3, 4, 5]
+        box.advance(1.0)
+        assert reader.seqs(room) == [1, 2, 3, 4, 5]  # nothing resent
+        assert reader.closed == Close(4409, "ack timeout")
+
     def test_an_ack_stops_the_resends(self) -> None:
         box = Box(2, config(delivery__ack_timeout=1.0))
         pub, reader, room = self.setup_room(box)
