@@ -1,4 +1,4 @@
-"""A process's /proc/PID/stat (Linux): the fields the metrics and the perf tools read.
+"""A process's /proc/PID/stat and status (Linux): what the metrics and the perf tools read.
 
 One parser, because the command name (field 2) is in parentheses and may hold
 spaces and parentheses itself: the fields are counted after its last ``)``.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["cpu_and_rss", "cpu_seconds", "stat_fields"]
+__all__ = ["cpu_and_rss", "cpu_seconds", "rss_anon", "stat_fields"]
 
 _TICKS = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -34,3 +34,18 @@ def cpu_and_rss(pid: int) -> tuple[float, int]:
 def cpu_seconds(pid: int) -> float:
     """User plus system CPU seconds used so far."""
     return cpu_and_rss(pid)[0]
+
+
+def rss_anon(pid: int) -> int:
+    """Resident anonymous bytes (``RssAnon`` of /proc/PID/status): the heap's share
+    of the resident size, without the mapped files and shared memory.
+
+    Raises:
+        OSError: the process is gone.
+        LookupError: the kernel did not report it.
+    """
+    with open(f"/proc/{pid}/status", "rb") as f:
+        for line in f:
+            if line.startswith(b"RssAnon:"):
+                return int(line.split()[1]) * 1024
+    raise LookupError(f"no RssAnon for {pid}")

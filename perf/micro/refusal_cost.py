@@ -23,19 +23,15 @@ import os
 import signal
 import statistics
 import urllib.request
-import zlib
 
 from perf.lib import procs
 from shardchat.procstat import cpu_and_rss
 from shardchat.testing.rawws import encode_frame, frame_at, upgrade_request
+from shardchat.testing.rooms import room_owned_by
 
 __all__ = ["main"]
 
 CHUNK = 500  # publishes per write
-
-
-def owned_room(shard: int, workers: int) -> str:
-    return next(f"rc{i}" for i in range(1000) if zlib.crc32(f"rc{i}".encode()) % workers == shard)
 
 
 async def connect_on(
@@ -59,7 +55,7 @@ async def connect_on(
 async def one_run(count: int) -> float:
     """Shard 1's CPU microseconds per refusal, in one fresh server."""
     settings = ["limits.rate=1000000", "limits.burst=1000000", "overload.forwards=1"]
-    room = owned_room(0, 2)
+    room = room_owned_by(0, 2, "rc")
     with procs.shardchat(2, settings) as server:
         url = f"http://127.0.0.1:{server.admin_port}/status"
         with urllib.request.urlopen(url, timeout=5) as response:

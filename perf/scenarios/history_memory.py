@@ -20,21 +20,14 @@ import argparse
 import asyncio
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 
 from perf.lib import procs
+from shardchat.procstat import rss_anon
 
 CONTENT = "x" * 100
-
-
-def rss_anon(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no RssAnon for {pid}")
 
 
 async def _on_every_shard(url: str, workers: int) -> list[ClientConnection]:

@@ -35,7 +35,6 @@ import asyncio
 import json
 import os
 import time
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,7 @@ import orjson
 
 from perf.lib import procs
 from shardchat.testing.rawws import encode_frame, frame_at, take_head, upgrade_request
+from shardchat.testing.rooms import room_owned_by
 
 __all__ = ["main"]
 
@@ -58,13 +58,6 @@ SENDER_LATE_MS = 50.0  # the sender's p99 lateness past which it is the limit
 _ACK = b'{"type":"ack"'
 _ERROR = b'{"type":"error"'
 _MESSAGE = b'{"type":"message"'
-
-
-def owned_room(shard: int, workers: int) -> str:
-    """A room name whose owner (crc32 % workers) is ``shard``."""
-    return next(
-        f"over{i}" for i in range(1000) if zlib.crc32(f"over{i}".encode()) % workers == shard
-    )
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -290,7 +283,7 @@ class Bench:
 async def measure(
     port: int, args: argparse.Namespace, capacity: float | None
 ) -> tuple[float, list[dict[str, Any]]]:
-    room = owned_room(0, args.workers)
+    room = room_owned_by(0, args.workers, "over")
     bench = Bench(port, room)
     try:
         await bench.connect("probe", 0, "probe-owner", probe=0)

@@ -39,17 +39,11 @@ from websockets.exceptions import WebSocketException
 
 from perf.lib import procs
 from shardchat.brokers.sequencer import owner_of
+from shardchat.procstat import rss_anon
 
 # The default history (1,000 per room): each shard's memory then levels off once
 # every room's window is full, so growth over time would be a leak.
 SETTINGS = ["limits.rate=100000", "limits.burst=100000"]
-
-
-def rss_anon(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 class Soak:

@@ -19,7 +19,6 @@ import orjson
 
 from shardchat.addrtable import AddrTable, PeerTable, table_capacity
 from shardchat.auth import verifier_from_config
-from shardchat.brokers.sequencer import owner_of
 from shardchat.brokers.shm import ShmBroker
 from shardchat.configload import load_config
 from shardchat.core.admission import Refusal, Upgrade
@@ -32,6 +31,7 @@ from shardchat.ring.ring import init_ring
 from shardchat.ring.seqtable import SLOT_SIZE
 from shardchat.stats import BLOCK_SLOTS
 from shardchat.testing.rawws import OP_TEXT, parse_frames
+from shardchat.testing.rooms import room_owned_by
 
 __all__ = ["Box", "Client", "config", "covered", "frames_of", "room_owned_by"]
 
@@ -42,13 +42,6 @@ TABLE = 256  # seq table slots per shard
 def config(**settings: object) -> Config:
     """The defaults, with ``settings`` given as ``section__key=value``."""
     return load_config(overrides={k.replace("__", "."): v for k, v in settings.items()}, environ={})
-
-
-def room_owned_by(shard: int, workers: int, prefix: str = "room") -> str:
-    """A room name whose owner is ``shard``."""
-    return next(
-        f"{prefix}{i}" for i in itertools.count() if owner_of(f"{prefix}{i}", workers) == shard
-    )
 
 
 def frames_of(buf: bytes) -> list[dict[str, Any]]:

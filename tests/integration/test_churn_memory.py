@@ -9,17 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from shardchat.procstat import rss_anon
 from shardchat.testing.wait import wait_until
 from tests.support.helpers import running_server, scaled
 
 ROOT = Path(__file__).resolve().parent.parent.parent
-
-
-def rss_anon(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"no RssAnon for {pid}")
 
 
 def churn(port: int, count: int, processes: int = 3, concurrency: int = 300) -> int:

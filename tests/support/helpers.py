@@ -28,7 +28,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import ClientConnection, connect
 
 from shardchat.brokers import segments as shm
-from shardchat.brokers.sequencer import owner_of
 from shardchat.client import ChatClient, Message
 from shardchat.testing.rawws import (
     OP_CLOSE,
@@ -39,6 +38,7 @@ from shardchat.testing.rawws import (
     upgrade_request,
     upgrade_status,
 )
+from shardchat.testing.rooms import room_owned_by
 from shardchat.testing.wait import scaled, wait_until
 
 SHARDCHAT = str(Path(sys.executable).with_name("shardchat"))
@@ -62,11 +62,6 @@ class ServerExited(Exception):
 
 class NotPlaced(Exception):
     """No client landed on a wanted shard within the tries (a shard down, say)."""
-
-
-def room_owned_by(shard: int, workers: int = 3, prefix: str = "room") -> str:
-    """A room name whose owner (crc32 % workers) is ``shard``."""
-    return next(f"{prefix}{i}" for i in range(1000) if owner_of(f"{prefix}{i}", workers) == shard)
 
 
 def free_port() -> int:
