@@ -13,15 +13,13 @@ import os
 import shutil
 import signal
 import tempfile
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_asyncio
 
 from shardchat.testing.wait import await_until
-from tests.support.browser import ARTIFACTS, launched, ms
+from tests.support.browser import ms, shot
 from tests.support.helpers import (
     Server,
     cleanup_server,
@@ -33,16 +31,6 @@ from tests.support.helpers import (
 
 # One Chromium for the module (each test opens its own contexts).
 pytestmark = pytest.mark.asyncio(loop_scope="module")
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def browser() -> AsyncIterator[Any]:
-    async with launched() as chromium:
-        yield chromium
-
-
-async def shot(page: Any, name: str) -> None:
-    await page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
 
 
 async def wait_connected(page: Any, timeout: float = 15) -> int:

@@ -14,16 +14,15 @@ import asyncio
 import json
 import os
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_asyncio
 from websockets.exceptions import ConnectionClosed
 
 from shardchat.testing.wait import await_until
-from tests.support.browser import ARTIFACTS, launched, ms
+from tests.support.browser import ARTIFACTS, ms, shot
 from tests.support.helpers import FAST, Server, connect_client, running_server
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -46,12 +45,6 @@ def admin_server() -> Iterator[Server]:
         yield srv
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def browser() -> AsyncIterator[Any]:
-    async with launched() as chromium:
-        yield chromium
-
-
 def status(server: Server) -> dict[str, Any]:
     request = urllib.request.Request(
         f"http://127.0.0.1:{server.admin_port}/status", headers={"Authorization": f"Bearer {TOKEN}"}
@@ -59,10 +52,6 @@ def status(server: Server) -> dict[str, Any]:
     with urllib.request.urlopen(request, timeout=5) as answer:
         data: dict[str, Any] = json.loads(answer.read())
         return data
-
-
-async def shot(page: Any, name: str) -> None:
-    await page.screenshot(path=str(ARTIFACTS / f"dashboard-{name}.png"), full_page=True)
 
 
 async def logged_in(browser: Any, server: Server, **context: Any) -> Any:
@@ -120,7 +109,7 @@ async def test_a_wrong_token_is_refused_and_the_right_one_kept_in_the_session(
     await page.wait_for_selector("#login-error >> text=wrong admin token", timeout=ms(10))
     assert await page.evaluate("sessionStorage.length") == 0
     assert await page.locator("#shards tbody tr").count() == 0  # nothing shown without it
-    await shot(page, "refused-token")
+    await shot(page, "dashboard-refused-token")
     await page.fill("#token", TOKEN)
     await page.click("#login button")
     await page.wait_for_selector('#state[data-state="ok"]', timeout=ms(10))
@@ -172,7 +161,7 @@ async def test_the_charts_move_while_a_load_runs(admin_server: Server, browser: 
         await page.click('#rooms tbody tr[data-room="busy"]')
         await page.wait_for_selector("#presence li >> text=load0", timeout=ms(10))
         await page.wait_for_selector("#room-messages li", timeout=ms(10))
-        await shot(page, "charts-under-load")
+        await shot(page, "dashboard-charts-under-load")
         README_SHOT.parent.mkdir(parents=True, exist_ok=True)
         await page.set_viewport_size({"width": 1280, "height": 900})
         await page.evaluate("() => window.scrollTo(0, 0)")
@@ -203,7 +192,7 @@ async def test_a_room_presence_a_publish_and_a_disconnect(
         await page.wait_for_selector("#presence li >> text=grace", timeout=ms(10))
         assert await page.locator("#presence li").all_inner_texts() == ["ada", "grace"]
         assert await page.locator('#rooms tbody tr[data-room="ops"] td').nth(1).inner_text() == "2"
-        await shot(page, "room-presence")
+        await shot(page, "dashboard-room-presence")
         # A publish from the dashboard arrives at a WebSocket client.
         assert await page.input_value("#publish-room") == "ops"
         await page.fill("#publish-content", "maintenance at five")
@@ -212,7 +201,7 @@ async def test_a_room_presence_a_publish_and_a_disconnect(
         frame = await ada.recv_type("message", timeout=10)
         assert frame["content"] == "maintenance at five" and frame["room"] == "ops"
         await page.wait_for_selector("#room-messages >> text=maintenance at five", timeout=ms(10))
-        await shot(page, "published")
+        await shot(page, "dashboard-published")
         # A disconnect closes every connection of the user with 4403: the raw client's
         # and the chat page's (which obeys it: no reconnect).
         chat = await page.context.new_page()
@@ -233,7 +222,7 @@ async def test_a_room_presence_a_publish_and_a_disconnect(
             " === 'ada'",
             timeout=ms(15),
         )
-        await shot(page, "disconnected")
+        await shot(page, "dashboard-disconnected")
         await chat.wait_for_selector('#status[data-state="refused"]', timeout=ms(10))
         assert "disconnected by the server (4403)" in await chat.inner_text("#status")
         assert await chat.inner_text("#connect") == "connect"  # not trying again
@@ -258,7 +247,7 @@ async def test_a_375px_phone_reads_it_all(admin_server: Server, browser: Any) ->
         assert box is not None and box["x"] + box["width"] <= 375 and box["height"] >= 24
     # The shards table fits without scrolling sideways.
     await page.wait_for_selector("#shards tbody tr", timeout=ms(10))
-    await shot(page, "phone-375")
+    await shot(page, "dashboard-phone-375")
     widths = await page.evaluate(
         "() => { const t = document.getElementById('shards');"
         " return [t.scrollWidth, t.parentElement.clientWidth]; }"
@@ -266,5 +255,5 @@ async def test_a_375px_phone_reads_it_all(admin_server: Server, browser: Any) ->
     assert widths[0] <= widths[1], widths
     font = await page.evaluate("parseFloat(getComputedStyle(document.body).fontSize)")
     assert font >= 14
-    await shot(page, "phone-375")
+    await shot(page, "dashboard-phone-375")
     await page.context.close()

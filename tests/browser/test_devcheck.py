@@ -9,7 +9,7 @@ import signal
 from pathlib import Path
 
 from shardchat.testing.wait import await_until
-from tests.support.browser import ARTIFACTS, launched, ms
+from tests.support.browser import launched, ms, shot
 from tests.support.helpers import FAST, connect_client, off_the_killed_shard, running_server
 
 PAGE = Path(__file__).with_name("devcheck.html")
@@ -77,6 +77,6 @@ async def test_a_page_that_only_imports_the_client_survives_a_shard_kill() -> No
                 )
             ]
             assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
-            await page.screenshot(path=str(ARTIFACTS / "devcheck-after-kill.png"), full_page=True)
+            await shot(page, "devcheck-after-kill")
             await talker.close()
             assert errors == []

@@ -29,6 +29,7 @@ from tests.support.helpers import (
     check_neighbour,
     closing,
     connect_client,
+    expect_error,
     good_neighbour,
     running_server,
 )
@@ -54,11 +55,6 @@ async def status_of(url: str, **kwargs: Any) -> int:
         return int(exc.response.status_code)
     await ws.close()
     return 101
-
-
-async def expect_error(client: Any, code: str, request_id: str) -> None:
-    frame = await client.recv_type("error")
-    assert (frame["code"], frame.get("id")) == (code, request_id), frame
 
 
 async def test_rooms_claim_covers_every_request(srv: Server) -> None:

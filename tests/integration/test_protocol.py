@@ -13,7 +13,6 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 from websockets.asyncio.client import connect
@@ -30,6 +29,7 @@ from tests.support.helpers import (
     closed_with,
     closing,
     connect_client,
+    expect_error,
     good_neighbour,
     raw_on_shard,
     running_server,
@@ -69,14 +69,6 @@ async def test_frame_over_max_frame_closes_1009(srv: Server) -> None:
         await bad.recv()
     assert info.value.rcvd is not None and info.value.rcvd.code == 1009
     await check_neighbour(good, pub, task)
-
-
-async def expect_error(client: Any, code: str, request_id: str | None = None) -> dict[str, Any]:
-    frame: dict[str, Any] = await client.recv_type("error")
-    assert frame["code"] == code, frame
-    assert frame.get("id") == request_id
-    assert frame["reason"]
-    return frame
 
 
 @pytest.mark.parametrize(

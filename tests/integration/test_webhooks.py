@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import urllib.request
-from typing import Any
 
 import standardwebhooks
 
@@ -19,6 +17,7 @@ from tests.support.helpers import (
     clients_on_shards,
     closing,
     connect_client,
+    metric_sum,
     room_owned_by,
     running_server,
 )
@@ -78,18 +77,6 @@ async def test_events_arrive_signed_and_verify_with_standardwebhooks() -> None:
         connect = next(e for e in receiver.of_type("connect") if e["user"] == a.user)
         assert connect["peer"] == "127.0.0.1" and connect["shard"] == a.shard
         assert_no_traceback(srv)
-
-
-def metric(srv: Any, name: str) -> float:
-    """The sum of a metric's samples on the server's /metrics."""
-    url = f"http://127.0.0.1:{srv.admin_port}/metrics"
-    with urllib.request.urlopen(url, timeout=5) as response:
-        text = response.read().decode()
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith(name + " ") or line.startswith(name + "{")
-    )
 
 
 def occupancy(receiver: Backend, room: str) -> list[str]:
@@ -159,8 +146,8 @@ async def test_a_receiver_failing_for_3_s_gets_every_event_once() -> None:
         assert receiver.failed_posts >= 1  # it did fail, and the sender retried
         assert sorted(got()) == sorted(expected)  # each once: no event lost, none twice
         assert receiver.duplicates == 0
-        assert metric(srv, "shardchat_webhook_posts_failed_total") >= 1
-        assert metric(srv, "shardchat_webhook_events_dropped_total") == 0
+        assert metric_sum(srv, "shardchat_webhook_posts_failed_total") >= 1
+        assert metric_sum(srv, "shardchat_webhook_events_dropped_total") == 0
         failing = [e for e in srv.log_events() if e.get("event") == "webhook_failing"]
         assert 1 <= len(failing) <= 2  # once per shard's burst, not once per retry
         assert_no_traceback(srv)
@@ -190,10 +177,10 @@ async def test_a_receiver_that_never_answers_costs_at_most_the_queue() -> None:
                 acks += (await client.recv())["type"] == "ack"
             # The queue held at most its bound all along (the peak, in events and bytes:
             # the shard's memory for webhooks); every event beyond was dropped, counted.
-            assert metric(srv, "shardchat_webhook_held_peak") == 50
-            assert metric(srv, "shardchat_webhook_held_bytes_peak") <= 50 * (len(content) + 400)
+            assert metric_sum(srv, "shardchat_webhook_held_peak") == 50
+            assert metric_sum(srv, "shardchat_webhook_held_bytes_peak") <= 50 * (len(content) + 400)
             await await_until(
-                lambda: metric(srv, "shardchat_webhook_events_dropped_total") >= count + 1 - 50,
+                lambda: metric_sum(srv, "shardchat_webhook_events_dropped_total") >= count + 1 - 50,
                 10,
                 "the drops",
             )

@@ -38,3 +38,8 @@ async def launched(*extra: str) -> AsyncIterator[Any]:
             yield chromium
         finally:
             await chromium.close()
+
+
+async def shot(page: Any, name: str) -> None:
+    """A full-page screenshot of ``page``: tests/artifacts/``name``.png."""
+    await page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)

@@ -302,6 +302,15 @@ class Client:
         await self.ws.close()
 
 
+async def expect_error(client: Client, code: str, request_id: str | None = None) -> dict[str, Any]:
+    """The client's next ``error`` frame: its ``code``, the ``id`` it echoes, a reason."""
+    frame = await client.recv_type("error")
+    assert frame["code"] == code, frame
+    assert frame.get("id") == request_id, frame
+    assert frame["reason"], frame
+    return frame
+
+
 async def connect_client(
     url: str, user: str | None = None, rooms: Sequence[str] = (), source: str | None = None
 ) -> Client:
@@ -568,6 +577,11 @@ def scrape(srv: Server) -> Metrics:
         for sample in family.samples:
             out.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
     return out
+
+
+def metric_sum(srv: Server, name: str) -> float:
+    """The sum of a metric's samples on the server's /metrics, whatever their labels."""
+    return sum(scrape(srv).get(name, {}).values())
 
 
 def metric(srv: Server, name: str, **labels: str) -> float:
