@@ -220,6 +220,16 @@ class Box:
         for i in range(count):
             self.send(client, type="message", room=room, content=f"{prefix}{i}")
 
+    def lap(self, shard: int, client: Client, room: str, count: int) -> None:
+        """``count`` messages of ~600 bytes from ``client`` to ``room``, a turn each,
+        while ``shard`` does not read: its reader is lapped (300 are about three
+        rings). ``shard`` is stopped only meanwhile."""
+        self.stopped.add(shard)
+        for i in range(count):
+            self.send(client, type="message", room=room, content=f"{i}:" + "y" * 500)
+            self.turn()
+        self.stopped.discard(shard)
+
     def send_raw(self, client: Client, data: bytes) -> None:
         engine = self.engines[client.shard]
         engine.advance(self.now, self.wall)
@@ -321,6 +331,22 @@ def covered(client: Client, room: str) -> list[int]:
         elif f["type"] == "gap":
             seqs += range(f["first"], f["last"] + 1)
     return seqs
+
+
+class Fills:
+    """A broker that only records the ranges asked for (for the parts that fill)."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[int, int]] = []
+
+    def fill(self, room: str, first: int, last: int) -> None:
+        self.asked.append((first, last))
+
+    def latest_seq(self, room: str) -> int | None:
+        return None
+
+    def epoch_of(self, room: str) -> str | None:
+        return None
 
 
 def published_room(box: Box, count: int, user: str = "c") -> tuple[str, Client]:

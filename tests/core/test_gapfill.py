@@ -9,26 +9,10 @@ from shardchat.core.broker import Broker
 from shardchat.core.gapfill import GAP_GIVE_UP, GAP_JOIN_WAIT, GapFill
 from shardchat.core.roomlog import RoomLog
 from shardchat.stats import BLOCK_SLOTS
-from tests.core.box import Box, config, covered, owner_and_peer
+from tests.core.box import Box, Fills, config, covered, owner_and_peer
 
 ROOM = "lobby"
 FAST = {"limits__rate": 100_000.0, "limits__burst": 100_000}
-
-
-class Fills:
-    """A broker that only records the ranges asked for."""
-
-    def __init__(self) -> None:
-        self.asked: list[tuple[int, int]] = []
-
-    def fill(self, room: str, first: int, last: int) -> None:
-        self.asked.append((first, last))
-
-    def latest_seq(self, room: str) -> int | None:
-        return None
-
-    def epoch_of(self, room: str) -> str | None:
-        return None
 
 
 def gap_fill() -> tuple[GapFill, Fills, RoomLog, list[bytes]]:

@@ -8,7 +8,7 @@ from typing import Any, cast
 from shardchat.core.broker import Broker
 from shardchat.core.gapfill import GAP_GIVE_UP, GAP_JOIN_WAIT
 from shardchat.core.historyfetch import HistoryFetches
-from tests.core.box import Box, Client, config, covered, owner_and_peer
+from tests.core.box import Box, Client, Fills, config, covered, owner_and_peer
 
 FAST = {"limits__rate": 100_000.0, "limits__burst": 100_000}
 LAPPED = 300  # 300 x ~600 bytes: about three rings
@@ -23,11 +23,7 @@ def gap_on_shard_1(box: Box) -> tuple[str, Client, Client, dict[str, Any]]:
     room, alice, bob = owner_and_peer(box, "alice")
     carol = box.connect(1, "carol")
     box.join(carol, room)
-    box.stopped.add(1)
-    for i in range(LAPPED):
-        box.send(alice, type="message", room=room, content=f"{i}:" + "y" * 500)
-        box.turn()
-    box.stopped.discard(1)
+    box.lap(1, alice, room, LAPPED)
     box.stopped.add(0)  # the fill gets no answer
     box.turn()
     for _ in range(int(GAP_GIVE_UP) + 1):
@@ -95,11 +91,7 @@ def test_history_asked_while_the_owner_is_stopped_gets_the_whole_range() -> None
     first when it goes on (the same range): the fetch still gets all of it."""
     box = Box(2, config(delivery__gap_give_up=0.5, **FAST))
     room, alice, bob = owner_and_peer(box, "alice")
-    box.stopped.add(1)
-    for i in range(LAPPED):
-        box.send(alice, type="message", room=room, content=f"{i}:" + "y" * 500)
-        box.turn()
-    box.stopped.discard(1)
+    box.lap(1, alice, room, LAPPED)
     box.stopped.add(0)
     box.turn()
     for _ in range(3):
@@ -116,16 +108,6 @@ def test_history_asked_while_the_owner_is_stopped_gets_the_whole_range() -> None
 
 
 # HistoryFetches alone, against each broker's way of answering a fill
-
-
-class Fills:
-    """A broker that only records the ranges asked for."""
-
-    def __init__(self) -> None:
-        self.asked: list[tuple[int, int]] = []
-
-    def fill(self, room: str, first: int, last: int) -> None:
-        self.asked.append((first, last))
 
 
 def fetches() -> tuple[HistoryFetches, Fills, list[dict[int, bytes]]]:
