@@ -373,8 +373,15 @@ def storage(flags: ConfigFlags, compact: bool) -> None:
 
 
 @main.command()
+@click.option(
+    "--all",
+    "everything",
+    is_flag=True,
+    help="Also the rings of a crashed server with a room store (the messages its"
+    " store lacks: its next start would store them).",
+)
 @_config_options
-def cleanup(flags: ConfigFlags) -> None:
+def cleanup(flags: ConfigFlags, everything: bool) -> None:
     """Remove shared memory left in /dev/shm by supervisors that are gone, and the
     store files a start set aside as unreadable (storage.dir)."""
     from pathlib import Path
@@ -382,7 +389,7 @@ def cleanup(flags: ConfigFlags) -> None:
     from shardchat.brokers.segments import sweep_stale
     from shardchat.storage.boxdir import set_aside
 
-    removed = [f"/dev/shm/{name}" for name in sweep_stale()]
+    removed = [f"/dev/shm/{name}" for name in sweep_stale(keep_stored=not everything)]
     config = flags.load()
     if config.storage.kind == "sqlite":
         for path in set_aside(Path(config.storage.dir)):

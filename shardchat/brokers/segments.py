@@ -31,6 +31,7 @@ __all__ = [
     "leftover_names",
     "ring_name",
     "stats_name",
+    "stored_name",
     "sweep_stale",
     "unlink_all",
 ]
@@ -51,6 +52,12 @@ def bell_name(owner_pid: int, shard: int) -> str:
 
 def stats_name(owner_pid: int) -> str:
     return f"/{PREFIX}.{owner_pid}.stats"
+
+
+def stored_name(owner_pid: int) -> str:
+    """A mark beside a run's rings: a room store takes from them what it lacks
+    after a crash (storage/rescue.py), so only that store's next holder sweeps them."""
+    return f"/{PREFIX}.{owner_pid}.stored"
 
 
 @dataclass(slots=True)
@@ -183,13 +190,17 @@ def _is_live_shardchat(pid: int) -> bool:
     return b"shardchat" in cmdline
 
 
-def sweep_stale() -> list[str]:
-    """Unlink the names of supervisors that are gone; return what was removed."""
+def sweep_stale(keep_stored: bool = True) -> list[str]:
+    """Unlink the names of supervisors that are gone (but, with ``keep_stored``,
+    not those of a run with a room store: its next start stores from its rings
+    what the store lacks, then removes them); return what was removed."""
     removed = []
-    for entry in leftover_names():
+    entries = leftover_names()
+    stored = {_owner_pid(e) for e in entries if e.endswith(".stored")} if keep_stored else set()
+    for entry in entries:
         pid = _owner_pid(entry)
         assert pid is not None
-        if pid != os.getpid() and not _is_live_shardchat(pid):
+        if pid != os.getpid() and pid not in stored and not _is_live_shardchat(pid):
             _unlink(entry)
             removed.append(entry)
     if removed:
@@ -217,7 +228,10 @@ class Fabric:
         ring_bytes: int,
         table_slots: int,
         addr_capacity: int = 0,
+        *,
+        stored: bool = False,
     ) -> None:
+        """``stored``: a room store takes from these rings after a crash (:func:`stored_name`)."""
         self.owner_pid = owner_pid
         self.segments: list[Segment] = []
         self.bells: list[Doorbell] = []
@@ -232,6 +246,8 @@ class Fabric:
                 self.segments.append(segment)
                 init_ring(memoryview(segment.buf), ring_bytes, table_slots)
                 self.bells.append(Doorbell(bell_name(owner_pid, shard), create=True))
+            if stored:
+                Segment.create(stored_name(owner_pid), 8).close()
         except BaseException:
             self.close()
             raise
@@ -259,11 +275,14 @@ class Fabric:
         """When the shard's loop last beat (CLOCK_MONOTONIC ns, one clock per box)."""
         return ring_heartbeat_ns(memoryview(self.segments[shard].buf))
 
-    def close(self) -> None:
+    def close(self, keep: bool = False) -> None:
+        """Let go of everything; unlink the names unless ``keep`` (the next start
+        stores from our rings what a room store could not, then sweeps them)."""
         for segment in self.segments:
             segment.close()
         if self.stats is not None:
             self.stats.close()
         for bell in self.bells:
             bell.close()
-        unlink_all(self.owner_pid)
+        if not keep:
+            unlink_all(self.owner_pid)

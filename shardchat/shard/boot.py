@@ -39,8 +39,9 @@ if TYPE_CHECKING:
 __all__ = ["serve"]
 
 
-async def serve(spec: ShardSpec) -> None:
-    """The shard's whole life on its loop: boot, serve, drain, let go."""
+async def serve(spec: ShardSpec) -> bool:
+    """The shard's whole life on its loop: boot, serve, drain, let go; whether the
+    room store closed with messages it could not write (they are in our ring)."""
     config = spec.config
     loop = asyncio.get_running_loop()
     stats_segment, counters = _attach_stats(spec)
@@ -49,12 +50,12 @@ async def serve(spec: ShardSpec) -> None:
     if config.broker.kind == "redis":
         await _serve_redis(spec, loop, counters, mine)
         stats_segment.close()
-        return
+        return False
     broker = _attach_rings(spec, mine)
     shard: Shard | None = None
     try:
         if spec.store:
-            broker.durable = _open_store(spec, broker.bells[spec.shard_id].ring)
+            broker.durable = _open_store(spec)
         engine = _engine(spec, broker, counters, mine)
         now = time.monotonic()
         engine.advance(now, time.time())
@@ -65,6 +66,8 @@ async def serve(spec: ShardSpec) -> None:
             config, spec.shard_id, engine, broker, counters, loop, broker.bells[spec.shard_id]
         )
         shard.api = ApiServer(ApiControl(config, engine, broker, mine, spec.shard_id))
+        if broker.durable is not None:
+            broker.durable.store.wake = _wake_on_stored(loop, shard, broker)
         shard.start_bell()
         await run(spec, loop, shard)
     finally:
@@ -73,6 +76,7 @@ async def serve(spec: ShardSpec) -> None:
         broker.close()
         counters.release()
         stats_segment.close()
+    return broker.unstored > 0
 
 
 def _attach_stats(spec: ShardSpec) -> tuple[segments.Segment, stats.StatsView]:
@@ -97,9 +101,9 @@ def _attach_stats(spec: ShardSpec) -> tuple[segments.Segment, stats.StatsView]:
     return segment, view
 
 
-def _open_store(spec: ShardSpec, wake: Callable[[], None]) -> Durable:
-    """This shard's room store, its writer started; the writer wakes us (our own
-    doorbell) when a turn is stored."""
+def _open_store(spec: ShardSpec) -> Durable:
+    """This shard's room store, its writer started (it wakes the loop once the
+    shard is built: :func:`_wake_on_stored`)."""
     config = spec.config
     store: RoomStore[Turn] = RoomStore(
         Path(spec.store),
@@ -107,10 +111,38 @@ def _open_store(spec: ShardSpec, wake: Callable[[], None]) -> Durable:
         max_bytes=config.storage.max_bytes // config.workers,
         history=config.delivery.history,
         history_ttl=config.delivery.history_ttl,
-        wake=wake,
+        wake=lambda: None,
+        write_every=config.storage.write_every,
     )
     store.start()
-    return Durable(store)
+    return Durable(store, acks_wait=config.storage.fsync == "always", ring_bytes=config.ring.bytes)
+
+
+def _wake_on_stored(
+    loop: asyncio.AbstractEventLoop, shard: Shard, broker: ShmBroker
+) -> Callable[[], None]:
+    """The writer thread's wake-up when acks that waited for it are back: the loop
+    is called straight (one call at a time), not through our doorbell's thread
+    and a read of every ring."""
+    pending = False
+
+    def stored() -> None:
+        nonlocal pending
+        pending = False
+        if broker.listener is not None:  # else closed
+            shard.broker_input(broker.read_stored)
+
+    def wake() -> None:
+        nonlocal pending
+        if pending:
+            return
+        pending = True
+        try:
+            loop.call_soon_threadsafe(stored)
+        except RuntimeError:
+            pass  # the loop is closed: the shard is exiting
+
+    return wake
 
 
 def _attach_rings(spec: ShardSpec, mine: stats.Counters) -> ShmBroker:

@@ -22,11 +22,12 @@ from shardchat.core.errors import RingError
 from shardchat.logs import configure_logging, log_event, set_process_role
 from shardchat.shard.boot import serve
 
-__all__ = ["EXIT_BOOT_ERROR", "ShardSpec", "run_shard"]
+__all__ = ["EXIT_BOOT_ERROR", "EXIT_UNSTORED", "ShardSpec", "run_shard"]
 
 log = logging.getLogger(__name__)
 
 EXIT_BOOT_ERROR = 3  # the supervisor stops instead of restarting a shard that cannot boot
+EXIT_UNSTORED = 4  # the room store closed with messages unstored: the rings are kept
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -54,12 +55,14 @@ def run_shard(spec: ShardSpec) -> None:
     configure_logging(spec.config.log.level, spec.config.log.format)
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(serve(spec))
+            unstored = runner.run(serve(spec))
     except (OSError, RingError) as exc:
         # A port that cannot be bound, a segment that is not a ring: restarting
         # would fail the same way, so the supervisor stops instead.
         log_event(log, logging.ERROR, "shard_boot_failed", error=str(exc))
         sys.exit(EXIT_BOOT_ERROR)
+    if unstored:
+        sys.exit(EXIT_UNSTORED)
 
 
 def _drop_inherited(fds: tuple[int, ...]) -> None:

@@ -3,16 +3,16 @@
 docs/ARCHITECTURE.md, The room store. The owner shard's broker
 (:class:`~shardchat.brokers.shm.ShmBroker`) calls :class:`Durable` at four
 points: :meth:`~Durable.sequenced` for each message it sequences,
-:meth:`~Durable.submit` at the turn's commit with the turn's acks (its own
-publishers' and the forwarding peers'), :meth:`~Durable.finished` when it
-drains (the acks whose messages are stored, or failed), and
-:meth:`~Durable.held` to answer a fill from the store. Messages handed to
-the writer and not written yet are kept here meanwhile, so that a fill
-never misses the newest ones.
+:meth:`~Durable.waits` for each ack (:meth:`~Durable.ack` and
+:meth:`~Durable.ack_peer` take those that wait for the store),
+:meth:`~Durable.submit` at the turn's commit, :meth:`~Durable.finished` when
+the writer hands back the acks that waited, and :meth:`~Durable.held` to
+answer a fill from the store, with the messages not written yet.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 from shardchat.core.roomlog import HeldMessage
@@ -28,36 +28,83 @@ PeerAck = tuple[int, str, str, int]  # peer, msg id, room, seq: a forwarded publ
 
 @dataclass(frozen=True, slots=True)
 class Turn:
-    """One turn's acks, and its messages (room, seq) handed to the writer."""
+    """One turn's acks that wait for its messages to be stored."""
 
     acks: list[Ack]
     peer_acks: list[PeerAck]
-    rows: list[tuple[str, int]]
 
 
 class Durable:
     """The store of one owner shard, as its broker uses it."""
 
-    def __init__(self, store: RoomStore[Turn]) -> None:
+    def __init__(
+        self, store: RoomStore[Turn], *, acks_wait: bool = False, ring_bytes: int = 1 << 24
+    ) -> None:
         self.store = store
-        self._rows: list[tuple[str, int]] = []  # this turn's
-        self._unstored: dict[str, dict[int, bytes]] = {}  # room -> seq -> JSON
+        # storage.fsync = "always": an ack waits for its synced commit. Else it
+        # leaves with the turn's commit, once the message is in our ring (which
+        # outlives every process; a restart, of this shard or of the box, stores
+        # from it what the store lacks), unless the writer is more than half a
+        # ring behind (the ring may no longer hold what the store lacks) or
+        # failed (a full disk): then acks wait for the store, as do all after
+        # them until those are back, so that acks keep their order.
+        self.always = acks_wait
+        self._max_behind = ring_bytes // 2
+        self._hurry = ring_bytes // 8  # behind this much, the writer is woken at once
+        self._acks: list[Ack] = []  # this turn's acks that wait
         self._peer_acks: list[PeerAck] = []
-        self.waiting = 0  # messages sequenced and not stored yet (overload.store bounds it)
+        self._turn_waits = False
+        self._tokens = 0  # turns whose acks wait, handed to the writer and not back
+        self._turn_start = -1  # the ring position of this turn's first message
+        self._starts: deque[tuple[int, int]] = deque()  # (batch, ring position) not stored
 
     @property
     def full(self) -> bool:
         """The last write failed: a publish is refused at once (``unavailable``)."""
         return self.store.full
 
+    def waits(self, tail: int) -> bool:
+        """Whether an ack given now waits for the store (``tail``: our ring's position)."""
+        if not self._turn_waits:
+            self._turn_waits = (
+                self.always
+                or self._tokens > 0
+                or self.store.full
+                or self.behind(tail) > self._max_behind
+            )
+        return self._turn_waits
+
+    @property
+    def waiting(self) -> int:
+        """Messages sequenced and not stored yet (overload.store bounds it)."""
+        return self.store.backlog
+
+    def behind(self, tail: int) -> int:
+        """Bytes of our ring written since the oldest message not stored yet
+        (``tail``: the ring's position now)."""
+        starts = self._starts
+        stored = self.store.stored_batches
+        while starts and starts[0][0] < stored:
+            starts.popleft()
+        if starts:
+            return tail - starts[0][1]
+        return 0 if self._turn_start < 0 else tail - self._turn_start
+
     def restore(self) -> Restored:
         return self.store.restore()
 
-    def sequenced(self, room: str, seq: int, at: float, key: str, json: bytes) -> None:
+    def sequenced(
+        self, room: str, seq: int, at: float, key: str, json: bytes, position: int = 0
+    ) -> None:
+        """Message ``seq`` of ``room`` was sequenced; its record goes to our ring
+        at ``position``."""
         self.store.add(room, seq, at, key, json)
-        self._rows.append((room, seq))
-        self._unstored.setdefault(room, {})[seq] = json
-        self.waiting += 1
+        if self._turn_start < 0:
+            self._turn_start = position
+
+    def ack(self, msg_id: str, room: str, seq: int) -> None:
+        """Our publisher's ack, sent once everything sequenced so far is stored."""
+        self._acks.append((msg_id, room, seq))
 
     def ack_peer(self, peer: int, msg_id: str, room: str, seq: int) -> None:
         """Answer ``peer``'s forward once everything sequenced so far is stored."""
@@ -65,43 +112,42 @@ class Durable:
 
     @property
     def due(self) -> bool:
-        return bool(self._rows or self._peer_acks)
+        return self._turn_start >= 0 or bool(self._acks) or bool(self._peer_acks)
 
-    def submit(self, acks: list[Ack]) -> None:
-        """The turn's end: its messages to the writer, with the acks that wait for them."""
-        rows, self._rows = self._rows, []
-        peer_acks, self._peer_acks = self._peer_acks, []
-        self.store.submit(Turn(acks, peer_acks, rows))
+    def submit(self, tail: int) -> None:
+        """The turn's end: its messages to the writer, with the acks that wait for
+        them (back through :meth:`finished`). ``tail``: our ring's position."""
+        hurry = self.behind(tail) > self._hurry
+        start, self._turn_start = self._turn_start, -1
+        self._turn_waits = False
+        if self._acks or self._peer_acks:
+            turn = Turn(self._acks, self._peer_acks)
+            self._acks, self._peer_acks = [], []
+            self._tokens += 1
+            batch = self.store.submit(turn, hurry=hurry)
+        elif start >= 0:
+            batch = self.store.submit(hurry=hurry)
+        else:
+            return
+        if start >= 0:
+            self._starts.append((batch, start))
 
     def finished(self) -> list[tuple[Turn, bool]]:
-        """The turns written since the last call (True: stored)."""
+        """The turns whose acks waited, written since the last call (True: stored)."""
         done = self.store.finished()
-        unstored = self._unstored
-        for turn, ok in done:
-            self.waiting -= len(turn.rows)  # a failed write refuses publishes as full
-            if not ok:
-                continue  # the writer keeps the rows and tries again
-            for room, seq in turn.rows:
-                held = unstored.get(room)
-                if held is not None:
-                    held.pop(seq, None)
-                    if not held:
-                        del unstored[room]
+        self._tokens -= len(done)
         return done
 
     def held(self, room: str, first: int, last: int) -> list[HeldMessage]:
         """``room``'s messages ``first..last`` that the store holds or will."""
+        pending = self.store.pending(room, first, last)  # before the read: see pending()
         out = self.store.read(room, first, last, FILL_LIMIT)
-        pending = self._unstored.get(room)
         if pending and len(out) < FILL_LIMIT:  # a cut read: the rest in the next chunk
             have = {m.seq for m in out}
-            out += [
-                HeldMessage(seq, json)
-                for seq, json in pending.items()
-                if first <= seq <= last and seq not in have
-            ]
+            out += [HeldMessage(seq, json) for seq, json in pending.items() if seq not in have]
             out.sort(key=lambda m: m.seq)
         return out
 
-    def close(self) -> None:
-        self.store.close()
+    def close(self) -> int:
+        """Store what waits and close; the messages left unstored (in our ring)."""
+        return self.store.close()

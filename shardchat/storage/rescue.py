@@ -66,8 +66,12 @@ def rescue(storage: StorageDir) -> int:
     if previous is None or segments.is_live(previous):
         return 0
     rows = _ring_messages(previous)
-    if not rows:
-        return 0
+    stored = _store(storage, rows, previous) if rows else 0
+    segments.unlink_all(previous)  # stored: no other start sweeps them (stored_name)
+    return stored
+
+
+def _store(storage: StorageDir, rows: list[Row], previous: int) -> int:
     workers = storage.workers
     by_shard: dict[int, list[Row]] = defaultdict(list)
     for row in rows:

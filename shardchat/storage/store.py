@@ -2,24 +2,36 @@
 
 docs/ARCHITECTURE.md, The room store. The owner shard adds each message it
 sequences during a loop turn (:meth:`RoomStore.add`) and hands the turn's
-batch to the writer thread at the turn's end (:meth:`RoomStore.submit`) with
-a token (the turn's acks). The thread writes every batch that waits in one
-transaction (a group commit), synced per ``storage.fsync``, and hands the
-tokens back through :meth:`RoomStore.finished`, with whether they are
-stored, then calls ``wake`` (the shard's own doorbell) so that the loop
-sends the acks. The loop never waits for the disk.
+batch to the writer thread at the turn's end (:meth:`RoomStore.submit`). The
+thread gathers the turns of ``write_every`` seconds (woken once per gathering,
+not once per turn) and writes them in one transaction (a group commit: SQLite
+writes each page a commit dirtied, so a larger group shares them), synced per
+``storage.fsync``. The loop never waits for the disk.
+
+Acks (durable.py): with ``batch`` and ``off`` an ack leaves with the turn's
+commit, once the message is in the owner's shared-memory ring, which outlives
+every process (not a reboot): a shard restarted after kill -9 stores from its
+ring what its store lacks before it serves, and a start after a crash of every
+process stores it from the dead run's rings (rescue.py). The writer is kept
+within ``overload.store`` messages and half a ring of the loop; past half a
+ring, or while a write fails, acks wait for the store instead. A batch handed
+over with a token (``always``, or acks that wait) is written at once and the
+token comes back through :meth:`RoomStore.finished`, the thread waking the
+loop with ``wake`` (``call_soon_threadsafe``).
 
 - ``always``: every transaction is synced before its acks (``synchronous =
   FULL``): a power loss loses nothing acked.
-- ``batch``: acks once written to the OS; the WAL is synced by a checkpoint
-  every ``SYNC_EVERY`` seconds: a power loss loses at most that much.
-- ``off``: never synced: the OS writes back when it likes. A crash of every
-  process loses nothing in any mode (the data is in the OS's cache).
+- ``batch``: the WAL is synced by a checkpoint every ``SYNC_EVERY`` seconds: a
+  power loss loses at most that much, plus the writer's backlog
+  (``write_every``, at most ``overload.store`` messages).
+- ``off``: never synced: the OS writes back when it likes.
 
-A write that fails (a full disk, ``storage.max_bytes``) fails the acks of
-its batches, keeps their rows and tries them again every ``RETRY_EVERY``,
-first in every later transaction: the store is :attr:`RoomStore.full` until
-one succeeds, and the broker refuses new publishes meanwhile.
+A write that fails (a full disk, ``storage.max_bytes``) keeps its rows in
+flight and tries them again every ``RETRY_EVERY``: the store is
+:attr:`RoomStore.full` until one succeeds, the broker refuses new publishes
+meanwhile, and tokens of batches that fail come back failed. What is still
+unstored at shutdown is counted by :meth:`RoomStore.close`: it is in the
+ring, which the supervisor then keeps for the next start.
 
 Retention: a room keeps its last ``delivery.history`` messages (trimmed every
 ``TRIM_EVERY`` messages, so at most that many more) and, with
@@ -50,6 +62,7 @@ SYNC_EVERY = 1.0  # seconds between syncs with storage.fsync = "batch"
 RETRY_EVERY = 0.5  # seconds between tries of a write that failed (a full disk)
 TRIM_EVERY = 32  # a room's messages past delivery.history are deleted this many at a time
 PRUNE_EVERY = 30.0  # seconds between deletions of expired keys (and messages by age)
+GROUP_ROWS = 2048  # rows waiting that wake the writer before write_every is up
 
 T = TypeVar("T")
 
@@ -95,7 +108,7 @@ class Restored:
 @dataclass(slots=True)
 class _Batch(Generic[T]):
     rows: list[Row]
-    token: T
+    token: T | None  # handed back through finished(); None: nobody waits for it
 
 
 @dataclass(slots=True)
@@ -104,8 +117,15 @@ class _Shared(Generic[T]):
 
     lock: threading.Condition = field(default_factory=threading.Condition)
     queue: list[_Batch[T]] = field(default_factory=list)
+    # Taken by the writer and not stored yet (a failed write's until it succeeds):
+    # a fill reads them here, before it reads the file.
+    inflight: list[_Batch[T]] = field(default_factory=list)
     done: list[tuple[T, bool]] = field(default_factory=list)
+    idle: bool = False  # the writer waits for a first batch: the next submit wakes it
+    urgent: bool = False  # a batch with a token waits: written at once, not gathered
     stop: bool = False
+    stored: int = 0  # rows stored since the start
+    batches: int = 0  # batches stored since the start (in order)
 
 
 class RoomStore(Generic[T]):
@@ -120,16 +140,20 @@ class RoomStore(Generic[T]):
         history: int,
         history_ttl: float,
         wake: Callable[[], None],
+        write_every: float = 0.0,
     ) -> None:
         self.path = path
         self.fsync = fsync
         self.max_bytes = max_bytes
         self.history = history
         self.history_ttl = history_ttl
-        self._wake = wake
+        self.wake = wake  # called by the writer thread when tokens are back (finished)
+        self.write_every = write_every
         self._reader = connect(path, _SYNCHRONOUS[fsync])
         self._turn: list[Row] = []
         self._shared: _Shared[T] = _Shared()
+        self.submitted = 0  # rows handed to the writer
+        self.batches = 0  # batches handed to the writer
         self.full = False  # the last write failed: publishes are refused until one succeeds
         self._thread: threading.Thread | None = None
 
@@ -154,14 +178,38 @@ class RoomStore(Generic[T]):
         """Message ``seq`` of ``room`` was sequenced this turn (``at``: wall seconds)."""
         self._turn.append((room, seq, at, key, json))
 
-    def submit(self, token: T) -> None:
-        """Hand this turn's messages to the writer; ``token`` comes back through
-        :meth:`finished` once they (and every earlier batch) are stored."""
+    def submit(self, token: T | None = None, *, hurry: bool = False) -> int:
+        """Hand this turn's messages to the writer; its number (batches are stored
+        in order: :attr:`stored_batches`). ``token`` comes back through
+        :meth:`finished` once they (and every earlier batch) are stored, at
+        once; without one the writer gathers turns for ``write_every``, unless
+        ``hurry`` (it is far behind) or ``GROUP_ROWS`` wait."""
         rows, self._turn = self._turn, []
+        self.submitted += len(rows)
+        number = self.batches
+        self.batches += 1
         shared = self._shared
         with shared.lock:
             shared.queue.append(_Batch(rows, token))
-            shared.lock.notify()
+            if token is not None or hurry or self.submitted - shared.stored >= GROUP_ROWS:
+                shared.urgent = True  # written without gathering
+                shared.lock.notify()
+            elif shared.idle:
+                # One wake-up per gathering, not one per turn: the thread's
+                # wake-ups and its turns at the GIL were most of the store's cost.
+                shared.idle = False
+                shared.lock.notify()
+        return number
+
+    @property
+    def backlog(self) -> int:
+        """Messages added and not stored yet."""
+        return self.submitted + len(self._turn) - self._shared.stored
+
+    @property
+    def stored_batches(self) -> int:
+        """How many of the batches submitted are stored (the first ones)."""
+        return self._shared.batches
 
     def finished(self) -> list[tuple[T, bool]]:
         """The tokens of the batches written since the last call, in order, each
@@ -173,6 +221,21 @@ class RoomStore(Generic[T]):
             done, shared.done = shared.done, []
         return done
 
+    def pending(self, room: str, first: int, last: int) -> dict[int, bytes]:
+        """``room``'s messages ``first..last`` added and not stored yet (seq -> JSON).
+
+        Taken before the file is read: a row that is not here any more was
+        stored before, so that read sees it."""
+        out: dict[int, bytes] = {}
+        shared = self._shared
+        with shared.lock:
+            batches = shared.inflight + shared.queue
+        rows = [row for batch in batches for row in batch.rows] + self._turn
+        for r, seq, _, _, json in rows:
+            if r == room and first <= seq <= last:
+                out[seq] = json
+        return out
+
     def read(self, room: str, first: int, last: int, limit: int) -> list[HeldMessage]:
         """The stored messages ``first..last`` of ``room``, at most ``limit``."""
         rows = self._reader.execute(
@@ -182,8 +245,11 @@ class RoomStore(Generic[T]):
         ).fetchall()
         return [HeldMessage(seq, bytes(json)) for seq, json in rows]
 
-    def close(self) -> None:
-        """Write what waits, stop the thread and close the connections."""
+    def close(self) -> int:
+        """Write what waits, stop the thread and close the connections; the
+        messages left unstored (a full disk: they are still in our ring)."""
+        if self._turn:
+            self.submit()
         shared = self._shared
         with shared.lock:
             shared.stop = True
@@ -191,6 +257,7 @@ class RoomStore(Generic[T]):
         if self._thread is not None:
             self._thread.join(10.0)
         self._reader.close()
+        return self.backlog
 
     # The writer thread
 
@@ -203,45 +270,72 @@ class RoomStore(Generic[T]):
         shared = self._shared
         next_sync = time.monotonic() + SYNC_EVERY
         dirty = False
-        batches: list[_Batch[T]] = []
         try:
             while True:
-                with shared.lock:
-                    if not shared.queue and not shared.stop:
-                        wait = RETRY_EVERY if writer.retry else SYNC_EVERY
-                        shared.lock.wait(wait)
-                    batches, shared.queue = shared.queue, []
-                    stop = shared.stop
-                if batches or writer.retry:
+                stop = self._take()
+                batches = shared.inflight
+                if batches:
                     ok = writer.write([row for batch in batches for row in batch.rows])
                     dirty = dirty or ok
                     self._set_full(not ok)
-                    if batches:
-                        with shared.lock:
-                            shared.done += [(batch.token, ok) for batch in batches]
-                        batches = []  # answered
-                        self._wake()
+                    self._answer(batches, ok)
                 now = time.monotonic()
                 if now >= next_sync:
                     next_sync = now + SYNC_EVERY
-                    writer.prune(time.time())
+                    if not shared.inflight:
+                        writer.prune(time.time())
                     if dirty and self.fsync == "batch":
                         writer.checkpoint()  # syncs the WAL
                     dirty = False
                 if stop:
-                    return  # a full disk at shutdown: what is not stored was not acked
+                    return  # a full disk at shutdown: the unstored rows are in our ring
         except Exception as exc:
-            # A bug, not a full disk (sqlite3.Error is handled above): the writer
-            # is gone, so every later batch fails (`unavailable`) rather than
+            # A bug, not a full disk (sqlite3.Error is handled in write): the writer
+            # is gone, so every later token fails (`unavailable`) rather than
             # waiting for ever, and publishes are refused.
             log_event(log, logging.CRITICAL, "storage_writer_failed", error=repr(exc))
             self._set_full(True)
-            with shared.lock:  # the round's own batches first, then every later one
-                shared.done += [(batch.token, False) for batch in batches]
-            self._wake()
             self._fail_all()
         finally:
             db.close()
+
+    def _take(self) -> bool:
+        """Wait for batches (gathered for ``write_every`` unless a token waits) and
+        move them to ``inflight``, after a failed write's; whether to stop."""
+        shared = self._shared
+        with shared.lock:
+            if not shared.queue and not shared.stop:
+                shared.idle = True
+                shared.lock.wait(RETRY_EVERY if shared.inflight else SYNC_EVERY)
+            if (
+                self.write_every
+                and shared.queue
+                and not (shared.stop or shared.urgent or shared.inflight)
+            ):
+                shared.idle = False
+                shared.lock.wait(self.write_every)  # more turns join this transaction
+            shared.idle = shared.urgent = False
+            shared.inflight += shared.queue
+            shared.queue = []
+            return shared.stop
+
+    def _answer(self, batches: list[_Batch[T]], ok: bool) -> None:
+        """Count what was stored and hand back the tokens (a failed write's
+        tokens fail at once; its rows stay in flight and are tried again)."""
+        shared = self._shared
+        tokens = False
+        with shared.lock:
+            for batch in batches:
+                if batch.token is not None:
+                    shared.done.append((batch.token, ok))
+                    batch.token = None
+                    tokens = True
+            if ok:
+                shared.stored += sum(len(batch.rows) for batch in batches)
+                shared.batches += len(batches)
+                shared.inflight = []
+        if tokens:
+            self.wake()
 
     def _fail_all(self) -> None:
         shared = self._shared
@@ -249,11 +343,13 @@ class RoomStore(Generic[T]):
             with shared.lock:
                 if not shared.queue and not shared.stop:
                     shared.lock.wait(SYNC_EVERY)
-                batches, shared.queue = shared.queue, []
-                shared.done += [(batch.token, False) for batch in batches]
+                batches = shared.inflight + shared.queue
+                shared.queue = []
+                shared.inflight = [_Batch(b.rows, None) for b in batches]
+                shared.done += [(b.token, False) for b in batches if b.token is not None]
                 stop = shared.stop
-            if batches:
-                self._wake()
+            if any(b.token is not None for b in batches):
+                self.wake()
             if stop:
                 return
 
@@ -272,14 +368,12 @@ class _Writer:
         self.db = db
         self.history = history
         self.history_ttl = history_ttl
-        self.retry: list[Row] = []  # rows of failed writes, written first next time
+        self._failing = False  # the last write failed (logged once until one succeeds)
         self._trimmed: dict[str, int] = {}  # room -> the seq up to which it was trimmed
         self._next_prune = 0.0
 
     def write(self, rows: list[Row]) -> bool:
-        """Store ``rows`` after the ones that failed before, in one transaction."""
-        if self.retry:
-            rows = self.retry + rows
+        """Store ``rows`` in one transaction."""
         db = self.db
         history = self.history
         latest: dict[str, int] = {}
@@ -305,11 +399,11 @@ class _Writer:
                 db.execute("ROLLBACK")
             except sqlite3.Error:
                 pass
-            if not self.retry:
+            if not self._failing:
                 log_event(log, logging.ERROR, "storage_write_failed", error=str(exc))
-            self.retry = rows
+            self._failing = True
             return False
-        self.retry = []
+        self._failing = False
         for room, upto in trims:
             self._trimmed[room] = upto
         return True
@@ -334,7 +428,7 @@ class _Writer:
 
     def prune(self, wall: float) -> None:
         """Delete the keys older than ``KEY_WINDOW`` and, with a ttl, older messages."""
-        if wall < self._next_prune or self.retry:
+        if wall < self._next_prune:
             return
         self._next_prune = wall + PRUNE_EVERY
         try:

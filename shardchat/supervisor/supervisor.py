@@ -30,7 +30,7 @@ from shardchat.brokers import segments
 from shardchat.core.config import Config, to_toml
 from shardchat.hooks import load_app
 from shardchat.logs import log_event
-from shardchat.shard.process import EXIT_BOOT_ERROR, ShardSpec, run_shard
+from shardchat.shard.process import EXIT_BOOT_ERROR, EXIT_UNSTORED, ShardSpec, run_shard
 from shardchat.stats import Slot, StatsView
 from shardchat.storage.boxdir import StorageDir
 from shardchat.storage.rescue import rescue
@@ -68,6 +68,9 @@ class Supervisor:
         self.storage: StorageDir | None = None
         self.slots = [ShardSlot(i) for i in range(config.workers)]
         self.stopping = False
+        # A shard's store closed with messages it could not write (a full disk):
+        # they are in its ring, left for the next start to store.
+        self.keep_rings = False
         self.stop_deadline = 0.0
         self.exit_code = 0
         self.started_wall = time.time()
@@ -102,7 +105,12 @@ class Supervisor:
         server = self.config.server
         addr_capacity = table_capacity(server.max_per_ip, server.max_connections, len(self.slots))
         self._fabric = segments.Fabric(
-            self.pid, len(self.slots), self.config.ring.bytes, self.config.ring.rooms, addr_capacity
+            self.pid,
+            len(self.slots),
+            self.config.ring.bytes,
+            self.config.ring.rooms,
+            addr_capacity,
+            stored=self.storage is not None,
         )
         if self.storage is not None:
             self._seed_tables(self.storage)
@@ -161,7 +169,9 @@ class Supervisor:
             wake_w.close()
             if self._stats is not None:
                 self._stats.release()
-            self._fabric.close()
+            if self.keep_rings:
+                log_event(log, logging.ERROR, "storage_rings_kept", pid=self.pid)
+            self._fabric.close(keep=self.keep_rings)
             if self.storage is not None:
                 self.storage.close()
         log_event(log, logging.INFO, "supervisor_exit", code=self.exit_code)
@@ -328,6 +338,7 @@ class Supervisor:
         slot.process.join()
         pid = slot.pid
         code = self._reaped(slot)
+        self.keep_rings |= code == EXIT_UNSTORED
         lived = time.monotonic() - slot.started_at
         how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
         if code == -signal.SIGKILL:

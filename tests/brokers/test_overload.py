@@ -97,34 +97,57 @@ def acks_until(box: Box, client: Client, count: int) -> None:
     wait_until(acked, 10, "the store's acks")
 
 
-def test_an_owner_whose_store_is_behind_refuses_its_own_publishes(tmp_path: Path) -> None:
-    """The owner's room store writes nothing yet (its writer thread not started):
-    ``overload.store`` (3) messages wait for it unacked, the next publish is
-    refused ``overloaded``; once the store writes, the 3 are acked and publishing
-    works again."""
-    box = Box(2, config(overload__store=3, limits__rate=1000, limits__burst=1000))
+def stored_box(
+    tmp_path: Path, fsync: str, count: int, **settings: object
+) -> tuple[Box, RoomStore[Turn], Durable, Client]:
+    """Two shards; shard 0 has a room store whose writer is not started yet, and a
+    client of its room "st..." sent ``count`` messages, one a turn."""
+    box = Box(2, config(limits__rate=1000, limits__burst=1000, **settings))
     store: RoomStore[Turn] = RoomStore(
-        tmp_path / "store.db", fsync="off", max_bytes=0, history=100, history_ttl=0.0,
+        tmp_path / "store.db", fsync=fsync, max_bytes=0, history=100, history_ttl=0.0,
         wake=lambda: None,
     )  # fmt: skip
-    box.brokers[0].durable = durable = Durable(store)
+    box.brokers[0].durable = durable = Durable(store, acks_wait=fsync == "always")
+    room = room_owned_by(0, 2, "st")
+    client = box.connect(0, "writer")
+    box.join(client, room)
+    for i in range(count):
+        box.send(client, type="message", room=room, content=f"s{i}", id=f"s{i}")
+        box.turn()
+    return box, store, durable, client
+
+
+def test_an_owner_whose_store_is_behind_refuses_its_own_publishes(tmp_path: Path) -> None:
+    """The owner's room store writes nothing yet (its writer thread not started):
+    the publishes are acked at the commit (in the owner's ring), ``overload.store``
+    (3) of them wait for the store, the next publish is refused ``overloaded``;
+    once the store writes, publishing works again."""
+    box, store, durable, client = stored_box(tmp_path, "off", 4, overload__store=3)
     try:
-        room = room_owned_by(0, 2, "st")
-        client = box.connect(0, "writer")
-        box.join(client, room)
-        for i in range(4):
-            box.send(client, type="message", room=room, content=f"s{i}", id=f"s{i}")
-            box.turn()
         (error,) = client.take("error")
         assert (error["id"], error["code"]) == ("s3", "overloaded")
-        assert not client.take("ack") and durable.waiting == 3
+        assert [a["id"] for a in client.take("ack")] == ["s0", "s1", "s2"]
+        assert durable.waiting == 3
         assert box.stats[0][overload_slot(Queue.STORE)] == 1
+        store.start()
+        wait_until(lambda: durable.waiting == 0, 10, "the store caught up")
+        box.send(client, type="message", room=room_owned_by(0, 2, "st"), content="s4", id="s4")
+        box.turn()
+        assert [a["id"] for a in client.take("ack")] == ["s4"]
+    finally:
+        box.brokers[0].durable = None
+        durable.close()
+
+
+def test_with_fsync_always_an_ack_waits_for_the_store(tmp_path: Path) -> None:
+    """storage.fsync = "always": nothing is acked while the store writes nothing;
+    once it writes, the acks come in their order."""
+    box, store, durable, client = stored_box(tmp_path, "always", 3)
+    try:
+        assert not client.take("ack") and durable.waiting == 3
         store.start()
         acks_until(box, client, 3)  # a drain takes what the store wrote
         assert [a["id"] for a in client.take("ack")] == ["s0", "s1", "s2"]
-        box.send(client, type="message", room=room, content="s4", id="s4")
-        acks_until(box, client, 1)
-        assert [a["id"] for a in client.take("ack")] == ["s4"]
     finally:
         box.brokers[0].durable = None
         durable.close()

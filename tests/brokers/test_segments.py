@@ -17,6 +17,7 @@ from shardchat.brokers.segments import (
     bell_name,
     leftover_names,
     ring_name,
+    stored_name,
     sweep_stale,
     unlink_all,
 )
@@ -81,3 +82,17 @@ def test_the_sweep_unlinks_a_gone_supervisors_names_and_keeps_a_live_ones(owner:
         bell.close()
         with contextlib.suppress(Exception):
             unlink_all(live)
+
+
+def test_the_sweep_keeps_the_rings_of_a_run_with_a_room_store(owner: int) -> None:
+    """A gone supervisor's rings marked as a room store's (acked messages its store
+    may lack) are left to that store's next start; `cleanup --all` takes them."""
+    made = [Segment.create(ring_name(owner, 0), 4096), Segment.create(stored_name(owner), 8)]
+    for segment in made:
+        segment.close()
+    names = {f"shardchat.{owner}.ring.0", f"shardchat.{owner}.stored"}
+    assert set(leftover_names(owner)) == names
+    assert not names & set(sweep_stale())
+    assert set(leftover_names(owner)) == names
+    assert names <= set(sweep_stale(keep_stored=False))
+    assert leftover_names(owner) == []

@@ -80,6 +80,8 @@ def test_resolve_reads_nothing_of_the_machine(tmp_path: Path) -> None:
         ("storage.fsync", "sometimes", "one of 'always', 'batch', 'off'"),
         ("storage.max_bytes", -1, "integer >= 0"),
         ("storage.max_bytes", "1G", "integer >= 0"),
+        ("storage.write_every", -0.01, "a number >= 0"),
+        ("storage.write_every", "soon", "a number >= 0"),
         ("delivery.history_ttl", -5, "a number >= 0"),
         ("delivery.history_memory", 0, "integer from 1 to 1000000"),
         ("delivery.history_memory", "all", "integer from 1 to 1000000"),

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
+import sqlite3
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -209,7 +211,9 @@ def test_a_torn_store_file_is_cut_and_the_rest_served(store_dir: Path) -> None:
     """kill -9 leaves the write-ahead log; cut in the middle of a record, the next
     start cuts the torn tail (logged, with how much), serves every message before
     it, under a new epoch (clients may have seen what was cut), and goes on."""
-    settings = ("storage.fsync=off",)  # no checkpoint: the messages stay in the log
+    # Acks that wait for their commit: one transaction per batch at least, and
+    # no checkpoint (that is "batch"'s): the messages stay in the log.
+    settings = ("storage.fsync=always",)
 
     async def before() -> str:
         async with closing([await connect_client(server.url, user="a")]) as (client,):
@@ -557,3 +561,103 @@ async def collect_history(client: Client, room: str) -> list[int]:
             return seqs
         if frame["type"] == "message" and frame["room"] == room:
             seqs.append(frame["seq"])
+
+
+def stored_rows(directory: Path, room: str) -> dict[int, str]:
+    """What the store files in ``directory`` hold of ``room``: seq -> content."""
+    out: dict[int, str] = {}
+    for path in directory.glob("rooms-*.db"):
+        db = sqlite3.connect(path)
+        try:
+            for seq, body in db.execute("SELECT seq, json FROM messages WHERE room = ?", (room,)):
+                out[seq] = json.loads(body)["content"]
+        finally:
+            db.close()
+    return out
+
+
+async def publish_acked(
+    client: Client, room: str, count: int, tag: str, body: str = ""
+) -> dict[int, str]:
+    """``count`` publishes to ``room``, all sent, then every ack: seq -> content."""
+    for i in range(count):
+        await client.send(type="message", room=room, content=f"{tag}:{i}{body}", id=f"{tag}-{i}")
+    acked: dict[int, str] = {}
+    while len(acked) < count:
+        frame = await client.recv(30)
+        assert frame["type"] != "error", frame
+        if frame["type"] == "ack":
+            acked[frame["seq"]] = f"{tag}:{frame['id'].rsplit('-', 1)[1]}{body}"
+    return acked
+
+
+def test_an_owner_killed_right_after_its_acks_stores_them_from_its_ring(store_dir: Path) -> None:
+    """fsync "batch" acks once a message is in its owner's ring: with the writer held
+    back (storage.write_every = 30 s) the store holds none of the acked messages
+    when the owner is killed with kill -9; restarted, the owner stores them from
+    its ring, serves them, and a SIGTERM leaves every one at its seq."""
+    room = room_owned_by(1, workers=2, prefix="held")
+    settings = ("storage.write_every=30",)
+
+    async def before() -> tuple[str, dict[int, str]]:
+        local, remote = await clients_on_shards(server.url, [1, 0])
+        epoch = str((await local.join(room))["epoch"])
+        await remote.join(room)
+        acked = await publish_acked(local, room, 50, "local")  # acked by the owner
+        acked |= await publish_acked(remote, room, 50, "remote")  # forwarded, acked on shard 0
+        assert stored_rows(store_dir, room) == {}, "the acks waited for the store"
+        os.kill(server.shard_pids()[1], signal.SIGKILL)
+        await asyncio.to_thread(server.wait_started, 3)  # the owner is back
+        for client in (local, remote):
+            await client.ws.close()
+        async with closing([await connect_client(server.url, user="z")]) as (client,):
+            joined, messages = await replay(client, room, 0, epoch)
+            assert joined["epoch"] == epoch and joined["recovered"] is True
+            assert {m["seq"]: m["content"] for m in messages} == acked
+        return epoch, acked
+
+    with stored_server(store_dir, 2, settings) as server:
+        epoch, acked = asyncio.run(before())
+        assert server.stop() == 0
+    assert stored_rows(store_dir, room) == acked
+
+
+def test_a_full_disk_at_shutdown_leaves_the_rings_for_the_next_start(store_dir: Path) -> None:
+    """Acked (in the owner's ring) while the disk is already full and the writer
+    has not tried yet: at SIGTERM the store cannot write them, the shard says so
+    and the supervisor keeps the rings; with room again, the next start stores
+    them from the rings, and every acked message is there."""
+    with small_disk("2m") as disk:
+        directory = disk / "store"
+
+        async def fill() -> tuple[str, dict[int, str]]:
+            async with closing([await connect_client(server.url, user="f")]) as (client,):
+                epoch = str((await client.join("late"))["epoch"])
+                fd = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+                with contextlib.suppress(OSError):
+                    while True:  # every block of the disk
+                        os.write(fd, b"\0" * 4096)
+                os.close(fd)
+                return epoch, await publish_acked(client, "late", 200, "late", "x" * 400)
+
+        with stored_server(directory, 1, ("storage.write_every=30",)) as server:
+            epoch, acked = asyncio.run(fill())
+            assert server.stop() == 0
+            events = [e.get("event") for e in server.log_events()]
+            assert "storage_unstored_at_exit" in events and "storage_rings_kept" in events
+            (disk / "filler").unlink()
+
+            async def after() -> None:
+                async with closing([await connect_client(server.url, user="g")]) as (client,):
+                    # The failed writes left a torn log tail, which the start cuts
+                    # and, as it cannot tell it from a power loss's, takes a new
+                    # epoch for: the messages are all there all the same.
+                    joined, messages = await replay(client, "late", 0, epoch)
+                    assert joined["seq"] == max(acked)
+                    assert {m["seq"]: m["content"] for m in messages} == acked
+
+            # Started before the first server's shared memory is cleaned up after it.
+            with stored_server(directory, 1) as server:
+                rescued = [e for e in server.log_events() if e.get("event") == "storage_rescued"]
+                assert rescued and rescued[0]["messages"] == len(acked)
+                asyncio.run(after())

@@ -157,7 +157,12 @@ class ShmBroker(Recovery, Reading, History):
 
     def close(self) -> None:
         if self.durable is not None:
-            self.durable.close()  # what was sequenced is written first
+            # What was sequenced is written first; what a full disk left unstored
+            # is still in our ring, which the supervisor then leaves for the
+            # next start to store (storage/rescue.py).
+            self.unstored = self.durable.close()
+            if self.unstored:
+                log_event(log, logging.ERROR, "storage_unstored_at_exit", messages=self.unstored)
             self.durable = None
         self.listener = None
         self.readers = {}

@@ -67,6 +67,12 @@ class Reading(Presence):
                 more = True
         return more
 
+    def read_stored(self) -> None:
+        """Hand the listener the acks that waited for the store's writer (fsync
+        "always", a writer far behind or failing), which it gave back."""
+        if self.listener is not None and self.durable is not None:
+            self._stored(self.listener)
+
     def _stored(self, listener: BrokerListener) -> None:
         """The store's side of a read of the peers: the acks of the turns it wrote (the peers'
         as FORWARD_SEEN records; seq 0 says it failed)."""

@@ -95,12 +95,12 @@ class Recovery(Sequencing):
         for key, room, seq, at in restored.keys:
             sequencer.remember("", room, seq, key, int(at * 1e9) + wall_ns)
         workers, me, seqs = self.workers, self.shard_id, restored.seqs
-        for _, kind, _, payload in own:
+        for position, kind, _, payload in own:
             if kind != _ROOM_MSG:
                 continue
             msg = records.decode_room_message(payload)
             if owner_of(msg.room, workers) == me and msg.seq > seqs.get(msg.room, 0):
-                durable.sequenced(msg.room, msg.seq, time.time(), msg.key, msg.json)
+                durable.sequenced(msg.room, msg.seq, time.time(), msg.key, msg.json, position)
 
     def _restore(self, listener: BrokerListener, held: list[Record]) -> None:
         workers, me = self.workers, self.shard_id

@@ -47,8 +47,12 @@ class Sequencing(ShmState):
                 seq = self._sequence(publication)
             else:
                 room, seq = seen  # a retry of a publish we sequenced: its seq, once
-            # Acked at the commit: an acked message is in the ring.
-            self._acks_due.append((publication.msg_id, room, seq))
+            durable = self.durable
+            if durable is not None and durable.waits(self.writer.tail):
+                durable.ack(publication.msg_id, room, seq)  # once stored
+            else:
+                # Acked at the commit: an acked message is in the ring.
+                self._acks_due.append((publication.msg_id, room, seq))
             return
         payload = records.encode_forward(publication)
         self._write(_FORWARD, owner, payload)
@@ -81,11 +85,15 @@ class Sequencing(ShmState):
         # record and asks for the range up to the table's seq; one short of it, the
         # last message of a burst was never asked for, and the room waited for it.
         self._seqs_due[room] = seq
-        if self.durable is not None:
-            self.durable.sequenced(room, seq, p.timestamp / 1000, p.key, json)
+        durable = self.durable
+        waits = 0  # 1: the owner answers the forward once stored (FORWARD_SEEN), not this
+        if durable is not None:
+            tail = self.writer.tail
+            durable.sequenced(room, seq, p.timestamp / 1000, p.key, json, tail)
+            waits = int(durable.waits(tail))
         self._write(
             _ROOM_MSG,
-            0,
+            waits,
             records.encode_room_message(room, seq, p.publish_ns, p.msg_id, json, p.key),
         )
         self.stats[_S_SEQUENCED] += 1
@@ -109,11 +117,11 @@ class Sequencing(ShmState):
             return
         if seen is None:
             seq = self._sequence(publication)
-            if durable is not None:
+            if durable is not None and durable.waits(self.writer.tail):
                 durable.ack_peer(peer, publication.msg_id, publication.room, seq)
-            return
+            return  # else its ROOM_MSG answers the peer
         room, seq = seen
-        if durable is not None:
+        if durable is not None and durable.waits(self.writer.tail):
             durable.ack_peer(peer, publication.msg_id, room, seq)  # once stored
             return
         answer = records.ForwardSeen(publication.msg_id, room, seq)
@@ -134,8 +142,8 @@ class Sequencing(ShmState):
         msg = records.decode_room_message(payload)
         listener = self.listener
         assert listener is not None
-        if self.durable is None and self.forwarder.pending and self.forwarder.answered(msg.msg_id):
-            # Without a store, sequenced is kept; with one, the owner says when
-            # it is stored (FORWARD_SEEN).
+        if not aux and self.forwarder.pending and self.forwarder.answered(msg.msg_id):
+            # In the owner's ring is kept; when its acks wait for its store
+            # (aux 1) it says when it is stored (FORWARD_SEEN).
             listener.on_published(msg.msg_id, msg.room, msg.seq)
         listener.on_message(msg.room, msg.seq, msg.msg_id, msg.json, msg.publish_ns)

@@ -131,8 +131,10 @@ class ShmState:
         self._acks_due: list[tuple[str, str, int]] = []  # (msg id, room, seq) once committed
         self._seqs_due: dict[str, int] = {}  # room -> seq, for the seq table once committed
         self._answers_due: list[tuple[str, int]] = []  # fills of our own rooms: (room, last)
-        # The room store (storage.kind = "sqlite"): acks wait for it, fills read it.
+        # The room store (storage.kind = "sqlite"): it keeps what we sequence and
+        # answers our rooms' fills; acks wait for it with storage.fsync = "always".
         self.durable: Durable | None = None
+        self.unstored = 0  # messages the store could not write before it closed
         self._fills_due: list[tuple[str, int, int]] = []  # our own rooms' fills from the store
         self._failed_due: list[tuple[str, str]] = []  # publishes refused: the store is full
         self._uncommitted = 0  # payload bytes since the last commit
@@ -197,12 +199,10 @@ class ShmState:
             for msg_id, room in failed:
                 self.listener.on_publish_failed(msg_id, room)
         durable = self.durable
-        if durable is not None:
-            # Acked once stored: the writer hands the turn back (read_peers).
-            if self._acks_due or durable.due:
-                acks, self._acks_due = self._acks_due, []
-                durable.submit(acks)
-            return
+        if durable is not None and durable.due:
+            # The turn's messages to the writer, with the acks that wait for it
+            # (back through read_stored).
+            durable.submit(self.writer.tail)
         if self._acks_due:
             acks, self._acks_due = self._acks_due, []
             listener = self.listener

@@ -246,6 +246,7 @@ CHECKS: dict[str, Check] = {
     "storage.dir": _string,
     "storage.fsync": _choice("always", "batch", "off"),
     "storage.max_bytes": _int(0),
+    "storage.write_every": _number(0, strict=False),
     "auth.secret": _secret,
     "auth.public_key_file": check_file,
     "auth.jwks_file": check_file,

@@ -138,6 +138,7 @@ class StorageConfig:
     dir: str = ""  # the stores' directory; "" = data/ beside the configuration file
     fsync: str = "batch"  # "always" (acked = synced), "batch" (synced every second), "off"
     max_bytes: int = 0  # the stores' size limit, all shards together; 0 = the disk's
+    write_every: float = 0.02  # seconds the writer gathers turns into one transaction
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
