@@ -6,6 +6,7 @@ import asyncio
 import json
 import time
 
+from shardchat.testing.rawws import OP_CLOSE, close_code
 from tests.support.helpers import RawClient, closing, connect_client, running_server, scaled
 
 
@@ -21,8 +22,8 @@ async def test_unanswered_pings_close_4408_while_a_normal_client_stays() -> None
             code = None
             while code is None:
                 opcode, payload = await asyncio.to_thread(raw.recv_frame)
-                if opcode == 0x8:
-                    code = int.from_bytes(payload[:2], "big")
+                if opcode == OP_CLOSE:
+                    code = close_code(payload) or 1005  # 1005: a close without a code
                     reason = payload[2:].decode()
             raw.close()
             assert code == 4408 and reason == "heartbeat timeout"

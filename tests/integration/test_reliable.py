@@ -12,6 +12,7 @@ import subprocess
 import time
 
 from shardchat.client.chatclient import ChatClient, Message
+from shardchat.testing.rawws import OP_CLOSE, OP_TEXT, close_code
 from shardchat.testing.wait import await_until
 from tests.support.helpers import (
     FAST,
@@ -137,9 +138,9 @@ async def test_client_that_never_acks_gets_backoff_then_4409() -> None:
             code = None
             while code is None:
                 opcode, payload = await asyncio.to_thread(raw.recv_frame)
-                if opcode == 0x8:
-                    code = int.from_bytes(payload[:2], "big")
-                elif opcode == 0x1:
+                if opcode == OP_CLOSE:
+                    code = close_code(payload) or 1005  # 1005: a close without a code
+                elif opcode == OP_TEXT:
                     frame = json.loads(payload)
                     if frame["type"] == "message":
                         arrivals.append(time.monotonic())

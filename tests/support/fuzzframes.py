@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from hypothesis import strategies as st
 
-from shardchat.testing.rawws import close_code, encode_frame
+from shardchat.testing.rawws import OP_CLOSE, close_code, encode_frame
 from tests.support.helpers import RawClient
 
 # What the server may close a fuzzed connection with (PROTOCOL.md, RFC 6455 7.4.1):
@@ -170,7 +170,7 @@ def run_example(port: int, frames: list[Frame], timeout: float) -> Outcome:
                 opcode, payload = raw.recv_frame()
             except ConnectionError as exc:  # an end or a reset before a close frame
                 raise AssertionError("connection ended without a close frame (1006)") from exc
-            if opcode == 0x8:
+            if opcode == OP_CLOSE:
                 code = close_code(payload) or 1005
                 assert code in CLOSE_CODES, (code, payload)
                 return Outcome(code, sent)
