@@ -27,11 +27,10 @@ from shardchat.client.chatclient import (
 from shardchat.testing.wait import await_until
 from tests.support.helpers import (
     cleanup_server,
-    clients_on_shards,
     closing,
     connect_client,
     free_port,
-    room_owned_by,
+    room_of_three,
     running_server,
     scaled,
     scrape,
@@ -255,14 +254,8 @@ async def test_killing_the_shard_mid_stream_loses_nothing_both_ways() -> None:
     fast = ["limits.rate=100000", "limits.burst=100000"]
     with running_server(workers=3, settings=fast) as srv:
         async with ChatClient(srv.url, user="streamer", backoff=(0.05, 0.5)) as client:
-            home = client.shard
-            assert home is not None
-            others = [s for s in range(3) if s != home]
-            room = room_owned_by(others[0], prefix="ks")
-            await client.join(room)
-            (watcher,) = await clients_on_shards(srv.url, [others[1]], prefix="w")
+            home, room, watcher = await room_of_three(srv.url, client, "ks")
             async with closing([watcher]):
-                await watcher.join(room)
                 receiving = asyncio.create_task(take_messages(client, 300, timeout=60))
 
                 async def publish() -> None:

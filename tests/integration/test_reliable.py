@@ -19,11 +19,10 @@ from tests.support.helpers import (
     SHARDCHAT,
     RawClient,
     Server,
-    clients_on_shards,
     closing,
     connect_client,
     metric,
-    room_owned_by,
+    room_of_three,
     running_server,
     scaled,
     take_messages,
@@ -160,14 +159,8 @@ async def test_client_library_survives_a_killed_shard() -> None:
     published from other shards: the application sees all 2,000, once, in order."""
     with running_server(workers=3, settings=[*FAST, "delivery.history=5000"]) as srv:
         async with ChatClient(srv.url, user="survivor", backoff=(0.05, 0.5)) as client:
-            home = client.shard
-            assert home is not None
-            others = [s for s in range(3) if s != home]
-            room = room_owned_by(others[0], prefix="sv")
-            await client.join(room)
-            (publisher,) = await clients_on_shards(srv.url, [others[1]], prefix="p")
+            home, room, publisher = await room_of_three(srv.url, client, "sv")
             async with closing([publisher]):
-                await publisher.join(room)
                 halfway = asyncio.Event()
                 receiving = asyncio.create_task(
                     take_messages(client, 2000, timeout=120, progress=(200, halfway))

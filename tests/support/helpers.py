@@ -354,6 +354,24 @@ async def take_messages(
     return got
 
 
+async def room_of_three(url: str, client: ChatClient, prefix: str) -> tuple[int, str, Client]:
+    """For a :class:`ChatClient` on a server of three shards: its shard, a room it
+    joined that another shard owns, and a member of that room on the third
+    shard (users ``prefix``...)."""
+    home = client.shard
+    assert home is not None
+    owner, third = (s for s in range(3) if s != home)
+    room = room_owned_by(owner, prefix=prefix)
+    await client.join(room)
+    (member,) = await clients_on_shards(url, [third], prefix=prefix)
+    try:
+        await member.join(room)
+    except BaseException:
+        await member.close()
+        raise
+    return home, room, member
+
+
 async def off_the_killed_shard(
     srv: Server, client: Client, killed: int, room: str, starts: int
 ) -> Client:
