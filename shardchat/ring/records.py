@@ -24,7 +24,9 @@ the publishing engine.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import orjson
 
@@ -59,6 +61,8 @@ __all__ = [
     "encode_room_message",
     "encode_snapshot",
 ]
+
+R = TypeVar("R")
 
 REPLAY_SKIP = "skip"  # a REPLAY marker: the owner holds nothing up to its seq
 REPLAY_END = "end"  # a REPLAY marker: the end of one resent chunk
@@ -125,6 +129,24 @@ def decode_forward(payload: bytes) -> Publication:
     return Publication(o["m"], o["r"], o["s"], o["c"], o["t"], o["n"], o.get("k", ""))
 
 
+class _Fields(Generic[R]):
+    """The payload codec of a record made of a few JSON values: each field under
+    a one-letter key, in the JSON object's order (``keys``: key -> field name)."""
+
+    __slots__ = ("_keys", "_make")
+
+    def __init__(self, make: Callable[..., R], keys: dict[str, str]) -> None:
+        self._make = make
+        self._keys = tuple(keys.items())
+
+    def encode(self, record: R) -> bytes:
+        return orjson.dumps({key: getattr(record, name) for key, name in self._keys})
+
+    def decode(self, payload: bytes) -> R:
+        o = orjson.loads(payload)
+        return self._make(**{name: o[key] for key, name in self._keys})
+
+
 @dataclass(frozen=True, slots=True)
 class ForwardSeen:
     """The owner had already sequenced a re-forwarded publish, at ``seq``."""
@@ -134,15 +156,6 @@ class ForwardSeen:
     seq: int
 
 
-def encode_forward_seen(f: ForwardSeen) -> bytes:
-    return orjson.dumps({"m": f.msg_id, "r": f.room, "q": f.seq})
-
-
-def decode_forward_seen(payload: bytes) -> ForwardSeen:
-    o = orjson.loads(payload)
-    return ForwardSeen(o["m"], o["r"], o["q"])
-
-
 @dataclass(frozen=True, slots=True)
 class HistoryRequest:
     """A shard missed ``first..last`` of a room (a lapped reader) and asks its owner."""
@@ -150,15 +163,6 @@ class HistoryRequest:
     room: str
     first: int
     last: int
-
-
-def encode_history_request(h: HistoryRequest) -> bytes:
-    return orjson.dumps({"r": h.room, "f": h.first, "l": h.last})
-
-
-def decode_history_request(payload: bytes) -> HistoryRequest:
-    o = orjson.loads(payload)
-    return HistoryRequest(o["r"], o["f"], o["l"])
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,15 +194,6 @@ class PresenceEvent:
     count: int  # the room's users after the change
 
 
-def encode_presence_event(e: PresenceEvent) -> bytes:
-    return orjson.dumps({"r": e.room, "u": e.user, "j": e.joined, "c": e.count})
-
-
-def decode_presence_event(payload: bytes) -> PresenceEvent:
-    o = orjson.loads(payload)
-    return PresenceEvent(o["r"], o["u"], o["j"], o["c"])
-
-
 @dataclass(frozen=True, slots=True)
 class PresenceQuery:
     """Who is in ``room`` (at most ``limit`` names), and is ``user``: query ``qid``."""
@@ -209,13 +204,15 @@ class PresenceQuery:
     limit: int
 
 
-def encode_presence_query(q: PresenceQuery) -> bytes:
-    return orjson.dumps({"q": q.qid, "r": q.room, "u": q.user, "l": q.limit})
-
-
-def decode_presence_query(payload: bytes) -> PresenceQuery:
-    o = orjson.loads(payload)
-    return PresenceQuery(o["q"], o["r"], o["u"], o["l"])
+_FORWARD_SEEN = _Fields(ForwardSeen, {"m": "msg_id", "r": "room", "q": "seq"})
+_HISTORY_REQUEST = _Fields(HistoryRequest, {"r": "room", "f": "first", "l": "last"})
+_PRESENCE_EVENT = _Fields(PresenceEvent, {"r": "room", "u": "user", "j": "joined", "c": "count"})
+_PRESENCE_QUERY = _Fields(PresenceQuery, {"q": "qid", "r": "room", "u": "user", "l": "limit"})
+encode_forward_seen, decode_forward_seen = _FORWARD_SEEN.encode, _FORWARD_SEEN.decode
+encode_history_request = _HISTORY_REQUEST.encode
+decode_history_request = _HISTORY_REQUEST.decode
+encode_presence_event, decode_presence_event = _PRESENCE_EVENT.encode, _PRESENCE_EVENT.decode
+encode_presence_query, decode_presence_query = _PRESENCE_QUERY.encode, _PRESENCE_QUERY.decode
 
 
 def encode_presence_answer(qid: int, answer: PresenceAnswer) -> bytes:

@@ -26,3 +26,22 @@ def test_forward_carries_its_idempotency_key() -> None:
     forward = Publication("m", "r", "bob", "hi", 1, 2, idempotency_key("bob", "r", "x"))
     assert records.decode_forward(records.encode_forward(forward)) == forward
     assert idempotency_key("bob", "r", None) == ""
+
+
+def test_the_small_records_keep_their_one_letter_keys_and_round_trip() -> None:
+    seen = records.ForwardSeen("m1", "room", 7)
+    wire = b'{"m":"m1","r":"room","q":7}'
+    assert records.encode_forward_seen(seen) == wire
+    assert records.decode_forward_seen(wire) == seen
+    asked = records.HistoryRequest("room", 3, 9)
+    wire = b'{"r":"room","f":3,"l":9}'
+    assert records.encode_history_request(asked) == wire
+    assert records.decode_history_request(wire) == asked
+    event = records.PresenceEvent("room", "ann", True, 2)
+    wire = b'{"r":"room","u":"ann","j":true,"c":2}'
+    assert records.encode_presence_event(event) == wire
+    assert records.decode_presence_event(wire) == event
+    query = records.PresenceQuery(5, "room", "ann", 100)
+    wire = b'{"q":5,"r":"room","u":"ann","l":100}'
+    assert records.encode_presence_query(query) == wire
+    assert records.decode_presence_query(wire) == query
