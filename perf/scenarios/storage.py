@@ -17,7 +17,9 @@
   pinned as perf.scenarios.run pins them.
 - ``memory``: RSS of the shards before and after a client (on one shard)
   joined ``--rooms`` rooms of ``--history`` messages each: bytes per held
-  message and per room, at 1 and 6 shards, memory against sqlite.
+  message and per room, at 1 and 6 shards, memory against sqlite; VmRSS
+  (the rings' shared pages counted once per shard that reads them) and
+  RssAnon (the private heap, where the rooms' logs are).
 - ``history``: ms per `history` page of 50 in a room of ``--messages`` in the
   store, from the room's owner and from another shard.
 
@@ -34,6 +36,7 @@ import asyncio
 import json
 import random
 import shutil
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -278,6 +281,17 @@ def _rss(pids: list[int]) -> int:
     return sum(procs.rss_bytes(pid) for pid in pids)
 
 
+def _anon(pids: list[int]) -> int:
+    """The processes' private memory (RssAnon): the heap that holds the rooms'
+    logs, without the rings' shared pages that VmRSS counts once per reader."""
+    total = 0
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
 def _programs(against: str | None) -> list[tuple[str, str]]:
     """This checkout's server, and ``against`` (another checkout's ``shardchat``)."""
     return [("", procs.SHARDCHAT)] + ([("-against", against)] if against else [])
@@ -298,6 +312,7 @@ def run_memory(rooms: int, history: int, against: str | None = None) -> dict[str
                 finally:
                     shutil.rmtree(store, ignore_errors=True)
                 out[f"{name}-w{workers}{label}"] = row
+                print(f"{name}-w{workers}{label}", row, file=sys.stderr)
     return out
 
 
@@ -309,32 +324,38 @@ def _held_rss(server: procs.Running, rooms: int, history: int) -> dict[str, Any]
         await ws.recv()
         for r in range(rooms):
             await ws.send(json.dumps({"type": "join", "room": f"m{r}"}))
+        joined = 0
+        while joined < rooms:
+            got = json.loads(await ws.recv())
+            assert got["type"] != "error", got
+            joined += got["type"] == "joined"
         body = [
             json.dumps({"type": "message", "room": f"m{r}", "content": CONTENT})
             for r in range(rooms)
         ]
-        answered = refused = 0
+        answered = 0
         for i in range(history):
             for frame in body:
                 await ws.send(frame)
             # A round at a time: overload.forwards bounds what is in flight.
             while answered < (i + 1) * rooms:
-                kind = json.loads(await ws.recv())["type"]
-                if kind in ("ack", "error"):
-                    answered += 1
-                    refused += kind == "error"
-        assert not refused, f"{refused} publishes refused"
+                got = json.loads(await ws.recv())
+                assert got["type"] != "error", got
+                answered += got["type"] == "ack"
         await ws.close()
 
-    before = _rss(pids)
+    before, anon_before = _rss(pids), _anon(pids)
     asyncio.run(fill())
     time.sleep(1.0)
-    after = _rss(pids)
+    after, anon_after = _rss(pids), _anon(pids)
     held = rooms * history
     return {
         "rss_before": before, "rss_after": after,
         "bytes_per_message": round((after - before) / held, 1),
         "bytes_per_room": round((after - before) / rooms),
+        "anon_before": anon_before, "anon_after": anon_after,
+        "anon_bytes_per_message": round((anon_after - anon_before) / held, 1),
+        "anon_bytes_per_room": round((anon_after - anon_before) / rooms),
     }  # fmt: skip
 
 
@@ -358,6 +379,32 @@ async def _page_ms(ws: Any, query: dict[str, Any]) -> tuple[float, int]:
         if frame["type"] == "history_end":
             return (time.perf_counter() - t) * 1e3, got
         got += frame["type"] == "message"
+
+
+def _direct_reads(store: Path, workers: int, owner: int, befores: list[int]) -> dict[str, Any]:
+    """The other design's own cost: a page of 50 read from the owner's file by
+    another process through a read-only connection (what a shard would do
+    instead of asking the owner through the rings), without the answer's trip."""
+    uri = f"file:{store_path(store, owner, workers)}?mode=ro"
+    db = sqlite3.connect(uri, uri=True)
+    try:
+        times = []
+        for before in befores:
+            t = time.perf_counter()
+            rows = db.execute(
+                "SELECT seq, json FROM messages WHERE room = ? AND seq < ?"
+                " ORDER BY seq DESC LIMIT 50",
+                ("room-0", before),
+            ).fetchall()
+            times.append((time.perf_counter() - t) * 1e3)
+            assert len(rows) == 50
+    finally:
+        db.close()
+    times.sort()
+    return {
+        "p50_ms": round(statistics.median(times), 3),
+        "p99_ms": round(times[int(len(times) * 0.99) - 1], 3),
+    }
 
 
 def run_history(messages: int, pages: int, against: str | None = None) -> dict[str, Any]:
@@ -400,6 +447,8 @@ def run_history(messages: int, pages: int, against: str | None = None) -> dict[s
 
                 row = asyncio.run(measure())
                 row["shard_rss"] = _rss(server.server_pids())
+            if not label:
+                out["direct_read"] = _direct_reads(tmp / "store", workers, owner, befores)
             out[f"history{label}"] = row
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
