@@ -42,7 +42,6 @@ Retention: a room keeps its last ``delivery.history`` messages (trimmed every
 from __future__ import annotations
 
 import logging
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -53,6 +52,13 @@ from typing import Generic, TypeVar
 from shardchat.core.broker import KEY_WINDOW
 from shardchat.core.roomlog import HeldMessage
 from shardchat.logs import log_event
+from shardchat.storage.transactions import (
+    SYNCHRONOUS,
+    TRIM_EVERY,
+    Row,
+    Transactions,
+    connect,
+)
 
 __all__ = ["RETRY_EVERY", "SYNC_EVERY", "TRIM_EVERY", "Restored", "RoomStore", "connect"]
 
@@ -60,41 +66,9 @@ log = logging.getLogger(__name__)
 
 SYNC_EVERY = 1.0  # seconds between syncs with storage.fsync = "batch"
 RETRY_EVERY = 0.5  # seconds between tries of a write that failed (a full disk)
-TRIM_EVERY = 32  # a room's messages past delivery.history are deleted this many at a time
-PRUNE_EVERY = 30.0  # seconds between deletions of expired keys (and messages by age)
 GROUP_ROWS = 2048  # rows waiting that wake the writer before write_every is up
 
 T = TypeVar("T")
-
-# messages is a rowid table (appended in the order written) with its (room, seq)
-# key as an index: a turn's rows, of many rooms, land on the table's last pages
-# and only the small index entries are spread over one page per room. Keyed
-# WITHOUT ROWID by (room, seq) each row of ~200 bytes dirtied its room's leaf
-# page and a write cost about twice as much CPU (perf/RESULTS.md, The room
-# store's write path). Files made before keep that schema: the statements are
-# the same for both.
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS messages (
-    room TEXT NOT NULL, seq INTEGER NOT NULL, at REAL NOT NULL, json BLOB NOT NULL,
-    PRIMARY KEY (room, seq));
-CREATE TABLE IF NOT EXISTS rooms (
-    room TEXT PRIMARY KEY, seq INTEGER NOT NULL) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS keys (
-    key TEXT PRIMARY KEY, room TEXT NOT NULL, seq INTEGER NOT NULL, at REAL NOT NULL)
-    WITHOUT ROWID;
-"""
-_SYNCHRONOUS = {"always": "FULL", "batch": "NORMAL", "off": "OFF"}
-
-Row = tuple[str, int, float, str, bytes]  # room, seq, wall time, idempotency key, JSON
-
-
-def connect(path: Path, synchronous: str = "NORMAL") -> sqlite3.Connection:
-    """A connection to the store at ``path`` in WAL mode, with the schema."""
-    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute(f"PRAGMA synchronous={synchronous}")
-    db.executescript(_SCHEMA)
-    return db
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +123,7 @@ class RoomStore(Generic[T]):
         self.history_ttl = history_ttl
         self.wake = wake  # called by the writer thread when tokens are back (finished)
         self.write_every = write_every
-        self._reader = connect(path, _SYNCHRONOUS[fsync])
+        self._reader = connect(path, SYNCHRONOUS[fsync])
         self._turn: list[Row] = []
         self._shared: _Shared[T] = _Shared()
         self.submitted = 0  # rows handed to the writer
@@ -262,11 +236,11 @@ class RoomStore(Generic[T]):
     # The writer thread
 
     def _run(self) -> None:
-        db = connect(self.path, _SYNCHRONOUS[self.fsync])
+        db = connect(self.path, SYNCHRONOUS[self.fsync])
         if self.max_bytes:
             page_size = db.execute("PRAGMA page_size").fetchone()[0]
             db.execute(f"PRAGMA max_page_count={max(1, self.max_bytes // page_size)}")
-        writer = _Writer(db, self.history, self.history_ttl)
+        writer = Transactions(db, self.history, self.history_ttl)
         shared = self._shared
         next_sync = time.monotonic() + SYNC_EVERY
         dirty = False
@@ -290,7 +264,7 @@ class RoomStore(Generic[T]):
                 if stop:
                     return  # a full disk at shutdown: the unstored rows are in our ring
         except Exception as exc:
-            # A bug, not a full disk (sqlite3.Error is handled in write): the writer
+            # A bug, not a full disk (SQLite's errors are handled in write): the writer
             # is gone, so every later token fails (`unavailable`) rather than
             # waiting for ever, and publishes are refused.
             log_event(log, logging.CRITICAL, "storage_writer_failed", error=repr(exc))
@@ -359,81 +333,3 @@ class RoomStore(Generic[T]):
             event = "storage_full" if full else "storage_resumed"
             level = logging.ERROR if full else logging.WARNING
             log_event(log, level, event, path=str(self.path))
-
-
-class _Writer:
-    """The writer thread's transactions (its own connection)."""
-
-    def __init__(self, db: sqlite3.Connection, history: int, history_ttl: float) -> None:
-        self.db = db
-        self.history = history
-        self.history_ttl = history_ttl
-        self._failing = False  # the last write failed (logged once until one succeeds)
-        self._trimmed: dict[str, int] = {}  # room -> the seq up to which it was trimmed
-        self._next_prune = 0.0
-
-    def write(self, rows: list[Row]) -> bool:
-        """Store ``rows`` in one transaction."""
-        db = self.db
-        history = self.history
-        latest: dict[str, int] = {}
-        for row in rows:
-            latest[row[0]] = row[1]
-        try:
-            db.execute("BEGIN IMMEDIATE")
-            if history:
-                db.executemany(
-                    "INSERT OR REPLACE INTO messages VALUES (?, ?, ?, ?)",
-                    [(room, seq, at, json) for room, seq, at, _, json in rows],
-                )
-            db.executemany("INSERT OR REPLACE INTO rooms VALUES (?, ?)", latest.items())
-            keyed = [(key, room, seq, at) for room, seq, at, key, _ in rows if key]
-            if keyed:
-                db.executemany("INSERT OR REPLACE INTO keys VALUES (?, ?, ?, ?)", keyed)
-            trims = self._trims(latest)
-            if trims:
-                db.executemany("DELETE FROM messages WHERE room = ? AND seq <= ?", trims)
-            db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            try:
-                db.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
-            if not self._failing:
-                log_event(log, logging.ERROR, "storage_write_failed", error=str(exc))
-            self._failing = True
-            return False
-        self._failing = False
-        for room, upto in trims:
-            self._trimmed[room] = upto
-        return True
-
-    def _trims(self, latest: dict[str, int]) -> list[tuple[str, int]]:
-        history = self.history
-        if not history:
-            return []
-        trimmed = self._trimmed
-        return [
-            (room, seq - history)
-            for room, seq in latest.items()
-            if seq - history - trimmed.get(room, 0) >= TRIM_EVERY
-        ]
-
-    def checkpoint(self) -> None:
-        """Copy the log into the database, syncing both (``synchronous = NORMAL``)."""
-        try:
-            self.db.execute("PRAGMA wal_checkpoint(PASSIVE)")
-        except sqlite3.Error as exc:  # a full disk: the log keeps it until the next
-            log_event(log, logging.WARNING, "storage_checkpoint_failed", error=str(exc))
-
-    def prune(self, wall: float) -> None:
-        """Delete the keys older than ``KEY_WINDOW`` and, with a ttl, older messages."""
-        if wall < self._next_prune:
-            return
-        self._next_prune = wall + PRUNE_EVERY
-        try:
-            self.db.execute("DELETE FROM keys WHERE at < ?", (wall - KEY_WINDOW,))
-            if self.history_ttl:
-                self.db.execute("DELETE FROM messages WHERE at < ?", (wall - self.history_ttl,))
-        except sqlite3.Error as exc:
-            log_event(log, logging.WARNING, "storage_prune_failed", error=str(exc))

@@ -196,10 +196,10 @@ def test_history_ttl_deletes_older_messages_and_old_keys(tmp_path: Path) -> None
     """The writer's prune (every PRUNE_EVERY): messages older than
     delivery.history_ttl and keys older than KEY_WINDOW go; the seq stays."""
     from shardchat.core.broker import KEY_WINDOW
-    from shardchat.storage.store import _Writer
+    from shardchat.storage.transactions import Transactions
 
     db = connect(tmp_path / "t.db")
-    writer = _Writer(db, history=1000, history_ttl=60.0)
+    writer = Transactions(db, history=1000, history_ttl=60.0)
     now = time.time()
     old, recent = now - 120, now - 10
     assert writer.write([("r", 1, old, "k1", b"a"), ("r", 2, recent, "k2", b"b")])
@@ -216,12 +216,12 @@ def test_a_writer_that_fails_fails_every_batch_instead_of_hanging(
 ) -> None:
     """An error that is not SQLite's (a bug): logged, the store full for good, and
     every batch handed over answered as failed (its publishes get `unavailable`)."""
-    from shardchat.storage import store as store_module
+    from shardchat.storage.transactions import Transactions
 
     def broken(self: object, rows: object) -> bool:
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(store_module._Writer, "write", broken)
+    monkeypatch.setattr(Transactions, "write", broken)
     woken = Woken()
     store = open_store(tmp_path / "s.db", woken)
     for turn in range(3):
