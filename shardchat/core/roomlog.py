@@ -62,6 +62,14 @@ class RoomLog:
         """The most messages this log holds."""
         return self._capacity
 
+    def resize(self, capacity: int) -> None:
+        """Hold up to ``capacity`` messages from now on (the oldest go when fewer)."""
+        if capacity == self._capacity:
+            return
+        self._capacity = capacity
+        if self._held:
+            self._held = deque(self._held, maxlen=capacity) if capacity else ()
+
     @property
     def oldest_seq(self) -> int:
         """The seq of the oldest held message; ``seq + 1`` when nothing is held."""

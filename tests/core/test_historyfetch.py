@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from typing import Any, cast
 
-from shardchat.core.broker import Broker
+from shardchat.core.broker import Broker, Holding
 from shardchat.core.gapfill import GAP_GIVE_UP, GAP_JOIN_WAIT
 from shardchat.core.historyfetch import HistoryFetches
-from tests.core.box import Box, Client, Fills, config, covered, owner_and_peer
+from shardchat.core.roomlog import TAIL
+from tests.core.box import Box, Client, Fills, config, covered, owner_and_peer, published_room
 
 FAST = {"limits__rate": 100_000.0, "limits__burst": 100_000}
 LAPPED = 300  # 300 x ~600 bytes: about three rings
@@ -192,3 +193,23 @@ def test_messages_older_than_the_ttl_are_not_replayed_from_the_logs() -> None:
     joined = box.join(bob, room, since=0, epoch="epoch-1")
     assert joined["recovered"] is False and joined["seq"] == 5
     assert bob.seqs(room) == [4, 5]
+
+
+def test_a_resume_from_before_the_tail_is_whole_though_the_tail_rolls_meanwhile() -> None:
+    """A shard that keeps a tail of a room (another holds its recent history)
+    fetches a resume's older messages from the owner; messages that come while
+    it does, more than the tail holds, neither cut the replay nor are lost."""
+    box = Box(2, config(**FAST))
+    box.brokers[1].holding = lambda room: Holding.ELSEWHERE  # type: ignore[method-assign]
+    room, carol = published_room(box, 500)
+    alice = box.connect(0, "alice")
+    box.join(alice, room)
+    assert len(box.engines[1].logs[room]) == TAIL
+    bob = box.connect(1, "bob")
+    box.send(bob, type="join", room=room, since=10, epoch="epoch-1")
+    box.publish(alice, room, 300, "late")  # read by shard 1 before the fetch's answer
+    box.turn()
+    (joined,) = bob.take("joined")
+    assert joined["recovered"] is True and joined["seq"] == 800
+    assert bob.seqs(room) == list(range(11, 801))
+    assert len(box.engines[1].logs[room]) == TAIL and not box.engines[1].pins

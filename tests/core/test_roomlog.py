@@ -142,3 +142,13 @@ def test_unexpired_drops_the_leading_messages_stamped_before_the_cutoff() -> Non
     assert [m.seq for m in unexpired(messages, 200)] == [3, 4, 5]
     assert unexpired(messages, 50) is messages
     assert unexpired(messages, 1000) == []
+
+
+def test_resize_keeps_the_latest_and_bounds_what_comes() -> None:
+    log = filled(10, 4)  # 7..10
+    log.resize(6)
+    for seq in range(11, 14):
+        log.append(seq, b"m")
+    assert [m.seq for m in log.after(0)] == [8, 9, 10, 11, 12, 13]
+    log.resize(2)
+    assert [m.seq for m in log.after(0)] == [12, 13] and log.capacity == 2

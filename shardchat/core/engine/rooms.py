@@ -57,6 +57,7 @@ class Rooms(EngineState[C]):
             or room in self.members
             or room in self.gaps.parked
             or room in self.reliable.rooms
+            or room in self.pins
             or self.broker.serves_history(room)
         ):
             return
@@ -79,6 +80,7 @@ class Rooms(EngineState[C]):
         now = self.now
         idle = self.config.delivery.room_idle
         busy = self.members.keys() | self.gaps.parked.keys() | self.reliable.rooms.keys()
+        busy |= self.pins.keys()
         serves = self.broker.serves_history
         dropped = [
             room

@@ -106,6 +106,7 @@ class PendingJoin(Generic[C]):
     # A resume from before the log's oldest message: what was fetched of the
     # seqs between (None: nothing asked).
     older: dict[int, bytes] | None = None
+    pinned: bool = False  # its room's log is held whole until it is answered
 
 
 class ConnState:
@@ -196,6 +197,9 @@ class EngineState(Generic[C]):
         # (token exp, conn id, connection), soonest first: closed with 4401 then.
         self._expiries: list[tuple[float, int, C]] = []
         self.logs: dict[str, RoomLog] = {}
+        # Rooms whose log holds up to `delivery.history` while a resume's older
+        # messages are fetched: the log's part must not roll away meanwhile.
+        self.pins: dict[str, int] = {}
         self.presence = LocalPresence()  # our own connections per (room, user)
         self.reliable: ReliableRooms[C] = ReliableRooms(config.delivery, counters)
         self.fanout: Fanout[C] = Fanout(self.logs, self.reliable, counters)
