@@ -213,3 +213,18 @@ def test_a_resume_from_before_the_tail_is_whole_though_the_tail_rolls_meanwhile(
     assert joined["recovered"] is True and joined["seq"] == 800
     assert bob.seqs(room) == list(range(11, 801))
     assert len(box.engines[1].logs[room]) == TAIL and not box.engines[1].pins
+
+
+def test_the_api_history_of_a_shard_with_a_tail_fetches_the_older_page() -> None:
+    box = Box(2, config(**FAST))
+    box.brokers[1].holding = lambda room: Holding.ELSEWHERE  # type: ignore[method-assign]
+    room, _ = published_room(box, 500)
+    pages: list[list[int]] = []
+    engine = box.engines[1]
+    engine.read_history(
+        room, None, 101, 50, lambda held, epoch, seq: pages.append([m.seq for m in held])
+    )
+    box.settle(1)
+    box.turn()
+    assert pages == [list(range(51, 101))]
+    assert len(engine.logs[room]) == TAIL and not engine.pins

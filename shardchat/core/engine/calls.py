@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from shardchat.core import wire
 from shardchat.core.errors import ErrorCode
 from shardchat.core.messages import (
+    HistoryQuery,
     Join,
     Leave,
     RoomId,
@@ -26,6 +27,7 @@ from shardchat.core.roomlog import HeldMessage
 if TYPE_CHECKING:
     pass
 from shardchat.core.engine.connections import Connections
+from shardchat.core.engine.requests import merged
 from shardchat.core.engine.state import (
     ConnState,
 )
@@ -129,10 +131,25 @@ class ServerCalls(Connections[C]):
         before: int | None,
         limit: int,
         then: Callable[[list[HeldMessage], str, int], None],
+        fetched: dict[int, bytes] | None = None,
     ) -> None:
+        """The page, from the log and, for the seqs it lacks (older than a tail,
+        or than what this shard keeps in memory), what the room's holder sent
+        back for it alone, as ``history`` on the WebSocket."""
         self._catch_up()
         log_ = self.logs.get(room)
         if log_ is None:
             then([], self._epoch(room), self.broker.latest_seq(room) or 0)
-        else:
-            then(log_.page(since, before, limit), log_.epoch, log_.seq)
+            return
+        query = HistoryQuery(room=RoomId(room), since=since, limit=limit, before=before)
+        if fetched is None and room not in self.gaps.parked:
+            missing = self._missing(log_, query)
+            if missing is not None:
+                self._pin(room)
+                answer = self.inbox.later(self._answer_history, room, since, before, limit, then)
+                self.fetches.fetch(room, missing[0], missing[1], self.now, answer)
+                return
+        held = merged(log_, fetched, query) if fetched else log_.page(since, before, limit)
+        then(self._unexpired(held), log_.epoch, log_.seq)
+        if fetched is not None:
+            self._unpin(room)

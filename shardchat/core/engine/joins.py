@@ -71,7 +71,7 @@ class Joins(Deliveries[C]):
         """Input (queued in the inbox): what a join waited on at its stage came."""
         state = self.conns.get(pending.conn)
         if state is None or pending.stage is JoinStage.DONE:
-            self._unpin(pending)
+            self._unpin_join(pending)
             return  # gone, or ended, while its broker worked
         try:
             if pending.stage is JoinStage.OPENING:
@@ -120,8 +120,7 @@ class Joins(Deliveries[C]):
                 # room's rate) neither roll the fetched range's end away nor are
                 # fetched again.
                 pending.pinned = True
-                self.pins[room] = self.pins.get(room, 0) + 1
-                log_.resize(self.history)
+                self._pin(room)
                 then = self.inbox.later(self._older_fetched, pending)
                 self.fetches.fetch(room, first, last, self.now, then)
                 return
@@ -132,7 +131,7 @@ class Joins(Deliveries[C]):
         (or the wait for them ran out: the replay is then not ``recovered``)."""
         state = self.conns.get(pending.conn)
         if state is None or pending.stage is not JoinStage.FETCHING:
-            self._unpin(pending)
+            self._unpin_join(pending)
             return
         pending.older = fetched
         try:
@@ -185,24 +184,16 @@ class Joins(Deliveries[C]):
         (:meth:`take_deferred`): not here, and not by recursion (a replayed join
         can end at once)."""
         pending.stage = JoinStage.DONE
-        self._unpin(pending)
+        self._unpin_join(pending)
         state.joins = tuple(p for p in state.joins if p is not pending)
         if not state.joins and state.deferred:
             self._ready.append(pending.conn)
 
-    def _unpin(self, pending: PendingJoin[C]) -> None:
-        """The join no longer needs its room's log held whole: back to its size."""
-        if not pending.pinned:
-            return
-        pending.pinned = False
-        room = pending.request.room
-        left = self.pins.pop(room, 1) - 1
-        if left:
-            self.pins[room] = left
-            return
-        log_ = self.logs.get(room)
-        if log_ is not None:
-            log_.resize(self._capacity(room))
+    def _unpin_join(self, pending: PendingJoin[C]) -> None:
+        """The join no longer needs its room's log held whole."""
+        if pending.pinned:
+            pending.pinned = False
+            self._unpin(pending.request.room)
 
     def _finish_join(
         self,

@@ -288,6 +288,13 @@ class Requests(Joins[C]):
         """The answer, from the log and, for the seqs the log lacks (a range given
         up as a ``gap`` here, messages older than the log), what the room's holder
         sent back for this answer alone (``fetched``; historyfetch.py)."""
+        self._history_reply(conn, request, fetched)
+        if fetched is not None:
+            self._unpin(request.room)  # held whole since the fetch, for the answer
+
+    def _history_reply(
+        self, conn: C, request: HistoryQuery, fetched: dict[int, bytes] | None
+    ) -> None:
         if conn not in self.conns:
             return  # gone while the room's history was being fetched
         room = request.room
@@ -299,12 +306,15 @@ class Requests(Joins[C]):
             # answering; the answer is due now, PROTOCOL.md `gap`.)
             missing = self._missing(log_, request)
             if missing is not None:
+                # The log holds what comes meanwhile: its part of the answer
+                # (after the fetched seqs) must not roll away.
+                self._pin(room)
                 then = self.inbox.later(self._finish_history, conn, request)
                 self.fetches.fetch(room, missing[0], missing[1], self.now, then)
                 return
         held = [] if log_ is None else log_.page(request.since, request.before, request.limit)
         if fetched and log_ is not None:
-            held = _merged(log_, fetched, request)
+            held = merged(log_, fetched, request)
         held = self._unexpired(held)
         if held:
             self._out.append(((conn,), Paced([message.payload for message in held])))
@@ -341,7 +351,7 @@ class Requests(Joins[C]):
         self.reliable.ack(conn, room, request.seq, latest, self.now)
 
 
-def _merged(log_: RoomLog, fetched: dict[int, bytes], request: HistoryQuery) -> list[HeldMessage]:
+def merged(log_: RoomLog, fetched: dict[int, bytes], request: HistoryQuery) -> list[HeldMessage]:
     """``history`` paging (RoomLog.page) over the fetched messages and the log's."""
     since, before, limit = request.since, request.before, request.limit
     oldest = log_.oldest_seq

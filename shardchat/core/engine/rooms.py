@@ -44,6 +44,24 @@ class Rooms(EngineState[C]):
         log_.touched = self.now
         return log_
 
+    def _pin(self, room: str) -> None:
+        """Hold ``room``'s log whole (up to ``delivery.history``) from now on, while
+        an answer fetches the seqs before it: what comes meanwhile stays."""
+        self.pins[room] = self.pins.get(room, 0) + 1
+        log_ = self.logs.get(room)
+        if log_ is not None:
+            log_.resize(max(log_.capacity, self.history))
+
+    def _unpin(self, room: str) -> None:
+        """One answer less needs ``room``'s log whole: the last gives it its size back."""
+        left = self.pins.pop(room, 1) - 1
+        if left:
+            self.pins[room] = left
+            return
+        log_ = self.logs.get(room)
+        if log_ is not None:
+            log_.resize(self._capacity(room))
+
     def _drop_partial(self, room: str) -> None:
         """Drop a log made from live messages alone (the room had no members here
         when they came: after a restart, or once dropped as idle), which lacks the
