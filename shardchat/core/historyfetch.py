@@ -102,6 +102,21 @@ class HistoryFetches:
                 self.broker.fill(room, seq, fetch.last)
         self._finish(room, done)
 
+    def ask_again(self, latest: Callable[[str], int | None], now: float) -> None:
+        """The broker lost records (a lap, the holder restarted): the fetches of
+        the rooms it names (``latest(room)`` not None) ask again for what they
+        still want, with ``wait`` again, since the request or its answer may be
+        gone with them."""
+        for room, fetches in self.pending.items():
+            if latest(room) is None:
+                continue
+            for fetch in fetches:
+                seq = fetch.next_seq()
+                if seq <= fetch.last:
+                    fetch.asked = seq
+                    fetch.deadline = now + self.wait
+                    self.broker.fill(room, seq, fetch.last)
+
     def sweep(self, now: float) -> None:
         """Answer the fetches whose holder did not answer within ``wait``."""
         for room, fetches in list(self.pending.items()):

@@ -228,3 +228,19 @@ def test_the_api_history_of_a_shard_with_a_tail_fetches_the_older_page() -> None
     box.turn()
     assert pages == [list(range(51, 101))]
     assert len(engine.logs[room]) == TAIL and not engine.pins
+
+
+def test_a_resume_fetch_asked_of_an_owner_that_died_is_asked_again_of_its_successor() -> None:
+    box = Box(2, config(**FAST))
+    box.brokers[1].holding = lambda room: Holding.ELSEWHERE  # type: ignore[method-assign]
+    room, alice, _ = owner_and_peer(box, "alice")
+    box.publish(alice, room, 200)  # within the ring: the restarted owner holds them
+    box.turn()
+    dave = box.connect(1, "dave")
+    box.stopped.add(0)
+    box.send(dave, type="join", room=room, since=10, epoch="epoch-1")
+    box.turn()  # the request is in shard 1's ring; the owner never reads it
+    box.restart(0)
+    box.turn()
+    (joined,) = dave.take("joined")
+    assert joined["recovered"] is True and dave.seqs(room) == list(range(11, 201))

@@ -191,6 +191,7 @@ class Deliveries(Rooms[C]):
 
     def on_resync(self, latest: Callable[[str], int | None]) -> None:
         self.gaps.resync(latest, self.now)
+        self.fetches.ask_again(latest, self.now)
 
     def on_room_state(self, room: str, epoch: str, seq: int) -> None:
         log_ = self.logs.get(room)
