@@ -10,7 +10,13 @@ runs on a file made with the store's schema (``rowid``: a rowid table with
 (``without rowid``: the table keyed by (room, seq)), alternately, ``--rounds``
 times.
 
-Usage: ``python -m perf.micro.store_write [--seconds 1.0] [--rounds 2]``.
+With ``--parts``: the writer's transaction alone (no thread), on groups of
+``--sizes`` messages over 100 rooms, CPU per message of the whole write and
+of the same write without each of its parts in turn: the (room, seq) index
+(a table without a key), the rooms' seq upsert, the idempotency keys.
+
+Usage: ``python -m perf.micro.store_write [--seconds 1.0] [--rounds 2]
+[--sizes 1,4,32] [--parts]``.
 A benchmark, not a test: the figures go to perf/RESULTS.md.
 """
 
@@ -25,6 +31,7 @@ from contextlib import closing
 from pathlib import Path
 
 from shardchat.storage.store import RoomStore
+from shardchat.storage.transactions import Row, Transactions, connect
 
 PAYLOAD = (
     b'{"type":"message","room":"room-00000","sender":"user-1","content":"'
@@ -64,14 +71,87 @@ def per_message(path: Path, batch: int, seconds: float) -> float:
     return cpu / n * 1e6
 
 
+_PARTS = ("whole", "no (room, seq) index", "no rooms upsert", "no keys")
+
+
+class _Without(Transactions):
+    """The writer's transaction less one part (``_PARTS``)."""
+
+    def __init__(self, path: Path, part: str) -> None:
+        db = connect(path, "NORMAL")
+        if part == _PARTS[1]:
+            db.executescript(
+                "DROP TABLE messages; CREATE TABLE messages"
+                " (room TEXT NOT NULL, seq INTEGER NOT NULL, at REAL NOT NULL, json BLOB NOT NULL)"
+            )
+        super().__init__(db, 1 << 40, 0.0)  # no trims: the same work in every variant
+        self.part = part
+
+    def write(self, rows: list[Row]) -> bool:
+        if self.part == _PARTS[3]:
+            rows = [(room, seq, at, "", json) for room, seq, at, _, json in rows]
+        if self.part != _PARTS[2]:
+            return super().write(rows)
+        db = self.db  # the write's statements but the rooms' upsert
+        db.execute("BEGIN IMMEDIATE")
+        db.executemany(
+            "INSERT OR REPLACE INTO messages VALUES (?, ?, ?, ?)",
+            [(room, seq, at, json) for room, seq, at, _, json in rows],
+        )
+        keyed = [(key, room, seq, at) for room, seq, at, key, _ in rows if key]
+        db.executemany("INSERT OR REPLACE INTO keys VALUES (?, ?, ?, ?)", keyed)
+        db.execute("COMMIT")
+        return True
+
+
+def part_cost(path: Path, part: str, size: int, seconds: float) -> float:
+    """CPU microseconds per message of ``part``'s transactions of ``size`` messages."""
+    writer = _Without(path, part)
+    seqs: dict[str, int] = {}
+    n = 0
+    cpu = time.thread_time()
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        rows: list[Row] = []
+        for _ in range(size):
+            room = f"room-{n % 100}"
+            seq = seqs[room] = seqs.get(room, 0) + 1
+            rows.append((room, seq, time.time(), f"k{n}" if n % 2 else "", PAYLOAD))
+            n += 1
+        assert writer.write(rows)
+        if n % 20_000 < size:
+            writer.checkpoint()  # as the store does once a second
+    cpu = time.thread_time() - cpu
+    writer.db.close()
+    return cpu / n * 1e6
+
+
+def parts(sizes: list[int], seconds: float, rounds: int) -> None:
+    print("| group | round | " + " | ".join(_PARTS) + " |")
+    print("| ---: | ---: |" + " ---: |" * len(_PARTS))
+    for size in sizes:
+        for round_ in range(rounds):
+            got = []
+            for part in _PARTS:
+                with tempfile.TemporaryDirectory() as tmp:
+                    got.append(part_cost(Path(tmp) / "s.db", part, size, seconds))
+            print(f"| {size} | {round_ + 1} | " + " | ".join(f"{c:.1f}" for c in got) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=1.0)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--sizes", default="1,4,32")
+    parser.add_argument("--parts", action="store_true")
     args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    if args.parts:
+        parts(sizes, args.seconds, args.rounds)
+        return
     print("| turn | round | rowid (us/message) | without rowid (us/message) | ratio |")
     print("| ---: | ---: | ---: | ---: | ---: |")
-    for batch in (1, 4, 32):
+    for batch in sizes:
         for round_ in range(args.rounds):
             got = {}
             with tempfile.TemporaryDirectory() as tmp:

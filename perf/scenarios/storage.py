@@ -1,8 +1,9 @@
 """The room store's costs, each against storage.kind = "memory" in the same run.
 
     python -m perf.scenarios.storage start [--messages 1000000 --rooms 10000 --workers 2]
-    python -m perf.scenarios.storage ack [--count 400]
-    python -m perf.scenarios.storage compare [--receivers 2000 --clients 2000]
+    python -m perf.scenarios.storage ack [--count 400 --rounds 1 --against PROGRAM]
+    python -m perf.scenarios.storage compare [--receivers 2000 --clients 1000 --rounds 2
+                                              --against PROGRAM]
     python -m perf.scenarios.storage memory [--rooms 100 --history 1000 --against PROGRAM]
     python -m perf.scenarios.storage history [--messages 100000 --pages 200 --against PROGRAM]
 
@@ -200,63 +201,82 @@ def run_start(messages: int, rooms: int, workers: int) -> dict[str, Any]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def run_ack(count: int) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name, settings in (
-        ("memory", ["storage.kind=memory"]),
-        ("off", ["storage.fsync=off"]),
-        ("batch", ["storage.fsync=batch"]),
-        ("always", ["storage.fsync=always"]),
-    ):
-        with procs.shardchat(1, settings=[*FAST, *settings]) as server:
+async def _acks(port: int, count: int) -> list[float]:
+    """ms from each publish to its ack, one message at a time."""
+    ws = await websockets.connect(f"ws://127.0.0.1:{port}/ws?user=acker")
+    await ws.recv()
+    await ws.send(json.dumps({"type": "join", "room": "acks"}))
+    while json.loads(await ws.recv())["type"] != "joined":
+        pass
+    times = []
+    for i in range(count):
+        t = time.perf_counter()
+        await ws.send(
+            json.dumps({"type": "message", "room": "acks", "content": CONTENT, "id": f"a{i}"})
+        )
+        while json.loads(await ws.recv())["type"] != "ack":
+            pass
+        times.append((time.perf_counter() - t) * 1e3)
+    await ws.close()
+    return sorted(times)
 
-            async def measure(port: int = server.port) -> list[float]:
-                ws = await websockets.connect(f"ws://127.0.0.1:{port}/ws?user=acker")
-                await ws.recv()
-                await ws.send(json.dumps({"type": "join", "room": "acks"}))
-                while json.loads(await ws.recv())["type"] != "joined":
-                    pass
-                times = []
-                for i in range(count):
-                    t = time.perf_counter()
-                    await ws.send(
-                        json.dumps(
-                            {"type": "message", "room": "acks", "content": CONTENT, "id": f"a{i}"}
-                        )
-                    )
-                    while json.loads(await ws.recv())["type"] != "ack":
-                        pass
-                    times.append((time.perf_counter() - t) * 1e3)
-                await ws.close()
-                return times
 
-            times = sorted(asyncio.run(measure()))
-        out[name] = {
-            "p50_ms": round(statistics.median(times), 3),
-            "p99_ms": round(times[int(len(times) * 0.99) - 1], 3),
-            "mean_ms": round(statistics.fmean(times), 3),
-        }
+def run_ack(count: int, rounds: int = 1, against: str | None = None) -> dict[str, Any]:
+    """Memory and each fsync policy (and ``against``'s, alternated), ``rounds`` times."""
+    out: dict[str, Any] = {"rounds": []}
+    for _ in range(rounds):
+        row: dict[str, Any] = {}
+        for name, settings in (
+            ("memory", ["storage.kind=memory"]),
+            ("off", ["storage.fsync=off"]),
+            ("batch", ["storage.fsync=batch"]),
+            ("always", ["storage.fsync=always"]),
+        ):
+            for label, program in _programs(None if name == "memory" else against):
+                store = tempfile.mkdtemp(prefix="shardchat-bench-ack-")
+                cfg = [*FAST, *settings, f"storage.dir={store}"]
+                try:
+                    with procs.shardchat(1, settings=cfg, program=program) as server:
+                        times = asyncio.run(_acks(server.port, count))
+                finally:
+                    shutil.rmtree(store, ignore_errors=True)
+                row[name + label] = {
+                    "p50_ms": round(statistics.median(times), 3),
+                    "p99_ms": round(times[int(len(times) * 0.99) - 1], 3),
+                    "mean_ms": round(statistics.fmean(times), 3),
+                }
+        out["rounds"].append(row)
     return out
 
 
-def run_compare(receivers: int, clients: int, rounds: int = 2) -> dict[str, Any]:
-    """Memory and sqlite alternately, ``rounds`` times each (the machine is shared:
-    the spread of one kind's rounds is the noise)."""
+def run_compare(
+    receivers: int, clients: int, rounds: int = 2, against: str | None = None
+) -> dict[str, Any]:
+    """Memory and sqlite (and ``against``'s sqlite) alternately, ``rounds`` times
+    each (the machine is shared: the spread of one kind's rounds is the noise)."""
     pin_self(CLIENT_CPU)
     out: dict[str, Any] = {"rounds": []}
     runs: dict[str, dict[str, Any]] = {}
+    sides = [("memory", ["storage.kind=memory"], procs.SHARDCHAT)]
+    sides += [(f"sqlite{label}", [], program) for label, program in _programs(against)]
     for round_ in range(rounds):
         row: dict[str, Any] = {}
-        for name, settings in (("memory", ["storage.kind=memory"]), ("sqlite", [])):
-            with procs.shardchat(1, settings=[*FAST, *settings], cpus=SERVER_CPU) as server:
-                fanout = runs[f"fanout-{name}-{round_}"] = fanout_against(
-                    server, f"store-{name}", receivers, [], "5,10,20,40"
-                )
-            with procs.shardchat(1, settings=[*FAST, *settings], cpus=SERVER_CPU) as server:
-                args = ["rooms", "--port", str(server.port), "--target", f"store-rooms-{name}"]
-                args += ["--clients", str(clients), "--room-size", "10", "--interval-ms", "1000"]
-                args += ["--seconds", "10", "--admin", f"http://127.0.0.1:{server.admin_port}"]
-                rooms = runs[f"rooms-{name}-{round_}"] = load(args)
+        for name, settings, program in sides:
+            store = tempfile.mkdtemp(prefix="shardchat-bench-compare-")
+            cfg = [*FAST, *settings, f"storage.dir={store}"]
+            try:
+                with procs.shardchat(1, settings=cfg, cpus=SERVER_CPU, program=program) as server:
+                    fanout = runs[f"fanout-{name}-{round_}"] = fanout_against(
+                        server, f"store-{name}", receivers, [], "5,10,20,40"
+                    )
+                with procs.shardchat(1, settings=cfg, cpus=SERVER_CPU, program=program) as server:
+                    args = ["rooms", "--port", str(server.port), "--target", f"store-rooms-{name}"]
+                    args += ["--clients", str(clients), "--room-size", "10"]
+                    args += ["--interval-ms", "1000", "--seconds", "10"]
+                    args += ["--admin", f"http://127.0.0.1:{server.admin_port}"]
+                    rooms = runs[f"rooms-{name}-{round_}"] = load(args)
+            finally:
+                shutil.rmtree(store, ignore_errors=True)
             cores = rooms["server_cpu_cores"]
             row[name] = {
                 "fanout_best": best_rate(fanout),
@@ -464,24 +484,26 @@ def main() -> None:
     start.add_argument("--workers", type=int, default=2)
     ack = sub.add_parser("ack")
     ack.add_argument("--count", type=int, default=400)
+    ack.add_argument("--rounds", type=int, default=1)
     compare = sub.add_parser("compare")
     compare.add_argument("--receivers", type=int, default=2000)
     compare.add_argument("--clients", type=int, default=1000)
+    compare.add_argument("--rounds", type=int, default=2)
     memory = sub.add_parser("memory")
     memory.add_argument("--rooms", type=int, default=100)
     memory.add_argument("--history", type=int, default=1000)
     history = sub.add_parser("history")
     history.add_argument("--messages", type=int, default=100_000)
     history.add_argument("--pages", type=int, default=200)
-    for with_other in (memory, history):
+    for with_other in (memory, history, ack, compare):
         with_other.add_argument("--against", help="another checkout's shardchat, alternated")
     args = parser.parse_args()
     if args.what == "start":
         result = run_start(args.messages, args.rooms, args.workers)
     elif args.what == "ack":
-        result = run_ack(args.count)
+        result = run_ack(args.count, args.rounds, args.against)
     elif args.what == "compare":
-        result = run_compare(args.receivers, args.clients)
+        result = run_compare(args.receivers, args.clients, args.rounds, args.against)
     elif args.what == "history":
         result = run_history(args.messages, args.pages, args.against)
     else:

@@ -53,7 +53,7 @@ class Durable:
         self._hurry = ring_bytes // 8  # behind this much, the writer is woken at once
         self._acks: list[Ack] = []  # this turn's acks that wait
         self._peer_acks: list[PeerAck] = []
-        self._turn_waits = False
+        self._turn_waits: bool | None = None  # this turn's answer, once asked
         self._tokens = 0  # turns whose acks wait, handed to the writer and not back
         self._turn_start = -1  # the ring position of this turn's first message
         self._starts: deque[tuple[int, int]] = deque()  # (batch, ring position) not stored
@@ -65,14 +65,15 @@ class Durable:
 
     def waits(self, tail: int) -> bool:
         """Whether an ack given now waits for the store (``tail``: our ring's position)."""
-        if not self._turn_waits:
-            self._turn_waits = (
+        waits = self._turn_waits
+        if waits is None or not waits and self.store.full:  # a write failed meanwhile
+            waits = self._turn_waits = (
                 self.always
                 or self._tokens > 0
                 or self.store.full
                 or self.behind(tail) > self._max_behind
             )
-        return self._turn_waits
+        return waits
 
     @property
     def waiting(self) -> int:
@@ -119,7 +120,7 @@ class Durable:
         them (back through :meth:`finished`). ``tail``: our ring's position."""
         hurry = self.behind(tail) > self._hurry
         start, self._turn_start = self._turn_start, -1
-        self._turn_waits = False
+        self._turn_waits = None
         if self._acks or self._peer_acks:
             turn = Turn(self._acks, self._peer_acks)
             self._acks, self._peer_acks = [], []
