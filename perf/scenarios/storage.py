@@ -60,6 +60,7 @@ from perf.scenarios.run import (
     load,
     pin_self,
 )
+from shardchat.procstat import rss_anon
 from shardchat.storage.boxdir import StorageDir, store_path
 from shardchat.storage.store import RoomStore, connect
 
@@ -304,12 +305,7 @@ def _rss(pids: list[int]) -> int:
 def _anon(pids: list[int]) -> int:
     """The processes' private memory (RssAnon): the heap that holds the rooms'
     logs, without the rings' shared pages that VmRSS counts once per reader."""
-    total = 0
-    for pid in pids:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
-                total += int(line.split()[1]) * 1024
-    return total
+    return sum(rss_anon(pid) for pid in pids)
 
 
 def _programs(against: str | None) -> list[tuple[str, str]]:
