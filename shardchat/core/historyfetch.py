@@ -2,11 +2,14 @@
 
 An engine's log of a room can lack seqs that the server still holds: a range
 given up as a ``gap`` here (the log skipped it), or messages older than the
-log's first (it started late). A ``history`` that asks for such seqs has them
+log's first (it started late, or keeps only the recent part: with a store,
+``delivery.history_memory`` on the room's owner and a tail elsewhere). A
+``history``, or a ``join`` resuming from ``since``, that asks for such seqs has them
 fetched through the same path as a gap fill (:meth:`Broker.fill`: the room's
 owner, its store, or Redis), and answered from the fetched messages and the
 log together. The fetched messages are kept for that answer only: they never
-go to the room's members nor into the log, whose order stays as it was.
+go to the room's members nor into the log, whose order stays as it was (the
+engine holds the log whole meanwhile, so that its part is still there).
 
 A fetch ends when the holder has answered the whole range (messages, or the
 part it no longer holds), or after ``wait`` (the holder is stopped or gone):
