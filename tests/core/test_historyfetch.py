@@ -244,3 +244,27 @@ def test_a_resume_fetch_asked_of_an_owner_that_died_is_asked_again_of_its_succes
     box.turn()
     (joined,) = dave.take("joined")
     assert joined["recovered"] is True and dave.seqs(room) == list(range(11, 201))
+
+
+def test_a_log_made_again_while_an_answer_fetches_stays_whole_until_it_is_answered() -> None:
+    """A room's log made again while a ``history`` answer fetches its older seqs
+    (its epoch changed) keeps every message until the answer comes, as the log
+    it replaced did, and gets its tail's size back after."""
+    box = Box(2, config(**FAST))
+    box.brokers[1].holding = lambda room: Holding.ELSEWHERE  # type: ignore[method-assign]
+    room, _ = published_room(box, 500)
+    engine = box.engines[1]
+    box.stopped.add(0)  # the fetch waits for the owner
+    pages: list[list[int]] = []
+    engine.read_history(
+        room, None, 101, 50, lambda held, epoch, seq: pages.append([m.seq for m in held])
+    )
+    box.settle(1)
+    assert engine.pins == {room: 1}
+    engine.inbox.on_room_state(room, "epoch-2", 0)
+    engine.deliver()
+    assert engine.logs[room].capacity == engine.history
+    for _ in range(int(GAP_GIVE_UP) + 1):
+        box.advance(1.0)
+    assert pages and not engine.pins
+    assert engine.logs[room].capacity == TAIL

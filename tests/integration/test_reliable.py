@@ -10,6 +10,10 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
+
+import pytest
+from websockets.exceptions import ConnectionClosed
 
 from shardchat.client.chatclient import ChatClient, Message
 from shardchat.testing.rawws import OP_CLOSE, OP_TEXT, close_code
@@ -19,10 +23,12 @@ from tests.support.helpers import (
     SHARDCHAT,
     RawClient,
     Server,
+    clients_on_shards,
     closing,
     connect_client,
     metric,
     room_of_three,
+    room_owned_by,
     running_server,
     scaled,
     take_messages,
@@ -200,3 +206,41 @@ def test_chat_command(server: Server) -> None:
     assert proc.returncode == 0, err
     assert "typist in tty" in out
     assert "[1] typist: hello from the terminal" in out
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+def test_a_reader_behind_on_a_shard_that_does_not_own_the_room_gets_resends_first(
+    kind: str, store_dir: Path
+) -> None:
+    """A reliable reader 200 messages behind, on a shard that keeps only a tail of
+    a room another shard owns (with the store): its unacked messages are resent
+    as the core protocol says, and 4409 comes only after ``ack_retries``."""
+    room = room_owned_by(0, workers=2, prefix="rel")
+    settings = [*FAST, f"storage.kind={kind}", f"storage.dir={store_dir}",
+                "delivery.ack_timeout=0.2", "delivery.ack_retries=2"]  # fmt: skip
+
+    async def run(url: str) -> tuple[int | None, int]:
+        pub, reader = await clients_on_shards(url, [0, 1])
+        async with closing([pub, reader]):
+            await pub.join(room)
+            await reader.join(room)
+            await reader.send(type="ack", room=room, seq=0)  # reliable mode
+            for i in range(200):
+                await pub.send(type="message", room=room, content=f"m{i}", id=f"m{i}")
+            acks = 0
+            while acks < 200:
+                if (await pub.recv(10))["type"] == "ack":
+                    acks += 1
+            seen = 0
+            try:
+                while True:
+                    frame = await reader.recv(10)
+                    if frame["type"] == "message":
+                        seen += 1
+            except ConnectionClosed as exc:
+                return (exc.rcvd.code if exc.rcvd else None), seen
+
+    with running_server(2, settings) as server:
+        code, seen = asyncio.run(run(server.url))
+    assert code == 4409
+    assert seen > 200, f"closed {code} after {seen} messages, none resent"

@@ -140,6 +140,8 @@ class ServerCalls(Connections[C]):
         log_ = self.logs.get(room)
         if log_ is None:
             then([], self._epoch(room), self.broker.latest_seq(room) or 0)
+            if fetched is not None:
+                self._unpin(room)
             return
         query = HistoryQuery(room=RoomId(room), since=since, limit=limit, before=before)
         if fetched is None and room not in self.gaps.parked:

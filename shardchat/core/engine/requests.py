@@ -349,6 +349,10 @@ class Requests(Joins[C]):
         log_ = self.logs.get(room)
         latest = log_.seq if log_ is not None else 0
         self.reliable.ack(conn, room, request.seq, latest, self.now)
+        if log_ is not None and log_.capacity < self._capacity(room):
+            # Reliable mode here: the log keeps what a resend may need (a
+            # tail would close a reader a little behind with 4409 at once).
+            log_.resize(self._capacity(room))
 
 
 def merged(log_: RoomLog, fetched: dict[int, bytes], request: HistoryQuery) -> list[HeldMessage]:

@@ -280,10 +280,12 @@ class EngineState(Generic[C]):
         the room's owner keeps ``delivery.history_memory`` for the box and the
         others a tail; without one every engine keeps ``delivery.history``."""
         holding = self.broker.holding(room)
-        if holding is Holding.EVERY:
-            return self.history
+        if holding is Holding.EVERY or room in self.pins:
+            return self.history  # pinned: an answer's fetch needs the log whole
         memory = min(self.history, self.config.delivery.history_memory)
-        return memory if holding is Holding.HERE else min(memory, TAIL)
+        if holding is Holding.HERE or room in self.reliable.rooms:
+            return memory  # a reliable connection's resends come from this log
+        return min(memory, TAIL)
 
     def advance(self, now: float, wall: float) -> None:
         """The time for the inputs that follow: monotonic and Unix seconds."""
