@@ -5,7 +5,9 @@ before it forks (:meth:`StorageDir.open`): it takes the lock (one server
 per directory), cuts a torn tail off each store's write-ahead log, sets
 aside a store file SQLite cannot read, moves the rooms to their owners'
 files when ``server.workers`` changed, and reads or makes the epoch, which
-lives in ``meta.json`` and changes only when stored rooms were lost. Each
+lives in ``meta.json`` and changes only when stored rooms were lost
+(:meth:`StorageDir.settle`, after the rescue of a crashed run's rings; the
+meta file's ``clean`` mark says whether the last run stopped cleanly). Each
 shard then opens its own file, ``rooms-<shard>-of-<workers>.db``.
 
 Also the operators' view (``shardchat storage``): :func:`describe`,
@@ -25,6 +27,7 @@ import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from enum import IntEnum
 from pathlib import Path
 
 from shardchat.core.errors import StorageError
@@ -130,11 +133,15 @@ class StorageDir:
         self.epoch = epoch
         self.workers = workers
         self._fd = fd
+        self.cut = False  # a store's torn log tail was cut at start
+        self.unreadable = False  # a store file was set aside
+        self.unclean = False  # the previous run did not stop cleanly (meta.json's mark)
 
     @classmethod
     def open(cls, directory: Path, workers: int) -> StorageDir:
         """Lock ``directory`` (made if missing), mend what a crash left, and
-        read its epoch (a new one if none, or if stored rooms were lost).
+        read its epoch (a new one if none; :meth:`settle` decides after the rescue
+        whether stored rooms were lost).
 
         Raises:
             StorageError: another server holds the directory, or it cannot be made.
@@ -143,12 +150,11 @@ class StorageDir:
         fd, previous = _lock(directory)
         try:
             meta = _read_meta(directory)
-            lost = False
+            cut = unreadable = False
             for path in _store_files(directory):
-                # A cut tail lost messages whose seqs clients may have seen: the
-                # rooms start again under a new epoch (recovered: false), so that
-                # no client takes a new message for one it had.
-                lost |= not _mend(path)
+                mended = _mend(path)
+                cut |= mended == _Mended.CUT
+                unreadable |= mended == _Mended.SET_ASIDE
             old = meta.get("workers")
             if isinstance(old, int) and old != workers:
                 # Copied first; the old files go only once meta.json names the new
@@ -156,16 +162,42 @@ class StorageDir:
                 # the meta file names (a copy interrupted is made again).
                 _move_rooms(directory, old, workers)
             epoch = meta.get("epoch")
-            if not isinstance(epoch, str) or lost:
-                if isinstance(epoch, str):
-                    log_event(log, logging.ERROR, "storage_new_epoch", old=epoch)
+            if not isinstance(epoch, str):
                 epoch = new_epoch()
-            _write_meta(directory, {"epoch": epoch, "workers": workers})
+            # Not clean until close() says so; the epoch is settled after the rescue.
+            _write_meta(directory, {"epoch": epoch, "workers": workers, "clean": False})
             _remove_other_counts(directory, workers)
         except BaseException:
             os.close(fd)
             raise
-        return cls(directory, fd, epoch, workers, previous)
+        storage = cls(directory, fd, epoch, workers, previous)
+        storage.cut, storage.unreadable = cut, unreadable
+        storage.unclean = meta.get("clean") is False  # a meta from before the mark: clean
+        return storage
+
+    def settle(self, *, rings: bool, hole: bool, fsync: str) -> str:
+        """Keep the epoch, or take a new one when stored rooms may have lost messages
+        whose seqs clients saw (so that no client takes a new message for one it
+        had: recovered: false instead), once the rescue is done. ``rings``: the
+        previous run's rings were there (the rescue stored what they held);
+        ``hole``: some room was sequenced past what the store holds even so."""
+        if rings:
+            # The rings hold whatever a cut tail or an unsynced write lost, unless
+            # they lapped it first (a hole).
+            lost = hole or self.unreadable
+        else:
+            # A reboot (or the rings swept): a cut tail lost committed rows, and an
+            # unclean stop with writes that were not synced each time may have lost
+            # some silently (a WAL cut at a frame boundary looks whole).
+            lost = self.cut or self.unreadable or (self.unclean and fsync != "always")
+        if lost:
+            log_event(log, logging.ERROR, "storage_new_epoch", old=self.epoch)
+            self.epoch = new_epoch()
+            _write_meta(self.directory, self._meta(clean=False))
+        return self.epoch
+
+    def _meta(self, *, clean: bool) -> dict[str, object]:
+        return {"epoch": self.epoch, "workers": self.workers, "clean": clean}
 
     def seqs(self, shard: int) -> dict[str, int]:
         """Each room of ``shard``'s store with its seq."""
@@ -181,22 +213,48 @@ class StorageDir:
     def path(self, shard: int) -> Path:
         return store_path(self.directory, shard, self.workers)
 
-    def close(self) -> None:
-        os.close(self._fd)
+    def close(self, *, clean: bool = False) -> None:
+        """Let go of the lock; ``clean``: every shard stored everything and exited,
+        so the store files are synced and the meta file says so (the next start
+        keeps the epoch even if the rings are gone)."""
+        try:
+            if clean:
+                for path in _store_files(self.directory):
+                    for name in (path, path.with_name(path.name + "-wal")):
+                        _fsync(name)
+                _write_meta(self.directory, self._meta(clean=True))
+        finally:
+            os.close(self._fd)
 
 
-def _mend(path: Path) -> bool:
-    """Cut a torn log tail; set the file aside when SQLite cannot read it. False
-    when stored messages were lost either way."""
+def _fsync(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _Mended(IntEnum):
+    INTACT = 0
+    CUT = 1  # a torn tail was cut off (frames of a commit or of one cut short)
+    SET_ASIDE = 2  # unreadable: set aside, its rooms start again
+
+
+def _mend(path: Path) -> _Mended:
+    """Cut a torn log tail; set the file aside when SQLite cannot read it."""
     wal = path.with_name(path.name + "-wal")
-    intact = True
+    mended = _Mended.INTACT
     cut = cut_damaged_tail(wal)
     if cut:
         log_event(
             log, logging.WARNING, "storage_tail_cut", file=wal.name, bytes=cut,
             remaining=wal.stat().st_size,
         )  # fmt: skip
-        intact = False
+        mended = _Mended.CUT
     try:
         db = connect(path)
         try:
@@ -214,8 +272,8 @@ def _mend(path: Path) -> bool:
             log, logging.ERROR, "storage_file_unreadable", file=path.name, error=str(exc),
             moved_to=aside.name,
         )  # fmt: skip
-        return False
-    return intact
+        return _Mended.SET_ASIDE
+    return mended
 
 
 def _move_rooms(directory: Path, old: int, new: int) -> None:

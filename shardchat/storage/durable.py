@@ -3,8 +3,8 @@
 docs/ARCHITECTURE.md, The room store. The owner shard's broker
 (:class:`~shardchat.brokers.shm.ShmBroker`) calls :class:`Durable` at four
 points: :meth:`~Durable.sequenced` for each message it sequences,
-:meth:`~Durable.waits` for each ack (:meth:`~Durable.ack` and
-:meth:`~Durable.ack_peer` take those that wait for the store),
+:meth:`~Durable.ack` and :meth:`~Durable.ack_peer` for each ack (every
+ack waits for its message to be stored),
 :meth:`~Durable.submit` at the turn's commit, :meth:`~Durable.finished` when
 the writer hands back the acks that waited, and :meth:`~Durable.held` to
 answer a fill from the store, with the messages not written yet.
@@ -41,19 +41,16 @@ class Durable:
         self, store: RoomStore[Turn], *, acks_wait: bool = False, ring_bytes: int = 1 << 24
     ) -> None:
         self.store = store
-        # storage.fsync = "always": an ack waits for its synced commit. Else it
-        # leaves with the turn's commit, once the message is in our ring (which
-        # outlives every process; a restart, of this shard or of the box, stores
-        # from it what the store lacks), unless the writer is more than half a
-        # ring behind (the ring may no longer hold what the store lacks) or
-        # failed (a full disk): then acks wait for the store, as do all after
-        # them until those are back, so that acks keep their order.
+        # Every ack waits for its message to be stored, with every storage.fsync
+        # (with "always", for its synced commit): an ack means "in SQLite", so no
+        # overwrite of the owner's ring (its other records move it too: forwards,
+        # fill answers, presence) can lap an acked row the store lacks. The
+        # writer still gathers storage.write_every of turns per transaction and
+        # hands the acks back per gathering; with "always" it writes at once.
         self.always = acks_wait
-        self._max_behind = ring_bytes // 2
         self._hurry = ring_bytes // 8  # behind this much, the writer is woken at once
         self._acks: list[Ack] = []  # this turn's acks that wait
         self._peer_acks: list[PeerAck] = []
-        self._turn_waits: bool | None = None  # this turn's answer, once asked
         self._tokens = 0  # turns whose acks wait, handed to the writer and not back
         self._turn_start = -1  # the ring position of this turn's first message
         self._starts: deque[tuple[int, int]] = deque()  # (batch, ring position) not stored
@@ -64,16 +61,9 @@ class Durable:
         return self.store.full
 
     def waits(self, tail: int) -> bool:
-        """Whether an ack given now waits for the store (``tail``: our ring's position)."""
-        waits = self._turn_waits
-        if waits is None or not waits and self.store.full:  # a write failed meanwhile
-            waits = self._turn_waits = (
-                self.always
-                or self._tokens > 0
-                or self.store.full
-                or self.behind(tail) > self._max_behind
-            )
-        return waits
+        """Whether an ack given now waits for the store: always (``tail``: our
+        ring's position, kept for the broker's calls)."""
+        return True
 
     @property
     def waiting(self) -> int:
@@ -120,12 +110,11 @@ class Durable:
         them (back through :meth:`finished`). ``tail``: our ring's position."""
         hurry = self.behind(tail) > self._hurry
         start, self._turn_start = self._turn_start, -1
-        self._turn_waits = None
         if self._acks or self._peer_acks:
             turn = Turn(self._acks, self._peer_acks)
             self._acks, self._peer_acks = [], []
             self._tokens += 1
-            batch = self.store.submit(turn, hurry=hurry)
+            batch = self.store.submit(turn, hurry=hurry, urgent=self.always)
         elif start >= 0:
             batch = self.store.submit(hurry=hurry)
         else:

@@ -6,7 +6,10 @@ the box dies in that moment (kill -9, OOM), the shared-memory rings outlive
 them (not a reboot). The next start reads the rings of the previous holder
 of the storage directory, before it sweeps them, and stores each room's
 messages that follow on from its stored seq, so that no message a member saw
-is lost and no seq is given twice.
+is lost. Each ring's seq table says how far each room was sequenced: a room
+whose store still lacks some of that (the ring lapped messages members saw
+before they were stored) has a hole, and the start takes a new epoch rather
+than give those seqs again under the old one (:attr:`Rescue.hole`).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import logging
 import time
 import zlib
 from collections import defaultdict
+from dataclasses import dataclass, field
 
 from shardchat.brokers import segments
 from shardchat.core.errors import RingError
@@ -22,10 +26,11 @@ from shardchat.logs import log_event
 from shardchat.ring import records
 from shardchat.ring.layout import HEADER_SIZE, RecordKind
 from shardchat.ring.ring import RingReader, ring_capacity
+from shardchat.ring.seqtable import SLOT_SIZE, SeqTable
 from shardchat.storage.boxdir import StorageDir
 from shardchat.storage.store import connect
 
-__all__ = ["rescue"]
+__all__ = ["Rescue", "rescue"]
 
 log = logging.getLogger(__name__)
 
@@ -34,22 +39,43 @@ _ROOM_MSG = int(RecordKind.ROOM_MSG)
 Row = tuple[str, int, str, bytes]  # room, seq, key, JSON
 
 
-def _ring_messages(owner_pid: int) -> list[Row]:
-    """The ROOM_MSG records still in every ring of supervisor ``owner_pid``."""
-    out: list[Row] = []
+@dataclass(slots=True)
+class Rescue:
+    """What a start found in the previous holder's rings."""
+
+    rings: bool = False  # they were there (no reboot, no clean stop since)
+    stored: int = 0  # messages stored from them
+    rows: list[Row] = field(default_factory=list)
+    seqs: dict[str, int] = field(default_factory=dict)  # room -> seq sequenced (seq tables)
+    holes: list[str] = field(default_factory=list)  # rooms sequenced past what is stored
+
+    @property
+    def hole(self) -> bool:
+        return bool(self.holes)
+
+
+def _read_rings(owner_pid: int, found: Rescue) -> None:
+    """The ROOM_MSG records and the seq tables still in every ring of supervisor
+    ``owner_pid``."""
     shard = 0
     while True:
         segment = segments.attach_if_present(segments.ring_name(owner_pid, shard))
         if segment is None:
-            return out  # no such ring: we have read them all
+            return  # no such ring: we have read them all
+        found.rings = True
         try:
             view = memoryview(segment.buf)
-            reader = RingReader(view[: HEADER_SIZE + ring_capacity(view)], from_oldest=True)
+            capacity = ring_capacity(view)
+            table = view[HEADER_SIZE + capacity :]
+            for room, seq in SeqTable(table, len(table) // SLOT_SIZE).entries().items():
+                found.seqs[room] = max(seq, found.seqs.get(room, 0))
+            del table
+            reader = RingReader(view[: HEADER_SIZE + capacity], from_oldest=True)
             while batch := reader.poll(4096):
                 for _, kind, _, payload in batch:
                     if kind == _ROOM_MSG:
                         msg = records.decode_room_message(payload)
-                        out.append((msg.room, msg.seq, msg.key, msg.json))
+                        found.rows.append((msg.room, msg.seq, msg.key, msg.json))
             del reader, view
         except RingError as exc:
             log_event(log, logging.WARNING, "storage_rescue_skipped", shard=shard, error=str(exc))
@@ -58,17 +84,38 @@ def _ring_messages(owner_pid: int) -> list[Row]:
         shard += 1
 
 
-def rescue(storage: StorageDir) -> int:
-    """Store what the previous holder's rings hold past each room's stored seq;
-    the messages stored. Only a holder that is gone is read (its rings, if any,
-    are swept after this)."""
+def rescue(storage: StorageDir) -> Rescue:
+    """Store what the previous holder's rings hold past each room's stored seq,
+    and find the rooms they sequenced past what is stored now. Only a holder
+    that is gone is read (its rings, if any, are swept after this)."""
+    found = Rescue()
     previous = storage.previous
     if previous is None or segments.is_live(previous):
-        return 0
-    rows = _ring_messages(previous)
-    stored = _store(storage, rows, previous) if rows else 0
+        return found
+    _read_rings(previous, found)
+    if found.rows:
+        found.stored = _store(storage, found.rows, previous)
+    if found.seqs:
+        found.holes = _holes(storage, found.seqs)
+    if found.holes:
+        log_event(
+            log, logging.ERROR, "storage_rescue_hole", rooms=len(found.holes),
+            example=found.holes[0], previous=previous,
+        )  # fmt: skip
     segments.unlink_all(previous)  # stored: no other start sweeps them (stored_name)
-    return stored
+    return found
+
+
+def _holes(storage: StorageDir, sequenced: dict[str, int]) -> list[str]:
+    """The rooms whose stored seq is behind the seq they were sequenced to."""
+    by_shard: dict[int, list[str]] = defaultdict(list)
+    for room in sequenced:
+        by_shard[zlib.crc32(room.encode()) % storage.workers].append(room)
+    holes: list[str] = []
+    for shard, rooms in by_shard.items():
+        stored = storage.seqs(shard)
+        holes += [room for room in rooms if stored.get(room, 0) < sequenced[room]]
+    return sorted(holes)
 
 
 def _store(storage: StorageDir, rows: list[Row], previous: int) -> int:

@@ -8,16 +8,15 @@ not once per turn) and writes them in one transaction (a group commit: SQLite
 writes each page a commit dirtied, so a larger group shares them), synced per
 ``storage.fsync``. The loop never waits for the disk.
 
-Acks (durable.py): with ``batch`` and ``off`` an ack leaves with the turn's
-commit, once the message is in the owner's shared-memory ring, which outlives
-every process (not a reboot): a shard restarted after kill -9 stores from its
-ring what its store lacks before it serves, and a start after a crash of every
-process stores it from the dead run's rings (rescue.py). The writer is kept
-within ``overload.store`` messages and half a ring of the loop; past half a
-ring, or while a write fails, acks wait for the store instead. A batch handed
-over with a token (``always``, or acks that wait) is written at once and the
-token comes back through :meth:`RoomStore.finished`, the thread waking the
-loop with ``wake`` (``call_soon_threadsafe``).
+Acks (durable.py) wait for their messages to be stored, handed back per
+gathering through :meth:`RoomStore.finished`, the thread waking the loop
+with ``wake`` (``call_soon_threadsafe``); with ``always`` a batch with acks
+is written at once. The writer is kept within ``overload.store`` messages of
+the loop. A message members saw and the store lacks is in the owner's
+shared-memory ring, which outlives every process (not a reboot): a shard
+restarted after kill -9 stores from its ring what its store lacks before it
+serves, and a start after a crash of every process stores it from the dead
+run's rings (rescue.py).
 
 - ``always``: every transaction is synced before its acks (``synchronous =
   FULL``): a power loss loses nothing acked.
@@ -96,7 +95,7 @@ class _Shared(Generic[T]):
     inflight: list[_Batch[T]] = field(default_factory=list)
     done: list[tuple[T, bool]] = field(default_factory=list)
     idle: bool = False  # the writer waits for a first batch: the next submit wakes it
-    urgent: bool = False  # a batch with a token waits: written at once, not gathered
+    urgent: bool = False  # written at once, not gathered (fsync "always", far behind)
     stop: bool = False
     stored: int = 0  # rows stored since the start
     batches: int = 0  # batches stored since the start (in order)
@@ -152,12 +151,13 @@ class RoomStore(Generic[T]):
         """Message ``seq`` of ``room`` was sequenced this turn (``at``: wall seconds)."""
         self._turn.append((room, seq, at, key, json))
 
-    def submit(self, token: T | None = None, *, hurry: bool = False) -> int:
+    def submit(self, token: T | None = None, *, hurry: bool = False, urgent: bool = False) -> int:
         """Hand this turn's messages to the writer; its number (batches are stored
         in order: :attr:`stored_batches`). ``token`` comes back through
-        :meth:`finished` once they (and every earlier batch) are stored, at
-        once; without one the writer gathers turns for ``write_every``, unless
-        ``hurry`` (it is far behind) or ``GROUP_ROWS`` wait."""
+        :meth:`finished` once they (and every earlier batch) are stored. The
+        writer gathers turns for ``write_every``, unless ``urgent`` (fsync
+        "always": the acks wait for this batch alone), ``hurry`` (it is far
+        behind) or ``GROUP_ROWS`` wait."""
         rows, self._turn = self._turn, []
         self.submitted += len(rows)
         number = self.batches
@@ -165,7 +165,7 @@ class RoomStore(Generic[T]):
         shared = self._shared
         with shared.lock:
             shared.queue.append(_Batch(rows, token))
-            if token is not None or hurry or self.submitted - shared.stored >= GROUP_ROWS:
+            if urgent or hurry or self.submitted - shared.stored >= GROUP_ROWS:
                 shared.urgent = True  # written without gathering
                 shared.lock.notify()
             elif shared.idle:

@@ -99,8 +99,10 @@ class Supervisor:
             # Locked for the run (and by the shards, which inherit the lock). With
             # broker.kind = "redis", Redis keeps the rooms: no store.
             self.storage = StorageDir.open(Path(self.config.storage.dir), len(self.slots))
-            self.epoch = self.storage.epoch
-            rescue(self.storage)  # before the sweep: a crashed run's rings
+            rescued = rescue(self.storage)  # before the sweep: a crashed run's rings
+            self.epoch = self.storage.settle(
+                rings=rescued.rings, hole=rescued.hole, fsync=self.config.storage.fsync
+            )
         segments.sweep_stale()
         server = self.config.server
         addr_capacity = table_capacity(server.max_per_ip, server.max_connections, len(self.slots))
@@ -173,7 +175,7 @@ class Supervisor:
                 log_event(log, logging.ERROR, "storage_rings_kept", pid=self.pid)
             self._fabric.close(keep=self.keep_rings)
             if self.storage is not None:
-                self.storage.close()
+                self.storage.close(clean=not self.keep_rings)
         log_event(log, logging.INFO, "supervisor_exit", code=self.exit_code)
         return self.exit_code
 
@@ -263,9 +265,12 @@ class Supervisor:
             slot.restart_at = None
         self._kill_all(signal.SIGQUIT if quick else signal.SIGTERM)
 
-    def _kill_all(self, sig: int) -> None:
+    def _kill_all(self, sig: int) -> bool:
+        """Signal every live shard (SIGKILL: and reap it); whether any was live."""
+        live = False
         for slot in self.slots:
             if slot.process is not None:
+                live = True
                 try:
                     os.kill(slot.process.pid, sig)
                 except ProcessLookupError:
@@ -275,6 +280,7 @@ class Supervisor:
                 if slot.process is not None:
                     slot.process.join()
                     self._reaped(slot)
+        return live
 
     # Shards
 

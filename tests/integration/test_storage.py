@@ -18,6 +18,7 @@ from typing import Any
 
 from websockets.exceptions import ConnectionClosed, WebSocketException
 
+from shardchat.storage.boxdir import store_path
 from shardchat.testing.wait import await_until, scaled
 from tests.support.helpers import (
     FAST,
@@ -591,11 +592,35 @@ async def publish_acked(
     return acked
 
 
-def test_an_owner_killed_right_after_its_acks_stores_them_from_its_ring(store_dir: Path) -> None:
-    """fsync "batch" acks once a message is in its owner's ring: with the writer held
-    back (storage.write_every = 30 s) the store holds none of the acked messages
-    when the owner is killed with kill -9; restarted, the owner stores them from
-    its ring, serves them, and a SIGTERM leaves every one at its seq."""
+async def publish_seen(
+    client: Client, room: str, count: int, tag: str, body: str = ""
+) -> tuple[dict[int, str], dict[int, str]]:
+    """``count`` publishes to ``room`` by a member, all sent, then each seen as a
+    ``message`` or refused: (seen, acked), seq -> content."""
+    for i in range(count):
+        await client.send(type="message", room=room, content=f"{tag}:{i}{body}", id=f"{tag}-{i}")
+    seen: dict[int, str] = {}
+    acked: dict[int, str] = {}
+    refused = 0
+    while len(seen) + refused < count:
+        frame = await client.recv(30)
+        if frame["type"] == "error":
+            refused += 1
+        elif frame["type"] == "ack":
+            acked[frame["seq"]] = f"{tag}:{frame['id'].rsplit('-', 1)[1]}{body}"
+        elif frame["type"] == "message" and frame["content"].startswith(f"{tag}:"):
+            seen[frame["seq"]] = frame["content"]
+    return seen, acked
+
+
+def test_an_owner_killed_before_its_writer_stores_what_members_saw_from_its_ring(
+    store_dir: Path,
+) -> None:
+    """Members see a message at its turn's commit, before it is stored: with the
+    writer held back (storage.write_every = 30 s) the store holds none of them,
+    and none is acked, when the owner is killed with kill -9; restarted, the
+    owner stores them from its ring, serves them at their seqs, and a SIGTERM
+    leaves every one stored."""
     room = room_owned_by(1, workers=2, prefix="held")
     settings = ("storage.write_every=30",)
 
@@ -603,9 +628,11 @@ def test_an_owner_killed_right_after_its_acks_stores_them_from_its_ring(store_di
         local, remote = await clients_on_shards(server.url, [1, 0])
         epoch = str((await local.join(room))["epoch"])
         await remote.join(room)
-        acked = await publish_acked(local, room, 50, "local")  # acked by the owner
-        acked |= await publish_acked(remote, room, 50, "remote")  # forwarded, acked on shard 0
-        assert stored_rows(store_dir, room) == {}, "the acks waited for the store"
+        seen, acked = await publish_seen(local, room, 50, "local")  # sequenced by the owner
+        more, acked_remote = await publish_seen(remote, room, 50, "remote")  # forwarded
+        seen |= more
+        assert not acked and not acked_remote, "an ack left before the store had it"
+        assert stored_rows(store_dir, room) == {}
         os.kill(server.shard_pids()[1], signal.SIGKILL)
         await asyncio.to_thread(server.wait_started, 3)  # the owner is back
         for client in (local, remote):
@@ -613,20 +640,22 @@ def test_an_owner_killed_right_after_its_acks_stores_them_from_its_ring(store_di
         async with closing([await connect_client(server.url, user="z")]) as (client,):
             joined, messages = await replay(client, room, 0, epoch)
             assert joined["epoch"] == epoch and joined["recovered"] is True
-            assert {m["seq"]: m["content"] for m in messages} == acked
-        return epoch, acked
+            assert {m["seq"]: m["content"] for m in messages} == seen
+        return epoch, seen
 
     with stored_server(store_dir, 2, settings) as server:
-        epoch, acked = asyncio.run(before())
+        epoch, seen = asyncio.run(before())
         assert server.stop() == 0
-    assert stored_rows(store_dir, room) == acked
+    assert stored_rows(store_dir, room) == seen
 
 
 def test_a_full_disk_at_shutdown_leaves_the_rings_for_the_next_start(store_dir: Path) -> None:
-    """Acked (in the owner's ring) while the disk is already full and the writer
-    has not tried yet: at SIGTERM the store cannot write them, the shard says so
-    and the supervisor keeps the rings; with room again, the next start stores
-    them from the rings, and every acked message is there."""
+    """Seen by members (in the owner's ring) while the disk is already full and
+    the writer has not tried yet: at SIGTERM the store cannot write them, the
+    shard says so and the supervisor keeps the rings; with room again, the next
+    start stores them from the rings, keeps the epoch (the torn log tail the
+    failed writes left is cut, and the rings held all it lost), and every
+    message members saw is there."""
     with small_disk("2m") as disk:
         directory = disk / "store"
 
@@ -638,10 +667,12 @@ def test_a_full_disk_at_shutdown_leaves_the_rings_for_the_next_start(store_dir: 
                     while True:  # every block of the disk
                         os.write(fd, b"\0" * 4096)
                 os.close(fd)
-                return epoch, await publish_acked(client, "late", 200, "late", "x" * 400)
+                seen, acked = await publish_seen(client, "late", 200, "late", "x" * 400)
+                assert not acked, "an ack left before the store had it"
+                return epoch, seen
 
         with stored_server(directory, 1, ("storage.write_every=30",)) as server:
-            epoch, acked = asyncio.run(fill())
+            epoch, seen = asyncio.run(fill())
             assert server.stop() == 0
             events = [e.get("event") for e in server.log_events()]
             assert "storage_unstored_at_exit" in events and "storage_rings_kept" in events
@@ -649,15 +680,187 @@ def test_a_full_disk_at_shutdown_leaves_the_rings_for_the_next_start(store_dir: 
 
             async def after() -> None:
                 async with closing([await connect_client(server.url, user="g")]) as (client,):
-                    # The failed writes left a torn log tail, which the start cuts
-                    # and, as it cannot tell it from a power loss's, takes a new
-                    # epoch for: the messages are all there all the same.
                     joined, messages = await replay(client, "late", 0, epoch)
-                    assert joined["seq"] == max(acked)
-                    assert {m["seq"]: m["content"] for m in messages} == acked
+                    assert joined["epoch"] == epoch and joined["recovered"] is True
+                    assert joined["seq"] == max(seen)
+                    assert {m["seq"]: m["content"] for m in messages} == seen
 
             # Started before the first server's shared memory is cleaned up after it.
             with stored_server(directory, 1) as server:
                 rescued = [e for e in server.log_events() if e.get("event") == "storage_rescued"]
-                assert rescued and rescued[0]["messages"] == len(acked)
+                assert rescued and rescued[0]["messages"] == len(seen)
                 asyncio.run(after())
+
+
+LAP = ("ring.bytes=65536", "limits.max_frame=8192")  # 21 messages of LAP_BODY lap the ring
+LAP_BODY = "x" * 3000
+
+
+@contextlib.contextmanager
+def writer_held(directory: Path, shard: int, workers: int) -> Iterator[None]:
+    """The store of ``shard`` locked by another connection: its writer waits."""
+    lock = sqlite3.connect(store_path(directory, shard, workers), isolation_level=None)
+    lock.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+
+
+def test_no_ack_leaves_before_its_message_is_stored_while_the_ring_laps(
+    store_dir: Path,
+) -> None:
+    """With the owner's writer held up, its publishers' messages are seen but not
+    acked, and more of them lap its ring: after kill -9 of the owner every acked
+    message is stored, and the restarted owner gives no seq twice."""
+    room = room_owned_by(1, workers=2, prefix="lap")
+
+    async def before() -> tuple[dict[int, str], dict[int, str], int]:
+        (owner,) = await clients_on_shards(server.url, [1])
+        async with closing([owner]):
+            await owner.join(room)
+            with writer_held(store_dir, 1, 2):
+                seen, acked = await publish_seen(owner, room, 36, "lap", LAP_BODY)
+                assert not acked, "an ack left before its message was stored"
+                os.kill(server.shard_pids()[1], signal.SIGKILL)
+            await asyncio.to_thread(server.wait_started, 3)
+        (client,) = await clients_on_shards(server.url, [1])
+        async with closing([client]):
+            await client.join(room)
+            await client.send(type="message", room=room, content="after", id="after-1")
+            ack = await client.recv_type("ack")
+        return seen, acked, int(ack["seq"])
+
+    with stored_server(store_dir, 2, LAP) as server:
+        seen, acked, after = asyncio.run(before())
+        assert server.stop() == 0
+    assert seen and after > max(seen)
+    assert acked.items() <= stored_rows(store_dir, room).items()
+
+
+def test_forwards_through_a_lapped_ring_lose_no_acked_message(store_dir: Path) -> None:
+    """The owner's ring carries its forwards to other owners too: 30 of them while
+    its writer is held up lap its own room's messages, none of which was acked;
+    every forward is acked by its owner and stored there."""
+    room = room_owned_by(1, workers=2, prefix="lap")
+    other = room_owned_by(0, workers=2, prefix="fwd")
+
+    async def before() -> tuple[dict[int, str], dict[int, str]]:
+        (owner,) = await clients_on_shards(server.url, [1])
+        async with closing([owner]):
+            await owner.join(room)
+            await owner.join(other)
+            with writer_held(store_dir, 1, 2):
+                seen, acked = await publish_seen(owner, room, 6, "early", LAP_BODY)
+                forwarded = await publish_acked(owner, other, 30, "fwd", LAP_BODY)
+                os.kill(server.shard_pids()[1], signal.SIGKILL)
+            await asyncio.to_thread(server.wait_started, 3)
+        assert len(seen) == 6 and not acked
+        return acked, forwarded
+
+    with stored_server(store_dir, 2, LAP) as server:
+        acked, forwarded = asyncio.run(before())
+        assert server.stop() == 0
+    assert acked.items() <= stored_rows(store_dir, room).items()
+    assert stored_rows(store_dir, other) == forwarded
+
+
+def test_a_seq_is_never_given_twice_under_one_epoch_after_a_crash_of_every_process(
+    store_dir: Path,
+) -> None:
+    """As above, then kill -9 of every process: the rings lapped messages members
+    saw and the store lacks, so the rescue cannot store them: the next start
+    takes a new epoch rather than give their seqs again under the old one."""
+    room = room_owned_by(1, workers=2, prefix="lap")
+    other = room_owned_by(0, workers=2, prefix="fwd")
+
+    async def before() -> tuple[str, dict[int, str]]:
+        (owner,) = await clients_on_shards(server.url, [1])
+        async with closing([owner]):
+            epoch = str((await owner.join(room))["epoch"])
+            await owner.join(other)
+            with writer_held(store_dir, 1, 2):
+                seen, _ = await publish_seen(owner, room, 6, "early", LAP_BODY)
+                await publish_acked(owner, other, 30, "fwd", LAP_BODY)
+                await asyncio.to_thread(kill_server, server)
+        return epoch, seen
+
+    async def after() -> tuple[str, int]:
+        (client,) = await clients_on_shards(server.url, [1])
+        async with closing([client]):
+            joined = await client.join(room)
+            await client.send(type="message", room=room, content="new", id="new-1")
+            ack = await client.recv_type("ack")
+        return str(joined["epoch"]), int(ack["seq"])
+
+    with stored_server(store_dir, 2, LAP) as server:
+        epoch, seen = asyncio.run(before())
+        # Started before the first server's shared memory is cleaned up after it.
+        with stored_server(store_dir, 2, LAP) as server:
+            new_epoch, seq = asyncio.run(after())
+            events = [e for e in server.log_events() if "storage" in str(e.get("event"))]
+    assert new_epoch != epoch or seq > max(seen), (epoch, new_epoch, seq, sorted(seen))
+    assert new_epoch != epoch and "storage_rescue_hole" in [e["event"] for e in events], events
+
+
+def test_a_torn_log_tail_the_rings_hold_keeps_the_epoch(store_dir: Path) -> None:
+    """kill -9 of every process, then the write-ahead log cut in the middle of a
+    frame: the start cuts the torn tail, stores what it held from the dead run's
+    rings, and keeps the epoch: nothing a member saw was lost."""
+    settings = ("storage.fsync=always",)
+
+    async def before() -> tuple[str, dict[int, str]]:
+        async with closing([await connect_client(server.url, user="a")]) as (client,):
+            joined = await client.join("torn")
+            acked: dict[int, str] = {}
+            for batch in range(10):  # ten transactions at least
+                acked |= await publish_acked(client, "torn", 10, f"t{batch}")
+        return str(joined["epoch"]), acked
+
+    async def after() -> None:
+        async with closing([await connect_client(server.url, user="b")]) as (client,):
+            joined, messages = await replay(client, "torn", 0, epoch)
+            assert joined["epoch"] == epoch and joined["recovered"] is True
+            assert {m["seq"]: m["content"] for m in messages} == acked
+
+    with stored_server(store_dir, 1, settings) as server:
+        epoch, acked = asyncio.run(before())
+        kill_server(server)
+        wal = next(store_dir.glob("rooms-*.db-wal"))
+        with open(wal, "r+b") as f:
+            f.truncate(wal.stat().st_size - 1000)  # mid-frame: the last commit is torn
+        # Started before the first server's shared memory is cleaned up after it.
+        with stored_server(store_dir, 1, settings) as server:
+            events = [e.get("event") for e in server.log_events()]
+            assert "storage_tail_cut" in events and "storage_rescued" in events
+            assert "storage_new_epoch" not in events
+            asyncio.run(after())
+
+
+def test_an_unclean_stop_without_its_rings_takes_a_new_epoch(store_dir: Path) -> None:
+    """A SIGTERM marks the directory clean after the final sync, and the next start
+    keeps the epoch. kill -9 of every process with the rings gone as well (as
+    after a power loss) and fsync "batch": what was not synced may be lost
+    though the log looks whole, so the start takes a new epoch."""
+
+    async def publish_some(tag: str) -> str:
+        async with closing([await connect_client(server.url, user="a")]) as (client,):
+            joined = await client.join("unclean")
+            await publish_acked(client, "unclean", 10, tag)
+        return str(joined["epoch"])
+
+    meta = store_dir / "meta.json"
+    with stored_server(store_dir, 1) as server:
+        epoch = asyncio.run(publish_some("a"))
+        assert json.loads(meta.read_text())["clean"] is False
+        assert server.stop() == 0
+    assert json.loads(meta.read_text())["clean"] is True
+    with stored_server(store_dir, 1) as server:
+        assert asyncio.run(publish_some("b")) == epoch  # kept after a clean stop
+        kill_server(server)
+    # The rings are gone now (unlinked after the killed server), as after a reboot.
+    with stored_server(store_dir, 1) as server:
+        assert asyncio.run(publish_some("c")) != epoch
+        events = [e.get("event") for e in server.log_events()]
+        assert "storage_new_epoch" in events and "storage_rescued" not in events

@@ -265,7 +265,7 @@ def test_a_crashed_runs_rings_give_the_store_what_it_lacked(tmp_path: Path) -> N
         storage = StorageDir.open(directory, 1)
         try:
             assert storage.previous == dead
-            assert rescue(storage) == 3  # a3, a4, b1; c2 would leave c1 a hole
+            assert rescue(storage).stored == 3  # a3, a4, b1; c2 would leave c1 a hole
             assert storage.seqs(0) == {"a": 4, "b": 1}
             db = connect(storage.path(0))
             keys = db.execute("SELECT key FROM keys ORDER BY key").fetchall()
