@@ -164,7 +164,8 @@ class Supervisor:
             self._loop()
         finally:
             signal.set_wakeup_fd(-1)
-            self._kill_all(signal.SIGKILL)
+            if self._kill_all(signal.SIGKILL) and self.storage is not None:
+                self.keep_rings = True  # what they saw and did not store is in the rings
             if self._admin is not None:
                 self._admin.close()
             wake_r.close()
@@ -209,7 +210,8 @@ class Supervisor:
                     return
                 if now >= self.stop_deadline:
                     log_event(log, logging.WARNING, "drain_timeout", action="SIGKILL")
-                    self._kill_all(signal.SIGKILL)
+                    if self._kill_all(signal.SIGKILL) and self.storage is not None:
+                        self.keep_rings = True  # killed before its store was closed
                     self.stop_deadline = now + 5.0
             else:
                 for slot in self.slots:
@@ -344,7 +346,12 @@ class Supervisor:
         slot.process.join()
         pid = slot.pid
         code = self._reaped(slot)
-        self.keep_rings |= code == EXIT_UNSTORED
+        # A shard that stopped without storing everything (exit 4), or that did
+        # not finish stopping (killed at the drain deadline, or an error): the
+        # rings hold what it did not store, for the next start's rescue.
+        self.keep_rings |= code == EXIT_UNSTORED or (
+            self.stopping and code != 0 and self.storage is not None
+        )
         lived = time.monotonic() - slot.started_at
         how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
         if code == -signal.SIGKILL:

@@ -864,3 +864,40 @@ def test_an_unclean_stop_without_its_rings_takes_a_new_epoch(store_dir: Path) ->
         assert asyncio.run(publish_some("c")) != epoch
         events = [e.get("event") for e in server.log_events()]
         assert "storage_new_epoch" in events and "storage_rescued" not in events
+
+
+def test_a_shard_killed_at_the_drain_deadline_leaves_its_rings_for_the_next_start(
+    store_dir: Path,
+) -> None:
+    """A SIGTERM while the owner's writer is held up: the owner cannot close its
+    store before server.graceful_timeout and is killed; the supervisor keeps the
+    rings, and the next start stores from them what members saw, under the same
+    epoch."""
+    room = room_owned_by(1, workers=2, prefix="drain")
+    settings = ("server.graceful_timeout=1",)
+
+    async def publish_held() -> tuple[str, dict[int, str]]:
+        (client,) = await clients_on_shards(server.url, [1])
+        async with closing([client]):
+            epoch = str((await client.join(room))["epoch"])
+            seen, acked = await publish_seen(client, room, 20, "held")
+        assert not acked
+        return epoch, seen
+
+    async def after() -> None:
+        async with closing([await connect_client(server.url, user="b")]) as (client,):
+            joined, messages = await replay(client, room, 0, epoch)
+            assert joined["epoch"] == epoch and joined["recovered"] is True
+            assert {m["seq"]: m["content"] for m in messages} == seen
+
+    with stored_server(store_dir, 2, settings) as server:
+        with writer_held(store_dir, 1, 2):
+            epoch, seen = asyncio.run(publish_held())
+            server.stop()
+        events = [e.get("event") for e in server.log_events()]
+        assert "drain_timeout" in events and "storage_rings_kept" in events
+        # Started before the first server's shared memory is cleaned up after it.
+        with stored_server(store_dir, 2, settings) as server:
+            rescued = [e for e in server.log_events() if e.get("event") == "storage_rescued"]
+            assert rescued and rescued[0]["messages"] == len(seen)
+            asyncio.run(after())
