@@ -51,7 +51,7 @@ class Sequencing(ShmState):
             if durable is not None and durable.waits(self.writer.tail):
                 durable.ack(publication.msg_id, room, seq)  # once stored
             else:
-                # Acked at the commit: an acked message is in the ring.
+                # No store: acked at the commit, an acked message is in the ring.
                 self._acks_due.append((publication.msg_id, room, seq))
             return
         payload = records.encode_forward(publication)
@@ -143,7 +143,7 @@ class Sequencing(ShmState):
         listener = self.listener
         assert listener is not None
         if not aux and self.forwarder.pending and self.forwarder.answered(msg.msg_id):
-            # In the owner's ring is kept; when its acks wait for its store
-            # (aux 1) it says when it is stored (FORWARD_SEEN).
+            # In the owner's ring is kept; an owner with a store (aux 1, its
+            # acks wait for it) says when it is stored (FORWARD_SEEN).
             listener.on_published(msg.msg_id, msg.room, msg.seq)
         listener.on_message(msg.room, msg.seq, msg.msg_id, msg.json, msg.publish_ns)

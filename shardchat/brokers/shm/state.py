@@ -132,7 +132,7 @@ class ShmState:
         self._seqs_due: dict[str, int] = {}  # room -> seq, for the seq table once committed
         self._answers_due: list[tuple[str, int]] = []  # fills of our own rooms: (room, last)
         # The room store (storage.kind = "sqlite"): it keeps what we sequence and
-        # answers our rooms' fills; acks wait for it with storage.fsync = "always".
+        # answers our rooms' fills; every ack waits for it (durable.py).
         self.durable: Durable | None = None
         self.unstored = 0  # messages the store could not write before it closed
         self._fills_due: list[tuple[str, int, int]] = []  # our own rooms' fills from the store
