@@ -236,7 +236,9 @@ def test_a_crashed_runs_rings_give_the_store_what_it_lacked(tmp_path: Path) -> N
     """The previous holder of the directory is gone and its rings are still in
     /dev/shm: the messages that follow on from each room's stored seq are stored
     (with their keys); what is already stored, and what would leave a hole, is
-    not."""
+    not. The rooms its seq table has past what is stored then have a hole (their
+    ring lapped messages members saw), and the epoch settled after the rescue
+    is a new one."""
     from shardchat.brokers import segments
     from shardchat.ring import records
     from shardchat.ring.layout import HEADER_SIZE, RecordKind
@@ -262,10 +264,16 @@ def test_a_crashed_runs_rings_give_the_store_what_it_lacked(tmp_path: Path) -> N
             writer.append(int(RecordKind.ROOM_MSG), 0, payload)
         writer.commit()
         del writer, view
+        fabric.seed_table(0, {"a": 4, "b": 1, "c": 2, "d": 7}, 1 << 16, 16)
         storage = StorageDir.open(directory, 1)
         try:
             assert storage.previous == dead
-            assert rescue(storage).stored == 3  # a3, a4, b1; c2 would leave c1 a hole
+            epoch = storage.epoch
+            rescued = rescue(storage)
+            assert rescued.stored == 3  # a3, a4, b1; c2 would leave c1 a hole
+            assert rescued.rings and rescued.holes == ["c", "d"]
+            assert storage.settle(rings=True, hole=False, fsync="batch") == epoch
+            assert storage.settle(rings=True, hole=True, fsync="batch") != epoch
             assert storage.seqs(0) == {"a": 4, "b": 1}
             db = connect(storage.path(0))
             keys = db.execute("SELECT key FROM keys ORDER BY key").fetchall()
