@@ -1,7 +1,7 @@
 """The room store's costs, each against storage.kind = "memory" in the same run.
 
     python -m perf.scenarios.storage start [--messages 1000000 --rooms 10000 --workers 2]
-    python -m perf.scenarios.storage ack [--count 400 --rounds 1 --against PROGRAM]
+    python -m perf.scenarios.storage ack [--count 400 --rounds 1 --pause 0 --against PROGRAM]
     python -m perf.scenarios.storage compare [--receivers 2000 --clients 1000 --rounds 2
                                               --against PROGRAM]
     python -m perf.scenarios.storage memory [--rooms 100 --history 1000 --against PROGRAM]
@@ -202,8 +202,9 @@ def run_start(messages: int, rooms: int, workers: int) -> dict[str, Any]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-async def _acks(port: int, count: int) -> list[float]:
-    """ms from each publish to its ack, one message at a time."""
+async def _acks(port: int, count: int, pause: float = 0.0) -> list[float]:
+    """ms from each publish to its ack, one message at a time, ``pause`` seconds
+    between an ack and the next publish."""
     ws = await websockets.connect(f"ws://127.0.0.1:{port}/ws?user=acker")
     await ws.recv()
     await ws.send(json.dumps({"type": "join", "room": "acks"}))
@@ -218,11 +219,15 @@ async def _acks(port: int, count: int) -> list[float]:
         while json.loads(await ws.recv())["type"] != "ack":
             pass
         times.append((time.perf_counter() - t) * 1e3)
+        if pause:
+            await asyncio.sleep(pause)
     await ws.close()
     return sorted(times)
 
 
-def run_ack(count: int, rounds: int = 1, against: str | None = None) -> dict[str, Any]:
+def run_ack(
+    count: int, rounds: int = 1, against: str | None = None, pause: float = 0.0
+) -> dict[str, Any]:
     """Memory and each fsync policy (and ``against``'s, alternated), ``rounds`` times."""
     out: dict[str, Any] = {"rounds": []}
     for _ in range(rounds):
@@ -238,7 +243,7 @@ def run_ack(count: int, rounds: int = 1, against: str | None = None) -> dict[str
                 cfg = [*FAST, *settings, f"storage.dir={store}"]
                 try:
                     with procs.shardchat(1, settings=cfg, program=program) as server:
-                        times = asyncio.run(_acks(server.port, count))
+                        times = asyncio.run(_acks(server.port, count, pause))
                 finally:
                     shutil.rmtree(store, ignore_errors=True)
                 row[name + label] = {
@@ -481,6 +486,7 @@ def main() -> None:
     ack = sub.add_parser("ack")
     ack.add_argument("--count", type=int, default=400)
     ack.add_argument("--rounds", type=int, default=1)
+    ack.add_argument("--pause", type=float, default=0.0, help="seconds between an ack and the next")
     compare = sub.add_parser("compare")
     compare.add_argument("--receivers", type=int, default=2000)
     compare.add_argument("--clients", type=int, default=1000)
@@ -497,7 +503,7 @@ def main() -> None:
     if args.what == "start":
         result = run_start(args.messages, args.rooms, args.workers)
     elif args.what == "ack":
-        result = run_ack(args.count, args.rounds, args.against)
+        result = run_ack(args.count, args.rounds, args.against, args.pause)
     elif args.what == "compare":
         result = run_compare(args.receivers, args.clients, args.rounds, args.against)
     elif args.what == "history":

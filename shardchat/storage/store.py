@@ -6,7 +6,8 @@ batch to the writer thread at the turn's end (:meth:`RoomStore.submit`). The
 thread gathers the turns of ``write_every`` seconds (woken once per gathering,
 not once per turn) and writes them in one transaction (a group commit: SQLite
 writes each page a commit dirtied, so a larger group shares them), synced per
-``storage.fsync``. The loop never waits for the disk.
+``storage.fsync``; a turn that finds the writer's last transaction begun
+longer ago than that is written at once. The loop never waits for the disk.
 
 Acks (durable.py) wait for their messages to be stored, handed back per
 gathering through :meth:`RoomStore.finished`, the thread waking the loop
@@ -122,6 +123,7 @@ class RoomStore(Generic[T]):
         self.history_ttl = history_ttl
         self.wake = wake  # called by the writer thread when tokens are back (finished)
         self.write_every = write_every
+        self._last_write = 0.0  # monotonic, when the writer's last transaction began
         self._reader = connect(path, SYNCHRONOUS[fsync])
         self._turn: list[Row] = []
         self._shared: _Shared[T] = _Shared()
@@ -242,6 +244,7 @@ class RoomStore(Generic[T]):
             db.execute(f"PRAGMA max_page_count={max(1, self.max_bytes // page_size)}")
         writer = Transactions(db, self.history, self.history_ttl)
         shared = self._shared
+        self._last_write = time.monotonic()  # a start is not an idle writer
         next_sync = time.monotonic() + SYNC_EVERY
         dirty = False
         try:
@@ -249,6 +252,7 @@ class RoomStore(Generic[T]):
                 stop = self._take()
                 batches = shared.inflight
                 if batches:
+                    self._last_write = time.monotonic()
                     ok = writer.write([row for batch in batches for row in batch.rows])
                     dirty = dirty or ok
                     self._set_full(not ok)
@@ -274,8 +278,12 @@ class RoomStore(Generic[T]):
             db.close()
 
     def _take(self) -> bool:
-        """Wait for batches (gathered for ``write_every`` unless a token waits) and
-        move them to ``inflight``, after a failed write's; whether to stop."""
+        """Wait for batches and move them to ``inflight``, after a failed write's;
+        whether to stop. Transactions begin at least ``write_every`` apart: a
+        batch that comes longer than that after the last one began is written
+        at once (a lone publish is acked after one write, not a gathering);
+        one that comes sooner waits for the rest of the interval, and the turns
+        that come meanwhile join it."""
         shared = self._shared
         with shared.lock:
             if not shared.queue and not shared.stop:
@@ -286,8 +294,10 @@ class RoomStore(Generic[T]):
                 and shared.queue
                 and not (shared.stop or shared.urgent or shared.inflight)
             ):
-                shared.idle = False
-                shared.lock.wait(self.write_every)  # more turns join this transaction
+                wait = self._last_write + self.write_every - time.monotonic()
+                if wait > 0:
+                    shared.idle = False
+                    shared.lock.wait(wait)  # more turns join this transaction
             shared.idle = shared.urgent = False
             shared.inflight += shared.queue
             shared.queue = []

@@ -67,6 +67,20 @@ def test_batches_come_back_in_order_and_are_kept(tmp_path: Path, fsync: str) -> 
     again.close()
 
 
+def test_a_turn_after_a_quiet_spell_is_written_at_once(tmp_path: Path) -> None:
+    """storage.write_every gathers turns that follow a write closely; one that
+    comes longer than that after the last transaction began is written at once
+    (a lone publish's ack waits for one write, not a gathering of 30 s)."""
+    woken = Woken()
+    store = open_store(tmp_path / "s.db", woken, fsync="batch", write_every=30.0)
+    wait_until(lambda: store._last_write > 0, 10, "the writer started")
+    store._last_write -= 60  # the writer's last transaction began a minute ago
+    store.add("r", 1, time.time(), "", b"{}")
+    store.submit("lone")
+    assert finished(store, woken, 1) == [("lone", True)]  # within its 10 s, not 30
+    store.close()
+
+
 def test_retention_keeps_the_last_history_messages(tmp_path: Path) -> None:
     woken = Woken()
     store = open_store(tmp_path / "s.db", woken, history=10)
