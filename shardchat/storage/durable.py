@@ -51,7 +51,6 @@ class Durable:
         self._hurry = ring_bytes // 8  # behind this much, the writer is woken at once
         self._acks: list[Ack] = []  # this turn's acks that wait
         self._peer_acks: list[PeerAck] = []
-        self._tokens = 0  # turns whose acks wait, handed to the writer and not back
         self._turn_start = -1  # the ring position of this turn's first message
         self._starts: deque[tuple[int, int]] = deque()  # (batch, ring position) not stored
 
@@ -59,11 +58,6 @@ class Durable:
     def full(self) -> bool:
         """The last write failed: a publish is refused at once (``unavailable``)."""
         return self.store.full
-
-    def waits(self, tail: int) -> bool:
-        """Whether an ack given now waits for the store: always (``tail``: our
-        ring's position, kept for the broker's calls)."""
-        return True
 
     @property
     def waiting(self) -> int:
@@ -113,7 +107,6 @@ class Durable:
         if self._acks or self._peer_acks:
             turn = Turn(self._acks, self._peer_acks)
             self._acks, self._peer_acks = [], []
-            self._tokens += 1
             batch = self.store.submit(turn, hurry=hurry, urgent=self.always)
         elif start >= 0:
             batch = self.store.submit(hurry=hurry)
@@ -124,9 +117,7 @@ class Durable:
 
     def finished(self) -> list[tuple[Turn, bool]]:
         """The turns whose acks waited, written since the last call (True: stored)."""
-        done = self.store.finished()
-        self._tokens -= len(done)
-        return done
+        return self.store.finished()
 
     def held(self, room: str, first: int, last: int) -> list[HeldMessage]:
         """``room``'s messages ``first..last`` that the store holds or will."""

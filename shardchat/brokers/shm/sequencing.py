@@ -48,7 +48,7 @@ class Sequencing(ShmState):
             else:
                 room, seq = seen  # a retry of a publish we sequenced: its seq, once
             durable = self.durable
-            if durable is not None and durable.waits(self.writer.tail):
+            if durable is not None:
                 durable.ack(publication.msg_id, room, seq)  # once stored
             else:
                 # No store: acked at the commit, an acked message is in the ring.
@@ -86,14 +86,12 @@ class Sequencing(ShmState):
         # last message of a burst was never asked for, and the room waited for it.
         self._seqs_due[room] = seq
         durable = self.durable
-        waits = 0  # 1: the owner answers the forward once stored (FORWARD_SEEN), not this
         if durable is not None:
-            tail = self.writer.tail
-            durable.sequenced(room, seq, p.timestamp / 1000, p.key, json, tail)
-            waits = int(durable.waits(tail))
+            durable.sequenced(room, seq, p.timestamp / 1000, p.key, json, self.writer.tail)
         self._write(
             _ROOM_MSG,
-            waits,
+            # 1: the owner answers the forward once stored (FORWARD_SEEN), not this
+            int(durable is not None),
             records.encode_room_message(room, seq, p.publish_ns, p.msg_id, json, p.key),
         )
         self.stats[_S_SEQUENCED] += 1
@@ -117,11 +115,11 @@ class Sequencing(ShmState):
             return
         if seen is None:
             seq = self._sequence(publication)
-            if durable is not None and durable.waits(self.writer.tail):
+            if durable is not None:
                 durable.ack_peer(peer, publication.msg_id, publication.room, seq)
             return  # else its ROOM_MSG answers the peer
         room, seq = seen
-        if durable is not None and durable.waits(self.writer.tail):
+        if durable is not None:
             durable.ack_peer(peer, publication.msg_id, room, seq)  # once stored
             return
         answer = records.ForwardSeen(publication.msg_id, room, seq)
