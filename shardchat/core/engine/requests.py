@@ -349,10 +349,12 @@ class Requests(Joins[C]):
         log_ = self.logs.get(room)
         latest = log_.seq if log_ is not None else 0
         self.reliable.ack(conn, room, request.seq, latest, self.now)
-        if log_ is not None and log_.capacity < self._capacity(room):
+        if log_ is not None:
             # Reliable mode here: the log keeps what a resend may need (a
             # tail would close a reader a little behind with 4409 at once).
-            log_.resize(self._capacity(room))
+            capacity = self._capacity(room)
+            if log_.capacity < capacity:
+                log_.resize(capacity)
 
 
 def merged(log_: RoomLog, fetched: dict[int, bytes], request: HistoryQuery) -> list[HeldMessage]:
