@@ -62,7 +62,8 @@ from perf.scenarios.run import (
 )
 from shardchat.procstat import rss_anon
 from shardchat.storage.boxdir import StorageDir, store_path
-from shardchat.storage.store import RoomStore, connect
+from shardchat.storage.store import RoomStore
+from shardchat.storage.transactions import connect, span_messages, store_rows
 
 CONTENT = "x" * 100
 
@@ -89,11 +90,7 @@ def fill_store(directory: Path, workers: int, rooms: int, per_room: int) -> str:
     for r in range(rooms):
         room = f"room-{r}"
         db = dbs[zlib.crc32(room.encode()) % workers]
-        db.executemany(
-            "INSERT INTO messages VALUES (?, ?, ?, ?)",
-            ((room, seq, now, _json(room, seq)) for seq in range(1, per_room + 1)),
-        )
-        db.execute("INSERT INTO rooms VALUES (?, ?)", (room, per_room))
+        store_rows(db, ((room, seq, now, "", _json(room, seq)) for seq in range(1, per_room + 1)))
     for db in dbs:
         db.execute("COMMIT")
         db.close()
@@ -412,13 +409,14 @@ def _direct_reads(store: Path, workers: int, owner: int, befores: list[int]) -> 
         times = []
         for before in befores:
             t = time.perf_counter()
-            rows = db.execute(
-                "SELECT seq, json FROM messages WHERE room = ? AND seq < ?"
-                " ORDER BY seq DESC LIMIT 50",
-                ("room-0", before),
-            ).fetchall()
+            spans = db.execute(
+                "SELECT rows FROM spans WHERE room = ? AND first < ? AND last >= ?"
+                " ORDER BY last DESC",
+                ("room-0", before, before - 50),
+            )
+            rows = [m for (blob,) in spans for m in span_messages(blob) if m[0] < before]
             times.append((time.perf_counter() - t) * 1e3)
-            assert len(rows) == 50
+            assert len(rows[-50:]) == 50
     finally:
         db.close()
     times.sort()

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from shardchat.core.errors import StorageError
 from shardchat.logs import log_event
-from shardchat.storage.store import connect
+from shardchat.storage.transactions import SCHEMA_VERSION, connect, group_rows
 from shardchat.storage.wal import cut_damaged_tail
 
 __all__ = [
@@ -259,7 +259,7 @@ def _mend(path: Path) -> _Mended:
         db = connect(path)
         try:
             db.execute("SELECT count(*) FROM rooms").fetchone()
-            db.execute("SELECT room, seq FROM messages ORDER BY room DESC LIMIT 1").fetchone()
+            db.execute("SELECT room, last FROM spans ORDER BY room DESC LIMIT 1").fetchone()
         finally:
             db.close()
     except sqlite3.DatabaseError as exc:
@@ -291,10 +291,11 @@ def _move_rooms(directory: Path, old: int, new: int) -> None:
                 "owner", 1, lambda room: zlib.crc32(room.encode()) % new, deterministic=True
             )
             for shard in range(new):
-                db.execute("ATTACH DATABASE ? AS dest", (str(store_path(directory, shard, new)),))
-                db.executescript(_DEST_SCHEMA)
+                dest = store_path(directory, shard, new)
+                connect(dest).close()  # made with the schema
+                db.execute("ATTACH DATABASE ? AS dest", (str(dest),))
                 db.execute("BEGIN")
-                for table in ("messages", "rooms", "keys"):
+                for table in ("spans", "rooms", "recent_keys"):
                     db.execute(
                         f"INSERT OR REPLACE INTO dest.{table} SELECT * FROM main.{table}"
                         " WHERE owner(room) = ?",
@@ -316,18 +317,6 @@ def _remove_other_counts(directory: Path, workers: int) -> None:
         if path not in own:
             for suffix in ("", "-wal", "-shm"):
                 path.with_name(path.name + suffix).unlink(missing_ok=True)
-
-
-_DEST_SCHEMA = """
-CREATE TABLE IF NOT EXISTS dest.messages (
-    room TEXT NOT NULL, seq INTEGER NOT NULL, at REAL NOT NULL, json BLOB NOT NULL,
-    PRIMARY KEY (room, seq));
-CREATE TABLE IF NOT EXISTS dest.rooms (
-    room TEXT PRIMARY KEY, seq INTEGER NOT NULL) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS dest.keys (
-    key TEXT PRIMARY KEY, room TEXT NOT NULL, seq INTEGER NOT NULL, at REAL NOT NULL)
-    WITHOUT ROWID;
-"""
 
 
 def set_aside(directory: Path) -> list[Path]:
@@ -353,10 +342,19 @@ def describe(directory: Path) -> tuple[dict[str, object], list[StoreFile]]:
         size = sum(
             p.stat().st_size for p in (path, path.with_name(path.name + "-wal")) if p.exists()
         )
-        db = sqlite3.connect(path)
+        db = sqlite3.connect(path)  # not connect(): a running server may be writing it
         try:
             rooms = db.execute("SELECT count(*) FROM rooms").fetchone()[0]
-            messages, oldest = db.execute("SELECT count(*), min(at) FROM messages").fetchone()
+            if db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
+                spanned = db.execute("SELECT sum(count), min(oldest) FROM spans").fetchone()
+                unfolded = [  # a running writer's, not folded into spans yet
+                    row for (blob,) in db.execute("SELECT rows FROM groups")
+                    for row in group_rows(bytes(blob))
+                ]  # fmt: skip
+                times = [t for t in (spanned[1], *(row[2] for row in unfolded)) if t]
+                messages, oldest = (spanned[0] or 0) + len(unfolded), min(times, default=None)
+            else:  # the earlier schema, until the next start moves it into spans
+                messages, oldest = db.execute("SELECT count(*), min(at) FROM messages").fetchone()
         finally:
             db.close()
         files.append(StoreFile(path.name, size, rooms, messages, oldest))

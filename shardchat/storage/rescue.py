@@ -28,7 +28,7 @@ from shardchat.ring.layout import HEADER_SIZE, RecordKind
 from shardchat.ring.ring import RingReader, ring_capacity
 from shardchat.ring.seqtable import SLOT_SIZE, SeqTable
 from shardchat.storage.boxdir import StorageDir
-from shardchat.storage.store import connect
+from shardchat.storage.transactions import connect, store_rows
 
 __all__ = ["Rescue", "rescue"]
 
@@ -136,18 +136,7 @@ def _store(storage: StorageDir, rows: list[Row], previous: int) -> int:
                     new.append((room, seq, key, json))
             if new:
                 db.execute("BEGIN IMMEDIATE")
-                db.executemany(
-                    "INSERT OR REPLACE INTO messages VALUES (?, ?, ?, ?)",
-                    [(room, seq, now, json) for room, seq, _, json in new],
-                )
-                db.executemany(
-                    "INSERT OR REPLACE INTO keys VALUES (?, ?, ?, ?)",
-                    [(key, room, seq, now) for room, seq, key, _ in new if key],
-                )
-                db.executemany(
-                    "INSERT OR REPLACE INTO rooms VALUES (?, ?)",
-                    [(room, seqs[room]) for room in {r[0] for r in new}],
-                )
+                store_rows(db, [(room, seq, now, key, json) for room, seq, key, json in new])
                 db.execute("COMMIT")
                 stored += len(new)
         finally:

@@ -5,9 +5,10 @@ sequences during a loop turn (:meth:`RoomStore.add`) and hands the turn's
 batch to the writer thread at the turn's end (:meth:`RoomStore.submit`). The
 thread gathers the turns of ``write_every`` seconds (woken once per gathering,
 not once per turn) and writes them in one transaction (a group commit: SQLite
-writes each page a commit dirtied, so a larger group shares them), synced per
-``storage.fsync``; a turn that finds the writer's last transaction begun
-longer ago than that is written at once. The loop never waits for the disk.
+writes each page a commit dirtied, so a larger group shares them), one row of
+the file's ``groups``, folded into per-room spans about once a second
+(transactions.py), synced per ``storage.fsync``; a turn that finds the
+writer's last transaction begun longer ago than that is written at once. The loop never waits for the disk.
 
 Acks (durable.py) wait for their messages to be stored, handed back per
 gathering through :meth:`RoomStore.finished`, the thread waking the loop
@@ -58,6 +59,7 @@ from shardchat.storage.transactions import (
     Row,
     Transactions,
     connect,
+    span_messages,
 )
 
 __all__ = ["RETRY_EVERY", "SYNC_EVERY", "TRIM_EVERY", "Restored", "RoomStore", "connect"]
@@ -67,6 +69,7 @@ log = logging.getLogger(__name__)
 SYNC_EVERY = 1.0  # seconds between syncs with storage.fsync = "batch"
 RETRY_EVERY = 0.5  # seconds between tries of a write that failed (a full disk)
 GROUP_ROWS = 2048  # rows waiting that wake the writer before write_every is up
+FOLD_ROWS = 4096  # rows not folded yet that make the writer fold before its second is up
 
 T = TypeVar("T")
 
@@ -91,9 +94,11 @@ class _Shared(Generic[T]):
 
     lock: threading.Condition = field(default_factory=threading.Condition)
     queue: list[_Batch[T]] = field(default_factory=list)
-    # Taken by the writer and not stored yet (a failed write's until it succeeds):
-    # a fill reads them here, before it reads the file.
+    # Taken by the writer and not stored yet (a failed write's until it succeeds),
+    # and stored in groups but not folded into spans yet: a fill reads them
+    # here, before it reads the file's spans.
     inflight: list[_Batch[T]] = field(default_factory=list)
+    unfolded: list[_Batch[T]] = field(default_factory=list)
     done: list[tuple[T, bool]] = field(default_factory=list)
     idle: bool = False  # the writer waits for a first batch: the next submit wakes it
     urgent: bool = False  # written at once, not gathered (fsync "always", far behind)
@@ -140,7 +145,7 @@ class RoomStore(Generic[T]):
         seqs = dict(db.execute("SELECT room, seq FROM rooms").fetchall())
         since = time.time() - KEY_WINDOW
         keys = db.execute(
-            "SELECT key, room, seq, at FROM keys WHERE at >= ? ORDER BY at", (since,)
+            "SELECT key, room, seq, at FROM recent_keys WHERE at >= ? ORDER BY at, rowid", (since,)
         ).fetchall()
         return Restored(seqs, keys)
 
@@ -205,7 +210,7 @@ class RoomStore(Generic[T]):
         out: dict[int, bytes] = {}
         shared = self._shared
         with shared.lock:
-            batches = shared.inflight + shared.queue
+            batches = shared.unfolded + shared.inflight + shared.queue
         rows = [row for batch in batches for row in batch.rows] + self._turn
         for r, seq, _, _, json in rows:
             if r == room and first <= seq <= last:
@@ -214,12 +219,20 @@ class RoomStore(Generic[T]):
 
     def read(self, room: str, first: int, last: int, limit: int) -> list[HeldMessage]:
         """The stored messages ``first..last`` of ``room``, at most ``limit``."""
-        rows = self._reader.execute(
-            "SELECT seq, json FROM messages WHERE room = ? AND seq BETWEEN ? AND ?"
-            " ORDER BY seq LIMIT ?",
-            (room, first, last, limit),
-        ).fetchall()
-        return [HeldMessage(seq, bytes(json)) for seq, json in rows]
+        spans = self._reader.execute(
+            "SELECT rows FROM spans WHERE room = ? AND last >= ? AND first <= ? ORDER BY last",
+            (room, first, last),
+        )
+        out: list[HeldMessage] = []
+        newest = first - 1
+        for (blob,) in spans:
+            for seq, json in span_messages(blob):
+                if newest < seq <= last:
+                    out.append(HeldMessage(seq, json))
+                    newest = seq
+                    if len(out) == limit:
+                        return out
+        return out
 
     def close(self) -> int:
         """Write what waits, stop the thread and close the connections; the
@@ -247,17 +260,23 @@ class RoomStore(Generic[T]):
         self._last_write = time.monotonic()  # a start is not an idle writer
         next_sync = time.monotonic() + SYNC_EVERY
         dirty = False
+        unfolded = 0  # messages stored in groups, not folded into spans yet
         try:
             while True:
                 stop = self._take()
                 batches = shared.inflight
                 if batches:
                     self._last_write = time.monotonic()
-                    ok = writer.write([row for batch in batches for row in batch.rows])
+                    rows = [row for batch in batches for row in batch.rows]
+                    ok = writer.write(rows)
                     dirty = dirty or ok
+                    unfolded += len(rows) if ok else 0
                     self._set_full(not ok)
                     self._answer(batches, ok)
                 now = time.monotonic()
+                if unfolded and (stop or now >= next_sync or unfolded >= FOLD_ROWS):
+                    if not shared.inflight and self._fold(writer):
+                        unfolded = 0
                 if now >= next_sync:
                     next_sync = now + SYNC_EVERY
                     if not shared.inflight:
@@ -303,6 +322,15 @@ class RoomStore(Generic[T]):
             shared.queue = []
             return shared.stop
 
+    def _fold(self, writer: Transactions) -> bool:
+        """The groups into spans; their batches are then read from the file."""
+        shared = self._shared  # only this thread changes the list of unfolded
+        if not writer.fold(row for batch in shared.unfolded for row in batch.rows):
+            return False
+        with shared.lock:
+            shared.unfolded = []
+        return True
+
     def _answer(self, batches: list[_Batch[T]], ok: bool) -> None:
         """Count what was stored and hand back the tokens (a failed write's
         tokens fail at once; its rows stay in flight and are tried again)."""
@@ -317,6 +345,7 @@ class RoomStore(Generic[T]):
             if ok:
                 shared.stored += sum(len(batch.rows) for batch in batches)
                 shared.batches += len(batches)
+                shared.unfolded += batches
                 shared.inflight = []
         if tokens:
             self.wake()

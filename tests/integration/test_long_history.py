@@ -14,7 +14,7 @@ from typing import Any
 
 from shardchat.brokers.sequencer import owner_of
 from shardchat.storage.boxdir import META, store_path
-from shardchat.storage.store import connect
+from shardchat.storage.transactions import connect, store_rows
 from tests.support.helpers import (
     FAST,
     Client,
@@ -45,14 +45,13 @@ def write_store(directory: Path, room: str, stamps: list[float]) -> None:
     db = connect(store_path(directory, owner_of(room, WORKERS), WORKERS), "OFF")
     try:
         db.execute("BEGIN")
-        db.executemany(
-            "INSERT INTO messages VALUES (?, ?, ?, ?)",
+        store_rows(
+            db,
             (
-                (room, seq, at, _json(room, seq, int(at * 1000)))
+                (room, seq, at, "", _json(room, seq, int(at * 1000)))
                 for seq, at in enumerate(stamps, start=1)
             ),
         )
-        db.execute("INSERT INTO rooms VALUES (?, ?)", (room, len(stamps)))
         db.execute("COMMIT")
     finally:
         db.close()

@@ -19,6 +19,7 @@ from typing import Any
 from websockets.exceptions import ConnectionClosed, WebSocketException
 
 from shardchat.storage.boxdir import store_path
+from shardchat.storage.transactions import group_rows, span_messages
 from shardchat.testing.wait import await_until, scaled
 from tests.support.helpers import (
     FAST,
@@ -570,8 +571,14 @@ def stored_rows(directory: Path, room: str) -> dict[int, str]:
     for path in directory.glob("rooms-*.db"):
         db = sqlite3.connect(path)
         try:
-            for seq, body in db.execute("SELECT seq, json FROM messages WHERE room = ?", (room,)):
-                out[seq] = json.loads(body)["content"]
+            spans = db.execute("SELECT rows FROM spans WHERE room = ?", (room,))
+            for (blob,) in spans:
+                for seq, body in span_messages(blob):
+                    out[seq] = json.loads(body)["content"]
+            for (blob,) in db.execute("SELECT rows FROM groups"):  # not folded yet
+                for r, seq, _, _, body in group_rows(blob):
+                    if r == room:
+                        out[seq] = json.loads(body)["content"]
         finally:
             db.close()
     return out

@@ -5,6 +5,7 @@ write-ahead log's torn tail, the storage directory's lock and epoch."""
 from __future__ import annotations
 
 import os
+import sqlite3
 import threading
 import time
 import zlib
@@ -15,6 +16,7 @@ import pytest
 from shardchat.core.errors import StorageError
 from shardchat.storage.boxdir import StorageDir, store_path
 from shardchat.storage.store import TRIM_EVERY, RoomStore, connect
+from shardchat.storage.transactions import SPAN_ROWS, store_rows
 from shardchat.storage.wal import cut_damaged_tail, valid_length
 from shardchat.testing.wait import wait_until
 
@@ -38,6 +40,13 @@ def finished(store: RoomStore[str], woken: Woken, count: int) -> list[tuple[str,
     return done
 
 
+def held(store: RoomStore[str], room: str, first: int, last: int) -> list[int]:
+    """The seqs a fill would get (Durable.held): not folded yet, then the file's."""
+    pending = store.pending(room, first, last)
+    stored = [m.seq for m in store.read(room, first, last, 10_000)]
+    return sorted(set(pending) | set(stored))
+
+
 def open_store(path: Path, woken: Woken, **kw: object) -> RoomStore[str]:
     options: dict[str, object] = {
         "fsync": "off", "max_bytes": 0, "history": 1000, "history_ttl": 0.0, "wake": woken,
@@ -58,12 +67,14 @@ def test_batches_come_back_in_order_and_are_kept(tmp_path: Path, fsync: str) -> 
             store.add("r", seq, time.time(), f"k{seq}", b'{"seq":%d}' % seq)
         store.submit(f"turn{turn}")
     assert finished(store, woken, 3) == [("turn0", True), ("turn1", True), ("turn2", True)]
-    assert [m.seq for m in store.read("r", 3, 7, 100)] == [3, 4, 5, 6, 7]
-    store.close()
+    assert held(store, "r", 3, 7) == [3, 4, 5, 6, 7]
+    store.close()  # the groups are folded into spans
     again = open_store(tmp_path / "s.db", woken)
     restored = again.restore()
     assert restored.seqs == {"r": 15}
     assert [k for k, *_ in restored.keys] == [f"k{seq}" for seq in range(1, 16)]
+    assert [m.seq for m in again.read("r", 3, 7, 100)] == [3, 4, 5, 6, 7]
+    assert [m.payload for m in again.read("r", 14, 20, 100)] == [b'{"seq":14}', b'{"seq":15}']
     again.close()
 
 
@@ -88,18 +99,26 @@ def test_retention_keeps_the_last_history_messages(tmp_path: Path) -> None:
         store.add("r", seq, time.time(), "", b"x")
         store.submit(str(seq))
     finished(store, woken, 100)
-    held = store.read("r", 1, 100, 1000)
-    assert held[-1].seq == 100
-    assert 10 <= len(held) < 10 + TRIM_EVERY  # trimmed TRIM_EVERY at a time
-    assert store.restore().seqs == {"r": 100}  # the seq is kept for ever
-    store.close()
+    store.close()  # folded and trimmed
+    again = open_store(tmp_path / "s.db", woken, history=10)
+    kept = again.read("r", 1, 100, 1000)
+    assert kept[-1].seq == 100
+    # trimmed TRIM_EVERY at a time, by whole spans
+    assert 10 <= len(kept) < 10 + TRIM_EVERY + SPAN_ROWS
+    assert again.restore().seqs == {"r": 100}  # the seq is kept for ever
+    again.close()
 
 
 def test_a_write_past_max_bytes_fails_and_is_kept_for_a_retry(tmp_path: Path) -> None:
     """The rows of a failed write are kept and written first in the next
     transaction once there is room: nothing handed over is dropped."""
+    db = connect(tmp_path / "s.db")  # another room's messages, deleted below to make room
+    db.execute("BEGIN")
+    store_rows(db, [("old", i, time.time(), "", b"z" * 2000) for i in range(1, 16)])
+    db.execute("COMMIT")
+    db.close()
     woken = Woken()
-    store = open_store(tmp_path / "s.db", woken, max_bytes=64 * 1024)
+    store = open_store(tmp_path / "s.db", woken, max_bytes=96 * 1024)
     seq = 0
     results: list[bool] = []
     while True in results or not results:
@@ -111,16 +130,18 @@ def test_a_write_past_max_bytes_fails_and_is_kept_for_a_retry(tmp_path: Path) ->
             break
         assert seq < 1000, "max_bytes was never reached"
     assert store.full
-    stored = store.restore().seqs["r"]
-    assert stored == seq - 1  # the failed one is not in the store yet
-    # Room again (an operator raised the limit): the kept rows go in first.
-    db = connect(tmp_path / "s.db")
-    db.execute("DELETE FROM messages WHERE seq <= ?", (stored // 2,))
+    assert store.backlog == 1  # the failed one is not in the store yet, every other is
+    # Room again (an operator deleted a room): the kept rows go in first.
+    db = sqlite3.connect(tmp_path / "s.db", isolation_level=None, timeout=10.0)
+    db.execute("DELETE FROM spans WHERE room = 'old'")
     db.close()
-    wait_until(lambda: not store.full, 10, "the kept rows written")
-    assert store.restore().seqs["r"] == seq
-    assert store.read("r", seq, seq, 1)[0].payload == b"y" * 2000
+    wait_until(lambda: not store.full and store.backlog == 0, 10, "the kept rows written")
     store.close()
+    again = open_store(tmp_path / "s.db", woken)
+    assert again.restore().seqs["r"] == seq
+    assert held(again, "r", 1, seq) == list(range(1, seq + 1))
+    assert again.read("r", seq, seq, 1)[0].payload == b"y" * 2000
+    again.close()
 
 
 def test_a_torn_wal_is_cut_after_its_last_commit(tmp_path: Path) -> None:
@@ -216,11 +237,12 @@ def test_history_ttl_deletes_older_messages_and_old_keys(tmp_path: Path) -> None
     writer = Transactions(db, history=1000, history_ttl=60.0)
     now = time.time()
     old, recent = now - 120, now - 10
-    assert writer.write([("r", 1, old, "k1", b"a"), ("r", 2, recent, "k2", b"b")])
-    db.execute("UPDATE keys SET at = ? WHERE key = 'k1'", (now - KEY_WINDOW - 1,))
+    for row in [("r", 1, old, "k1", b"a"), ("r", 2, recent, "k2", b"b")]:
+        assert writer.write([row]) and writer.fold([row])  # a span each
+    db.execute("UPDATE recent_keys SET at = ? WHERE key = 'k1'", (now - KEY_WINDOW - 1,))
     writer.prune(now)
-    assert db.execute("SELECT seq FROM messages").fetchall() == [(2,)]
-    assert db.execute("SELECT key FROM keys").fetchall() == [("k2",)]
+    assert db.execute("SELECT first, last FROM spans").fetchall() == [(2, 2)]
+    assert db.execute("SELECT key FROM recent_keys").fetchall() == [("k2",)]
     assert db.execute("SELECT seq FROM rooms").fetchall() == [(2,)]
     db.close()
 
@@ -290,7 +312,7 @@ def test_a_crashed_runs_rings_give_the_store_what_it_lacked(tmp_path: Path) -> N
             assert storage.settle(rings=True, hole=True, fsync="batch") != epoch
             assert storage.seqs(0) == {"a": 4, "b": 1}
             db = connect(storage.path(0))
-            keys = db.execute("SELECT key FROM keys ORDER BY key").fetchall()
+            keys = db.execute("SELECT key FROM recent_keys ORDER BY key").fetchall()
             db.close()
             assert keys == [("ka3",), ("ka4",), ("kb1",)]
         finally:
