@@ -8,7 +8,8 @@ not once per turn) and writes them in one transaction (a group commit: SQLite
 writes each page a commit dirtied, so a larger group shares them), one row of
 the file's ``groups``, folded into per-room spans about once a second
 (transactions.py), synced per ``storage.fsync``; a turn that finds the
-writer's last transaction begun longer ago than that is written at once. The loop never waits for the disk.
+writer's last transaction begun longer ago than that is written at once.
+The loop never waits for the disk.
 
 Acks (durable.py) wait for their messages to be stored, handed back per
 gathering through :meth:`RoomStore.finished`, the thread waking the loop
