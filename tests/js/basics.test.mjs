@@ -139,7 +139,11 @@ test("a publish past a bound is refused at once: overloaded with retryAfter; the
     const sends = Array.from({ length: 400 }, (_, i) => writer.send("flooded", `f${i}`));
     const settled = sends.map((p) => p.then(() => "acked", (e) => e));
     // Refused at once, while the owner is still stopped.
-    const first = await Promise.race([...settled, new Promise((r) => setTimeout(r, ms(10), "none"))]);
+    // The deadline's timer is cleared once the race is decided: left pending, it kept
+    // node's test run alive for its whole 10 s after the last test.
+    let timer;
+    const deadline = new Promise((r) => { timer = setTimeout(r, ms(10), "none"); });
+    const first = await Promise.race([...settled, deadline]).finally(() => clearTimeout(timer));
     assert.ok(first instanceof ChatError, `first answer: ${first}`);
     assert.equal(first.code, "overloaded");
     assert.ok(typeof first.retryAfter === "number" && first.retryAfter > 0);
