@@ -262,6 +262,7 @@ class RoomStore(Generic[T]):
         next_sync = time.monotonic() + SYNC_EVERY
         dirty = False
         unfolded = 0  # messages stored in groups, not folded into spans yet
+        next_fold = 0.0  # after a failed fold: when to try again
         try:
             while True:
                 stop = self._take()
@@ -275,9 +276,16 @@ class RoomStore(Generic[T]):
                     self._set_full(not ok)
                     self._answer(batches, ok)
                 now = time.monotonic()
-                if unfolded and (stop or now >= next_sync or unfolded >= FOLD_ROWS):
-                    if not shared.inflight and self._fold(writer):
+                if (
+                    unfolded
+                    and (stop or now >= next_sync or unfolded >= FOLD_ROWS)
+                    and now >= next_fold
+                    and not shared.inflight
+                ):
+                    if self._fold(writer):
                         unfolded = 0
+                    else:  # a full disk: the groups stay stored, folded once there is room
+                        next_fold = now + RETRY_EVERY
                 if now >= next_sync:
                     next_sync = now + SYNC_EVERY
                     if not shared.inflight:

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from shardchat.core.broker import KEY_WINDOW
+from shardchat.core.errors import StorageError
 from shardchat.logs import log_event
 
 __all__ = [
@@ -157,12 +158,27 @@ def connect(path: Path, synchronous: str = "NORMAL") -> sqlite3.Connection:
     runs on it (the storage directory's lock, and a shard's store opening its
     reading connection before it starts its writer, make sure)."""
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute(f"PRAGMA synchronous={synchronous}")
-    if db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
-        _upgrade(db)
-    if db.execute("SELECT 1 FROM groups LIMIT 1").fetchone():
-        _settle_groups(db)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"PRAGMA synchronous={synchronous}")
+        if db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+            _upgrade(db)
+        if db.execute("SELECT 1 FROM groups LIMIT 1").fetchone():
+            _settle_groups(db)
+    except sqlite3.OperationalError as exc:
+        db.close()
+        if exc.sqlite_errorcode == sqlite3.SQLITE_FULL:
+            # Not an unreadable file (that one is set aside): nothing is lost,
+            # the open needs room to write what it moves.
+            raise StorageError(
+                f"{path}: the disk is full; the store needs room to fold what its"
+                " writer left (or to move a file of the earlier layout): free some"
+                " and start again"
+            ) from exc
+        raise
+    except BaseException:
+        db.close()
+        raise
     return db
 
 
@@ -226,7 +242,7 @@ class Transactions:
         self.db = db
         self.history = history
         self.history_ttl = history_ttl
-        self._failing = False  # the last write failed (logged once until one succeeds)
+        self._failing: set[str] = set()  # the events of what failed last time (logged once)
         self._trimmed: dict[str, int] = {}  # room -> the seq up to which it was trimmed
         self._next_prune = 0.0
 
@@ -241,7 +257,7 @@ class Transactions:
         except sqlite3.Error as exc:
             self._failed("storage_write_failed", exc)
             return False
-        self._failing = False
+        self._failing.discard("storage_write_failed")
         return True
 
     def fold(self, rows: Iterable[Row]) -> bool:
@@ -269,13 +285,13 @@ class Transactions:
         except sqlite3.Error as exc:
             self._failed(failed, exc)
             return False
-        self._failing = False
+        self._failing.discard(failed)
         return True
 
     def _failed(self, event: str, exc: sqlite3.Error) -> None:
-        if not self._failing:
+        if event not in self._failing:
             log_event(log, logging.ERROR, event, error=str(exc))
-        self._failing = True
+        self._failing.add(event)
 
     def _trims(self, latest: dict[str, int]) -> list[tuple[str, int]]:
         history = self.history

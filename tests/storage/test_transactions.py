@@ -13,6 +13,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from shardchat.core.errors import StorageError
+from shardchat.storage import transactions
+from shardchat.storage.boxdir import StorageDir, set_aside, store_path
 from shardchat.storage.store import RoomStore
 from shardchat.storage.transactions import (
     SCHEMA_VERSION,
@@ -157,3 +160,33 @@ def test_a_read_takes_its_range_across_spans_up_to_its_limit(tmp_path: Path) -> 
     assert store.read("r", seq + 1, seq + 9, 10) == []
     assert store.read("other", 1, 9, 10) == []
     store.close()
+
+
+def test_an_open_without_room_to_fold_refuses_clearly_and_keeps_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The groups a killed writer left need room to be folded: a full disk at the
+    next start is said as such, the file is not set aside as unreadable, and
+    the start after space came back finds every message."""
+    directory = tmp_path / "d"
+    StorageDir.open(directory, 1).close()
+    path = store_path(directory, 0, 1)
+    db = connect(path)
+    assert Transactions(db, history=1000, history_ttl=0.0).write([("a", 1, 0.0, "", b"a1")])
+    db.close()
+
+    def full(db: sqlite3.Connection, rows: object) -> dict[str, int]:
+        exc = sqlite3.OperationalError("database or disk is full")
+        exc.sqlite_errorcode = sqlite3.SQLITE_FULL
+        raise exc
+
+    monkeypatch.setattr(transactions, "store_rows", full)
+    with pytest.raises(StorageError, match="the disk is full"):
+        StorageDir.open(directory, 1)
+    monkeypatch.undo()
+    assert not set_aside(directory)
+    storage = StorageDir.open(directory, 1)  # room again
+    try:
+        assert storage.seqs(0) == {"a": 1}
+    finally:
+        storage.close()
