@@ -181,9 +181,16 @@ def test_a_new_worker_count_moves_each_room_to_its_new_owner(tmp_path: Path) -> 
     StorageDir.open(directory, 2).close()
     for shard in range(2):
         db = connect(store_path(directory, shard, 2))
-        db.executemany(
-            "INSERT INTO rooms VALUES (?, ?)", [(f"s{shard}r{i}", i + 1) for i in range(20)]
+        db.execute("BEGIN")
+        store_rows(
+            db,
+            [
+                (f"s{shard}r{i}", seq, time.time(), f"k-s{shard}r{i}-{seq}", b"%d" % seq)
+                for i in range(20)
+                for seq in range(1, i + 2)
+            ],
         )
+        db.execute("COMMIT")
         db.close()
     moved = StorageDir.open(directory, 3)
     try:
@@ -192,6 +199,17 @@ def test_a_new_worker_count_moves_each_room_to_its_new_owner(tmp_path: Path) -> 
         assert not list(directory.glob("rooms-*-of-2.db"))
         for shard, rooms in enumerate(seqs):
             assert all(zlib.crc32(room.encode()) % 3 == shard for room in rooms)
+            store: RoomStore[str] = RoomStore(
+                moved.path(shard), fsync="off", max_bytes=0, history=1000, history_ttl=0.0,
+                wake=Woken(),
+            )  # fmt: skip
+            for room, seq in rooms.items():  # the messages and keys moved with the seqs
+                assert [m.payload for m in store.read(room, 1, seq, 100)] == [
+                    b"%d" % s for s in range(1, seq + 1)
+                ]
+            keys = {key for key, *_ in store.restore().keys}
+            assert keys == {f"k-{r}-{n}" for r, seq in rooms.items() for n in range(1, seq + 1)}
+            store.close()
     finally:
         moved.close()
 
