@@ -81,7 +81,7 @@ def test_fanout_smoke(perf_server: Server, tmp_path: Path) -> None:
         "--rates",
         "50,100",
         "--seconds",
-        "2",
+        "1",
         "--drain",
         "1",
         "--reliable",
@@ -106,7 +106,7 @@ def test_rooms_smoke(perf_server: Server, tmp_path: Path) -> None:
         "--interval-ms",
         "250",
         "--seconds",
-        "2",
+        "1",
         "--drain",
         "1",
     )
