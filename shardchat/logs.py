@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -102,13 +103,12 @@ def log_event(logger: logging.Logger, level: int, event: str, **fields: object) 
 class EventLogger:
     """The pure core's :class:`~shardchat.core.interfaces.EventLog` over a logger."""
 
-    __slots__ = ("logger",)
+    __slots__ = ("enabled", "logger")
 
     def __init__(self, name: str) -> None:
         self.logger = logging.getLogger(name)
-
-    def enabled(self, level: int) -> bool:
-        return self.logger.isEnabledFor(level)
+        # EventLog.enabled: the logger's own, bound (asked once per publish).
+        self.enabled: Callable[[int], bool] = self.logger.isEnabledFor
 
     def event(self, level: int, name: str, **fields: object) -> None:
         if self.logger.isEnabledFor(level):

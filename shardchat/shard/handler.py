@@ -136,7 +136,8 @@ class Shard:
                     out = self._replies + out
                     self._replies = []
                 write(out)
-        self._take_events()
+        if self.webhooks is not None:  # else the engine makes no events (no hook_kinds)
+            self._take_events()
         if not self._turn_due and (
             self._replies or engine.turn_due or self.broker.commit_due or engine.proxied_due
         ):
@@ -152,11 +153,11 @@ class Shard:
         if self._replies:
             out = self._replies + out
             self._replies = []
-        proxied = engine.take_proxied()
-        if proxied:
-            # The turn's publishes, in one request to the publish proxy.
-            assert self.publish_proxy is not None
-            self.publish_proxy.send(proxied)
+        if self.publish_proxy is not None:
+            proxied = engine.take_proxied()
+            if proxied:
+                # The turn's publishes, in one request to the publish proxy.
+                self.publish_proxy.send(proxied)
         if rooms:
             if out:
                 write_turn(out, rooms)
@@ -164,7 +165,8 @@ class Shard:
                 write(rooms)
         elif out:
             write_turn(out, [])
-        self._take_events()
+        if self.webhooks is not None:
+            self._take_events()
         if engine.turn_due or self.broker.commit_due:
             # What the turn's end set off (a record a command wrote) ends next turn.
             self._turn_due = True

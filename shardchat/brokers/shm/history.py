@@ -41,11 +41,6 @@ class History(ShmState):
         request = records.HistoryRequest(room, first, last)
         self._write(_HISTORY_REQ, owner, records.encode_history_request(request))
 
-    def commit(self) -> None:
-        super().commit()
-        if self._fills_due:
-            self._answer_own_fills()
-
     def _answer_own_fills(self) -> None:
         """Our own rooms' fills, a chunk each (``FILL_LIMIT``), from the store and
         what it is still writing: the end of a chunk asks for the next."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 
-from shardchat.brokers.sequencer import owner_of
 from shardchat.brokers.shm.state import (
     _FORWARD,
     _FORWARD_SEEN,
@@ -35,9 +34,14 @@ class Sequencing(ShmState):
     def publish(self, publication: Publication, now: float) -> None:
         room = publication.room
         self._now_ns = int(now * 1e9)
-        owner = owner_of(room, self.workers)
+        owner = self._owners.get(room)
+        if owner is None:
+            owner = self._owner(room)
         if owner == self.shard_id:
-            seen = self.sequencer.seen_key(publication.key, self._now_ns)
+            # Most publishes have no idempotency key (seen_key's first check, inline).
+            seen = (
+                self.sequencer.seen_key(publication.key, self._now_ns) if publication.key else None
+            )
             if seen is None and self.durable is not None and self.durable.full:
                 # The store cannot write: refused before it is sequenced (at the
                 # commit, outside the engine's call), so nothing is seen unstored.
@@ -63,7 +67,9 @@ class Sequencing(ShmState):
         own, the peers' records we have not read yet (the forwards waiting for us
         to sequence them are among them) over theirs, or what our room store has
         not written yet (the acks wait for it) at its bound."""
-        owner = owner_of(room, self.workers)
+        owner = self._owners.get(room)
+        if owner is None:
+            owner = self._owner(room)
         if owner != self.shard_id:
             if self.forwarder.in_flight(owner) >= self._max_forwards:
                 return Queue.FORWARDS
@@ -95,7 +101,8 @@ class Sequencing(ShmState):
             records.encode_room_message(room, seq, p.publish_ns, p.msg_id, json, p.key),
         )
         self.stats[_S_SEQUENCED] += 1
-        log_event(log, logging.DEBUG, "sequenced", room=room, msg=p.msg_id, seq=seq)
+        if log.isEnabledFor(logging.DEBUG):  # once per message: no fields made for nothing
+            log_event(log, logging.DEBUG, "sequenced", room=room, msg=p.msg_id, seq=seq)
         assert self.listener is not None
         self.listener.on_message(room, seq, p.msg_id, json, p.publish_ns)
         return seq

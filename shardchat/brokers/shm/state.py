@@ -15,7 +15,7 @@ from typing import Protocol
 from shardchat import stats
 from shardchat.brokers.forwarding import Forwarder
 from shardchat.brokers.presence_holders import HolderState, Queries
-from shardchat.brokers.sequencer import Sequencer
+from shardchat.brokers.sequencer import Sequencer, owner_of
 from shardchat.core.broker import BrokerListener, PresenceAnswer
 from shardchat.core.config import OverloadConfig
 from shardchat.logs import log_event
@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 _OVERLOAD_DEFAULTS = OverloadConfig()  # the configuration's defaults
 POLL_LIMIT = 4096  # records per ring per read: one busy peer cannot starve our clients
+OWNERS_KEPT = 1 << 16  # rooms whose owner the broker remembers at most
 
 _ROOM_MSG = int(RecordKind.ROOM_MSG)
 _FORWARD = int(RecordKind.FORWARD)
@@ -128,6 +129,7 @@ class ShmState:
         self._now_ns = 0  # monotonic ns, as of the last call that gave the time
         self._max_payload = max_payload(ring_bytes)
         self._table_slots: dict[str, int | None] = {}
+        self._owners: dict[str, int] = {}  # room -> owner_of(room), remembered (_owner)
         self._acks_due: list[tuple[str, str, int]] = []  # (msg id, room, seq) once committed
         self._seqs_due: dict[str, int] = {}  # room -> seq, for the seq table once committed
         self._answers_due: list[tuple[str, int]] = []  # fills of our own rooms: (room, last)
@@ -147,6 +149,16 @@ class ShmState:
     def _record_handlers(self) -> dict[int, Handler]:
         """Each record kind's handler, by kind (:class:`ShmBroker` has them all)."""
         return {}
+
+    def _owner(self, room: str) -> int:
+        """``owner_of(room)``, remembered for the publishes' hot path (each asks
+        twice: ``full`` and ``publish``), which reads ``self._owners`` first; the
+        rooms remembered are dropped now and then."""
+        owners = self._owners
+        if len(owners) >= OWNERS_KEPT:
+            owners.clear()
+        owner = owners[room] = owner_of(room, self.workers)
+        return owner
 
     def _store_seq(self, room: str, seq: int) -> None:
         table = self.tables[self.shard_id]
@@ -209,6 +221,11 @@ class ShmState:
             assert listener is not None
             for msg_id, room, seq in acks:
                 listener.on_published(msg_id, room, seq)
+        if self._fills_due:
+            self._answer_own_fills()
+
+    def _answer_own_fills(self) -> None:
+        """Our own rooms' fills from the store, at the commit (:mod:`.history`)."""
 
     def heartbeat(self, now_ns: int) -> None:
         self.writer.heartbeat(now_ns)

@@ -44,7 +44,10 @@ def settle(engine: RoomEngine[C], broker: Broker) -> None:
     neither has anything more."""
     queued = engine.broker  # the engine's command queue
     queue = engine.inbox.queue
-    for _ in range(SETTLE_ROUNDS):
+    if not queued.commands and not queue:
+        return  # the common case at a turn's end
+    rounds = 0  # counted without a range(): settle runs a few times per message
+    while rounds < SETTLE_ROUNDS:
         commands = queued.commands
         if commands:
             # take() and run_commands, inline: once per input
@@ -55,21 +58,24 @@ def settle(engine: RoomEngine[C], broker: Broker) -> None:
             return
         if queue:
             engine._apply_inbox()  # deliver(), its check done
+        rounds += 1
     raise AssertionError("the engine and its broker never settled")
 
 
 def after_input(engine: RoomEngine[C], broker: Broker) -> list[Output[C]]:
     """What follows every input: the broker's part, then the outputs, in order."""
     settle(engine, broker)
-    return engine.take_outputs()
+    out, engine._out = engine._out, []  # take_outputs(), inline: once per input
+    return out
 
 
 def end_turn(engine: RoomEngine[C], broker: TurnBroker) -> tuple[list[Output[C]], list[Output[C]]]:
     """The end of the loop turn: returns the replies (acks above all, in order)
     and each room's frames of the turn, to write in that order."""
-    engine.take_deferred()
+    if engine._ready:  # take_deferred()'s check, inline: once per turn
+        engine.take_deferred()
     settle(engine, broker)  # their publishes go out with this turn's commit
     broker.commit()  # every turn: a broker may have work beside records (a store's acks)
     settle(engine, broker)
-    replies = engine.take_outputs()
-    return replies, engine.flush()
+    replies, engine._out = engine._out, []  # take_outputs() and flush(), inline: once per turn
+    return replies, engine.fanout.flush(engine.now)
