@@ -35,7 +35,8 @@ class Fanout(Generic[C]):
         self.logs = logs
         self.reliable = reliable
         self.counters = counters
-        self._outbox: dict[str, list[bytes]] = {}
+        # This turn's frames, per room, until the flush (the engine's turn_due reads it).
+        self.outbox: dict[str, list[bytes]] = {}
         # Bytes this turn's frames make, once per member: the shard's outgoing
         # bytes of the turn, which admission control bounds (overload.turn_bytes).
         self.turn_bytes = 0
@@ -47,15 +48,11 @@ class Fanout(Generic[C]):
             return
         frame = wire.text_frame(json)
         self.turn_bytes += len(frame) * len(members)
-        frames = self._outbox.get(room)
+        frames = self.outbox.get(room)
         if frames is None:
-            self._outbox[room] = [frame]
+            self.outbox[room] = [frame]
         else:
             frames.append(frame)
-
-    @property
-    def due(self) -> bool:
-        return bool(self._outbox)
 
     def flush(self, now: float, snapshot: bool = False) -> list[Output[C]]:
         """Each room's queued frames, joined once, for its members.
@@ -65,9 +62,9 @@ class Fanout(Generic[C]):
         writes, so they are copied.
         """
         self.turn_bytes = 0
-        if not self._outbox:
+        if not self.outbox:
             return []
-        outbox, self._outbox = self._outbox, {}
+        outbox, self.outbox = self.outbox, {}
         members_of = self.members
         reliable = self.reliable.rooms
         out: list[Output[C]] = []

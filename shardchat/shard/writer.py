@@ -30,7 +30,7 @@ def write_turn(out: list[Output], rooms: list[Output]) -> None:
     # Connections with several replies, joined once below: a burst of refused
     # publishes holds thousands for one connection (adding them up one by one
     # copied the buffer each time: quadratic, seconds of a stuck loop).
-    several: dict[Connection, list[bytes]] = {}
+    several: dict[Connection, list[bytes]] | None = None
     for conns, item in out:
         if type(item) is not bytes:
             write(out)
@@ -40,22 +40,25 @@ def write_turn(out: list[Output], rooms: list[Output]) -> None:
             before = held.get(conn)
             if before is None:
                 held[conn] = item
+            elif several is None:
+                several = {conn: [before, item]}
             else:
                 parts = several.get(conn)
                 if parts is None:
                     several[conn] = [before, item]
                 else:
                     parts.append(item)
-    for conn, parts in several.items():
-        held[conn] = b"".join(parts)
+    if several is not None:
+        for conn, parts in several.items():
+            held[conn] = b"".join(parts)
     take = held.pop
     for conns, item in rooms:
         assert type(item) is bytes  # flush() returns frames only
         for conn in conns:
             transport = conn.out
             if transport is not None:
-                first = take(conn, None)
-                transport.write(item if first is None else first + item)
+                # Once per member per turn: most have no reply held (no call then).
+                transport.write(take(conn) + item if conn in held else item)
     for conn, item in held.items():
         transport = conn.out
         if transport is not None:

@@ -180,14 +180,11 @@ class ShmState:
 
     @property
     def commit_due(self) -> bool:
+        # Asked at least once a turn: no bool() calls.
+        if self._written or self._acks_due or self._failed_due or self._fills_due:
+            return True  # the fills: our own rooms', answered at the commit
         durable = self.durable
-        return (
-            self._written > 0
-            or bool(self._acks_due)
-            or bool(self._failed_due)
-            or (durable is not None and durable.due)  # a retry's answer waits for the store
-            or bool(self._fills_due)  # our own rooms' fills, answered at the commit
-        )
+        return durable is not None and durable.due  # a retry's answer waits for the store
 
     def commit(self) -> None:
         """Make the records written since the last commit visible, then store the

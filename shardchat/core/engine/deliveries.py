@@ -49,29 +49,21 @@ class Deliveries(Rooms[C]):
         pop = queue.popleft
         on_message = inbox.message_handler
         on_published = inbox.published_handler
-        logs = self.logs
-        parked = self.gaps.parked
-        members = self.members
-        fanout_queue = self.fanout.queue
-        counters = self.counters
-        pending = self._pending
-        conns = self.conns
-        now = self.now
-        now_ns = int(now * 1e9)
-        text_frame = wire.text_frame
-        encode = orjson.dumps  # wire.encode's, without its call
+        # What each case needs is read from self there, not bound here: most calls
+        # bring one item (a turn's message, or its ack at the turn's end).
         while queue:
             fn, args = pop()
             if fn is on_message:
                 room, seq, _msg_id, json, publish_ns = args
-                log_ = logs.get(room)
-                if log_ is not None and seq == log_.seq + 1 and room not in parked:
+                log_ = self.logs.get(room)
+                if log_ is not None and seq == log_.seq + 1 and room not in self.gaps.parked:
                     log_.append(seq, json)
-                    log_.touched = now
-                    if room in members:
-                        fanout_queue(room, json)
+                    now = log_.touched = self.now
+                    if room in self.members:
+                        self.fanout.queue(room, json)
                         # _latency, inline
-                        ns = now_ns - publish_ns
+                        ns = int(now * 1e9) - publish_ns
+                        counters = self.counters
                         counters[LATENCY_BASE + bisect_left(LATENCY_BUCKETS_MS, ns / 1e6)] += 1
                         counters[S_LATENCY_COUNT] += 1
                         if ns > 0:
@@ -79,16 +71,16 @@ class Deliveries(Rooms[C]):
                     continue
             elif fn is on_published and not self._pending_messages:
                 msg_id, room, seq = args
-                sender = pending.get(msg_id)
+                sender = self._pending.pop(msg_id, None)
                 if sender is not None:
                     # on_published's ack to a connection, inline
-                    del pending[msg_id]
                     conn, request_id = sender
-                    if conn in conns:
+                    if conn in self.conns:
                         ack: dict[str, object] = {"type": "ack", "room": room, "seq": seq}
                         if request_id is not None:
                             ack["id"] = request_id
-                        self._out.append(((conn,), text_frame(encode(ack))))
+                        # wire.encode and _reply, inline
+                        self._out.append(((conn,), wire.text_frame(orjson.dumps(ack))))
                     continue
             fn(*args)
 

@@ -259,7 +259,7 @@ class EngineState(Generic[C]):
     def turn_due(self) -> bool:
         """The end of the turn has work: frames queued for the rooms, requests that
         waited for a join, or broker answers or commands not yet handled."""
-        return bool(self.fanout.due or self._ready or self.inbox.queue or self.broker.commands)
+        return bool(self.fanout.outbox or self._ready or self.inbox.queue or self.broker.commands)
 
     @property
     def proxied_due(self) -> bool:

@@ -44,29 +44,25 @@ def settle(engine: RoomEngine[C], broker: Broker) -> None:
     neither has anything more."""
     queued = engine.broker  # the engine's command queue
     queue = engine.inbox.queue
-    if not queued.commands and not queue:
-        return  # the common case at a turn's end
     rounds = 0  # counted without a range(): settle runs a few times per message
-    while rounds < SETTLE_ROUNDS:
+    while queued.commands or queue:
+        if rounds == SETTLE_ROUNDS:
+            raise AssertionError("the engine and its broker never settled")
+        rounds += 1
         commands = queued.commands
         if commands:
             # take() and run_commands, inline: once per input
             queued.commands = []
             for name, args in commands:
                 getattr(broker, name)(*args)
-        elif not queue:
-            return
         if queue:
-            engine._apply_inbox()  # deliver(), its check done
-        rounds += 1
-    raise AssertionError("the engine and its broker never settled")
+            engine._apply_inbox()  # deliver(), its check done: the queue is empty after
 
 
 def after_input(engine: RoomEngine[C], broker: Broker) -> list[Output[C]]:
     """What follows every input: the broker's part, then the outputs, in order."""
     settle(engine, broker)
-    out, engine._out = engine._out, []  # take_outputs(), inline: once per input
-    return out
+    return engine.take_outputs()
 
 
 def end_turn(engine: RoomEngine[C], broker: TurnBroker) -> tuple[list[Output[C]], list[Output[C]]]:
@@ -74,8 +70,9 @@ def end_turn(engine: RoomEngine[C], broker: TurnBroker) -> tuple[list[Output[C]]
     and each room's frames of the turn, to write in that order."""
     if engine._ready:  # take_deferred()'s check, inline: once per turn
         engine.take_deferred()
-    settle(engine, broker)  # their publishes go out with this turn's commit
+    if engine.broker.commands or engine.inbox.queue:  # settle()'s check, inline
+        settle(engine, broker)  # their publishes go out with this turn's commit
     broker.commit()  # every turn: a broker may have work beside records (a store's acks)
     settle(engine, broker)
-    replies, engine._out = engine._out, []  # take_outputs() and flush(), inline: once per turn
-    return replies, engine.fanout.flush(engine.now)
+    replies = engine.take_outputs()
+    return replies, engine.flush()
