@@ -36,6 +36,8 @@ from shardchat.core.engine.state import (
 class ServerCalls(Connections[C]):
     """The server calls' part of the engine."""
 
+    __slots__ = ()
+
     def publish_as(
         self, token: object, room: str, sender: str, content: str, key: str | None = None
     ) -> None:

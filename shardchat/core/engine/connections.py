@@ -43,6 +43,8 @@ from shardchat.core.engine.state import (
 class Connections(Requests[C]):
     """The connections' part of the engine."""
 
+    __slots__ = ()
+
     def admit(
         self, conn: C, upgrade: Upgrade, connections: int, proxied: Identity | None = None
     ) -> Refusal | None:

@@ -37,6 +37,8 @@ from shardchat.core.engine.state import (
 class Deliveries(Rooms[C]):
     """The deliveries' part of the engine (applied from its inbox)."""
 
+    __slots__ = ()
+
     def _apply_inbox(self) -> None:
         """:meth:`Inbox.apply <shardchat.core.engine.inbox.Inbox.apply>`, with the
         common cases of the two items every message brings handled in the loop

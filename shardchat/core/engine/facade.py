@@ -48,3 +48,5 @@ class RoomEngine(ServerCalls[C]):
     broker. Made with ``RoomEngine(config, shard_id, epoch, broker, counters,
     hooks, id_prefix=..., verify=..., peers=..., log=...)``
     (:class:`~shardchat.core.engine.state.EngineState`)."""
+
+    __slots__ = ()

@@ -50,6 +50,8 @@ from shardchat.core.engine.state import (
 class Joins(Deliveries[C]):
     """The joins' part of the engine: a join's stages, one after another."""
 
+    __slots__ = ()
+
     def _join(self, conn: C, state: ConnState, request: Join) -> None:
         pending = PendingJoin(conn, request)
         state.joins += (pending,)

@@ -48,6 +48,8 @@ _new = tuple.__new__  # a NamedTuple made directly (its __new__ is 3x slower)
 class Requests(Joins[C]):
     """The requests' part of the engine."""
 
+    __slots__ = ()
+
     def _request(self, conn: C, state: ConnState, request: ClientMessage) -> None:
         """A request, taken now or, behind the connection's joins, later; a ping
         is answered at once (liveness does not wait for a join)."""

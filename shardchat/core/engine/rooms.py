@@ -36,6 +36,8 @@ from shardchat.core.engine.state import (
 class Rooms(EngineState[C]):
     """The rooms' part of the engine."""
 
+    __slots__ = ()
+
     def _log(self, room: str) -> RoomLog:
         log_ = self.logs.get(room)
         if log_ is None:

@@ -152,7 +152,48 @@ class ConnState:
 class EngineState(Generic[C]):
     """What one shard's engine knows, and what every part of it uses."""
 
-    inbox: Inbox  # made by RoomEngine: the broker's listener, what it tells us, queued
+    # Slots, and none in the parts above: the engine has more attributes than
+    # CPython 3.11 shares keys for (30), and its hot path reads them often.
+    __slots__ = (
+        "_calls",
+        "_events",
+        "_expiries",
+        "_msg_counter",
+        "_msg_prefix",
+        "_next_evict",
+        "_out",
+        "_pending",
+        "_pending_messages",
+        "_proxied",
+        "_ready",
+        "broker",
+        "config",
+        "conns",
+        "counters",
+        "draining",
+        "epoch",
+        "fanout",
+        "fetches",
+        "gaps",
+        "history",
+        "hook_kinds",
+        "hooks",
+        "inbox",
+        "log",
+        "logs",
+        "members",
+        "now",
+        "open_count",
+        "peers",
+        "pins",
+        "presence",
+        "proxy_waiting",
+        "publish_proxy",
+        "reliable",
+        "shard_id",
+        "verify",
+        "wall",
+    )
 
     def __init__(
         self,
