@@ -52,22 +52,14 @@ def is_valid_name(name: object) -> bool:
     return isinstance(name, str) and _fullmatch(name) is not None
 
 
-def _request_id(obj: dict[str, object]) -> str | None:
-    value = obj.get("id")
-    if isinstance(value, str) and 1 <= len(value) <= MAX_ID:
-        return value
-    return None
-
-
 def _room(obj: dict[str, object], rid: str | None) -> RoomId:
     room = obj.get("room")
     if room is None:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "missing field: room", rid)
-    if not is_valid_name(room):
+    if not isinstance(room, str) or _fullmatch(room) is None:  # is_valid_name, inline
         raise ProtocolError(
             ErrorCode.BAD_REQUEST, "room must be 1-64 characters of [A-Za-z0-9_.:-]", rid
         )
-    assert isinstance(room, str)
     return RoomId(room)
 
 
@@ -169,7 +161,8 @@ def decode(data: bytes | bytearray | memoryview, max_content: int) -> ClientMess
         raise ProtocolError(ErrorCode.BAD_JSON, f"malformed JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise ProtocolError(ErrorCode.BAD_REQUEST, "a frame must be a JSON object")
-    rid = _request_id(obj)
+    raw = obj.get("id")  # _request_id, inline: once per request
+    rid = raw if raw is None or (isinstance(raw, str) and 1 <= len(raw) <= MAX_ID) else None
     kind = obj.get("type")
     if kind is None:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "missing field: type", rid)
@@ -179,7 +172,7 @@ def decode(data: bytes | bytearray | memoryview, max_content: int) -> ClientMess
     if decoder is None:
         raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown type: {kind[:64]!r}", rid)
     # A ping echoes whatever it carries; every other request's id must be usable.
-    if rid is None and obj.get("id") is not None and kind != "ping":
+    if rid is None and raw is not None and kind != "ping":
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"id must be a string of 1-{MAX_ID} characters")
     return decoder(obj, rid, max_content)
 

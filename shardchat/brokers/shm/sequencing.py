@@ -38,20 +38,20 @@ class Sequencing(ShmState):
         if owner is None:
             owner = self._owner(room)
         if owner == self.shard_id:
+            durable = self.durable
             # Most publishes have no idempotency key (seen_key's first check, inline).
             seen = (
                 self.sequencer.seen_key(publication.key, self._now_ns) if publication.key else None
             )
-            if seen is None and self.durable is not None and self.durable.full:
+            if seen is not None:
+                room, seq = seen  # a retry of a publish we sequenced: its seq, once
+            elif durable is not None and durable.full:
                 # The store cannot write: refused before it is sequenced (at the
                 # commit, outside the engine's call), so nothing is seen unstored.
                 self._failed_due.append((publication.msg_id, room))
                 return
-            if seen is None:
-                seq = self._sequence(publication)
             else:
-                room, seq = seen  # a retry of a publish we sequenced: its seq, once
-            durable = self.durable
+                seq = self._sequence(publication)
             if durable is not None:
                 durable.ack(publication.msg_id, room, seq)  # once stored
             else:

@@ -194,8 +194,15 @@ class ShmState:
             self.writer.commit()
             if self._seqs_due:
                 seqs, self._seqs_due = self._seqs_due, {}
+                slots = self._table_slots
+                set_seq = self.tables[self.shard_id].set_seq
                 for room, seq in seqs.items():
-                    self._store_seq(room, seq)
+                    # _store_seq, inline for a room whose slot is known: every turn
+                    offset = slots.get(room, -1)
+                    if offset == -1:
+                        self._store_seq(room, seq)
+                    elif offset is not None:
+                        set_seq(offset, seq)
             self.stats[_S_WRITTEN] += self._written
             self._written = 0
             self._uncommitted = 0
