@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 class ShmBroker(Recovery, Reading, History):
     """Our ring, the peers' rings and seq tables, and the doorbells we ring."""
 
+    __slots__ = ()
+
     def _record_handlers(self) -> dict[int, Handler]:
         return {
             _ROOM_MSG: self._on_room_message,

@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 class History(ShmState):
     """Fills of missed ranges, asked and answered."""
 
+    __slots__ = ()
+
     def fill(self, room: str, first: int, last: int) -> None:
         owner = owner_of(room, self.workers)
         if owner == self.shard_id:

@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 class Presence(ShmState):
     """Presence through the rings."""
 
+    __slots__ = ()
+
     def announce(self, room: str, user: str, joined: bool, info: str | None = None) -> None:
         presence = records.Presence(room, user, joined, info)
         self._write(_PRESENCE, 0, records.encode_presence(presence))

@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 class Reading(Presence):
     """The peers' rings, read."""
 
+    __slots__ = ()
+
     def read_peers(self, now: float | None = None) -> bool:
         """Hand every peer's new records to the listener, ``POLL_LIMIT`` per ring;
         True when there is more to read at once. ``now``: monotonic seconds."""

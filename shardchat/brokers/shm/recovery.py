@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 class Recovery(Sequencing):
     """Start-up from shared memory (and the store)."""
 
+    __slots__ = ()
+
     def retained(self, shard: int) -> tuple[RingReader, list[Record]]:
         """Everything ``shard``'s ring still holds, and a reader left at its end."""
         reader = RingReader(self._ring_views[shard], from_oldest=True)

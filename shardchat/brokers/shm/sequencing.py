@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 class Sequencing(ShmState):
     """Publishes: the owner's sequencing, the others' forwards and their answers."""
 
+    __slots__ = ()
+
     def publish(self, publication: Publication, now: float) -> None:
         room = publication.room
         self._now_ns = int(now * 1e9)

@@ -69,6 +69,54 @@ class Bell(Protocol):
 class ShmState:
     """Our ring, the peers' rings and seq tables, and the doorbells we ring."""
 
+    # Slots for what the parts below use (they add none), and a __dict__ for the
+    # rest (the shard's stamp, a test's stand-in): past the 30 keys CPython 3.11
+    # shares per class, and the publishes' hot path reads them often.
+    __slots__ = (
+        "_acks_due",
+        "_answers_due",
+        "_asked",
+        "_closing",
+        "_commit_every",
+        "_failed_due",
+        "_fills_due",
+        "_handlers",
+        "_local_waiting",
+        "_max_backlog",
+        "_max_forwards",
+        "_max_payload",
+        "_max_store",
+        "_now_ns",
+        "_owners",
+        "_rebuild_until",
+        "_ring_views",
+        "_seqs_due",
+        "_table_slots",
+        "_uncommitted",
+        "_views",
+        "_waiting_view",
+        "_written",
+        "backlog",
+        "bells",
+        "durable",
+        "forwarder",
+        "holders",
+        "listener",
+        "occupancy",
+        "on_control",
+        "peers",
+        "queries",
+        "readers",
+        "sequencer",
+        "shard_id",
+        "stats",
+        "tables",
+        "unstored",
+        "workers",
+        "writer",
+        "__dict__",
+    )
+
     def __init__(
         self,
         shard_id: int,
