@@ -68,11 +68,15 @@ def after_input(engine: RoomEngine[C], broker: Broker) -> list[Output[C]]:
 def end_turn(engine: RoomEngine[C], broker: TurnBroker) -> tuple[list[Output[C]], list[Output[C]]]:
     """The end of the loop turn: returns the replies (acks above all, in order)
     and each room's frames of the turn, to write in that order."""
+    queue = engine.inbox.queue
     if engine._ready:  # take_deferred()'s check, inline: once per turn
         engine.take_deferred()
-    if engine.broker.commands or engine.inbox.queue:  # settle()'s check, inline
+    if engine.broker.commands or queue:
         settle(engine, broker)  # their publishes go out with this turn's commit
     broker.commit()  # every turn: a broker may have work beside records (a store's acks)
-    settle(engine, broker)
+    if queue and not engine.broker.commands:
+        engine._apply_inbox()  # what the commit answered (the acks): settle()'s first round
+    if engine.broker.commands or queue:
+        settle(engine, broker)
     replies = engine.take_outputs()
     return replies, engine.flush()
