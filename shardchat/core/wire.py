@@ -244,6 +244,9 @@ def error_payload(
 _HEADER_16 = struct.Struct("!BBH")
 _HEADER_64 = struct.Struct("!BBQ")
 _FIN_TEXT = 0x81
+_HEADERS_7 = tuple(
+    bytes((_FIN_TEXT, n)) for n in range(126)
+)  # each short frame's header, made once
 
 
 def text_frame(payload: bytes) -> bytes:
@@ -254,7 +257,7 @@ def text_frame(payload: bytes) -> bytes:
     """
     n = len(payload)
     if n < 126:
-        return bytes((_FIN_TEXT, n)) + payload
+        return _HEADERS_7[n] + payload
     if n < 65536:
         return _HEADER_16.pack(_FIN_TEXT, 126, n) + payload
     return _HEADER_64.pack(_FIN_TEXT, 127, n) + payload
