@@ -81,15 +81,15 @@ async def resume(client: Client, room: str, since: int) -> tuple[dict[str, Any],
     return joined, seqs
 
 
-def test_20000_stored_messages_paged_back_from_a_shard_that_does_not_own_the_room(
+def test_100000_stored_messages_paged_back_from_a_shard_that_does_not_own_the_room(
     store_dir: Path,
 ) -> None:
     """Every seq once, in order, paged back with `before` from shard 1 (the room's
     owner is shard 0); a resume on shard 2 from 3,000 back (more than any shard
     keeps in memory) is recovered with every message; so is one on the owner.
-    20,000 messages: 20 times what the owner keeps in memory (delivery.history_memory),
-    4 pages of 5,000."""
-    count = 20_000
+    100,000 messages (what the store is sold to keep), 100 times what the owner
+    keeps in memory (delivery.history_memory), 20 pages of 5,000."""
+    count = 100_000
     room = room_owned_by(0, WORKERS, prefix="long")
     now = time.time()
     write_store(store_dir, room, [now] * count)

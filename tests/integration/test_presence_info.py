@@ -14,11 +14,11 @@ from tests.integration.test_proxy import backend, refused
 from tests.support.api import KEY, call
 from tests.support.helpers import (
     Client,
-    _start_server,
     assert_no_traceback,
     cleanup_server,
     running_server,
     scaled,
+    start_servers,
 )
 from tests.support.redis_helpers import RedisServer
 
@@ -126,10 +126,8 @@ async def test_info_crosses_boxes_on_redis(redis: RedisServer, prefix: str) -> N
             f"proxy.connect_url={app.url('/connect')}",
         ]
         env = {"SHARDCHAT_API_KEY": KEY}
-        started = [_start_server(n, settings, (), env, None, None) for n in (1, 2)]
+        started = start_servers([(1, settings), (2, settings)], env)
         try:
-            for box in started:
-                box.wait_started(box.workers)
             one, two = started
             app.infos.update({"ada": ADA, "bob": BOB, "carl": None})
             ada = await on_shard(one.url + "?room=lobby", "ada", 0)

@@ -12,13 +12,13 @@ from examples.backend import Backend
 from shardchat.testing.wait import await_until
 from tests.support.helpers import (
     Server,
-    _start_server,
     cleanup_server,
     clients_on_shards,
     closing,
     connect_client,
     kill_server,
     scaled,
+    start_servers,
 )
 from tests.support.redis_helpers import RedisServer
 from tests.support.webhooks import backend, hook_settings
@@ -39,10 +39,8 @@ def settings(redis: RedisServer, prefix: str, receiver: Backend) -> list[str]:
 @contextlib.contextmanager
 def boxes(*settings: tuple[int, list[str]]) -> Iterator[list[Server]]:
     """Boxes started side by side (a Redis box takes a second or two to start)."""
-    started = [_start_server(workers, box, (), None, None, None) for workers, box in settings]
+    started = start_servers(settings)
     try:
-        for box in started:
-            box.wait_started(box.workers)
         yield started
     finally:
         for box in started:

@@ -164,10 +164,7 @@ def start_server(
         try:
             server.wait_started(workers)
         except ServerExited:
-            tail = server.tail()
-            # A port of the test's own settings (api.port, from free_port) can be
-            # the number drawn here for server.port: the same race, drawn again.
-            in_use = "already in use" in tail or "must differ from server.port" in tail
+            in_use = _port_taken(server)
             cleanup_server(server)
             if in_use and attempt < 4 and port is None and admin_port is None:
                 continue
@@ -177,6 +174,38 @@ def start_server(
             raise
         return server
     raise AssertionError("unreachable")
+
+
+def start_servers(
+    specs: Sequence[tuple[int, Sequence[str]]], env: dict[str, str] | None = None
+) -> list[Server]:
+    """Servers of (workers, settings) started side by side (a Redis box takes a
+    second or two to start); one that lost a free port to another process is
+    started again on others, as :func:`start_server` does."""
+    started = [_start_server(workers, box, (), env, None, None) for workers, box in specs]
+    try:
+        for i, server in enumerate(started):
+            try:
+                server.wait_started(server.workers)
+            except ServerExited:
+                if not _port_taken(server):
+                    raise
+                cleanup_server(server)
+                workers, box = specs[i]
+                started[i] = start_server(workers, box, (), env)
+    except BaseException:
+        for server in started:
+            cleanup_server(server)
+        raise
+    return started
+
+
+def _port_taken(server: Server) -> bool:
+    """The server stopped because a port drawn free was taken meanwhile (a port
+    of the test's own settings, such as api.port from free_port, can be the
+    number drawn for server.port: the same race)."""
+    tail = server.tail()
+    return "already in use" in tail or "must differ from server.port" in tail
 
 
 def _start_server(
