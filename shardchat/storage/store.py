@@ -220,19 +220,27 @@ class RoomStore(Generic[T]):
 
     def read(self, room: str, first: int, last: int, limit: int) -> list[HeldMessage]:
         """The stored messages ``first..last`` of ``room``, at most ``limit``."""
+        # Spans do not overlap: in the order of their last seq, the ones wanted
+        # are those before the first that begins after ``last``. The scan stops
+        # there (a condition on `first` in SQL would read every later span).
         spans = self._reader.execute(
-            "SELECT rows FROM spans WHERE room = ? AND last >= ? AND first <= ? ORDER BY last",
-            (room, first, last),
+            "SELECT first, rows FROM spans WHERE room = ? AND last >= ? ORDER BY last",
+            (room, first),
         )
         out: list[HeldMessage] = []
         newest = first - 1
-        for (blob,) in spans:
-            for seq, json in span_messages(blob):
-                if newest < seq <= last:
-                    out.append(HeldMessage(seq, json))
-                    newest = seq
-                    if len(out) == limit:
-                        return out
+        try:
+            for begins, blob in spans:
+                if begins > last:
+                    break
+                for seq, json in span_messages(blob):
+                    if newest < seq <= last:
+                        out.append(HeldMessage(seq, json))
+                        newest = seq
+                        if len(out) == limit:
+                            return out
+        finally:
+            spans.close()  # ends the read (a snapshot held open would stop checkpoints)
         return out
 
     def close(self) -> int:

@@ -190,3 +190,36 @@ def test_an_open_without_room_to_fold_refuses_clearly_and_keeps_the_file(
         assert storage.seqs(0) == {"a": 1}
     finally:
         storage.close()
+
+
+def test_a_read_of_an_old_range_stops_at_its_last_span(tmp_path: Path) -> None:
+    """A page of old history reads the spans it needs, not every later one: the
+    SQLite steps of a read at the start of a 20,000-message room are those of a
+    read at its end (counted by a progress handler, not timed)."""
+    path = tmp_path / "s.db"
+    db = connect(path)
+    db.execute("BEGIN")
+    store_rows(db, (("r", seq, 0.0, "", b"x" * 100) for seq in range(1, 20_001)))
+    db.execute("COMMIT")
+    db.close()
+    store: RoomStore[str] = RoomStore(
+        path, fsync="off", max_bytes=0, history=100_000, history_ttl=0.0, wake=lambda: None
+    )
+    steps = 0
+
+    def count() -> int:
+        nonlocal steps
+        steps += 1
+        return 0
+
+    store._reader.set_progress_handler(count, 100)
+    costs = []
+    for first in (101, 19_901):
+        steps = 0
+        assert [m.seq for m in store.read("r", first, first + 49, 1000)] == list(
+            range(first, first + 50)
+        )
+        costs.append(steps)
+    store._reader.set_progress_handler(None, 0)
+    store.close()
+    assert costs[0] <= 2 * costs[1] + 10, costs
