@@ -72,12 +72,12 @@ Row = tuple[str, int, float, str, bytes]  # room, seq, wall time, idempotency ke
 
 # A group: its messages one after the other, each a header and its room, key
 # and JSON. A span: seq and JSON of each (its room is the row's).
-_JOURNALED = struct.Struct("<qdHHI")  # seq, wall time, len(room), len(key), len(JSON)
-_CHUNKED = struct.Struct("<qI")  # seq, len(JSON)
+_GROUP_HEAD = struct.Struct("<qdHHI")  # seq, wall time, len(room), len(key), len(JSON)
+_SPAN_HEAD = struct.Struct("<qI")  # seq, len(JSON)
 
 
 def pack_group(rows: list[Row]) -> bytes:
-    head = _JOURNALED.pack
+    head = _GROUP_HEAD.pack
     parts: list[bytes] = []
     for room, seq, at, key, json in rows:
         r, k = room.encode(), key.encode()
@@ -88,35 +88,35 @@ def pack_group(rows: list[Row]) -> bytes:
 def group_rows(blob: bytes) -> list[Row]:
     """The messages of one group."""
     rows: list[Row] = []
-    unpack, size = _JOURNALED.unpack_from, _JOURNALED.size
-    at_ = 0
+    unpack, size = _GROUP_HEAD.unpack_from, _GROUP_HEAD.size
+    pos = 0
     end = len(blob)
-    while at_ < end:
-        seq, at, r, k, j = unpack(blob, at_)
-        at_ += size
-        room = blob[at_ : at_ + r].decode()
-        key = blob[at_ + r : at_ + r + k].decode()
-        at_ += r + k
-        rows.append((room, seq, at, key, blob[at_ : at_ + j]))
-        at_ += j
+    while pos < end:
+        seq, at, r, k, j = unpack(blob, pos)
+        pos += size
+        room = blob[pos : pos + r].decode()
+        key = blob[pos + r : pos + r + k].decode()
+        pos += r + k
+        rows.append((room, seq, at, key, blob[pos : pos + j]))
+        pos += j
     return rows
 
 
 def _pack_span(rows: list[Row]) -> bytes:
-    head = _CHUNKED.pack
+    head = _SPAN_HEAD.pack
     return b"".join(part for row in rows for part in (head(row[1], len(row[4])), row[4]))
 
 
 def span_messages(blob: bytes) -> Iterator[tuple[int, bytes]]:
     """The (seq, JSON) of each message of one span, in seq order."""
-    unpack, size = _CHUNKED.unpack_from, _CHUNKED.size
-    at = 0
+    unpack, size = _SPAN_HEAD.unpack_from, _SPAN_HEAD.size
+    pos = 0
     end = len(blob)
-    while at < end:
-        seq, j = unpack(blob, at)
-        at += size
-        yield seq, blob[at : at + j]
-        at += j
+    while pos < end:
+        seq, j = unpack(blob, pos)
+        pos += size
+        yield seq, blob[pos : pos + j]
+        pos += j
 
 
 def store_rows(db: sqlite3.Connection, rows: Iterable[Row]) -> dict[str, int]:
