@@ -295,6 +295,12 @@ def _move_rooms(directory: Path, old: int, new: int) -> None:
                 connect(dest).close()  # made with the schema
                 db.execute("ATTACH DATABASE ? AS dest", (str(dest),))
                 db.execute("BEGIN")
+                # A move done again after a crash: keys have no unique column.
+                db.execute(
+                    "DELETE FROM dest.recent_keys WHERE room IN"
+                    " (SELECT room FROM main.rooms WHERE owner(room) = ?)",
+                    (shard,),
+                )
                 for table in ("spans", "rooms", "recent_keys"):
                     db.execute(
                         f"INSERT OR REPLACE INTO dest.{table} SELECT * FROM main.{table}"
@@ -342,8 +348,11 @@ def describe(directory: Path) -> tuple[dict[str, object], list[StoreFile]]:
         size = sum(
             p.stat().st_size for p in (path, path.with_name(path.name + "-wal")) if p.exists()
         )
-        db = sqlite3.connect(path)  # not connect(): a running server may be writing it
+        # Not connect(): a running server may be writing it. One transaction: one
+        # snapshot of its tables, so that a fold in between is counted once.
+        db = sqlite3.connect(path, isolation_level=None)
         try:
+            db.execute("BEGIN")
             rooms = db.execute("SELECT count(*) FROM rooms").fetchone()[0]
             if db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
                 spanned = db.execute("SELECT sum(count), min(oldest) FROM spans").fetchone()

@@ -36,9 +36,11 @@ unstored at shutdown is counted by :meth:`RoomStore.close`: it is in the
 ring, which the supervisor then keeps for the next start.
 
 Retention: a room keeps its last ``delivery.history`` messages (trimmed every
-``TRIM_EVERY`` messages, so at most that many more) and, with
-``delivery.history_ttl``, none older than that; its seq is kept for ever in
-``rooms``. Idempotency keys are kept for ``KEY_WINDOW``.
+``TRIM_EVERY`` messages by whole spans, so at most ``TRIM_EVERY`` +
+``SPAN_ROWS`` more) and, with ``delivery.history_ttl``, its spans are deleted
+once their newest message is older than that (no replay sends an older
+message); its seq is kept for ever in ``rooms``. Idempotency keys are kept
+for ``KEY_WINDOW``.
 """
 
 from __future__ import annotations
@@ -292,7 +294,8 @@ class RoomStore(Generic[T]):
                 ):
                     if self._fold(writer):
                         unfolded = 0
-                    else:  # a full disk: the groups stay stored, folded once there is room
+                    else:  # a full disk: the groups stay stored, folded once there is
+                        # room (tried at the next second, not after every write)
                         next_fold = now + RETRY_EVERY
                 if now >= next_sync:
                     next_sync = now + SYNC_EVERY

@@ -119,9 +119,12 @@ def span_messages(blob: bytes) -> Iterator[tuple[int, bytes]]:
         pos += j
 
 
-def store_rows(db: sqlite3.Connection, rows: Iterable[Row]) -> dict[str, int]:
+def store_rows(
+    db: sqlite3.Connection, rows: Iterable[Row], *, messages: bool = True
+) -> dict[str, int]:
     """Write ``rows`` (each room's in seq order) as spans, with the rooms' seqs
-    and the keys, in the caller's transaction; each room's newest seq."""
+    and the keys, in the caller's transaction; each room's newest seq. Without
+    ``messages`` (``delivery.history = 0``) only the seqs and the keys."""
     by_room: dict[str, list[Row]] = {}
     keyed: list[tuple[str, str, int, float]] = []
     for row in rows:
@@ -133,7 +136,7 @@ def store_rows(db: sqlite3.Connection, rows: Iterable[Row]) -> dict[str, int]:
         if row[3]:
             keyed.append((row[3], room, row[1], row[2]))
     spans = []
-    for room, held in by_room.items():
+    for room, held in by_room.items() if messages else ():
         for i in range(0, len(held), SPAN_ROWS):
             part = held[i : i + SPAN_ROWS]
             first, last = part[0], part[-1]
@@ -161,7 +164,13 @@ def connect(path: Path, synchronous: str = "NORMAL") -> sqlite3.Connection:
     try:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute(f"PRAGMA synchronous={synchronous}")
-        if db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StorageError(
+                f"{path}: made by a newer shardchat (layout {version}, this one reads"
+                f" {SCHEMA_VERSION}): start that version, or move the file away"
+            )
+        if version != SCHEMA_VERSION:
             _upgrade(db)
         if db.execute("SELECT 1 FROM groups LIMIT 1").fetchone():
             _settle_groups(db)
@@ -267,7 +276,7 @@ class Transactions:
 
         def move() -> None:
             db = self.db
-            latest = store_rows(db, rows)
+            latest = store_rows(db, rows, messages=self.history > 0)
             db.execute("DELETE FROM groups")
             trims.extend(self._trims(latest))
             if trims:
@@ -294,9 +303,9 @@ class Transactions:
         self._failing.add(event)
 
     def _trims(self, latest: dict[str, int]) -> list[tuple[str, int]]:
+        # With history 0 a fold writes no spans; this deletes those an open or a
+        # rescue wrote.
         history = self.history
-        if not history:
-            return []
         trimmed = self._trimmed
         return [
             (room, seq - history)

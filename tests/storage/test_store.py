@@ -226,7 +226,11 @@ def test_a_move_interrupted_before_the_meta_file_is_done_again_or_undone(
     StorageDir.open(directory, 2).close()
     for shard in range(2):
         db = connect(store_path(directory, shard, 2))
-        db.executemany("INSERT INTO rooms VALUES (?, ?)", [(f"s{shard}r{i}", 5) for i in range(10)])
+        db.execute("BEGIN")
+        store_rows(
+            db, [(f"s{shard}r{i}", 5, time.time(), f"k{shard}-{i}", b"m") for i in range(10)]
+        )
+        db.execute("COMMIT")
         db.close()
 
     def crash(directory: Path, meta: dict[str, object]) -> None:
@@ -236,13 +240,19 @@ def test_a_move_interrupted_before_the_meta_file_is_done_again_or_undone(
     with pytest.raises(OSError):
         StorageDir.open(directory, 3)
     monkeypatch.undo()
-    for workers in (2, 3):
+    for workers in (3, 2):  # the move done again over its first copies, then back
         again = StorageDir.open(directory, workers)
         try:
             assert sum(len(again.seqs(shard)) for shard in range(workers)) == 20, workers
+            keys = []
+            for shard in range(workers):
+                db = connect(again.path(shard))
+                keys += [key for (key,) in db.execute("SELECT key FROM recent_keys")]
+                db.close()
+            assert sorted(keys) == sorted(f"k{s}-{i}" for s in range(2) for i in range(10))
         finally:
             again.close()
-    assert not list(directory.glob("rooms-*-of-2.db"))
+    assert not list(directory.glob("rooms-*-of-3.db"))
 
 
 def test_history_ttl_deletes_older_messages_and_old_keys(tmp_path: Path) -> None:

@@ -223,3 +223,33 @@ def test_a_read_of_an_old_range_stops_at_its_last_span(tmp_path: Path) -> None:
     store._reader.set_progress_handler(None, 0)
     store.close()
     assert costs[0] <= 2 * costs[1] + 10, costs
+
+
+def test_with_history_0_a_fold_keeps_seqs_and_keys_and_no_messages(tmp_path: Path) -> None:
+    """delivery.history = 0: nothing to page or replay, so no spans; those an open
+    or a rescue wrote before are deleted by the room's next folds."""
+    db = connect(tmp_path / "s.db")
+    db.execute("BEGIN")
+    store_rows(db, [("r", seq, 0.0, "", b"old") for seq in range(1, 41)])  # e.g. a rescue's
+    db.execute("COMMIT")
+    writer = Transactions(db, history=0, history_ttl=0.0)
+    rows: list[Row] = [("r", seq, time.time(), f"k{seq}", b"new") for seq in range(41, 81)]
+    rows.append(("s", 1, time.time(), "", b"new"))
+    assert writer.write(rows) and writer.fold(rows)
+    assert db.execute("SELECT count(*) FROM spans").fetchone() == (0,)
+    assert dict(db.execute("SELECT room, seq FROM rooms").fetchall()) == {"r": 80, "s": 1}
+    assert db.execute("SELECT count(*) FROM recent_keys").fetchone() == (40,)
+    db.close()
+
+
+def test_a_file_of_a_newer_layout_is_refused_not_rewritten(tmp_path: Path) -> None:
+    path = tmp_path / "new.db"
+    connect(path).close()
+    raw = sqlite3.connect(path)
+    raw.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    raw.close()
+    with pytest.raises(StorageError, match="made by a newer shardchat"):
+        connect(path)
+    raw = sqlite3.connect(path)
+    assert raw.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION + 1,)
+    raw.close()
