@@ -271,7 +271,6 @@ class RoomStore(Generic[T]):
         self._last_write = time.monotonic()  # a start is not an idle writer
         next_sync = time.monotonic() + SYNC_EVERY
         dirty = False
-        unfolded = 0  # messages stored in groups, not folded into spans yet
         next_fold = 0.0  # after a failed fold: when to try again
         try:
             while True:
@@ -279,23 +278,20 @@ class RoomStore(Generic[T]):
                 batches = shared.inflight
                 if batches:
                     self._last_write = time.monotonic()
-                    rows = [row for batch in batches for row in batch.rows]
-                    ok = writer.write(rows)
+                    ok = writer.write([row for batch in batches for row in batch.rows])
                     dirty = dirty or ok
-                    unfolded += len(rows) if ok else 0
                     self._set_full(not ok)
                     self._answer(batches, ok)
                 now = time.monotonic()
                 if (
-                    unfolded
-                    and (stop or now >= next_sync or unfolded >= FOLD_ROWS)
+                    shared.unfolded
+                    and (stop or now >= next_sync or self._unfolded_rows() >= FOLD_ROWS)
                     and now >= next_fold
                     and not shared.inflight
                 ):
-                    if self._fold(writer):
-                        unfolded = 0
-                    else:  # a full disk: the groups stay stored, folded once there is
-                        # room (tried at the next second, not after every write)
+                    if not self._fold(writer):
+                        # A full disk: the groups stay stored, folded once there is
+                        # room (tried at the next second, not after every write).
                         next_fold = now + RETRY_EVERY
                 if now >= next_sync:
                     next_sync = now + SYNC_EVERY
@@ -341,6 +337,9 @@ class RoomStore(Generic[T]):
             shared.inflight += shared.queue
             shared.queue = []
             return shared.stop
+
+    def _unfolded_rows(self) -> int:
+        return sum(len(batch.rows) for batch in self._shared.unfolded)
 
     def _fold(self, writer: Transactions) -> bool:
         """The groups into spans; their batches are then read from the file."""

@@ -259,15 +259,13 @@ class Transactions:
         """Store ``rows`` in one transaction: a row of ``groups``."""
         if not rows:
             return True
-        try:
-            # One statement in autocommit: a transaction of its own, and one
-            # release of the GIL (each execute takes it back from the loop).
-            self.db.execute("INSERT INTO groups (rows) VALUES (?)", (pack_group(rows),))
-        except sqlite3.Error as exc:
-            self._failed("storage_write_failed", exc)
-            return False
-        self._failing.discard("storage_write_failed")
-        return True
+        # One statement in autocommit: a transaction of its own, and one release
+        # of the GIL (each execute takes it back from the loop).
+        blob = pack_group(rows)
+        return self._run(
+            "storage_write_failed",
+            lambda: self.db.execute("INSERT INTO groups (rows) VALUES (?)", (blob,)),
+        )
 
     def fold(self, rows: Iterable[Row]) -> bool:
         """Move the groups, whose messages are ``rows``, into spans, trimming
@@ -282,25 +280,23 @@ class Transactions:
             if trims:
                 db.executemany("DELETE FROM spans WHERE room = ? AND last <= ?", trims)
 
-        if not self._run("storage_fold_failed", move):
+        if not self._run("storage_fold_failed", lambda: _transaction(self.db, move)):
             return False
         for room, upto in trims:
             self._trimmed[room] = upto
         return True
 
     def _run(self, failed: str, work: Callable[[], object]) -> bool:
+        """``work``'s SQLite error logged as ``failed`` (once until it succeeds)."""
         try:
-            _transaction(self.db, work)
+            work()
         except sqlite3.Error as exc:
-            self._failed(failed, exc)
+            if failed not in self._failing:
+                log_event(log, logging.ERROR, failed, error=str(exc))
+            self._failing.add(failed)
             return False
         self._failing.discard(failed)
         return True
-
-    def _failed(self, event: str, exc: sqlite3.Error) -> None:
-        if event not in self._failing:
-            log_event(log, logging.ERROR, event, error=str(exc))
-        self._failing.add(event)
 
     def _trims(self, latest: dict[str, int]) -> list[tuple[str, int]]:
         # With history 0 a fold writes no spans; this deletes those an open or a
