@@ -199,10 +199,7 @@ def test_a_new_worker_count_moves_each_room_to_its_new_owner(tmp_path: Path) -> 
         assert not list(directory.glob("rooms-*-of-2.db"))
         for shard, rooms in enumerate(seqs):
             assert all(zlib.crc32(room.encode()) % 3 == shard for room in rooms)
-            store: RoomStore[str] = RoomStore(
-                moved.path(shard), fsync="off", max_bytes=0, history=1000, history_ttl=0.0,
-                wake=Woken(),
-            )  # fmt: skip
+            store = open_store(moved.path(shard), Woken())
             for room, seq in rooms.items():  # the messages and keys moved with the seqs
                 assert [m.payload for m in store.read(room, 1, seq, 100)] == [
                     b"%d" % s for s in range(1, seq + 1)

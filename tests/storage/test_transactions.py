@@ -29,6 +29,14 @@ from shardchat.storage.transactions import (
     store_rows,
 )
 
+
+def reader(path: Path, history: int = 1000) -> RoomStore[str]:
+    """A store on ``path`` for its reads (its writer not started)."""
+    return RoomStore(
+        path, fsync="off", max_bytes=0, history=history, history_ttl=0.0, wake=lambda: None
+    )
+
+
 rows_strategy = st.lists(
     st.tuples(
         st.text(min_size=1, max_size=40),
@@ -85,9 +93,7 @@ def test_the_groups_a_writer_that_is_gone_left_are_folded_at_the_next_open(
     assert dict(db.execute("SELECT room, seq FROM rooms").fetchall()) == {"a": 2, "b": 1}
     assert db.execute("SELECT key, room, seq FROM recent_keys").fetchall() == [("ka1", "a", 1)]
     db.close()
-    store: RoomStore[str] = RoomStore(
-        path, fsync="off", max_bytes=0, history=1000, history_ttl=0.0, wake=lambda: None
-    )
+    store = reader(path)
     assert [(m.seq, m.payload) for m in store.read("a", 1, 2, 10)] == [(1, b"a1"), (2, b"a2")]
     store.close()
 
@@ -130,9 +136,7 @@ def test_a_file_of_the_earlier_schema_is_moved_into_spans(
     ]
     assert db.execute("SELECT sum(count), min(oldest) FROM spans").fetchone() == (2 * count, 101.0)
     db.close()
-    store: RoomStore[str] = RoomStore(
-        path, fsync="off", max_bytes=0, history=1000, history_ttl=0.0, wake=lambda: None
-    )
+    store = reader(path)
     assert store.restore().seqs == {"a": count, "b": count}
     got = store.read("b", 1, count, 10_000)
     assert [(m.seq, m.payload) for m in got] == [(s, f"b{s}".encode()) for s in range(1, count + 1)]
@@ -151,9 +155,7 @@ def test_a_read_takes_its_range_across_spans_up_to_its_limit(tmp_path: Path) -> 
             rows.append(("r", seq, 0.0, "", b"%d" % seq))
         assert writer.write(rows) and writer.fold(rows)
     db.close()
-    store: RoomStore[str] = RoomStore(
-        path, fsync="off", max_bytes=0, history=1000, history_ttl=0.0, wake=lambda: None
-    )
+    store = reader(path)
     assert [m.seq for m in store.read("r", 2, seq, 10_000)] == list(range(2, seq + 1))
     assert [m.seq for m in store.read("r", 30, 200, 20)] == list(range(30, 50))  # 4 spans
     assert [m.payload for m in store.read("r", seq, seq + 5, 10)] == [b"%d" % seq]
@@ -202,9 +204,7 @@ def test_a_read_of_an_old_range_stops_at_its_last_span(tmp_path: Path) -> None:
     store_rows(db, (("r", seq, 0.0, "", b"x" * 100) for seq in range(1, 20_001)))
     db.execute("COMMIT")
     db.close()
-    store: RoomStore[str] = RoomStore(
-        path, fsync="off", max_bytes=0, history=100_000, history_ttl=0.0, wake=lambda: None
-    )
+    store = reader(path, history=100_000)
     steps = 0
 
     def count() -> int:
